@@ -1,0 +1,17 @@
+"""SegScope's pure compute layer: volumes, demo data, SegCLR encoder, classifiers, I/O.
+
+Conventions used across the package
+-----------------------------------
+* Spatial arrays are indexed ``[x, y, z]`` (TensorStore's Neuroglancer-precomputed order,
+  channel dropped). Batched cutouts are ``[B, x, y, z]``.
+* Physical coordinates are nanometres, given as ``[..., 3]`` arrays in x, y, z order.
+  Voxel coordinates are integers in the same order; ``nm = voxel * voxel_size_nm``
+  (the voxel's corner; its centre is ``(voxel + 0.5) * voxel_size_nm``).
+* Subcompartment codes (``COMPARTMENTS``) index ``("axon", "dendrite", "soma", "glia")``.
+* Nothing here imports Qt or ``app``; heavy libraries (tensorflow, keras, umap) are
+  imported inside the functions that need them.
+"""
+
+COMPARTMENTS: tuple[str, ...] = ("axon", "dendrite", "soma", "glia")
+
+__all__ = ["COMPARTMENTS"]
