@@ -1,0 +1,67 @@
+"""Cutout centres: skeleton thinning, mask sampling, nearest-first order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis.centres import mask_centres, order_by_distance, segment_centres, thin_skeleton
+from analysis.volume import SegmentNotFoundError, open_volume, write_volume
+
+
+def line_skeleton(n: int, step_nm: float):
+    nodes = np.stack([np.arange(n) * step_nm, np.zeros(n), np.zeros(n)], axis=1)
+    return nodes, np.stack([np.arange(n - 1), np.arange(1, n)], axis=1)
+
+
+def test_thinning_keeps_spacing_along_the_path():
+    nodes, edges = line_skeleton(61, 100.0)
+    kept = thin_skeleton(nodes, edges, 1500.0)
+    assert kept.tolist() == [0, 15, 30, 45, 60]
+
+
+def test_thinning_covers_every_branch_and_component():
+    # A "T": a 3 um trunk, two 2 um branches, plus a separate 1-node fragment.
+    trunk, _ = line_skeleton(31, 100.0)
+    branch_a = trunk[-1] + np.stack([np.zeros(20), np.arange(1, 21) * 100.0, np.zeros(20)], 1)
+    branch_b = trunk[-1] + np.stack([np.zeros(20), -np.arange(1, 21) * 100.0, np.zeros(20)], 1)
+    lonely = np.array([[10_000.0, 0, 0]])
+    nodes = np.concatenate([trunk, branch_a, branch_b, lonely])
+    edges = [(i, i + 1) for i in range(30)]
+    edges += [(30, 31)] + [(31 + i, 32 + i) for i in range(19)]
+    edges += [(30, 51)] + [(51 + i, 52 + i) for i in range(19)]
+    kept = set(thin_skeleton(nodes, np.array(edges), 1500.0).tolist())
+    assert 71 in kept  # the lonely node is its own component
+    assert {0, 15, 30} <= kept
+    assert any(31 <= k <= 50 for k in kept) and any(51 <= k <= 70 for k in kept)
+
+
+def test_order_by_distance_is_nearest_first():
+    points = np.array([[0, 0, 0], [10, 0, 0], [3, 0, 0], [-1, 0, 0]], float)
+    assert order_by_distance(points, (2, 0, 0)).tolist() == [2, 0, 3, 1]
+
+
+def test_mask_centres_lie_inside_and_form_a_tree(tmp_path):
+    seg = np.zeros((60, 40, 30), np.uint64)
+    seg[5:55, 18:22, 13:17] = 42          # a 1.6 um long rod along x
+    seg[30:34, 22:38, 13:17] = 42         # with a side branch along y
+    write_volume(tmp_path / "seg", seg, (32, 32, 40), segmentation=True)
+    volume = open_volume(tmp_path / "seg")
+    nodes, edges = mask_centres(volume, 42, spacing_nm=300.0)
+    voxels = volume.nm_to_voxel(nodes)
+    assert np.all(seg[tuple(voxels.T)] == 42)
+    assert len(edges) == len(nodes) - 1 >= 5
+    with pytest.raises(SegmentNotFoundError, match="segment 7 has no voxels"):
+        mask_centres(volume, 7)
+    centres = segment_centres(volume, 42, spacing_nm=300.0, click_nm=nodes[-1])
+    assert np.allclose(centres.positions_nm[0], nodes[-1])
+
+
+def test_segment_centres_from_skeleton_are_ordered_from_click(tmp_path):
+    seg = np.ones((8, 8, 8), np.uint64)
+    write_volume(tmp_path / "seg", seg, (32, 32, 40), segmentation=True)
+    volume = open_volume(tmp_path / "seg")
+    nodes, edges = line_skeleton(46, 100.0)
+    centres = segment_centres(volume, 1, skeleton_nodes_nm=nodes, skeleton_edges=edges, click_nm=(4500, 0, 0))
+    assert centres.node_ids.tolist() == [45, 30, 15, 0]
+    assert np.allclose(centres.positions_nm, nodes[centres.node_ids])
