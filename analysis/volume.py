@@ -71,6 +71,13 @@ def _context():
         return _shared_context
 
 
+def reset_chunk_cache() -> None:
+    """Start a fresh chunk cache for volumes opened from now on (benchmarks, tests)."""
+    global _shared_context
+    with _context_lock:
+        _shared_context = None
+
+
 def _split_prefix(url: str) -> tuple[str | None, str]:
     """Split a Neuroglancer-style ``format://`` prefix off a source URL."""
     head, sep, rest = url.partition("://")
