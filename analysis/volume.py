@@ -218,6 +218,14 @@ class Volume:
         out[dst] = block
         return out
 
+    def in_memory(self) -> "Volume":
+        """A copy of this volume held in RAM (same metadata), for fast random access in training."""
+        import tensorstore as ts
+
+        array = self.read_all()
+        store = ts.array(array)[ts.d[:].translate_to[tuple(int(v) for v in self.info.origin_vox)]]
+        return Volume(store, self.info)
+
     def read_all(self) -> np.ndarray:
         """The whole volume as one ``[x, y, z]`` array (small volumes only)."""
         return self.read(self.info.origin_vox, self.info.origin_vox + self.info.shape)
@@ -497,6 +505,59 @@ def _block_mean_uint8(block: np.ndarray, factor: np.ndarray) -> np.ndarray:
     return np.rint(view.mean(axis=(1, 3, 5), dtype=np.float32)).astype(np.uint8)
 
 
+def cut_em_and_mask(
+    image: Volume,
+    segmentation: Volume,
+    segment_id: int,
+    centres_nm: np.ndarray,
+    size_vox: Sequence[int] = (129, 129, 129),
+    *,
+    downsample: Sequence[int] = (1, 1, 1),
+    shared_reads: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut the unmasked EM and the segment's mask around each centre.
+
+    Training augments the EM before masking (SegCLR's gray jitter), so it needs both
+    parts; inference uses :func:`cut_masked`. Parameters as in :func:`cut_masked`.
+
+    Returns
+    -------
+    em : numpy.ndarray
+        uint8 ``[N, x, y, z]`` EM (block-averaged when downsampling), 0 beyond the volume.
+    mask : numpy.ndarray
+        bool ``[N, x, y, z]``, True where the segmentation (each block's central voxel when
+        downsampling) equals ``segment_id``.
+    """
+    _check_pair(image, segmentation)
+    size = np.asarray(size_vox, dtype=np.int64)
+    factor = np.asarray(downsample, dtype=np.int64)
+    if size.shape != (3,) or np.any(size < 1) or factor.shape != (3,) or np.any(factor < 1):
+        raise ValueError(f"bad cutout size {size_vox} or downsample factor {downsample}")
+    segment_id = int(segment_id)
+    if segment_id < 0 or segment_id >= 2**64:
+        raise ValueError(f"segment id {segment_id} is not a uint64")
+    origins = cutout_origins(segmentation, centres_nm, size, factor)
+    extent = size * factor
+    em_out = np.zeros((len(origins), *size), dtype=np.uint8)
+    mask_out = np.zeros((len(origins), *size), dtype=bool)
+    seg_value = np.asarray(segment_id).astype(segmentation.dtype)
+    if shared_reads:
+        groups = _group_boxes(origins, extent)
+    else:
+        groups = [np.array([i]) for i in range(len(origins))]
+    centre_pick = tuple(slice(f // 2, None, f) for f in factor)
+    for members in groups:
+        lo = origins[members].min(axis=0)
+        hi = origins[members].max(axis=0) + extent
+        em_block = image.read(lo, hi)
+        mask_block = segmentation.read(lo, hi) == seg_value
+        for index in members:
+            box = tuple(slice(o, o + e) for o, e in zip(origins[index] - lo, extent))
+            em_out[index] = _block_mean_uint8(em_block[box], factor)
+            mask_out[index] = mask_block[box][centre_pick]
+    return em_out, mask_out
+
+
 def cut_masked(
     image: Volume,
     segmentation: Volume,
@@ -533,43 +594,19 @@ def cut_masked(
     numpy.ndarray
         uint8 ``[N, x, y, z]``: ``where(seg == segment_id, em, 0)``, zero beyond the volume.
     """
-    _check_pair(image, segmentation)
-    size = np.asarray(size_vox, dtype=np.int64)
-    factor = np.asarray(downsample, dtype=np.int64)
-    if size.shape != (3,) or np.any(size < 1) or factor.shape != (3,) or np.any(factor < 1):
-        raise ValueError(f"bad cutout size {size_vox} or downsample factor {downsample}")
-    origins = cutout_origins(segmentation, centres_nm, size, factor)
-    extent = size * factor
-    out = np.zeros((len(origins), *size), dtype=np.uint8)
-    segment_id = int(segment_id)
-    if segment_id < 0 or segment_id >= 2**64:
-        raise ValueError(f"segment id {segment_id} is not a uint64")
-    seg_value = np.asarray(segment_id).astype(segmentation.dtype)
-    groups = _group_boxes(origins, extent) if shared_reads else [np.array([i]) for i in range(len(origins))]
-    for members in groups:
-        lo = origins[members].min(axis=0)
-        hi = origins[members].max(axis=0) + extent
-        em_block = image.read(lo, hi)
-        mask_block = segmentation.read(lo, hi) == seg_value
-        for index in members:
-            offset = origins[index] - lo
-            box = tuple(slice(o, o + e) for o, e in zip(offset, extent))
-            em = _block_mean_uint8(em_block[box], factor)
-            mask = mask_block[box][factor[0] // 2 :: factor[0], factor[1] // 2 :: factor[1], factor[2] // 2 :: factor[2]]
-            np.multiply(em, mask, out=out[index])
+    em, mask = cut_em_and_mask(image, segmentation, segment_id, centres_nm, size_vox,
+                               downsample=downsample, shared_reads=shared_reads)
     if require_segment:
-        empty = ~out.reshape(len(out), -1).any(axis=1)
+        empty = ~mask.reshape(len(mask), -1).any(axis=1)
         if np.any(empty):
-            # A dark EM voxel inside the mask would look empty; confirm with the mask itself.
-            for index in np.flatnonzero(empty):
-                lo = origins[index]
-                if not np.any(segmentation.read(lo, lo + extent) == seg_value):
-                    centre = np.asarray(centres_nm, dtype=float).reshape(-1, 3)[index]
-                    raise SegmentNotFoundError(
-                        f"segment {segment_id} has no voxels in {segmentation.url!r} within the "
-                        f"{tuple(size.tolist())} cutout centred at {centre.tolist()} nm"
-                    )
-    return out
+            index = int(np.flatnonzero(empty)[0])
+            centre = np.asarray(centres_nm, dtype=float).reshape(-1, 3)[index]
+            raise SegmentNotFoundError(
+                f"segment {int(segment_id)} has no voxels in {segmentation.url!r} within the "
+                f"{tuple(int(v) for v in size_vox)} cutout centred at {centre.tolist()} nm"
+            )
+    em *= mask
+    return em
 
 
 def iter_cutout_batches(

@@ -154,3 +154,21 @@ def test_zarr2_needs_a_voxel_size(tmp_path):
         open_volume(tmp_path / "z2")
     volume = open_volume(f"zarr://{tmp_path / 'z2'}", voxel_size_nm=(8, 8, 8), axes="xyz")
     assert volume.shape == (4, 5, 6)
+
+
+def test_em_and_mask_parts_compose_to_the_masked_cutout(pair):
+    from analysis.volume import cut_em_and_mask
+
+    image, seg_volume, em, seg = pair
+    centres = (np.array([[6, 11, 4], [20, 30, 15]]) + 0.5) * VOXEL
+    em_cut, mask = cut_em_and_mask(image, seg_volume, SEG_ID, centres, (11, 11, 11))
+    assert mask.dtype == bool and em_cut.dtype == np.uint8
+    assert np.array_equal(em_cut[1], em[15:26, 25:36, 10:21])
+    assert np.array_equal(np.where(mask, em_cut, 0), cut_masked(image, seg_volume, SEG_ID, centres, (11, 11, 11)))
+
+
+def test_in_memory_copy_reads_the_same(pair):
+    image, _, em, _ = pair
+    copy = image.in_memory()
+    assert copy.shape == image.shape and np.allclose(copy.voxel_size_nm, VOXEL)
+    assert np.array_equal(copy.read((-4, 50, 40), (10, 70, 60)), image.read((-4, 50, 40), (10, 70, 60)))
