@@ -1,0 +1,87 @@
+"""Contrastive training: loss maths, pairs, augmentations, a tiny run that learns."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from analysis.training import (
+    PairSampler,
+    TrainingConfig,
+    augment_cutouts,
+    learning_rate_at,
+    nt_xent_per_anchor,
+    split_cells,
+)
+
+
+def test_nt_xent_matches_hand_computed_case():
+    # a0 = b0 = e1, a1 = b1 = e2, temperature 1: every anchor sees its partner at
+    # similarity 1 and the two others at 0, so l = -log(e / (e + 2)) for each of the four.
+    z = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    per_anchor = np.asarray(nt_xent_per_anchor(z, temperature=1.0))
+    expected = 2 * math.log(1 + 2 / math.e)
+    assert np.allclose(per_anchor, expected, atol=1e-5)
+
+
+def test_nt_xent_normalises_masks_self_and_uses_temperature():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(6, 4)).astype(np.float32)
+    # Reference written out directly from the definition.
+    u = z / np.linalg.norm(z, axis=1, keepdims=True)
+    sim = u @ u.T / 0.1
+    n = 3
+    terms = []
+    for k in range(6):
+        partner = (k + n) % 6
+        others = [j for j in range(6) if j != k]
+        terms.append(-(sim[k, partner] - np.log(np.exp(sim[k, others]).sum())))
+    got = np.asarray(nt_xent_per_anchor(z * 5.0, temperature=0.1))  # scale must not matter
+    assert np.allclose(got, 2 * np.array(terms), rtol=1e-4, atol=1e-4)
+    # Mean over anchors = mean over a->b plus mean over b->a.
+    assert math.isclose(float(got.mean()), float(np.mean(terms[:3]) + np.mean(terms[3:])), rel_tol=1e-4)
+
+
+def test_pairs_come_from_one_segment_within_distance_and_distinct_segments():
+    rng = np.random.default_rng(1)
+    segs = np.repeat(np.arange(1, 11, dtype=np.uint64), 30)
+    nodes = rng.uniform(0, 20_000, size=(300, 3))
+    sampler = PairSampler(segs, nodes, max_distance_nm=4000.0)
+    ids, a, b = sampler.sample(8, rng)
+    assert len(set(ids.tolist())) == 8
+    assert np.all(np.linalg.norm(a - b, axis=1) <= 4000.0 + 1e-9)
+    lookup = {tuple(p): s for p, s in zip(nodes, segs)}
+    assert all(lookup[tuple(p)] == s and lookup[tuple(q)] == s for p, q, s in zip(a, b, ids))
+    # Never more pairs than segments.
+    assert len(sampler.sample(50, rng)[0]) == 10
+
+
+def test_augmentation_keeps_the_mask_and_changes_gray_values():
+    rng = np.random.default_rng(2)
+    em = rng.integers(50, 200, size=(4, 9, 9, 9), dtype=np.uint8)
+    mask = np.zeros(em.shape, bool)
+    mask[:, 2:7, 3:6, 1:8] = True
+    config = TrainingConfig(flip_axes=False, permute_axes=False)
+    out = augment_cutouts(em, mask, rng, config)
+    assert out.dtype == np.uint8 and out.shape == em.shape
+    assert np.all(out[~mask] == 0)
+    assert not np.array_equal(out[mask], em[mask])
+    # Flips/permutations move voxels but never create or destroy masked-in voxels.
+    flipped = augment_cutouts(em, mask, rng, TrainingConfig(gray_jitter=False))
+    assert [int((f > 0).sum()) for f in flipped] == [int((np.where(m, e, 0) > 0).sum()) for e, m in zip(em, mask)]
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    config = TrainingConfig(steps=100, warmup_steps=10, learning_rate=1e-3)
+    rates = [learning_rate_at(s, config) for s in range(100)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert all(x >= y for x, y in zip(rates[10:], rates[11:]))
+    assert rates[-1] < 1e-6
+
+
+def test_cell_split_is_deterministic_and_disjoint():
+    train, held = split_cells(range(20), 0.25, seed=3)
+    assert len(held) == 5 and not set(train) & set(held) and len(train) + len(held) == 20
+    assert np.array_equal(split_cells(range(20), 0.25, seed=3)[1], held)
