@@ -484,3 +484,98 @@ def split_cells(cell_ids: Sequence[int], eval_fraction: float, seed: int) -> tup
     shuffled = rng.permutation(cells)
     n_eval = int(round(eval_fraction * len(cells)))
     return np.sort(shuffled[n_eval:]), np.sort(shuffled[:n_eval])
+
+
+# --------------------------------------------------------------------------------------
+# Dataset-level runs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CellSplit:
+    """Which cells train and which are kept for evaluation (never seen in training).
+
+    Attributes
+    ----------
+    train_cells, eval_cells : tuple of int
+        Cell ids (``segments.parquet`` ``cell_id``).
+    holdout_types : tuple of str
+        Cell types excluded from training entirely (all their cells are evaluation cells),
+        so classifiers can be tested on a type they were never taught.
+    seed : int
+    """
+
+    train_cells: tuple[int, ...]
+    eval_cells: tuple[int, ...]
+    holdout_types: tuple[str, ...]
+    seed: int
+
+    @classmethod
+    def for_dataset(cls, dataset, eval_fraction: float = 0.25, holdout_types: Sequence[str] = (), seed: int = 0) -> "CellSplit":
+        """Split a dataset's cells: ``eval_fraction`` of each known type, all held-out types."""
+        cells = np.asarray(dataset.segments["cell_id"], dtype=np.int64)
+        types = np.asarray(dataset.segments["cell_type"].to_numpy(zero_copy_only=False)).astype(str)
+        unknown = sorted(set(holdout_types) - set(types.tolist()))
+        if unknown:
+            raise ValueError(f"held-out cell types {unknown} are not in the dataset (it has {sorted(set(types.tolist()))})")
+        train, held = [], []
+        for kind in sorted(set(types.tolist())):
+            kind_cells = np.unique(cells[types == kind])
+            if kind in holdout_types:
+                held.extend(kind_cells.tolist())
+                continue
+            # Split per type so every known type has training and evaluation cells.
+            t, e = split_cells(kind_cells, eval_fraction, seed)
+            train.extend(t.tolist())
+            held.extend(e.tolist())
+        return cls(tuple(sorted(train)), tuple(sorted(held)), tuple(holdout_types), seed)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CellSplit":
+        data = json.loads(Path(path).read_text())
+        return cls(tuple(data["train_cells"]), tuple(data["eval_cells"]), tuple(data["holdout_types"]), int(data["seed"]))
+
+    def segment_ids(self, dataset, which: str) -> np.ndarray:
+        """uint64 ids of the dataset's segments whose cell is in ``which`` ("train"/"eval")."""
+        cells = np.asarray(dataset.segments["cell_id"], dtype=np.int64)
+        chosen = self.train_cells if which == "train" else self.eval_cells
+        return dataset.segment_ids[np.isin(cells, np.asarray(chosen, dtype=np.int64))]
+
+
+def train_on_dataset(
+    dataset,
+    out_dir: str | os.PathLike,
+    config: TrainingConfig = TrainingConfig(),
+    *,
+    split: CellSplit | None = None,
+    resume: bool = True,
+    stop_at_step: int | None = None,
+) -> Generator[Progress, None, TrainingResult]:
+    """Contrastive training on a dataset's training cells; yields Progress per step.
+
+    Writes ``split.json`` (the cells kept out) into ``out_dir`` and trains on the skeleton
+    nodes of training-cell segments only. Volumes small enough (<= 1 GiB together) are
+    loaded into memory first, since training reads random places.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    split = split or CellSplit.for_dataset(dataset, seed=config.seed)
+    split_path = out / "split.json"
+    if split_path.exists() and resume and CellSplit.load(split_path) != split:
+        raise ValueError(f"{split_path} holds a different cell split; use a new output folder")
+    split.save(split_path)
+    train_ids = split.segment_ids(dataset, "train")
+    node_segments = np.asarray(dataset.nodes["segment_id"], dtype=np.uint64)
+    keep = np.isin(node_segments, train_ids)
+    nodes = np.stack([np.asarray(dataset.nodes[c], dtype=np.float64)[keep] for c in ("x_nm", "y_nm", "z_nm")], axis=1)
+    image, segmentation = dataset.image, dataset.segmentation
+    n_bytes = np.prod(image.shape) * (image.dtype.itemsize + segmentation.dtype.itemsize)
+    if n_bytes <= 1024**3:
+        image, segmentation = image.in_memory(), segmentation.in_memory()
+    log.info("training on %d segments (%d nodes) of %d cells; %d cells held out",
+             len(train_ids), int(keep.sum()), len(split.train_cells), len(split.eval_cells))
+    return (yield from train_contrastive(image, segmentation, node_segments[keep], nodes, out, config,
+                                         resume=resume, stop_at_step=stop_at_step))

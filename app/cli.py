@@ -100,6 +100,45 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_dataset_arg(path: str | None):
+    """The dataset named on the command line, or the cached demo dataset."""
+    from analysis.dataset import open_dataset
+
+    if path:
+        return open_dataset(path)
+    from analysis.synthetic import demo_dataset
+
+    return open_dataset(demo_dataset())
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from analysis.encoder import SEGCLR_FULL, SEGCLR_LITE
+    from analysis.progress import drive
+    from analysis.training import CellSplit, TrainingConfig, train_on_dataset
+
+    dataset = _open_dataset_arg(args.dataset)
+    encoder = {"lite": SEGCLR_LITE, "full": SEGCLR_FULL}[args.encoder]
+    config = TrainingConfig(
+        encoder=encoder.to_dict(), steps=args.steps, batch_pairs=args.batch_pairs,
+        learning_rate=args.learning_rate, warmup_steps=min(args.warmup_steps, args.steps),
+        max_pair_distance_nm=args.max_pair_distance_nm, checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    split = CellSplit.for_dataset(dataset, args.eval_fraction, args.holdout_type, seed=args.seed)
+    bar = _progress_bar("train")
+    try:
+        result = drive(train_on_dataset(dataset, args.out, config, split=split, resume=not args.no_resume,
+                                        stop_at_step=args.stop_at_step), bar)
+    finally:
+        bar.close()
+    last = result.losses[-20:]
+    print(f"trained {result.steps_done} steps in {result.seconds:.0f} s; mean loss of the last "
+          f"{len(last)} steps {sum(last) / max(1, len(last)):.3f}")
+    if result.encoder_path:
+        print(f"encoder written to {result.encoder_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segscope",
@@ -117,6 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
                       help="volume size in voxels, N or X,Y,Z (default 256)")
     demo.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     demo.set_defaults(handler=_cmd_demo_data)
+
+    train = sub.add_parser("train", help="self-supervised SegCLR training on a dataset's training cells")
+    train.add_argument("--dataset", help="SegScope dataset folder (default: the built-in demo)")
+    train.add_argument("--out", required=True, help="run folder (checkpoints, split, final encoder)")
+    train.add_argument("--encoder", choices=("lite", "full"), default="lite", help="architecture (default lite)")
+    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--batch-pairs", type=int, default=32, help="positive pairs per step (2x cutouts)")
+    train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate")
+    train.add_argument("--warmup-steps", type=int, default=100)
+    train.add_argument("--max-pair-distance-nm", type=float, default=3000.0,
+                       help="largest straight-line distance between the nodes of a pair (nm)")
+    train.add_argument("--eval-fraction", type=float, default=0.25, help="cells of each type kept for evaluation")
+    train.add_argument("--holdout-type", action="append", default=[],
+                       help="cell type kept out of training entirely (repeatable)")
+    train.add_argument("--checkpoint-every", type=int, default=100)
+    train.add_argument("--stop-at-step", type=int, default=None, help="stop early (resumable) at this step")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    train.set_defaults(handler=_cmd_train)
 
     info = sub.add_parser("info", help="print format, shape, voxel size and bounds of a volume")
     info.add_argument("url", help="path or URL (file://, gs://, http(s)://; precomputed, zarr, n5)")
