@@ -237,7 +237,7 @@ def build_spatial_index(
 
 
 def _multiple_annotation_bytes(records: np.ndarray, ids: np.ndarray) -> bytes:
-    """The spec's multiple-annotation encoding: count, records, then uint64 ids."""
+    """The spec's multiple-annotation encoding: count, records (uint8 ``[n, bytes]``), uint64 ids."""
     return struct.pack("<Q", len(records)) + records.tobytes() + ids.astype("<u8").tobytes()
 
 
@@ -312,6 +312,9 @@ def write_point_annotations(
     rng = np.random.default_rng(seed)
     # Index the float32 positions that readers see, so cell membership matches theirs.
     levels = build_spatial_index(records["geometry"].astype(np.float64), lower, upper, limit, rng)
+    # Select rows from a plain byte view: numpy copies structured rows field by field and
+    # leaves padding bytes undefined, while the spec wants them zero.
+    record_bytes = records.view(np.uint8).reshape(n, dtype.itemsize)
     related_ids = {name: np.asarray(values).astype(np.uint64) for name, values in relationships.items()}
 
     info = {
@@ -343,14 +346,14 @@ def write_point_annotations(
         return Progress(written, total_files, "files", message, meter.rate(written))
 
     with atomic_folder(path, force=force) as folder:
-        (folder / "info").write_text(json.dumps(info, indent=1))
+        (folder / "info").write_text(json.dumps(info, indent=1, allow_nan=False))
         written += 1
         for level_index, level in enumerate(levels):
             level_dir = folder / f"spatial{level_index}"
             level_dir.mkdir()
             for cell, rows in level.cells:
                 name = "_".join(str(c) for c in cell)
-                (level_dir / name).write_bytes(_multiple_annotation_bytes(records[rows], ids[rows]))
+                (level_dir / name).write_bytes(_multiple_annotation_bytes(record_bytes[rows], ids[rows]))
                 written += 1
         yield report("spatial index")
 
@@ -364,7 +367,7 @@ def write_point_annotations(
                 if value == 0:
                     continue
                 rows = order[start:end]
-                (rel_dir / str(int(value))).write_bytes(_multiple_annotation_bytes(records[rows], ids[rows]))
+                (rel_dir / str(int(value))).write_bytes(_multiple_annotation_bytes(record_bytes[rows], ids[rows]))
                 written += 1
             yield report(f"relationship index {name!r}")
 
@@ -373,8 +376,8 @@ def write_point_annotations(
         tail_fields = []
         for r, related in enumerate(related_ids.values()):
             tail_fields += [(f"count{r}", "<u4"), (f"id{r}", "<u8")]
-        single = np.zeros(n, dtype=np.dtype([("record", dtype)] + tail_fields))  # packed
-        single["record"] = records
+        single = np.zeros(n, dtype=np.dtype([("record", "u1", (dtype.itemsize,))] + tail_fields))  # packed
+        single["record"] = record_bytes
         for r, related in enumerate(related_ids.values()):
             single[f"count{r}"] = (related != 0).astype(np.uint32)
             single[f"id{r}"] = related
