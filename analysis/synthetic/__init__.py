@@ -36,10 +36,10 @@ GENERATOR_VERSION = 1
 DEFAULT_SIZE_VOX = (256, 256, 256)
 DEFAULT_VOXEL_SIZE_NM = (32.0, 32.0, 40.0)
 #: Astrocyte processes flood free space up to this many voxels from their tubes.
-_GLIA_FILL_VOXELS = 6
+_GLIA_FILL_VOXELS = 10
 #: Every segment first grows this many voxels into free space (tissue is compressed:
 #: neighbouring membranes touch, extracellular space is a thin remainder).
-_NEURITE_GROWTH_VOXELS = 1
+_NEURITE_GROWTH_VOXELS = 2
 #: Fragments smaller than this (voxels) are dropped as unrealistic border slivers.
 _MIN_FRAGMENT_VOXELS = 30
 

@@ -97,6 +97,21 @@ class Space:
         self.grid_shape = np.maximum(1, np.ceil(self.extent / self.GRID_NM).astype(int))
         self.occupancy = np.zeros(tuple(self.grid_shape), dtype=np.float64)
         self._smoothed: np.ndarray | None = None
+        #: Registered cell bodies (p0, p1, radius nm) that later neurites steer around.
+        self.bodies: list[tuple[np.ndarray, np.ndarray, float]] = []
+
+    def body_clearance(self, p: np.ndarray) -> tuple[float, np.ndarray]:
+        """Smallest (distance - radius) from ``p`` to a registered body, and the outward
+        unit normal of that body at ``p`` (nm)."""
+        best, normal = np.inf, np.zeros(3)
+        for a, b, r in self.bodies:
+            ab = b - a
+            t = np.clip(np.dot(p - a, ab) / max(float(np.dot(ab, ab)), 1e-9), 0.0, 1.0)
+            v = p - (a + t * ab)
+            dist = float(np.linalg.norm(v))
+            if dist - r < best:
+                best, normal = dist - r, v / max(dist, 1e-9)
+        return best, normal
 
     def register(self, cell: "Cell") -> None:
         """Add a cell's rough volume to the occupancy grid (fraction of each grid cell)."""
@@ -109,6 +124,7 @@ class Space:
         volume = np.pi * rad[ok] ** 2 * STEP_NM / self.GRID_NM**3
         np.add.at(self.occupancy, tuple(idx.T), volume)
         for _, a, b, r in cell.bodies:
+            self.bodies.append((np.asarray(a, float), np.asarray(b, float), float(r)))
             lo = np.maximum(np.floor((np.minimum(a, b) - r) / self.GRID_NM).astype(int), 0)
             hi = np.minimum(np.ceil((np.maximum(a, b) + r) / self.GRID_NM).astype(int), self.grid_shape)
             if np.any(hi <= lo):
@@ -179,6 +195,14 @@ class Space:
         for k in range(max_steps):
             d = d + noise[k]
             d /= np.linalg.norm(d)
+            if self.bodies:
+                # Neurites run around cell bodies, never through them: drop the inward part
+                # of the direction near a body (a process leaving its own soma points out).
+                clearance, normal = self.body_clearance(p + step * d)
+                inward = np.dot(d, normal)
+                if clearance < 150.0 and inward < 0:
+                    d = d - (inward - 0.3) * normal
+                    d /= np.linalg.norm(d)
             p = p + step * d
             out.append(p)
             if stay_inside and not self.inside(p, self.margin):
@@ -445,14 +469,34 @@ def astrocyte_process(space: Space) -> Cell:
 # ---------------------------------------------------------------- cells with a soma
 
 
-def _soma_centre(space: Space, radius_nm: float) -> np.ndarray:
-    """A soma centre inside the volume but near a face, so the body is cut by the border."""
+def _soma_centre(space: Space, radius_nm: float, tries: int = 20) -> np.ndarray:
+    """A soma centre inside the volume but near a face, so the body is cut by the border,
+    away from the bodies placed before (best of a few tries)."""
     rng = space.rng
-    c = space.random_point(0.25)
-    axis = int(rng.integers(3))
-    depth = rng.uniform(0.15, 0.6) * radius_nm
-    c[axis] = depth if rng.random() < 0.5 else space.extent[axis] - depth
-    return c
+    best, best_gap = None, -np.inf
+    for _ in range(tries):
+        c = space.random_point(0.25)
+        axis = int(rng.integers(3))
+        depth = rng.uniform(0.15, 0.6) * radius_nm
+        c[axis] = depth if rng.random() < 0.5 else space.extent[axis] - depth
+        gap = space.body_clearance(c)[0] - radius_nm
+        if gap > best_gap:
+            best, best_gap = c, gap
+        if gap > 300.0:
+            break
+    return best
+
+
+def _free_point(space: Space, radius_nm: float, border_fraction: float, tries: int = 20) -> np.ndarray:
+    best, best_gap = None, -np.inf
+    for _ in range(tries):
+        c = space.random_point(border_fraction)
+        gap = space.body_clearance(c)[0] - radius_nm
+        if gap > best_gap:
+            best, best_gap = c, gap
+        if gap > 300.0:
+            break
+    return best
 
 
 def pyramidal_cell(space: Space) -> Cell:
@@ -537,7 +581,7 @@ def microglia(space: Space, with_soma: bool = True) -> Cell:
     if with_soma:
         R = rng.uniform(1000, 1200)
         axis = space.random_direction()
-        centre = space.random_point(0.3)
+        centre = _free_point(space, R + 650, border_fraction=0.3)
         root = _add_soma(cell, space, centre, R, axis=axis, elongation_nm=1300,
                          nucleus_fraction=0.7, n_mitos=3, compartment=GLIA)
         _add_lysosomes(cell, space, [root], int(rng.integers(2, 5)))
@@ -607,15 +651,17 @@ def build_population(space: Space) -> list[Cell]:
         return int(expected) + int(rng.random() < expected - int(expected))
 
     # Bodies first: they are the largest objects and claim space before neurites squeeze in.
-    for _ in range(max(1, count(1 / 600))):
-        cells.append(pyramidal_cell(space))
-    for _ in range(count(1 / 650)):
-        cells.append(basket_cell(space))
-    for _ in range(count(1 / 700)):
-        cells.append(protoplasmic_astrocyte(space))
-    cells.append(microglia(space, with_soma=True))
-    for _ in range(count(1 / 500)):
-        cells.append(microglia(space, with_soma=False))
+    builders = (
+        [pyramidal_cell] * max(1, count(1 / 600))
+        + [basket_cell] * count(1 / 650)
+        + [protoplasmic_astrocyte] * count(1 / 700)
+        + [lambda s: microglia(s, with_soma=True)]
+        + [lambda s: microglia(s, with_soma=False)] * count(1 / 500)
+    )
+    for builder in builders:
+        cell = builder(space)
+        space.register(cell)
+        cells.append(cell)
 
     targets = [  # (builder, fraction of the volume)
         (smooth_dendrite, 0.06),
@@ -624,8 +670,6 @@ def build_population(space: Space) -> list[Cell]:
         (inhibitory_axon, 0.09),
         (excitatory_axon, 0.45),
     ]
-    for cell in cells:
-        space.register(cell)
     for builder, fraction in targets:
         filled = 0.0
         while filled < fraction * volume_um3:

@@ -88,8 +88,8 @@ def render(labels: np.ndarray, cells: list[Cell], frags: Fragments, voxel_size_n
             values[d > r - 42.0] = 70.0
             sub[m] = values
         elif org.kind == "vesicles":
-            dots = rng.random(n) < 0.42
-            sub[m] -= np.where(dots, 58.0, 6.0)
+            dots = rng.random(n) < 0.5
+            sub[m] -= np.where(dots, 75.0, 14.0)
         elif org.kind == "lysosome":
             values = 98.0 + rng.normal(0, 16, n)
             values[d > r - 45.0] = 60.0
@@ -112,7 +112,7 @@ def render(labels: np.ndarray, cells: list[Cell], frags: Fragments, voxel_size_n
     if n_labels > len(is_astro):
         raise ValueError("label volume holds more labels than there are fragments")
     astro = is_astro[labels]
-    granules = astro & (rng.random(shape, dtype=np.float32) < 0.05)
+    granules = astro & (rng.random(shape, dtype=np.float32) < 0.08)
     img[granules] -= 55.0
     del astro, granules
 
