@@ -763,7 +763,11 @@ class CsvZipStore:
 
     Notes
     -----
-    Rows come back in file order. Thread-safe for concurrent readers and writers within a
+    Central directories are cached per shard. Local shards are revalidated on every read
+    (inode, size, mtime). A remote shard is revalidated by its storage generation (ETag)
+    whenever a member is fetched; a segment missing from a cached remote directory is
+    reported missing without a request, so call :meth:`clear_cache` after a remote store
+    gains segments. Rows come back in file order. Thread-safe for concurrent readers and writers within a
     process; writers in several processes on one host are serialised per shard with POSIX
     record locks (not over network file systems that lack them).
     """
@@ -867,6 +871,11 @@ class CsvZipStore:
             self._cache.move_to_end(shard)
             while len(self._cache) > self.cache_shards:
                 self._cache.popitem(last=False)
+
+    def clear_cache(self) -> None:
+        """Drop every cached central directory (the next read of each shard refetches it)."""
+        with self._cache_lock:
+            self._cache.clear()
 
     def _forget_directory(self, shard: int) -> None:
         with self._cache_lock:
