@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 DEFAULT_SIZE_VOX = (256, 256, 256)
 DEFAULT_VOXEL_SIZE_NM = (32.0, 32.0, 40.0)
+#: Size of the cached demo (tests shrink it).
+_DEMO_SIZE_VOX = DEFAULT_SIZE_VOX
 #: Astrocyte processes flood free space up to this many voxels from their tubes.
 _GLIA_FILL_VOXELS = 10
 #: Every segment first grows this many voxels into free space (tissue is compressed:
@@ -73,6 +75,9 @@ class SyntheticVolume:
         ``[S]`` cell type name of each segment (from ``CELL_TYPES``).
     n_voxels : np.ndarray
         int64 ``[S]`` voxel count of each segment.
+    organelles : np.ndarray
+        uint8 ``[x, y, z]`` organelle map (codes in ``_render.ORGANELLE_CODES``: mito,
+        vesicles, nucleus, lysosome, psd, glycogen; 0 = plain cytoplasm or outside).
     seed : int
     """
 
@@ -84,6 +89,7 @@ class SyntheticVolume:
     cell_ids: np.ndarray
     cell_types: list[str]
     n_voxels: np.ndarray
+    organelles: np.ndarray
     seed: int
 
 
@@ -147,7 +153,7 @@ def synthesize(
     _volume.grow_glia(labels, _volume.astro_lookup(frags, cells), _GLIA_FILL_VOXELS)
     yield Progress(3, meter_total, "stages", "filled gaps with astrocytic processes")
 
-    image = yield from _render.render(labels, cells, frags, voxel, rng)
+    image, organelles = yield from _render.render(labels, cells, frags, voxel, rng)
     yield Progress(4, meter_total, "stages", "rendered EM image")
 
     # Segment ids: large, non-consecutive uint64 values (exercise 64-bit paths downstream).
@@ -171,6 +177,7 @@ def synthesize(
         cell_ids=cell_of.astype(np.int64) + 1,
         cell_types=types,
         n_voxels=n_voxels.astype(np.int64),
+        organelles=organelles,
         seed=int(seed),
     )
 
@@ -192,11 +199,21 @@ def _skeletons(frags, keep: np.ndarray, valid_idx: np.ndarray, ids: np.ndarray) 
     parent = frags.parent
     inside = frags.fragment >= 0
     resolved = np.full(n, -1, dtype=np.int64)
-    # Parents precede children, so one pass resolves chains of dropped inside nodes.
-    for i in range(n):
-        p = parent[i]
-        if p >= 0 and inside[p]:
-            resolved[i] = p if keep[p] else resolved[p]
+    # Each kept node links to its nearest kept ancestor inside the volume. A segment's
+    # inside part is a subtree with one top node; kept nodes whose ancestors up to that top
+    # were all dropped link to the first such node instead, so each segment stays one tree.
+    anchor: dict[int, int] = {}
+    parent_list, inside_list, keep_list = parent.tolist(), inside.tolist(), keep.tolist()
+    for i in np.nonzero(keep)[0].tolist():
+        q, top = parent_list[i], i
+        while q >= 0 and inside_list[q] and not keep_list[q]:
+            top, q = q, parent_list[q]
+        if q >= 0 and inside_list[q]:
+            resolved[i] = q
+        elif top in anchor:
+            resolved[i] = anchor[top]
+        else:
+            anchor[top] = i
     local = np.full(n, -1, dtype=np.int64)
     frag_of = frags.fragment
     kept = np.nonzero(keep)[0]
@@ -283,7 +300,7 @@ def demo_dataset(seed: int = 0, progress: Callable[[Progress], object] | None = 
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
     try:
-        drive(generate_dataset(tmp, seed=seed), progress)
+        drive(generate_dataset(tmp, seed=seed, size_vox=_DEMO_SIZE_VOX), progress)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -262,7 +262,7 @@ def _add_spines(cell: Cell, space: Space, shaft_ids: list[int], *, spacing_nm: f
         head_pos = base + u * (neck_len + r_head * 0.8)
         head = cell.add(head_pos, r_head, parent, DENDRITE, SPINE_HEAD)
         tip = head_pos + u * r_head
-        cell.organelles.append(Organelle("psd", head, tip, tip, 105.0))
+        cell.organelles.append(Organelle("psd", head, tip, tip, 130.0))
 
 
 def _add_boutons(cell: Cell, space: Space, chain: list[int], *, interval_nm: tuple[float, float],
@@ -282,7 +282,7 @@ def _add_boutons(cell: Cell, space: Space, chain: list[int], *, interval_nm: tup
                 cell.radius[n] = max(cell.radius[n], 0.5 * r_b)
         a, b = cell.pos[core[0]], cell.pos[core[-1]]
         centre = 0.5 * (a + b)
-        cell.organelles.append(Organelle("vesicles", core[0], a, b, 0.72 * r_b))
+        cell.organelles.append(Organelle("vesicles", core[0], a, b, 0.65 * r_b))
         if rng.random() < mito_probability:
             off = space.random_direction() * 0.35 * r_b
             axis = (b - a) if len(core) > 1 else (cell.pos[chain[j + 1]] - a)
@@ -398,7 +398,7 @@ def smooth_dendrite(space: Space) -> Cell:
     pts = space.through_path(sigma=0.07)
     r0 = rng.uniform(430, 620)
     chain = cell.add_chain(pts, r0 * space.smooth_noise(len(pts), 0.05), -1, DENDRITE)
-    _add_shaft_mitos(cell, space, chain, every_nm=700, radius_fraction=(0.28, 0.4),
+    _add_shaft_mitos(cell, space, chain, every_nm=1300, radius_fraction=(0.22, 0.32),
                      max_radius_nm=190)
     if rng.random() < 0.3 and len(chain) > 6:
         j = int(rng.integers(2, len(chain) - 3))
@@ -406,7 +406,7 @@ def smooth_dendrite(space: Space) -> Cell:
         branch = _grow(cell, space, chain[j], cell.pos[chain[j]], t + space.perpendicular(t),
                        r_start=0.8 * r0, r_end=0.75 * r0, taper_nm=3000, sigma=0.07,
                        compartment=DENDRITE, max_len_nm=20000, jitter=0.04)
-        _add_shaft_mitos(cell, space, branch, every_nm=700, radius_fraction=(0.28, 0.4),
+        _add_shaft_mitos(cell, space, branch, every_nm=1300, radius_fraction=(0.22, 0.32),
                          max_radius_nm=190)
     return cell
 
@@ -430,7 +430,7 @@ def inhibitory_axon(space: Space, cell: Cell | None = None, parent: int = -1,
     pts = space.through_path(sigma=0.16) if pts is None else pts
     r = rng.uniform(115, 165)
     chain = cell.add_chain(pts, r * space.smooth_noise(len(pts), 0.08), parent, AXON)
-    _add_boutons(cell, space, chain, interval_nm=(1400, 2800), radius_nm=(340, 480),
+    _add_boutons(cell, space, chain, interval_nm=(2000, 3800), radius_nm=(340, 480),
                  length_nodes=2, mito_probability=0.95, mito_radius_nm=105)
     return cell
 
@@ -543,7 +543,7 @@ def basket_cell(space: Space) -> Cell:
         node, p = _soma_exit(cell, root, d, R, 520, DENDRITE)
         chain = _grow(cell, space, node, p, d, r_start=620, r_end=470, taper_nm=3000,
                       sigma=0.08, compartment=DENDRITE, max_len_nm=15000, jitter=0.04)
-        _add_shaft_mitos(cell, space, chain, every_nm=700, radius_fraction=(0.28, 0.4),
+        _add_shaft_mitos(cell, space, chain, every_nm=1300, radius_fraction=(0.22, 0.32),
                          max_radius_nm=180)
     d = space.random_direction()
     node, p = _soma_exit(cell, root, d, R, 250, AXON)

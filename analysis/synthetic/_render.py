@@ -45,13 +45,23 @@ def _smooth_noise(rng: np.random.Generator, shape, sigma) -> np.ndarray:
     return field
 
 
+#: Codes of the organelle map ``render`` returns beside the image.
+ORGANELLE_CODES = {"mito": 1, "vesicles": 2, "nucleus": 3, "lysosome": 4, "psd": 5, "glycogen": 6}
+
+
 def render(labels: np.ndarray, cells: list[Cell], frags: Fragments, voxel_size_nm: np.ndarray,
-           rng: np.random.Generator) -> Generator[Progress, None, np.ndarray]:
-    """Render the uint8 image [x, y, z] for an int32 label volume (0 = extracellular)."""
+           rng: np.random.Generator
+           ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray]]:
+    """Render an int32 label volume [x, y, z] (0 = extracellular) as EM.
+
+    Returns the uint8 image [x, y, z] and a uint8 organelle map [x, y, z]
+    (``ORGANELLE_CODES``, 0 = plain cytoplasm or extracellular space).
+    """
     shape = labels.shape
+    organelle = np.zeros(shape, dtype=np.uint8)
     steps = 5
     n_labels = int(labels.max()) + 1
-    per_cell = rng.normal(0.0, 4.0, n_labels).astype(np.float32)
+    per_cell = rng.normal(0.0, 2.0, n_labels).astype(np.float32)
     per_cell[0] = 0.0
     texture = _smooth_noise(rng, shape, 1.3)
     inside = labels > 0
@@ -78,6 +88,7 @@ def render(labels: np.ndarray, cells: list[Cell], frags: Fragments, voxel_size_n
         if not m.any():
             continue
         sub = img[box]
+        organelle[box][m] = ORGANELLE_CODES[org.kind]
         d = np.broadcast_to(dist, m.shape)[m]
         n = int(m.sum())
         if org.kind == "mito":
@@ -89,15 +100,16 @@ def render(labels: np.ndarray, cells: list[Cell], frags: Fragments, voxel_size_n
             sub[m] = values
         elif org.kind == "vesicles":
             dots = rng.random(n) < 0.5
-            sub[m] -= np.where(dots, 75.0, 14.0)
+            sub[m] -= np.where(dots, 75.0, 12.0)
         elif org.kind == "lysosome":
             values = 98.0 + rng.normal(0, 16, n)
             values[d > r - 45.0] = 60.0
             sub[m] = values
         elif org.kind == "nucleus":
-            values = 146.0 + rng.normal(0, 9, n)
-            chromatin = (d > r - 260.0) & (rng.random(n) < 0.55)
-            values[chromatin] = 112.0 + rng.normal(0, 8, int(chromatin.sum()))
+            # Light euchromatin, clumps of dark heterochromatin under the envelope.
+            values = 166.0 + rng.normal(0, 9, n)
+            chromatin = (d > r - 240.0) & (rng.random(n) < 0.45)
+            values[chromatin] = 118.0 + rng.normal(0, 8, int(chromatin.sum()))
             values[d > r - 62.0] = 76.0
             sub[m] = values
             c = org.p0 + (org.p1 - org.p0) * rng.random() + rng.normal(0, 0.25 * r, 3)
@@ -112,15 +124,16 @@ def render(labels: np.ndarray, cells: list[Cell], frags: Fragments, voxel_size_n
     if n_labels > len(is_astro):
         raise ValueError("label volume holds more labels than there are fragments")
     astro = is_astro[labels]
-    granules = astro & (rng.random(shape, dtype=np.float32) < 0.08)
-    img[granules] -= 55.0
+    granules = astro & (rng.random(shape, dtype=np.float32) < 0.035)
+    img[granules] -= 45.0
+    organelle[granules] = ORGANELLE_CODES["glycogen"]
     del astro, granules
 
     edge = boundary_mask(labels)
     img[edge] = MEMBRANE + 6.0 * rng.standard_normal(int(edge.sum()), dtype=np.float32)
     del edge
     for box, m in psds:
-        img[box][m] = 48.0
+        img[box][m] = 40.0
     yield Progress(3, steps, "steps", "rendering membranes")
 
     img += rng.standard_normal(shape, dtype=np.float32) * 12.0
@@ -131,7 +144,7 @@ def render(labels: np.ndarray, cells: list[Cell], frags: Fragments, voxel_size_n
     img += rng.normal(0.0, 2.5, shape[2]).astype(np.float32)[None, None, :]
     out = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     yield Progress(5, steps, "steps", "rendering done")
-    return out
+    return out, organelle
 
 
 def _draw_sphere(img, labels, host, centre, r, voxel_size_nm, value, rng) -> None:
