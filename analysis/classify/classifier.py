@@ -413,6 +413,20 @@ def stratified_split(codes: np.ndarray, fraction: float,
     return train, validation
 
 
+def _epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Split a shuffled index order into batches of one size.
+
+    A short last batch is topped up from the start of the order (those few examples are
+    seen twice this epoch) instead of being run short: every distinct batch shape costs
+    Keras another trace of the train step, several seconds each on two cores. With fewer
+    examples than ``batch_size`` the single batch is all of them.
+    """
+    batch_size = min(batch_size, order.size)
+    count = -(-order.size // batch_size)
+    padded = np.concatenate([order, order[: count * batch_size - order.size]])
+    return np.split(padded, count)
+
+
 def validation_loss(model: "ClassifierNet", embeddings: np.ndarray, codes: np.ndarray,
                     weights: np.ndarray, *, batch_size: int = 8192) -> float:
     """Weighted mean cross-entropy of the logits plus the L2 penalty, in inference mode.
@@ -567,6 +581,9 @@ def train_classifier(
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    # fit() builds the optimizer before tracing; train_on_batch does not, and a train step
+    # that creates variables is traced twice.
+    model.optimizer.build(model.trainable_variables)
     # SegCLR resets the precision through a Keras callback in model.fit; this loop drives
     # the same callback itself (see below).
     reset_precision = ResetPrecisionEachEpoch()
@@ -584,9 +601,7 @@ def train_classifier(
         # epoch on typical label sets, and this generator must return between epochs.
         reset_precision.on_epoch_begin(epoch)
         model.reset_metrics()
-        order = rng.permutation(train_y.size)
-        for start in range(0, order.size, batch_size):
-            batch = order[start:start + batch_size]
+        for batch in _epoch_batches(rng.permutation(train_y.size), batch_size):
             logs = model.train_on_batch(train_x[batch], train_y[batch],
                                         sample_weight=train_w[batch], return_dict=True)
         loss = float(logs["loss"])  # Keras' running mean over this epoch's batches
