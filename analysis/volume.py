@@ -220,11 +220,7 @@ class Volume:
 
     def in_memory(self) -> "Volume":
         """A copy of this volume held in RAM (same metadata), for fast random access in training."""
-        import tensorstore as ts
-
-        array = self.read_all()
-        store = ts.array(array)[ts.d[:].translate_to[tuple(int(v) for v in self.info.origin_vox)]]
-        return Volume(store, self.info)
+        return _ArrayVolume(self.read_all(), self.info)
 
     def read_all(self) -> np.ndarray:
         """The whole volume as one ``[x, y, z]`` array (small volumes only)."""
@@ -239,6 +235,36 @@ class Volume:
         voxels = np.asarray(voxels)
         lo = self.info.origin_vox
         return np.all((voxels >= lo) & (voxels < lo + self.info.shape), axis=-1)
+
+
+class _ArrayVolume(Volume):
+    """A volume held as a numpy ``[x, y, z]`` array; reads are plain slicing."""
+
+    def __init__(self, array: np.ndarray, info: VolumeInfo):
+        super().__init__(None, info)
+        self._array = array
+
+    def read(self, lo_vox: Sequence[int], hi_vox: Sequence[int]) -> np.ndarray:
+        lo = np.asarray(lo_vox, dtype=np.int64)
+        hi = np.asarray(hi_vox, dtype=np.int64)
+        if lo.shape != (3,) or hi.shape != (3,) or np.any(hi < lo):
+            raise ValueError(f"bad read box lo={lo.tolist()} hi={hi.tolist()}")
+        origin = self.info.origin_vox
+        clip_lo = np.maximum(lo, origin)
+        clip_hi = np.minimum(hi, origin + self.info.shape)
+        if np.all(clip_lo == lo) and np.all(clip_hi == hi):
+            a, b = lo - origin, hi - origin
+            return self._array[a[0]:b[0], a[1]:b[1], a[2]:b[2]].copy()
+        out = np.zeros(tuple(hi - lo), dtype=self.dtype)
+        if np.any(clip_hi <= clip_lo):
+            return out
+        a, b = clip_lo - origin, clip_hi - origin
+        dst = tuple(slice(x, y) for x, y in zip(clip_lo - lo, clip_hi - lo))
+        out[dst] = self._array[a[0]:b[0], a[1]:b[1], a[2]:b[2]]
+        return out
+
+    def in_memory(self) -> "Volume":
+        return self
 
 
 def open_volume(
@@ -496,13 +522,21 @@ def _group_boxes(origins: np.ndarray, extent: np.ndarray) -> list[np.ndarray]:
 
 
 def _block_mean_uint8(block: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """Downsample ``[x, y, z]`` uint8 by block means (rounded)."""
+    """Downsample ``[x, y, z]`` uint8 by block means, rounded half up.
+
+    Sums strided views axis by axis in integers: several times faster than a float mean
+    over a reshaped view, which matters for training reads.
+    """
     if np.all(factor == 1):
         return block
-    sx, sy, sz = (np.asarray(block.shape) // factor)
-    fx, fy, fz = factor
-    view = block[: sx * fx, : sy * fy, : sz * fz].reshape(sx, fx, sy, fy, sz, fz)
-    return np.rint(view.mean(axis=(1, 3, 5), dtype=np.float32)).astype(np.uint8)
+    shape = np.asarray(block.shape) // factor
+    acc = block[: shape[0] * factor[0], : shape[1] * factor[1], : shape[2] * factor[2]].astype(np.uint32)
+    for axis, f in enumerate(int(v) for v in factor):
+        if f > 1:
+            lead = (slice(None),) * axis
+            acc = sum(acc[lead + (slice(k, None, f),)] for k in range(f))
+    n = int(np.prod(factor))
+    return ((acc + n // 2) // n).astype(np.uint8)
 
 
 def cut_em_and_mask(

@@ -77,9 +77,10 @@ def test_downsampled_cutout_masks_block_centres(pair):
     image, seg_volume, em, seg = pair
     centre_vox = np.array([20, 30, 15])
     cut = cut_masked(image, seg_volume, SEG_ID, [(centre_vox + 0.5) * VOXEL], (5, 5, 5), downsample=(2, 2, 2))[0]
-    # Output voxel (2, 2, 2) spans native [c - 1, c + 1): mean of that 2^3 EM block.
-    block = em[19:21, 29:31, 14:16].astype(float)
-    assert cut[2, 2, 2] == int(np.rint(block.mean()))
+    # Output voxel (2, 2, 2) spans native [c - 1, c + 1): mean of that 2^3 EM block,
+    # rounded half up.
+    block = em[19:21, 29:31, 14:16].astype(int)
+    assert cut[2, 2, 2] == (block.sum() + 4) // 8
     # Voxels whose block centre is outside the segment are masked.
     inside = seg[::1][(centre_vox[0] - 5):(centre_vox[0] + 5):2, (centre_vox[1] - 5):(centre_vox[1] + 5):2,
                       (centre_vox[2] - 5):(centre_vox[2] + 5):2] == SEG_ID
