@@ -16,12 +16,12 @@ from analysis.synthetic import CELL_TYPES, generate_dataset
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory) -> Path:
-    return drive(generate_dataset(tmp_path_factory.mktemp("ds") / "demo", seed=2, size_vox=(64, 72, 80)))
+    return drive(generate_dataset(tmp_path_factory.mktemp("ds") / "demo", seed=3, size_vox=(96, 80, 72)))
 
 
 def test_accessors(dataset_dir):
     ds = open_dataset(dataset_dir)
-    assert tuple(ds.image.shape) == (64, 72, 80)
+    assert tuple(ds.image.shape) == (96, 80, 72)
     assert ds.image.dtype == np.uint8
     assert ds.segmentation.dtype == np.uint64
     np.testing.assert_array_equal(ds.voxel_size_nm, [32, 32, 40])
