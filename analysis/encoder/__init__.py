@@ -15,12 +15,14 @@ masked EM and returns float32 ``[B, D]``. Keras and TensorFlow are imported on f
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import zipfile
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
 
 from .checkpoint import CheckpointMismatchError, resolve_checkpoint_prefix
 from .config import (
@@ -119,11 +121,7 @@ def save_checkpoint(encoder: "SegClrEncoder", prefix: str | os.PathLike, *, layo
     from .checkpoint import write_checkpoint
     from .model import weight_names
 
-    values = {name: variable.numpy() if hasattr(variable, "numpy") else variable.value
-              for name, variable in weight_names(encoder).items()}
-    import numpy as np
-
-    values = {name: np.asarray(v) for name, v in values.items()}
+    values = {name: np.asarray(variable.numpy()) for name, variable in weight_names(encoder).items()}
     return write_checkpoint(values, prefix, layout=layout)
 
 

@@ -162,7 +162,11 @@ class SegClrEncoder(keras.Model):
         return self.encoder_config.embedding_dim
 
     def set_jit_compile(self, enabled: bool) -> None:
-        """Use XLA for :meth:`embed` on the TensorFlow backend (measured slower on CPU)."""
+        """Use XLA for :meth:`embed` on the TensorFlow backend.
+
+        Off by default: on the 2-core CPU machine XLA ran the lite model 6-8x slower and
+        the full model about 2x slower (``benchmarks/bench_encoder.py``).
+        """
         self._jit_compile = bool(enabled)
         self._inference_fn = None
 
