@@ -754,12 +754,15 @@ class CsvZipStore:
     compression : {"deflate", "stored"}
         How new members are written. Reading handles both regardless.
     compresslevel : int
-        zlib level for deflated members (1 fastest ... 9 smallest).
+        zlib level for deflated members (1 fastest ... 9 smallest). The default 1 is
+        about 5x faster than zlib's usual 6 on embedding text for files ~9% larger
+        (measured: 49% vs 45% of the text size).
     cache_shards : int
         How many parsed central directories to keep (least recently used dropped). A
         directory costs about 41 bytes per member (about 1 MB for a 24k-member shard).
     durable : bool
-        fsync each rewritten shard and its folder before returning from a write.
+        fsync each rewritten shard before it replaces the old one, and the folder once
+        per write call, so a completed write survives a power cut.
 
     Notes
     -----
@@ -780,7 +783,7 @@ class CsvZipStore:
         coordinates: Literal["voxels", "nm"] = "voxels",
         *,
         compression: Literal["deflate", "stored"] = "deflate",
-        compresslevel: int = 6,
+        compresslevel: int = 1,
         cache_shards: int = 32,
         durable: bool = True,
     ) -> None:
@@ -1101,10 +1104,15 @@ class CsvZipStore:
             if existing:
                 raise FileExistsError(_exists_message(existing, self))
         self.local_dir.mkdir(parents=True, exist_ok=True)
-        for shard in sorted(by_shard):
-            with _ShardLock(self.local_dir, shard):
-                self._rewrite_shard(shard, by_shard[shard], overwrite)
-            self._forget_directory(shard)
+        try:
+            for shard in sorted(by_shard):
+                with _ShardLock(self.local_dir, shard):
+                    self._rewrite_shard(shard, by_shard[shard], overwrite)
+                self._forget_directory(shard)
+        finally:
+            if self.durable:
+                # One folder fsync persists every rename of this call.
+                _fsync_directory(self.local_dir)
         return len(seen)
 
     def _rewrite_shard(self, shard: int, members: list[tuple[str, bytes]], overwrite: bool) -> None:
@@ -1149,8 +1157,6 @@ class CsvZipStore:
             if self.durable:
                 _fsync_path(temp)
             os.replace(temp, path)
-            if self.durable:
-                _fsync_directory(self.local_dir)
         except BaseException:
             try:
                 os.unlink(temp)

@@ -1,0 +1,164 @@
+"""CSV ZIP store speed: write and read rows/s, one-segment fetch latency, aggregation time.
+
+Usage::
+
+    python benchmarks/bench_csvzip.py [--segments 20000] [--nodes 16] [--dim 64]
+                                      [--shards 10000] [--reads 2000] [--workdir DIR]
+                                      [--compression deflate|stored] [--level 1]
+                                      [--skip-store] [--skip-aggregate]
+
+Prints:
+
+1. writing a ``--shards``-shard local store (SegCLR's layout, bytewidth 64) of
+   ``--segments`` segments with 8-24 (mean ``--nodes``) nodes each and ``--dim``-d
+   embeddings through ``write_many`` (chunks of 5,000 segments, fsync per shard):
+   rows/s, MB on disk;
+2. median and 90th-percentile time to fetch one random segment with ``read()``: cold
+   (a fresh store object, so every shard's central directory is parsed; the OS page cache
+   is warm since the files were just written) and warm (directories cached);
+3. rows/s read by ``read()`` and by a whole-store ``iter_shard`` pass;
+4. aggregation (10 um) of 1,000 segments x 100 nodes and of one 100,000-node segment
+   (random walks with SegCLR's ~1.5 um node spacing), plus 25 um for the first: medians
+   over 3 runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from analysis.aggregate import aggregate_embeddings
+from analysis.csvzip import CsvZipStore
+
+
+def make_segments(rng: np.random.Generator, count: int, mean_nodes: int, dim: int) -> dict:
+    """Random segments: ids below 2**63, voxel coordinates, float32 embeddings."""
+    ids = np.unique(rng.integers(1, 2**63, size=count + 100))[:count]
+    low, high = max(1, mean_nodes // 2), mean_nodes + mean_nodes // 2
+    segments = {}
+    for segment_id in ids.tolist():
+        n = int(rng.integers(low, high + 1))
+        segments[segment_id] = (
+            np.arange(n, dtype=np.int64),
+            rng.integers(0, 100_000, size=(n, 3)).astype(np.float64),
+            rng.normal(size=(n, dim)).astype(np.float32),
+        )
+    return segments
+
+
+def timed_reads(store: CsvZipStore, segment_ids: list[int]) -> tuple[list[float], int]:
+    times, rows = [], 0
+    for segment_id in segment_ids:
+        start = time.perf_counter()
+        node_ids, _, _ = store.read(segment_id)
+        times.append(time.perf_counter() - start)
+        rows += node_ids.shape[0]
+    return times, rows
+
+
+def describe(times: list[float]) -> str:
+    ordered = sorted(times)
+    p90 = ordered[int(0.9 * (len(ordered) - 1))]
+    return f"median {statistics.median(times) * 1e3:.3f} ms, p90 {p90 * 1e3:.3f} ms (n={len(times)})"
+
+
+def bench_store(args: argparse.Namespace, workdir: Path) -> None:
+    rng = np.random.default_rng(0)
+    segments = make_segments(rng, args.segments, args.nodes, args.dim)
+    total_rows = sum(arrays[0].shape[0] for arrays in segments.values())
+    root = workdir / "store"
+    store = CsvZipStore(
+        root, num_shards=args.shards, bytewidth=64, compression=args.compression,
+        compresslevel=args.level,
+    )
+    items = list(segments.items())
+    start = time.perf_counter()
+    for at in range(0, len(items), 5000):
+        store.write_many(dict(items[at : at + 5000]))
+    elapsed = time.perf_counter() - start
+    files = list(root.glob("*.zip"))
+    megabytes = sum(f.stat().st_size for f in files) / 1e6
+    print(
+        f"write: {len(segments)} segments, {total_rows} rows x {args.dim} dims into "
+        f"{len(files)} shard files ({megabytes:.1f} MB, {args.compression}): {elapsed:.1f} s, "
+        f"{total_rows / elapsed:,.0f} rows/s"
+    )
+
+    sample = rng.choice(np.array(list(segments), dtype=np.uint64), size=min(args.reads, len(segments)), replace=False)
+    sample = [int(s) for s in sample]
+    cold_store = CsvZipStore(root, num_shards=args.shards, cache_shards=args.shards)
+    cold, rows = timed_reads(cold_store, sample)
+    print(f"fetch one segment, cold directory: {describe(cold)}")
+    warm, _ = timed_reads(cold_store, sample)
+    print(f"fetch one segment, warm directory: {describe(warm)}")
+    print(f"read() rows/s: cold {rows / sum(cold):,.0f}, warm {rows / sum(warm):,.0f}")
+
+    start = time.perf_counter()
+    rows = 0
+    for shard in store.shards():
+        for _, node_ids, _, _ in store.iter_shard(shard):
+            rows += node_ids.shape[0]
+    elapsed = time.perf_counter() - start
+    assert rows == total_rows, (rows, total_rows)
+    print(f"iter_shard over the whole store: {rows} rows in {elapsed:.1f} s, {rows / elapsed:,.0f} rows/s")
+
+
+def random_walk(rng: np.random.Generator, n: int, step_nm: float = 1500.0) -> np.ndarray:
+    steps = rng.normal(size=(n, 3))
+    steps *= step_nm / np.linalg.norm(steps, axis=1, keepdims=True)
+    return np.cumsum(steps, axis=0)
+
+
+def median_time(function, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_aggregate(args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(1)
+    many = [(random_walk(rng, 100), rng.normal(size=(100, args.dim)).astype(np.float32)) for _ in range(1000)]
+    for radius in (10_000.0, 25_000.0):
+        seconds = median_time(lambda: [aggregate_embeddings(xyz, emb, radius) for xyz, emb in many])
+        print(f"aggregate 1000 segments x 100 nodes at {radius / 1000:g} um: median {seconds:.3f} s")
+    xyz = random_walk(rng, 100_000)
+    emb = rng.normal(size=(100_000, args.dim)).astype(np.float32)
+    for radius in (10_000.0, 25_000.0):
+        seconds = median_time(lambda: aggregate_embeddings(xyz, emb, radius))
+        print(f"aggregate one segment x 100,000 nodes at {radius / 1000:g} um: median {seconds:.3f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--segments", type=int, default=20_000)
+    parser.add_argument("--nodes", type=int, default=16, help="mean nodes per segment")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--shards", type=int, default=10_000)
+    parser.add_argument("--reads", type=int, default=2_000, help="random segments fetched")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to build the store (temp)")
+    parser.add_argument("--compression", choices=("deflate", "stored"), default="deflate")
+    parser.add_argument("--level", type=int, default=1, help="zlib level for deflate")
+    parser.add_argument("--skip-store", action="store_true")
+    parser.add_argument("--skip-aggregate", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_store:
+        workdir = Path(tempfile.mkdtemp(prefix="bench_csvzip_", dir=args.workdir))
+        try:
+            bench_store(args, workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if not args.skip_aggregate:
+        bench_aggregate(args)
+
+
+if __name__ == "__main__":
+    main()
