@@ -442,3 +442,104 @@ def naive_segment_embeddings(encoder, image, segmentation, segment_id: int,
                             downsample=downsample)
         out[i] = encoder.embed(cutout)[0]
     return out
+
+
+@dataclass
+class NodeEmbeddings:
+    """Embeddings of skeleton nodes of many segments (one row per node).
+
+    Attributes
+    ----------
+    segment_ids : uint64 ``[N]``
+    node_ids : int64 ``[N]``  (index into the segment's skeleton nodes)
+    xyz_nm : float64 ``[N, 3]`` node positions, x, y, z nm
+    embeddings : float32 ``[N, D]``
+    """
+
+    segment_ids: np.ndarray
+    node_ids: np.ndarray
+    xyz_nm: np.ndarray
+    embeddings: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.segment_ids)
+
+    def subset(self, rows: np.ndarray) -> "NodeEmbeddings":
+        """The rows selected by a boolean mask or index array."""
+        return NodeEmbeddings(self.segment_ids[rows], self.node_ids[rows], self.xyz_nm[rows], self.embeddings[rows])
+
+    def aggregated(self, radius_nm: float) -> np.ndarray:
+        """Per node, the mean embedding of its segment's nodes within ``radius_nm`` (float32 ``[N, D]``)."""
+        from analysis.aggregate import aggregate_embeddings
+
+        out = np.empty_like(self.embeddings)
+        order = np.argsort(self.segment_ids, kind="stable")
+        ids, starts = np.unique(self.segment_ids[order], return_index=True)
+        ends = np.append(starts[1:], len(order))
+        for start, end in zip(starts, ends):
+            rows = order[start:end]
+            out[rows] = aggregate_embeddings(self.xyz_nm[rows], self.embeddings[rows], radius_nm)
+        return out
+
+
+def stream_node_embeddings(
+    encoder,
+    image,
+    segmentation,
+    segments: Sequence[tuple[int, np.ndarray, np.ndarray]],
+    *,
+    batch_size: int | None = None,
+    cancel: threading.Event | Callable[[], bool] | None = None,
+    device: str = "auto",
+) -> Generator[Progress, None, NodeEmbeddings]:
+    """Embed the nodes of many segments, batching cutouts across segments.
+
+    Small segments (a few nodes each) fill shared batches instead of each paying a forward
+    call of its own.
+
+    Parameters
+    ----------
+    segments
+        ``(segment_id, node_ids int [n], centres_nm float [n, 3])`` per segment.
+
+    Returns
+    -------
+    NodeEmbeddings
+        Rows in the order of ``segments`` and their nodes.
+    """
+    from analysis.volume import cut_masked
+
+    config = encoder.encoder_config
+    downsample = config.downsample_from(image.voxel_size_nm)
+    resolved = _resolve_device(device)
+    compute_batch = int(batch_size or default_batch_size(encoder, resolved))
+    seg_col = np.concatenate([np.full(len(n), int(s), dtype=np.uint64) for s, n, _ in segments]) if segments else np.zeros(0, np.uint64)
+    node_col = np.concatenate([np.asarray(n, dtype=np.int64) for _, n, _ in segments]) if segments else np.zeros(0, np.int64)
+    xyz = np.concatenate([np.asarray(c, dtype=np.float64).reshape(-1, 3) for _, _, c in segments]) if segments else np.zeros((0, 3))
+    total = len(node_col)
+
+    def batches():
+        pending_idx: list[np.ndarray] = []
+        pending: list[np.ndarray] = []
+        count = 0
+        row = 0
+        for segment_id, node_ids, centres in segments:
+            n = len(node_ids)
+            if n:
+                pending.append(cut_masked(image, segmentation, int(segment_id), np.asarray(centres).reshape(-1, 3),
+                                          config.input_size_vox, downsample=downsample))
+                pending_idx.append(np.arange(row, row + n))
+                count += n
+                row += n
+            while count >= compute_batch:
+                cut = np.concatenate(pending)
+                idx = np.concatenate(pending_idx)
+                yield idx[:compute_batch], cut[:compute_batch]
+                pending, pending_idx = [cut[compute_batch:]], [idx[compute_batch:]]
+                count -= compute_batch
+        if count:
+            yield np.concatenate(pending_idx), np.concatenate(pending)
+
+    embeddings = yield from stream_embeddings(encoder, batches(), total, batch_size=compute_batch, cancel=cancel,
+                                              device=resolved, message=f"{len(segments)} segments")
+    return NodeEmbeddings(seg_col, node_col, xyz, embeddings)
