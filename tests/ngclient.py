@@ -3,8 +3,8 @@
 Two pieces, usable separately:
 
 - :func:`serve_directory` serves a local folder over HTTP on localhost with
-  ``Access-Control-Allow-Origin: *``, so the client (served from another port by the
-  neuroglancer package) may read exported layers from it;
+  ``Access-Control-Allow-Origin: *`` and byte ranges, so the client (served from another
+  port by the neuroglancer package) may read exported layers from it, sharded ones too;
 - :class:`NeuroglancerPage` opens a ``neuroglancer.Viewer`` in a ``QWebEngineView`` (offscreen
   under ``QT_QPA_PLATFORM=offscreen``) and evaluates JavaScript in the page, returning
   JSON-decoded results. Waiting is done by running the Qt event loop until a result arrives
@@ -22,8 +22,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import io
 import json
 import logging
+import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -33,17 +36,56 @@ log = logging.getLogger(__name__)
 
 
 class _CorsRequestHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with CORS headers, logging through ``logging`` instead of stderr."""
+    """Static files with CORS headers and single byte-range requests (as cloud stores serve).
+
+    Neuroglancer reads sharded indexes with ``Range`` requests and needs ``206 Partial
+    Content`` with a ``Content-Range`` it may read cross-origin. Requests are logged through
+    ``logging`` instead of stderr.
+    """
+
+    _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
     def end_headers(self) -> None:
         self.send_header("Access-Control-Allow-Origin", "*")
         self.send_header("Access-Control-Allow-Headers", "*")
+        self.send_header("Access-Control-Expose-Headers", "Content-Range, Content-Length, Accept-Ranges")
+        self.send_header("Accept-Ranges", "bytes")
         self.send_header("Cache-Control", "no-store")
         super().end_headers()
 
     def do_OPTIONS(self) -> None:  # CORS pre-flight
         self.send_response(204)
         self.end_headers()
+
+    def send_head(self):
+        header = self.headers.get("Range")
+        path = self.translate_path(self.path)
+        if header is None or not os.path.isfile(path):
+            return super().send_head()
+        match = self._RANGE.match(header.strip())
+        size = os.path.getsize(path)
+        if match is None or match.groups() == ("", ""):
+            self.send_error(416, "unsupported Range")
+            return None
+        first, last = match.groups()
+        if first == "":  # suffix range: the last N bytes
+            start, end = max(0, size - int(last)), size - 1
+        else:
+            start, end = int(first), min(size - 1, int(last)) if last else size - 1
+        if start >= size or start > end:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.end_headers()
+            return None
+        with open(path, "rb") as file:
+            file.seek(start)
+            body = file.read(end - start + 1)
+        self.send_response(206)
+        self.send_header("Content-Type", self.guess_type(path))
+        self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
@@ -239,4 +281,31 @@ def segment_label_script(layer_name: str, segment_id: int) -> str:
   if (map === undefined) return null;
   const label = map.getSegmentLabel({int(segment_id)}n);
   return label === undefined ? null : label;
+}})()"""
+
+
+def annotation_by_id_script(layer_name: str, annotation_id: int) -> str:
+    """JavaScript fetching one annotation of a layer by id (the source's by-id index).
+
+    Value: ``{"point": [...], "properties": [...] (info order), "related": [[ids...], ...]}``
+    once loaded, ``{"missing": true}`` when the source has no such id, ``{"pending": ...}``
+    before. The first call takes a reference that keeps the annotation loaded.
+    """
+    key = json.dumps(str(annotation_id))
+    return f"""(() => {{
+  const managed = viewer.layerManager.getLayerByName({json.dumps(layer_name)});
+  if (managed === undefined || managed.layer === null) return {{pending: "no layer"}};
+  const states = managed.layer.annotationStates.states;
+  if (states.length === 0) return {{pending: "source not loaded"}};
+  const refs = (window.__ngclientReferences = window.__ngclientReferences || new Map());
+  const refKey = {json.dumps(layer_name)} + "/" + {key};
+  if (!refs.has(refKey)) refs.set(refKey, states[0].source.getReference({key}));
+  const annotation = refs.get(refKey).value;
+  if (annotation === undefined) return {{pending: "loading"}};
+  if (annotation === null) return {{missing: true}};
+  return {{
+    point: Array.from(annotation.point),
+    properties: annotation.properties.map(Number),
+    related: (annotation.relatedSegments || []).map((ids) => Array.from(ids, String)),
+  }};
 }})()"""

@@ -129,8 +129,24 @@ class SpecDecoder:
         }
         return {"point": point, **props}
 
-    def multiple(self, path: Path) -> list[dict]:
-        data = path.read_bytes()
+    def read_uint64_index(self, entry: dict, key: int) -> bytes:
+        """One value of a by-id or relationship index, unsharded (a file) or sharded."""
+        if "sharding" not in entry:
+            return (self.folder / entry["key"] / str(key)).read_bytes()
+        import tensorstore as ts
+
+        store = ts.KvStore.open({
+            "driver": "neuroglancer_uint64_sharded",
+            "base": (self.folder / entry["key"]).resolve().as_uri() + "/",
+            "metadata": entry["sharding"],
+        }).result()
+        result = store.read(struct.pack(">Q", key)).result()
+        if result.state != "value":
+            raise FileNotFoundError(f"{entry['key']}: no entry {key}")
+        return result.value
+
+    def multiple(self, path: Path | bytes) -> list[dict]:
+        data = path if isinstance(path, bytes) else path.read_bytes()
         (count,) = struct.unpack_from("<Q", data, 0)
         assert len(data) == 8 + count * (self.record_bytes + 8), f"{path}: size does not match count {count}"
         records = [self._record(data, 8 + i * self.record_bytes) for i in range(count)]
@@ -140,7 +156,7 @@ class SpecDecoder:
         return records
 
     def single(self, annotation_id: int) -> dict:
-        data = (self.folder / self.info["by_id"]["key"] / str(annotation_id)).read_bytes()
+        data = self.read_uint64_index(self.info["by_id"], annotation_id)
         record = self._record(data, 0)
         offset = self.record_bytes
         related = []
@@ -153,8 +169,8 @@ class SpecDecoder:
         return record
 
     def related(self, relationship: str, segment_id: int) -> list[dict]:
-        key = next(r["key"] for r in self.info["relationships"] if r["id"] == relationship)
-        return self.multiple(self.folder / key / str(segment_id))
+        entry = next(r for r in self.info["relationships"] if r["id"] == relationship)
+        return self.multiple(self.read_uint64_index(entry, segment_id))
 
     def spatial_levels(self):
         for level in self.info["spatial"]:
@@ -245,8 +261,11 @@ def test_tables_from_ground_truth(tmp_path):
 # ----------------------------------------------------------------------------- annotations
 
 
-def test_annotations_round_trip_by_id_and_relationships(tmp_path, nodes):
-    info = drive(write_node_annotations(tmp_path / "ann", nodes, limit=25))
+@pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "sharded"])
+def test_annotations_round_trip_by_id_and_relationships(tmp_path, nodes, sharded):
+    info = drive(write_node_annotations(tmp_path / "ann", nodes, limit=25, sharded=sharded))
+    assert ("sharding" in info["by_id"]) == sharded
+    assert ("sharding" in info["relationships"][0]) == sharded
     decoder = SpecDecoder(tmp_path / "ann")
     assert decoder.info == info
     assert info["annotation_type"] == "POINT" and info["dimensions"]["x"] == [1e-9, "m"]
@@ -272,7 +291,8 @@ def test_annotations_round_trip_by_id_and_relationships(tmp_path, nodes):
         assert sorted(r["id"] for r in related) == rows.tolist()
         for record in related:
             np.testing.assert_allclose(record["point"], nodes.xyz_nm[record["id"]], rtol=1e-6)
-    assert not (tmp_path / "ann" / "rel_segment" / "12345").exists()
+    with pytest.raises(FileNotFoundError):
+        decoder.related("segment", 12345)
 
 
 def test_spatial_index_levels_cover_each_annotation_once(tmp_path, nodes):
@@ -314,10 +334,11 @@ def test_spatial_index_terminates_on_coincident_points():
     assert levels[-1].limit >= max(len(rows) for _, rows in levels[-1].cells)
 
 
-def test_annotations_read_by_neuroglancer_python_reader(tmp_path, nodes):
+@pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "sharded"])
+def test_annotations_read_by_neuroglancer_python_reader(tmp_path, nodes, sharded):
     from neuroglancer.read_precomputed_annotations import AnnotationReader
 
-    drive(write_node_annotations(tmp_path / "ann", nodes, limit=30))
+    drive(write_node_annotations(tmp_path / "ann", nodes, limit=30, sharded=sharded))
     reader = AnnotationReader((tmp_path / "ann").resolve().as_uri() + "/")
     everything = list(reader.get_within_spatial_bounds())
     assert sorted(int(a.id) for a in everything) == list(range(len(nodes)))

@@ -9,6 +9,8 @@ client decoded, and the segment's label from the segment properties.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -25,14 +27,20 @@ from analysis.export import (  # noqa: E402
 )
 from analysis.progress import drive  # noqa: E402
 
-from ngclient import NeuroglancerPage, annotation_count_script, segment_label_script, serve_directory  # noqa: E402
+from ngclient import (  # noqa: E402
+    NeuroglancerPage,
+    annotation_by_id_script,
+    annotation_count_script,
+    segment_label_script,
+    serve_directory,
+)
 
 pytestmark = [pytest.mark.qt, pytest.mark.timeout(180)]
 
 SEGMENTS = {5: 37, 2**33 + 1: 52, 900: 11}  # segment id -> number of nodes (one above 2^32)
 
 
-def exported_layers(folder):
+def exported_layers(folder, sharded=False):
     rng = np.random.default_rng(4)
     ids = np.repeat(np.array(list(SEGMENTS), dtype=np.uint64), list(SEGMENTS.values()))
     n = len(ids)
@@ -49,13 +57,14 @@ def exported_layers(folder):
         nodes, cell_type_names=("pyramidal", "basket"), cell_type=[cell_types[int(s)] for s in nodes.segment_ids()]
     )
     # A small limit gives a multi-level spatial index, as a real export has.
-    drive(write_node_annotations(folder / "annotations", nodes, limit=16))
+    drive(write_node_annotations(folder / "annotations", nodes, limit=16, sharded=sharded))
     write_segment_properties(folder / "segment_properties", segments)
     return nodes
 
 
-def test_neuroglancer_client_loads_exported_annotations(qapp, tmp_path):
-    nodes = exported_layers(tmp_path)
+@pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "sharded"])
+def test_neuroglancer_client_loads_exported_annotations(qapp, tmp_path, sharded):
+    nodes = exported_layers(tmp_path, sharded)
     with serve_directory(tmp_path) as base_url, NeuroglancerPage() as page:
         first, second = 2**33 + 1, 900
         state = build_viewer_state(
@@ -75,6 +84,24 @@ def test_neuroglancer_client_loads_exported_annotations(qapp, tmp_path):
         assert sorted(int(i) for i in loaded["ids"]) == nodes.rows_of(first).tolist()
         # The client shows the label followed by the segment's tags.
         assert page.wait_for(segment_label_script("segmentation", first), timeout_s=20) == "pyramidal #pyramidal"
+
+        # By id (the index Neuroglancer reads on hover/selection): position, properties in
+        # info order, and the related segment, which only this index stores.
+        row = int(nodes.rows_of(second)[3])
+        annotation = page.wait_for(
+            annotation_by_id_script("nodes", row), lambda v: v is not None and "pending" not in v, timeout_s=30
+        )
+        assert annotation.get("related") == [[str(second)]], annotation
+        np.testing.assert_allclose(annotation["point"], nodes.xyz_nm[row], rtol=1e-6)
+        info = json.loads((tmp_path / "annotations" / "info").read_text())
+        props = dict(zip((p["id"] for p in info["properties"]), annotation["properties"]))
+        assert props["compartment"] == nodes.compartment[row]
+        assert props["node_id"] == nodes.node_id[row]
+        assert props["ood_score"] == pytest.approx(nodes.ood_score[row], rel=1e-6)
+        absent = page.wait_for(
+            annotation_by_id_script("nodes", 10**6), lambda v: v is not None and "pending" not in v, timeout_s=20
+        )
+        assert absent == {"missing": True}
 
         with page.viewer.txn() as txn:
             txn.layers["segmentation"].segments = {second}

@@ -1,16 +1,18 @@
 """Neuroglancer precomputed point annotations with properties, relationships and indexes.
 
 Writes the format of Neuroglancer's ``src/datasource/precomputed/annotations.md``
-(``neuroglancer_annotations_v1``, unsharded): an ``info`` file, the by-id index
-(``by_id/<id>``), one related-object index per relationship (``rel_<name>/<segment id>``)
-and a multi-level spatial index (``spatial<level>/<x>_<y>_<z>``).
+(``neuroglancer_annotations_v1``): an ``info`` file, the by-id index (``by_id/``), one
+related-object index per relationship (``rel_<name>/``) and a multi-level spatial index
+(``spatial<level>/<x>_<y>_<z>``, unsharded). The by-id and relationship indexes are either
+one file per key (``by_id/<id>``, ``rel_segment/<segment id>``) or, for large exports,
+Neuroglancer's sharded format written through TensorStore.
 
 Why not ``neuroglancer.write_annotations.AnnotationWriter`` (2.41): it writes a single
 spatial cell holding every annotation in insertion order, so Neuroglancer downloads all
 of them at once and, when it subsamples a crowded cell, draws only the first segments'
 nodes; it also writes an exclusive ``upper_bound`` equal to the largest coordinate and
-encodes annotations one Python call at a time. This writer follows the spec's multi-level
-subsampling, shuffles each cell's list, and encodes with numpy.
+encodes annotations one Python call at a time and cannot shard. This writer follows the
+spec's multi-level subsampling, shuffles each cell's list, encodes with numpy, and shards.
 
 Coordinates: the annotation coordinate space is ``x, y, z`` in nanometres (scale 1e-9 m),
 so positions are the nodes' ``xyz_nm`` and need no voxel size.
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -55,6 +59,9 @@ _MAX_SPATIAL_LEVELS = 20
 #: Default most annotations per spatial cell: dense enough to look complete when zoomed out,
 #: small enough that one cell downloads quickly.
 DEFAULT_SPATIAL_LIMIT = 2000
+#: Above this many annotations the indexes are sharded by default: one file per annotation
+#: gets slow to write, copy and upload (about 10 s per 100k files on a local disk).
+SHARD_ABOVE = 20_000
 #: Annotation-space dimensions: nanometres.
 NM_DIMENSIONS = {"x": [1e-9, "m"], "y": [1e-9, "m"], "z": [1e-9, "m"]}
 
@@ -250,6 +257,7 @@ def write_point_annotations(
     annotation_ids: np.ndarray | None = None,
     limit: int = DEFAULT_SPATIAL_LIMIT,
     seed: int = 0,
+    sharded: bool | None = None,
     force: bool = False,
 ) -> Generator[Progress, None, dict]:
     """Write point annotations as a Neuroglancer precomputed annotation folder (generator).
@@ -271,10 +279,15 @@ def write_point_annotations(
         Most annotations per spatial index cell.
     seed
         Seed of the spatial subsampling and shuffling (same input, same files).
+    sharded
+        Write the by-id and relationship indexes in Neuroglancer's sharded format (a few
+        shard files instead of one file per annotation/object, through TensorStore).
+        Default: sharded above :data:`SHARD_ABOVE` annotations.
     force
         Replace an existing folder.
 
-    Yields :class:`~analysis.progress.Progress` (unit "files"); returns the ``info`` dict.
+    Yields :class:`~analysis.progress.Progress` (unit "entries": index entries written);
+    returns the ``info`` dict.
     """
     points = np.asarray(points_nm, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 3:
@@ -317,6 +330,18 @@ def write_point_annotations(
     record_bytes = records.view(np.uint8).reshape(n, dtype.itemsize)
     related_ids = {name: np.asarray(values).astype(np.uint64) for name, values in relationships.items()}
 
+    if sharded is None:
+        sharded = n > SHARD_ABOVE
+    relationship_entries = {name: _group_rows(related) for name, related in related_ids.items()}
+    by_id_entry: dict = {"key": "by_id"}
+    relationship_info = []
+    if sharded:
+        by_id_entry["sharding"] = sharding_spec(n)
+    for name, groups in relationship_entries.items():
+        entry = {"id": name, "key": f"rel_{name}"}
+        if sharded:
+            entry["sharding"] = sharding_spec(len(groups))
+        relationship_info.append(entry)
     info = {
         "@type": "neuroglancer_annotations_v1",
         "dimensions": NM_DIMENSIONS,
@@ -324,8 +349,8 @@ def write_point_annotations(
         "upper_bound": upper.tolist(),
         "annotation_type": "POINT",
         "properties": [prop.info_json() for prop in properties],
-        "relationships": [{"id": name, "key": f"rel_{name}"} for name in related_ids],
-        "by_id": {"key": "by_id"},
+        "relationships": relationship_info,
+        "by_id": by_id_entry,
         "spatial": [
             {
                 "key": f"spatial{level_index}",
@@ -336,43 +361,32 @@ def write_point_annotations(
             for level_index, level in enumerate(levels)
         ],
     }
-    total_files = 1 + sum(len(level.cells) for level in levels) + n + sum(
-        len(np.unique(r[r != 0])) for r in related_ids.values()
-    )
+    total = n + sum(len(groups) for groups in relationship_entries.values())
     meter = RateMeter()
     written = 0
 
     def report(message: str) -> Progress:
-        return Progress(written, total_files, "files", message, meter.rate(written))
+        return Progress(written, total, "entries", message, meter.rate(written))
 
     with atomic_folder(path, force=force) as folder:
         (folder / "info").write_text(json.dumps(info, indent=1, allow_nan=False))
-        written += 1
         for level_index, level in enumerate(levels):
             level_dir = folder / f"spatial{level_index}"
             level_dir.mkdir()
             for cell, rows in level.cells:
                 name = "_".join(str(c) for c in cell)
-                (level_dir / name).write_bytes(_multiple_annotation_bytes(record_bytes[rows], ids[rows]))
-                written += 1
+                _write_file(level_dir / name, _multiple_annotation_bytes(record_bytes[rows], ids[rows]))
         yield report("spatial index")
 
-        for name, related in related_ids.items():
-            rel_dir = folder / f"rel_{name}"
-            rel_dir.mkdir()
-            order = np.argsort(related, kind="stable")
-            values, starts = np.unique(related[order], return_index=True)
-            ends = np.append(starts[1:], len(order))
-            for value, start, end in zip(values, starts, ends):
-                if value == 0:
-                    continue
-                rows = order[start:end]
-                (rel_dir / str(int(value))).write_bytes(_multiple_annotation_bytes(record_bytes[rows], ids[rows]))
-                written += 1
+        for entry, (name, groups) in zip(relationship_info, relationship_entries.items()):
+            with _Uint64Index(folder / entry["key"], entry.get("sharding")) as index:
+                for value, rows in groups:
+                    index.put(value, _multiple_annotation_bytes(record_bytes[rows], ids[rows]))
+            written += len(groups)
             yield report(f"relationship index {name!r}")
 
         # Single-annotation encoding: the record, then per relationship a uint32 count and
-        # the related uint64 ids; built for all rows at once, then cut into files.
+        # the related uint64 ids; built for all rows at once, then cut into entries.
         tail_fields = []
         for r, related in enumerate(related_ids.values()):
             tail_fields += [(f"count{r}", "<u4"), (f"id{r}", "<u8")]
@@ -383,19 +397,96 @@ def write_point_annotations(
             single[f"id{r}"] = related
         blob = single.tobytes()
         size = single.dtype.itemsize
-        by_id_dir = folder / "by_id"
-        by_id_dir.mkdir()
-        for row in range(n):
-            chunk = blob[row * size : (row + 1) * size]
-            if related_ids:
-                chunk = _drop_empty_relationships(chunk, dtype.itemsize, [r[row] for r in related_ids.values()])
-            (by_id_dir / str(int(ids[row]))).write_bytes(chunk)
-            written += 1
-            if written % 5000 == 0:
-                yield report("by-id index")
+        any_empty = any((related == 0).any() for related in related_ids.values())
+        with _Uint64Index(folder / "by_id", by_id_entry.get("sharding")) as index:
+            for row in range(n):
+                chunk = blob[row * size : (row + 1) * size]
+                if any_empty:
+                    chunk = _drop_empty_relationships(chunk, dtype.itemsize, [r[row] for r in related_ids.values()])
+                index.put(int(ids[row]), chunk)
+                written += 1
+                if written % 20_000 == 0:
+                    yield report("by-id index")
         yield report("done")
-    log.info("wrote %d point annotations (%d spatial levels) to %s", n, len(levels), path)
+    log.info("wrote %d point annotations (%d spatial levels, %s) to %s",
+             n, len(levels), "sharded" if sharded else "unsharded", path)
     return info
+
+
+def _group_rows(related: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(object id, rows related to it) for every non-zero id, ascending."""
+    order = np.argsort(related, kind="stable")
+    values, starts = np.unique(related[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    return [(int(v), order[a:b]) for v, a, b in zip(values, starts, ends) if v != 0]
+
+
+def _write_file(path: Path | str, data: bytes) -> None:
+    # os.open on a str: creating ~10^5 small files, pathlib's overhead is a third of the time.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def sharding_spec(num_keys: int) -> dict:
+    """A ``neuroglancer_uint64_sharded_v1`` spec sized for ``num_keys`` entries.
+
+    About 64 entries per minishard (small minishard index reads) and at most 1024
+    minishards per shard (a 16 KiB shard index), so a shard file holds about 64k entries.
+    """
+    minishards = max(1, math.ceil(num_keys / 64))
+    total_bits = math.ceil(math.log2(minishards))
+    shard_bits = max(0, total_bits - 10)
+    return {
+        "@type": "neuroglancer_uint64_sharded_v1",
+        "preshift_bits": 0,
+        "hash": "murmurhash3_x86_128",
+        "minishard_bits": total_bits - shard_bits,
+        "shard_bits": shard_bits,
+        "minishard_index_encoding": "gzip",
+        "data_encoding": "raw",
+    }
+
+
+class _Uint64Index:
+    """Writes a uint64-keyed index: one file per key, or Neuroglancer shards via TensorStore."""
+
+    def __init__(self, folder: Path, sharding: dict | None) -> None:
+        self._folder = folder
+        self._sharding = sharding
+        folder.mkdir()
+
+    def __enter__(self) -> "_Uint64Index":
+        if self._sharding is not None:
+            import tensorstore as ts
+
+            store = ts.KvStore.open(
+                {
+                    "driver": "neuroglancer_uint64_sharded",
+                    "base": self._folder.resolve().as_uri() + "/",
+                    "metadata": self._sharding,
+                }
+            ).result()
+            self._transaction = ts.Transaction()
+            self._store = store.with_transaction(self._transaction)
+        return self
+
+    def put(self, key: int, value: bytes) -> None:
+        if self._sharding is None:
+            _write_file(os.path.join(self._folder, str(key)), value)
+        else:
+            # Keys of the sharded format are the uint64 in big-endian byte order.
+            self._store.write(struct.pack(">Q", key), value)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._sharding is None:
+            return
+        if exc_type is None:
+            self._transaction.commit_async().result()
+        else:
+            self._transaction.abort()
 
 
 def _drop_empty_relationships(chunk: bytes, record_bytes: int, related: list[np.uint64]) -> bytes:
@@ -467,13 +558,14 @@ def write_node_annotations(
     *,
     limit: int = DEFAULT_SPATIAL_LIMIT,
     seed: int = 0,
+    sharded: bool | None = None,
     force: bool = False,
 ) -> Generator[Progress, None, dict]:
     """Write one point annotation per node, related to its segment (generator).
 
     Annotation ids are the node table's row indices; the relationship is named
     ``"segment"`` (folder ``rel_segment``). See :func:`node_annotation_properties` for the
-    properties. Returns the ``info`` dict.
+    properties; ``sharded`` as in :func:`write_point_annotations`. Returns the ``info`` dict.
     """
     return (
         yield from write_point_annotations(
@@ -483,6 +575,7 @@ def write_node_annotations(
             {"segment": nodes.segment_id},
             limit=limit,
             seed=seed,
+            sharded=sharded,
             force=force,
         )
     )

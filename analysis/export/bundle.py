@@ -90,6 +90,7 @@ def export_bundle(
     classification_system: str = DEFAULT_CLASSIFICATION_SYSTEM,
     include_ood_in_cave: bool = False,
     spatial_limit: int = DEFAULT_SPATIAL_LIMIT,
+    sharded: bool | None = None,
     force: bool = False,
 ) -> Generator[Progress, None, ExportResult]:
     """Write the export bundle (generator yielding Progress; returns :class:`ExportResult`).
@@ -119,6 +120,10 @@ def export_bundle(
         See :func:`analysis.export.tables.cave_cell_type_table`.
     spatial_limit
         Most annotations per spatial index cell.
+    sharded
+        Shard the annotation indexes (default: above
+        :data:`analysis.export.annotations.SHARD_ABOVE` nodes). Sharded layers need a server
+        that answers HTTP range requests (cloud buckets and common web servers do).
     force
         Replace an existing bundle folder.
     """
@@ -146,7 +151,7 @@ def export_bundle(
         result.files["provenance"] = ["provenance.json"]
         for step, part in enumerate(steps, start=1):
             if part == "annotations":
-                for report in write_node_annotations(work / "annotations", nodes, limit=spatial_limit):
+                for report in write_node_annotations(work / "annotations", nodes, limit=spatial_limit, sharded=sharded):
                     yield Progress(step - 1, total, "parts", f"annotations: {report.message}", payload=report)
                 result.files[part] = ["annotations/"]
             elif part == "segment_properties":

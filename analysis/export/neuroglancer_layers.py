@@ -146,7 +146,7 @@ def write_segment_properties(path: str | Path, segments: SegmentTable, *, force:
     """
     info = segment_properties_json(segments)
     with atomic_folder(path, force=force) as folder:
-        (folder / "info").write_text(json.dumps(info))
+        (folder / "info").write_text(json.dumps(info, allow_nan=False))
     log.info("wrote segment properties of %d segments to %s", len(segments), path)
     return info
 
