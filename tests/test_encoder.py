@@ -19,6 +19,7 @@ from analysis.encoder import (
     layer_costs,
     load_checkpoint,
     load_encoder,
+    open_encoder,
     parameter_count,
     read_encoder_config,
     resolve_checkpoint_prefix,
@@ -383,3 +384,15 @@ def test_load_encoder_rejects_foreign_files(tmp_path):
         load_encoder(tmp_path / "plain.keras")
     with pytest.raises(ValueError, match=".keras"):
         save_encoder(build_encoder(TINY), tmp_path / "model.h5")
+
+
+def test_open_encoder_dispatches_on_file_kind(tiny_encoder, tmp_path):
+    cutouts = _random_cutouts(TINY, 2)
+    expected = tiny_encoder.embed(cutouts)
+    keras_file = save_encoder(tiny_encoder, tmp_path / "model" / "tiny.keras")
+    prefix = save_checkpoint(tiny_encoder, tmp_path / "ckpt" / "model.ckpt-1", layout="object")
+    for source, options in ((keras_file, {}), (keras_file.parent, {}), (prefix, {"config": TINY}),
+                            (tmp_path / "ckpt", {"config": TINY})):
+        np.testing.assert_array_equal(open_encoder(source, **options).embed(cutouts), expected)
+    with pytest.raises(FileNotFoundError):
+        open_encoder(tmp_path / "missing")

@@ -7,6 +7,7 @@ Public API
 * :func:`load_checkpoint`: a SegCLR TensorFlow checkpoint (either layout) -> encoder.
 * :func:`save_checkpoint`: an encoder -> TensorFlow checkpoint SegCLR's code can read.
 * :func:`save_encoder` / :func:`load_encoder`: SegScope's own ``.keras`` model files.
+* :func:`open_encoder`: either of the above, chosen by what ``path`` holds.
 * :func:`flops_per_cutout`, :func:`layer_costs`, :func:`parameter_count`: cost model.
 
 Every encoder's ``embed(cutouts)`` takes uint8 ``[B, x, y, z]`` (or ``[B, x, y, z, 1]``)
@@ -45,7 +46,7 @@ __all__ = [
     "CONFIG_FORMAT_VERSION", "SEGCLR_FULL", "SEGCLR_LITE", "EncoderConfig", "LayerCost",
     "CheckpointMismatchError", "build_encoder", "load_checkpoint", "save_checkpoint",
     "save_encoder", "load_encoder", "read_encoder_config", "flops_per_cutout", "layer_costs",
-    "parameter_count", "resolve_checkpoint_prefix",
+    "parameter_count", "resolve_checkpoint_prefix", "open_encoder",
 ]
 
 
@@ -166,3 +167,20 @@ def load_encoder(path: str | os.PathLike) -> "SegClrEncoder":
     if not isinstance(model, SegClrEncoder):
         raise ValueError(f"{path} does not hold a SegScope encoder")
     return model
+
+
+def open_encoder(path: str | os.PathLike, **checkpoint_options) -> "SegClrEncoder":
+    """Open a SegScope ``.keras`` encoder or a SegCLR TensorFlow checkpoint.
+
+    A ``.keras`` file (or a folder holding exactly one ``*.keras`` and no checkpoint) goes
+    to :func:`load_encoder`; anything else to :func:`load_checkpoint`, which receives
+    ``checkpoint_options`` (``config``, ``voxel_size_nm``...).
+    """
+    p = Path(path).expanduser()
+    if p.suffix == ".keras":
+        return load_encoder(p)
+    if p.is_dir() and not any(p.glob("*.index")):
+        models = sorted(p.glob("*.keras"))
+        if len(models) == 1:
+            return load_encoder(models[0])
+    return load_checkpoint(p, **checkpoint_options)
