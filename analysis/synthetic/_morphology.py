@@ -656,7 +656,9 @@ def build_population(space: Space) -> list[Cell]:
         + [basket_cell] * count(1 / 650)
         + [protoplasmic_astrocyte] * count(1 / 700)
         + [lambda s: microglia(s, with_soma=True)]
-        + [lambda s: microglia(s, with_soma=False)] * count(1 / 500)
+        # Far more microglial processes than cortex has (about 1 in 500 um^3): the held-out
+        # type needs enough segments for a meaningful out-of-distribution AUROC.
+        + [lambda s: microglia(s, with_soma=False)] * count(1 / 50)
     )
     for builder in builders:
         cell = builder(space)
