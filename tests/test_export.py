@@ -14,7 +14,8 @@ from analysis.export import (
     NodeTable,
     Provenance,
     SegmentTable,
-    Skeleton,
+    SkeletonEdges,
+    skeletons_from_edges_table,
     build_viewer_state,
     cave_cell_type_table,
     export_bundle,
@@ -241,7 +242,7 @@ def test_tables_from_ground_truth(tmp_path):
 
     pq.write_table(
         pa.table({"segment_id": pa.array([4, 4, 9], pa.uint64()), "node_id": [0, 1, 0], "x_nm": [1.0, 2.0, 3.0],
-                  "y_nm": [0.0, 0.0, 0.0], "z_nm": [5.0, 5.0, 5.0], "compartment": ["soma", "axon", None]}),
+                  "y_nm": [0.0, 0.0, 0.0], "z_nm": [5.0, 5.0, 5.0], "compartment": ["soma", "axon", "unknown"]}),
         tmp_path / "nodes.parquet",
     )
     pq.write_table(
@@ -256,6 +257,16 @@ def test_tables_from_ground_truth(tmp_path):
     assert segments.compartment_node_counts[0, SOMA] == 1 and segments.compartment_node_counts[1].sum() == 0
     with pytest.raises(FileNotFoundError, match="missing.parquet"):
         tables_from_ground_truth(tmp_path / "missing.parquet", tmp_path / "segments.parquet")
+    _, ordered = tables_from_ground_truth(tmp_path / "nodes.parquet", tmp_path / "segments.parquet", ("inh", "pyr"))
+    assert ordered.cell_type_names == ("inh", "pyr") and ordered.cell_type_probability[0].tolist() == [0, 1]
+
+    pq.write_table(
+        pa.table({"segment_id": pa.array([9, 4, 4], pa.uint64()), "node_a": [0, 0, 1], "node_b": [0, 1, 2]}),
+        tmp_path / "edges.parquet",
+    )
+    skeletons = skeletons_from_edges_table(tmp_path / "edges.parquet")
+    assert sorted(skeletons) == [4, 9]
+    assert skeletons[4].edges.tolist() == [[0, 1], [1, 2]]
 
 
 # ----------------------------------------------------------------------------- annotations
@@ -609,7 +620,7 @@ def test_export_bundle_writes_every_part(tmp_path, nodes, segments, provenance):
             voxel_size_nm=(8, 8, 40),
             image_url="https://data/em", segmentation_url="https://data/seg",
             serve_url="http://localhost:8000/bundle",
-            skeletons={int(segments.segment_id[0]): Skeleton(edges, radius_nm={0: 50.0})},
+            skeletons={int(segments.segment_id[0]): SkeletonEdges(edges, radius_nm={0: 50.0})},
             spatial_limit=40,
         ),
         reports.append,

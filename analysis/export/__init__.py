@@ -21,7 +21,7 @@ from analysis.export.annotations import (
     write_point_annotations,
 )
 from analysis.export.atomic import atomic_file, atomic_folder
-from analysis.export.bundle import ALL_PARTS, ExportResult, Skeleton, export_bundle
+from analysis.export.bundle import ALL_PARTS, ExportResult, SkeletonEdges, export_bundle, skeletons_from_edges_table
 from analysis.export.model import NOT_PREDICTED, NodeTable, Provenance, SegmentTable, tables_from_ground_truth
 from analysis.export.neuroglancer_layers import (
     build_viewer_state,
@@ -50,7 +50,7 @@ __all__ = [
     "Provenance",
     "SWC_TYPE_OF_COMPARTMENT",
     "SegmentTable",
-    "Skeleton",
+    "SkeletonEdges",
     "atomic_file",
     "atomic_folder",
     "build_viewer_state",
@@ -65,6 +65,7 @@ __all__ = [
     "segment_arrow_table",
     "segment_properties_json",
     "segment_table_from_arrow",
+    "skeletons_from_edges_table",
     "swc_text",
     "tables_from_ground_truth",
     "write_node_annotations",

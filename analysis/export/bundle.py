@@ -45,7 +45,7 @@ TABLE_FORMATS = ("parquet", "csv")
 
 
 @dataclass(frozen=True)
-class Skeleton:
+class SkeletonEdges:
     """A segment's skeleton for SWC export.
 
     Attributes
@@ -58,6 +58,24 @@ class Skeleton:
 
     edges: np.ndarray
     radius_nm: Mapping[int, float] | None = None
+
+
+def skeletons_from_edges_table(edges_parquet: str | Path) -> dict[int, SkeletonEdges]:
+    """Skeleton edges per segment from a dataset's ``edges.parquet`` (segment_id, node_a, node_b)."""
+    import pyarrow.parquet as pq
+
+    if not Path(edges_parquet).is_file():
+        raise FileNotFoundError(f"edge table not found: {edges_parquet}")
+    table = pq.read_table(edges_parquet)
+    missing = [c for c in ("segment_id", "node_a", "node_b") if c not in table.column_names]
+    if missing:
+        raise KeyError(f"{edges_parquet} lacks columns {missing}")
+    segment = table.column("segment_id").to_numpy().astype(np.uint64)
+    pairs = np.stack([table.column(c).to_numpy().astype(np.int64) for c in ("node_a", "node_b")], axis=1)
+    order = np.argsort(segment, kind="stable")
+    ids, starts = np.unique(segment[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    return {int(i): SkeletonEdges(pairs[order[a:b]]) for i, a, b in zip(ids, starts, ends)}
 
 
 @dataclass
@@ -84,7 +102,7 @@ def export_bundle(
     image_url: str | None = None,
     segmentation_url: str | None = None,
     serve_url: str | None = None,
-    skeletons: Mapping[int, Skeleton] | None = None,
+    skeletons: Mapping[int, SkeletonEdges] | None = None,
     parts: Sequence[str] = ALL_PARTS,
     table_formats: Sequence[str] = TABLE_FORMATS,
     classification_system: str = DEFAULT_CLASSIFICATION_SYSTEM,
@@ -111,7 +129,7 @@ def export_bundle(
         the state refers to the exported layers through it. Default: the folder's local path
         (``file://``), readable by the neuroglancer Python package but not by a browser.
     skeletons
-        Segment id -> :class:`Skeleton`, for the SWC part (segments without one are skipped).
+        Segment id -> :class:`SkeletonEdges`, for the SWC part (segments without one are skipped).
     parts
         Subset of :data:`ALL_PARTS` to write.
     table_formats

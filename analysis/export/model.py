@@ -327,14 +327,22 @@ class Provenance:
         return cls.from_dict(data)
 
 
+#: Compartment names in ground-truth tables that mean "no compartment".
+_UNKNOWN_COMPARTMENT_NAMES = {"", "unknown"}
+
+
 def tables_from_ground_truth(
-    nodes_parquet: str | Path, segments_parquet: str | Path
+    nodes_parquet: str | Path,
+    segments_parquet: str | Path,
+    cell_type_names: Sequence[str] | None = None,
 ) -> tuple[NodeTable, SegmentTable]:
     """Node and segment tables from the demo dataset's ground-truth Parquet files.
 
     ``nodes.parquet`` has ``segment_id, node_id, x_nm, y_nm, z_nm, compartment`` (compartment
-    names); ``segments.parquet`` has ``segment_id, cell_type`` (and more, ignored). Ground truth
-    is certain, so probabilities are one-hot and OOD scores are NaN.
+    names, ``"unknown"`` or null for none); ``segments.parquet`` has ``segment_id, cell_type``
+    (and more, ignored). Ground truth is certain, so probabilities are one-hot and OOD scores
+    NaN. ``cell_type_names`` fixes the class order (the dataset's ``cell_types``); default:
+    the distinct types, sorted.
     """
     import pyarrow.parquet as pq
 
@@ -348,7 +356,7 @@ def tables_from_ground_truth(
         raise KeyError(f"{nodes_parquet} lacks columns {missing}")
     names = [str(c) if c is not None else "" for c in nodes.column("compartment").to_pylist()]
     lookup = {name: code for code, name in enumerate(COMPARTMENTS)}
-    unknown = sorted({n for n in names if n and n not in lookup})
+    unknown = sorted({n for n in names if n not in _UNKNOWN_COMPARTMENT_NAMES and n not in lookup})
     if unknown:
         raise ValueError(f"{nodes_parquet}: unknown compartments {unknown}; expected {COMPARTMENTS}")
     compartment = np.array([lookup.get(n, NOT_PREDICTED) for n in names], dtype=np.int16)
@@ -368,7 +376,7 @@ def tables_from_ground_truth(
     if missing:
         raise KeyError(f"{segments_parquet} lacks columns {missing}")
     cell_type = np.array([str(c) if c is not None else "" for c in segments.column("cell_type").to_pylist()], dtype=object)
-    type_names = tuple(sorted({c for c in cell_type if c}))
+    type_names = tuple(cell_type_names) if cell_type_names is not None else tuple(sorted({c for c in cell_type if c}))
     type_probability = np.full((len(cell_type), len(type_names)), np.nan, dtype=np.float32)
     for row, name in enumerate(cell_type):
         if name:
