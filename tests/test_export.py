@@ -21,7 +21,9 @@ from analysis.export import (
     export_bundle,
     node_arrow_table,
     node_table_from_arrow,
+    read_node_table,
     read_provenance,
+    read_segment_table,
     read_swc,
     read_table,
     segment_arrow_table,
@@ -327,7 +329,8 @@ def test_spatial_index_levels_cover_each_annotation_once(tmp_path, nodes):
             assert len(records) <= level["limit"]
             cell_lower = lower + np.array(cell) * chunk
             for record in records:
-                assert (record["point"] >= cell_lower - 1e-3).all() and (record["point"] <= cell_lower + chunk + 1e-3).all()
+                assert (record["point"] >= cell_lower - 1e-3).all()
+                assert (record["point"] <= cell_lower + chunk + 1e-3).all()
                 seen.append(record["id"])
     assert sorted(seen) == list(range(len(nodes)))
     top_level = next(decoder.spatial_levels())[1][(0, 0, 0)]
@@ -474,7 +477,9 @@ def test_node_and_segment_tables_round_trip(tmp_path, nodes, segments, provenanc
     write_table(tmp_path / f"nodes.{fmt}", node_arrow_table(nodes, provenance))
     write_table(tmp_path / f"segments.{fmt}", segment_arrow_table(segments, provenance))
     node_table = read_table(tmp_path / f"nodes.{fmt}")
-    assert node_table.column_names[:7] == ["annotation_id", "segment_id", "node_id", "x_nm", "y_nm", "z_nm", "compartment"]
+    assert node_table.column_names[:7] == [
+        "annotation_id", "segment_id", "node_id", "x_nm", "y_nm", "z_nm", "compartment"
+    ]
     back = node_table_from_arrow(node_table)
     np.testing.assert_array_equal(back.segment_id, nodes.segment_id)
     np.testing.assert_array_equal(back.node_id, nodes.node_id)
@@ -497,6 +502,10 @@ def test_node_and_segment_tables_round_trip(tmp_path, nodes, segments, provenanc
 
     for name in ("nodes", "segments"):
         assert read_provenance(tmp_path / f"{name}.{fmt}") == provenance
+    again, again_provenance = read_node_table(tmp_path / f"nodes.{fmt}")
+    assert again_provenance == provenance and len(again) == len(nodes)
+    seg_again, _ = read_segment_table(tmp_path / f"segments.{fmt}", segments.cell_type_names)
+    assert seg_again.cell_type.tolist() == segments.cell_type.tolist()
     if fmt == "csv":
         assert json.loads((tmp_path / "nodes.provenance.json").read_text())["model_name"] == "segclr-demo"
         assert not (tmp_path / "nodes.csv").read_text().startswith("#")

@@ -530,7 +530,9 @@ def node_annotation_properties(nodes: NodeTable) -> list[AnnotationProperty]:
                 f"probability of {name}",
             )
         )
-    properties.append(AnnotationProperty("ood_score", "float32", nodes.ood_score, "out-of-distribution score (NaN = none)"))
+    properties.append(
+        AnnotationProperty("ood_score", "float32", nodes.ood_score, "out-of-distribution score (NaN = none)")
+    )
     labels = sorted({label for label in nodes.manual_label if label})
     if len(labels) >= 2**16 - 1:
         raise ValueError(f"{len(labels)} distinct manual labels; at most {2**16 - 2} fit a uint16 enum")
@@ -545,7 +547,8 @@ def node_annotation_properties(nodes: NodeTable) -> list[AnnotationProperty]:
             enum_labels=["none", *labels],
         )
     )
-    if len(nodes) == 0 or (nodes.node_id.min() >= np.iinfo(np.int32).min and nodes.node_id.max() <= np.iinfo(np.int32).max):
+    int32 = np.iinfo(np.int32)
+    if len(nodes) == 0 or (nodes.node_id.min() >= int32.min and nodes.node_id.max() <= int32.max):
         properties.append(AnnotationProperty("node_id", "int32", nodes.node_id.astype(np.int32), "skeleton node id"))
     else:
         log.warning("node ids exceed int32; the node_id annotation property is omitted")

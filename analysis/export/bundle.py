@@ -177,8 +177,10 @@ def export_bundle(
                 result.files[part] = ["segment_properties/"]
             elif part == "state":
                 has_properties = "segment_properties" in parts
-                selected = segments.segment_id[:1] if len(segments) else []
-                position = nodes.xyz_nm[nodes.rows_of(selected[0])].mean(axis=0) if len(selected) and len(nodes.rows_of(selected[0])) else None
+                # Open on the first segment that has nodes, centred on them.
+                with_nodes = [s for s in segments.segment_id if len(nodes.rows_of(s))][:1]
+                selected = with_nodes or [int(s) for s in segments.segment_id[:1]]
+                position = nodes.xyz_nm[nodes.rows_of(with_nodes[0])].mean(axis=0) if with_nodes else None
                 state = build_viewer_state(
                     annotations=_bundle_url(serve_url, folder, "annotations"),
                     image=image_url,
@@ -226,7 +228,11 @@ def export_bundle(
                     name = f"skeletons/{int(segment_id)}.swc"
                     write_swc(
                         work / name, node_ids, nodes.xyz_nm[rows], skeleton.edges, nodes.compartment[rows], radius,
-                        header=[f"segment {int(segment_id)}", f"model {provenance.model_name}", f"dataset {provenance.dataset}"],
+                        header=[
+                            f"segment {int(segment_id)}",
+                            f"model {provenance.model_name}",
+                            f"dataset {provenance.dataset}",
+                        ],
                     )
                     written.append(name)
                 result.files[part] = written

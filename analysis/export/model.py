@@ -375,7 +375,9 @@ def tables_from_ground_truth(
     missing = [c for c in ("segment_id", "cell_type") if c not in segments.column_names]
     if missing:
         raise KeyError(f"{segments_parquet} lacks columns {missing}")
-    cell_type = np.array([str(c) if c is not None else "" for c in segments.column("cell_type").to_pylist()], dtype=object)
+    cell_type = np.array(
+        [str(c) if c is not None else "" for c in segments.column("cell_type").to_pylist()], dtype=object
+    )
     type_names = tuple(cell_type_names) if cell_type_names is not None else tuple(sorted({c for c in cell_type if c}))
     type_probability = np.full((len(cell_type), len(type_names)), np.nan, dtype=np.float32)
     for row, name in enumerate(cell_type):

@@ -186,7 +186,9 @@ def swc_text(
     for row in order:
         parent_sample = -1 if parent[row] < 0 else int(node_ids[parent[row]]) + 1
         x, y, z = xyz[row]
-        lines.append(f"{int(node_ids[row]) + 1} {int(types[row])} {x:.3f} {y:.3f} {z:.3f} {radius[row]:.3f} {parent_sample}")
+        lines.append(
+            f"{int(node_ids[row]) + 1} {int(types[row])} {x:.3f} {y:.3f} {z:.3f} {radius[row]:.3f} {parent_sample}"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -222,7 +222,8 @@ def write_table(path: str | Path, table, *, force: bool = False) -> Path:
         check_writable(sidecar, force)
     for index, field in enumerate(table.schema):
         if pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type):
-            as_json = pa.array([None if v is None else json.dumps(v) for v in table.column(index).to_pylist()], pa.string())
+            values = table.column(index).to_pylist()
+            as_json = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
             table = table.set_column(index, field.name, as_json)
     # The sidecar goes first: a CSV is never seen without the provenance it was written with.
     if provenance is not None:
@@ -276,7 +277,9 @@ def read_table(path: str | Path):
             types[name] = pa.float32()
     return pacsv.read_csv(
         path,
-        convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True, quoted_strings_can_be_null=False),
+        convert_options=pacsv.ConvertOptions(
+            column_types=types, strings_can_be_null=True, quoted_strings_can_be_null=False
+        ),
     )
 
 
@@ -344,3 +347,18 @@ def segment_table_from_arrow(table, cell_type_names: Sequence[str] | None = None
         compartment_node_counts=counts.astype(np.int64),
         manual_label=_strings(table.column("manual_label")),
     )
+
+
+def read_node_table(path: str | Path) -> tuple[NodeTable, Provenance | None]:
+    """A node table written by :func:`write_table` (Parquet or CSV) and its provenance."""
+    return node_table_from_arrow(read_table(path)), read_provenance(path)
+
+
+def read_segment_table(
+    path: str | Path, cell_type_names: Sequence[str] | None = None
+) -> tuple[SegmentTable, Provenance | None]:
+    """A segment table written by :func:`write_table` (Parquet or CSV) and its provenance.
+
+    CSV keeps no class order: pass ``cell_type_names`` or get the ``p_*`` column order.
+    """
+    return segment_table_from_arrow(read_table(path), cell_type_names), read_provenance(path)
