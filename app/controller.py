@@ -1,0 +1,473 @@
+"""The app's controller (no Qt): data sources, the encoder, and click-to-embed jobs.
+
+:class:`AppController` turns user intents (a click on a segment, cancel) into jobs on the
+:class:`~app.jobs.JobRunner` and feeds their results into :class:`~app.state.SessionState`;
+views (the Qt window, the Neuroglancer bridge) only subscribe to the state.
+
+Superseding policy
+------------------
+Clicking another segment **supersedes** the running embedding job instead of queueing
+behind it: the user wants the segment they just clicked, and a queue of stale segments
+would delay that answer by the full cost of every earlier click. The superseded job stops
+before its next batch, and its late updates are dropped (the runner's generation
+counter), so the panel and the 3-D view only ever show the segment now selected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Generator
+
+import numpy as np
+
+from analysis.progress import Progress, RateMeter
+from app.jobs import JobRunner, JobUpdate
+from app.state import DatasetSummary, JobStatus, ModelSummary, SessionState
+
+log = logging.getLogger(__name__)
+
+EMBED_LANE = "embed"
+MODEL_LANE = "model"
+#: Centres embedded in the first forward call, so the nearest node is labelled at once.
+FIRST_BATCH = 2
+
+
+class SourceError(ValueError):
+    """A data source given to the app is missing, unreadable or inconsistent."""
+
+
+# -- data sources ------------------------------------------------------------------------
+
+
+class DataSource:
+    """What the app shows and embeds: an image, a segmentation and optional skeletons.
+
+    Use :meth:`open`. Volumes are :class:`analysis.volume.Volume` objects (``[x, y, z]``);
+    skeletons come from an unsharded precomputed skeleton folder, positions in nm.
+    """
+
+    def __init__(self, name: str, image, segmentation, image_url: str, segmentation_url: str,
+                 skeletons_dir: Path | None, skeleton_info: dict | None,
+                 neuroglancer_skeletons: str | None):
+        self.name = name
+        self.image = image
+        self.segmentation = segmentation
+        self.image_url = image_url
+        self.segmentation_url = segmentation_url
+        self.skeletons_dir = skeletons_dir
+        self.skeleton_info = skeleton_info
+        #: Extra skeleton source for neuroglancer when the segmentation's info names none.
+        self.neuroglancer_skeletons = neuroglancer_skeletons
+
+    @classmethod
+    def open(cls, image_url: str, segmentation_url: str, skeletons_url: str | None = None, *,
+             name: str | None = None) -> "DataSource":
+        """Open and check the sources (reads metadata only).
+
+        Skeletons default to the folder the segmentation's ``info`` names (``"skeletons"``)
+        when it is local and present; without skeletons, centres are sampled from masks.
+
+        Raises
+        ------
+        SourceError
+            Missing or unreadable volumes, mismatched voxel sizes or shapes, an image that
+            is not uint8, unreadable or remote skeletons.
+        """
+        from analysis.skeletons import read_skeleton_info
+        from analysis.volume import open_volume
+
+        volumes = []
+        for role, url in (("image", image_url), ("segmentation", segmentation_url)):
+            try:
+                volumes.append(open_volume(url))
+            except (ValueError, OSError) as exc:
+                raise SourceError(f"cannot open the {role} {url!r}: {exc}") from exc
+        image, segmentation = volumes
+        if image.dtype != np.uint8:
+            raise SourceError(f"the image {image_url!r} is {image.dtype}; SegCLR needs uint8 EM")
+        if not np.issubdtype(segmentation.dtype, np.integer):
+            raise SourceError(f"the segmentation {segmentation_url!r} is {segmentation.dtype}, not integer ids")
+        if not np.allclose(image.voxel_size_nm, segmentation.voxel_size_nm):
+            raise SourceError(
+                f"image and segmentation voxel sizes differ: {image.voxel_size_nm.tolist()} vs "
+                f"{segmentation.voxel_size_nm.tolist()} nm")
+        skeletons_dir = None
+        neuroglancer_skeletons = None
+        seg_dir = _local_folder(segmentation_url)
+        named = _named_skeletons(seg_dir) if seg_dir is not None else None
+        if skeletons_url is not None:
+            skeletons_dir = _local_folder(skeletons_url)
+            if skeletons_dir is None:
+                raise SourceError(f"skeletons must be a local folder for now, got {skeletons_url!r}")
+            if named is None or named.resolve() != skeletons_dir.resolve():
+                # Neuroglancer finds the info's own skeletons; others need a second source.
+                neuroglancer_skeletons = str(skeletons_dir)
+        elif named is not None and named.is_dir():
+            skeletons_dir = named
+        info = None
+        if skeletons_dir is not None:
+            try:
+                info = read_skeleton_info(skeletons_dir)
+            except (OSError, ValueError) as exc:
+                raise SourceError(f"cannot read skeletons at {skeletons_dir}: {exc}") from exc
+        return cls(name or Path(str(segmentation_url).rstrip("/")).parent.name or "data",
+                   image, segmentation, str(image_url), str(segmentation_url), skeletons_dir, info,
+                   neuroglancer_skeletons)
+
+    @classmethod
+    def open_dataset_folder(cls, path: str | os.PathLike) -> "DataSource":
+        """Open a SegScope dataset folder (``dataset.json``, image, segmentation, skeletons).
+
+        Raises
+        ------
+        SourceError
+            When the folder is not a readable dataset.
+        """
+        from analysis.dataset import open_dataset
+
+        try:
+            dataset = open_dataset(path)
+            meta = dataset.meta
+        except (OSError, ValueError) as exc:
+            raise SourceError(str(exc)) from exc
+        folder = Path(path)
+        skeletons = meta.get("skeletons")
+        return cls.open(str(folder / meta["image"]), str(folder / meta["segmentation"]),
+                        str(folder / skeletons) if skeletons else None, name=dataset.name)
+
+    @property
+    def has_ground_truth(self) -> bool:
+        """Whether the skeletons carry per-node compartment labels."""
+        attributes = (self.skeleton_info or {}).get("vertex_attributes", [])
+        return any(a.get("id") == "compartment" for a in attributes)
+
+    def summary(self) -> DatasetSummary:
+        return DatasetSummary(
+            name=self.name,
+            image_url=self.image_url,
+            segmentation_url=self.segmentation_url,
+            skeletons_url=None if self.skeletons_dir is None else str(self.skeletons_dir),
+            voxel_size_nm=tuple(float(v) for v in self.segmentation.voxel_size_nm),
+            shape_vox=tuple(int(v) for v in self.segmentation.shape),
+            has_ground_truth=self.has_ground_truth,
+        )
+
+    def skeleton(self, segment_id: int):
+        """The segment's :class:`analysis.skeletons.Skeleton`, or None without one."""
+        from analysis.skeletons import read_precomputed_skeleton
+
+        if self.skeletons_dir is None:
+            return None
+        try:
+            return read_precomputed_skeleton(self.skeletons_dir, segment_id, self.skeleton_info)
+        except KeyError:
+            log.info("segment %d has no skeleton in %s", segment_id, self.skeletons_dir)
+            return None
+
+    @property
+    def centre_nm(self) -> np.ndarray:
+        """Centre of the segmentation's bounds, xyz nm."""
+        lo, hi = self.segmentation.bounds_nm
+        return (np.asarray(lo) + np.asarray(hi)) / 2.0
+
+
+def _local_folder(url: str) -> Path | None:
+    from urllib.parse import urlparse
+
+    for prefix in ("precomputed://",):
+        if url.startswith(prefix):
+            url = url[len(prefix):]
+    parsed = urlparse(url)
+    if parsed.scheme.lower() == "file":
+        return Path(parsed.path)
+    if parsed.scheme == "":
+        return Path(url).expanduser()
+    return None
+
+
+def _named_skeletons(segmentation_dir: Path) -> Path | None:
+    """The skeleton folder a precomputed segmentation's ``info`` names, if any."""
+    import json
+
+    info_path = segmentation_dir / "info"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        return None
+    name = info.get("skeletons") if isinstance(info, dict) else None
+    return segmentation_dir / name if isinstance(name, str) else None
+
+
+# -- the encoder ---------------------------------------------------------------------------
+
+
+def find_demo_model() -> Path | None:
+    """The trained demo encoder shipped in ``assets/`` (a SegScope ``.keras`` file), if any."""
+    from analysis.encoder import read_encoder_config
+    from analysis.paths import assets_dir
+
+    root = assets_dir()
+    if not root.is_dir():
+        return None
+    for path in sorted(root.rglob("*.keras")):
+        try:
+            read_encoder_config(path)
+        except (OSError, ValueError):
+            continue
+        return path
+    return None
+
+
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """Check that ``path`` names an encoder SegScope can load, without importing Keras.
+
+    Accepts a SegScope ``.keras`` file or a SegCLR TensorFlow checkpoint (prefix,
+    ``.index`` file or folder).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        With a message naming the problem.
+    """
+    from analysis.encoder import read_encoder_config, resolve_checkpoint_prefix
+
+    path = Path(path).expanduser()
+    if path.suffix == ".keras":
+        read_encoder_config(path)
+        return path
+    return Path(resolve_checkpoint_prefix(path))
+
+
+def load_encoder_job(path: Path, engine, *, trained: bool = True) -> Generator[Progress, None, ModelSummary]:
+    """Load an encoder into ``engine`` (a :class:`app.compute_process.ComputeProcess`).
+
+    The engine also runs the model once on blank cutouts of the batch sizes a click uses,
+    so TensorFlow traces its graphs now rather than on the user's first click.
+    """
+    summary = yield from engine.load(path, warm_up_batches=(FIRST_BATCH,))
+    return ModelSummary(
+        name=summary["name"],
+        source=str(path),
+        trained=trained,
+        embedding_dim=int(summary["embedding_dim"]),
+        input_size_vox=tuple(summary["input_size_vox"]),
+        voxel_size_nm=tuple(summary["voxel_size_nm"]),
+    )
+
+
+# -- the click-to-embed job ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentCentres:
+    """Payload of an embedding job's first report: the segment's centres.
+
+    Attributes
+    ----------
+    segment_id : int
+    node_ids : numpy.ndarray
+        int64 ``[N]`` skeleton node of each centre, nearest the click first.
+    positions_nm : numpy.ndarray
+        float64 ``[N, 3]`` xyz nm.
+    skeleton_node_count : int
+    ground_truth : numpy.ndarray or None
+        uint8 ``[N]`` dataset compartment labels of the centres.
+    """
+
+    segment_id: int
+    node_ids: np.ndarray
+    positions_nm: np.ndarray
+    skeleton_node_count: int
+    ground_truth: np.ndarray | None
+
+
+def embed_segment_job(source: DataSource, engine, segment_id: int, click_nm: np.ndarray | None, *,
+                      cancel: Callable[[], bool] | None = None,
+                      first_batch: int = FIRST_BATCH) -> Generator[Progress, None, int]:
+    """Centres of a segment, then their embeddings, nearest to the click first.
+
+    Yields one report with a :class:`SegmentCentres` payload, then one per forward call
+    with an :class:`analysis.inference.EmbeddingBatch` payload (indices into the centre
+    order). ``engine`` is a loaded :class:`app.compute_process.ComputeProcess`, or None
+    to stop after the centres. Returns the number of centres embedded.
+    """
+    from analysis.centres import segment_centres
+
+    skeleton = source.skeleton(segment_id)
+    centres = segment_centres(
+        source.segmentation, segment_id,
+        skeleton_nodes_nm=None if skeleton is None else skeleton.nodes_nm,
+        skeleton_edges=None if skeleton is None else skeleton.edges,
+        click_nm=click_nm,
+    )
+    truth = None
+    if skeleton is not None and skeleton.compartment is not None:
+        truth = skeleton.compartment[centres.node_ids]
+    total = len(centres)
+    yield Progress(0, total, "cutouts", f"segment {segment_id}: {total} centres",
+                   payload=SegmentCentres(int(segment_id), centres.node_ids, centres.positions_nm,
+                                          0 if skeleton is None else skeleton.n_nodes, truth))
+    if engine is None or not engine.loaded or total == 0:
+        return 0
+    return (yield from engine.embed(source.image_url, source.segmentation_url, segment_id,
+                                    centres.positions_nm, cancel=cancel, first_batch=first_batch))
+
+
+# -- the controller ----------------------------------------------------------------------------
+
+
+class AppController:
+    """Connects user intents, jobs and the session state (call from one thread).
+
+    Parameters
+    ----------
+    state
+        The session state it mutates.
+    runner
+        The job runner (its ``post`` decides on which thread updates arrive).
+    """
+
+    def __init__(self, state: SessionState, runner: JobRunner):
+        self.state = state
+        self.runner = runner
+        self.source: DataSource | None = None
+        self.engine = None  # ComputeProcess, started by load_model
+        self._model_job = None
+        self._embed_job = None
+        self._click_times: dict[int, float] = {}
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def open_source(self, source: DataSource) -> None:
+        """Show a new data source (cancels work on the previous one)."""
+        self.runner.cancel(EMBED_LANE)
+        self.source = source
+        self.state.set_dataset(source.summary())
+        self.state.set_job(None)
+        self.state.show_status(f"Opened {source.name}. Double-click a segment to embed it.")
+
+    def load_model(self, path: Path | None, *, trained: bool = True) -> None:
+        """Load the encoder at ``path`` on the worker; None: embedding unavailable."""
+        if path is None:
+            self.state.set_model(None, "No trained model found in assets/ and no --checkpoint given: "
+                                       "segments can be selected but not embedded.")
+            self.state.show_status(self.state.model_message)
+            return
+        from app.compute_process import ComputeProcess
+
+        self.state.set_model(None, f"Loading model {path.name}…")
+        self.state.show_status(self.state.model_message)
+        if self.engine is None:
+            self.engine = ComputeProcess()
+        engine = self.engine
+        self._model_job = self.runner.submit(
+            f"loading model {path.name}", lambda: load_encoder_job(path, engine, trained=trained),
+            self._on_model_update, kind=MODEL_LANE)
+
+    def _on_model_update(self, update: JobUpdate) -> None:
+        if update.event == "finished":
+            summary: ModelSummary = update.result
+            note = "" if summary.trained else " (untrained weights: embeddings are not meaningful)"
+            self.state.set_model(summary, f"Model {summary.name} from {Path(summary.source).name}{note}")
+            self.state.show_status(f"Model ready: {summary.name}{note}.")
+        elif update.event == "failed":
+            message = f"Could not load the model: {update.error}"
+            self.state.set_model(None, message)
+            self.state.show_error(message)
+
+    # -- clicks and jobs -------------------------------------------------------------------
+
+    def handle_click(self, segment_id: int | None, position_nm=None) -> None:
+        """A double click in the viewer: select and embed the segment under the cursor."""
+        if segment_id is None:
+            self.state.show_status("No segment under the cursor.")
+            return
+        self.select_segment(segment_id, position_nm)
+
+    def select_segment(self, segment_id: int, click_nm=None) -> None:
+        """Select ``segment_id`` and start embedding it (superseding any running job)."""
+        if self.source is None:
+            self.state.show_error("Open a dataset first.")
+            return
+        record = self.state.select_segment(segment_id, click_nm)
+        source = self.source
+        engine = self.engine
+        click = None if record.click_nm is None else record.click_nm.copy()
+        name = f"segment {record.segment_id}"
+        holder: dict[str, Any] = {}
+
+        def make():
+            job = holder["job"]
+            return embed_segment_job(source, engine, record.segment_id, click,
+                                     cancel=lambda: job.cancel_requested)
+
+        job = self.runner.submit(name, make, self._on_embed_update, kind=EMBED_LANE, supersede=True)
+        holder["job"] = job
+        self._embed_job = job
+        self._click_times[job.id] = time.perf_counter()
+        waiting = self._model_job is not None and not self._model_job.done
+        self.state.set_job(JobStatus(job.id, name, "queued", unit="cutouts",
+                                     message="waiting for the model to load" if waiting else ""))
+
+    def cancel(self) -> bool:
+        """Cancel the running embedding job; False when none is running."""
+        if self._embed_job is None or self._embed_job.done or self.state.job is None or not self.state.job.active:
+            return False
+        self._embed_job.cancel()
+        self.state.update_job(self._embed_job.id, state="cancelling", message="cancelling…")
+        return True
+
+    def _on_embed_update(self, update: JobUpdate) -> None:
+        job = update.job
+        segment = self.state.segment
+        segment_id = None if segment is None else segment.segment_id
+        if update.event == "started":
+            self.state.update_job(job.id, state="cancelling" if job.cancel_requested else "running",
+                                  message="finding centres")
+        elif update.event == "progress":
+            report = update.progress
+            payload = report.payload
+            if isinstance(payload, SegmentCentres):
+                self.state.set_centres(payload.segment_id, payload.node_ids, payload.positions_nm,
+                                       skeleton_node_count=payload.skeleton_node_count,
+                                       ground_truth=payload.ground_truth)
+            elif payload is not None and segment_id is not None:
+                self.state.add_embeddings(segment_id, payload.indices, payload.embeddings)
+            state = "cancelling" if job.cancel_requested else "running"
+            self.state.update_job(job.id, state=state, done=report.done, total=report.total,
+                                  unit=report.unit, rate=report.rate, message=report.message)
+        elif update.event == "finished":
+            elapsed = time.perf_counter() - self._click_times.pop(job.id, time.perf_counter())
+            total = segment.n_centres if segment is not None else 0
+            if self.state.model is None:
+                self.state.update_job(job.id, state="finished", done=0, total=total,
+                                      message="no model: centres only")
+                self.state.show_status(f"Segment {segment_id}: {total} centres. "
+                                       f"{self.state.model_message or 'No model loaded.'}")
+            else:
+                self.state.update_job(job.id, state="finished", done=update.result, total=total,
+                                      message=f"done in {elapsed:.1f} s")
+                self.state.show_status(f"Embedded {update.result} centres of segment {segment_id} "
+                                       f"in {elapsed:.1f} s.")
+        elif update.event == "cancelled":
+            self._click_times.pop(job.id, None)
+            done = segment.n_embedded if segment is not None else 0
+            self.state.update_job(job.id, state="cancelled", done=done,
+                                  message=f"cancelled after {done} cutouts")
+            self.state.show_status(f"Cancelled: {done} of {segment.n_centres if segment else 0} centres "
+                                   f"of segment {segment_id} embedded.")
+        elif update.event == "failed":
+            self._click_times.pop(job.id, None)
+            self.state.update_job(job.id, state="failed", message=str(update.error))
+            self.state.show_error(f"Embedding segment {segment_id} failed: {update.error}")
+
+    def shutdown(self) -> None:
+        """Stop the worker and the compute process (idempotent)."""
+        self.runner.shutdown(wait=True, timeout=5.0)
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine = None

@@ -1,0 +1,412 @@
+"""SegScope's session state: plain data plus observer callbacks, no Qt.
+
+The views (Qt panels, the Neuroglancer bridge) subscribe to named events and redraw from
+the state; controllers mutate it. The state is not thread-safe on purpose: every mutation
+happens on one thread (the Qt main thread in the app), and work done elsewhere reaches it
+through :class:`app.jobs.JobRunner`'s ``post``.
+
+Events and their callback arguments
+-----------------------------------
+``"dataset"``     (DatasetSummary)          a dataset was opened
+``"model"``       (ModelSummary or None)     the encoder changed (None: no encoder)
+``"segment"``     (SegmentRecord or None)    a segment was selected (None: cleared)
+``"centres"``     (SegmentRecord)            the selected segment's centres are known
+``"embeddings"``  (SegmentRecord, indices)   embeddings of centres ``indices`` arrived
+``"predictions"`` (SegmentRecord)            classifier outputs changed
+``"job"``         (JobStatus or None)        the embedding job's progress changed
+``"status"``      (str)                      a transient message for the status bar
+``"error"``       (str)                      an error the user should read
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+
+from analysis import COMPARTMENTS
+
+log = logging.getLogger(__name__)
+
+#: Display colour of each subcompartment (indexes ``analysis.COMPARTMENTS``), hex sRGB.
+COMPARTMENT_COLOURS: dict[str, str] = {
+    "axon": "#3b8bff",
+    "dendrite": "#ff5a36",
+    "soma": "#2fd16b",
+    "glia": "#c061ff",
+}
+#: Colour of a node whose embedding has not arrived yet.
+PENDING_COLOUR = "#808080"
+#: Colour of an embedded node when no subcompartment classifier is loaded.
+EMBEDDED_COLOUR = "#ffe14d"
+#: Colour of an out-of-distribution segment in 3-D.
+OOD_COLOUR = "#ff00ff"
+#: Compartment code of unlabelled nodes (as in :mod:`analysis.skeletons`).
+UNKNOWN_COMPARTMENT = 255
+
+EVENTS = ("dataset", "model", "segment", "centres", "embeddings", "predictions", "job", "status", "error")
+
+
+class Observable:
+    """Named events with plain callbacks, called synchronously in subscription order."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, list[Callable[..., Any]]] = defaultdict(list)
+
+    def subscribe(self, event: str, callback: Callable[..., Any]) -> Callable[[], None]:
+        """Call ``callback(*args)`` on every ``event``; returns a function that unsubscribes.
+
+        Raises
+        ------
+        KeyError
+            For an event name this object never emits.
+        """
+        if event not in EVENTS:
+            raise KeyError(f"unknown event {event!r}; known: {', '.join(EVENTS)}")
+        self._subscribers[event].append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers[event]:
+                self._subscribers[event].remove(callback)
+
+        return unsubscribe
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for callback in list(self._subscribers[event]):
+            try:
+                callback(*args)
+            except Exception:  # one broken view must not stop the others
+                log.exception("subscriber %r of %r failed", callback, event)
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What is open: sources (as given) and their geometry.
+
+    Attributes
+    ----------
+    name : str
+    image_url, segmentation_url : str
+    skeletons_url : str or None
+    voxel_size_nm : tuple of float
+        ``(x, y, z)`` nm.
+    shape_vox : tuple of int
+        ``(x, y, z)`` voxels.
+    has_ground_truth : bool
+        Whether skeletons carry ground-truth compartment labels (the synthetic demo does).
+    """
+
+    name: str
+    image_url: str
+    segmentation_url: str
+    skeletons_url: str | None
+    voxel_size_nm: tuple[float, float, float]
+    shape_vox: tuple[int, int, int]
+    has_ground_truth: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """The encoder in use.
+
+    Attributes
+    ----------
+    name : str
+        Architecture name (``"segscope_lite"``...).
+    source : str
+        Where the weights came from (a path).
+    trained : bool
+        False for randomly initialised weights (test plumbing only).
+    embedding_dim : int
+    input_size_vox : tuple of int
+        Cutout size ``(x, y, z)`` in model voxels.
+    voxel_size_nm : tuple of float
+        Model voxel size ``(x, y, z)`` nm.
+    """
+
+    name: str
+    source: str
+    trained: bool
+    embedding_dim: int
+    input_size_vox: tuple[int, int, int]
+    voxel_size_nm: tuple[float, float, float]
+
+
+@dataclass
+class SegmentRecord:
+    """The selected segment and everything known about it so far.
+
+    Centres are ordered nearest to the click first. Arrays of length ``N`` are per centre.
+
+    Attributes
+    ----------
+    segment_id : int
+    click_nm : numpy.ndarray or None
+        float64 ``[3]`` xyz nm of the click that selected it.
+    node_ids : numpy.ndarray or None
+        int64 ``[N]`` skeleton node index of each centre; None until the centres are known.
+    positions_nm : numpy.ndarray or None
+        float64 ``[N, 3]`` xyz nm.
+    skeleton_node_count : int
+        Nodes in the full skeleton (before thinning to SegCLR's spacing); 0 without one.
+    ground_truth : numpy.ndarray or None
+        uint8 ``[N]`` compartment codes the *dataset* carries (the synthetic demo's labels,
+        255 unlabelled). Ground truth, never a prediction.
+    embeddings : numpy.ndarray or None
+        float32 ``[N, D]``; rows not yet embedded are NaN.
+    embedded : numpy.ndarray or None
+        bool ``[N]``: which rows of ``embeddings`` arrived.
+    embedding_source : str
+        ``"computed"`` (this session's encoder) or ``"precomputed"`` (a CSV ZIP).
+    predicted : numpy.ndarray or None
+        uint8 ``[N]`` predicted compartment codes (255 not yet); None without a
+        subcompartment classifier.
+    cell_type, cell_type_probability : str, float or None
+        The segment's predicted cell type; None without a cell-type classifier.
+    ood_score, ood_flagged : float, bool or None
+        Out-of-distribution uncertainty and whether it exceeds the threshold; None
+        without a classifier that estimates it.
+    """
+
+    segment_id: int
+    click_nm: np.ndarray | None = None
+    node_ids: np.ndarray | None = None
+    positions_nm: np.ndarray | None = None
+    skeleton_node_count: int = 0
+    ground_truth: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
+    embedded: np.ndarray | None = None
+    embedding_source: str = "computed"
+    predicted: np.ndarray | None = None
+    cell_type: str | None = None
+    cell_type_probability: float | None = None
+    ood_score: float | None = None
+    ood_flagged: bool | None = None
+
+    @property
+    def n_centres(self) -> int:
+        """Centres known so far (0 until they are computed)."""
+        return 0 if self.node_ids is None else len(self.node_ids)
+
+    @property
+    def n_embedded(self) -> int:
+        return 0 if self.embedded is None else int(self.embedded.sum())
+
+    @property
+    def complete(self) -> bool:
+        """True once every centre has an embedding."""
+        return self.n_centres > 0 and self.n_embedded == self.n_centres
+
+    def compartment_counts(self, which: str = "ground_truth") -> dict[str, int] | None:
+        """Centres per compartment name (plus ``"unlabelled"``), or None without labels.
+
+        ``which`` is ``"ground_truth"`` or ``"predicted"``.
+        """
+        if which not in ("ground_truth", "predicted"):
+            raise ValueError(f"which must be 'ground_truth' or 'predicted', got {which!r}")
+        codes = getattr(self, which)
+        if codes is None:
+            return None
+        counts = {name: int(np.count_nonzero(codes == code)) for code, name in enumerate(COMPARTMENTS)}
+        counts["unlabelled"] = int(len(codes) - sum(counts.values()))
+        return counts
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """Progress of the current embedding job as the job bar shows it.
+
+    ``state`` is ``"queued"``, ``"running"``, ``"cancelling"``, ``"finished"``,
+    ``"cancelled"`` or ``"failed"``; ``rate`` is units per second.
+    """
+
+    job_id: int
+    name: str
+    state: str
+    done: int = 0
+    total: int = 0
+    unit: str = ""
+    rate: float | None = None
+    message: str = ""
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("queued", "running", "cancelling")
+
+
+@dataclass(eq=False)
+class SessionState(Observable):
+    """Everything the app shows, as plain data. Mutate only from one thread."""
+
+    dataset: DatasetSummary | None = None
+    model: ModelSummary | None = None
+    model_message: str = ""
+    classifiers_loaded: bool = False
+    segment: SegmentRecord | None = None
+    job: JobStatus | None = None
+    status_message: str = ""
+    last_error: str | None = None
+    _subscribers: dict = field(default_factory=lambda: defaultdict(list), repr=False)
+
+    # -- what is open ------------------------------------------------------------------
+
+    def set_dataset(self, summary: DatasetSummary) -> None:
+        self.dataset = summary
+        self.segment = None
+        self._emit("dataset", summary)
+        self._emit("segment", None)
+
+    def set_model(self, summary: ModelSummary | None, message: str = "") -> None:
+        """Record the encoder in use (None: embedding unavailable, ``message`` says why)."""
+        self.model = summary
+        self.model_message = message
+        self._emit("model", summary)
+
+    # -- the selected segment ----------------------------------------------------------
+
+    def select_segment(self, segment_id: int, click_nm=None) -> SegmentRecord:
+        """Select a segment (replacing the previous selection) and return its record."""
+        segment_id = int(segment_id)
+        if not 0 < segment_id < 2**64:
+            raise ValueError(f"segment id {segment_id} is not a nonzero uint64")
+        click = None if click_nm is None else np.asarray(click_nm, dtype=np.float64).reshape(3)
+        self.segment = SegmentRecord(segment_id=segment_id, click_nm=click)
+        self._emit("segment", self.segment)
+        return self.segment
+
+    def clear_segment(self) -> None:
+        self.segment = None
+        self._emit("segment", None)
+
+    def _current(self, segment_id: int) -> SegmentRecord | None:
+        if self.segment is None or self.segment.segment_id != int(segment_id):
+            log.debug("ignoring data for segment %s: not selected", segment_id)
+            return None
+        return self.segment
+
+    def set_centres(self, segment_id: int, node_ids: np.ndarray, positions_nm: np.ndarray, *,
+                    skeleton_node_count: int = 0, ground_truth: np.ndarray | None = None,
+                    embedding_source: str = "computed") -> bool:
+        """Give the selected segment its centres (nearest the click first).
+
+        Returns False (and changes nothing) when ``segment_id`` is not the selection.
+
+        Raises
+        ------
+        ValueError
+            When the arrays disagree in length or shape.
+        """
+        record = self._current(segment_id)
+        if record is None:
+            return False
+        node_ids = np.asarray(node_ids, dtype=np.int64).reshape(-1)
+        positions = np.asarray(positions_nm, dtype=np.float64)
+        if positions.shape != (len(node_ids), 3):
+            raise ValueError(f"positions_nm must be [{len(node_ids)}, 3], got {positions.shape}")
+        if ground_truth is not None:
+            ground_truth = np.asarray(ground_truth, dtype=np.uint8).reshape(-1)
+            if len(ground_truth) != len(node_ids):
+                raise ValueError(f"{len(ground_truth)} ground-truth codes for {len(node_ids)} centres")
+        record.node_ids = node_ids
+        record.positions_nm = positions
+        record.skeleton_node_count = int(skeleton_node_count)
+        record.ground_truth = ground_truth
+        record.embedding_source = embedding_source
+        record.embeddings = None
+        record.embedded = np.zeros(len(node_ids), dtype=bool)
+        self._emit("centres", record)
+        return True
+
+    def add_embeddings(self, segment_id: int, indices: np.ndarray, embeddings: np.ndarray) -> bool:
+        """Store embeddings of centres ``indices`` (positions in the centre order).
+
+        Returns False (and changes nothing) when ``segment_id`` is not the selection.
+
+        Raises
+        ------
+        ValueError
+            Before the centres are known, for indices out of range, or for a shape or
+            width that does not match earlier batches.
+        """
+        record = self._current(segment_id)
+        if record is None:
+            return False
+        if record.node_ids is None or record.embedded is None:
+            raise ValueError(f"segment {segment_id}: embeddings arrived before its centres")
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        values = np.asarray(embeddings, dtype=np.float32)
+        if values.ndim != 2 or len(values) != len(indices):
+            raise ValueError(f"embeddings must be [{len(indices)}, D], got {values.shape}")
+        if len(indices) and (indices.min() < 0 or indices.max() >= record.n_centres):
+            raise ValueError(f"centre indices must lie in [0, {record.n_centres}), got "
+                             f"[{indices.min()}, {indices.max()}]")
+        if record.embeddings is None:
+            record.embeddings = np.full((record.n_centres, values.shape[1]), np.nan, dtype=np.float32)
+        elif record.embeddings.shape[1] != values.shape[1]:
+            raise ValueError(f"embedding width {values.shape[1]} differs from earlier "
+                             f"batches ({record.embeddings.shape[1]})")
+        record.embeddings[indices] = values
+        record.embedded[indices] = True
+        self._emit("embeddings", record, indices)
+        return True
+
+    def set_predictions(self, segment_id: int, *, predicted: np.ndarray | None = None,
+                        cell_type: str | None = None, cell_type_probability: float | None = None,
+                        ood_score: float | None = None, ood_flagged: bool | None = None) -> bool:
+        """Store classifier outputs for the selected segment (from issue 4's classifiers).
+
+        ``predicted`` is uint8 ``[N]`` compartment codes per centre (255: not predicted yet).
+        Returns False when ``segment_id`` is not the selection.
+
+        Raises
+        ------
+        ValueError
+            For a ``predicted`` length other than the number of centres, codes outside
+            ``analysis.COMPARTMENTS`` (other than 255), or a probability outside [0, 1].
+        """
+        record = self._current(segment_id)
+        if record is None:
+            return False
+        if predicted is not None:
+            predicted = np.asarray(predicted, dtype=np.uint8).reshape(-1)
+            if len(predicted) != record.n_centres:
+                raise ValueError(f"{len(predicted)} predictions for {record.n_centres} centres")
+            bad = (predicted >= len(COMPARTMENTS)) & (predicted != UNKNOWN_COMPARTMENT)
+            if bad.any():
+                raise ValueError(f"compartment codes must index {COMPARTMENTS} or be "
+                                 f"{UNKNOWN_COMPARTMENT}, got {sorted(set(predicted[bad].tolist()))}")
+            record.predicted = predicted
+        if cell_type_probability is not None and not 0.0 <= cell_type_probability <= 1.0:
+            raise ValueError(f"cell-type probability must lie in [0, 1], got {cell_type_probability}")
+        if cell_type is not None:
+            record.cell_type = cell_type
+            record.cell_type_probability = cell_type_probability
+        if ood_score is not None:
+            record.ood_score = float(ood_score)
+            record.ood_flagged = bool(ood_flagged)
+        self._emit("predictions", record)
+        return True
+
+    # -- jobs and messages -------------------------------------------------------------
+
+    def set_job(self, status: JobStatus | None) -> None:
+        self.job = status
+        self._emit("job", status)
+
+    def update_job(self, job_id: int, **changes: Any) -> None:
+        """Change fields of the current job's status; ignored for another job."""
+        if self.job is None or self.job.job_id != job_id:
+            return
+        self.set_job(replace(self.job, **changes))
+
+    def show_status(self, message: str) -> None:
+        self.status_message = message
+        self._emit("status", message)
+
+    def show_error(self, message: str) -> None:
+        self.last_error = message
+        log.warning("%s", message)
+        self._emit("error", message)

@@ -1,0 +1,1 @@
+"""Qt views of SegScope. Only modules in this package import Qt."""
