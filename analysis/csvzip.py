@@ -117,7 +117,8 @@ def shard_for_segment(segment_id: int, num_shards: int = 10_000, bytewidth: int 
         raise ValueError(f"num_shards must be positive, got {num_shards}")
     if bytewidth < 8:
         raise ValueError(f"bytewidth must be at least 8 to hold a uint64, got {bytewidth}")
-    digest = hashlib.md5(value.to_bytes(bytewidth, "little")).digest()
+    # Not a security use; the flag keeps md5 available on FIPS-restricted builds.
+    digest = hashlib.md5(value.to_bytes(bytewidth, "little"), usedforsecurity=False).digest()
     return int.from_bytes(digest, "little") % num_shards
 
 
@@ -770,9 +771,11 @@ class CsvZipStore:
     (inode, size, mtime). A remote shard is revalidated by its storage generation (ETag)
     whenever a member is fetched; a segment missing from a cached remote directory is
     reported missing without a request, so call :meth:`clear_cache` after a remote store
-    gains segments. Rows come back in file order. Thread-safe for concurrent readers and writers within a
-    process; writers in several processes on one host are serialised per shard with POSIX
-    record locks (not over network file systems that lack them).
+    gains segments. Rows come back in file order.
+
+    Thread-safe for concurrent readers and writers within a process; writers in several
+    processes on one host are serialised per shard with POSIX record locks (not over
+    network file systems that lack them).
     """
 
     def __init__(

@@ -12,14 +12,17 @@ Prints:
 1. writing a ``--shards``-shard local store (SegCLR's layout, bytewidth 64) of
    ``--segments`` segments with 8-24 (mean ``--nodes``) nodes each and ``--dim``-d
    embeddings through ``write_many`` (chunks of 5,000 segments, fsync per shard):
-   rows/s, MB on disk;
+   rows/s of wall time and of this process's CPU time (the second does not depend on
+   other load on the machine), MB on disk;
 2. median and 90th-percentile time to fetch one random segment with ``read()``: cold
    (a fresh store object, so every shard's central directory is parsed; the OS page cache
    is warm since the files were just written) and warm (directories cached);
 3. rows/s read by ``read()`` and by a whole-store ``iter_shard`` pass;
-4. aggregation (10 um) of 1,000 segments x 100 nodes and of one 100,000-node segment
-   (random walks with SegCLR's ~1.5 um node spacing), plus 25 um for the first: medians
-   over 3 runs.
+4. aggregation at 10 and 25 um of 1,000 segments x 100 nodes and of one 100,000-node
+   segment, nodes 1.5 um apart (SegCLR's spacing) along neurite-like paths (persistent
+   random walks), plus the 100,000-node case on a plain random walk at 10 um, a dense
+   worst case (hundreds of neighbours per node): medians over 3 runs, with the mean
+   neighbour count.
 """
 
 from __future__ import annotations
@@ -78,41 +81,65 @@ def bench_store(args: argparse.Namespace, workdir: Path) -> None:
         compresslevel=args.level,
     )
     items = list(segments.items())
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for at in range(0, len(items), 5000):
         store.write_many(dict(items[at : at + 5000]))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     files = list(root.glob("*.zip"))
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     print(
         f"write: {len(segments)} segments, {total_rows} rows x {args.dim} dims into "
-        f"{len(files)} shard files ({megabytes:.1f} MB, {args.compression}): {elapsed:.1f} s, "
-        f"{total_rows / elapsed:,.0f} rows/s"
+        f"{len(files)} shard files ({megabytes:.1f} MB, {args.compression}): {elapsed:.1f} s "
+        f"wall, {cpu:.1f} s CPU; {total_rows / elapsed:,.0f} rows/s wall, "
+        f"{total_rows / cpu:,.0f} rows/CPU-s"
     )
 
     sample = rng.choice(np.array(list(segments), dtype=np.uint64), size=min(args.reads, len(segments)), replace=False)
     sample = [int(s) for s in sample]
     cold_store = CsvZipStore(root, num_shards=args.shards, cache_shards=args.shards)
+    cpu_start = time.process_time()
     cold, rows = timed_reads(cold_store, sample)
+    cold_cpu = time.process_time() - cpu_start
     print(f"fetch one segment, cold directory: {describe(cold)}")
+    cpu_start = time.process_time()
     warm, _ = timed_reads(cold_store, sample)
+    warm_cpu = time.process_time() - cpu_start
     print(f"fetch one segment, warm directory: {describe(warm)}")
-    print(f"read() rows/s: cold {rows / sum(cold):,.0f}, warm {rows / sum(warm):,.0f}")
+    print(
+        f"read() rows/s: cold {rows / sum(cold):,.0f} wall, {rows / cold_cpu:,.0f} per CPU-s; "
+        f"warm {rows / sum(warm):,.0f} wall, {rows / warm_cpu:,.0f} per CPU-s"
+    )
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     rows = 0
     for shard in store.shards():
         for _, node_ids, _, _ in store.iter_shard(shard):
             rows += node_ids.shape[0]
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     assert rows == total_rows, (rows, total_rows)
-    print(f"iter_shard over the whole store: {rows} rows in {elapsed:.1f} s, {rows / elapsed:,.0f} rows/s")
+    print(
+        f"iter_shard over the whole store: {rows} rows in {elapsed:.1f} s wall, {cpu:.1f} s CPU; "
+        f"{rows / elapsed:,.0f} rows/s wall, {rows / cpu:,.0f} rows/CPU-s"
+    )
 
 
-def random_walk(rng: np.random.Generator, n: int, step_nm: float = 1500.0) -> np.ndarray:
-    steps = rng.normal(size=(n, 3))
-    steps *= step_nm / np.linalg.norm(steps, axis=1, keepdims=True)
-    return np.cumsum(steps, axis=0)
+def random_walk(
+    rng: np.random.Generator, n: int, persistence: float = 0.0, step_nm: float = 1500.0
+) -> np.ndarray:
+    """Node positions [n, 3] in nm, ``step_nm`` apart. With ``persistence`` near 1 each
+    step's direction mostly follows the previous one (a meandering neurite); with 0 the
+    walk is plain Brownian and folds back on itself (dense)."""
+    from scipy.signal import lfilter
+
+    directions = lfilter([1.0], [1.0, -persistence], rng.normal(size=(n, 3)), axis=0)
+    directions *= step_nm / np.linalg.norm(directions, axis=1, keepdims=True)
+    return np.cumsum(directions, axis=0)
+
+
+def mean_neighbours(xyz: np.ndarray, radius_nm: float) -> float:
+    from scipy.spatial import cKDTree
+
+    return float(cKDTree(xyz).query_ball_point(xyz, radius_nm, return_length=True).mean())
 
 
 def median_time(function, repeats: int = 3) -> float:
@@ -126,15 +153,28 @@ def median_time(function, repeats: int = 3) -> float:
 
 def bench_aggregate(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(1)
-    many = [(random_walk(rng, 100), rng.normal(size=(100, args.dim)).astype(np.float32)) for _ in range(1000)]
+    persistence = 0.95
+    many = [
+        (random_walk(rng, 100, persistence), rng.normal(size=(100, args.dim)).astype(np.float32))
+        for _ in range(1000)
+    ]
     for radius in (10_000.0, 25_000.0):
         seconds = median_time(lambda: [aggregate_embeddings(xyz, emb, radius) for xyz, emb in many])
-        print(f"aggregate 1000 segments x 100 nodes at {radius / 1000:g} um: median {seconds:.3f} s")
-    xyz = random_walk(rng, 100_000)
+        neighbours = np.mean([mean_neighbours(xyz, radius) for xyz, _ in many[:50]])
+        print(
+            f"aggregate 1000 segments x 100 nodes at {radius / 1000:g} um: median {seconds:.3f} s "
+            f"({neighbours:.0f} neighbours per node)"
+        )
     emb = rng.normal(size=(100_000, args.dim)).astype(np.float32)
-    for radius in (10_000.0, 25_000.0):
+    cases = [("neurite-like", persistence, 10_000.0), ("neurite-like", persistence, 25_000.0),
+             ("random-walk", 0.0, 10_000.0)]
+    for name, walk_persistence, radius in cases:
+        xyz = random_walk(rng, 100_000, walk_persistence)
         seconds = median_time(lambda: aggregate_embeddings(xyz, emb, radius))
-        print(f"aggregate one segment x 100,000 nodes at {radius / 1000:g} um: median {seconds:.3f} s")
+        print(
+            f"aggregate one {name} segment x 100,000 nodes at {radius / 1000:g} um: median "
+            f"{seconds:.3f} s ({mean_neighbours(xyz, radius):.0f} neighbours per node)"
+        )
 
 
 def main() -> None:
