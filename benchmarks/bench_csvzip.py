@@ -142,13 +142,15 @@ def mean_neighbours(xyz: np.ndarray, radius_nm: float) -> float:
     return float(cKDTree(xyz).query_ball_point(xyz, radius_nm, return_length=True).mean())
 
 
-def median_time(function, repeats: int = 3) -> float:
-    times = []
+def median_time(function, repeats: int = 3) -> str:
+    """Median wall and CPU time of ``function()`` over ``repeats`` calls, as text."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu_start)
+    return f"median {statistics.median(walls):.3f} s wall, {statistics.median(cpus):.3f} s CPU"
 
 
 def bench_aggregate(args: argparse.Namespace) -> None:
@@ -159,10 +161,10 @@ def bench_aggregate(args: argparse.Namespace) -> None:
         for _ in range(1000)
     ]
     for radius in (10_000.0, 25_000.0):
-        seconds = median_time(lambda: [aggregate_embeddings(xyz, emb, radius) for xyz, emb in many])
+        timing = median_time(lambda: [aggregate_embeddings(xyz, emb, radius) for xyz, emb in many])
         neighbours = np.mean([mean_neighbours(xyz, radius) for xyz, _ in many[:50]])
         print(
-            f"aggregate 1000 segments x 100 nodes at {radius / 1000:g} um: median {seconds:.3f} s "
+            f"aggregate 1000 segments x 100 nodes at {radius / 1000:g} um: {timing} "
             f"({neighbours:.0f} neighbours per node)"
         )
     emb = rng.normal(size=(100_000, args.dim)).astype(np.float32)
@@ -170,10 +172,10 @@ def bench_aggregate(args: argparse.Namespace) -> None:
              ("random-walk", 0.0, 10_000.0)]
     for name, walk_persistence, radius in cases:
         xyz = random_walk(rng, 100_000, walk_persistence)
-        seconds = median_time(lambda: aggregate_embeddings(xyz, emb, radius))
+        timing = median_time(lambda: aggregate_embeddings(xyz, emb, radius))
         print(
-            f"aggregate one {name} segment x 100,000 nodes at {radius / 1000:g} um: median "
-            f"{seconds:.3f} s ({mean_neighbours(xyz, radius):.0f} neighbours per node)"
+            f"aggregate one {name} segment x 100,000 nodes at {radius / 1000:g} um: {timing} "
+            f"({mean_neighbours(xyz, radius):.0f} neighbours per node)"
         )
 
 
