@@ -235,6 +235,30 @@ def test_concurrent_writers_to_one_shard_lose_nothing(tmp_path):
         assert_segment_equal(store.read(sid), data[sid])
 
 
+def _write_in_child(root: str, segment_ids: list[int]) -> None:
+    store = CsvZipStore(root, num_shards=1, durable=False)
+    for segment_id in segment_ids:
+        store.write(segment_id, [segment_id], [[1, 2, 3]], [[segment_id / 2]])
+
+
+def test_concurrent_writer_processes_lose_nothing(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    children = [
+        context.Process(target=_write_in_child, args=(str(tmp_path), list(range(k, 61, 3))))
+        for k in (1, 2, 3)
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=120)
+    assert [child.exitcode for child in children] == [0, 0, 0]
+    store = CsvZipStore(tmp_path, num_shards=1)
+    assert sorted(store.segment_ids()) == list(range(1, 61))
+    assert store.read(31)[2].tolist() == [[15.5]]
+
+
 def test_cache_notices_a_shard_rewritten_by_another_store_object(tmp_path):
     rng = np.random.default_rng(6)
     (first, second), _ = ids_in_same_shard(2, 10)
@@ -599,6 +623,13 @@ def test_remote_read_fetches_only_directory_and_member_and_caches_directory(http
     assert info.compress_size <= sent <= info.compress_size + 30 + 8 + 64
     assert 150 in remote and 100_000 not in remote
     assert len(log) - mark == 1  # membership answered from the cached directory
+
+    # A whole-shard pass fetches the member data once, not member by member.
+    mark = len(log)
+    got = {segment_id: arrays for segment_id, *arrays in remote.iter_shard(0)}
+    assert sorted(got) == sorted(segments)
+    assert_segment_equal(got[99], segments[99])
+    assert len(log) - mark <= 3 and served_bytes(log, mark) < 1.1 * shard_size
 
 
 def test_remote_directory_beyond_first_tail_read(http_store_root):
