@@ -162,7 +162,11 @@ def aggregate_store(
         if voxel_size_nm is not None:
             raise ValueError("src already has nm coordinates: leave voxel_size_nm as None")
         scale = None
-    if not src.is_remote and not dst.is_remote and src.local_dir.resolve() == dst.local_dir.resolve():
+    same_folder = (
+        not src.is_remote and not dst.is_remote
+        and src.local_dir.resolve() == dst.local_dir.resolve()
+    )
+    if same_folder:
         raise ValueError(f"src and dst are the same store ({src.location}); write elsewhere")
     shard_list = sorted(set(src.shards() if shards is None else (int(s) for s in shards)))
     meter = RateMeter()

@@ -135,12 +135,16 @@ def _as_member_arrays(
     if ids.ndim == 1 and ids.shape[0] == 0:
         raise ValueError(f"{what}: a segment needs at least one node")
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise ValueError(f"{what}: node_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+        raise ValueError(
+            f"{what}: node_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}"
+        )
     n = ids.shape[0]
     if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{what}: node ids must fit in int64")
     if coords.shape != (n, 3) or coords.dtype.kind not in "iuf":
-        raise ValueError(f"{what}: xyz must be a numeric [N, 3] array with N={n}, got {coords.shape}")
+        raise ValueError(
+            f"{what}: xyz must be a numeric [N, 3] array with N={n}, got {coords.shape}"
+        )
     if emb.ndim != 2 or emb.shape[0] != n or emb.shape[1] < 1 or emb.dtype.kind not in "iuf":
         raise ValueError(
             f"{what}: embeddings must be a numeric [N, D] array with N={n}, got {emb.shape}"
@@ -604,7 +608,9 @@ def _parse_central_directory(
     )
 
 
-def _zip64_extra(extra: bytes, size: int, csize: int, offset: int, where: str) -> tuple[int, int, int]:
+def _zip64_extra(
+    extra: bytes, size: int, csize: int, offset: int, where: str
+) -> tuple[int, int, int]:
     """Replace 0xFFFFFFFF fields by their zip64 extra-field values (in the spec's order)."""
     position = 0
     while position + 4 <= len(extra):
@@ -624,7 +630,9 @@ def _zip64_extra(extra: bytes, size: int, csize: int, offset: int, where: str) -
     raise CsvZipError("member needs a zip64 extra field that is missing", path=where)
 
 
-def _read_member_bytes(reader: _ShardReader, directory: _Directory, index: int, member: str) -> bytes:
+def _read_member_bytes(
+    reader: _ShardReader, directory: _Directory, index: int, member: str
+) -> bytes:
     """Fetch and decompress one member (one request unless its local extra field is long)."""
     where = reader.where
     offset = int(directory.offsets[index])
@@ -961,7 +969,8 @@ class CsvZipStore:
         except (TypeError, ValueError):
             return False
         found = self._with_directory(
-            self.shard_of(segment_id), lambda reader, directory: directory.find(segment_id) is not None
+            self.shard_of(segment_id),
+            lambda reader, directory: directory.find(segment_id) is not None,
         )
         return bool(found)
 
@@ -985,11 +994,12 @@ class CsvZipStore:
             names = os.listdir(self.local_dir)
         else:
             try:
-                names = [bytes(key).decode("utf-8", "replace") for key in self._kv().list().result()]
+                keys = self._kv().list().result()
             except NotImplementedError:
                 raise io.UnsupportedOperation(
                     f"{self.url} cannot list its shards (plain HTTP); read segments by id"
                 ) from None
+            names = [bytes(key).decode("utf-8", "replace") for key in keys]
         shards = [int(name[:-4]) for name in names if pattern.fullmatch(name)]
         return sorted(shard for shard in shards if shard < self.num_shards)
 
@@ -1078,7 +1088,9 @@ class CsvZipStore:
         shards before it written.
         """
         if self.url is not None:
-            raise io.UnsupportedOperation(f"{self.url} is a remote store; only local stores are writable")
+            raise io.UnsupportedOperation(
+                f"{self.url} is a remote store; only local stores are writable"
+            )
         items = segments.items() if isinstance(segments, Mapping) else segments
         by_shard: dict[int, list[tuple[str, bytes]]] = {}
         seen: set[int] = set()
@@ -1101,7 +1113,8 @@ class CsvZipStore:
             for shard, members in by_shard.items():
                 ids = [int(name[:-4]) for name, _ in members]
                 found = self._with_directory(
-                    shard, lambda reader, directory: [s for s in ids if directory.find(s) is not None]
+                    shard,
+                    lambda reader, directory: [s for s in ids if directory.find(s) is not None],
                 )
                 existing.extend(found or [])
             if existing:
@@ -1139,7 +1152,7 @@ class CsvZipStore:
                                 for info in old.infolist():
                                     if info.filename not in replaced:
                                         new.writestr(info, old.read(info))
-                except zipfile.BadZipFile as exc:
+                except (zipfile.BadZipFile, zlib.error) as exc:
                     raise CsvZipError(
                         f"cannot add to a corrupt zip: {exc}", path=str(path)
                     ) from None
@@ -1182,7 +1195,9 @@ class _RegionReader(_ShardReader):
     def fetch(self, start: int, stop: int) -> bytes:
         lo, hi = start - self._start, stop - self._start
         if lo < 0 or hi > len(self._data) or lo > hi:
-            raise CsvZipError(f"zip points at bytes [{start}, {stop}) outside its data", path=self.where)
+            raise CsvZipError(
+                f"zip points at bytes [{start}, {stop}) outside its data", path=self.where
+            )
         return self._data[lo:hi]
 
 

@@ -688,3 +688,20 @@ def test_remote_stores_are_read_only_and_http_cannot_list(http_store_root):
         remote.write(1, [1], [[1, 2, 3]], [[0.5]])
     with pytest.raises(_io.UnsupportedOperation, match="cannot list"):
         remote.shards()
+
+
+def test_remote_store_over_a_listing_kvstore(tmp_path):
+    """gs:// and s3:// list their keys; TensorStore's file kvstore stands in for them here
+    (no bucket is reachable from the test machines)."""
+    import tensorstore as ts
+
+    rng = np.random.default_rng(9)
+    local = CsvZipStore(tmp_path, num_shards=5)
+    segments = {sid: random_segment(rng, 3, 8, "voxels") for sid in range(1, 30)}
+    local.write_many(segments)
+    remote = CsvZipStore("gs://example-bucket/embeddings", num_shards=5)
+    remote._kvstore = ts.KvStore.open(f"file://{tmp_path}/").result()
+    assert remote.is_remote and remote.shards() == local.shards()
+    assert sorted(remote.segment_ids()) == sorted(segments)
+    assert_segment_equal(remote.read(12), segments[12])
+    assert remote.shard_location(3) == "gs://example-bucket/embeddings/3.zip"
