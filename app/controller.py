@@ -286,23 +286,24 @@ class SegmentCentres:
 
 
 def embed_segment_job(source: DataSource, engine, segment_id: int, click_nm: np.ndarray | None, *,
-                      cancel: Callable[[], bool] | None = None,
-                      first_batch: int = FIRST_BATCH) -> Generator[Progress, None, int]:
+                      cancel: Callable[[], bool] | None = None, first_batch: int = FIRST_BATCH,
+                      spacing_nm: float | None = None) -> Generator[Progress, None, int]:
     """Centres of a segment, then their embeddings, nearest to the click first.
 
     Yields one report with a :class:`SegmentCentres` payload, then one per forward call
     with an :class:`analysis.inference.EmbeddingBatch` payload (indices into the centre
     order). ``engine`` is a loaded :class:`app.compute_process.ComputeProcess`, or None
-    to stop after the centres. Returns the number of centres embedded.
+    to stop after the centres. ``spacing_nm`` is the distance between centres along the
+    skeleton (default SegCLR's 1500 nm). Returns the number of centres embedded.
     """
-    from analysis.centres import segment_centres
+    from analysis.centres import SEGCLR_SPACING_NM, segment_centres
 
     skeleton = source.skeleton(segment_id)
     centres = segment_centres(
         source.segmentation, segment_id,
         skeleton_nodes_nm=None if skeleton is None else skeleton.nodes_nm,
         skeleton_edges=None if skeleton is None else skeleton.edges,
-        click_nm=click_nm,
+        click_nm=click_nm, spacing_nm=SEGCLR_SPACING_NM if spacing_nm is None else spacing_nm,
     )
     truth = None
     if skeleton is not None and skeleton.compartment is not None:
@@ -329,11 +330,14 @@ class AppController:
         The session state it mutates.
     runner
         The job runner (its ``post`` decides on which thread updates arrive).
+    spacing_nm
+        Distance between embedding centres along a skeleton (nm); SegCLR's 1500 when None.
     """
 
-    def __init__(self, state: SessionState, runner: JobRunner):
+    def __init__(self, state: SessionState, runner: JobRunner, *, spacing_nm: float | None = None):
         self.state = state
         self.runner = runner
+        self.spacing_nm = spacing_nm
         self.source: DataSource | None = None
         self.engine = None  # ComputeProcess, started by load_model
         self._model_job = None
@@ -403,7 +407,7 @@ class AppController:
         def make():
             job = holder["job"]
             return embed_segment_job(source, engine, record.segment_id, click,
-                                     cancel=lambda: job.cancel_requested)
+                                     cancel=lambda: job.cancel_requested, spacing_nm=self.spacing_nm)
 
         job = self.runner.submit(name, make, self._on_embed_update, kind=EMBED_LANE, supersede=True)
         holder["job"] = job

@@ -133,7 +133,7 @@ def configure_qt_environment() -> None:
 
 
 def build_window(source: "DataSource", model_path: Path | None, *,
-                 model_trained: bool = True) -> "MainWindow":
+                 model_trained: bool = True, spacing_nm: float | None = None) -> "MainWindow":
     """Create the window, its controller, job runner and neuroglancer bridge.
 
     A QApplication must exist. The model loads on the worker thread after the window is
@@ -149,7 +149,7 @@ def build_window(source: "DataSource", model_path: Path | None, *,
     state = SessionState()
     invoker = MainThreadInvoker()
     runner = JobRunner(post=invoker.post)
-    controller = AppController(state, runner)
+    controller = AppController(state, runner, spacing_nm=spacing_nm)
     relay = ClickRelay()
     bridge = NeuroglancerBridge(relay.forward)
     bridge.attach(state)
