@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_csvzip.py [--segments 20000] [--nodes 16] [--dim 64]
                                       [--shards 10000] [--reads 2000] [--workdir DIR]
                                       [--compression deflate|stored] [--level 1]
-                                      [--skip-store] [--skip-aggregate]
+                                      [--big-members 24000] [--skip-store] [--skip-aggregate]
 
 Prints:
 
@@ -18,6 +18,9 @@ Prints:
    (a fresh store object, so every shard's central directory is parsed; the OS page cache
    is warm since the files were just written) and warm (directories cached);
 3. rows/s read by ``read()`` and by a whole-store ``iter_shard`` pass;
+3b. fetch latency from one shard of ``--big-members`` (24,000: MICrONS v343's ~3.8e9
+   nodes / 16 per segment / 10,000 shards) one-node segments, cold (central directory
+   parsed) and warm (cached), since the small shards above have tiny directories;
 4. aggregation at 10 and 25 um of 1,000 segments x 100 nodes and of one 100,000-node
    segment, nodes 1.5 um apart (SegCLR's spacing) along neurite-like paths (persistent
    random walks), plus the 100,000-node case on a plain random walk at 10 um, a dense
@@ -123,6 +126,26 @@ def bench_store(args: argparse.Namespace, workdir: Path) -> None:
     )
 
 
+def bench_big_shard(args: argparse.Namespace, workdir: Path) -> None:
+    rng = np.random.default_rng(2)
+    root = workdir / "big"
+    store = CsvZipStore(root, num_shards=1, compresslevel=args.level)
+    ids = np.unique(rng.integers(1, 2**63, size=args.big_members + 100))[: args.big_members]
+    one_row = (np.zeros(1, np.int64), np.zeros((1, 3)), rng.normal(size=(1, args.dim)).astype(np.float32))
+    store.write_many({int(sid): one_row for sid in ids})
+    size_mb = (root / "0.zip").stat().st_size / 1e6
+    sample = [int(s) for s in rng.choice(ids, size=min(200, ids.shape[0]), replace=False)]
+    cold = []
+    for segment_id in sample:
+        store.clear_cache()
+        start = time.perf_counter()
+        store.read(segment_id)
+        cold.append(time.perf_counter() - start)
+    warm, _ = timed_reads(store, sample)
+    print(f"{args.big_members}-member shard ({size_mb:.1f} MB), fetch one segment: cold directory {describe(cold)}")
+    print(f"{args.big_members}-member shard, fetch one segment: warm directory {describe(warm)}")
+
+
 def random_walk(
     rng: np.random.Generator, n: int, persistence: float = 0.0, step_nm: float = 1500.0
 ) -> np.ndarray:
@@ -189,6 +212,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where to build the store (temp)")
     parser.add_argument("--compression", choices=("deflate", "stored"), default="deflate")
     parser.add_argument("--level", type=int, default=1, help="zlib level for deflate")
+    parser.add_argument("--big-members", type=int, default=24_000, help="segments in the big shard")
     parser.add_argument("--skip-store", action="store_true")
     parser.add_argument("--skip-aggregate", action="store_true")
     args = parser.parse_args()
@@ -196,6 +220,7 @@ def main() -> None:
         workdir = Path(tempfile.mkdtemp(prefix="bench_csvzip_", dir=args.workdir))
         try:
             bench_store(args, workdir)
+            bench_big_shard(args, workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     if not args.skip_aggregate:

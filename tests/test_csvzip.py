@@ -470,6 +470,18 @@ def test_zip64_archives_are_read(tmp_path, method):
     assert node_ids.tolist() == [7, 8] and embeddings[:, 0].tolist() == [1.75, 0.5]
 
 
+def test_repeated_names_take_the_later_entry_and_foreign_members_are_ignored(tmp_path):
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        with zipfile.ZipFile(tmp_path / "0.zip", "w") as archive:
+            archive.writestr("readme.txt", "not a segment")
+            archive.writestr("007.csv", "1,1,2,3,0.5")  # not how segment 7 is named
+            archive.writestr("5.csv", "1,1,2,3,0.5")
+            archive.writestr("5.csv", "2,1,2,3,0.75")
+    store = CsvZipStore(tmp_path, num_shards=1)
+    assert list(store.segment_ids()) == [5] and 7 not in store
+    assert store.read(5)[2].tolist() == [[0.75]]
+
+
 def test_stored_members_and_long_comments_are_read(tmp_path):
     store = CsvZipStore(tmp_path, num_shards=1, compression="stored")
     store.write(5, [1], [[1, 2, 3]], [[0.5, 1.0]])
