@@ -192,6 +192,8 @@ def test_double_click_selects_streams_and_annotates(qtbot, window, demo_dir, tmp
 
 
 def _save_screenshot(qtbot, window, tmp_path: Path) -> None:
+    segment = window.state.segment
+    window.bridge.set_view(segment.click_nm, cross_section_scale=0.4)
     window.bridge.set_layout("xy-3d")
     assert window.bridge.flush()
     _wait_rendered(qtbot, window)

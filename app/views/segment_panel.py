@@ -115,7 +115,7 @@ class SegmentPanel(QWidget):
         if record.node_ids is None:
             self.nodes_label.setText("finding centres…")
         else:
-            skeleton = (f"{record.skeleton_node_count} ({record.n_centres} centres at SegCLR spacing)"
+            skeleton = (f"{record.skeleton_node_count} ({record.n_centres} embedding centres)"
                         if record.skeleton_node_count else f"no skeleton ({record.n_centres} centres from the mask)")
             self.nodes_label.setText(skeleton)
         self._refresh_progress(record)
