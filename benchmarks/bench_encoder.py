@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_encoder.py [--repeats 5] [--full-repeats 2] [--skip-full]
+    python benchmarks/bench_encoder.py [--parts full,lite,e2e] [--repeats 5] [--full-repeats 2]
                                        [--segment ID] [--spacing-nm 500] [--e2e-repeats 3]
 
 Prints, all as medians over repeats after one warm-up call:
@@ -118,7 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="repeats for the lite model")
     parser.add_argument("--full-repeats", type=int, default=2, help="repeats for the full model")
-    parser.add_argument("--skip-full", action="store_true", help="skip the full 129^3 model")
+    parser.add_argument("--parts", default="full,lite,e2e",
+                        help="comma-separated subset of full, lite, e2e")
     parser.add_argument("--segment", type=int, default=None)
     parser.add_argument("--spacing-nm", type=float, default=500.0,
                         help="centre spacing along the skeleton (SegCLR uses 1500)")
@@ -137,16 +138,22 @@ def main() -> None:
     print(f"FLOPs per cutout: full {flops_per_cutout(SEGCLR_FULL) / 1e9:.2f} GFLOP, "
           f"lite {flops_per_cutout(SEGCLR_LITE) / 1e9:.3f} GFLOP")
 
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = parts - {"full", "lite", "e2e"}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}")
     on_gpu = device == "GPU"
-    if not args.skip_full:
+    if "full" in parts:
         full = build_encoder(SEGCLR_FULL, seed=0)
         bench_model("full", full, (1, 2, 8, 32) if on_gpu else (1, 2), args.full_repeats)
         del full
     lite = build_encoder(SEGCLR_LITE, seed=0)
-    lite_batches = (1, 8, 32, 64, 256) if on_gpu else (1, 8, 32, 64)
-    for jit in (False, True):
-        bench_model("lite", lite, lite_batches, args.repeats, jit=jit)
-    bench_end_to_end(lite, args)
+    if "lite" in parts:
+        lite_batches = (1, 8, 32, 64, 256) if on_gpu else (1, 8, 32, 64)
+        for jit in (False, True):
+            bench_model("lite", lite, lite_batches, args.repeats, jit=jit)
+    if "e2e" in parts:
+        bench_end_to_end(lite, args)
 
 
 if __name__ == "__main__":
