@@ -107,16 +107,23 @@ def test_learns_a_separable_problem(trained, toy_data):
 def test_variance_and_uncertainty_grow_away_from_training_data(trained, toy_data):
     classifier, _ = trained
     (train_x, _), _ = toy_data
+    rng = np.random.default_rng(5)
     near = classifier.predict(train_x)
-    far = classifier.predict(far_embeddings(300, 12.0, np.random.default_rng(5)))
-    # Typical far point is more uncertain than nearly every training point.
+    far = classifier.predict(far_embeddings(300, 12.0, rng))
+    # The typical far point is more uncertain than nearly every training point.
     assert np.median(far.variance) > np.quantile(near.variance, 0.95)
     assert np.median(far.uncertainty) > np.quantile(near.uncertainty, 0.95)
-    assert auroc(np.concatenate([far.uncertainty, near.uncertainty]),
+    # A class never seen in training (a cluster on a fourth axis) is what OOD flags are
+    # for: it separates from the training data and the default threshold flags most of it
+    # and few training points.
+    unseen = classifier.predict(
+        (4.0 * np.eye(NUM_FEATURES)[3] + rng.normal(0.0, 0.7, (300, NUM_FEATURES)))
+        .astype(np.float32))
+    assert np.median(unseen.variance) > np.quantile(near.variance, 0.95)
+    assert auroc(np.concatenate([unseen.uncertainty, near.uncertainty]),
                  np.r_[np.ones(300, bool), np.zeros(600, bool)]) > 0.95
-    # The default threshold flags few training points and most far ones.
+    assert unseen.ood.mean() > 0.8
     assert near.ood.mean() < 0.1
-    assert far.ood.mean() > 0.7
 
 
 def test_variance_is_the_ridge_scaled_gp_posterior(trained, toy_data):
@@ -310,6 +317,25 @@ def test_precision_update_rule(momentum):
     np.testing.assert_array_equal(layer.precision.numpy(), 0.0)
 
 
+def test_random_features_follow_the_formula():
+    """phi = sqrt(2/M) cos(LayerNorm(h) W / (r sqrt(H)) + b), checked against numpy."""
+    import keras
+
+    from analysis.classify.layers import RandomFeatureGP
+
+    keras.utils.set_random_seed(0)
+    hidden = np.random.default_rng(3).normal(2.0, 3.0, size=(10, 16)).astype(np.float32)
+    layer = RandomFeatureGP(3, 48, relative_lengthscale=0.25, seed=4, name="gp_formula")
+    layer(hidden)
+    assert layer.lengthscale == pytest.approx(0.25 * 4.0)
+    centred = hidden - hidden.mean(axis=1, keepdims=True)
+    normalized = centred / np.sqrt(centred.var(axis=1, keepdims=True) + 1e-3)  # Keras' eps
+    expected = np.sqrt(2 / 48) * np.cos(
+        normalized @ layer.random_kernel.numpy() / 1.0 + layer.random_bias.numpy())
+    np.testing.assert_allclose(np.asarray(layer.random_features(hidden)), expected,
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_random_features_are_frozen_and_orthogonal():
     from analysis.classify.layers import orthogonal_random_features
 
@@ -479,6 +505,9 @@ def test_named_configs_match_segclr():
         ClassifierConfig.from_dict({**TINY_SNGP.to_dict(), "dropout": 0.1})
     with pytest.raises(ValueError, match="momentum"):
         TINY_SNGP.with_updates(gp_cov_momentum=1.5)
+    assert all(c.gp_relative_lengthscale == 0.5 for c in CLASSIFIER_CONFIGS.values())
+    with pytest.raises(ValueError, match="lengthscale"):
+        TINY_SNGP.with_updates(gp_relative_lengthscale=0.0)
 
 
 def test_package_import_does_not_load_keras():

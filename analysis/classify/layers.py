@@ -164,8 +164,9 @@ class SpectralNormDense(layers.Layer):
 class RandomFeatureGP(layers.Layer):
     """Random-feature Gaussian-process output layer (SNGP, Liu et al. 2020).
 
-    ``h = LayerNorm(x)``; ``phi = sqrt(2 / M) cos(h W + b)`` ``[B, M]`` with frozen
-    orthogonal random frequencies ``W`` ``[H, M]`` and phases ``b ~ U(0, 2 pi)`` ``[M]``;
+    ``h = LayerNorm(x)``; ``phi = sqrt(2 / M) cos(h W / l + b)`` ``[B, M]`` with frozen
+    orthogonal random frequencies ``W`` ``[H, M]``, phases ``b ~ U(0, 2 pi)`` ``[M]`` and
+    kernel lengthscale ``l``;
     ``logits = phi beta`` ``[B, K]`` (``beta`` trainable, no bias). In training mode each
     call folds the batch into the precision matrix ``P`` ``[M, M]`` (non-trainable):
     ``P <- m P + (1 - m) phi^T phi / B``, or ``P <- P + phi^T phi`` when ``m = -1``.
@@ -175,8 +176,10 @@ class RandomFeatureGP(layers.Layer):
     The ridge is not folded into ``P`` (edward2 starts ``P`` at ``ridge * I`` and lets the
     momentum decay it); the predictive variance is ``ridge * diag(phi (ridge I + P)^-1
     phi^T)``, computed from the frozen ``P`` by :mod:`analysis.classify.uncertainty`.
-    With the input LayerNorm the kernel lengthscale is 1, as in edward2 with
-    ``normalize_input=True`` (SegCLR's ``gp_kernel_scale`` is then unused).
+
+    The frequencies are divided by the kernel lengthscale ``relative_lengthscale *
+    sqrt(H)`` (edward2 with ``normalize_input=True`` uses 1 whatever ``H``; see
+    :class:`~analysis.classify.configs.ClassifierConfig` for why SegScope does not).
 
     Parameters
     ----------
@@ -188,14 +191,21 @@ class RandomFeatureGP(layers.Layer):
         In [0, 1), or -1 for an exact sum.
     ridge : float
         Ridge penalty (kept here so it travels with the layer).
+    relative_lengthscale : float
+        RBF lengthscale in units of ``sqrt(H)``, ``H`` the width of the inputs.
     seed : int
         Seeds the frozen random frequencies and phases.
     """
 
     def __init__(self, units: int, num_inducing: int, *, momentum: float = 0.999,
-                 ridge: float = 1e-3, seed: int = 0, **kwargs):
+                 ridge: float = 1e-3, relative_lengthscale: float = 0.5, seed: int = 0,
+                 **kwargs):
         super().__init__(**kwargs)
+        if relative_lengthscale <= 0:
+            raise ValueError(f"relative_lengthscale must be positive, got {relative_lengthscale}")
         self.units = int(units)
+        self.relative_lengthscale = float(relative_lengthscale)
+        self.lengthscale = None  # relative_lengthscale * sqrt(H), known once built
         self.num_inducing = int(num_inducing)
         self.momentum = float(momentum)
         self.ridge = float(ridge)
@@ -204,6 +214,7 @@ class RandomFeatureGP(layers.Layer):
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
+        self.lengthscale = self.relative_lengthscale * math.sqrt(input_dim)
         self.input_norm.build(input_shape)
         rng = np.random.default_rng(self.seed)
         frequencies = orthogonal_random_features(input_dim, self.num_inducing, rng)
@@ -223,7 +234,8 @@ class RandomFeatureGP(layers.Layer):
 
     def random_features(self, inputs):
         """``phi`` ``[B, M]`` of hidden activations ``[B, H]``."""
-        projected = ops.matmul(self.input_norm(inputs), self.random_kernel) + self.random_bias
+        normalized = self.input_norm(inputs) * (1.0 / self.lengthscale)
+        projected = ops.matmul(normalized, self.random_kernel) + self.random_bias
         return math.sqrt(2.0 / self.num_inducing) * ops.cos(projected)
 
     def logits(self, features):
@@ -307,7 +319,9 @@ class ClassifierNet(keras.Model):
         if config.uses_gp:
             self.output_layer = RandomFeatureGP(
                 num_classes, config.num_inducing, momentum=config.gp_cov_momentum,
-                ridge=config.gp_cov_ridge_penalty, seed=seed, name="gp_output")
+                ridge=config.gp_cov_ridge_penalty,
+                relative_lengthscale=config.gp_relative_lengthscale, seed=seed,
+                name="gp_output")
         else:
             self.output_layer = layers.Dense(num_classes, kernel_regularizer=regularizer,
                                              name="dense_output")
