@@ -12,8 +12,9 @@ node. The on-disk format is Neuroglancer's unsharded precomputed skeletons
   ``uint32le edges [num_edges, 2]``, then each vertex attribute in ``info`` order,
   ``num_vertices * num_components`` little-endian values.
 
-SegScope writes a ``"radius"`` (float32, nm) and a ``"compartment"`` (uint8, index into
-``analysis.COMPARTMENTS``; ``UNKNOWN_COMPARTMENT`` for unlabelled nodes) attribute.
+SegScope writes a ``"radius"`` (float32, nm) and a ``"compartment"`` (float32 holding the
+integer index into ``analysis.COMPARTMENTS``; ``UNKNOWN_COMPARTMENT`` for unlabelled nodes)
+attribute; WebGL, and so Neuroglancer, cannot use uint8 vertex attributes.
 Node ids are the vertex indices.
 """
 
@@ -140,7 +141,9 @@ def skeleton_info(
     if with_radius:
         attributes.append({"id": "radius", "data_type": "float32", "num_components": 1})
     if with_compartment:
-        attributes.append({"id": "compartment", "data_type": "uint8", "num_components": 1})
+        # float32, not uint8: Neuroglancer's client rejects uint8 vertex attributes
+        # ("Data type not supported by WebGL") and fails the whole segmentation source.
+        attributes.append({"id": "compartment", "data_type": "float32", "num_components": 1})
     return {
         "@type": "neuroglancer_skeletons",
         "transform": list(_IDENTITY_TRANSFORM),

@@ -60,8 +60,9 @@ def test_binary_layout_matches_neuroglancer_spec():
     assert tuple(np.frombuffer(data, "<u4", 2, 32)) == (0, 1)
     radius = np.frombuffer(data, "<f4", 2, 40)
     np.testing.assert_allclose(radius, s.radius_nm, rtol=1e-6)
-    assert tuple(np.frombuffer(data, "u1", 2, 48)) == (0, 1)
-    assert len(data) == 50
+    # Compartment codes travel as float32 (WebGL has no uint8 vertex attributes).
+    assert tuple(np.frombuffer(data, "<f4", 2, 48)) == (0.0, 1.0)
+    assert len(data) == 56
 
 
 def test_neuroglancer_python_encoder_agrees():
@@ -70,10 +71,10 @@ def test_neuroglancer_python_encoder_agrees():
     source = ng_skeleton.SkeletonSource.__new__(ng_skeleton.SkeletonSource)
     source.vertex_attributes = {
         "radius": ng_skeleton.VertexAttributeInfo(data_type=np.float32, num_components=1),
-        "compartment": ng_skeleton.VertexAttributeInfo(data_type=np.uint8, num_components=1),
+        "compartment": ng_skeleton.VertexAttributeInfo(data_type=np.float32, num_components=1),
     }
     theirs = ng_skeleton.Skeleton(
-        s.nodes_nm, s.edges, {"radius": s.radius_nm, "compartment": s.compartment}
+        s.nodes_nm, s.edges, {"radius": s.radius_nm, "compartment": s.compartment.astype(np.float32)}
     ).encode(source)
     assert encode_skeleton(s, skeleton_info()) == theirs
 
