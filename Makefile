@@ -19,12 +19,15 @@ $(STAMP): pyproject.toml scripts/install_system_deps.sh
 run: setup
 	$(BIN)/segscope
 
+# Two pytest sessions: TensorFlow and QtWebEngine's WebGL (Mesa) cannot share a process.
+# Tests marked slow are left out here; test-all runs them too.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not qt and not slow"
+	$(BIN)/python -m pytest -m "qt and not slow"
 
-# The default run skips tests marked slow; this runs them too.
 test-all: setup
-	$(BIN)/python -m pytest -m ''
+	$(BIN)/python -m pytest -m "not qt"
+	$(BIN)/python -m pytest -m "qt"
 
 bench: setup
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done

@@ -139,6 +139,187 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_open(args: argparse.Namespace) -> int:
+    from app.main import run_app
+
+    return run_app(args)
+
+
+def _resolve_encoder_path(checkpoint: str | None) -> Path:
+    """The encoder named on the command line, or the shipped demo model."""
+    from app.controller import check_checkpoint, find_demo_model
+
+    if checkpoint:
+        return check_checkpoint(checkpoint)
+    found = find_demo_model()
+    if found is None:
+        raise CliError("no trained demo encoder in assets/; pass --checkpoint (a .keras file or a SegCLR checkpoint)")
+    return found
+
+
+def _segment_skeleton(skeletons_dir: Path | None, segment_id: int):
+    """``(nodes_nm, edges)`` of a segment from a precomputed skeleton folder, or (None, None)."""
+    if skeletons_dir is None:
+        return None, None
+    from analysis.skeletons import read_precomputed_skeleton
+
+    try:
+        skeleton = read_precomputed_skeleton(skeletons_dir, segment_id)
+    except KeyError:
+        return None, None
+    return skeleton.nodes_nm, skeleton.edges
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from analysis.centres import segment_centres
+    from analysis.encoder import open_encoder
+    from analysis.inference import stream_node_embeddings
+    from analysis.progress import drive
+    from analysis.volume import open_volume
+    from app.controller import _named_skeletons  # the segmentation's own skeleton folder
+
+    out = Path(args.out)
+    if out.exists() and out.suffix == ".parquet" and not args.force:
+        raise CliError(f"{out} exists; pass --force to replace it")
+    image = open_volume(args.image)
+    segmentation = open_volume(args.segmentation)
+    skeletons_dir = Path(args.skeletons) if args.skeletons else None
+    if skeletons_dir is None and Path(args.segmentation).is_dir():
+        skeletons_dir = _named_skeletons(Path(args.segmentation))
+    encoder_path = _resolve_encoder_path(args.checkpoint)
+    segments = []
+    for segment_id in args.segments:
+        nodes, edges = _segment_skeleton(skeletons_dir, segment_id)
+        centres = segment_centres(segmentation, segment_id, skeleton_nodes_nm=nodes, skeleton_edges=edges,
+                                  spacing_nm=args.spacing_nm)
+        segments.append((segment_id, centres.node_ids, centres.positions_nm))
+    encoder = open_encoder(encoder_path)
+    bar = _progress_bar("embed")
+    try:
+        result = drive(stream_node_embeddings(encoder, image, segmentation, segments, batch_size=args.batch_size), bar)
+    finally:
+        bar.close()
+    if out.suffix == ".parquet":
+        _write_embeddings_parquet(out, result, encoder_path)
+    else:
+        from analysis.csvzip import CsvZipStore
+
+        store = CsvZipStore(out, coordinates="nm")
+        rows = {}
+        for segment_id in args.segments:
+            pick = result.segment_ids == np.uint64(segment_id)
+            rows[int(segment_id)] = (result.node_ids[pick], result.xyz_nm[pick], result.embeddings[pick])
+        store.write_many(rows, overwrite=args.force)
+    print(f"wrote {len(result)} node embeddings of {len(args.segments)} segments to {out}")
+    return 0
+
+
+def _write_embeddings_parquet(path: Path, result, encoder_path: Path) -> None:
+    """One row per node: segment_id, node_id, x_nm, y_nm, z_nm, e0..e{D-1}; provenance in metadata."""
+    import hashlib
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {
+        "segment_id": pa.array(result.segment_ids, pa.uint64()),
+        "node_id": pa.array(result.node_ids, pa.int64()),
+        "x_nm": result.xyz_nm[:, 0], "y_nm": result.xyz_nm[:, 1], "z_nm": result.xyz_nm[:, 2],
+    }
+    for d in range(result.embeddings.shape[1]):
+        columns[f"e{d}"] = result.embeddings[:, d]
+    digest = hashlib.sha256()
+    for file in sorted(encoder_path.parent.glob(encoder_path.name + "*")) if not encoder_path.is_file() else [encoder_path]:
+        digest.update(file.read_bytes())
+    table = pa.table(columns).replace_schema_metadata({
+        "segscope_provenance": json.dumps({"model": str(encoder_path), "model_sha256": digest.hexdigest(),
+                                           "coordinates": "nm", "segscope_version": __version__}),
+    })
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from analysis.dataset import open_dataset
+    from analysis.export import (
+        Provenance, export_bundle, read_node_table, read_segment_table, skeletons_from_edges_table,
+        tables_from_ground_truth,
+    )
+    from analysis.progress import drive
+
+    skeletons = None
+    if args.nodes or args.segments:
+        if not (args.nodes and args.segments):
+            raise CliError("--nodes and --segments go together")
+        nodes, provenance = read_node_table(args.nodes)
+        segments, _ = read_segment_table(args.segments)
+        provenance = provenance or Provenance(dataset=str(args.nodes))
+        voxel = args.voxel_size
+        if voxel is None:
+            raise CliError("--voxel-size X,Y,Z (nm) is needed with --nodes/--segments")
+    else:
+        dataset = open_dataset(args.dataset) if args.dataset else _open_dataset_arg(None)
+        nodes, segments = tables_from_ground_truth(dataset.path / "nodes.parquet", dataset.path / "segments.parquet",
+                                                   cell_type_names=dataset.cell_types or None)
+        provenance = Provenance(model_name="ground truth", dataset=str(dataset.path))
+        voxel = tuple(dataset.voxel_size_nm)
+        skeletons = skeletons_from_edges_table(dataset.path / "edges.parquet")
+        args.image_url = args.image_url or str(dataset.path / "image")
+        args.segmentation_url = args.segmentation_url or str(dataset.path / "segmentation")
+    bar = _progress_bar("export")
+    try:
+        result = drive(export_bundle(
+            args.out, nodes, segments, provenance, voxel_size_nm=voxel, image_url=args.image_url,
+            segmentation_url=args.segmentation_url, serve_url=args.serve_url, skeletons=skeletons,
+            force=args.force), bar)
+    finally:
+        bar.close()
+    print(f"exported to {result.folder}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from analysis.encoder import build_encoder, open_encoder
+    from analysis.evaluation import EvaluationConfig, evaluate
+    from analysis.progress import drive
+    from analysis.training import CellSplit
+
+    dataset = _open_dataset_arg(args.dataset)
+    run = Path(args.run)
+    split_path = run / "split.json"
+    if not split_path.is_file():
+        raise CliError(f"{split_path} not found: evaluate needs the training run's cell split")
+    split = CellSplit.load(split_path)
+    encoder_path = Path(args.encoder) if args.encoder else run / "encoder.keras"
+    encoder = open_encoder(encoder_path)
+    baseline = build_encoder(encoder.encoder_config, seed=args.seed + 1000)
+    config = EvaluationConfig(label_counts=tuple(args.label_counts), repeats=args.repeats, seed=args.seed)
+    bar = _progress_bar("evaluate")
+    try:
+        metrics = drive(evaluate(dataset, encoder, split, args.out, baseline_encoder=baseline, config=config), bar)
+    finally:
+        bar.close()
+    classifiers = metrics.pop("_classifiers")
+    if args.save_classifiers:
+        folder = Path(args.save_classifiers)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, classifier in classifiers.items():
+            classifier.save(folder / f"{name}.npz")
+    summary = {name: {"subcompartment_macro_f1": metrics[name]["subcompartment"]["macro_f1"],
+                      "cell_type_accuracy": metrics[name]["cell_type"]["segment_accuracy"],
+                      "ood_auroc": metrics[name]["cell_type"].get("ood_auroc")}
+               for name in ("trained", "baseline")}
+    print(json.dumps(summary, indent=1))
+    print(f"metrics and plots in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segscope",
@@ -176,6 +357,49 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     train.set_defaults(handler=_cmd_train)
 
+    from app.main import add_open_arguments
+
+    open_ = sub.add_parser("open", help="open the desktop app on other data")
+    add_open_arguments(open_)
+    open_.set_defaults(handler=_cmd_open)
+
+    embed = sub.add_parser("embed", help="SegCLR embeddings of segments' nodes (Parquet or CSV ZIP)")
+    embed.add_argument("--image", required=True, metavar="URL")
+    embed.add_argument("--segmentation", required=True, metavar="URL")
+    embed.add_argument("--segments", required=True, type=_parse_ids, metavar="ID[,ID...]")
+    embed.add_argument("--skeletons", metavar="DIR", help="precomputed skeletons (default: the segmentation's own; "
+                       "segments without one get centres sampled from their mask)")
+    embed.add_argument("--checkpoint", metavar="PATH", help="encoder (.keras or SegCLR checkpoint; default: demo model)")
+    embed.add_argument("--spacing-nm", type=float, default=1500.0, help="centre spacing along the skeleton (nm)")
+    embed.add_argument("--batch-size", type=int, default=None)
+    embed.add_argument("--out", required=True, metavar="PATH",
+                       help="*.parquet (one row per node, nm) or a CSV ZIP store folder (nm coordinates)")
+    embed.add_argument("--force", action="store_true", help="replace existing output")
+    embed.set_defaults(handler=_cmd_embed)
+
+    export = sub.add_parser("export", help="Neuroglancer layers, tables and SWC for annotated nodes and segments")
+    export.add_argument("--out", required=True, help="bundle folder")
+    export.add_argument("--dataset", help="export a SegScope dataset's ground truth (default: the demo)")
+    export.add_argument("--nodes", help="node table (Parquet/CSV written by SegScope)")
+    export.add_argument("--segments", help="segment table (Parquet/CSV written by SegScope)")
+    export.add_argument("--voxel-size", type=lambda t: tuple(float(v) for v in t.split(",")), metavar="X,Y,Z")
+    export.add_argument("--image-url", help="image source for the state JSON")
+    export.add_argument("--segmentation-url", help="segmentation source for the state JSON")
+    export.add_argument("--serve-url", help="URL the bundle folder will be served at (for the state JSON)")
+    export.add_argument("--force", action="store_true", help="replace an existing bundle")
+    export.set_defaults(handler=_cmd_export)
+
+    evaluate = sub.add_parser("evaluate", help="score an encoder on held-out cells (JSON + PNG plots)")
+    evaluate.add_argument("--run", required=True, help="training run folder (its split.json, encoder.keras)")
+    evaluate.add_argument("--encoder", help="encoder to evaluate (default: RUN/encoder.keras)")
+    evaluate.add_argument("--dataset", help="dataset folder (default: the demo)")
+    evaluate.add_argument("--out", required=True, help="folder for metrics.json and plots")
+    evaluate.add_argument("--label-counts", type=int, nargs="+", default=[8, 32, 128, 512, 2048])
+    evaluate.add_argument("--repeats", type=int, default=3)
+    evaluate.add_argument("--save-classifiers", metavar="DIR", help="also save the trained classifiers here")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
     info = sub.add_parser("info", help="print format, shape, voxel size and bounds of a volume")
     info.add_argument("url", help="path or URL (file://, gs://, http(s)://; precomputed, zarr, n5)")
     info.set_defaults(handler=_cmd_info)
@@ -191,8 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     handler = getattr(args, "handler", None)
     if handler is None:
-        parser.print_help()
-        return 0
+        # No command: the desktop app on the built-in demo.
+        from app.main import add_open_arguments, run_app
+
+        return run_app(add_open_arguments(argparse.ArgumentParser()).parse_args([]))
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -102,9 +102,9 @@ class _ChildServer:  # pragma: no cover - runs in the child process
 
     def load(self, path: str, warm_up_batches: Sequence[int]) -> dict:
         try:
-            from analysis.encoder import load_checkpoint, load_encoder
+            from analysis.encoder import open_encoder
 
-            encoder = load_encoder(path) if path.endswith(".keras") else load_checkpoint(path)
+            encoder = open_encoder(path)
             config = encoder.encoder_config
             from analysis.inference import default_batch_size
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,18 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("SEGSCOPE_CACHE_DIR", None)
     else:
         os.environ["SEGSCOPE_CACHE_DIR"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _qt_tests_need_a_process_without_tensorflow(request):
+    """TensorFlow and QtWebEngine's software WebGL (Mesa's LLVM) crash in one process.
+
+    TF 2.21 exports LLVM symbols that clash with Mesa's libLLVM, so whichever loads second
+    segfaults. ``make test`` runs ``-m qt`` tests in a pytest session of their own; here
+    a mixed session skips them with that explanation instead of crashing.
+    """
+    if request.node.get_closest_marker("qt") and "tensorflow" in sys.modules:
+        pytest.skip("TensorFlow is loaded in this process; run the Qt tests on their own: pytest -m qt")
 
 
 @pytest.fixture(scope="session")

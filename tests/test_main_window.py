@@ -30,10 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.qt
 
 
-def _tensorflow_loaded() -> bool:
-    return "tensorflow" in sys.modules
-
-
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     from analysis.synthetic import generate_dataset
@@ -80,9 +76,6 @@ def _run_until(predicate, timeout_s: float) -> bool:
 
 @pytest.fixture(scope="module")
 def window(demo_dir, random_model, qapp):
-    if _tensorflow_loaded():
-        pytest.skip("TensorFlow is loaded in this process (another module imported it); "
-                    "test_qt_suite_in_a_clean_process runs these tests in a fresh interpreter")
     from app.controller import DataSource
     from app.main import build_window
 
@@ -283,13 +276,3 @@ def test_bad_inputs_fail_on_the_console_before_any_window(tmp_path, capsys):
         assert os.environ.get("QT_QPA_PLATFORM") == env_platform
         err = capsys.readouterr().err
         assert err.startswith("segscope: error: ") and "Traceback" not in err
-
-
-@pytest.mark.slow
-def test_qt_suite_in_a_clean_process():
-    """Run this file in a fresh interpreter when this one has TensorFlow loaded."""
-    if not _tensorflow_loaded():
-        pytest.skip("TensorFlow is not loaded here: the Qt tests ran in this process")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                             str(Path(__file__))], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
