@@ -327,7 +327,7 @@ def load_classifier(path: str | os.PathLike) -> Classifier:
     from .layers import ClassifierNet
 
     model = ClassifierNet(config, np.zeros(num_features, np.float32),
-                          np.ones(num_features, np.float32), len(class_names))
+                          np.ones(num_features, np.float32), len(class_names), seed=None)
     expected = [variable.path for variable in model.weights]
     if expected != weight_paths:
         raise ClassifierFileError(f"{path}: stored weights {weight_paths} do not match the "

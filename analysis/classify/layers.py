@@ -193,13 +193,15 @@ class RandomFeatureGP(layers.Layer):
         Ridge penalty (kept here so it travels with the layer).
     relative_lengthscale : float
         RBF lengthscale in units of ``sqrt(H)``, ``H`` the width of the inputs.
-    seed : int
-        Seeds the frozen random frequencies and phases.
+    seed : int or None
+        Seeds the frozen random frequencies and phases. None leaves them zero, for a
+        layer whose weights are about to be assigned from a saved classifier (drawing
+        orthogonal features costs a QR per block, seconds on a busy machine).
     """
 
     def __init__(self, units: int, num_inducing: int, *, momentum: float = 0.999,
-                 ridge: float = 1e-3, relative_lengthscale: float = 0.5, seed: int = 0,
-                 **kwargs):
+                 ridge: float = 1e-3, relative_lengthscale: float = 0.5,
+                 seed: int | None = 0, **kwargs):
         super().__init__(**kwargs)
         if relative_lengthscale <= 0:
             raise ValueError(f"relative_lengthscale must be positive, got {relative_lengthscale}")
@@ -209,16 +211,20 @@ class RandomFeatureGP(layers.Layer):
         self.num_inducing = int(num_inducing)
         self.momentum = float(momentum)
         self.ridge = float(ridge)
-        self.seed = int(seed)
+        self.seed = None if seed is None else int(seed)
         self.input_norm = layers.LayerNormalization(name="input_norm")
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
         self.lengthscale = self.relative_lengthscale * math.sqrt(input_dim)
         self.input_norm.build(input_shape)
-        rng = np.random.default_rng(self.seed)
-        frequencies = orthogonal_random_features(input_dim, self.num_inducing, rng)
-        phases = rng.uniform(0.0, 2.0 * math.pi, self.num_inducing).astype(np.float32)
+        if self.seed is None:
+            frequencies = np.zeros((input_dim, self.num_inducing), np.float32)
+            phases = np.zeros(self.num_inducing, np.float32)
+        else:
+            rng = np.random.default_rng(self.seed)
+            frequencies = orthogonal_random_features(input_dim, self.num_inducing, rng)
+            phases = rng.uniform(0.0, 2.0 * math.pi, self.num_inducing).astype(np.float32)
         self.random_kernel = self.add_weight(
             name="random_kernel", shape=frequencies.shape,
             initializer=_constant_initializer(frequencies), trainable=False)
@@ -291,13 +297,13 @@ class ClassifierNet(keras.Model):
     mean, std : numpy.ndarray
         ``[D]`` standardisation statistics.
     num_classes : int
-    seed : int
-        Seeds the GP layer's frozen random features. Trainable initial weights come from
-        Keras' global RNG (seeded by the caller).
+    seed : int or None
+        Seeds the GP layer's frozen random features (None: left zero, for loading).
+        Trainable initial weights come from Keras' global RNG (seeded by the caller).
     """
 
     def __init__(self, config: ClassifierConfig, mean, std, num_classes: int, *,
-                 seed: int = 0, **kwargs):
+                 seed: int | None = 0, **kwargs):
         kwargs.setdefault("name", "segscope_classifier")
         super().__init__(**kwargs)
         self.classifier_config = config
