@@ -47,8 +47,8 @@ class EvaluationConfig:
     spacing_nm: float = 1500.0
     compartment_radius_nm: float = 0.0
     cell_type_radius_nm: float = 10_000.0
-    compartment_classifier: str = "BERT_SNGP_v1"
-    cell_type_classifier: str = "BERT_SNGP_v1"
+    compartment_classifier: str = "BERT_SMALL_SNGP_v1"
+    cell_type_classifier: str = "BERT_SMALL_SNGP_v1"
     label_counts: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
     repeats: int = 5
     efficiency_max_epochs: int = 200

@@ -1,0 +1,67 @@
+"""The segscope command line: fast help, clear errors, the data commands end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_imports_no_heavy_library():
+    code = ("import sys, contextlib, io\n"
+            "from app.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: main(['--help'])\n"
+            "    except SystemExit: pass\n"
+            "heavy = [m for m in ('tensorflow', 'keras', 'umap', 'PyQt6', 'tensorstore', 'numba') if m in sys.modules]\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_info_prints_shape_and_voxel_size(tmp_path, capsys):
+    from analysis.volume import write_volume
+
+    write_volume(tmp_path / "img", np.zeros((20, 30, 40), np.uint8), (32, 32, 40))
+    assert main(["info", str(tmp_path / "img")]) == 0
+    out = capsys.readouterr().out
+    assert "20 x 30 x 40 voxels" in out and "32 x 32 x 40 nm" in out and "neuroglancer_precomputed" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "/nonexistent/volume"], "does not exist"),
+    (["info", "ftp://host/x"], "unsupported URL scheme"),
+    (["export", "--out", "{tmp}/b", "--nodes", "{tmp}/n.parquet"], "--nodes and --segments go together"),
+    (["evaluate", "--run", "{tmp}", "--out", "{tmp}/e", "--dataset", "{tmp}/nodata"], "does not exist"),
+    (["evaluate", "--run", "{tmp}", "--out", "{tmp}/e"], "split.json not found"),
+])
+def test_bad_input_gives_one_line_error(tmp_path, capsys, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segscope ") and message in err and "Traceback" not in err
+
+
+def test_demo_data_then_export_ground_truth(tmp_path, capsys):
+    assert main(["demo-data", "--out", str(tmp_path / "demo"), "--size", "64", "--seed", "3"]) == 0
+    assert (tmp_path / "demo" / "dataset.json").is_file()
+    # Refuses to overwrite without --force.
+    assert main(["demo-data", "--out", str(tmp_path / "demo"), "--size", "64"]) == 2
+    assert main(["export", "--dataset", str(tmp_path / "demo"), "--out", str(tmp_path / "bundle")]) == 0
+    state = json.loads((tmp_path / "bundle" / "state.json").read_text())
+    assert {layer["name"] for layer in state["layers"]} >= {"image", "segmentation"}
+    import pyarrow.parquet as pq
+
+    nodes = pq.read_table(tmp_path / "bundle" / "nodes.parquet")
+    truth = pq.read_table(tmp_path / "demo" / "nodes.parquet")
+    assert nodes.num_rows == truth.num_rows
+    assert main(["export", "--dataset", str(tmp_path / "demo"), "--out", str(tmp_path / "bundle")]) == 2
+    assert "exists" in capsys.readouterr().err
