@@ -309,8 +309,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.save_classifiers:
         folder = Path(args.save_classifiers)
         folder.mkdir(parents=True, exist_ok=True)
+        radius = {"compartment": config.compartment_radius_nm, "cell_type": config.cell_type_radius_nm}
+        manifest = {}
         for name, classifier in classifiers.items():
             classifier.save(folder / f"{name}.npz")
+            manifest[name] = {"file": f"{name}.npz", "radius_nm": radius[name], "classes": list(classifier.class_names),
+                              "ood_threshold": classifier.ood_threshold, "encoder": str(encoder_path.name)}
+        (folder / "classifiers.json").write_text(json.dumps(manifest, indent=1))
     summary = {name: {"subcompartment_macro_f1": metrics[name]["subcompartment"]["macro_f1"],
                       "cell_type_accuracy": metrics[name]["cell_type"]["segment_accuracy"],
                       "ood_auroc": metrics[name]["cell_type"].get("ood_auroc")}
