@@ -579,3 +579,27 @@ def train_on_dataset(
              len(train_ids), int(keep.sum()), len(split.train_cells), len(split.eval_cells))
     return (yield from train_contrastive(image, segmentation, node_segments[keep], nodes, out, config,
                                          resume=resume, stop_at_step=stop_at_step))
+
+
+def plot_loss_curve(losses: Sequence[float], png_path: str | os.PathLike, *, window: int = 50, title: str = "") -> None:
+    """Save the per-step loss and its running mean (``window`` steps) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.asarray(losses, dtype=np.float64)
+    steps = np.arange(1, len(values) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, values, lw=0.5, alpha=0.4, label="per step")
+    if len(values) >= window:
+        running = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], running, lw=1.5, label=f"running mean ({window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("NT-Xent loss (both directions)")
+    ax.set_title(title or "Contrastive training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)

@@ -85,3 +85,38 @@ def test_cell_split_is_deterministic_and_disjoint():
     train, held = split_cells(range(20), 0.25, seed=3)
     assert len(held) == 5 and not set(train) & set(held) and len(train) + len(held) == 20
     assert np.array_equal(split_cells(range(20), 0.25, seed=3)[1], held)
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    from analysis.dataset import open_dataset
+    from analysis.progress import drive
+    from analysis.synthetic import generate_dataset
+
+    return open_dataset(drive(generate_dataset(tmp_path_factory.mktemp("train") / "demo", seed=1, size_vox=(64, 64, 64))))
+
+
+def test_tiny_training_run_learns_and_resumes(small_demo, tmp_path):
+    from analysis.encoder import SEGCLR_LITE, load_encoder
+    from analysis.progress import drive
+    from analysis.training import CellSplit, train_on_dataset
+
+    tiny = SEGCLR_LITE.with_updates(
+        input_size_vox=(17, 17, 17), stem_filters=8, stage_filters=(8, 16), stage_blocks=(1, 1),
+        stage_strides=(1, 2), bottleneck_widths=(32, 16), projection_widths=(16, 8))
+    config = TrainingConfig(encoder=tiny.to_dict(), steps=80, batch_pairs=8, learning_rate=3e-3,
+                            warmup_steps=5, checkpoint_every=20, seed=0)
+    split = CellSplit.for_dataset(small_demo, 0.2, seed=0)
+    # Run in two parts to exercise resuming from the checkpoint.
+    first = drive(train_on_dataset(small_demo, tmp_path, config, split=split, stop_at_step=40))
+    assert first.steps_done == 40 and first.encoder_path is None
+    result = drive(train_on_dataset(small_demo, tmp_path, config, split=split))
+    assert result.steps_done == 80 and result.losses[:40] == first.losses
+    chance = 2 * math.log(2 * config.batch_pairs - 1)  # loss of a projection that knows nothing
+    start, end = np.mean(result.losses[:10]), np.mean(result.losses[-20:])
+    print(f"loss first 10 steps {start:.3f}, last 20 steps {end:.3f}, chance {chance:.3f}")
+    assert end < start and end < chance, (start, end, chance)
+    encoder = load_encoder(result.encoder_path)
+    assert encoder.encoder_config == tiny
+    held = set(CellSplit.load(tmp_path / "split.json").eval_cells)
+    assert held == set(split.eval_cells)
