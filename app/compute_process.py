@@ -14,6 +14,12 @@ competes with the Qt thread for the GIL.
 
 :class:`ComputeProcess` is driven from the app's job worker thread; its methods are
 generators that yield :class:`~analysis.progress.Progress` like every compute function.
+
+Classifiers are Keras models too, so they live in the child beside the encoder: after
+each embedding batch the child's :class:`SegmentPredictor` labels the new nodes with
+their predicted subcompartment and re-estimates the segment's cell type and
+out-of-distribution score, and the batch travels back with its predictions
+(:class:`PredictedBatch`), so a node gets its colour the moment its embedding exists.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import itertools
 import logging
 import multiprocessing
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
+from analysis import COMPARTMENTS
 from analysis.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,170 @@ def _rebuild_error(type_name: str, message: str) -> Exception:
     return ComputeProcessError(f"{type_name}: {message}")
 
 
+# -- predictions ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompartmentCalls:
+    """Predicted subcompartments of some centres of a segment.
+
+    Attributes
+    ----------
+    indices : numpy.ndarray
+        int64 ``[b]``: positions in the segment's centre order.
+    codes : numpy.ndarray
+        uint8 ``[b]``: predicted compartment, indexing ``analysis.COMPARTMENTS``.
+    probability : numpy.ndarray
+        float32 ``[b]``: the predicted compartment's probability.
+    uncertainty : numpy.ndarray
+        float32 ``[b]``: Dempster-Shafer uncertainty in (0, 1).
+    """
+
+    indices: np.ndarray
+    codes: np.ndarray
+    probability: np.ndarray
+    uncertainty: np.ndarray
+
+
+@dataclass(frozen=True)
+class CellTypeCall:
+    """A segment's cell type from the radius-aggregated embeddings of its nodes so far.
+
+    ``probability`` is the winning class's mean probability over the nodes,
+    ``probabilities`` every class's; ``ood_score`` the nodes' mean Dempster-Shafer
+    uncertainty and ``ood_flagged`` whether it exceeds the classifier's ``threshold``.
+    """
+
+    name: str
+    probability: float
+    probabilities: dict[str, float]
+    ood_score: float
+    ood_flagged: bool
+    threshold: float
+    n_nodes: int
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Classifier outputs after one batch (either part None when not available)."""
+
+    compartments: CompartmentCalls | None
+    cell_type: CellTypeCall | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class PredictedBatch:
+    """One batch of embeddings with their predictions (a Progress payload).
+
+    ``indices`` int64 ``[b]`` (positions in the centre order), ``embeddings`` float32
+    ``[b, D]``; ``predictions`` is None when no classifier is loaded.
+    """
+
+    indices: np.ndarray
+    embeddings: np.ndarray
+    predictions: Predictions | None
+
+
+class SegmentPredictor:
+    """Turns a segment's node embeddings, as they arrive, into classifier outputs.
+
+    Parameters
+    ----------
+    compartment, cell_type
+        Objects with ``predict(embeddings [N, D]) -> analysis.classify.Prediction``,
+        ``class_names``, ``num_features`` and ``ood_threshold`` (a
+        :class:`analysis.classify.Classifier`), or None.
+    compartment_radius_nm, cell_type_radius_nm
+        Aggregation radius (nm) of the embeddings each classifier was trained on: 0 for
+        node embeddings (each batch then only needs its own nodes predicted), otherwise
+        every node so far is aggregated over its neighbours within the radius and
+        predicted again, since new neighbours change old nodes' aggregates.
+
+    Raises
+    ------
+    ValueError
+        When the compartment classifier has a class that is not in
+        ``analysis.COMPARTMENTS`` (the app colours nodes by those).
+    """
+
+    def __init__(self, compartment=None, cell_type=None, *, compartment_radius_nm: float = 0.0,
+                 cell_type_radius_nm: float = 10_000.0):
+        self.compartment = compartment
+        self.cell_type = cell_type
+        self.compartment_radius_nm = float(compartment_radius_nm)
+        self.cell_type_radius_nm = float(cell_type_radius_nm)
+        self._codes = None
+        if compartment is not None:
+            unknown = [name for name in compartment.class_names if name not in COMPARTMENTS]
+            if unknown:
+                raise ValueError(f"the compartment classifier predicts {unknown}, which are not "
+                                 f"subcompartments SegScope knows ({', '.join(COMPARTMENTS)})")
+            self._codes = np.asarray([COMPARTMENTS.index(name) for name in compartment.class_names],
+                                     dtype=np.uint8)
+        self.start(np.zeros((0, 3)))
+
+    @property
+    def active(self) -> bool:
+        return self.compartment is not None or self.cell_type is not None
+
+    def start(self, positions_nm: np.ndarray) -> None:
+        """Begin a segment whose centres lie at ``positions_nm`` (``[N, 3]`` xyz nm)."""
+        self._positions = np.asarray(positions_nm, dtype=np.float64).reshape(-1, 3)
+        self._embeddings: np.ndarray | None = None
+        self._embedded = np.zeros(len(self._positions), dtype=bool)
+
+    def _usable(self, classifier, width: int, what: str, notes: list[str]) -> bool:
+        if classifier is None:
+            return False
+        if classifier.num_features != width:
+            notes.append(f"the {what} classifier takes {classifier.num_features}-d embeddings, "
+                         f"these are {width}-d")
+            return False
+        return True
+
+    def add(self, indices: np.ndarray, embeddings: np.ndarray) -> Predictions:
+        """Record embeddings of centres ``indices`` (int ``[b]``, float ``[b, D]``) and
+        return the predictions they change."""
+        from analysis.aggregate import aggregate_embeddings
+
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        values = np.asarray(embeddings, dtype=np.float32)
+        if self._embeddings is None:
+            self._embeddings = np.zeros((len(self._positions), values.shape[1]), dtype=np.float32)
+        self._embeddings[indices] = values
+        self._embedded[indices] = True
+        notes: list[str] = []
+        compartments = cell_type = None
+        done = np.flatnonzero(self._embedded)
+        if self._usable(self.compartment, values.shape[1], "compartment", notes):
+            if self.compartment_radius_nm > 0:
+                rows = done
+                features = aggregate_embeddings(self._positions[rows], self._embeddings[rows],
+                                                self.compartment_radius_nm)
+            else:
+                rows, features = indices, values
+            prediction = self.compartment.predict(features)
+            chosen = prediction.probabilities[np.arange(len(rows)), prediction.labels]
+            compartments = CompartmentCalls(rows.copy(), self._codes[prediction.labels],
+                                            chosen.astype(np.float32),
+                                            prediction.uncertainty.astype(np.float32))
+        if self._usable(self.cell_type, values.shape[1], "cell-type", notes) and len(done):
+            features = self._embeddings[done]
+            if self.cell_type_radius_nm > 0:
+                features = aggregate_embeddings(self._positions[done], features, self.cell_type_radius_nm)
+            prediction = self.cell_type.predict(features)
+            mean = prediction.probabilities.mean(axis=0)
+            best = int(np.argmax(mean))
+            score = float(prediction.uncertainty.mean())
+            threshold = float(self.cell_type.ood_threshold)
+            cell_type = CellTypeCall(
+                name=str(self.cell_type.class_names[best]), probability=float(mean[best]),
+                probabilities={str(n): float(p) for n, p in zip(self.cell_type.class_names, mean)},
+                ood_score=score, ood_flagged=score > threshold, threshold=threshold, n_nodes=int(len(done)))
+        return Predictions(compartments, cell_type, "; ".join(notes))
+
+
 # -- the child -------------------------------------------------------------------------------
 
 
@@ -73,6 +245,7 @@ class _ChildServer:  # pragma: no cover - runs in the child process
     def __init__(self, conn):
         self.conn = conn
         self.encoder = None
+        self.predictor: SegmentPredictor | None = None
         self.volumes: dict[str, Any] = {}
         self.backlog: collections.deque = collections.deque()
 
@@ -93,8 +266,12 @@ class _ChildServer:  # pragma: no cover - runs in the child process
             try:
                 if kind == "load":
                     self.conn.send(("loaded", self.load(*message[1:])))
+                elif kind == "load_classifiers":
+                    self.conn.send(("classifiers_loaded", self.load_classifiers(*message[1:])))
                 elif kind == "embed":
                     self.embed(*message[1:])
+                elif kind == "predict":
+                    self.predict(*message[1:])
                 else:
                     self.conn.send(("error", None, "ValueError", f"unknown request {kind!r}"))
             except (EOFError, OSError, BrokenPipeError):
@@ -119,6 +296,45 @@ class _ChildServer:  # pragma: no cover - runs in the child process
             "input_size_vox": [int(v) for v in config.input_size_vox],
             "voxel_size_nm": [float(v) for v in config.voxel_size_nm],
         }
+
+    def load_classifiers(self, entries: Sequence[dict]) -> dict:
+        """Load classifiers: ``entries`` of ``{"task", "path", "radius_nm"}``."""
+        try:
+            from analysis.classify import load_classifier
+
+            loaded: dict[str, Any] = {}
+            radius: dict[str, float] = {}
+            for entry in entries:
+                loaded[entry["task"]] = load_classifier(entry["path"])
+                radius[entry["task"]] = float(entry["radius_nm"])
+            predictor = SegmentPredictor(
+                loaded.get("compartment"), loaded.get("cell_type"),
+                compartment_radius_nm=radius.get("compartment", 0.0),
+                cell_type_radius_nm=radius.get("cell_type", 0.0))
+            # Trace the networks (and import the aggregation's scipy) now, not on a click.
+            for classifier in loaded.values():
+                warm = SegmentPredictor(None, classifier, cell_type_radius_nm=1.0)
+                warm.start(np.zeros((2, 3)))
+                warm.add(np.arange(2), np.zeros((2, classifier.num_features), np.float32))
+        except Exception as exc:
+            return {"error": (type(exc).__name__, str(exc))}
+        self.predictor = predictor if predictor.active else None
+        return {task: {"class_names": list(c.class_names), "num_features": int(c.num_features),
+                       "ood_threshold": float(c.ood_threshold), "config": c.config.name}
+                for task, c in loaded.items()}
+
+    def predict(self, token: int, positions_nm: np.ndarray, embeddings: np.ndarray) -> None:
+        """Predictions for a whole segment's embeddings at once (precomputed ones)."""
+        if self.predictor is None:
+            self.conn.send(("predicted", token, None))
+            return
+        try:
+            self.predictor.start(positions_nm)
+            predictions = self.predictor.add(np.arange(len(positions_nm)), embeddings)
+        except Exception as exc:
+            self.conn.send(("error", token, type(exc).__name__, str(exc)))
+            return
+        self.conn.send(("predicted", token, predictions))
 
     def volume(self, url: str):
         from analysis.volume import open_volume
@@ -159,6 +375,9 @@ class _ChildServer:  # pragma: no cover - runs in the child process
             segmentation = self.volume(segmentation_url)
             total = len(centres_nm)
             meter = RateMeter()
+            predictor = self.predictor
+            if predictor is not None:
+                predictor.start(centres_nm)
             first = min(max(1, first_batch), total)
             # A small first call puts the nearest node on screen quickly; the rest run at
             # the engine's efficient batch size.
@@ -171,8 +390,10 @@ class _ChildServer:  # pragma: no cover - runs in the child process
                 for report in part:
                     batch = report.payload
                     done += len(batch.indices)
-                    self.conn.send(("batch", token, batch.indices + start, batch.embeddings, done, total,
-                                    meter.rate(done)))
+                    indices = batch.indices + start
+                    predictions = None if predictor is None else predictor.add(indices, batch.embeddings)
+                    self.conn.send(("batch", token, indices, batch.embeddings, done, total,
+                                    meter.rate(done), predictions))
                     if is_cancelled():
                         part.close()
                         self.conn.send(("cancelled", token, done))
@@ -208,6 +429,7 @@ class ComputeProcess:
         child_conn.close()
         self._tokens = itertools.count(1)
         self.loaded = False
+        self.classifiers_loaded = False
 
     @property
     def alive(self) -> bool:
@@ -242,28 +464,64 @@ class ComputeProcess:
         """
         yield Progress(0, 1, "steps", f"loading {os.fspath(path)}")
         self._send(("load", os.fspath(path), list(warm_up_batches)))
-        reply = self._receive()
-        while reply[0] != "loaded":  # late messages of an abandoned embedding job
-            reply = self._receive()
-        summary = reply[1]
+        summary = self._await("loaded")
         if "error" in summary:
             raise _rebuild_error(*summary["error"])
         self.loaded = True
         yield Progress(1, 1, "steps", "model ready")
         return summary
 
+    def _await(self, kind: str):
+        """The payload of the next ``kind`` reply (late messages of abandoned jobs skipped)."""
+        reply = self._receive()
+        while reply[0] != kind:
+            reply = self._receive()
+        return reply[1]
+
+    def load_classifiers(self, entries: Sequence[dict]) -> Generator[Progress, None, dict]:
+        """Load classifiers in the child: ``entries`` of ``{"task": "compartment" or
+        "cell_type", "path": .npz file, "radius_nm": aggregation radius}``.
+
+        Returns ``{task: {"class_names", "num_features", "ood_threshold", "config"}}``.
+        Raises the child's error (FileNotFoundError, ValueError...).
+        """
+        yield Progress(0, 1, "steps", f"loading {len(entries)} classifiers")
+        self._send(("load_classifiers", [dict(entry) for entry in entries]))
+        summary = self._await("classifiers_loaded")
+        if "error" in summary:
+            raise _rebuild_error(*summary["error"])
+        self.classifiers_loaded = bool(summary)
+        yield Progress(1, 1, "steps", "classifiers ready")
+        return summary
+
+    def predict(self, positions_nm: np.ndarray, embeddings: np.ndarray) -> Predictions | None:
+        """Classifier outputs for one segment's nodes (``[N, 3]`` xyz nm, ``[N, D]``).
+
+        Blocks until the child answers (call from the worker thread); None when no
+        classifier is loaded.
+        """
+        token = next(self._tokens)
+        self._send(("predict", token, np.asarray(positions_nm, dtype=np.float64),
+                    np.asarray(embeddings, dtype=np.float32)))
+        while True:
+            message = self._receive()
+            if len(message) < 2 or message[1] != token:
+                continue
+            if message[0] == "predicted":
+                return message[2]
+            if message[0] == "error":
+                raise _rebuild_error(message[2], message[3])
+
     def embed(self, image_url: str, segmentation_url: str, segment_id: int, centres_nm: np.ndarray, *,
               cancel: Callable[[], bool] | None = None, first_batch: int = 2
               ) -> Generator[Progress, None, int]:
         """Embed cutouts around ``centres_nm`` (``[N, 3]`` xyz nm) of one segment.
 
-        Yields a Progress per forward call whose payload is an
-        :class:`analysis.inference.EmbeddingBatch` (indices into ``centres_nm``); returns
-        the number embedded. Raises :class:`JobCancelledError` when ``cancel`` fired
+        Yields a Progress per forward call whose payload is a :class:`PredictedBatch`
+        (indices into ``centres_nm``, with predictions when classifiers are loaded);
+        returns the number embedded. Raises :class:`JobCancelledError` when ``cancel`` fired
         before the end, or the child's error.
         """
-        from analysis.inference import EmbeddingBatch
-
         centres = np.asarray(centres_nm, dtype=np.float64).reshape(-1, 3)
         token = next(self._tokens)
         finished = False
@@ -279,9 +537,10 @@ class ComputeProcess:
                     continue  # a late message of an abandoned job
                 kind = message[0]
                 if kind == "batch":
-                    _, _, indices, embeddings, done, total, rate = message
+                    _, _, indices, embeddings, done, total, rate, predictions = message
                     yield Progress(done, total, "cutouts", f"segment {segment_id}", rate=rate,
-                                   payload=EmbeddingBatch(np.asarray(indices), np.asarray(embeddings)))
+                                   payload=PredictedBatch(np.asarray(indices), np.asarray(embeddings),
+                                                          predictions))
                 elif kind == "done":
                     finished = True
                     return int(message[2])

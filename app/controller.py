@@ -11,6 +11,15 @@ behind it: the user wants the segment they just clicked, and a queue of stale se
 would delay that answer by the full cost of every earlier click. The superseded job stops
 before its next batch, and its late updates are dropped (the runner's generation
 counter), so the panel and the 3-D view only ever show the segment now selected.
+
+Predictions and precomputed embeddings
+--------------------------------------
+Classifiers (a folder with ``classifiers.json``, see :func:`read_classifier_folder`) load
+into the compute process after the encoder; every embedding batch then comes back with
+its nodes' predicted subcompartments and the segment's updated cell-type call. With a
+CSV ZIP store (:class:`PrecomputedEmbeddings`), a clicked segment found in the store
+uses the store's nodes and embeddings instead of computing (only the classifiers run);
+a segment the store lacks is computed as usual.
 """
 
 from __future__ import annotations
@@ -26,7 +35,14 @@ import numpy as np
 
 from analysis.progress import Progress, RateMeter
 from app.jobs import JobRunner, JobUpdate
-from app.state import DatasetSummary, JobStatus, ModelSummary, SessionState
+from app.state import (
+    ClassifierInfo,
+    ClassifierSummary,
+    DatasetSummary,
+    JobStatus,
+    ModelSummary,
+    SessionState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +275,148 @@ def load_encoder_job(path: Path, engine, *, trained: bool = True) -> Generator[P
     )
 
 
+# -- classifiers ----------------------------------------------------------------------------
+
+CLASSIFIER_MANIFEST = "classifiers.json"
+CLASSIFIER_TASKS = ("compartment", "cell_type")
+
+
+def read_classifier_folder(folder: str | os.PathLike) -> ClassifierSummary:
+    """Describe the classifiers in ``folder`` without loading Keras.
+
+    ``folder/classifiers.json`` maps a task (``"compartment"``, ``"cell_type"``) to
+    ``{"file": name of the .npz beside it, "radius_nm": aggregation radius of the
+    embeddings it takes}`` (what ``segscope evaluate --save-classifiers`` writes). Other
+    keys and tasks are ignored.
+
+    Raises
+    ------
+    FileNotFoundError
+        No folder, no manifest, or a classifier file it names is missing.
+    ValueError
+        The manifest is not valid JSON, names no known task, lacks ``file`` or
+        ``radius_nm``, or a file is not a SegScope classifier.
+    """
+    import json
+
+    from analysis.classify import read_classifier_metadata
+
+    folder = Path(folder).expanduser()
+    manifest_path = folder / CLASSIFIER_MANIFEST
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no classifier folder {folder}")
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {CLASSIFIER_MANIFEST} (which classifier is which)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{manifest_path} is not readable JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or not any(task in manifest for task in CLASSIFIER_TASKS):
+        raise ValueError(f"{manifest_path} names none of the tasks {', '.join(CLASSIFIER_TASKS)}")
+    infos: dict[str, ClassifierInfo] = {}
+    for task in CLASSIFIER_TASKS:
+        entry = manifest.get(task)
+        if entry is None:
+            continue
+        try:
+            path = folder / str(entry["file"])
+            radius = float(entry["radius_nm"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{manifest_path}: entry {task!r} needs 'file' and 'radius_nm' ({exc})") from exc
+        if not np.isfinite(radius) or radius < 0:
+            raise ValueError(f"{manifest_path}: {task} radius_nm must be >= 0, got {radius}")
+        metadata = read_classifier_metadata(path)
+        infos[task] = ClassifierInfo(
+            task=task, path=str(path), class_names=tuple(str(n) for n in metadata["class_names"]),
+            radius_nm=radius, ood_threshold=float(metadata["ood_threshold"]),
+            num_features=int(metadata["num_features"]), config=str(metadata["config"]["name"]))
+    compartment = infos.get("compartment")
+    if compartment is not None:
+        from analysis import COMPARTMENTS
+
+        unknown = [name for name in compartment.class_names if name not in COMPARTMENTS]
+        if unknown:
+            raise ValueError(f"{compartment.path}: the compartment classifier predicts {unknown}, "
+                             f"not subcompartments SegScope knows ({', '.join(COMPARTMENTS)})")
+    return ClassifierSummary(str(folder), compartment, infos.get("cell_type"))
+
+
+def find_demo_classifiers() -> Path | None:
+    """The shipped classifier folder (``assets/classifiers`` with its manifest), if any."""
+    from analysis.paths import assets_dir
+
+    folder = assets_dir() / "classifiers"
+    return folder if (folder / CLASSIFIER_MANIFEST).is_file() else None
+
+
+def load_classifiers_job(summary: ClassifierSummary, engine) -> Generator[Progress, None, ClassifierSummary]:
+    """Load the classifiers ``summary`` describes into ``engine`` (the compute process)."""
+    entries = [{"task": info.task, "path": info.path, "radius_nm": info.radius_nm}
+               for info in (summary.compartment, summary.cell_type) if info is not None]
+    yield from engine.load_classifiers(entries)
+    return summary
+
+
+# -- precomputed embeddings ---------------------------------------------------------------------
+
+
+class PrecomputedEmbeddings:
+    """A SegCLR CSV ZIP store of node embeddings the app uses instead of computing.
+
+    Parameters
+    ----------
+    location
+        Folder or URL of the store (``{shard}.zip`` files).
+    coordinates
+        ``"nm"`` (what ``segscope embed --out DIR`` writes, and SegCLR's ``*_nm_coord*``
+        variants) or ``"voxels"`` (SegCLR's plain variants), converted to nm with the
+        dataset's voxel size.
+    num_shards, bytewidth
+        The store's shard function (10,000 / 64 for H01 and MICrONS v117/v343).
+    """
+
+    def __init__(self, location: str | os.PathLike, *, coordinates: str = "nm",
+                 num_shards: int = 10_000, bytewidth: int = 64):
+        from analysis.csvzip import CsvZipStore
+
+        self.store = CsvZipStore(location, num_shards=num_shards, bytewidth=bytewidth, coordinates=coordinates)
+        self.location = self.store.location
+
+    @classmethod
+    def open(cls, location: str | os.PathLike, **options) -> "PrecomputedEmbeddings":
+        """Open and check a store.
+
+        Raises
+        ------
+        SourceError
+            For a local folder that does not exist or holds no ``{shard}.zip`` file.
+        """
+        text = os.fspath(location)
+        try:
+            embeddings = cls(location, **options)
+        except ValueError as exc:
+            raise SourceError(f"--embeddings {text}: {exc}") from exc
+        folder = embeddings.store.local_dir
+        if folder is not None:
+            if not folder.is_dir():
+                raise SourceError(f"--embeddings: no folder {folder}")
+            if not any(folder.glob("*.zip")):
+                raise SourceError(f"--embeddings: {folder} holds no CSV ZIP shards ({{shard}}.zip files)")
+        return embeddings
+
+    def read(self, segment_id: int, voxel_size_nm) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """``(node_ids int64 [N], xyz_nm float64 [N, 3], embeddings float32 [N, D])`` of a
+        segment, or None when the store does not hold it."""
+        try:
+            node_ids, xyz, embeddings = self.store.read(segment_id)
+        except KeyError:
+            return None
+        xyz = np.asarray(xyz, dtype=np.float64)
+        if self.store.coordinates == "voxels":
+            xyz = xyz * np.asarray(voxel_size_nm, dtype=np.float64)
+        return np.asarray(node_ids, dtype=np.int64), xyz, np.asarray(embeddings, dtype=np.float32)
+
+
 # -- the click-to-embed job ------------------------------------------------------------------
 
 
@@ -276,6 +434,10 @@ class SegmentCentres:
     skeleton_node_count : int
     ground_truth : numpy.ndarray or None
         uint8 ``[N]`` dataset compartment labels of the centres.
+    embedding_source : str
+        ``"computed"`` or ``"precomputed"`` (the nodes and embeddings of a CSV ZIP store).
+    note : str
+        Something the user should know about where the embeddings come from.
     """
 
     segment_id: int
@@ -283,22 +445,58 @@ class SegmentCentres:
     positions_nm: np.ndarray
     skeleton_node_count: int
     ground_truth: np.ndarray | None
+    embedding_source: str = "computed"
+    note: str = ""
 
 
 def embed_segment_job(source: DataSource, engine, segment_id: int, click_nm: np.ndarray | None, *,
                       cancel: Callable[[], bool] | None = None, first_batch: int = FIRST_BATCH,
-                      spacing_nm: float | None = None) -> Generator[Progress, None, int]:
+                      spacing_nm: float | None = None, precomputed: "PrecomputedEmbeddings | None" = None
+                      ) -> Generator[Progress, None, int]:
     """Centres of a segment, then their embeddings, nearest to the click first.
 
     Yields one report with a :class:`SegmentCentres` payload, then one per forward call
-    with an :class:`analysis.inference.EmbeddingBatch` payload (indices into the centre
-    order). ``engine`` is a loaded :class:`app.compute_process.ComputeProcess`, or None
-    to stop after the centres. ``spacing_nm`` is the distance between centres along the
-    skeleton (default SegCLR's 1500 nm). Returns the number of centres embedded.
+    with a :class:`app.compute_process.PredictedBatch` payload (indices into the centre
+    order, predictions when classifiers are loaded). ``engine`` is a
+    :class:`app.compute_process.ComputeProcess` (None: stop after the centres unless the
+    embeddings are precomputed). ``spacing_nm`` is the distance between centres along the
+    skeleton (default SegCLR's 1500 nm). When ``precomputed`` holds the segment, its
+    nodes and embeddings are used in one batch and only the classifiers run. Returns the
+    number of centres embedded.
     """
-    from analysis.centres import SEGCLR_SPACING_NM, segment_centres
+    from analysis.centres import SEGCLR_SPACING_NM, order_by_distance, segment_centres
 
     skeleton = source.skeleton(segment_id)
+    note = ""
+    stored = None
+    if precomputed is not None:
+        try:
+            stored = precomputed.read(segment_id, source.segmentation.voxel_size_nm)
+        except (OSError, ValueError) as exc:
+            note = f"precomputed embeddings unreadable ({exc}); computing instead"
+            log.warning("segment %d: %s", segment_id, note)
+        if stored is None and not note:
+            note = f"not in {precomputed.location}; computing"
+    if stored is not None and len(stored[0]):
+        node_ids, positions, embeddings = stored
+        order = np.arange(len(node_ids)) if click_nm is None else order_by_distance(positions, click_nm)
+        node_ids, positions, embeddings = node_ids[order], positions[order], embeddings[order]
+        truth = _store_ground_truth(skeleton, node_ids, positions)
+        total = len(node_ids)
+        yield Progress(0, total, "nodes", f"segment {segment_id}: {total} precomputed nodes",
+                       payload=SegmentCentres(int(segment_id), node_ids, positions,
+                                              0 if skeleton is None else skeleton.n_nodes, truth,
+                                              embedding_source="precomputed",
+                                              note=f"precomputed ({precomputed.location})"))
+        predictions = None
+        if engine is not None and getattr(engine, "classifiers_loaded", False):
+            predictions = engine.predict(positions, embeddings)
+        from app.compute_process import PredictedBatch
+
+        yield Progress(total, total, "nodes", f"segment {segment_id}: precomputed",
+                       payload=PredictedBatch(np.arange(total, dtype=np.int64), embeddings, predictions))
+        return total
+
     centres = segment_centres(
         source.segmentation, segment_id,
         skeleton_nodes_nm=None if skeleton is None else skeleton.nodes_nm,
@@ -311,11 +509,23 @@ def embed_segment_job(source: DataSource, engine, segment_id: int, click_nm: np.
     total = len(centres)
     yield Progress(0, total, "cutouts", f"segment {segment_id}: {total} centres",
                    payload=SegmentCentres(int(segment_id), centres.node_ids, centres.positions_nm,
-                                          0 if skeleton is None else skeleton.n_nodes, truth))
+                                          0 if skeleton is None else skeleton.n_nodes, truth, note=note))
     if engine is None or not engine.loaded or total == 0:
         return 0
     return (yield from engine.embed(source.image_url, source.segmentation_url, segment_id,
                                     centres.positions_nm, cancel=cancel, first_batch=first_batch))
+
+
+def _store_ground_truth(skeleton, node_ids: np.ndarray, positions_nm: np.ndarray) -> np.ndarray | None:
+    """The dataset's compartment labels of a store's nodes, when its node ids are the
+    skeleton's (in range, and at the same places within 1 nm); otherwise None."""
+    if skeleton is None or skeleton.compartment is None or not len(node_ids):
+        return None
+    if node_ids.min() < 0 or node_ids.max() >= skeleton.n_nodes:
+        return None
+    if not np.allclose(skeleton.nodes_nm[node_ids], positions_nm, atol=1.0):
+        return None
+    return skeleton.compartment[node_ids]
 
 
 # -- the controller ----------------------------------------------------------------------------
@@ -339,20 +549,35 @@ class AppController:
         self.runner = runner
         self.spacing_nm = spacing_nm
         self.source: DataSource | None = None
-        self.engine = None  # ComputeProcess, started by load_model
+        self.precomputed: PrecomputedEmbeddings | None = None
+        self.engine = None  # ComputeProcess, started by load_model or load_classifiers
         self._model_job = None
+        self._classifier_job = None
         self._embed_job = None
         self._click_times: dict[int, float] = {}
 
     # -- set-up --------------------------------------------------------------------------
 
-    def open_source(self, source: DataSource) -> None:
-        """Show a new data source (cancels work on the previous one)."""
+    def open_source(self, source: DataSource, *, precomputed: PrecomputedEmbeddings | None = None) -> None:
+        """Show a new data source (cancels work on the previous one).
+
+        ``precomputed`` is a CSV ZIP store of this data's embeddings; a store opened with
+        earlier data is dropped, since segment ids only mean something within one dataset.
+        """
         self.runner.cancel(EMBED_LANE)
         self.source = source
+        self.precomputed = precomputed
         self.state.set_dataset(source.summary())
         self.state.set_job(None)
-        self.state.show_status(f"Opened {source.name}. Double-click a segment to embed it.")
+        store = f" Precomputed embeddings: {precomputed.location}." if precomputed is not None else ""
+        self.state.show_status(f"Opened {source.name}. Double-click a segment to embed it.{store}")
+
+    def _ensure_engine(self):
+        from app.compute_process import ComputeProcess
+
+        if self.engine is None:
+            self.engine = ComputeProcess()
+        return self.engine
 
     def load_model(self, path: Path | None, *, trained: bool = True) -> None:
         """Load the encoder at ``path`` on the worker; None: embedding unavailable."""
@@ -361,16 +586,40 @@ class AppController:
                                        "segments can be selected but not embedded.")
             self.state.show_status(self.state.model_message)
             return
-        from app.compute_process import ComputeProcess
-
         self.state.set_model(None, f"Loading model {path.name}…")
         self.state.show_status(self.state.model_message)
-        if self.engine is None:
-            self.engine = ComputeProcess()
-        engine = self.engine
+        engine = self._ensure_engine()
         self._model_job = self.runner.submit(
             f"loading model {path.name}", lambda: load_encoder_job(path, engine, trained=trained),
-            self._on_model_update, kind=MODEL_LANE)
+            self._on_model_update, kind=MODEL_LANE, supersede=False)
+
+    def load_classifiers(self, summary: ClassifierSummary | None, message: str = "") -> None:
+        """Load the classifiers ``summary`` describes (see :func:`read_classifier_folder`)
+        into the compute process on the worker; None: no predictions, ``message`` says why.
+
+        Loading queues behind the model on the same worker, so clicks made meanwhile wait
+        for both and their first batch already carries predictions.
+        """
+        if summary is None:
+            self.state.set_classifiers(None, message or "No classifiers loaded: nodes are not labelled.")
+            return
+        self.state.set_classifiers(None, f"Loading classifiers from {summary.folder}…")
+        engine = self._ensure_engine()
+        self._classifier_job = self.runner.submit(
+            "loading classifiers", lambda: load_classifiers_job(summary, engine),
+            self._on_classifier_update, kind=MODEL_LANE, supersede=False)
+
+    def _on_classifier_update(self, update: JobUpdate) -> None:
+        if update.event == "finished":
+            summary: ClassifierSummary = update.result
+            tasks = [name for name, info in (("subcompartments", summary.compartment),
+                                             ("cell types", summary.cell_type)) if info is not None]
+            self.state.set_classifiers(summary, f"Classifiers: {' and '.join(tasks)} from {summary.folder}")
+            self.state.show_status(f"Classifiers ready: {' and '.join(tasks)}.")
+        elif update.event == "failed":
+            message = f"Could not load the classifiers: {update.error}"
+            self.state.set_classifiers(None, message)
+            self.state.show_error(message)
 
     def _on_model_update(self, update: JobUpdate) -> None:
         if update.event == "finished":
@@ -404,18 +653,22 @@ class AppController:
         name = f"segment {record.segment_id}"
         holder: dict[str, Any] = {}
 
+        precomputed = self.precomputed
+        engine = self.engine
+
         def make():
             job = holder["job"]
             return embed_segment_job(source, engine, record.segment_id, click,
-                                     cancel=lambda: job.cancel_requested, spacing_nm=self.spacing_nm)
+                                     cancel=lambda: job.cancel_requested, spacing_nm=self.spacing_nm,
+                                     precomputed=precomputed)
 
         job = self.runner.submit(name, make, self._on_embed_update, kind=EMBED_LANE, supersede=True)
         holder["job"] = job
         self._embed_job = job
         self._click_times[job.id] = time.perf_counter()
-        waiting = self._model_job is not None and not self._model_job.done
+        waiting = any(j is not None and not j.done for j in (self._model_job, self._classifier_job))
         self.state.set_job(JobStatus(job.id, name, "queued", unit="cutouts",
-                                     message="waiting for the model to load" if waiting else ""))
+                                     message="waiting for the model and classifiers to load" if waiting else ""))
 
     def cancel(self) -> bool:
         """Cancel the running embedding job; False when none is running."""
@@ -438,16 +691,24 @@ class AppController:
             if isinstance(payload, SegmentCentres):
                 self.state.set_centres(payload.segment_id, payload.node_ids, payload.positions_nm,
                                        skeleton_node_count=payload.skeleton_node_count,
-                                       ground_truth=payload.ground_truth)
+                                       ground_truth=payload.ground_truth,
+                                       embedding_source=payload.embedding_source)
+                if payload.note:
+                    self.state.show_status(f"Segment {payload.segment_id}: {payload.note}.")
             elif payload is not None and segment_id is not None:
-                self.state.add_embeddings(segment_id, payload.indices, payload.embeddings)
+                self._store_batch(segment_id, payload)
             state = "cancelling" if job.cancel_requested else "running"
             self.state.update_job(job.id, state=state, done=report.done, total=report.total,
                                   unit=report.unit, rate=report.rate, message=report.message)
         elif update.event == "finished":
             elapsed = time.perf_counter() - self._click_times.pop(job.id, time.perf_counter())
             total = segment.n_centres if segment is not None else 0
-            if self.state.model is None:
+            if segment is not None and segment.embedding_source == "precomputed":
+                self.state.update_job(job.id, state="finished", done=update.result, total=total,
+                                      message=f"precomputed, {elapsed:.1f} s")
+                self.state.show_status(f"Segment {segment_id}: {update.result} precomputed embeddings "
+                                       f"in {elapsed:.1f} s.{self._prediction_summary(segment)}")
+            elif self.state.model is None:
                 self.state.update_job(job.id, state="finished", done=0, total=total,
                                       message="no model: centres only")
                 self.state.show_status(f"Segment {segment_id}: {total} centres. "
@@ -456,7 +717,7 @@ class AppController:
                 self.state.update_job(job.id, state="finished", done=update.result, total=total,
                                       message=f"done in {elapsed:.1f} s")
                 self.state.show_status(f"Embedded {update.result} centres of segment {segment_id} "
-                                       f"in {elapsed:.1f} s.")
+                                       f"in {elapsed:.1f} s.{self._prediction_summary(segment)}")
         elif update.event == "cancelled":
             self._click_times.pop(job.id, None)
             done = segment.n_embedded if segment is not None else 0
@@ -468,6 +729,33 @@ class AppController:
             self._click_times.pop(job.id, None)
             self.state.update_job(job.id, state="failed", message=str(update.error))
             self.state.show_error(f"Embedding segment {segment_id} failed: {update.error}")
+
+    def _store_batch(self, segment_id: int, batch) -> None:
+        """Put one :class:`~app.compute_process.PredictedBatch` into the state."""
+        if not self.state.add_embeddings(segment_id, batch.indices, batch.embeddings):
+            return
+        predictions = batch.predictions
+        if predictions is not None:
+            calls, cell = predictions.compartments, predictions.cell_type
+            changes: dict[str, Any] = {"note": predictions.note}
+            if calls is not None:
+                changes.update(predicted=calls.codes, indices=calls.indices, probability=calls.probability,
+                               uncertainty=calls.uncertainty)
+            if cell is not None:
+                changes.update(cell_type=cell.name, cell_type_probability=min(max(cell.probability, 0.0), 1.0),
+                               cell_type_probabilities=cell.probabilities, ood_score=cell.ood_score,
+                               ood_flagged=cell.ood_flagged, ood_threshold=cell.threshold)
+            self.state.set_predictions(segment_id, **changes)
+        self.state.announce_batch(segment_id, batch.indices)
+
+    @staticmethod
+    def _prediction_summary(segment) -> str:
+        if segment is None or segment.cell_type is None:
+            return ""
+        text = f" Cell type {segment.cell_type} (p = {segment.cell_type_probability:.2f})"
+        if segment.ood_flagged:
+            text += f", OUT OF DISTRIBUTION (uncertainty {segment.ood_score:.2f})"
+        return text + "."
 
     def shutdown(self) -> None:
         """Stop the worker and the compute process (idempotent)."""

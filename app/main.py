@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from app.controller import DataSource
+    from app.controller import DataSource, PrecomputedEmbeddings
+    from app.state import ClassifierSummary
     from app.views.main_window import MainWindow
 
 log = logging.getLogger(__name__)
@@ -37,11 +38,23 @@ def add_open_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--segmentation", metavar="URL", help="segmentation volume (same forms as --image)")
     parser.add_argument("--skeletons", metavar="DIR",
                         help="precomputed skeleton folder (default: the one the segmentation's info names)")
-    parser.add_argument("--embeddings", metavar="DIR", help="precomputed SegCLR embeddings (CSV ZIP shards)")
+    parser.add_argument("--embeddings", metavar="DIR",
+                        help="precomputed SegCLR embeddings (CSV ZIP shards, folder or URL): segments found "
+                             "there are not computed")
+    parser.add_argument("--embeddings-coordinates", choices=("nm", "voxels"), default="nm",
+                        help="unit of the store's x, y, z columns: nm (segscope embed, SegCLR *_nm_coord*) "
+                             "or voxels of the segmentation (SegCLR's plain releases); default nm")
+    parser.add_argument("--embeddings-shards", metavar="N", type=int, default=10_000,
+                        help="number of shards of the store (10000 for H01 and MICrONS v117/v343, 50000 for "
+                             "newer MICrONS exports)")
+    parser.add_argument("--embeddings-bytewidth", metavar="B", type=int, default=64,
+                        help="byte width of the store's shard function (64, or 8 for newer MICrONS exports)")
     parser.add_argument("--checkpoint", metavar="PATH",
                         help="encoder: a SegScope .keras file or a SegCLR TensorFlow checkpoint "
                              "(default: the demo model in assets/, when present)")
-    parser.add_argument("--classifiers", metavar="DIR", help="folder of trained classifiers")
+    parser.add_argument("--classifiers", metavar="DIR",
+                        help="folder of trained classifiers with a classifiers.json (segscope evaluate "
+                             "--save-classifiers writes one); default: the demo classifiers in assets/")
     return parser
 
 
@@ -52,6 +65,8 @@ class LaunchPlan:
     source: "DataSource"
     model_path: Path | None
     model_trained: bool
+    classifiers: "ClassifierSummary | None" = None
+    precomputed: "PrecomputedEmbeddings | None" = None
 
 
 def _demo_source() -> "DataSource":
@@ -80,17 +95,19 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
     LaunchError
         With a one-line message naming the problem.
     """
-    from app.controller import SourceError, check_checkpoint, find_demo_model
+    from app.controller import (
+        PrecomputedEmbeddings,
+        SourceError,
+        check_checkpoint,
+        find_demo_classifiers,
+        find_demo_model,
+        read_classifier_folder,
+    )
 
     image = getattr(args, "image", None)
     segmentation = getattr(args, "segmentation", None)
     if bool(image) != bool(segmentation):
         raise LaunchError("give both --image and --segmentation (or neither, for the demo)")
-    if getattr(args, "embeddings", None):
-        raise LaunchError("reading precomputed CSV ZIP embeddings is not available in this version yet; "
-                          "leave out --embeddings to compute embeddings")
-    if getattr(args, "classifiers", None):
-        raise LaunchError("loading classifiers is not available in this version yet; leave out --classifiers")
     if getattr(args, "skeletons", None) and not image:
         raise LaunchError("--skeletons needs --image and --segmentation")
 
@@ -103,6 +120,26 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
     else:
         model_path = find_demo_model()
 
+    classifier_folder = getattr(args, "classifiers", None)
+    classifiers = None
+    try:
+        folder = Path(classifier_folder) if classifier_folder else find_demo_classifiers()
+        if folder is not None:
+            classifiers = read_classifier_folder(folder)
+    except (OSError, ValueError) as exc:
+        raise LaunchError(f"--classifiers: {exc}" if classifier_folder else
+                          f"the demo classifiers in assets/ are unreadable: {exc}") from None
+
+    precomputed = None
+    if getattr(args, "embeddings", None):
+        try:
+            precomputed = PrecomputedEmbeddings.open(
+                args.embeddings, coordinates=getattr(args, "embeddings_coordinates", "nm"),
+                num_shards=getattr(args, "embeddings_shards", 10_000),
+                bytewidth=getattr(args, "embeddings_bytewidth", 64))
+        except SourceError as exc:
+            raise LaunchError(str(exc)) from None
+
     try:
         if image:
             from app.controller import DataSource
@@ -112,7 +149,7 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
             source = _demo_source()
     except (SourceError, OSError, ValueError) as exc:
         raise LaunchError(str(exc)) from None
-    return LaunchPlan(source, model_path, True)
+    return LaunchPlan(source, model_path, True, classifiers, precomputed)
 
 
 def _check_display() -> None:
@@ -133,12 +170,15 @@ def configure_qt_environment() -> None:
 
 
 def build_window(source: "DataSource", model_path: Path | None, *,
-                 model_trained: bool = True, spacing_nm: float | None = None) -> "MainWindow":
+                 model_trained: bool = True, spacing_nm: float | None = None,
+                 classifiers: "ClassifierSummary | None" = None,
+                 precomputed: "PrecomputedEmbeddings | None" = None) -> "MainWindow":
     """Create the window, its controller, job runner and neuroglancer bridge.
 
-    A QApplication must exist. The model loads on the worker thread after the window is
-    built; without one, segments can be selected but not embedded. TensorFlow runs in a
-    child process (see :mod:`app.compute_process` for why).
+    A QApplication must exist. The model, then the classifiers, load on the worker
+    thread after the window is built; without a model, segments can be selected but not
+    embedded (unless ``precomputed`` holds them); without classifiers, nodes are not
+    labelled. TensorFlow runs in a child process (see :mod:`app.compute_process` for why).
     """
     from app.controller import AppController
     from app.jobs import JobRunner
@@ -156,8 +196,11 @@ def build_window(source: "DataSource", model_path: Path | None, *,
     window = MainWindow(state, controller, bridge, invoker, relay)
     invoker.setParent(window)
     relay.setParent(window)
-    window.show_source(source)
+    window.show_source(source, precomputed=precomputed)
     controller.load_model(model_path, trained=model_trained)
+    controller.load_classifiers(classifiers, "" if classifiers is not None else
+                                "No classifiers found in assets/classifiers and no --classifiers given: "
+                                "nodes are not labelled.")
     return window
 
 
@@ -178,7 +221,8 @@ def run_app(args: argparse.Namespace) -> int:
 
     app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "segscope"])
     app.setApplicationName("SegScope")
-    window = build_window(plan.source, plan.model_path, model_trained=plan.model_trained)
+    window = build_window(plan.source, plan.model_path, model_trained=plan.model_trained,
+                          classifiers=plan.classifiers, precomputed=plan.precomputed)
     window.show()
     status = app.exec()
     window.shutdown()

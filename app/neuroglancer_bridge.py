@@ -24,7 +24,9 @@ while its embedding is pending, yellow once embedded, and the colour of its *pre
 subcompartment when a subcompartment classifier has labelled it. :data:`GROUND_TRUTH_LAYER`
 (hidden by default) shows the dataset's own compartment labels, when it has any, for
 comparison. The selected segment's colour is its predicted cell type's colour, or magenta
-(:data:`app.state.OOD_COLOUR`) when it is flagged out of distribution.
+(:data:`app.state.OOD_COLOUR`) when it is flagged out of distribution; a flagged segment
+also gets a layer whose *name* says so in the layer bar (:data:`OOD_LAYER_PREFIX`), holding
+a magenta box around its nodes (2-D and 3-D) with the score in its description.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ IMAGE_LAYER = "image"
 SEGMENTATION_LAYER = "segmentation"
 NODES_LAYER = "segscope nodes"
 GROUND_TRUTH_LAYER = "ground truth compartments (dataset)"
+#: Start of the name of the layer that flags an out-of-distribution segment.
+OOD_LAYER_PREFIX = "OUT OF DISTRIBUTION"
+#: Margin (nm) of the flag box around the segment's nodes.
+OOD_BOX_MARGIN_NM = 1000.0
 
 #: Marker diameters (screen pixels) of pending, embedded and labelled nodes.
 PENDING_SIZE, EMBEDDED_SIZE, LABELLED_SIZE = 5.0, 7.0, 9.0
@@ -386,6 +392,7 @@ class NeuroglancerBridge:
         self._writer.submit("segments", lambda: self._write_selection(segment_id))
         self._writer.submit("nodes", lambda: self._write_nodes(NODES_LAYER, []))
         self._writer.submit("ground_truth", lambda: self._write_nodes(GROUND_TRUTH_LAYER, []))
+        self._writer.submit("ood_flag", lambda: self._write_ood_flag(None))
 
     def _on_centres(self, record: SegmentRecord) -> None:
         self._on_nodes_changed(record)
@@ -401,6 +408,8 @@ class NeuroglancerBridge:
         colour = segment_colour(record)
         segment_id = record.segment_id
         self._writer.submit("segment_colour", lambda: self._write_segment_colour(segment_id, colour))
+        flag = ood_flag(record)
+        self._writer.submit("ood_flag", lambda: self._write_ood_flag(flag))
 
     # -- writes (writer thread) ------------------------------------------------------------
 
@@ -455,6 +464,27 @@ class NeuroglancerBridge:
 
         self._write_if_changed(is_current, apply)
 
+    def _write_ood_flag(self, flag: tuple[str, dict] | None) -> None:
+        """Show ``flag`` (layer name, box annotation) as the only flag layer; None: none."""
+        neuroglancer = self._neuroglancer
+
+        def is_current(s) -> bool:
+            names = [layer.name for layer in s.layers if layer.name.startswith(OOD_LAYER_PREFIX)]
+            if flag is None:
+                return not names
+            return names == [flag[0]] and [a.to_json() for a in s.layers[flag[0]].annotations] == [flag[1]]
+
+        def apply(s) -> None:
+            for name in [layer.name for layer in s.layers if layer.name.startswith(OOD_LAYER_PREFIX)]:
+                del s.layers[name]
+            if flag is not None:
+                nm_space = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[1, 1, 1])
+                s.layers[flag[0]] = neuroglancer.LocalAnnotationLayer(
+                    dimensions=nm_space, annotation_properties=_flag_properties(), shader=_FLAG_SHADER,
+                    annotations=[flag[1]])
+
+        self._write_if_changed(is_current, apply)
+
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until every queued write is in the viewer state (tests, shutdown)."""
         return self._writer.flush(timeout)
@@ -489,6 +519,40 @@ def _node_properties() -> list:
             enum_labels=list(COMPARTMENTS) + ["unknown"],
         ),
     ]
+
+
+_FLAG_SHADER = """
+void main() {
+  setColor(prop_color());
+}
+"""
+
+
+def _flag_properties() -> list:
+    import neuroglancer
+
+    return [neuroglancer.AnnotationPropertySpec(id="color", type="rgb", default=OOD_COLOUR)]
+
+
+def ood_flag(record: SegmentRecord) -> tuple[str, dict] | None:
+    """The flag layer of an out-of-distribution segment: its name and a box annotation
+    (neuroglancer JSON, nm) around the segment's centres; None when not flagged."""
+    if not record.ood_flagged or record.positions_nm is None or not len(record.positions_nm):
+        return None
+    lo = record.positions_nm.min(axis=0) - OOD_BOX_MARGIN_NM
+    hi = record.positions_nm.max(axis=0) + OOD_BOX_MARGIN_NM
+    threshold = "" if record.ood_threshold is None else f" > threshold {record.ood_threshold:.2f}"
+    name = f"{OOD_LAYER_PREFIX}: segment {record.segment_id}"
+    box = {
+        "type": "axis_aligned_bounding_box",
+        "id": f"ood-{record.segment_id}",
+        "pointA": [float(v) for v in lo],
+        "pointB": [float(v) for v in hi],
+        "description": (f"segment {record.segment_id} is out of distribution: cell-type uncertainty "
+                        f"{record.ood_score:.2f}{threshold}"),
+        "props": [OOD_COLOUR],
+    }
+    return name, box
 
 
 def _point(segment_id: int, node_id: int, position_nm: np.ndarray, colour: str, size: float,

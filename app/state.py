@@ -13,6 +13,12 @@ Events and their callback arguments
 ``"centres"``     (SegmentRecord)            the selected segment's centres are known
 ``"embeddings"``  (SegmentRecord, indices)   embeddings of centres ``indices`` arrived
 ``"predictions"`` (SegmentRecord)            classifier outputs changed
+``"node_batch"``  (NodeBatch)                a batch of nodes got embeddings (and their
+                                             predictions, when classifiers are loaded);
+                                             emitted after ``"embeddings"`` and
+                                             ``"predictions"`` of that batch. This is the
+                                             hook for views that plot embeddings.
+``"classifiers"`` (ClassifierSummary or None) the classifiers changed (None: none loaded)
 ``"job"``         (JobStatus or None)        the embedding job's progress changed
 ``"status"``      (str)                      a transient message for the status bar
 ``"error"``       (str)                      an error the user should read
@@ -47,7 +53,8 @@ OOD_COLOUR = "#ff00ff"
 #: Compartment code of unlabelled nodes (as in :mod:`analysis.skeletons`).
 UNKNOWN_COMPARTMENT = 255
 
-EVENTS = ("dataset", "model", "segment", "centres", "embeddings", "predictions", "job", "status", "error")
+EVENTS = ("dataset", "model", "classifiers", "segment", "centres", "embeddings", "predictions", "node_batch",
+          "job", "status", "error")
 
 
 class Observable:
@@ -135,6 +142,79 @@ class ModelSummary:
     voxel_size_nm: tuple[float, float, float]
 
 
+@dataclass(frozen=True)
+class ClassifierInfo:
+    """One loaded classifier, as ``classifiers.json`` and the file's metadata describe it.
+
+    Attributes
+    ----------
+    task : str
+        ``"compartment"`` (per node) or ``"cell_type"`` (per segment).
+    path : str
+        The ``.npz`` file.
+    class_names : tuple of str
+    radius_nm : float
+        Aggregation radius (nm) of the embeddings it takes: 0 for node embeddings,
+        10,000 for SegCLR's ``aggregated_10um``.
+    ood_threshold : float
+        Dempster-Shafer uncertainty above which a prediction is out of distribution.
+    num_features : int
+        Embedding width ``D`` it takes.
+    config : str
+        Classifier config name (``"BERT_SMALL_SNGP_v1"``...).
+    """
+
+    task: str
+    path: str
+    class_names: tuple[str, ...]
+    radius_nm: float
+    ood_threshold: float
+    num_features: int
+    config: str
+
+
+@dataclass(frozen=True)
+class ClassifierSummary:
+    """The classifiers in use (either may be None when the folder holds only one)."""
+
+    folder: str
+    compartment: ClassifierInfo | None = None
+    cell_type: ClassifierInfo | None = None
+
+
+@dataclass(frozen=True)
+class NodeBatch:
+    """Nodes of the selected segment that just got embeddings (``"node_batch"`` event).
+
+    Arrays of length ``b`` follow ``indices`` (positions in the segment's centre order).
+
+    Attributes
+    ----------
+    segment_id : int
+    indices : numpy.ndarray
+        int64 ``[b]``.
+    node_ids : numpy.ndarray
+        int64 ``[b]`` skeleton (or store) node ids.
+    positions_nm : numpy.ndarray
+        float64 ``[b, 3]`` xyz nm.
+    embeddings : numpy.ndarray
+        float32 ``[b, D]``.
+    predicted : numpy.ndarray or None
+        uint8 ``[b]`` predicted compartment codes (255: none); None without a
+        compartment classifier.
+    embedding_source : str
+        ``"computed"`` or ``"precomputed"``.
+    """
+
+    segment_id: int
+    indices: np.ndarray
+    node_ids: np.ndarray
+    positions_nm: np.ndarray
+    embeddings: np.ndarray
+    predicted: np.ndarray | None
+    embedding_source: str
+
+
 @dataclass
 class SegmentRecord:
     """The selected segment and everything known about it so far.
@@ -164,11 +244,21 @@ class SegmentRecord:
     predicted : numpy.ndarray or None
         uint8 ``[N]`` predicted compartment codes (255 not yet); None without a
         subcompartment classifier.
+    predicted_probability, predicted_uncertainty : numpy.ndarray or None
+        float32 ``[N]``: probability of the predicted compartment and its Dempster-Shafer
+        uncertainty (NaN not yet predicted).
     cell_type, cell_type_probability : str, float or None
-        The segment's predicted cell type; None without a cell-type classifier.
+        The segment's predicted cell type (highest mean probability over its nodes) and
+        that mean probability; None without a cell-type classifier.
+    cell_type_probabilities : dict or None
+        Mean probability of every cell type over the segment's nodes.
     ood_score, ood_flagged : float, bool or None
-        Out-of-distribution uncertainty and whether it exceeds the threshold; None
+        Out-of-distribution score (mean Dempster-Shafer uncertainty of the cell-type
+        predictions over the nodes) and whether it exceeds ``ood_threshold``; None
         without a classifier that estimates it.
+    ood_threshold : float or None
+    prediction_note : str
+        Why predictions are missing or partial (empty when all is well).
     """
 
     segment_id: int
@@ -181,10 +271,15 @@ class SegmentRecord:
     embedded: np.ndarray | None = None
     embedding_source: str = "computed"
     predicted: np.ndarray | None = None
+    predicted_probability: np.ndarray | None = None
+    predicted_uncertainty: np.ndarray | None = None
     cell_type: str | None = None
     cell_type_probability: float | None = None
+    cell_type_probabilities: dict[str, float] | None = None
     ood_score: float | None = None
     ood_flagged: bool | None = None
+    ood_threshold: float | None = None
+    prediction_note: str = ""
 
     @property
     def n_centres(self) -> int:
@@ -244,7 +339,8 @@ class SessionState(Observable):
     dataset: DatasetSummary | None = None
     model: ModelSummary | None = None
     model_message: str = ""
-    classifiers_loaded: bool = False
+    classifiers: ClassifierSummary | None = None
+    classifiers_message: str = ""
     segment: SegmentRecord | None = None
     job: JobStatus | None = None
     status_message: str = ""
@@ -264,6 +360,18 @@ class SessionState(Observable):
         self.model = summary
         self.model_message = message
         self._emit("model", summary)
+
+    @property
+    def classifiers_loaded(self) -> bool:
+        """True while at least one classifier is loaded."""
+        return self.classifiers is not None and (
+            self.classifiers.compartment is not None or self.classifiers.cell_type is not None)
+
+    def set_classifiers(self, summary: ClassifierSummary | None, message: str = "") -> None:
+        """Record the classifiers in use (None: no predictions, ``message`` says why)."""
+        self.classifiers = summary
+        self.classifiers_message = message
+        self._emit("classifiers", summary)
 
     # -- the selected segment ----------------------------------------------------------
 
@@ -317,6 +425,10 @@ class SessionState(Observable):
         record.embedding_source = embedding_source
         record.embeddings = None
         record.embedded = np.zeros(len(node_ids), dtype=bool)
+        record.predicted = record.predicted_probability = record.predicted_uncertainty = None
+        record.cell_type = record.cell_type_probability = record.cell_type_probabilities = None
+        record.ood_score = record.ood_flagged = record.ood_threshold = None
+        record.prediction_note = ""
         self._emit("centres", record)
         return True
 
@@ -354,40 +466,104 @@ class SessionState(Observable):
         return True
 
     def set_predictions(self, segment_id: int, *, predicted: np.ndarray | None = None,
-                        cell_type: str | None = None, cell_type_probability: float | None = None,
-                        ood_score: float | None = None, ood_flagged: bool | None = None) -> bool:
-        """Store classifier outputs for the selected segment (from issue 4's classifiers).
+                        indices: np.ndarray | None = None, probability: np.ndarray | None = None,
+                        uncertainty: np.ndarray | None = None, cell_type: str | None = None,
+                        cell_type_probability: float | None = None,
+                        cell_type_probabilities: dict[str, float] | None = None,
+                        ood_score: float | None = None, ood_flagged: bool | None = None,
+                        ood_threshold: float | None = None, note: str | None = None) -> bool:
+        """Store classifier outputs for the selected segment.
 
-        ``predicted`` is uint8 ``[N]`` compartment codes per centre (255: not predicted yet).
-        Returns False when ``segment_id`` is not the selection.
+        Compartments: ``predicted`` holds uint8 codes (indexing ``analysis.COMPARTMENTS``,
+        255: not predicted), ``probability`` and ``uncertainty`` the predicted class's
+        probability and Dempster-Shafer uncertainty. Without ``indices`` they cover every
+        centre (``[N]``); with ``indices`` (int ``[b]``, positions in the centre order)
+        only those centres, the others keep what they had. Cell type: its name, mean
+        probability over the nodes, every class's mean probability, the OOD score, flag
+        and threshold. ``note`` says why predictions are missing. One ``"predictions"``
+        event per call. Returns False when ``segment_id`` is not the selection.
 
         Raises
         ------
         ValueError
-            For a ``predicted`` length other than the number of centres, codes outside
-            ``analysis.COMPARTMENTS`` (other than 255), or a probability outside [0, 1].
+            For lengths that do not match the centres or ``indices``, codes outside
+            ``analysis.COMPARTMENTS`` (other than 255), indices out of range, or a
+            probability outside [0, 1].
         """
         record = self._current(segment_id)
         if record is None:
             return False
         if predicted is not None:
             predicted = np.asarray(predicted, dtype=np.uint8).reshape(-1)
-            if len(predicted) != record.n_centres:
-                raise ValueError(f"{len(predicted)} predictions for {record.n_centres} centres")
+            if indices is None:
+                if len(predicted) != record.n_centres:
+                    raise ValueError(f"{len(predicted)} predictions for {record.n_centres} centres")
+                rows = np.arange(record.n_centres)
+            else:
+                rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+                if len(rows) != len(predicted):
+                    raise ValueError(f"{len(predicted)} predictions for {len(rows)} indices")
+                if len(rows) and (rows.min() < 0 or rows.max() >= record.n_centres):
+                    raise ValueError(f"centre indices must lie in [0, {record.n_centres}), got "
+                                     f"[{rows.min()}, {rows.max()}]")
             bad = (predicted >= len(COMPARTMENTS)) & (predicted != UNKNOWN_COMPARTMENT)
             if bad.any():
                 raise ValueError(f"compartment codes must index {COMPARTMENTS} or be "
                                  f"{UNKNOWN_COMPARTMENT}, got {sorted(set(predicted[bad].tolist()))}")
-            record.predicted = predicted
+            extras = {}
+            for name, values in (("predicted_probability", probability), ("predicted_uncertainty", uncertainty)):
+                if values is not None:
+                    values = np.asarray(values, dtype=np.float32).reshape(-1)
+                    if len(values) != len(rows):
+                        raise ValueError(f"{len(values)} {name.split('_')[1]} values for {len(rows)} predictions")
+                    extras[name] = values
+            if record.predicted is None:
+                record.predicted = np.full(record.n_centres, UNKNOWN_COMPARTMENT, dtype=np.uint8)
+            record.predicted[rows] = predicted
+            for name, values in extras.items():
+                if getattr(record, name) is None:
+                    setattr(record, name, np.full(record.n_centres, np.nan, dtype=np.float32))
+                getattr(record, name)[rows] = values
         if cell_type_probability is not None and not 0.0 <= cell_type_probability <= 1.0:
             raise ValueError(f"cell-type probability must lie in [0, 1], got {cell_type_probability}")
         if cell_type is not None:
             record.cell_type = cell_type
-            record.cell_type_probability = cell_type_probability
+            record.cell_type_probability = None if cell_type_probability is None else float(cell_type_probability)
+            record.cell_type_probabilities = (None if cell_type_probabilities is None
+                                              else {str(k): float(v) for k, v in cell_type_probabilities.items()})
         if ood_score is not None:
             record.ood_score = float(ood_score)
             record.ood_flagged = bool(ood_flagged)
+            record.ood_threshold = None if ood_threshold is None else float(ood_threshold)
+        if note is not None:
+            record.prediction_note = note
         self._emit("predictions", record)
+        return True
+
+    def announce_batch(self, segment_id: int, indices: np.ndarray) -> bool:
+        """Emit ``"node_batch"`` for centres ``indices`` of the selected segment.
+
+        Call once a batch's embeddings (and predictions, when any) are stored, so plot
+        views receive everything about those nodes in one event. Returns False when
+        ``segment_id`` is not the selection or the batch holds no embedded centre.
+        """
+        record = self._current(segment_id)
+        if record is None or record.embeddings is None or record.embedded is None:
+            return False
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        rows = rows[record.embedded[rows]]
+        if not len(rows):
+            return False
+        batch = NodeBatch(
+            segment_id=record.segment_id,
+            indices=rows,
+            node_ids=record.node_ids[rows].copy(),
+            positions_nm=record.positions_nm[rows].copy(),
+            embeddings=record.embeddings[rows].copy(),
+            predicted=None if record.predicted is None else record.predicted[rows].copy(),
+            embedding_source=record.embedding_source,
+        )
+        self._emit("node_batch", batch)
         return True
 
     # -- jobs and messages -------------------------------------------------------------

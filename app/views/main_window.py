@@ -5,6 +5,13 @@ neuroglancer. Neuroglancer's click callbacks arrive on its server thread and com
 through :class:`ClickRelay`'s signal (a queued connection, as the emitter is another
 thread); job updates arrive through :class:`MainThreadInvoker`, the ``post`` function of
 the :class:`~app.jobs.JobRunner`. Opening data runs on the job worker too.
+
+Adding views
+------------
+Other panels (the embedding plot) plug in with :meth:`MainWindow.add_dock` and subscribe
+to the session state, for example ``window.state.subscribe("node_batch", on_batch)``: each
+:class:`app.state.NodeBatch` carries the segment id, node ids, positions (nm), embeddings
+and predicted compartments of the nodes that just arrived, on the Qt main thread.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from PyQt6.QtWidgets import (
 )
 
 from analysis.progress import Progress
-from app.controller import AppController, DataSource
+from app.controller import AppController, DataSource, PrecomputedEmbeddings
 from app.jobs import JobUpdate
 from app.neuroglancer_bridge import ClickEvent, NeuroglancerBridge
 from app.state import JobStatus, ModelSummary, SessionState
@@ -210,23 +217,37 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(central)
 
         self.panel = SegmentPanel(state)
-        dock = QDockWidget("Segment", self)
-        dock.setObjectName("segmentDock")
-        dock.setWidget(self.panel)
-        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
-                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
-        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
+        self.segment_dock = self.add_dock("Segment", self.panel, object_name="segmentDock")
 
         self.model_label = QLabel("")
+        self.classifier_label = QLabel("")
+        self.statusBar().addPermanentWidget(self.classifier_label)
         self.statusBar().addPermanentWidget(self.model_label)
         self._build_menus()
 
         state.subscribe("status", self._show_status)
         state.subscribe("error", self._show_error)
         state.subscribe("model", self._show_model)
+        state.subscribe("classifiers", self._show_classifiers)
         state.subscribe("dataset", lambda summary: self.setWindowTitle(f"SegScope: {summary.name}"))
         relay.clicked.connect(self._on_click)
         self._show_model(state.model)
+        self._show_classifiers(state.classifiers)
+
+    def add_dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea = Qt.DockWidgetArea.RightDockWidgetArea,
+                 *, object_name: str | None = None) -> QDockWidget:
+        """Add ``widget`` as a movable dock (for example the embedding plot) and return it.
+
+        Docks added on the right stack under the segment panel; pass another ``area`` to
+        place it elsewhere. The widget should take its data from :attr:`state`.
+        """
+        dock = QDockWidget(title, self)
+        dock.setObjectName(object_name or f"{title.lower().replace(' ', '_')}Dock")
+        dock.setWidget(widget)
+        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
+                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        self.addDockWidget(area, dock)
+        return dock
 
     # -- menus and shortcuts -------------------------------------------------------------------
 
@@ -292,6 +313,17 @@ class MainWindow(QMainWindow):
         else:
             self.model_label.setText(f"Model: {model.name}" + ("" if model.trained else " (untrained)"))
 
+    def _show_classifiers(self, summary) -> None:
+        if summary is None:
+            loading = self.state.classifiers_message.startswith("Loading")
+            self.classifier_label.setText("Classifiers: loading…" if loading else "Classifiers: none")
+            self.classifier_label.setToolTip(self.state.classifiers_message)
+        else:
+            tasks = [name for name, info in (("compartments", summary.compartment),
+                                             ("cell types", summary.cell_type)) if info is not None]
+            self.classifier_label.setText(f"Classifiers: {', '.join(tasks)}")
+            self.classifier_label.setToolTip(summary.folder)
+
     # -- user actions ------------------------------------------------------------------------------
 
     def _on_click(self, event: ClickEvent) -> None:
@@ -333,15 +365,16 @@ class MainWindow(QMainWindow):
         elif update.event == "failed":
             self.state.show_error(f"Could not open the data: {update.error}")
 
-    def show_source(self, source: DataSource) -> None:
-        """Show an opened data source in the viewer and make it the controller's."""
+    def show_source(self, source: DataSource, *, precomputed: PrecomputedEmbeddings | None = None) -> None:
+        """Show an opened data source in the viewer and make it the controller's
+        (``precomputed``: a CSV ZIP store of its embeddings)."""
         try:
             self.bridge.show_source(source)
         except (ValueError, OSError) as exc:
             self.state.show_error(f"Neuroglancer cannot show {source.name}: {exc}")
             return
         self.banner.hide()
-        self.controller.open_source(source)
+        self.controller.open_source(source, precomputed=precomputed)
 
     # -- shutdown ------------------------------------------------------------------------------------
 

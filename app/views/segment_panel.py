@@ -12,16 +12,20 @@ from PyQt6.QtWidgets import (
 )
 
 from analysis import COMPARTMENTS
+from app.neuroglancer_bridge import cell_type_colour
 from app.state import (
     COMPARTMENT_COLOURS,
     EMBEDDED_COLOUR,
     OOD_COLOUR,
     PENDING_COLOUR,
+    ClassifierSummary,
     SegmentRecord,
     SessionState,
 )
 
 _NO_CLASSIFIER = "— (no classifier loaded)"
+_NO_CELL_TYPE_CLASSIFIER = "— (no cell-type classifier loaded)"
+_NO_COMPARTMENT_CLASSIFIER = "— (no compartment classifier loaded)"
 
 
 def _swatch_label(colour: str, text: str) -> QWidget:
@@ -61,7 +65,9 @@ class SegmentPanel(QWidget):
         prediction_box = QGroupBox("Predictions")
         form = QFormLayout(prediction_box)
         self.cell_type_label = QLabel(_NO_CLASSIFIER)
+        self.cell_type_label.setTextFormat(Qt.TextFormat.RichText)
         self.ood_label = QLabel(_NO_CLASSIFIER)
+        self.ood_label.setWordWrap(True)
         self.predicted_labels = {name: QLabel("—") for name in COMPARTMENTS}
         form.addRow("Cell type:", self.cell_type_label)
         form.addRow("Out of distribution:", self.ood_label)
@@ -69,6 +75,9 @@ class SegmentPanel(QWidget):
         form.addRow("Compartments:", self.predicted_note)
         for name in COMPARTMENTS:
             form.addRow(_swatch_label(COMPARTMENT_COLOURS[name], name), self.predicted_labels[name])
+        self.prediction_note = QLabel("")
+        self.prediction_note.setWordWrap(True)
+        form.addRow(self.prediction_note)
         layout.addWidget(prediction_box)
 
         truth_box = QGroupBox("Dataset labels (ground truth, not predictions)")
@@ -87,7 +96,12 @@ class SegmentPanel(QWidget):
         legend.addWidget(_swatch_label(EMBEDDED_COLOUR, "embedded, no compartment classifier"))
         for name in COMPARTMENTS:
             legend.addWidget(_swatch_label(COMPARTMENT_COLOURS[name], f"predicted {name}"))
-        legend.addWidget(_swatch_label(OOD_COLOUR, "segment out of distribution"))
+        legend.addWidget(_swatch_label(OOD_COLOUR, "segment out of distribution (and a box "
+                                                   "with its own layer)"))
+        self.cell_type_legend = QLabel("")
+        self.cell_type_legend.setTextFormat(Qt.TextFormat.RichText)
+        self.cell_type_legend.setWordWrap(True)
+        legend.addWidget(self.cell_type_legend)
         hint = QLabel("Double-click a segment in the 2-D or 3-D view to embed it. The layer "
                       "'ground truth compartments (dataset)' shows the dataset's labels.")
         hint.setWordWrap(True)
@@ -99,9 +113,20 @@ class SegmentPanel(QWidget):
             state.subscribe(event, self._refresh)
         state.subscribe("embeddings", lambda record, _indices: self._refresh_progress(record))
         state.subscribe("dataset", lambda _summary: self._refresh(state.segment))
-        self._refresh(state.segment)
+        state.subscribe("classifiers", self._show_classifiers)
+        self._show_classifiers(state.classifiers)
 
     # -- redraw ------------------------------------------------------------------------
+
+    def _show_classifiers(self, summary: ClassifierSummary | None) -> None:
+        cell_types = None if summary is None or summary.cell_type is None else summary.cell_type.class_names
+        if cell_types:
+            swatches = "&nbsp; ".join(f'<span style="color:{cell_type_colour(name)}; font-size:14px">■</span>'
+                                      f"&nbsp;{name}" for name in cell_types)
+            self.cell_type_legend.setText(f"Segment colour = predicted cell type: {swatches}")
+        else:
+            self.cell_type_legend.setText("")
+        self._refresh(self.state.segment)
 
     def _refresh(self, record: SegmentRecord | None) -> None:
         if record is None:
@@ -114,6 +139,9 @@ class SegmentPanel(QWidget):
         self.segment_id_label.setText(str(record.segment_id))
         if record.node_ids is None:
             self.nodes_label.setText("finding centres…")
+        elif record.embedding_source == "precomputed":
+            skeleton = f"{record.skeleton_node_count} in the skeleton, " if record.skeleton_node_count else ""
+            self.nodes_label.setText(f"{skeleton}{record.n_centres} precomputed nodes")
         else:
             skeleton = (f"{record.skeleton_node_count} ({record.n_centres} embedding centres)"
                         if record.skeleton_node_count else f"no skeleton ({record.n_centres} centres from the mask)")
@@ -153,22 +181,45 @@ class SegmentPanel(QWidget):
             self.truth_labels[name].setText("—" if counts is None else str(counts[name]))
 
     def _show_predictions(self, record: SegmentRecord | None) -> None:
+        summary = self.state.classifiers
+        has_cell_type = summary is not None and summary.cell_type is not None
+        has_compartment = summary is not None and summary.compartment is not None
+        if record is None:
+            missing = "—" if self.state.classifiers_loaded else _NO_CLASSIFIER
+        elif not self.state.classifiers_loaded:
+            missing = _NO_CLASSIFIER
+        else:
+            missing = "—"  # a classifier is there; this segment has no output yet
         if record is None or record.cell_type is None:
-            self.cell_type_label.setText(_NO_CLASSIFIER if not self.state.classifiers_loaded or record is None
-                                         else "—")
+            self.cell_type_label.setText(missing if has_cell_type or missing == _NO_CLASSIFIER
+                                         else _NO_CELL_TYPE_CLASSIFIER)
         else:
             probability = ("" if record.cell_type_probability is None
                            else f" (p = {record.cell_type_probability:.2f})")
-            self.cell_type_label.setText(f"{record.cell_type}{probability}")
+            swatch = f'<span style="color:{cell_type_colour(record.cell_type)}; font-size:14px">■</span>&nbsp;'
+            self.cell_type_label.setText(f"{swatch}{record.cell_type}{probability}")
         if record is None or record.ood_score is None:
-            self.ood_label.setText(_NO_CLASSIFIER if not self.state.classifiers_loaded or record is None
-                                   else "—")
+            self.ood_label.setText(missing if has_cell_type or missing == _NO_CLASSIFIER
+                                   else _NO_CELL_TYPE_CLASSIFIER)
             self.ood_label.setStyleSheet("")
         else:
+            threshold = "" if record.ood_threshold is None else f" vs threshold {record.ood_threshold:.2f}"
             flag = "YES, out of distribution" if record.ood_flagged else "no"
-            self.ood_label.setText(f"{flag} (uncertainty {record.ood_score:.2f})")
+            self.ood_label.setText(f"{flag} (uncertainty {record.ood_score:.2f}{threshold})")
             self.ood_label.setStyleSheet(f"color: {OOD_COLOUR}; font-weight: bold" if record.ood_flagged else "")
         counts = None if record is None else record.compartment_counts("predicted")
-        self.predicted_note.setText(_NO_CLASSIFIER if counts is None else "centres per predicted compartment:")
+        if counts is not None:
+            pending = counts.get("unlabelled", 0)
+            self.predicted_note.setText("centres per predicted compartment"
+                                        + (f" ({pending} not yet)" if pending else "") + ":")
+        elif record is not None and self.state.classifiers_loaded and not has_compartment:
+            self.predicted_note.setText(_NO_COMPARTMENT_CLASSIFIER)
+        else:
+            self.predicted_note.setText(missing)
         for name in COMPARTMENTS:
             self.predicted_labels[name].setText("—" if counts is None else str(counts[name]))
+        note = "" if record is None else record.prediction_note
+        if not self.state.classifiers_loaded and self.state.classifiers_message:
+            note = self.state.classifiers_message
+        self.prediction_note.setText(note)
+        self.prediction_note.setVisible(bool(note))
