@@ -1,0 +1,258 @@
+"""The embedding plot's Qt-free logic: points, colours, hit tests, selections, no echo, scheduling."""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import pytest
+
+from analysis.projection import UmapSettings
+from app.plot_controller import (
+    CATEGORY_COLOURS,
+    COLOUR_MODES,
+    OOD_BINS,
+    PlotController,
+    ProjectionScheduler,
+)
+
+
+def make_controller(n_segments: int = 4, per_segment: int = 25, dim: int = 8, seed: int = 0):
+    """A controller with a grid-free random layout; segment s has ids 100 + s."""
+    rng = np.random.default_rng(seed)
+    controller = PlotController()
+    for s in range(n_segments):
+        nodes = np.arange(per_segment) * 3
+        controller.add_points(100 + s, nodes, rng.uniform(0, 1000, (per_segment, 3)),
+                              rng.normal(size=(per_segment, dim)))
+    controller.set_layout(None, rng.uniform(-10, 10, (controller.n_points, 2)), kind="pca")
+    return controller
+
+
+def test_add_points_appends_and_updates_existing_nodes():
+    controller = PlotController()
+    events = []
+    controller.subscribe("points", events.append)
+    rows = controller.add_points(5, [1, 2, 3], np.zeros((3, 3)), np.ones((3, 4)), compartments=[0, 1, 255])
+    np.testing.assert_array_equal(rows, [0, 1, 2])
+    # Node 2 again (new embedding) and node 9 (new): only node 9 is a new row.
+    rows = controller.add_points(5, [2, 9], [[1, 1, 1], [2, 2, 2]], np.full((2, 4), 7.0))
+    np.testing.assert_array_equal(rows, [3])
+    assert controller.n_points == 4 and len(events) == 2
+    np.testing.assert_array_equal(controller.embeddings[1], np.full(4, 7.0))
+    np.testing.assert_array_equal(controller.rows_of(5, [9, 2, 4]), [3, 1, -1])
+    assert controller.point(1).xyz_nm == (1.0, 1.0, 1.0) and controller.point(3).node_id == 9
+    assert np.isnan(controller.layout).all()  # not placed until a projection places them
+    with pytest.raises(ValueError, match="4-d"):
+        controller.add_points(5, [10], np.zeros((1, 3)), np.zeros((1, 6)))
+    with pytest.raises(ValueError, match="NaN"):
+        controller.add_points(5, [10], np.zeros((1, 3)), np.full((1, 4), np.nan))
+    with pytest.raises(IndexError):
+        controller.point(4)
+
+
+def test_colour_modes_give_shared_palettes():
+    controller = make_controller()
+    controller.set_compartments(100, [0, 3, 6], [0, 2, 3])
+    controller.set_segment_labels(101, cell_type="pyramidal", ood_score=0.9)
+    controller.set_segment_labels(102, cell_type="microglia", ood_score=0.1)
+    rows_100 = controller.segment_rows([100])
+
+    colours = controller.colours()  # subcompartment
+    assert list(colours.index[rows_100[:4]]) == [0, 2, 3, 4] and colours.labels[4] == "unknown"
+
+    controller.set_colour_mode("cell type")
+    colours = controller.colours()
+    assert colours.labels == ["pyramidal", "microglia", "unknown"]
+    assert set(colours.index[controller.segment_rows([101])]) == {0}
+    assert set(colours.index[controller.segment_rows([102])]) == {1}
+    assert set(colours.index[controller.segment_rows([100, 103])]) == {2}
+
+    controller.set_colour_mode("OOD score")
+    colours = controller.colours()
+    assert colours.value_range == pytest.approx((0.1, 0.9))
+    assert set(colours.index[controller.segment_rows([101])]) == {OOD_BINS - 1}
+    assert set(colours.index[controller.segment_rows([102])]) == {0}
+    assert set(colours.index[controller.segment_rows([100])]) == {OOD_BINS}  # unknown
+    assert len(colours.palette) == OOD_BINS + 1 <= 20
+
+    controller.set_colour_mode("segment")
+    colours = controller.colours()
+    assert len(colours.palette) == len(CATEGORY_COLOURS) <= 20
+    for segment in (100, 101, 102, 103):
+        assert len(set(colours.index[controller.segment_rows([segment])])) == 1
+
+    with pytest.raises(ValueError, match="colour mode"):
+        controller.set_colour_mode("rainbow")
+    assert set(COLOUR_MODES) == {"subcompartment", "cell type", "OOD score", "segment"}
+
+
+def test_hit_test_returns_the_nearest_point_within_the_radius():
+    controller = make_controller()
+    rng = np.random.default_rng(5)
+    for x, y in rng.uniform(-10, 10, (50, 2)):
+        distances = np.linalg.norm(controller.layout - [x, y], axis=1)
+        expected = int(distances.argmin())
+        assert controller.hit_test(x, y, radius=100.0) == expected
+        radius = float(distances.min()) * 0.9
+        assert controller.hit_test(x, y, radius=radius) is None
+    # After a layout change the tree is rebuilt.
+    controller.set_layout([7], [[50.0, 50.0]])
+    assert controller.hit_test(50.1, 49.9, radius=1.0) == 7
+
+
+def test_rectangle_and_lasso_select_the_points_inside():
+    controller = PlotController()
+    # Segment 1 on the left, segment 2 on the right, segment 3 far up.
+    controller.add_points(1, [0, 1, 2], np.zeros((3, 3)), np.zeros((3, 4)))
+    controller.add_points(2, [0, 1], np.zeros((2, 3)), np.zeros((2, 4)))
+    controller.add_points(3, [5], np.zeros((1, 3)), np.zeros((1, 4)))
+    controller.set_layout(None, [[0, 0], [1, 1], [0.5, 2], [5, 0], [6, 1], [0, 20]])
+    np.testing.assert_array_equal(controller.rows_in_rectangle(1.5, -1, -1, 2.5), [0, 1, 2])
+    np.testing.assert_array_equal(controller.rows_in_rectangle(4, -1, 7, 1.5), [3, 4])
+    # An L around (0,0), (1,1) and (5,0) whose notch leaves out (6,1): concave shapes work.
+    lasso = [[-1, -1], [6.5, -1], [6.5, 0.5], [1.5, 0.5], [1.5, 1.5], [-1, 1.5]]
+    np.testing.assert_array_equal(controller.rows_in_polygon(lasso), [0, 1, 3])
+    with pytest.raises(ValueError, match="lasso"):
+        controller.rows_in_polygon([[0, 0], [1, 1]])
+
+    received = []
+    controller.subscribe("selection", received.append, name="3d")
+    assert controller.select_rows(controller.rows_in_polygon(lasso), origin="plot")
+    assert received[-1].segment_ids == frozenset({1, 2})
+    np.testing.assert_array_equal(received[-1].node_ids, [0, 1, 0])
+    assert received[-1].origin == "plot"
+
+
+def test_lasso_matches_brute_force_on_random_points():
+    controller = make_controller(n_segments=10, per_segment=100)
+    angles = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+    radii = 6 + 3 * np.sin(5 * angles)  # a star: concave
+    star = np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+    inside = controller.rows_in_polygon(star)
+    MplPath = pytest.importorskip("matplotlib.path").Path  # only to cross-check
+
+    expected = np.flatnonzero(MplPath(star).contains_points(controller.layout))
+    np.testing.assert_array_equal(inside, expected)
+
+
+def test_external_selection_is_not_echoed_back():
+    controller = make_controller()
+    to_3d, to_view = [], []
+    controller.subscribe("selection", to_3d.append, name="3d")
+    controller.subscribe("selection", to_view.append)  # the plot view redraws every change
+
+    assert controller.select_segments([101], origin="3d")
+    assert to_3d == []  # the 3-D view made this selection: nothing goes back to it
+    np.testing.assert_array_equal(to_view[-1].rows, controller.segment_rows([101]))
+    # The same selection again (a round trip through neuroglancer) emits nothing at all.
+    assert not controller.select_segments([101], origin="3d")
+    assert len(to_view) == 1
+
+    # A lasso in the plot goes to 3-D once, as segments...
+    rows = controller.segment_rows([102])[:5]
+    assert controller.select_rows(rows, origin="plot")
+    assert to_3d[-1].segment_ids == frozenset({102}) and len(to_3d) == 1
+    # ...and when 3-D reports those segments back, the plot keeps the 5 lassoed nodes.
+    assert not controller.select_segments([102], origin="3d")
+    np.testing.assert_array_equal(controller.selected_rows, rows)
+    assert len(to_3d) == 1
+
+    # Points of a segment selected in 3-D that stream in later join the selection,
+    # and the change is still not sent back to 3-D.
+    assert controller.select_segments([200], origin="3d")
+    count = len(to_3d)
+    new_rows = controller.add_points(200, [1, 2], np.zeros((2, 3)), np.zeros((2, 8)))
+    np.testing.assert_array_equal(controller.selected_rows, new_rows)
+    np.testing.assert_array_equal(to_view[-1].rows, new_rows)
+    assert len(to_3d) == count
+
+
+def test_hover_and_click_emit_the_node_for_3d_once_per_change():
+    controller = make_controller()
+    hovered, activated = [], []
+    controller.subscribe("hover", hovered.append, name="3d")
+    controller.subscribe("activate", activated.append)
+    assert controller.hover(7)
+    assert not controller.hover(7)
+    assert controller.hover(None)
+    assert [None if h is None else h.row for h in hovered] == [7, None]
+    point = hovered[0]
+    assert point.segment_id == int(controller.segment_ids[7]) and point.node_id == int(controller.node_ids[7])
+    np.testing.assert_allclose(point.xyz_nm, controller.xyz_nm[7])
+    controller.hover(3, origin="3d")  # the 3-D view's own hover is not sent back to it
+    assert len(hovered) == 2
+    info = controller.activate(9)
+    assert activated == [info] and info.row == 9
+
+
+class Pump:
+    """A ``post`` for the scheduler that runs callbacks on the test thread, like Qt's queue."""
+
+    def __init__(self):
+        self.calls: queue.Queue = queue.Queue()
+
+    def post(self, fn):
+        self.calls.put(fn)
+
+    def run_until(self, condition, timeout: float):
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("condition not met")
+            try:
+                self.calls.get(timeout=min(remaining, 0.5))()
+            except queue.Empty:
+                pass
+
+
+def test_scheduler_shows_pca_at_once_as_points_arrive():
+    controller = PlotController()
+    scheduler = ProjectionScheduler(controller, Pump().post, min_points=10**9, warm_up=False)
+    layouts = []
+    controller.subscribe("layout", layouts.append)
+    rng = np.random.default_rng(0)
+    try:
+        for batch in range(6):
+            controller.add_points(1, np.arange(batch * 16, batch * 16 + 16), np.zeros((16, 3)),
+                                  rng.normal(size=(16, 8)))
+            assert np.isfinite(controller.layout).all()  # placed synchronously, no waiting
+        assert controller.layout_kind == "pca" and not any(change.animate for change in layouts)
+        # The PCA is refitted only when the data has doubled: batches 1, 2, 4 refit all rows.
+        assert [change.rows is None for change in layouts] == [True, True, False, True, False, False]
+        assert scheduler.umap is None and not scheduler.busy
+    finally:
+        scheduler.shutdown()
+
+
+@pytest.mark.slow
+def test_scheduler_fits_umap_in_the_background_then_places_new_points():
+    """Pays numba's compile cost with a cold cache: slow."""
+    pump = Pump()
+    controller = PlotController()
+    scheduler = ProjectionScheduler(controller, pump.post, settings=UmapSettings(n_epochs=50, seed=0),
+                                    min_points=200, refit_growth=100.0, warm_up=True)
+    layouts = []
+    controller.subscribe("layout", layouts.append)
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 8, size=(3, 16))
+    labels = rng.integers(0, 3, 400)
+    points = (centres[labels] + rng.normal(size=(400, 16))).astype(np.float32)
+    try:
+        scheduler.start()
+        controller.add_points(1, np.arange(300), np.zeros((300, 3)), points[:300])
+        assert controller.layout_kind == "pca"  # shown at once
+        pump.run_until(lambda: controller.layout_kind == "umap", timeout=600)
+        assert any(change.animate and change.kind == "umap" for change in layouts)
+        controller.add_points(1, np.arange(300, 400), np.zeros((100, 3)), points[300:])
+        pump.run_until(lambda: not scheduler.busy and np.isfinite(controller.layout).all(), timeout=300)
+        layout = controller.layout
+        centroids = np.stack([layout[:300][labels[:300] == c].mean(axis=0) for c in range(3)])
+        nearest = np.linalg.norm(layout[300:, None] - centroids[None], axis=2).argmin(axis=1)
+        assert (nearest == labels[300:]).mean() > 0.95
+        assert scheduler.umap.n_points == 300  # placed by transform, not refitted
+    finally:
+        scheduler.shutdown()
