@@ -1,0 +1,561 @@
+"""The live embedding plot: a pyqtgraph dock linked to the 3-D view and the session.
+
+Every embedded node is a point in a 2-D projection of its SegCLR embedding, coloured by
+subcompartment, cell type, OOD score (with a colour bar) or segment. The logic lives in
+:class:`app.plot_controller.PlotController` (Qt-free); this module draws it and turns
+mouse input into controller calls.
+
+Drawing: :class:`PointCloudItem` paints points itself, one ``QPainter.drawPoints`` call
+per palette colour (at most 20), from numpy arrays mapped to device pixels. pyqtgraph's
+``ScatterPlotItem`` builds a record per point (``setData`` about 450 ms at 100k points,
+design.md), too slow for per-frame animation and for a million points.
+
+Threads: the UMAP fit and ``transform`` run on the
+:class:`~app.plot_controller.ProjectionScheduler`'s workers; their results come back
+through :class:`QueuedInvoker` (a queued signal), so every controller mutation and redraw
+happens on the Qt main thread. Redraws are coalesced: many batches in one event-loop turn
+cost one repaint.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyqtgraph as pg
+from PyQt6.QtCore import QObject, QPointF, QRectF, Qt, QTimer, pyqtSignal
+from PyQt6.QtGui import QColor, QPainter, QPen
+from PyQt6.QtWidgets import (
+    QButtonGroup,
+    QComboBox,
+    QDockWidget,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.plot_controller import COLOUR_MODES, LayoutChange, PlotController, PointInfo, ProjectionScheduler, Selection
+
+log = logging.getLogger(__name__)
+
+#: Origin tag of changes made in this plot (see app.plot_controller, "no echo").
+PLOT_ORIGIN = "plot"
+#: Origin tag of selections that come from the 3-D view / session.
+VIEW_3D_ORIGIN = "3d"
+HOVER_RADIUS_PX = 6.0
+ANIMATION_MS = 600
+ANIMATION_FRAME_MS = 16
+
+
+class QueuedInvoker(QObject):
+    """Runs callables on the thread this object lives on; ``post`` is safe from any thread."""
+
+    _invoke = pyqtSignal(object)
+
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self._invoke.connect(self._run, Qt.ConnectionType.QueuedConnection)
+
+    def post(self, fn: Callable[[], None]) -> None:
+        self._invoke.emit(fn)
+
+    @staticmethod
+    def _run(fn: Callable[[], None]) -> None:
+        fn()
+
+
+class PointCloudItem(pg.GraphicsObject):
+    """Many fixed-size points, coloured from a small shared palette.
+
+    Positions are float ``[N, 2]`` in view units (NaN rows are not drawn); colours are a
+    uint8 ``[N]`` palette index and a uint8 ``[P, 4]`` RGBA palette.
+    """
+
+    def __init__(self, size_px: float = 4.0, parent=None):
+        super().__init__(parent)
+        self.size_px = float(size_px)
+        self._xy = np.zeros((0, 2), np.float32)
+        self._index = np.zeros(0, np.uint8)
+        self._pens: list[QPen] = []
+        self._order = np.zeros(0, np.int64)
+        self._group_starts = np.zeros(1, np.int64)
+        self._bounds = QRectF()
+        self.paint_count = 0
+
+    @property
+    def n_points(self) -> int:
+        return len(self._xy)
+
+    def set_positions(self, xy: np.ndarray) -> None:
+        xy = np.asarray(xy, dtype=np.float32)
+        size_changed = len(xy) != len(self._xy)
+        self.prepareGeometryChange()
+        self._xy = xy
+        finite = xy[np.isfinite(xy).all(axis=1)]
+        if len(finite):
+            lo, hi = finite.min(axis=0), finite.max(axis=0)
+            self._bounds = QRectF(float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1]))
+        else:
+            self._bounds = QRectF()
+        if size_changed and len(self._index) != len(xy):
+            self._set_index(np.zeros(len(xy), np.uint8))
+        self.informViewBoundsChanged()
+        self.update()
+
+    def set_colours(self, index: np.ndarray, palette: np.ndarray) -> None:
+        self._pens = []
+        for r, g, b, a in np.asarray(palette, dtype=np.uint8):
+            pen = QPen(QColor(int(r), int(g), int(b), int(a)))
+            pen.setWidthF(self.size_px)
+            pen.setCapStyle(Qt.PenCapStyle.SquareCap)
+            pen.setCosmetic(True)
+            self._pens.append(pen)
+        self._set_index(np.asarray(index, dtype=np.uint8))
+        self.update()
+
+    def _set_index(self, index: np.ndarray) -> None:
+        # Points sorted by colour once per colour change, so each paint draws contiguous
+        # slices, one pen each.
+        self._index = index
+        self._order = np.argsort(index, kind="stable")
+        n_colours = max(len(self._pens), int(index.max()) + 1 if len(index) else 0)
+        self._group_starts = np.searchsorted(index[self._order], np.arange(n_colours + 1))
+
+    def boundingRect(self) -> QRectF:  # noqa: N802 (Qt name)
+        if self._bounds.isNull():
+            return QRectF()
+        # Pad by the point size in view units so edge points are not clipped.
+        px = self.pixelLength(pg.Point(1, 0)) or 0.0
+        py = self.pixelLength(pg.Point(0, 1)) or 0.0
+        pad = self.size_px
+        return self._bounds.adjusted(-px * pad, -py * pad, px * pad, py * pad)
+
+    def dataBounds(self, ax: int, frac: float = 1.0, orthoRange=None):  # noqa: N802 (pyqtgraph name)
+        if self._bounds.isNull():
+            return None, None
+        if ax == 0:
+            return self._bounds.left(), self._bounds.right()
+        return self._bounds.top(), self._bounds.bottom()
+
+    def pixelPadding(self) -> float:  # noqa: N802 (pyqtgraph name)
+        return self.size_px
+
+    def paint(self, painter: QPainter, option, widget=None) -> None:
+        self.paint_count += 1
+        if not len(self._xy) or not self._pens:
+            return
+        transform = painter.deviceTransform()
+        m11, m22, dx, dy = transform.m11(), transform.m22(), transform.dx(), transform.dy()
+        device = painter.device()
+        width, height = device.width(), device.height()
+        painter.save()
+        painter.resetTransform()
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing, False)
+        xy = self._xy[self._order]
+        px = xy[:, 0] * m11 + dx
+        py = xy[:, 1] * m22 + dy
+        margin = self.size_px
+        # Cull what lies off screen (and NaN: comparisons are False) before building polygons.
+        visible = (px > -margin) & (px < width + margin) & (py > -margin) & (py < height + margin)
+        for colour, pen in enumerate(self._pens):
+            start, stop = self._group_starts[colour], self._group_starts[colour + 1]
+            if stop <= start:
+                continue
+            keep = visible[start:stop]
+            count = int(keep.sum())
+            if not count:
+                continue
+            polygon = pg.functions.create_qpolygonf(count)
+            view = pg.functions.ndarray_from_qpolygonf(polygon)
+            view[:, 0] = px[start:stop][keep]
+            view[:, 1] = py[start:stop][keep]
+            painter.setPen(pen)
+            painter.drawPoints(polygon)
+        painter.restore()
+
+
+class SelectionViewBox(pg.ViewBox):
+    """A ViewBox whose left drag pans, or draws a rectangle or lasso (``mode``)."""
+
+    regionSelected = pyqtSignal(str, object)  # ("rectangle" | "lasso", float [M, 2] view-unit vertices)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.mode = "pan"
+        self._path: list[tuple[float, float]] = []
+        self._outline = pg.PlotCurveItem(pen=pg.mkPen("#ffffff", width=1, style=Qt.PenStyle.DashLine))
+        self._outline.setZValue(100)
+        self.addItem(self._outline, ignoreBounds=True)
+
+    def mouseDragEvent(self, ev, axis=None):  # noqa: N802 (pyqtgraph name)
+        if self.mode == "pan" or ev.button() != Qt.MouseButton.LeftButton:
+            super().mouseDragEvent(ev, axis)
+            return
+        ev.accept()
+        point = self.mapSceneToView(ev.scenePos())
+        here = (point.x(), point.y())
+        if ev.isStart():
+            start = self.mapSceneToView(ev.buttonDownScenePos())
+            self._path = [(start.x(), start.y())]
+        if self.mode == "lasso":
+            self._path.append(here)
+        else:
+            self._path = [self._path[0], here]
+        vertices = self._vertices()
+        closed = np.vstack([vertices, vertices[:1]])
+        self._outline.setData(closed[:, 0], closed[:, 1])
+        if ev.isFinish():
+            self._outline.setData([], [])
+            self._path = []
+            self.regionSelected.emit(self.mode, vertices)
+
+    def _vertices(self) -> np.ndarray:
+        path = np.asarray(self._path, dtype=np.float64)
+        if self.mode == "rectangle":
+            (x0, y0), (x1, y1) = path[0], path[-1]
+            return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+        return path
+
+
+class EmbeddingPlotWidget(QWidget):
+    """The plot, its colour-mode box, selection-tool buttons, legend and colour bar.
+
+    Signals
+    -------
+    pointHovered(PointInfo or None)
+        The point under the cursor changed (for a 3-D highlight).
+    pointActivated(PointInfo)
+        A point was clicked (the 3-D view can move there).
+    selectionChanged(Selection)
+        A selection made in this plot (rectangle, lasso, click on empty space clears);
+        never emitted for selections that came from outside.
+    """
+
+    pointHovered = pyqtSignal(object)
+    pointActivated = pyqtSignal(object)
+    selectionChanged = pyqtSignal(object)
+
+    def __init__(self, controller: PlotController | None = None, *, scheduler_options: dict | None = None,
+                 point_size_px: float = 4.0, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.controller = controller or PlotController()
+        self.invoker = QueuedInvoker(self)
+        # ProjectionScheduler options: settings (UmapSettings), min_points, refit_growth, warm_up.
+        self.scheduler = ProjectionScheduler(self.controller, self.invoker.post, **(scheduler_options or {}))
+        self._ranged = False
+        self._displayed = np.zeros((0, 2), np.float32)  # positions on screen (mid-animation too)
+        self._animation_from: np.ndarray | None = None
+        self._animation_step = 0
+        self._dirty: set[str] = set()
+
+        self.view_box = SelectionViewBox()
+        self.graphics = pg.GraphicsLayoutWidget()
+        self.graphics.setBackground("#101014")
+        self.plot_item = self.graphics.addPlot(row=0, col=0, viewBox=self.view_box)
+        self.plot_item.hideAxis("left")
+        self.plot_item.hideAxis("bottom")
+        self.view_box.setAspectLocked(True)  # hit radius in pixels is the same along x and y
+        self.points = PointCloudItem(point_size_px)
+        self.selection_item = PointCloudItem(point_size_px + 3)
+        self.selection_item.set_colours(np.zeros(0, np.uint8), np.array([[255, 255, 255, 255]], np.uint8))
+        self.selection_item.setZValue(10)
+        self.hover_item = pg.ScatterPlotItem(size=16, pen=pg.mkPen("#ffe14d", width=2), brush=None)
+        self.hover_item.setZValue(20)
+        for item in (self.points, self.selection_item):
+            self.view_box.addItem(item)
+        self.view_box.addItem(self.hover_item, ignoreBounds=True)
+        self.colour_bar = pg.ColorBarItem(values=(0, 1), colorMap=pg.colormap.get("viridis"),
+                                          interactive=False, width=14, label="OOD score")
+        self.graphics.addItem(self.colour_bar, row=0, col=1)
+        self.colour_bar.hide()
+
+        self.mode_box = QComboBox()
+        self.mode_box.addItems(COLOUR_MODES)
+        self.mode_box.currentTextChanged.connect(self.controller.set_colour_mode)
+        self.tool_buttons = QButtonGroup(self)
+        tools = QHBoxLayout()
+        tools.addWidget(QLabel("Colour:"))
+        tools.addWidget(self.mode_box)
+        tools.addStretch(1)
+        for mode, text, tip in (("pan", "Pan", "Drag to pan, wheel to zoom"),
+                                ("rectangle", "Rect", "Drag a rectangle to select nodes and their segments"),
+                                ("lasso", "Lasso", "Draw around points to select nodes and their segments")):
+            button = QPushButton(text)
+            button.setCheckable(True)
+            button.setToolTip(tip)
+            button.setChecked(mode == "pan")
+            button.clicked.connect(lambda _checked, m=mode: self.set_tool(m))
+            self.tool_buttons.addButton(button)
+            tools.addWidget(button)
+        self.status_label = QLabel("No embeddings yet")
+        self.legend_label = QLabel("")
+        self.legend_label.setWordWrap(True)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(2, 2, 2, 2)
+        layout.addLayout(tools)
+        layout.addWidget(self.graphics, 1)
+        layout.addWidget(self.legend_label)
+        layout.addWidget(self.status_label)
+
+        self._refresh_timer = QTimer(self)
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.timeout.connect(self._refresh)
+        self._animation_timer = QTimer(self)
+        self._animation_timer.setInterval(ANIMATION_FRAME_MS)
+        self._animation_timer.timeout.connect(self._animation_frame)
+
+        self.view_box.regionSelected.connect(self._on_region)
+        self.graphics.scene().sigMouseMoved.connect(self._on_mouse_moved)
+        self.graphics.scene().sigMouseClicked.connect(self._on_mouse_clicked)
+        controller = self.controller
+        self._unsubscribe = [
+            controller.subscribe("points", lambda rows: self._mark("points")),
+            controller.subscribe("layout", self._on_layout),
+            controller.subscribe("colours", lambda: self._mark("colours")),
+            controller.subscribe("selection", self._on_selection),
+            controller.subscribe("hover", self._on_hover),
+            controller.subscribe("activate", self.pointActivated.emit),
+        ]
+        self.scheduler.on_status(self._show_status)
+
+    # -- controller -> screen --------------------------------------------------------------
+
+    def _mark(self, what: str) -> None:
+        self._dirty.add(what)
+        if not self._refresh_timer.isActive():
+            self._refresh_timer.start(0)
+
+    def _refresh(self) -> None:
+        """Apply everything that changed since the last event-loop turn, in one repaint."""
+        dirty, self._dirty = self._dirty, set()
+        controller = self.controller
+        if "points" in dirty or "layout" in dirty:
+            if self._animation_timer.isActive():
+                # Mid-animation: new rows join at their target; the animation carries on.
+                extra = len(controller.layout) - len(self._animation_from)
+                if extra > 0:
+                    self._animation_from = np.vstack([self._animation_from, controller.layout[-extra:]])
+            else:
+                self._displayed = controller.layout.copy()
+                self.points.set_positions(self._displayed)
+                self._update_selection_item()
+            if controller.n_points and controller.layout_kind != "none":
+                self._show_status(self.scheduler.status)
+        if "points" in dirty or "colours" in dirty:
+            self._apply_colours()
+        if "selection" in dirty:
+            self._update_selection_item()
+        # Frame the points when they first appear, while they are few (a streaming segment),
+        # and after a refit; never while the user explores a large plot.
+        placed = bool(np.isfinite(self._displayed).all(axis=1).any()) if len(self._displayed) else False
+        if placed and ("autorange" in dirty or not self._ranged
+                       or ("points" in dirty and self.points.n_points <= 5000)):
+            self.view_box.autoRange(padding=0.05)
+            self._ranged = True
+
+    def _apply_colours(self) -> None:
+        colours = self.controller.colours()
+        self.points.set_colours(colours.index, colours.palette)
+        if colours.value_range is not None:
+            self.colour_bar.setLevels(colours.value_range)
+            self.colour_bar.show()
+        else:
+            self.colour_bar.hide()
+        if self.controller.colour_mode in ("subcompartment", "cell type"):
+            swatches = [f'<span style="color: rgb({r},{g},{b})">&#9632;</span> {label}'
+                        for (r, g, b, _a), label in zip(colours.palette, colours.labels)]
+            self.legend_label.setText("&nbsp;&nbsp;".join(swatches))
+        elif colours.value_range is not None:
+            self.legend_label.setText(f"OOD score {colours.value_range[0]:.3g} to {colours.value_range[1]:.3g}")
+        else:
+            self.legend_label.setText("")
+
+    def _on_layout(self, change: LayoutChange) -> None:
+        if change.animate and len(self._displayed):
+            start = np.full_like(self.controller.layout, np.nan)
+            known = min(len(self._displayed), len(start))
+            start[:known] = self._displayed[:known]
+            missing = ~np.isfinite(start).all(axis=1)
+            start[missing] = self.controller.layout[missing]
+            self._animation_from = start
+            self._animation_step = 0
+            self._animation_timer.start()
+            self._dirty.add("autorange")
+        self._mark("layout")
+
+    def _animation_frame(self) -> None:
+        self._animation_step += 1
+        t = min(1.0, self._animation_step * ANIMATION_FRAME_MS / ANIMATION_MS)
+        eased = t * t * (3 - 2 * t)
+        target = self.controller.layout
+        start = self._animation_from
+        if start is None or len(start) != len(target):
+            start = target if start is None else np.vstack([start, target[len(start):]])[: len(target)]
+        frame = start + (target - start) * eased
+        frame = np.where(np.isfinite(frame), frame, target)
+        self._displayed = frame.astype(np.float32)
+        self.points.set_positions(self._displayed)
+        self._update_selection_item()
+        if t >= 1.0:
+            self._animation_timer.stop()
+            self._animation_from = None
+            self.view_box.autoRange(padding=0.05)
+
+    @property
+    def animating(self) -> bool:
+        return self._animation_timer.isActive()
+
+    def _update_selection_item(self) -> None:
+        rows = self.controller.selected_rows
+        self.selection_item.set_positions(self._displayed[rows] if len(rows) else np.zeros((0, 2), np.float32))
+        self.selection_item.set_colours(np.zeros(len(rows), np.uint8), np.array([[255, 255, 255, 255]], np.uint8))
+
+    def _on_selection(self, selection: Selection) -> None:
+        self._mark("selection")
+        if selection.origin == PLOT_ORIGIN:
+            self.selectionChanged.emit(selection)
+
+    def _on_hover(self, info: PointInfo | None) -> None:
+        if info is None or info.row >= len(self._displayed):
+            self.hover_item.setData([], [])
+        else:
+            x, y = self._displayed[info.row]
+            self.hover_item.setData([float(x)], [float(y)])
+        self.pointHovered.emit(info)
+
+    def _show_status(self, text: str) -> None:
+        n = self.controller.n_points
+        self.status_label.setText(f"{n} points, {text}")
+
+    # -- mouse -> controller ---------------------------------------------------------------
+
+    def set_tool(self, mode: str) -> None:
+        """Left drag pans (``"pan"``) or selects (``"rectangle"``, ``"lasso"``)."""
+        if mode not in ("pan", "rectangle", "lasso"):
+            raise ValueError(f"unknown tool {mode!r}")
+        self.view_box.mode = mode
+        for button in self.tool_buttons.buttons():
+            button.setChecked(button.text().lower().startswith(mode[:4]))
+
+    def _hit(self, scene_pos: QPointF) -> int | None:
+        if not self.view_box.sceneBoundingRect().contains(scene_pos):
+            return None
+        point = self.view_box.mapSceneToView(scene_pos)
+        pixel = self.view_box.viewPixelSize()[0]
+        return self.controller.hit_test(point.x(), point.y(), HOVER_RADIUS_PX * pixel)
+
+    def _on_mouse_moved(self, scene_pos: QPointF) -> None:
+        self.controller.hover(self._hit(scene_pos), origin=PLOT_ORIGIN)
+
+    def _on_mouse_clicked(self, event) -> None:
+        if event.button() != Qt.MouseButton.LeftButton or event.double():
+            return
+        row = self._hit(event.scenePos())
+        if row is None:
+            self.controller.clear_selection(PLOT_ORIGIN)
+        else:
+            self.controller.activate(row, origin=PLOT_ORIGIN)
+
+    def _on_region(self, kind: str, vertices: np.ndarray) -> None:
+        if kind == "rectangle":
+            (x0, y0), (x1, y1) = vertices[0], vertices[2]
+            rows = self.controller.rows_in_rectangle(x0, y0, x1, y1)
+        elif len(vertices) >= 3:
+            rows = self.controller.rows_in_polygon(vertices)
+        else:
+            return
+        self.controller.select_rows(rows, origin=PLOT_ORIGIN)
+
+    # -- from outside ----------------------------------------------------------------------
+
+    def select_segments(self, segment_ids: Iterable[int], origin: str = VIEW_3D_ORIGIN) -> bool:
+        """Highlight every point of ``segment_ids`` (a selection made in 3-D); no echo."""
+        return self.controller.select_segments(segment_ids, origin)
+
+    def add_background(self, table) -> np.ndarray:
+        """Add precomputed embeddings (an :class:`analysis.projection.EmbeddingTable`) as context."""
+        return self.controller.add_points(table.segment_ids, table.node_ids, table.xyz_nm, table.embeddings,
+                                          background=True)
+
+    def shutdown(self) -> None:
+        self._animation_timer.stop()
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self.scheduler.shutdown()
+
+
+class EmbeddingPlotDock(QDockWidget):
+    """A dock holding an :class:`EmbeddingPlotWidget` (``.plot``)."""
+
+    def __init__(self, parent: QWidget | None = None, *, start_warm_up: bool = True, **plot_kwargs: Any):
+        super().__init__("Embeddings", parent)
+        self.setObjectName("embeddingPlotDock")
+        self.plot = EmbeddingPlotWidget(**plot_kwargs)
+        self.setWidget(self.plot)
+        self.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
+                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        if start_warm_up:
+            self.plot.scheduler.start()
+
+    @property
+    def controller(self) -> PlotController:
+        return self.plot.controller
+
+
+def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool = True,
+                          **plot_kwargs: Any) -> EmbeddingPlotDock:
+    """Add the embedding plot dock to SegScope's main window and link it.
+
+    What it needs from the window: ``main_window.state`` (:class:`app.state.SessionState`,
+    events ``"node_batch"``, ``"predictions"``, ``"segment"``), ``addDockWidget``
+    (QMainWindow) and, optionally, ``main_window.bridge`` with ``set_view(xyz_nm)``.
+
+    Wiring
+    ------
+    * session ``"node_batch"`` -> the batch's points (with predicted compartments);
+    * session ``"predictions"`` -> the segment's cell type and OOD score;
+    * session ``"segment"`` (a 3-D selection) -> its points are highlighted (origin
+      ``"3d"``, never sent back);
+    * a clicked point -> ``bridge.set_view`` moves the 3-D view to the node.
+    The dock's ``plot.pointHovered`` and ``plot.selectionChanged`` signals carry node and
+    segment ids for a 3-D highlight of hovered nodes and of several segments, which the
+    bridge does not offer yet.
+
+    ``background`` is an :class:`analysis.projection.EmbeddingTable` or a path to a
+    ``segscope embed`` Parquet, plotted as context from the start. ``start_warm_up``
+    compiles UMAP's numba kernels in the background right away.
+    """
+    dock = EmbeddingPlotDock(main_window, start_warm_up=start_warm_up, **plot_kwargs)
+    main_window.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
+    plot, controller = dock.plot, dock.controller
+    state = main_window.state
+
+    def on_batch(batch) -> None:
+        controller.add_points(batch.segment_id, batch.node_ids, batch.positions_nm, batch.embeddings,
+                              compartments=batch.predicted)
+
+    def on_predictions(record) -> None:
+        if record is None:
+            return
+        controller.set_segment_labels(record.segment_id, cell_type=getattr(record, "cell_type", None),
+                                      ood_score=getattr(record, "ood_score", None))
+
+    def on_segment(record) -> None:
+        plot.select_segments(() if record is None else (record.segment_id,), origin=VIEW_3D_ORIGIN)
+
+    state.subscribe("node_batch", on_batch)
+    state.subscribe("predictions", on_predictions)
+    state.subscribe("segment", on_segment)
+    bridge = getattr(main_window, "bridge", None)
+    if bridge is not None and hasattr(bridge, "set_view"):
+        plot.pointActivated.connect(lambda info: bridge.set_view(info.xyz_nm))
+    if background is not None:
+        if not hasattr(background, "embeddings"):
+            from analysis.projection import read_embedding_table
+
+            background = read_embedding_table(background)
+        plot.add_background(background)
+    return dock

@@ -1,0 +1,205 @@
+"""The embedding plot dock, offscreen: streaming points, rectangle and lasso selection, 3-D linking.
+
+Qt tests: run them in a pytest session without TensorFlow (``pytest -m "qt and not slow"``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.qt
+
+pytest.importorskip("pytestqt")
+
+
+@pytest.fixture
+def window(qtbot):
+    """A main window stand-in with a real SessionState, the plot attached (PCA only, no UMAP)."""
+    from PyQt6.QtWidgets import QMainWindow, QWidget
+
+    from app.state import SessionState
+    from app.views.embedding_plot import attach_embedding_plot
+
+    class Bridge:
+        def __init__(self):
+            self.views = []
+
+        def set_view(self, xyz_nm):
+            self.views.append(tuple(xyz_nm))
+
+    main = QMainWindow()
+    main.setCentralWidget(QWidget())
+    main.state = SessionState()
+    main.bridge = Bridge()
+    main.resize(900, 700)
+    dock = attach_embedding_plot(main, start_warm_up=False,
+                                 scheduler_options={"min_points": 10**9, "warm_up": False})
+    qtbot.addWidget(main)
+    main.show()
+    qtbot.waitExposed(main)
+    main.dock = dock
+    yield main
+    dock.plot.shutdown()
+
+
+def clustered_embeddings(n: int, centre: float, dim: int = 16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = np.zeros(dim)
+    base[0] = centre
+    return (base + 0.3 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def stream_segment(state, segment_id: int, embeddings: np.ndarray, batch: int = 8, qtbot=None, plot=None):
+    """Select a segment and deliver its embeddings batch by batch through the session state."""
+    n = len(embeddings)
+    state.select_segment(segment_id)
+    state.set_centres(segment_id, np.arange(n) * 2, np.arange(n * 3, dtype=float).reshape(n, 3))
+    counts = []
+    for start in range(0, n, batch):
+        indices = np.arange(start, min(n, start + batch))
+        state.add_embeddings(segment_id, indices, embeddings[indices])
+        state.announce_batch(segment_id, indices)
+        if qtbot is not None:
+            qtbot.waitUntil(lambda: plot.points.n_points == plot.controller.n_points, timeout=2000)
+            counts.append(int(np.isfinite(plot.points._xy).all(axis=1).sum()))
+    return counts
+
+
+def test_points_appear_as_batches_stream_in(window, qtbot):
+    plot = window.dock.plot
+    counts = stream_segment(window.state, 11, clustered_embeddings(40, 5.0), batch=8, qtbot=qtbot, plot=plot)
+    assert counts == [8, 16, 24, 32, 40]  # drawn batch by batch, each placed at once (PCA)
+    assert plot.controller.layout_kind == "pca"
+    qtbot.waitUntil(lambda: plot.points.paint_count > 0, timeout=2000)
+    assert "40 points" in plot.status_label.text()
+    # The dock's image is not blank where the points are.
+    image = plot.graphics.grab().toImage()
+    assert not image.isNull()
+
+
+def drag(qtbot, plot, start_view, end_view, steps: int = 6):
+    """A real left-button drag on the plot's viewport between two points in view units."""
+    from PyQt6.QtCore import QEvent, QPointF, Qt
+    from PyQt6.QtGui import QMouseEvent
+    from PyQt6.QtWidgets import QApplication
+
+    viewport = plot.graphics.viewport()
+
+    def to_widget(xy):
+        scene = plot.view_box.mapViewToScene(QPointF(*xy))
+        return QPointF(plot.graphics.mapFromScene(scene))
+
+    def send(kind, pos, buttons):
+        button = Qt.MouseButton.LeftButton if kind != QEvent.Type.MouseMove else Qt.MouseButton.NoButton
+        event = QMouseEvent(kind, pos, viewport.mapToGlobal(pos), button, buttons, Qt.KeyboardModifier.NoModifier)
+        QApplication.sendEvent(viewport, event)
+
+    a, b = to_widget(start_view), to_widget(end_view)
+    send(QEvent.Type.MouseButtonPress, a, Qt.MouseButton.LeftButton)
+    for t in np.linspace(0, 1, steps)[1:]:
+        send(QEvent.Type.MouseMove, a + (b - a) * float(t), Qt.MouseButton.LeftButton)
+        qtbot.wait(30)  # pyqtgraph drops mouse moves closer than ~16 ms apart
+    send(QEvent.Type.MouseButtonRelease, b, Qt.MouseButton.NoButton)
+
+
+def two_segments(window, qtbot):
+    plot = window.dock.plot
+    stream_segment(window.state, 21, clustered_embeddings(30, -6.0, seed=1))
+    stream_segment(window.state, 22, clustered_embeddings(30, 6.0, seed=2))
+    qtbot.waitUntil(lambda: plot.points.n_points == 60, timeout=2000)
+    plot.view_box.autoRange(padding=0.1)
+    qtbot.wait(50)
+    return plot
+
+
+def test_rectangle_selection_emits_the_right_segments(window, qtbot):
+    plot = two_segments(window, qtbot)
+    layout = plot.controller.layout
+    right = plot.controller.segment_rows([22])
+    lo, hi = layout[right].min(axis=0), layout[right].max(axis=0)
+    pad = 0.05 * (hi - lo + 1e-3)
+    window.state.clear_segment()  # streaming left segment 22 selected (from the session)
+    assert len(plot.controller.selected_rows) == 0
+    plot.set_tool("rectangle")
+    with qtbot.waitSignal(plot.selectionChanged, timeout=3000) as blocker:
+        drag(qtbot, plot, lo - pad, hi + pad)
+    selection = blocker.args[0]
+    assert selection.segment_ids == frozenset({22})
+    np.testing.assert_array_equal(selection.rows, right)
+    qtbot.waitUntil(lambda: plot.selection_item.n_points == 30, timeout=2000)  # highlighted on screen
+
+
+def test_lasso_selection_emits_the_right_segments(window, qtbot):
+    plot = two_segments(window, qtbot)
+    layout = plot.controller.layout
+    left = plot.controller.segment_rows([21])
+    centre = layout[left].mean(axis=0)
+    radius = 1.2 * np.linalg.norm(layout[left] - centre, axis=1).max() + 1e-3
+    plot.set_tool("lasso")
+    angles = np.linspace(0, 2 * np.pi, 24)
+    loop = centre + radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    with qtbot.waitSignal(plot.selectionChanged, timeout=3000) as blocker:
+        # A drag whose moves trace a circle: press at the first vertex, release at the last.
+        from PyQt6.QtCore import QEvent, QPointF, Qt
+        from PyQt6.QtGui import QMouseEvent
+        from PyQt6.QtWidgets import QApplication
+
+        viewport = plot.graphics.viewport()
+        for i, xy in enumerate(loop):
+            pos = QPointF(plot.graphics.mapFromScene(plot.view_box.mapViewToScene(QPointF(*xy))))
+            kind = (QEvent.Type.MouseButtonPress if i == 0 else
+                    QEvent.Type.MouseButtonRelease if i == len(loop) - 1 else QEvent.Type.MouseMove)
+            buttons = Qt.MouseButton.NoButton if kind == QEvent.Type.MouseButtonRelease else Qt.MouseButton.LeftButton
+            button = Qt.MouseButton.NoButton if kind == QEvent.Type.MouseMove else Qt.MouseButton.LeftButton
+            QApplication.sendEvent(viewport, QMouseEvent(kind, pos, viewport.mapToGlobal(pos), button, buttons,
+                                                         Qt.KeyboardModifier.NoModifier))
+            qtbot.wait(30)
+    assert blocker.args[0].segment_ids == frozenset({21})
+    np.testing.assert_array_equal(blocker.args[0].rows, left)
+
+
+def test_a_3d_selection_highlights_its_points_without_echo(window, qtbot):
+    plot = two_segments(window, qtbot)
+    emitted = []
+    plot.selectionChanged.connect(emitted.append)
+    # Selecting a segment in 3-D (the session's "segment" event) highlights its points...
+    left = plot.controller.segment_rows([21])
+    window.state.select_segment(21)
+    np.testing.assert_array_equal(plot.controller.selected_rows, left)
+    # The highlight overlay is redrawn on the next event-loop turn, at those points.
+    qtbot.waitUntil(lambda: plot.selection_item.n_points == 30
+                    and np.allclose(plot.selection_item._xy, plot.controller.layout[left]), timeout=2000)
+    # ...and is not sent back out as a plot selection.
+    assert plot.select_segments([22]) is True
+    qtbot.waitUntil(lambda: set(plot.controller.selected_rows) == set(plot.controller.segment_rows([22])),
+                    timeout=2000)
+    qtbot.wait(50)
+    assert emitted == []
+
+
+def test_hover_and_click_report_the_node_and_move_the_3d_view(window, qtbot):
+    plot = two_segments(window, qtbot)
+    row = int(plot.controller.segment_rows([22])[3])
+    scene = plot.view_box.mapViewToScene(__import__("PyQt6.QtCore", fromlist=["QPointF"]).QPointF(
+        *map(float, plot.controller.layout[row])))
+    with qtbot.waitSignal(plot.pointHovered, timeout=2000) as hovered:
+        plot._on_mouse_moved(scene)
+    info = hovered.args[0]
+    assert info is not None and info.segment_id == 22
+    assert info.row == plot.controller.hit_test(*plot.controller.layout[row], radius=1e-6)
+    plot.controller.activate(info.row, origin="plot")
+    assert window.bridge.views[-1] == info.xyz_nm
+
+
+def test_colour_mode_box_switches_modes_and_shows_the_ood_bar(window, qtbot):
+    plot = two_segments(window, qtbot)
+    plot.controller.set_segment_labels(21, ood_score=0.2)
+    plot.controller.set_segment_labels(22, ood_score=0.8)
+    plot.mode_box.setCurrentText("OOD score")
+    qtbot.waitUntil(lambda: plot.colour_bar.isVisible(), timeout=2000)
+    assert plot.controller.colour_mode == "OOD score"
+    assert tuple(plot.colour_bar.levels()) == pytest.approx((0.2, 0.8))
+    plot.mode_box.setCurrentText("segment")
+    qtbot.waitUntil(lambda: not plot.colour_bar.isVisible(), timeout=2000)
+    assert len(plot.points._pens) <= 20
