@@ -530,12 +530,14 @@ def _block_mean_uint8(block: np.ndarray, factor: np.ndarray) -> np.ndarray:
     if np.all(factor == 1):
         return block
     shape = np.asarray(block.shape) // factor
-    acc = block[: shape[0] * factor[0], : shape[1] * factor[1], : shape[2] * factor[2]].astype(np.uint32)
+    n = int(np.prod(factor))
+    # uint16 holds sums of up to 257 uint8 values and halves the memory traffic.
+    acc_dtype = np.uint16 if n <= 257 else np.uint32
+    acc = block[: shape[0] * factor[0], : shape[1] * factor[1], : shape[2] * factor[2]].astype(acc_dtype)
     for axis, f in enumerate(int(v) for v in factor):
         if f > 1:
             lead = (slice(None),) * axis
             acc = sum(acc[lead + (slice(k, None, f),)] for k in range(f))
-    n = int(np.prod(factor))
     return ((acc + n // 2) // n).astype(np.uint8)
 
 
