@@ -63,6 +63,16 @@ _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], 
 OOD_BINS = 16
 
 
+def _group_by(keys: np.ndarray, values: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """``[(key, values with that key)]`` in one sort (not one pass per key: 10k segments)."""
+    if len(keys) == 0:
+        return []
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    return [(int(sorted_keys[a]), values[order[a:b]]) for a, b in zip(starts, np.r_[starts[1:], len(keys)])]
+
+
 def _hex_rgba(colour: str, alpha: int = 230) -> tuple[int, int, int, int]:
     colour = colour.lstrip("#")
     return int(colour[0:2], 16), int(colour[2:4], 16), int(colour[4:6], 16), alpha
@@ -279,11 +289,10 @@ class PlotController:
             grows_selection = np.isin(segments[new], np.fromiter(self._selected_segments, np.uint64,
                                                                  len(self._selected_segments)))
             self.selected = np.concatenate([self.selected, grows_selection])
-            for segment in np.unique(segments[new]):
-                rows_of_segment = new_rows[segments[new] == segment]
-                previous = self._segment_rows.get(int(segment))
-                self._segment_rows[int(segment)] = (rows_of_segment if previous is None
-                                                    else np.concatenate([previous, rows_of_segment]))
+            for segment, rows_of_segment in _group_by(segments[new], new_rows):
+                previous = self._segment_rows.get(segment)
+                self._segment_rows[segment] = (rows_of_segment if previous is None
+                                               else np.concatenate([previous, rows_of_segment]))
             self._emit("points", new_rows)
             if grows_selection.any():
                 # Points streaming in for a segment selected elsewhere join its selection;
@@ -296,17 +305,15 @@ class PlotController:
         node_ids = np.asarray(node_ids, dtype=np.int64).reshape(-1)
         segments = np.broadcast_to(np.asarray(segment_ids, dtype=np.uint64), node_ids.shape)
         result = np.full(len(node_ids), -1, np.int64)
-        for segment in np.unique(segments):
-            rows = self._segment_rows.get(int(segment))
+        for segment, picks in _group_by(segments, np.arange(len(node_ids))):
+            rows = self._segment_rows.get(segment)
             if rows is None:
                 continue
-            pick = segments == segment
             order = np.argsort(self.node_ids[rows], kind="stable")
             sorted_nodes = self.node_ids[rows][order]
-            where = np.searchsorted(sorted_nodes, node_ids[pick])
-            where = np.minimum(where, len(sorted_nodes) - 1)
-            found = sorted_nodes[where] == node_ids[pick]
-            result[np.flatnonzero(pick)[found]] = rows[order[where[found]]]
+            where = np.minimum(np.searchsorted(sorted_nodes, node_ids[picks]), len(sorted_nodes) - 1)
+            found = sorted_nodes[where] == node_ids[picks]
+            result[picks[found]] = rows[order[where[found]]]
         return result
 
     def segment_rows(self, segment_ids: Iterable[int]) -> np.ndarray:

@@ -202,4 +202,4 @@ def test_colour_mode_box_switches_modes_and_shows_the_ood_bar(window, qtbot):
     assert tuple(plot.colour_bar.levels()) == pytest.approx((0.2, 0.8))
     plot.mode_box.setCurrentText("segment")
     qtbot.waitUntil(lambda: not plot.colour_bar.isVisible(), timeout=2000)
-    assert len(plot.points._pens) <= 20
+    assert plot.points.n_colours <= 20

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pyqtgraph as pg
 from PyQt6.QtCore import QObject, QPointF, QRectF, Qt, QTimer, pyqtSignal
-from PyQt6.QtGui import QColor, QPainter, QPen
+from PyQt6.QtGui import QImage, QPainter
 from PyQt6.QtWidgets import (
     QButtonGroup,
     QComboBox,
@@ -68,21 +68,26 @@ class QueuedInvoker(QObject):
 
 
 class PointCloudItem(pg.GraphicsObject):
-    """Many fixed-size points, coloured from a small shared palette.
+    """Many fixed-size square points, coloured from a small shared palette.
 
     Positions are float ``[N, 2]`` in view units (NaN rows are not drawn); colours are a
-    uint8 ``[N]`` palette index and a uint8 ``[P, 4]`` RGBA palette.
+    uint8 ``[N]`` palette index and a uint8 ``[P, 4]`` RGBA palette (P <= 255).
+
+    Painting rasterises in numpy: each visible point writes its palette index into a
+    device-sized index image (later rows on top), the image is grown by the point size
+    into empty pixels only, mapped through the palette and drawn with one ``drawImage``.
+    That costs about the same per point as pyqtgraph's per-point bookkeeping costs per
+    redraw, but no Python object exists per point, so a million points pan smoothly.
     """
 
-    def __init__(self, size_px: float = 4.0, parent=None):
+    def __init__(self, size_px: int = 4, parent=None):
         super().__init__(parent)
-        self.size_px = float(size_px)
+        self.size_px = int(size_px)
         self._xy = np.zeros((0, 2), np.float32)
         self._index = np.zeros(0, np.uint8)
-        self._pens: list[QPen] = []
-        self._order = np.zeros(0, np.int64)
-        self._group_starts = np.zeros(1, np.int64)
+        self._lut = np.zeros(1, np.uint32)  # premultiplied ARGB per palette entry + 1; 0: empty
         self._bounds = QRectF()
+        self._image_buffer: np.ndarray | None = None
         self.paint_count = 0
 
     @property
@@ -91,41 +96,34 @@ class PointCloudItem(pg.GraphicsObject):
 
     def set_positions(self, xy: np.ndarray) -> None:
         xy = np.asarray(xy, dtype=np.float32)
-        size_changed = len(xy) != len(self._xy)
         self.prepareGeometryChange()
         self._xy = xy
-        finite = xy[np.isfinite(xy).all(axis=1)]
+        finite = xy[np.isfinite(xy).all(axis=1)] if len(xy) else xy
         if len(finite):
             lo, hi = finite.min(axis=0), finite.max(axis=0)
             self._bounds = QRectF(float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1]))
         else:
             self._bounds = QRectF()
-        if size_changed and len(self._index) != len(xy):
-            self._set_index(np.zeros(len(xy), np.uint8))
+        if len(self._index) != len(xy):
+            self._index = np.zeros(len(xy), np.uint8)
         self.informViewBoundsChanged()
         self.update()
 
     def set_colours(self, index: np.ndarray, palette: np.ndarray) -> None:
-        self._pens = []
-        for r, g, b, a in np.asarray(palette, dtype=np.uint8):
-            pen = QPen(QColor(int(r), int(g), int(b), int(a)))
-            pen.setWidthF(self.size_px)
-            pen.setCapStyle(Qt.PenCapStyle.SquareCap)
-            pen.setCosmetic(True)
-            self._pens.append(pen)
-        self._set_index(np.asarray(index, dtype=np.uint8))
+        rgba = np.asarray(palette, dtype=np.uint32).reshape(-1, 4)
+        alpha = rgba[:, 3]
+        premultiplied = ((alpha << 24) | ((rgba[:, 0] * alpha // 255) << 16)
+                         | ((rgba[:, 1] * alpha // 255) << 8) | (rgba[:, 2] * alpha // 255))
+        self._lut = np.concatenate([[0], premultiplied]).astype(np.uint32)
+        self._index = np.asarray(index, dtype=np.uint8)
         self.update()
 
-    def _set_index(self, index: np.ndarray) -> None:
-        # Points sorted by colour once per colour change, so each paint draws contiguous
-        # slices, one pen each.
-        self._index = index
-        self._order = np.argsort(index, kind="stable")
-        n_colours = max(len(self._pens), int(index.max()) + 1 if len(index) else 0)
-        self._group_starts = np.searchsorted(index[self._order], np.arange(n_colours + 1))
+    @property
+    def n_colours(self) -> int:
+        return len(self._lut) - 1
 
     def boundingRect(self) -> QRectF:  # noqa: N802 (Qt name)
-        if self._bounds.isNull():
+        if self._bounds.isNull() and not len(self._xy):
             return QRectF()
         # Pad by the point size in view units so edge points are not clipped.
         px = self.pixelLength(pg.Point(1, 0)) or 0.0
@@ -134,46 +132,50 @@ class PointCloudItem(pg.GraphicsObject):
         return self._bounds.adjusted(-px * pad, -py * pad, px * pad, py * pad)
 
     def dataBounds(self, ax: int, frac: float = 1.0, orthoRange=None):  # noqa: N802 (pyqtgraph name)
-        if self._bounds.isNull():
+        if self._bounds.isNull() and not len(self._xy):
             return None, None
         if ax == 0:
             return self._bounds.left(), self._bounds.right()
         return self._bounds.top(), self._bounds.bottom()
 
     def pixelPadding(self) -> float:  # noqa: N802 (pyqtgraph name)
-        return self.size_px
+        return float(self.size_px)
 
     def paint(self, painter: QPainter, option, widget=None) -> None:
         self.paint_count += 1
-        if not len(self._xy) or not self._pens:
+        if not len(self._xy) or self.n_colours == 0:
             return
         transform = painter.deviceTransform()
-        m11, m22, dx, dy = transform.m11(), transform.m22(), transform.dx(), transform.dy()
         device = painter.device()
-        width, height = device.width(), device.height()
+        ratio = device.devicePixelRatioF() if hasattr(device, "devicePixelRatioF") else 1.0
+        width, height = int(round(device.width() * ratio)), int(round(device.height() * ratio))
+        if width <= 0 or height <= 0:
+            return
+        m11, m22, dx, dy = transform.m11(), transform.m22(), transform.dx(), transform.dy()
+        # Pixel centre of each point; NaN and off-screen points fail the bounds test.
+        px = np.floor(self._xy[:, 0] * m11 + dx)
+        py = np.floor(self._xy[:, 1] * m22 + dy)
+        visible = np.flatnonzero((px >= 0) & (px < width) & (py >= 0) & (py < height))
+        centres = np.zeros(height * width, np.uint8)
+        # Fancy assignment keeps the last write per pixel: later rows (newer points) on top.
+        centres[py[visible].astype(np.int64) * width + px[visible].astype(np.int64)] = self._index[visible] + 1
+        centres = centres.reshape(height, width)
+        grown = centres.copy()
+        low, high = -((self.size_px - 1) // 2), self.size_px // 2
+        for oy in range(low, high + 1):
+            for ox in range(low, high + 1):
+                if oy == 0 and ox == 0:
+                    continue
+                source = centres[max(0, -oy):height - max(0, oy), max(0, -ox):width - max(0, ox)]
+                target = grown[max(0, oy):height - max(0, -oy), max(0, ox):width - max(0, -ox)]
+                empty = target == 0
+                target[empty] = source[empty]
+        self._image_buffer = np.ascontiguousarray(self._lut[grown])  # kept alive while Qt reads it
+        image = QImage(self._image_buffer.data, width, height, width * 4, QImage.Format.Format_ARGB32_Premultiplied)
+        image.setDevicePixelRatio(ratio)
         painter.save()
         painter.resetTransform()
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing, False)
-        xy = self._xy[self._order]
-        px = xy[:, 0] * m11 + dx
-        py = xy[:, 1] * m22 + dy
-        margin = self.size_px
-        # Cull what lies off screen (and NaN: comparisons are False) before building polygons.
-        visible = (px > -margin) & (px < width + margin) & (py > -margin) & (py < height + margin)
-        for colour, pen in enumerate(self._pens):
-            start, stop = self._group_starts[colour], self._group_starts[colour + 1]
-            if stop <= start:
-                continue
-            keep = visible[start:stop]
-            count = int(keep.sum())
-            if not count:
-                continue
-            polygon = pg.functions.create_qpolygonf(count)
-            view = pg.functions.ndarray_from_qpolygonf(polygon)
-            view[:, 0] = px[start:stop][keep]
-            view[:, 1] = py[start:stop][keep]
-            painter.setPen(pen)
-            painter.drawPoints(polygon)
+        painter.drawImage(QPointF(0, 0), image)
         painter.restore()
 
 
@@ -239,7 +241,7 @@ class EmbeddingPlotWidget(QWidget):
     selectionChanged = pyqtSignal(object)
 
     def __init__(self, controller: PlotController | None = None, *, scheduler_options: dict | None = None,
-                 point_size_px: float = 4.0, parent: QWidget | None = None):
+                 point_size_px: int = 3, parent: QWidget | None = None):
         super().__init__(parent)
         self.controller = controller or PlotController()
         self.invoker = QueuedInvoker(self)

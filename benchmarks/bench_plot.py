@@ -1,0 +1,198 @@
+"""Live embedding plot figures: placing new points into a UMAP, and redraw time.
+
+1. Placement: synthetic clustered 64-d embeddings (40 Gaussian clusters), a UMAP fitted
+   once on N points (N = 10k and 100k by default; fit settings printed), then 500 new
+   points placed with ``transform`` (median of repeats; the first call is reported apart
+   since it may load or compile numba kernels). Target: 0.5 s at 100k.
+2. Redraw: the plot dock's point item in an offscreen window (800 x 600 px) with 100k and
+   1,000,000 points in 5 colours; each repeat pans/zooms with ``setRange`` and forces a
+   full repaint with ``grab()``. Median of repeats. Target: 100 ms at 1M. pyqtgraph's
+   ``ScatterPlotItem`` is timed at 100k for reference.
+
+Usage::
+
+    python benchmarks/bench_plot.py                  # everything (about 5-10 min, 2 cores)
+    python benchmarks/bench_plot.py --parts redraw   # only the redraw figures
+    python benchmarks/bench_plot.py --sizes 10000    # placement at 10k only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def clustered(n: int, dim: int = 64, n_clusters: int = 40, seed: int = 0) -> np.ndarray:
+    """float32 [n, dim]: points around ``n_clusters`` random centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, size=(n_clusters, dim))
+    return (centres[rng.integers(0, n_clusters, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def bench_placement(sizes: list[int], new_points: int, repeats: int) -> None:
+    from analysis.progress import drive
+    from analysis.projection import (
+        UmapSettings,
+        configure_numba_cache,
+        fit_pca,
+        fit_umap,
+        numba_cache_is_warm,
+        umap_module,
+        warm_up,
+    )
+
+    cache = configure_numba_cache()
+    print(f"numba cache {cache}: {'warm' if numba_cache_is_warm() else 'cold'} at start")
+    started = time.perf_counter()
+    umap_module()
+    print(f"import umap.umap_ (TensorFlow hidden): {time.perf_counter() - started:.1f} s")
+    timings = warm_up()
+    print("warm-up (300 points; compiles or loads numba kernels): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    for n in sizes:
+        data = clustered(n + new_points * repeats, seed=n)
+        fitted, fresh = data[:n], data[n:]
+        pca_started = time.perf_counter()
+        init = fit_pca(fitted).transform(fitted)
+        pca_seconds = time.perf_counter() - pca_started
+        # Big fits: fewer epochs and a PCA start (spectral init is slow at 100k); the app
+        # refits from the current layout the same way.
+        settings = UmapSettings(n_epochs=200 if n <= 20_000 else 50, seed=None, approximate=True)
+        cpu = time.process_time()
+        model = drive(fit_umap(fitted, settings, init=init))
+        cpu = time.process_time() - cpu
+        print(f"\nN={n}: PCA {pca_seconds * 1000:.0f} ms; UMAP fit {model.fit_seconds:.1f} s wall, {cpu:.1f} s CPU "
+              f"(n_neighbors={settings.n_neighbors}, n_epochs={settings.n_epochs}, "
+              f"force_approximation_algorithm={settings.approximate}, init=PCA, parallel)")
+        times = []
+        for r in range(repeats):
+            batch = fresh[r * new_points:(r + 1) * new_points]
+            t0 = time.perf_counter()
+            placed = model.transform(batch)
+            times.append(time.perf_counter() - t0)
+            assert placed.shape == (new_points, 2) and np.isfinite(placed).all()
+        rest = times[1:] or times
+        print(f"N={n}: place {new_points} new points: first {times[0]:.3f} s, median of next {len(rest)} "
+              f"{statistics.median(rest):.3f} s (min {min(rest):.3f}, max {max(rest):.3f})")
+
+
+def bench_redraw(sizes: list[int], repeats: int, scatter_reference: int) -> None:
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    import pyqtgraph as pg
+    from PyQt6.QtWidgets import QApplication
+
+    from app.plot_controller import PlotController
+    from app.views.embedding_plot import EmbeddingPlotWidget
+
+    app = QApplication.instance() or QApplication([])
+    rng = np.random.default_rng(0)
+
+    def layout_of(n: int) -> np.ndarray:
+        centres = rng.normal(0, 10, size=(30, 2))
+        return (centres[rng.integers(0, 30, n)] + rng.normal(size=(n, 2))).astype(np.float32)
+
+    def pan_zoom_times(view_box, widget, xy) -> list[float]:
+        lo, hi = np.nanmin(xy, axis=0), np.nanmax(xy, axis=0)
+        times = []
+        for r in range(repeats + 1):
+            zoom = 1.0 if r % 3 == 0 else 0.4 + 0.5 * rng.random()
+            centre = lo + (hi - lo) * rng.uniform(0.3, 0.7, 2)
+            half = (hi - lo) * zoom / 2
+            t0 = time.perf_counter()
+            view_box.setRange(xRange=(centre[0] - half[0], centre[0] + half[0]),
+                              yRange=(centre[1] - half[1], centre[1] + half[1]), padding=0)
+            widget.grab()  # forces a full repaint of the view
+            times.append(time.perf_counter() - t0)
+        return times[1:]  # the first includes one-off layout work
+
+    for n in sizes:
+        controller = PlotController()
+        plot = EmbeddingPlotWidget(controller, scheduler_options={"min_points": 10**12, "warm_up": False})
+        plot.resize(800, 600)
+        plot.show()
+        app.processEvents()
+        xy = layout_of(n)
+        t0 = time.perf_counter()
+        controller.add_points(np.arange(n, dtype=np.uint64) // 100, np.arange(n), np.zeros((n, 3)),
+                              np.zeros((n, 2), np.float32), compartments=rng.integers(0, 5, n).astype(np.uint8))
+        add_seconds = time.perf_counter() - t0
+        controller.set_layout(None, xy, kind="pca")
+        t0 = time.perf_counter()
+        app.processEvents()  # the coalesced refresh: positions + colours into the item
+        refresh_seconds = time.perf_counter() - t0
+        times = pan_zoom_times(plot.view_box, plot.graphics, xy)
+        t0 = time.perf_counter()
+        frame = xy + 0.01
+        plot.points.set_positions(frame)
+        plot.graphics.grab()
+        frame_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        controller.hit_test(0.0, 0.0, 0.5)
+        tree_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(100):
+            controller.hit_test(*rng.normal(0, 10, 2), 0.5)
+        query_ms = (time.perf_counter() - t0) * 10
+        t0 = time.perf_counter()
+        angles = np.linspace(0, 2 * np.pi, 60, endpoint=False)
+        controller.rows_in_polygon(np.stack([8 * np.cos(angles), 8 * np.sin(angles)], axis=1))
+        lasso_seconds = time.perf_counter() - t0
+        print(f"\nredraw N={n}: pan/zoom + repaint median {statistics.median(times) * 1000:.0f} ms "
+              f"(min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f}, {len(times)} repeats); "
+              f"add points {add_seconds * 1000:.0f} ms, first refresh {refresh_seconds * 1000:.0f} ms, "
+              f"one animation frame {frame_seconds * 1000:.0f} ms")
+        print(f"hit test N={n}: KD-tree build {tree_seconds * 1000:.0f} ms, query {query_ms:.3f} ms; "
+              f"60-vertex lasso {lasso_seconds * 1000:.0f} ms")
+        plot.shutdown()
+        plot.close()
+        plot.deleteLater()
+        app.processEvents()
+
+    if scatter_reference:
+        n = scatter_reference
+        widget = pg.PlotWidget()
+        widget.resize(800, 600)
+        widget.show()
+        xy = layout_of(n)
+        brushes = [pg.mkBrush(c) for c in ("#3b8bff", "#ff5a36", "#2fd16b", "#c061ff", "#808080")]
+        item = pg.ScatterPlotItem(pen=None, size=4)
+        t0 = time.perf_counter()
+        item.setData(x=xy[:, 0], y=xy[:, 1], brush=[brushes[i] for i in rng.integers(0, 5, n)])
+        set_seconds = time.perf_counter() - t0
+        widget.addItem(item)
+        app.processEvents()
+        times = pan_zoom_times(widget.getViewBox(), widget, xy)
+        print(f"\nreference pyqtgraph ScatterPlotItem N={n}: setData {set_seconds * 1000:.0f} ms, pan/zoom + repaint "
+              f"median {statistics.median(times) * 1000:.0f} ms")
+        widget.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["placement", "redraw"], choices=["placement", "redraw"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="UMAP sizes")
+    parser.add_argument("--new-points", type=int, default=500)
+    parser.add_argument("--place-repeats", type=int, default=6)
+    parser.add_argument("--redraw-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--redraw-repeats", type=int, default=15)
+    parser.add_argument("--scatter-reference", type=int, default=100_000,
+                        help="also time pyqtgraph's ScatterPlotItem at this size (0: skip)")
+    args = parser.parse_args()
+    print(f"cores: {os.cpu_count()}, load average: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if "redraw" in args.parts:
+        bench_redraw(args.redraw_sizes, args.redraw_repeats, args.scatter_reference)
+    if "placement" in args.parts:
+        bench_placement(args.sizes, args.new_points, args.place_repeats)
+    print(f"\nload average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
