@@ -96,9 +96,21 @@ def test_hit_test_returns_the_nearest_point_within_the_radius():
         assert controller.hit_test(x, y, radius=100.0) == expected
         radius = float(distances.min()) * 0.9
         assert controller.hit_test(x, y, radius=radius) is None
-    # After a layout change the tree is rebuilt.
+    # Points that move (placements, a few rows at a time) are found where they are now,
+    # and no longer where they were.
+    controller.hit_test(0, 0, 1.0)  # builds the tree
+    old = controller.layout[7].copy()
     controller.set_layout([7], [[50.0, 50.0]])
     assert controller.hit_test(50.1, 49.9, radius=1.0) == 7
+    others = np.linalg.norm(controller.layout - old, axis=1)
+    assert controller.hit_test(*old, radius=100.0) == int(others.argmin()) != 7
+    # Many small moves, checked against brute force each time.
+    for step in range(30):
+        rows = rng.choice(controller.n_points, 5, replace=False)
+        controller.set_layout(rows, rng.uniform(-10, 10, (5, 2)))
+        x, y = rng.uniform(-10, 10, 2)
+        expected = int(np.linalg.norm(controller.layout - [x, y], axis=1).argmin())
+        assert controller.hit_test(x, y, radius=100.0) == expected
 
 
 def test_rectangle_and_lasso_select_the_points_inside():
