@@ -204,19 +204,20 @@ class Volume:
         hi = np.asarray(hi_vox, dtype=np.int64)
         if lo.shape != (3,) or hi.shape != (3,) or np.any(hi < lo):
             raise ValueError(f"bad read box lo={lo.tolist()} hi={hi.tolist()}")
+        clip_lo = np.maximum(lo, self.info.origin_vox)
+        clip_hi = np.minimum(hi, self.info.origin_vox + self.info.shape)
+        if np.all(clip_lo == lo) and np.all(clip_hi == hi):
+            return self._read_inside(lo, hi)
         out = np.zeros(tuple(hi - lo), dtype=self.dtype)
-        vol_lo = self.info.origin_vox
-        vol_hi = vol_lo + self.info.shape
-        clip_lo = np.maximum(lo, vol_lo)
-        clip_hi = np.minimum(hi, vol_hi)
         if np.any(clip_hi <= clip_lo):
             return out
-        block = self._store[
-            clip_lo[0]:clip_hi[0], clip_lo[1]:clip_hi[1], clip_lo[2]:clip_hi[2]
-        ].read().result()
         dst = tuple(slice(a, b) for a, b in zip(clip_lo - lo, clip_hi - lo))
-        out[dst] = block
+        out[dst] = self._read_inside(clip_lo, clip_hi)
         return out
+
+    def _read_inside(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Read a box that lies entirely inside the volume (absolute voxels)."""
+        return self._store[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].read().result()
 
     def in_memory(self) -> "Volume":
         """A copy of this volume held in RAM (same metadata), for fast random access in training."""
@@ -244,24 +245,9 @@ class _ArrayVolume(Volume):
         super().__init__(None, info)
         self._array = array
 
-    def read(self, lo_vox: Sequence[int], hi_vox: Sequence[int]) -> np.ndarray:
-        lo = np.asarray(lo_vox, dtype=np.int64)
-        hi = np.asarray(hi_vox, dtype=np.int64)
-        if lo.shape != (3,) or hi.shape != (3,) or np.any(hi < lo):
-            raise ValueError(f"bad read box lo={lo.tolist()} hi={hi.tolist()}")
-        origin = self.info.origin_vox
-        clip_lo = np.maximum(lo, origin)
-        clip_hi = np.minimum(hi, origin + self.info.shape)
-        if np.all(clip_lo == lo) and np.all(clip_hi == hi):
-            a, b = lo - origin, hi - origin
-            return self._array[a[0]:b[0], a[1]:b[1], a[2]:b[2]].copy()
-        out = np.zeros(tuple(hi - lo), dtype=self.dtype)
-        if np.any(clip_hi <= clip_lo):
-            return out
-        a, b = clip_lo - origin, clip_hi - origin
-        dst = tuple(slice(x, y) for x, y in zip(clip_lo - lo, clip_hi - lo))
-        out[dst] = self._array[a[0]:b[0], a[1]:b[1], a[2]:b[2]]
-        return out
+    def _read_inside(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        a, b = lo - self.info.origin_vox, hi - self.info.origin_vox
+        return self._array[a[0]:b[0], a[1]:b[1], a[2]:b[2]].copy()
 
     def in_memory(self) -> "Volume":
         return self
