@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -624,6 +624,13 @@ class ProjectionScheduler:
         self._listeners: list[Callable[[str], None]] = []
         self._unsubscribe = controller.subscribe("points", self._on_points, name="projection")
 
+    @property
+    def layout_label(self) -> str:
+        """What the plot shows: "PCA", or "UMAP of N points (fit X s)"."""
+        if self.umap is None:
+            return "PCA"
+        return f"UMAP of {self.umap.n_points} points (fit {self.umap.fit_seconds:.1f} s)"
+
     def on_status(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(text)`` when the projection status changes ("UMAP (fitting)"...)."""
         self._listeners.append(callback)
@@ -698,8 +705,12 @@ class ProjectionScheduler:
 
             return (yield from fit_umap(embeddings, settings, init=init))
 
+        if settings.n_epochs is None:
+            # A refit starts from the current layout, so fewer epochs suffice; on 2 cores
+            # umap's default 200 epochs at 100k points take over a minute.
+            settings = replace(settings, n_epochs=200 if n <= 10_000 else 100 if n <= 50_000 else 50)
         self._fitting = True
-        self._set_status(f"{self.status.split(' ')[0]} (UMAP fitting {n} points)")
+        self._set_status(f"{self.layout_label} · fitting UMAP on {n} points")
         self._fit_runner.submit(f"UMAP fit of {n} points", job, self._on_fit, kind="fit")
         return True
 
@@ -710,7 +721,7 @@ class ProjectionScheduler:
         if update.event != "finished":
             if update.event == "failed":
                 log.warning("UMAP fit failed: %s", update.error)
-                self._set_status(f"{self.status.split(' ')[0]} (UMAP failed: {update.error})")
+                self._set_status(f"{self.layout_label} · UMAP failed: {update.error}")
             return
         model: UmapModel = update.result
         controller = self.controller
@@ -721,7 +732,7 @@ class ProjectionScheduler:
         self._model_generation += 1
         self.last_fit_seconds = model.fit_seconds
         controller.set_layout(fitted, layout, kind="umap", animate=True)
-        self._set_status(f"UMAP ({model.n_points} points fitted in {model.fit_seconds:.1f} s)")
+        self._set_status(self.layout_label)
         # Everything after the fitted rows (including points placed by the old model) is
         # placed again by the new one.
         self._pending = [np.arange(model.n_points, controller.n_points, dtype=np.int64)]

@@ -203,3 +203,16 @@ def test_colour_mode_box_switches_modes_and_shows_the_ood_bar(window, qtbot):
     plot.mode_box.setCurrentText("segment")
     qtbot.waitUntil(lambda: not plot.colour_bar.isVisible(), timeout=2000)
     assert plot.points.n_colours <= 20
+
+
+def test_session_predictions_colour_the_segments_points(window, qtbot):
+    plot = two_segments(window, qtbot)  # segment 22 is the session's selection now
+    codes = np.array([0, 1, 2, 3, 255] * 6, np.uint8)
+    window.state.set_predictions(22, predicted=codes, cell_type="basket", ood_score=0.7)
+    rows = plot.controller.segment_rows([22])
+    np.testing.assert_array_equal(plot.controller.compartments[rows], codes)
+    assert plot.controller.cell_type_names == ["basket"]
+    assert np.allclose(plot.controller.ood_scores[rows], 0.7)
+    assert np.isnan(plot.controller.ood_scores[plot.controller.segment_rows([21])]).all()
+    plot.mode_box.setCurrentText("cell type")
+    qtbot.waitUntil(lambda: "basket" in plot.legend_label.text(), timeout=2000)

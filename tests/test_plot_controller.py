@@ -241,6 +241,7 @@ def test_scheduler_shows_pca_at_once_as_points_arrive():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_scheduler_fits_umap_in_the_background_then_places_new_points():
     """Pays numba's compile cost with a cold cache: slow."""
     pump = Pump()

@@ -145,6 +145,7 @@ def test_fit_umap_rejects_too_few_points_before_importing_umap():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # cold numba compile of fit and transform: minutes
 def test_umap_fit_is_deterministic_with_a_seed_and_transform_places_points_in_their_cluster():
     """Pays numba's compile cost when the cache is cold (over a minute): slow."""
     points, labels = clustered(n_per_cluster=120, dim=32)
@@ -163,6 +164,7 @@ def test_umap_fit_is_deterministic_with_a_seed_and_transform_places_points_in_th
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_warm_up_compiles_then_reports_a_warm_cache():
     first = warm_up(n_points=200)
     second = warm_up(n_points=200)

@@ -518,7 +518,8 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
     Wiring
     ------
     * session ``"node_batch"`` -> the batch's points (with predicted compartments);
-    * session ``"predictions"`` -> the segment's cell type and OOD score;
+    * session ``"predictions"`` -> the segment's cell type, OOD score and (revised)
+      node compartments;
     * session ``"segment"`` (a 3-D selection) -> its points are highlighted (origin
       ``"3d"``, never sent back);
     * a clicked point -> ``bridge.set_view`` moves the 3-D view to the node.
@@ -544,6 +545,10 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
             return
         controller.set_segment_labels(record.segment_id, cell_type=getattr(record, "cell_type", None),
                                       ood_score=getattr(record, "ood_score", None))
+        predicted, embedded = getattr(record, "predicted", None), getattr(record, "embedded", None)
+        if predicted is not None and embedded is not None and record.node_ids is not None:
+            # Compartments may be revised for nodes already plotted (smoothing over a segment).
+            controller.set_compartments(record.segment_id, record.node_ids[embedded], predicted[embedded])
 
     def on_segment(record) -> None:
         plot.select_segments(() if record is None else (record.segment_id,), origin=VIEW_3D_ORIGIN)
