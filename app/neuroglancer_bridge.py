@@ -476,6 +476,11 @@ class NeuroglancerBridge:
 
         def apply(s) -> None:
             for name in [layer.name for layer in s.layers if layer.name.startswith(OOD_LAYER_PREFIX)]:
+                if flag is not None and name == flag[0]:
+                    # Same segment, new score: change the box in place; re-creating the
+                    # layer would make the page rebuild its layer panel.
+                    s.layers[name].annotations = [flag[1]]
+                    return
                 del s.layers[name]
             if flag is not None:
                 nm_space = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[1, 1, 1])

@@ -1,11 +1,16 @@
 """The main window, offscreen, with a real Neuroglancer page rendered by QtWebEngine.
 
-A small demo (96^3 voxels) is generated once per session, and a randomly initialised lite
-encoder is saved by a subprocess: TensorFlow must never load in this process, because TF
-and the WebGL renderer's LLVM (Mesa llvmpipe) segfault together (see
-``app/compute_process.py``). When another test module already imported TensorFlow, the
-in-process tests skip and :func:`test_qt_suite_in_a_clean_process` runs this file again in
-a fresh interpreter instead.
+A small demo (96^3 voxels) is generated once per session; a randomly initialised lite
+encoder and tiny classifiers (``tests/tiny_classifiers.py``) are saved by subprocesses:
+TensorFlow must never load in this process, because TF and the WebGL renderer's LLVM
+(Mesa llvmpipe) segfault together (see ``app/compute_process.py``). When another test
+module already imported TensorFlow, these tests skip (conftest); ``make test`` runs them
+in a pytest session of their own.
+
+The tiny cell-type classifier is distance-aware and trained far from where a random
+encoder's embeddings lie, so computed segments are flagged out of distribution, while the
+precomputed store's segment, whose embeddings come from the training distribution, is
+typed confidently and not flagged.
 
 Waiting is always on signals or state with a deadline (``qtbot.waitUntil``), never sleeps.
 """
@@ -22,6 +27,7 @@ import numpy as np
 import pytest
 
 from analysis.progress import drive
+from tiny_classifiers import cell_type_cluster, write_in_subprocess
 
 # QtWebEngine must be imported before pytest-qt creates the QApplication.
 pytest.importorskip("PyQt6.QtWebEngineWidgets")
@@ -48,15 +54,36 @@ def random_model(tmp_path_factory) -> Path:
     return path
 
 
-def _largest_segment(demo_dir: Path) -> tuple[int, np.ndarray]:
-    """The demo segment with the most skeleton nodes, and one of its nodes (nm)."""
+@pytest.fixture(scope="module")
+def classifiers_dir(tmp_path_factory) -> Path:
+    return write_in_subprocess(tmp_path_factory.mktemp("classifiers"))
+
+
+def _largest_segment(demo_dir: Path, rank: int = 0) -> tuple[int, np.ndarray]:
+    """The demo segment with the ``rank``-th most skeleton nodes, and one of its nodes (nm)."""
     from analysis.dataset import open_dataset
 
     dataset = open_dataset(demo_dir)
     n_nodes = np.asarray(dataset.segments["n_nodes"])
-    segment_id = int(dataset.segment_ids[int(np.argmax(n_nodes))])
+    segment_id = int(dataset.segment_ids[int(np.argsort(-n_nodes, kind="stable")[rank])])
     skeleton = dataset.skeleton(segment_id)
     return segment_id, skeleton.nodes_nm[len(skeleton.nodes_nm) // 2]
+
+
+@pytest.fixture(scope="module")
+def store_dir(demo_dir, tmp_path_factory) -> Path:
+    """A CSV ZIP store (nm coordinates) holding the second-largest segment only: its
+    skeleton nodes with embeddings from the 'pyramidal' training cluster."""
+    from analysis.csvzip import CsvZipStore
+    from analysis.dataset import open_dataset
+
+    segment_id, _ = _largest_segment(demo_dir, rank=1)
+    skeleton = open_dataset(demo_dir).skeleton(segment_id)
+    node_ids = np.arange(skeleton.n_nodes, dtype=np.int64)
+    folder = tmp_path_factory.mktemp("store")
+    CsvZipStore(folder, coordinates="nm").write_many(
+        {segment_id: (node_ids, skeleton.nodes_nm, cell_type_cluster(skeleton.n_nodes, 0, seed=7))})
+    return folder
 
 
 def _run_until(predicate, timeout_s: float) -> bool:
@@ -75,42 +102,54 @@ def _run_until(predicate, timeout_s: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def window(demo_dir, random_model, qapp):
-    from app.controller import DataSource
+def window(demo_dir, random_model, classifiers_dir, store_dir, qapp):
+    from app.controller import DataSource, PrecomputedEmbeddings, read_classifier_folder
     from app.main import build_window
 
     # Dense centres (300 nm apart) so a segment has enough batches to cancel mid-job.
     win = build_window(DataSource.open_dataset_folder(demo_dir), random_model, model_trained=False,
-                       spacing_nm=300.0)
+                       spacing_nm=300.0, classifiers=read_classifier_folder(classifiers_dir),
+                       precomputed=PrecomputedEmbeddings.open(store_dir, coordinates="nm"))
     win.resize(1400, 860)
     win.show()
     loaded = []
     win.web_view.loadFinished.connect(loaded.append)
-    _run_until(lambda: loaded and win.state.model is not None, timeout_s=90)
+    _run_until(lambda: loaded and win.state.model is not None and win.state.classifiers is not None,
+               timeout_s=120)
     assert loaded == [True], "the Neuroglancer page did not load"
     assert win.state.model is not None, f"the model did not load: {win.state.model_message}"
+    assert win.state.classifiers is not None, f"no classifiers: {win.state.classifiers_message}"
     yield win
     win.close()
 
 
 def _wait_rendered(qtbot, window, timeout_ms: int = 30_000) -> dict:
-    """Wait until neuroglancer reports every visible chunk of the view in GPU memory."""
+    """Wait until neuroglancer has drawn the view with every visible chunk loaded.
+
+    A screenshot request is the signal: the client answers it only once the view is
+    complete, and reports chunk statistics each frame while it waits. Either a reply, or
+    statistics with every visible chunk in GPU memory, counts (when a source never
+    reports ready the reply never comes, but the statistics still do). Returns
+    ``{"replied": bool, "visibleChunksTotal": ..., ...}``.
+    """
     stats: list[dict] = []
+    replies: list[int] = []
 
     def on_stats(statistics) -> None:
         total = statistics.total.to_json() if statistics.total is not None else {}
         stats.append(total)
 
-    # The screenshot request makes the client report chunk statistics each frame; its
-    # reply itself may never come (the segmentation's skeleton source never reports
-    # "ready" in 2.41), so the statistics are the signal.
-    window.bridge.viewer.async_screenshot(lambda reply: None, statistics_callback=on_stats)
-    qtbot.waitUntil(lambda: any(s.get("visibleChunksTotal", 0) > 0
-                                and s.get("visibleChunksGpuMemory") == s.get("visibleChunksTotal")
-                                for s in stats), timeout=timeout_ms)
+    def complete() -> bool:
+        return bool(replies) or any(s.get("visibleChunksTotal", 0) > 0
+                                    and s.get("visibleChunksGpuMemory") == s.get("visibleChunksTotal")
+                                    for s in stats)
+
+    window.bridge.viewer.async_screenshot(lambda reply: replies.append(reply.screenshot.width),
+                                          statistics_callback=on_stats)
+    qtbot.waitUntil(complete, timeout=timeout_ms)
     with window.bridge.viewer.config_state.txn() as s:
-        s.screenshot = None  # stop the pending request
-    return stats[-1]
+        s.screenshot = None  # stop a still pending request
+    return {"replied": bool(replies), "width": replies[0] if replies else 0, **(stats[-1] if stats else {})}
 
 
 def _double_click_view_centre(qtbot, window) -> None:
@@ -131,16 +170,20 @@ def test_window_opens_on_the_demo_and_renders(qtbot, window, demo_dir):
     assert window.windowTitle() == "SegScope: segscope-demo"
     assert window.isVisible()
     assert window.bridge.url.startswith("http://127.0.0.1:")
-    stats = _wait_rendered(qtbot, window)
-    assert stats["visibleChunksTotal"] > 0
+    rendered = _wait_rendered(qtbot, window)
+    assert rendered["replied"] or rendered["visibleChunksTotal"] > 0
+    assert not rendered["replied"] or rendered["width"] > 100
     assert window.panel.segment_id_label.text() == "none selected"
     assert "untrained" in window.model_label.text()
+    assert window.classifier_label.text() == "Classifiers: compartments, cell types"
+    assert "pyramidal" in window.panel.cell_type_legend.text()
     assert not window.export_action.isEnabled()
 
 
-def test_double_click_selects_streams_and_annotates(qtbot, window, demo_dir, tmp_path):
-    from app.neuroglancer_bridge import NODES_LAYER
-    from app.state import EMBEDDED_COLOUR
+def test_double_click_selects_streams_predicts_and_flags_ood(qtbot, window, demo_dir, tmp_path):
+    from analysis import COMPARTMENTS
+    from app.neuroglancer_bridge import NODES_LAYER, OOD_LAYER_PREFIX, SEGMENTATION_LAYER
+    from app.state import COMPARTMENT_COLOURS, OOD_COLOUR
 
     segment_id, node_nm = _largest_segment(demo_dir)
     window.bridge.set_layout("xy")
@@ -149,6 +192,8 @@ def test_double_click_selects_streams_and_annotates(qtbot, window, demo_dir, tmp
     _wait_rendered(qtbot, window)
     batches = []
     window.state.subscribe("embeddings", lambda record, indices: batches.append(len(indices)))
+    node_batches = []
+    window.state.subscribe("node_batch", node_batches.append)
     clicks = []
     window.relay.clicked.connect(clicks.append)
     for _ in range(3):  # a click can land before the page has picked the hovered segment
@@ -165,6 +210,14 @@ def test_double_click_selects_streams_and_annotates(qtbot, window, demo_dir, tmp
     assert segment.segment_id == segment_id
     assert len(batches) >= 2, "embeddings should stream in more than one batch"
     assert segment.embeddings.shape == (segment.n_centres, 64) and np.isfinite(segment.embeddings).all()
+    assert segment.embedding_source == "computed"  # the store lacks this segment: computed instead
+    # Every batch arrived with its nodes' predicted compartments (the plot hook sees them too).
+    assert len(node_batches) == len(batches)
+    assert all(b.segment_id == segment_id and b.predicted is not None and (b.predicted < 4).all()
+               for b in node_batches)
+    assert sorted(np.concatenate([b.indices for b in node_batches]).tolist()) == list(range(segment.n_centres))
+    assert (segment.predicted < len(COMPARTMENTS)).all()
+    assert np.all((segment.predicted_probability > 0) & (segment.predicted_probability <= 1))
     # Nearest to the click first.
     distances = np.linalg.norm(segment.positions_nm - segment.click_nm, axis=1)
     assert distances[0] == distances.min()
@@ -175,12 +228,28 @@ def test_double_click_selects_streams_and_annotates(qtbot, window, demo_dir, tmp
     truth = segment.compartment_counts("ground_truth")
     assert sum(int(window.panel.truth_labels[name].text()) for name in ("axon", "dendrite", "soma", "glia")) \
         == segment.n_centres - truth["unlabelled"]
-    assert "no classifier" in window.panel.cell_type_label.text()
-    # The annotation layer holds every centre, coloured as embedded.
+    predicted = segment.compartment_counts("predicted")
+    assert sum(int(window.panel.predicted_labels[name].text()) for name in COMPARTMENTS) == segment.n_centres
+    assert predicted["unlabelled"] == 0
+    # A random encoder's embeddings lie far from the cell-type classifier's training data.
+    assert segment.cell_type in ("pyramidal", "interneuron")
+    assert f"{segment.cell_type} (p = {segment.cell_type_probability:.2f})" in window.panel.cell_type_label.text()
+    assert segment.ood_flagged and segment.ood_score > segment.ood_threshold
+    assert window.panel.ood_label.text().startswith("YES, out of distribution (uncertainty")
+    # In 3-D: every centre coloured by its predicted compartment, the segment magenta, and
+    # a flag layer named in the layer bar.
     assert window.bridge.flush()
-    nodes = window.bridge.viewer.state.layers[NODES_LAYER].annotations
+    viewer_state = window.bridge.viewer.state
+    nodes = viewer_state.layers[NODES_LAYER].annotations
     assert len(nodes) == segment.n_centres
-    assert {a.props[0] for a in nodes} == {EMBEDDED_COLOUR}
+    by_id = {a.id: a for a in nodes}
+    for node_id, code in zip(segment.node_ids, segment.predicted):
+        props = by_id[f"{segment_id}-{node_id}"].props
+        assert props[0] == COMPARTMENT_COLOURS[COMPARTMENTS[code]] and props[2] == code
+    colours = viewer_state.layers[SEGMENTATION_LAYER].segment_colors
+    assert colours[np.uint64(segment_id)] == OOD_COLOUR
+    flags = [layer.name for layer in viewer_state.layers if layer.name.startswith(OOD_LAYER_PREFIX)]
+    assert flags == [f"{OOD_LAYER_PREFIX}: segment {segment_id}"]
     _save_screenshot(qtbot, window, tmp_path)
 
 
@@ -198,6 +267,48 @@ def _save_screenshot(qtbot, window, tmp_path: Path) -> None:
         docs = REPO / "docs"
         docs.mkdir(exist_ok=True)
         assert image.save(str(docs / "screenshot_app.png"))
+
+
+def test_precomputed_embeddings_are_used_when_the_store_has_the_segment(qtbot, window, demo_dir, store_dir):
+    from analysis.csvzip import CsvZipStore
+    from app.neuroglancer_bridge import OOD_LAYER_PREFIX, SEGMENTATION_LAYER, cell_type_colour
+
+    segment_id, node_nm = _largest_segment(demo_dir, rank=1)
+    node_ids, xyz, embeddings = CsvZipStore(store_dir, coordinates="nm").read(segment_id)
+    node_batches = []
+    unsubscribe = window.state.subscribe("node_batch", node_batches.append)
+    try:
+        window.controller.select_segment(segment_id, node_nm)
+        qtbot.waitUntil(lambda: window.state.job is not None and window.state.job.state == "finished"
+                        and window.state.segment.segment_id == segment_id, timeout=30_000)
+    finally:
+        unsubscribe()
+    segment = window.state.segment
+    assert segment.embedding_source == "precomputed" and segment.complete
+    assert window.panel.source_label.text() == "precomputed (CSV ZIP)"
+    assert window.panel.nodes_label.text().endswith(f"{len(node_ids)} precomputed nodes")
+    # The store's own nodes and vectors, nearest the click first.
+    assert sorted(segment.node_ids.tolist()) == sorted(node_ids.tolist())
+    row = {int(n): i for i, n in enumerate(node_ids)}
+    order = [row[int(n)] for n in segment.node_ids]
+    np.testing.assert_array_equal(segment.embeddings, embeddings[order])
+    np.testing.assert_allclose(segment.positions_nm, xyz[order])
+    distances = np.linalg.norm(segment.positions_nm - node_nm, axis=1)
+    assert distances[0] == distances.min()
+    # The store's node ids are this skeleton's, so the dataset labels show beside them.
+    assert segment.ground_truth is not None
+    # In distribution: typed confidently, not flagged, coloured by cell type.
+    assert len(node_batches) == 1 and node_batches[0].embedding_source == "precomputed"
+    assert segment.cell_type == "pyramidal" and segment.cell_type_probability > 0.9
+    assert segment.ood_flagged is False
+    assert window.panel.ood_label.text().startswith("no (uncertainty")
+    assert (segment.predicted < 4).all()
+    assert window.bridge.flush()
+    viewer_state = window.bridge.viewer.state
+    assert viewer_state.layers[SEGMENTATION_LAYER].segment_colors[np.uint64(segment_id)] \
+        == cell_type_colour("pyramidal")
+    assert not [layer.name for layer in viewer_state.layers if layer.name.startswith(OOD_LAYER_PREFIX)]
+    assert "precomputed" in window.statusBar().currentMessage()
 
 
 def test_main_thread_heartbeat_during_an_embedding_job(qtbot, window, demo_dir):
@@ -269,6 +380,8 @@ def test_bad_inputs_fail_on_the_console_before_any_window(tmp_path, capsys):
         ["--image", str(tmp_path / "missing"), "--segmentation", str(tmp_path / "missing")],
         ["--image", str(tmp_path)],
         ["--checkpoint", str(tmp_path / "nothing.keras")],
+        ["--classifiers", str(tmp_path / "no-classifiers")],
+        ["--embeddings", str(tmp_path / "no-store")],
     ]
     for argv in cases:
         env_platform = os.environ.get("QT_QPA_PLATFORM")
