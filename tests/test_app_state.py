@@ -116,3 +116,48 @@ def test_unknown_events_and_ids_are_refused(state):
         state.subscribe("selection", print)
     with pytest.raises(ValueError, match="nonzero uint64"):
         state.select_segment(0)
+
+
+def test_batch_predictions_fill_only_their_rows_and_node_batches_carry_them():
+    state = SessionState()
+    state.select_segment(9)
+    state.set_centres(9, [10, 11, 12], np.arange(9.0).reshape(3, 3))
+    batches = []
+    state.subscribe("node_batch", batches.append)
+    state.add_embeddings(9, [2], np.ones((1, 4)))
+    assert state.set_predictions(9, indices=[2], predicted=[3], probability=[0.7], uncertainty=[0.2])
+    assert state.announce_batch(9, [2])
+    record = state.segment
+    assert record.predicted.tolist() == [255, 255, 3]
+    assert np.isnan(record.predicted_probability[:2]).all() and record.predicted_probability[2] == np.float32(0.7)
+    assert record.compartment_counts("predicted") == {"axon": 0, "dendrite": 0, "soma": 0, "glia": 1,
+                                                      "unlabelled": 2}
+    (batch,) = batches
+    assert batch.segment_id == 9 and batch.indices.tolist() == [2] and batch.node_ids.tolist() == [12]
+    np.testing.assert_array_equal(batch.positions_nm, [[6.0, 7.0, 8.0]])
+    assert batch.predicted.tolist() == [3] and batch.embedding_source == "computed"
+    # Rows not yet embedded are not announced; bad input is refused.
+    assert not state.announce_batch(9, [0])
+    with pytest.raises(ValueError, match="indices"):
+        state.set_predictions(9, indices=[3], predicted=[0])
+    with pytest.raises(ValueError, match="predictions for 2 indices"):
+        state.set_predictions(9, indices=[0, 1], predicted=[0])
+    with pytest.raises(ValueError, match="probability values"):
+        state.set_predictions(9, indices=[0], predicted=[0], probability=[0.1, 0.2])
+    # New centres (the segment embedded again) forget the old predictions.
+    state.set_centres(9, [10], np.zeros((1, 3)))
+    assert state.segment.predicted is None and state.segment.cell_type is None
+
+
+def test_classifiers_loaded_follows_the_summary():
+    from app.state import ClassifierInfo, ClassifierSummary
+
+    state = SessionState()
+    seen = []
+    state.subscribe("classifiers", seen.append)
+    assert not state.classifiers_loaded
+    info = ClassifierInfo("cell_type", "c.npz", ("a", "b"), 10_000.0, 0.3, 64, "linear_v1")
+    state.set_classifiers(ClassifierSummary("dir", cell_type=info), "ok")
+    assert state.classifiers_loaded and seen[-1].cell_type is info
+    state.set_classifiers(None, "gone")
+    assert not state.classifiers_loaded and state.classifiers_message == "gone"

@@ -133,3 +133,53 @@ def test_local_folders_are_served_on_localhost(bridge, tmp_path):
         bridge.source_url(str(tmp_path / "missing"), "neuroglancer_precomputed")
     with pytest.raises(ValueError, match="cannot display"):
         bridge.source_url(str(tmp_path), "tiff")
+
+
+def _flag_layers(bridge) -> list[str]:
+    from app.neuroglancer_bridge import OOD_LAYER_PREFIX
+
+    return [layer.name for layer in bridge.viewer.state.layers if layer.name.startswith(OOD_LAYER_PREFIX)]
+
+
+def test_ood_segment_gets_a_named_flag_layer_with_a_box_and_loses_it_when_in_distribution(bridge):
+    state = SessionState()
+    bridge.attach(state)
+    state.select_segment(12, [0.0, 0.0, 0.0])
+    state.set_centres(12, [4, 8], np.array([[100.0, 200.0, 300.0], [400.0, 500.0, 600.0]]))
+    state.add_embeddings(12, [0, 1], np.ones((2, 4)))
+    state.set_predictions(12, predicted=[0, 1], cell_type="pyramidal", cell_type_probability=0.6,
+                          ood_score=0.48, ood_flagged=True, ood_threshold=0.2)
+    assert bridge.flush()
+    assert _flag_layers(bridge) == ["OUT OF DISTRIBUTION: segment 12"]
+    (box,) = annotations(bridge, "OUT OF DISTRIBUTION: segment 12")
+    assert box["type"] == "axis_aligned_bounding_box"
+    np.testing.assert_allclose(box["pointA"], [-900.0, -800.0, -700.0])
+    np.testing.assert_allclose(box["pointB"], [1400.0, 1500.0, 1600.0])
+    assert "uncertainty 0.48 > threshold 0.20" in box["description"]
+    assert bridge.viewer.state.layers[SEGMENTATION_LAYER].segment_colors[np.uint64(12)] == OOD_COLOUR
+
+    # A new score for the same segment changes the box, not the layer list; the same score
+    # (to the shown precision) writes nothing.
+    state.set_predictions(12, ood_score=0.55, ood_flagged=True, ood_threshold=0.2)
+    assert bridge.flush()
+    assert _flag_layers(bridge) == ["OUT OF DISTRIBUTION: segment 12"]
+    assert "uncertainty 0.55" in annotations(bridge, "OUT OF DISTRIBUTION: segment 12")[0]["description"]
+    writes = bridge.writes
+    state.set_predictions(12, ood_score=0.5501, ood_flagged=True, ood_threshold=0.2)
+    assert bridge.flush()
+    assert bridge.writes == writes
+
+    # In distribution: the cell type's colour and no flag.
+    state.set_predictions(12, cell_type="pyramidal", cell_type_probability=0.9, ood_score=0.1,
+                          ood_flagged=False, ood_threshold=0.2)
+    assert bridge.flush()
+    assert _flag_layers(bridge) == []
+    assert bridge.viewer.state.layers[SEGMENTATION_LAYER].segment_colors[np.uint64(12)] \
+        == cell_type_colour("pyramidal")
+
+    # Selecting another segment drops a flag too.
+    state.set_predictions(12, ood_score=0.9, ood_flagged=True)
+    assert bridge.flush() and _flag_layers(bridge)
+    state.select_segment(13)
+    assert bridge.flush()
+    assert _flag_layers(bridge) == []
