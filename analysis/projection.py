@@ -28,7 +28,8 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Generator
 
@@ -85,6 +86,11 @@ def umap_module():
             started = time.perf_counter()
             _umap_module = importlib.import_module("umap.umap_")
             numba_threadsafe()
+            # A few kernels use dynamic globals and cannot be cached; numba says so once per
+            # compile, which is expected here and not the user's concern.
+            from numba.core.errors import NumbaWarning
+
+            warnings.filterwarnings("ignore", message=".*Cannot cache compiled function", category=NumbaWarning)
             cached = _cache_umap_kernels()
             log.debug("umap kernels now cached on disk: %d", cached)
             log.debug("imported umap.umap_ in %.1f s", time.perf_counter() - started)
@@ -150,7 +156,8 @@ def numba_threadsafe() -> bool:
 def numba_cache_is_warm() -> bool:
     """True when the numba cache folder already holds compiled umap kernels."""
     folder = configure_numba_cache()
-    return any(folder.glob("pynndescent_*/*.nbi")) and any(folder.glob("umap_*/*.nbi"))
+    return (any(folder.glob("pynndescent_*/*.nbi"))
+            and any(folder.glob("umap_*/layouts.*optimize_layout_euclidean*.nbi")))
 
 
 # -- PCA ---------------------------------------------------------------------------------------
@@ -335,21 +342,25 @@ def align_layout(layout: np.ndarray, reference: np.ndarray) -> np.ndarray:
 # -- warm-up -----------------------------------------------------------------------------------
 
 
-def warm_up(n_points: int = 300, dim: int = 16, seed: int = 0) -> dict[str, float]:
+def warm_up(n_points: int = 300, dim: int = 16, settings: UmapSettings = UmapSettings(seed=None),
+            data_seed: int = 0) -> dict[str, float]:
     """Compile UMAP's numba kernels (fit and transform) on a tiny problem.
 
-    With a warm disk cache this takes a few seconds (loading); cold, one to three
-    minutes. Returns seconds spent importing, fitting and transforming, and whether the
-    cache was warm beforehand (1.0 or 0.0).
+    Pass the ``settings`` the real fits will use: umap compiles separate parallel and
+    serial kernels, and a seed makes it serial (and pins numba to one thread for the
+    whole process). Only ``n_epochs`` is overridden (20). With a warm disk cache this
+    takes seconds to tens of seconds (a few pynndescent kernels can never be cached);
+    cold, one to four minutes on 2 cores. Returns seconds spent importing, fitting and
+    transforming, and whether the cache was warm beforehand (1.0 or 0.0).
     """
     was_warm = numba_cache_is_warm()
     started = time.perf_counter()
     umap_module()
     imported = time.perf_counter()
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(data_seed)
     centres = rng.normal(0, 4, size=(3, dim))
     data = (centres[rng.integers(0, 3, n_points)] + rng.normal(size=(n_points, dim))).astype(np.float32)
-    model = drive(fit_umap(data[: n_points - 20], UmapSettings(n_epochs=20, seed=seed)))
+    model = drive(fit_umap(data[: n_points - 20], replace(settings, n_epochs=20)))
     fitted = time.perf_counter()
     model.transform(data[n_points - 20:])
     done = time.perf_counter()

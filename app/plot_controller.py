@@ -645,9 +645,11 @@ class ProjectionScheduler:
         if self._warm_up:
             from analysis.projection import warm_up
 
+            settings = self.settings
+
             def job():
                 yield Progress(0, 1, "steps", "compiling UMAP")
-                return warm_up()
+                return warm_up(settings=settings)  # the same kernels (parallel or not) as the fits
 
             self._fit_runner.submit("UMAP warm-up", job, self._on_warm_up, kind="warm-up")
 
