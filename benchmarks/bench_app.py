@@ -161,14 +161,23 @@ class LabelWatch:
         self.start = 0.0
         self.first: float | None = None
         self.all: float | None = None
+        self.selected = False
         self.viewer.shared_state.add_changed_callback(self._changed)
+        # Until the click has selected the segment (anew), the viewer shows the previous
+        # click's nodes, possibly of this same segment, already labelled.
+        window.state.subscribe("segment", self._on_segment)
 
     def arm(self, segment_id: int) -> None:
-        self.segment_id, self.first, self.all = int(segment_id), None, None
+        self.segment_id, self.first, self.all, self.selected = int(segment_id), None, None, False
+        self.cleared = False
         self.start = time.perf_counter()
 
+    def _on_segment(self, record) -> None:
+        if record is not None and record.segment_id == self.segment_id:
+            self.selected = True
+
     def _changed(self) -> None:
-        if self.segment_id is None or self.all is not None:
+        if self.segment_id is None or not self.selected or self.all is not None:
             return
         now = time.perf_counter()
         layers = self.viewer.shared_state.raw_state.get("layers", [])
@@ -176,12 +185,18 @@ class LabelWatch:
         prefix = f"{self.segment_id}-"
         mine = [a for a in nodes if str(a.get("id", "")).startswith(prefix)]
         labelled = sum(1 for a in mine if int(a["props"][2]) != 255)
+        if not self.cleared:
+            # Writes queued before the new selection's may still commit the previous
+            # click's labelled nodes; the new job's nodes always start unlabelled.
+            self.cleared = not mine or labelled < len(mine)
+            if not self.cleared:
+                return
         if labelled and self.first is None:
             self.first = now - self.start
-        if mine and labelled == len(mine) and self.total is not None and len(mine) == self.total:
+        # The layer holds every centre from the start (grey while pending), so all of
+        # them labelled means the whole segment is.
+        if mine and labelled == len(mine):
             self.all = now - self.start
-
-    total: int | None = None
 
 
 def click(app, window, watch: LabelWatch, segment_id: int, position_nm) -> tuple[float, float, int]:
@@ -191,21 +206,24 @@ def click(app, window, watch: LabelWatch, segment_id: int, position_nm) -> tuple
     from app.neuroglancer_bridge import ClickEvent
 
     state = window.state
-    watch.total = None
+    previous_job = None if state.job is None else state.job.job_id
     watch.arm(segment_id)
     window.relay.forward(ClickEvent(int(segment_id), np.asarray(position_nm, dtype=np.float64)))
 
     def finished() -> bool:
-        segment = state.segment
-        if segment is not None and segment.segment_id == segment_id and segment.n_centres:
-            watch.total = segment.n_centres
-            watch._changed()  # the last write may have come before the total was known
+        # The click reaches the window through a queued signal: until its job exists, the
+        # state (and the viewer) still show the previous click, maybe of this very segment.
+        if state.job is None or state.job.job_id == previous_job:
+            return False
         job = state.job
         return watch.all is not None and job is not None and not job.active
 
     if not _run_until(app, finished, 120):
         raise RuntimeError(f"segment {segment_id} was not fully labelled in 120 s "
                            f"(job: {state.job}, error: {state.last_error})")
+    if state.job.state != "finished" or not state.segment.complete:
+        raise RuntimeError(f"segment {segment_id}: the job ended {state.job.state} ({state.job.message}), "
+                           f"{state.segment.n_embedded} of {state.segment.n_centres} centres embedded")
     return watch.first, watch.all, state.segment.n_centres
 
 
