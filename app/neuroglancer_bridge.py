@@ -86,9 +86,10 @@ _DRIVER_PREFIX = {
     "n5": "n5://",
 }
 
-#: Colours handed to cell types in order of first appearance (stable per name).
-_CELL_TYPE_PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4",
-                      "#46f0f0", "#f032e6", "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324")
+#: Colours for cell types (picked by a hash of the name, so stable across runs). No
+#: magenta or violet: magenta means "out of distribution" and must stay unambiguous.
+_CELL_TYPE_PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#46f0f0",
+                      "#bcf60c", "#fabebe", "#008080", "#9a6324", "#aaffc3", "#808000")
 
 _NM_PER_UNIT = {"m": 1e9, "mm": 1e6, "um": 1e3, "µm": 1e3, "nm": 1.0, "pm": 1e-3}
 
@@ -109,8 +110,15 @@ class ClickEvent:
     position_nm: np.ndarray | None
 
 
-def cell_type_colour(name: str) -> str:
-    """A stable display colour for a cell-type name (same name, same colour, every run)."""
+def cell_type_colour(name: str, class_names: Sequence[str] = ()) -> str:
+    """A stable display colour for a cell-type name.
+
+    With the classifier's ``class_names``, classes get distinct colours by their position
+    (the palette has 12); otherwise a hash of the name picks one (same name, same colour,
+    every run, but two names may share one).
+    """
+    if name in class_names:
+        return _CELL_TYPE_PALETTE[list(class_names).index(name) % len(_CELL_TYPE_PALETTE)]
     digest = hashlib.md5(name.encode("utf-8")).digest()
     return _CELL_TYPE_PALETTE[digest[0] % len(_CELL_TYPE_PALETTE)]
 
@@ -246,6 +254,7 @@ class NeuroglancerBridge:
         self._file_servers: dict[str, Any] = {}
         self._writer = _KeyedWriter("segscope-neuroglancer-writer")
         self._unsubscribe: list[Callable[[], None]] = []
+        self._state: SessionState | None = None
         self.writes = 0  # transactions actually committed (skipped no-op writes excluded)
         self.viewer.actions.add(SELECT_ACTION, self._handle_select_action)
         with self.viewer.config_state.txn() as s:
@@ -380,6 +389,7 @@ class NeuroglancerBridge:
         Handlers run on the thread that mutates the state; they copy what they need and
         queue the write, so they return in microseconds.
         """
+        self._state = state
         self._unsubscribe += [
             state.subscribe("segment", self._on_segment),
             state.subscribe("centres", self._on_centres),
@@ -405,7 +415,9 @@ class NeuroglancerBridge:
 
     def _on_predictions(self, record: SegmentRecord) -> None:
         self._on_nodes_changed(record)
-        colour = segment_colour(record)
+        summary = None if self._state is None else self._state.classifiers
+        class_names = () if summary is None or summary.cell_type is None else summary.cell_type.class_names
+        colour = segment_colour(record, class_names)
         segment_id = record.segment_id
         self._writer.submit("segment_colour", lambda: self._write_segment_colour(segment_id, colour))
         flag = ood_flag(record)
@@ -607,11 +619,11 @@ def ground_truth_annotations(record: SegmentRecord) -> list[dict]:
     return points
 
 
-def segment_colour(record: SegmentRecord) -> str | None:
+def segment_colour(record: SegmentRecord, class_names: Sequence[str] = ()) -> str | None:
     """The selected segment's colour: OOD magenta, else its cell type's, else None."""
     if record.ood_flagged:
         return OOD_COLOUR
     if record.cell_type is not None:
-        return cell_type_colour(record.cell_type)
+        return cell_type_colour(record.cell_type, class_names)
     return None
 

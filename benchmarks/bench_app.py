@@ -252,8 +252,18 @@ def pick_segments(clicks: int):
 
 
 def screenshot(app, window, position_nm, path: Path) -> None:
-    window.bridge.set_view(position_nm, cross_section_scale=0.6)
+    """Save the window with the selected segment centred in 2-D and filling the 3-D panel."""
+    import numpy as np
+
+    segment = window.state.segment
+    lo, hi = segment.positions_nm.min(axis=0), segment.positions_nm.max(axis=0)
+    window.bridge.set_view((lo + hi) / 2, cross_section_scale=0.6)
     window.bridge.set_layout("xy-3d")
+    window.bridge.flush()
+    voxel = np.asarray(window.state.dataset.voxel_size_nm)
+    with window.bridge.viewer.txn() as s:
+        # projectionScale is the 3-D panel's height in the viewer's units (voxels here).
+        s.projection_scale = float(1.6 * np.max((hi - lo) / voxel))
     window.bridge.flush()
     _wait_rendered(app, window)
     _run_until(app, lambda: False, 1.0, poll_ms=50)  # a few more frames for the 3-D panel

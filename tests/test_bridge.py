@@ -118,6 +118,9 @@ def test_unchanged_state_is_not_written_again(bridge):
 def test_cell_type_colours_are_stable():
     assert cell_type_colour("astrocyte") == cell_type_colour("astrocyte")
     assert cell_type_colour("astrocyte").startswith("#")
+    # A classifier's classes get distinct colours, by position.
+    names = [f"type{i}" for i in range(12)]
+    assert len({cell_type_colour(name, names) for name in names}) == 12
 
 
 def test_local_folders_are_served_on_localhost(bridge, tmp_path):
@@ -183,3 +186,11 @@ def test_ood_segment_gets_a_named_flag_layer_with_a_box_and_loses_it_when_in_dis
     state.select_segment(13)
     assert bridge.flush()
     assert _flag_layers(bridge) == []
+
+
+def test_no_cell_type_colour_can_be_mistaken_for_the_ood_magenta():
+    def rgb(colour):
+        return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=float)
+
+    for name in [f"type{i}" for i in range(200)] + ["pyramidal", "interneuron", "astrocyte"]:
+        assert np.abs(rgb(cell_type_colour(name)) - rgb(OOD_COLOUR)).max() > 100

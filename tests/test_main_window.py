@@ -306,7 +306,7 @@ def test_precomputed_embeddings_are_used_when_the_store_has_the_segment(qtbot, w
     assert window.bridge.flush()
     viewer_state = window.bridge.viewer.state
     assert viewer_state.layers[SEGMENTATION_LAYER].segment_colors[np.uint64(segment_id)] \
-        == cell_type_colour("pyramidal")
+        == cell_type_colour("pyramidal", ("pyramidal", "interneuron"))
     assert not [layer.name for layer in viewer_state.layers if layer.name.startswith(OOD_LAYER_PREFIX)]
     assert "precomputed" in window.statusBar().currentMessage()
 

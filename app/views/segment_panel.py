@@ -121,7 +121,7 @@ class SegmentPanel(QWidget):
     def _show_classifiers(self, summary: ClassifierSummary | None) -> None:
         cell_types = None if summary is None or summary.cell_type is None else summary.cell_type.class_names
         if cell_types:
-            swatches = "&nbsp; ".join(f'<span style="color:{cell_type_colour(name)}; font-size:14px">■</span>'
+            swatches = "&nbsp; ".join(f'<span style="color:{cell_type_colour(name, cell_types)}; font-size:14px">■</span>'
                                       f"&nbsp;{name}" for name in cell_types)
             self.cell_type_legend.setText(f"Segment colour = predicted cell type: {swatches}")
         else:
@@ -196,7 +196,8 @@ class SegmentPanel(QWidget):
         else:
             probability = ("" if record.cell_type_probability is None
                            else f" (p = {record.cell_type_probability:.2f})")
-            swatch = f'<span style="color:{cell_type_colour(record.cell_type)}; font-size:14px">■</span>&nbsp;'
+            names = () if not has_cell_type else summary.cell_type.class_names
+            swatch = f'<span style="color:{cell_type_colour(record.cell_type, names)}; font-size:14px">■</span>&nbsp;'
             self.cell_type_label.setText(f"{swatch}{record.cell_type}{probability}")
         if record is None or record.ood_score is None:
             self.ood_label.setText(missing if has_cell_type or missing == _NO_CLASSIFIER
