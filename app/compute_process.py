@@ -231,6 +231,16 @@ class SegmentPredictor:
         return Predictions(compartments, cell_type, "; ".join(notes))
 
 
+def _predict_safely(predictor: SegmentPredictor, indices, embeddings) -> Predictions:
+    """Predictions for a batch; a classifier failure becomes a note, and the embeddings
+    still reach the user."""
+    try:
+        return predictor.add(indices, embeddings)
+    except Exception as exc:  # noqa: BLE001 - any classifier bug must not lose the embeddings
+        log.exception("prediction failed")
+        return Predictions(None, None, f"prediction failed: {type(exc).__name__}: {exc}")
+
+
 # -- the child -------------------------------------------------------------------------------
 
 
@@ -391,7 +401,8 @@ class _ChildServer:  # pragma: no cover - runs in the child process
                     batch = report.payload
                     done += len(batch.indices)
                     indices = batch.indices + start
-                    predictions = None if predictor is None else predictor.add(indices, batch.embeddings)
+                    predictions = None if predictor is None else _predict_safely(predictor, indices,
+                                                                                  batch.embeddings)
                     self.conn.send(("batch", token, indices, batch.embeddings, done, total,
                                     meter.rate(done), predictions))
                     if is_cancelled():

@@ -252,3 +252,17 @@ def test_launch_plan_accepts_classifiers_and_embeddings(demo, tmp_path):
                              str(folder / meta["segmentation"]), "--classifiers", str(tmp_path / "store")])
     with pytest.raises(LaunchError, match="--classifiers: .*has no classifiers.json"):
         plan_launch(bad)
+
+
+def test_a_failing_classifier_becomes_a_note_not_a_lost_batch():
+    from app.compute_process import _predict_safely
+
+    class Broken(StandIn):
+        def predict(self, embeddings):
+            raise FloatingPointError("NaN logits")
+
+    predictor = SegmentPredictor(None, Broken(("a", "b")))
+    predictor.start(np.zeros((1, 3)))
+    result = _predict_safely(predictor, [0], np.zeros((1, 6), np.float32))
+    assert result.compartments is None and result.cell_type is None
+    assert result.note == "prediction failed: FloatingPointError: NaN logits"
