@@ -389,3 +389,33 @@ def test_bad_inputs_fail_on_the_console_before_any_window(tmp_path, capsys):
         assert os.environ.get("QT_QPA_PLATFORM") == env_platform
         err = capsys.readouterr().err
         assert err.startswith("segscope: error: ") and "Traceback" not in err
+
+
+def test_panel_is_honest_about_missing_classifiers(qtbot):
+    from app.state import ClassifierInfo, ClassifierSummary, SessionState
+    from app.views.segment_panel import SegmentPanel
+
+    state = SessionState()
+    panel = SegmentPanel(state)
+    qtbot.addWidget(panel)
+    state.set_classifiers(None, "No classifiers found in assets/classifiers and no --classifiers given.")
+    state.select_segment(5)
+    state.set_centres(5, [0, 1], np.zeros((2, 3)))
+    assert "no classifier loaded" in panel.cell_type_label.text()
+    assert "no classifier loaded" in panel.ood_label.text()
+    assert "no classifier loaded" in panel.predicted_note.text()
+    assert panel.prediction_note.text().startswith("No classifiers found")
+    assert panel.cell_type_legend.text() == ""
+
+    # Only a cell-type classifier: the compartments say so, the cell type waits for data.
+    info = ClassifierInfo("cell_type", "c.npz", ("pyramidal", "basket"), 10_000.0, 0.3, 4, "linear_v1")
+    state.set_classifiers(ClassifierSummary("dir", cell_type=info))
+    assert panel.cell_type_label.text() == "—"
+    assert "no compartment classifier" in panel.predicted_note.text()
+    assert "pyramidal" in panel.cell_type_legend.text() and "basket" in panel.cell_type_legend.text()
+    state.add_embeddings(5, [0, 1], np.ones((2, 4)))
+    state.set_predictions(5, cell_type="basket", cell_type_probability=0.75, ood_score=0.1, ood_flagged=False,
+                          ood_threshold=0.3, note="")
+    assert panel.cell_type_label.text().endswith("basket (p = 0.75)")
+    assert panel.ood_label.text() == "no (uncertainty 0.10 vs threshold 0.30)"
+    assert not panel.prediction_note.isVisible() or panel.prediction_note.text() == ""
