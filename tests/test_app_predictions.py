@@ -266,3 +266,16 @@ def test_a_failing_classifier_becomes_a_note_not_a_lost_batch():
     result = _predict_safely(predictor, [0], np.zeros((1, 6), np.float32))
     assert result.compartments is None and result.cell_type is None
     assert result.note == "prediction failed: FloatingPointError: NaN logits"
+
+
+def test_cell_type_is_estimated_in_geometric_steps_and_on_the_last_batch():
+    cell_type = StandIn(("pyramidal", "basket"))
+    predictor = SegmentPredictor(None, cell_type, cell_type_radius_nm=0.0)
+    predictor.start(np.zeros((20, 3)))
+    estimated = []
+    for start in range(0, 20, 2):
+        result = predictor.add(np.arange(start, start + 2), _rows(1.0, 0.0, 0.1, count=2))
+        if result.cell_type is not None:
+            estimated.append(result.cell_type.n_nodes)
+    # First batch, then each time the nodes grew by a quarter, and the last batch.
+    assert estimated == [2, 4, 6, 8, 10, 14, 18, 20]
