@@ -33,7 +33,7 @@ from typing import Any, Callable, Generator
 
 import numpy as np
 
-from analysis.progress import Progress, RateMeter
+from analysis.progress import Progress
 from app.jobs import JobRunner, JobUpdate
 from app.state import (
     ClassifierInfo,

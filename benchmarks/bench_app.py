@@ -279,7 +279,8 @@ def _verdict(value: float, target: float) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--launches", type=int, default=3, help="launches to time (first here, rest in fresh processes)")
+    parser.add_argument("--launches", type=int, default=3,
+                        help="launches to time (the first here, the rest in fresh processes)")
     parser.add_argument("--clicks", type=int, default=5, help="segments clicked for click-to-first-label")
     parser.add_argument("--repeats", type=int, default=3, help="clicks on the 100-node segment")
     parser.add_argument("--screenshot", type=Path, help="save the window after the 100-node segment here")

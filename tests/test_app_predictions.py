@@ -241,8 +241,8 @@ def test_launch_plan_accepts_classifiers_and_embeddings(demo, tmp_path):
     (tmp_path / "classifiers.json").write_text(json.dumps({"cell_type": {"file": "types.npz", "radius_nm": 10000}}))
     CsvZipStore(tmp_path / "store").write_many({segment_id: ([0], [[1, 2, 3]], np.zeros((1, 4)))})
     parser = add_open_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--image", str(folder / meta["image"]), "--segmentation", str(folder / meta["segmentation"]),
-                              "--classifiers", str(tmp_path), "--embeddings", str(tmp_path / "store"),
+    args = parser.parse_args(["--image", str(folder / meta["image"]),
+                              "--segmentation", str(folder / meta["segmentation"]), "--classifiers", str(tmp_path), "--embeddings", str(tmp_path / "store"),
                               "--embeddings-coordinates", "voxels"])
     plan = plan_launch(args)
     assert plan.classifiers.cell_type.class_names == ("pyramidal", "basket")

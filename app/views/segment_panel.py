@@ -121,8 +121,9 @@ class SegmentPanel(QWidget):
     def _show_classifiers(self, summary: ClassifierSummary | None) -> None:
         cell_types = None if summary is None or summary.cell_type is None else summary.cell_type.class_names
         if cell_types:
-            swatches = "&nbsp; ".join(f'<span style="color:{cell_type_colour(name, cell_types)}; font-size:14px">■</span>'
-                                      f"&nbsp;{name}" for name in cell_types)
+            swatches = "&nbsp; ".join(
+                f'<span style="color:{cell_type_colour(name, cell_types)}; font-size:14px">■</span>&nbsp;{name}'
+                for name in cell_types)
             self.cell_type_legend.setText(f"Segment colour = predicted cell type: {swatches}")
         else:
             self.cell_type_legend.setText("")
