@@ -338,7 +338,9 @@ def read_classifier_folder(folder: str | os.PathLike) -> ClassifierSummary:
         if unknown:
             raise ValueError(f"{compartment.path}: the compartment classifier predicts {unknown}, "
                              f"not subcompartments SegScope knows ({', '.join(COMPARTMENTS)})")
-    return ClassifierSummary(str(folder), compartment, infos.get("cell_type"))
+    encoders = {str(manifest[task]["encoder"]) for task in infos if manifest[task].get("encoder")}
+    return ClassifierSummary(str(folder), compartment, infos.get("cell_type"),
+                             encoder=encoders.pop() if len(encoders) == 1 else None)
 
 
 def find_demo_classifiers() -> Path | None:
@@ -615,11 +617,21 @@ class AppController:
             tasks = [name for name, info in (("subcompartments", summary.compartment),
                                              ("cell types", summary.cell_type)) if info is not None]
             self.state.set_classifiers(summary, f"Classifiers: {' and '.join(tasks)} from {summary.folder}")
-            self.state.show_status(f"Classifiers ready: {' and '.join(tasks)}.")
+            self.state.show_status(f"Classifiers ready: {' and '.join(tasks)}.{self._encoder_mismatch()}")
         elif update.event == "failed":
             message = f"Could not load the classifiers: {update.error}"
             self.state.set_classifiers(None, message)
             self.state.show_error(message)
+
+    def _encoder_mismatch(self) -> str:
+        """A warning when the classifiers were trained on another encoder's embeddings."""
+        summary, model = self.state.classifiers, self.state.model
+        if summary is None or summary.encoder is None or model is None:
+            return ""
+        if Path(model.source).name == summary.encoder:
+            return ""
+        return (f" Note: the classifiers were trained on embeddings of {summary.encoder}, not of "
+                f"{Path(model.source).name}; their predictions may mean little.")
 
     def _on_model_update(self, update: JobUpdate) -> None:
         if update.event == "finished":

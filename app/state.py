@@ -175,11 +175,16 @@ class ClassifierInfo:
 
 @dataclass(frozen=True)
 class ClassifierSummary:
-    """The classifiers in use (either may be None when the folder holds only one)."""
+    """The classifiers in use (either may be None when the folder holds only one).
+
+    ``encoder`` is the file name of the encoder whose embeddings they were trained on,
+    when ``classifiers.json`` records it.
+    """
 
     folder: str
     compartment: ClassifierInfo | None = None
     cell_type: ClassifierInfo | None = None
+    encoder: str | None = None
 
 
 @dataclass(frozen=True)

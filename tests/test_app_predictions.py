@@ -279,3 +279,26 @@ def test_cell_type_is_estimated_in_geometric_steps_and_on_the_last_batch():
             estimated.append(result.cell_type.n_nodes)
     # First batch, then each time the nodes grew by a quarter, and the last batch.
     assert estimated == [2, 4, 6, 8, 10, 14, 18, 20]
+
+
+def test_classifiers_trained_on_another_encoder_are_pointed_out(tmp_path):
+    from app.controller import AppController
+    from app.jobs import JobRunner
+    from app.state import ModelSummary, SessionState
+
+    _fake_classifier_file(tmp_path / "types.npz", ("pyramidal", "basket"))
+    (tmp_path / "classifiers.json").write_text(json.dumps(
+        {"cell_type": {"file": "types.npz", "radius_nm": 10000, "encoder": "demo_encoder.keras"}}))
+    summary = read_classifier_folder(tmp_path)
+    assert summary.encoder == "demo_encoder.keras"
+    state = SessionState()
+    controller = AppController(state, JobRunner())
+    try:
+        state.set_classifiers(summary)
+        state.set_model(ModelSummary("segscope_lite", "/models/demo_encoder.keras", True, 64, (41, 41, 41),
+                                     (64.0, 64.0, 80.0)))
+        assert controller._encoder_mismatch() == ""
+        state.set_model(ModelSummary("segclr", "/models/model.ckpt-1", True, 64, (129, 129, 129), (32.0, 32.0, 33.0)))
+        assert "trained on embeddings of demo_encoder.keras, not of model.ckpt-1" in controller._encoder_mismatch()
+    finally:
+        controller.shutdown()
