@@ -299,7 +299,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     encoder_path = Path(args.encoder) if args.encoder else run / "encoder.keras"
     encoder = open_encoder(encoder_path)
     baseline = build_encoder(encoder.encoder_config, seed=args.seed + 1000)
-    config = EvaluationConfig(label_counts=tuple(args.label_counts), repeats=args.repeats, seed=args.seed)
+    config = EvaluationConfig(label_counts=tuple(args.label_counts), repeats=args.repeats, seed=args.seed,
+                              compartment_radius_nm=args.compartment_radius_nm,
+                              cell_type_radius_nm=args.cell_type_radius_nm)
     bar = _progress_bar("evaluate")
     try:
         metrics = drive(evaluate(dataset, encoder, split, args.out, baseline_encoder=baseline, config=config), bar)
@@ -401,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="folder for metrics.json and plots")
     evaluate.add_argument("--label-counts", type=int, nargs="+", default=[8, 32, 128, 512, 2048])
     evaluate.add_argument("--repeats", type=int, default=3)
+    evaluate.add_argument("--compartment-radius-nm", type=float, default=0.0,
+                          help="aggregation radius of the subcompartment classifier's inputs (0: node embeddings)")
+    evaluate.add_argument("--cell-type-radius-nm", type=float, default=10_000.0,
+                          help="aggregation radius of the cell-type classifier's inputs")
     evaluate.add_argument("--save-classifiers", metavar="DIR", help="also save the trained classifiers here")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(handler=_cmd_evaluate)
