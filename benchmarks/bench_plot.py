@@ -14,6 +14,7 @@ Usage::
     python benchmarks/bench_plot.py                  # everything (about 5-10 min, 2 cores)
     python benchmarks/bench_plot.py --parts redraw   # only the redraw figures
     python benchmarks/bench_plot.py --sizes 10000    # placement at 10k only
+    python benchmarks/bench_plot.py --parts latency  # GUI timer gaps during warm-up and fits
 """
 
 from __future__ import annotations
@@ -177,9 +178,65 @@ def bench_redraw(sizes: list[int], repeats: int, scatter_reference: int) -> None
         widget.close()
 
 
+def bench_latency(n_points: int, batch: int, limit_s: float) -> None:
+    """GUI event-loop gaps while points stream in and the warm-up and UMAP fits run."""
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from PyQt6.QtCore import QTimer
+    from PyQt6.QtWidgets import QApplication
+
+    from app.views.embedding_plot import EmbeddingPlotWidget
+
+    app = QApplication.instance() or QApplication([])
+    plot = EmbeddingPlotWidget(scheduler_options={"min_points": 500})
+    plot.resize(600, 500)
+    plot.show()
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, size=(20, 64))
+    gaps: list[float] = []
+    last = [time.perf_counter()]
+    started = time.perf_counter()
+
+    def tick() -> None:
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    def add() -> None:
+        if plot.controller.n_points >= n_points:
+            adder.stop()
+            return
+        embeddings = centres[rng.integers(0, 20, batch)] + rng.normal(size=(batch, 64))
+        plot.controller.add_points(int(rng.integers(1, 50)), rng.integers(0, 2**40, batch), np.zeros((batch, 3)),
+                                   embeddings)
+
+    def check() -> None:
+        if (plot.controller.layout_kind == "umap" and not plot.scheduler.busy and not adder.isActive()
+                and np.isfinite(plot.controller.layout).all()):
+            app.quit()
+
+    timer, adder, checker = QTimer(), QTimer(), QTimer()
+    timer.timeout.connect(tick)
+    adder.timeout.connect(add)
+    checker.timeout.connect(check)
+    timer.start(10)
+    adder.start(200)
+    checker.start(100)
+    QTimer.singleShot(int(limit_s * 1000), app.quit)
+    plot.scheduler.start()
+    app.exec()
+    g = np.array(gaps[1:]) * 1000
+    print(f"\nlatency: {plot.controller.n_points} points streamed in batches of {batch} every 200 ms; "
+          f"warm-up {plot.scheduler.warm_up_result}; after {time.perf_counter() - started:.0f} s the plot shows "
+          f"{plot.scheduler.status!r}")
+    print(f"latency: GUI 10 ms timer gaps median {np.median(g):.0f} ms, p99 {np.percentile(g, 99):.0f} ms, "
+          f"max {g.max():.0f} ms; {(g > 100).sum()} of {len(g)} gaps over 100 ms")
+    plot.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["placement", "redraw"], choices=["placement", "redraw"])
+    parser.add_argument("--parts", nargs="+", default=["placement", "redraw"], choices=["placement", "redraw", "latency"],
+                        help="latency (not run by default): GUI responsiveness while UMAP fits in the background")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="UMAP sizes")
     parser.add_argument("--new-points", type=int, default=500)
     parser.add_argument("--place-repeats", type=int, default=6)
@@ -193,6 +250,8 @@ def main() -> None:
         bench_redraw(args.redraw_sizes, args.redraw_repeats, args.scatter_reference)
     if "placement" in args.parts:
         bench_placement(args.sizes, args.new_points, args.place_repeats)
+    if "latency" in args.parts:
+        bench_latency(5000, 50, 300.0)
     print(f"\nload average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
