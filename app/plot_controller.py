@@ -52,9 +52,9 @@ PLOT_EVENTS = ("points", "layout", "colours", "selection", "hover", "activate")
 UNKNOWN_COMPARTMENT = 255
 UNKNOWN_RGBA = (128, 128, 128, 200)
 #: Distinct colours for categories (cell types, segments); with "unknown" at most 20
-#: brushes, which pyqtgraph draws as fast as one (design.md).
+#: colours. No magenta: in the 3-D view it means out of distribution.
 CATEGORY_COLOURS = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22",
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#637939", "#bcbd22",
     "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
     "#dbdb8d", "#9edae5", "#393b79",
 )
@@ -170,6 +170,9 @@ class PlotController:
         self.cell_type_codes = np.zeros(0, np.int16)  # -1: unknown; else index in cell_type_names
         self.background = np.zeros(0, bool)
         self.cell_type_names: list[str] = []
+        #: Hex colour of a cell-type name; set it to the 3-D view's rule so both agree
+        #: (default: the category palette by order of first appearance).
+        self.cell_type_colour: Callable[[str], str] | None = None
         self.layout = np.zeros((0, 2), np.float32)  # NaN until placed
         self.layout_kind = "none"
         self.colour_mode = COLOUR_MODES[0]
@@ -388,7 +391,9 @@ class PlotController:
             # Beyond the palette, types share the last colour rather than adding brushes.
             codes = np.where(codes >= len(names), len(names) - 1, codes)
             index = np.where(codes < 0, len(names), codes)
-            palette = np.array([_hex_rgba(c) for c in CATEGORY_COLOURS[: len(names)]] + [UNKNOWN_RGBA], np.uint8)
+            colours = ([self.cell_type_colour(name) for name in names] if self.cell_type_colour is not None
+                       else CATEGORY_COLOURS[: len(names)])
+            palette = np.array([_hex_rgba(c) for c in colours] + [UNKNOWN_RGBA], np.uint8)
             return PointColours(index.astype(np.uint8), palette, [*names, "unknown"])
         if self.colour_mode == "OOD score":
             scores = self.ood_scores

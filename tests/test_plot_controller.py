@@ -68,6 +68,9 @@ def test_colour_modes_give_shared_palettes():
     assert set(colours.index[controller.segment_rows([102])]) == {1}
     assert set(colours.index[controller.segment_rows([100, 103])]) == {2}
 
+    controller.cell_type_colour = {"pyramidal": "#e6194b", "microglia": "#3cb44b"}.get  # e.g. the 3-D view's
+    np.testing.assert_array_equal(controller.colours().palette[:2, :3], [[0xe6, 0x19, 0x4b], [0x3c, 0xb4, 0x4b]])
+
     controller.set_colour_mode("OOD score")
     colours = controller.colours()
     assert colours.value_range == pytest.approx((0.1, 0.9))

@@ -553,6 +553,18 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
     def on_segment(record) -> None:
         plot.select_segments(() if record is None else (record.segment_id,), origin=VIEW_3D_ORIGIN)
 
+    try:  # the 3-D view's cell-type colours, so a type looks the same in both
+        from app.neuroglancer_bridge import cell_type_colour
+
+        def class_names() -> tuple[str, ...]:
+            summary = getattr(state, "classifiers", None)
+            info = getattr(summary, "cell_type", None)
+            return tuple(getattr(info, "class_names", ()) or ())
+
+        controller.cell_type_colour = lambda name: cell_type_colour(name, class_names())
+    except ImportError:
+        log.debug("no neuroglancer bridge: the plot uses its own cell-type colours")
+
     state.subscribe("node_batch", on_batch)
     state.subscribe("predictions", on_predictions)
     state.subscribe("segment", on_segment)
