@@ -354,26 +354,57 @@ def fit_umap(embeddings: Any, settings: UmapSettings = UmapSettings(), *,
     return UmapModel(reducer=reducer, layout=layout, fit_seconds=seconds, settings=settings)
 
 
+@dataclass(frozen=True)
+class Similarity:
+    """A 2-D similarity transform (rotation or reflection, uniform scale, shift).
+
+    ``apply(points) = (points - source_mean) @ rotation * scale + target_mean`` on float
+    ``[N, 2]`` points.
+    """
+
+    rotation: np.ndarray
+    scale: float
+    source_mean: np.ndarray
+    target_mean: np.ndarray
+
+    @classmethod
+    def identity(cls) -> "Similarity":
+        return cls(np.eye(2), 1.0, np.zeros(2), np.zeros(2))
+
+    @classmethod
+    def fit(cls, layout: np.ndarray, reference: np.ndarray) -> "Similarity":
+        """The similarity that best maps ``layout`` onto ``reference`` (Procrustes).
+
+        Both are float ``[N, 2]`` with rows in the same order.
+        """
+        source = np.asarray(layout, dtype=np.float64)
+        target = np.asarray(reference, dtype=np.float64)
+        if source.shape != target.shape or source.ndim != 2 or source.shape[1] != 2:
+            raise ValueError(f"layouts must both be [N, 2], got {source.shape} and {target.shape}")
+        if len(source) < 3:
+            return cls.identity()
+        source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
+        a, b = source - source_mean, target - target_mean
+        u, singular, vt = np.linalg.svd(a.T @ b)
+        norm = (a**2).sum()
+        return cls(u @ vt, float(singular.sum() / norm) if norm > 0 else 1.0, source_mean, target_mean)
+
+    def apply(self, points: np.ndarray) -> np.ndarray:
+        """float32 ``[N, 2]``."""
+        points = np.asarray(points, dtype=np.float64)
+        return (((points - self.source_mean) @ self.rotation) * self.scale + self.target_mean).astype(np.float32)
+
+
 def align_layout(layout: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Rotate, reflect, scale and shift ``layout`` to best match ``reference`` (Procrustes).
 
     Both are float ``[N, 2]`` with rows in the same order. UMAP layouts are only defined
     up to such a similarity, so aligning a refit to the current picture keeps the
-    animation between them to real changes. Returns float32 ``[N, 2]``.
+    animation between them to real changes. Points placed later by the model's
+    ``transform`` need the same mapping: use :meth:`Similarity.fit` and keep it.
+    Returns float32 ``[N, 2]``.
     """
-    source = np.asarray(layout, dtype=np.float64)
-    target = np.asarray(reference, dtype=np.float64)
-    if source.shape != target.shape or source.ndim != 2 or source.shape[1] != 2:
-        raise ValueError(f"layouts must both be [N, 2], got {source.shape} and {target.shape}")
-    if len(source) < 3:
-        return source.astype(np.float32)
-    source_mean, target_mean = source.mean(axis=0), target.mean(axis=0)
-    a, b = source - source_mean, target - target_mean
-    u, s, vt = np.linalg.svd(a.T @ b)
-    rotation = u @ vt
-    norm = (a**2).sum()
-    scale = s.sum() / norm if norm > 0 else 1.0
-    return ((a @ rotation) * scale + target_mean).astype(np.float32)
+    return Similarity.fit(layout, reference).apply(layout)
 
 
 # -- warm-up -----------------------------------------------------------------------------------

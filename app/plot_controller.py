@@ -40,7 +40,7 @@ from scipy.spatial import cKDTree
 
 from analysis import COMPARTMENTS
 from analysis.progress import Progress
-from analysis.projection import PcaModel, UmapModel, UmapSettings, align_layout, fit_pca
+from analysis.projection import PcaModel, Similarity, UmapModel, UmapSettings, fit_pca
 from app.jobs import JobRunner, JobUpdate, Post
 from app.state import COMPARTMENT_COLOURS
 
@@ -619,6 +619,7 @@ class ProjectionScheduler:
         self.pca: PcaModel | None = None
         self._pca_points = 0
         self.umap: UmapModel | None = None
+        self._alignment = Similarity.identity()  # model coordinates -> plot coordinates
         self._model_generation = 0
         self._fitting = False
         self._placing = False
@@ -734,8 +735,11 @@ class ProjectionScheduler:
         controller = self.controller
         fitted = np.arange(model.n_points)
         current = controller.layout[: model.n_points]
-        layout = align_layout(model.layout, current) if np.isfinite(current).all() else model.layout
-        self.umap = model
+        # Show the new layout in the current picture's frame, and place later points in
+        # that same frame (transform returns the model's own coordinates).
+        alignment = Similarity.fit(model.layout, current) if np.isfinite(current).all() else Similarity.identity()
+        layout = alignment.apply(model.layout)
+        self.umap, self._alignment = model, alignment
         self._model_generation += 1
         self.last_fit_seconds = model.fit_seconds
         controller.set_layout(fitted, layout, kind="umap", animate=True)
@@ -753,12 +757,12 @@ class ProjectionScheduler:
         self._pending = []
         if len(rows) == 0:
             return
-        model, generation = self.umap, self._model_generation
+        model, generation, alignment = self.umap, self._model_generation, self._alignment
         embeddings = self.controller.embeddings[rows].copy()
 
         def job():
             yield Progress(0, len(rows), "points", "placing new points")
-            return model.transform(embeddings)
+            return alignment.apply(model.transform(embeddings))
 
         def on_update(update: JobUpdate) -> None:
             if not update.terminal:

@@ -12,6 +12,7 @@ import pytest
 
 from analysis.progress import drive
 from analysis.projection import (
+    Similarity,
     UmapSettings,
     align_layout,
     fit_pca,
@@ -70,6 +71,9 @@ def test_align_layout_undoes_rotation_reflection_scale_and_shift():
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ np.diag([1, -1])
     moved = 3.0 * reference @ rotation + np.array([5.0, -2.0])
     np.testing.assert_allclose(align_layout(moved, reference), reference, atol=1e-4)
+    # The fitted mapping carries later points (placed by transform) into the same frame.
+    similarity = Similarity.fit(moved[:150], reference[:150])
+    np.testing.assert_allclose(similarity.apply(moved[150:]), reference[150:], atol=1e-4)
     with pytest.raises(ValueError):
         align_layout(moved[:10], reference)
 
