@@ -196,6 +196,25 @@ class SegmentPredictor:
             return False
         return True
 
+    def _changed_aggregates(self, new: np.ndarray, done: np.ndarray, radius_nm: float
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """Centres whose radius aggregate changed with the ``new`` ones (int ``[m]``), and
+        their aggregates over the embedded centres ``done`` (float32 ``[m, D]``), as
+        :func:`analysis.aggregate.aggregate_embeddings` would give them."""
+        from scipy.sparse import csr_matrix
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(self._positions[done])
+        touched = tree.query_ball_point(self._positions[new], r=radius_nm)
+        rows = done[np.unique(np.concatenate([np.asarray(t, dtype=np.intp) for t in touched]))]
+        neighbours = tree.query_ball_point(self._positions[rows], r=radius_nm)
+        counts = np.fromiter((len(n) for n in neighbours), dtype=np.intp, count=len(rows))
+        columns = np.concatenate([np.asarray(n, dtype=np.intp) for n in neighbours])
+        matrix = csr_matrix((np.ones(len(columns)), (np.repeat(np.arange(len(rows)), counts), columns)),
+                            shape=(len(rows), len(done)))
+        sums = matrix @ self._embeddings[done].astype(np.float64)
+        return rows, (sums / counts[:, None]).astype(np.float32)
+
     def add(self, indices: np.ndarray, embeddings: np.ndarray, *, final: bool | None = None) -> Predictions:
         """Record embeddings of centres ``indices`` (int ``[b]``, float ``[b, D]``) and
         return the predictions they change.
@@ -217,9 +236,8 @@ class SegmentPredictor:
         done = np.flatnonzero(self._embedded)
         if self._usable(self.compartment, values.shape[1], "compartment", notes):
             if self.compartment_radius_nm > 0:
-                rows = done
-                features = aggregate_embeddings(self._positions[rows], self._embeddings[rows],
-                                                self.compartment_radius_nm)
+                # Only nodes within the radius of a new node have new aggregates.
+                rows, features = self._changed_aggregates(indices, done, self.compartment_radius_nm)
             else:
                 rows, features = indices, values
             prediction = self.compartment.predict(features)

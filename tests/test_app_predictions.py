@@ -302,3 +302,25 @@ def test_classifiers_trained_on_another_encoder_are_pointed_out(tmp_path):
         assert "trained on embeddings of demo_encoder.keras, not of model.ckpt-1" in controller._encoder_mismatch()
     finally:
         controller.shutdown()
+
+
+def test_aggregated_compartments_update_exactly_the_nodes_whose_neighbourhood_changed():
+    from analysis.aggregate import aggregate_embeddings
+
+    rng = np.random.default_rng(4)
+    positions = np.cumsum(rng.normal(0.0, 800.0, (40, 3)), axis=0)
+    embeddings = rng.normal(size=(40, 6)).astype(np.float32)
+    compartment = StandIn(("axon", "dendrite"))
+    predictor = SegmentPredictor(compartment, None, compartment_radius_nm=2500.0)
+    predictor.start(positions)
+    latest = np.full((40, 6), np.nan, np.float32)
+    order = rng.permutation(40)
+    for start in range(0, 40, 7):
+        batch = order[start:start + 7]
+        calls = predictor.add(batch, embeddings[batch]).compartments
+        latest[calls.indices] = compartment.calls[-1]
+        done = np.sort(order[:start + 7])
+        full = aggregate_embeddings(positions[done], embeddings[done], 2500.0)
+        # Every node's latest aggregate equals the one over all nodes so far.
+        np.testing.assert_allclose(latest[done], full, rtol=1e-5, atol=1e-6)
+        assert set(batch) <= set(calls.indices) and len(calls.indices) <= len(done)
