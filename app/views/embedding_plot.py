@@ -12,7 +12,7 @@ design.md), too slow for per-frame animation and for a million points.
 
 Threads: the UMAP fit and ``transform`` run on the
 :class:`~app.plot_controller.ProjectionScheduler`'s workers; their results come back
-through :class:`QueuedInvoker` (a queued signal), so every controller mutation and redraw
+through :class:`app.views.invoker.MainThreadInvoker` (a queued signal), so every controller mutation and redraw
 happens on the Qt main thread. Redraws are coalesced: many batches in one event-loop turn
 cost one repaint.
 """
@@ -37,6 +37,7 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
+from app.views.invoker import MainThreadInvoker
 from app.plot_controller import COLOUR_MODES, LayoutChange, PlotController, PointInfo, ProjectionScheduler, Selection
 
 log = logging.getLogger(__name__)
@@ -48,23 +49,6 @@ VIEW_3D_ORIGIN = "3d"
 HOVER_RADIUS_PX = 6.0
 ANIMATION_MS = 600
 ANIMATION_FRAME_MS = 16
-
-
-class QueuedInvoker(QObject):
-    """Runs callables on the thread this object lives on; ``post`` is safe from any thread."""
-
-    _invoke = pyqtSignal(object)
-
-    def __init__(self, parent: QObject | None = None):
-        super().__init__(parent)
-        self._invoke.connect(self._run, Qt.ConnectionType.QueuedConnection)
-
-    def post(self, fn: Callable[[], None]) -> None:
-        self._invoke.emit(fn)
-
-    @staticmethod
-    def _run(fn: Callable[[], None]) -> None:
-        fn()
 
 
 class PointCloudItem(pg.GraphicsObject):
@@ -244,7 +228,7 @@ class EmbeddingPlotWidget(QWidget):
                  point_size_px: int = 3, parent: QWidget | None = None):
         super().__init__(parent)
         self.controller = controller or PlotController()
-        self.invoker = QueuedInvoker(self)
+        self.invoker = MainThreadInvoker(self)
         # ProjectionScheduler options: settings (UmapSettings), min_points, refit_growth, warm_up.
         self.scheduler = ProjectionScheduler(self.controller, self.invoker.post, **(scheduler_options or {}))
         self._ranged = False

@@ -45,31 +45,11 @@ from app.jobs import JobUpdate
 from app.neuroglancer_bridge import ClickEvent, NeuroglancerBridge
 from app.state import JobStatus, ModelSummary, SessionState
 from app.views.segment_panel import SegmentPanel
+from app.views.invoker import MainThreadInvoker
 
 log = logging.getLogger(__name__)
 
 OPEN_LANE = "open"
-
-
-class MainThreadInvoker(QObject):
-    """Runs callables on the thread this object lives on (the Qt main thread).
-
-    ``post`` may be called from any thread: the signal is delivered through the event
-    loop (queued), so the caller never waits.
-    """
-
-    _invoke = pyqtSignal(object)
-
-    def __init__(self, parent: QObject | None = None):
-        super().__init__(parent)
-        self._invoke.connect(self._run, Qt.ConnectionType.QueuedConnection)
-
-    def post(self, fn: Callable[[], None]) -> None:
-        self._invoke.emit(fn)
-
-    @staticmethod
-    def _run(fn: Callable[[], None]) -> None:
-        fn()
 
 
 class ClickRelay(QObject):
