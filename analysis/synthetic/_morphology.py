@@ -411,28 +411,36 @@ def smooth_dendrite(space: Space) -> Cell:
     return cell
 
 
+def _axon(space: Space, cell_type: str, cell: Cell | None, parent: int, pts: np.ndarray | None, *,
+          path_sigma: float, radius_nm: tuple[float, float], radius_noise: float,
+          bouton_interval_nm: tuple[float, float], bouton_radius_nm: tuple[float, float],
+          bouton_length_nodes: int, mito_probability: float, mito_radius_nm: float) -> Cell:
+    """An axon through the volume with boutons; the two neuron types differ only in numbers."""
+    rng = space.rng
+    cell = Cell(cell_type) if cell is None else cell
+    pts = space.through_path(sigma=path_sigma) if pts is None else pts
+    r = rng.uniform(*radius_nm)
+    chain = cell.add_chain(pts, r * space.smooth_noise(len(pts), radius_noise), parent, AXON)
+    _add_boutons(cell, space, chain, interval_nm=bouton_interval_nm, radius_nm=bouton_radius_nm,
+                 length_nodes=bouton_length_nodes, mito_probability=mito_probability,
+                 mito_radius_nm=mito_radius_nm)
+    return cell
+
+
 def excitatory_axon(space: Space, cell: Cell | None = None, parent: int = -1,
                     pts: np.ndarray | None = None) -> Cell:
-    rng = space.rng
-    cell = Cell(EXCITATORY) if cell is None else cell
-    pts = space.through_path(sigma=0.1) if pts is None else pts
-    r = rng.uniform(75, 135)
-    chain = cell.add_chain(pts, r * space.smooth_noise(len(pts), 0.12), parent, AXON)
-    _add_boutons(cell, space, chain, interval_nm=(2400, 5500), radius_nm=(220, 330),
-                 length_nodes=1, mito_probability=0.35, mito_radius_nm=70)
-    return cell
+    """Thin axon, small boutons (one node long), few of them with a mitochondrion."""
+    return _axon(space, EXCITATORY, cell, parent, pts, path_sigma=0.1, radius_nm=(75, 135),
+                 radius_noise=0.12, bouton_interval_nm=(2400, 5500), bouton_radius_nm=(220, 330),
+                 bouton_length_nodes=1, mito_probability=0.35, mito_radius_nm=70)
 
 
 def inhibitory_axon(space: Space, cell: Cell | None = None, parent: int = -1,
                     pts: np.ndarray | None = None) -> Cell:
-    rng = space.rng
-    cell = Cell(INHIBITORY) if cell is None else cell
-    pts = space.through_path(sigma=0.16) if pts is None else pts
-    r = rng.uniform(115, 165)
-    chain = cell.add_chain(pts, r * space.smooth_noise(len(pts), 0.08), parent, AXON)
-    _add_boutons(cell, space, chain, interval_nm=(2000, 3800), radius_nm=(340, 480),
-                 length_nodes=2, mito_probability=0.95, mito_radius_nm=105)
-    return cell
+    """Thicker, more tortuous axon with larger, denser boutons that nearly all hold a mitochondrion."""
+    return _axon(space, INHIBITORY, cell, parent, pts, path_sigma=0.16, radius_nm=(115, 165),
+                 radius_noise=0.08, bouton_interval_nm=(2000, 3800), bouton_radius_nm=(340, 480),
+                 bouton_length_nodes=2, mito_probability=0.95, mito_radius_nm=105)
 
 
 def _astro_branches(cell: Cell, space: Space, chain: list[int], *, every_nm: float,
