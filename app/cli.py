@@ -62,10 +62,20 @@ def _progress_bar(desc: str):
     return update
 
 
+def _run_with_progress(desc: str, generator):
+    """Drive a compute generator to its result behind a progress bar on stderr."""
+    from analysis.progress import drive
+
+    bar = _progress_bar(desc)
+    try:
+        return drive(generator, bar)
+    finally:
+        bar.close()
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     import time
 
-    from analysis.progress import drive
     from analysis.synthetic import generate_dataset
 
     out = Path(args.out)
@@ -76,11 +86,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
         shutil.rmtree(out)
     start = time.perf_counter()
-    bar = _progress_bar("demo-data")
-    try:
-        path = drive(generate_dataset(out, seed=args.seed, size_vox=args.size), bar)
-    finally:
-        bar.close()
+    path = _run_with_progress("demo-data", generate_dataset(out, seed=args.seed, size_vox=args.size))
     print(f"wrote demo dataset to {path} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -113,7 +119,6 @@ def _open_dataset_arg(path: str | None):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from analysis.encoder import SEGCLR_FULL, SEGCLR_LITE
-    from analysis.progress import drive
     from analysis.training import CellSplit, TrainingConfig, train_on_dataset
 
     dataset = _open_dataset_arg(args.dataset)
@@ -125,12 +130,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     split = CellSplit.for_dataset(dataset, args.eval_fraction, args.holdout_type, seed=args.seed)
-    bar = _progress_bar("train")
-    try:
-        result = drive(train_on_dataset(dataset, args.out, config, split=split, resume=not args.no_resume,
-                                        stop_at_step=args.stop_at_step), bar)
-    finally:
-        bar.close()
+    result = _run_with_progress("train", train_on_dataset(dataset, args.out, config, split=split,
+                                                          resume=not args.no_resume,
+                                                          stop_at_step=args.stop_at_step))
     last = result.losses[-20:]
     print(f"trained {result.steps_done} steps in {result.seconds:.0f} s; mean loss of the last "
           f"{len(last)} steps {sum(last) / max(1, len(last)):.3f}")
@@ -176,7 +178,6 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from analysis.centres import segment_centres
     from analysis.encoder import open_encoder
     from analysis.inference import stream_node_embeddings
-    from analysis.progress import drive
     from analysis.volume import open_volume
     from app.controller import _named_skeletons  # the segmentation's own skeleton folder
 
@@ -196,11 +197,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
                                   spacing_nm=args.spacing_nm)
         segments.append((segment_id, centres.node_ids, centres.positions_nm))
     encoder = open_encoder(encoder_path)
-    bar = _progress_bar("embed")
-    try:
-        result = drive(stream_node_embeddings(encoder, image, segmentation, segments, batch_size=args.batch_size), bar)
-    finally:
-        bar.close()
+    result = _run_with_progress("embed", stream_node_embeddings(encoder, image, segmentation, segments,
+                                                                batch_size=args.batch_size))
     if out.suffix == ".parquet":
         _write_embeddings_parquet(out, result, encoder_path)
     else:
@@ -249,7 +247,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
         Provenance, export_bundle, read_node_table, read_segment_table, skeletons_from_edges_table,
         tables_from_ground_truth,
     )
-    from analysis.progress import drive
 
     skeletons = None
     if args.nodes or args.segments:
@@ -270,14 +267,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         skeletons = skeletons_from_edges_table(dataset.path / "edges.parquet")
         args.image_url = args.image_url or str(dataset.path / "image")
         args.segmentation_url = args.segmentation_url or str(dataset.path / "segmentation")
-    bar = _progress_bar("export")
-    try:
-        result = drive(export_bundle(
+    result = _run_with_progress("export", export_bundle(
             args.out, nodes, segments, provenance, voxel_size_nm=voxel, image_url=args.image_url,
             segmentation_url=args.segmentation_url, serve_url=args.serve_url, skeletons=skeletons,
-            force=args.force), bar)
-    finally:
-        bar.close()
+            force=args.force))
     print(f"exported to {result.folder}")
     return 0
 
@@ -287,7 +280,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from analysis.encoder import build_encoder, open_encoder
     from analysis.evaluation import EvaluationConfig, evaluate
-    from analysis.progress import drive
     from analysis.training import CellSplit
 
     dataset = _open_dataset_arg(args.dataset)
@@ -302,11 +294,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     config = EvaluationConfig(label_counts=tuple(args.label_counts), repeats=args.repeats, seed=args.seed,
                               compartment_radius_nm=args.compartment_radius_nm,
                               cell_type_radius_nm=args.cell_type_radius_nm)
-    bar = _progress_bar("evaluate")
-    try:
-        metrics = drive(evaluate(dataset, encoder, split, args.out, baseline_encoder=baseline, config=config), bar)
-    finally:
-        bar.close()
+    metrics = _run_with_progress("evaluate", evaluate(dataset, encoder, split, args.out,
+                                                      baseline_encoder=baseline, config=config))
     classifiers = metrics.pop("_classifiers")
     if args.save_classifiers:
         folder = Path(args.save_classifiers)
