@@ -28,9 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Generator, Sequence
+from typing import Generator
 
 import numpy as np
 

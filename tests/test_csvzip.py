@@ -11,7 +11,6 @@ import struct
 import threading
 import zipfile
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest

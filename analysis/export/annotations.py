@@ -185,7 +185,6 @@ def spatial_bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(3), np.ones(3)
     stored = points.astype(np.float32).astype(np.float64)
     return np.floor(stored.min(axis=0)), np.floor(stored.max(axis=0)) + 1.0
-    return lower, upper
 
 
 def build_spatial_index(

@@ -176,7 +176,7 @@ class SegmentPanel(QWidget):
                                     if dataset is None or not dataset.has_ground_truth else "—")
         else:
             unlabelled = counts.get("unlabelled", 0)
-            self.truth_note.setText(f"Centres per compartment as labelled in the dataset"
+            self.truth_note.setText("Centres per compartment as labelled in the dataset"
                                     + (f" ({unlabelled} unlabelled)" if unlabelled else "") + ":")
         for name in COMPARTMENTS:
             self.truth_labels[name].setText("—" if counts is None else str(counts[name]))
