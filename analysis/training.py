@@ -400,23 +400,9 @@ def train_contrastive(
         raise ValueError("contrastive training needs at least two training segments")
 
     encoder = build_encoder(encoder_config, include_projection=True, seed=config.seed)
-    schedule_config = config
-
-    class Schedule(keras.optimizers.schedules.LearningRateSchedule):
-        def __call__(self, step):
-            from keras import ops
-
-            step = ops.cast(step, "float32")
-            warm = config.learning_rate * (step + 1.0) / max(1, config.warmup_steps)
-            span = float(max(1, schedule_config.steps - schedule_config.warmup_steps))
-            progress = ops.clip((step - config.warmup_steps) / span, 0.0, 1.0)
-            cosine = 0.5 * config.learning_rate * (1.0 + ops.cos(math.pi * progress))
-            return ops.where(step < config.warmup_steps, warm, cosine)
-
-        def get_config(self):
-            return {}
-
-    optimizer = keras.optimizers.Adam(learning_rate=Schedule())
+    # The learning rate is set before every step from learning_rate_at, the one place the
+    # schedule is written down, so the logged rate is the rate used.
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate_at(0, config))
     loss_fn = _nt_xent_loss(config.temperature)
 
     class Trainer(keras.Model):
@@ -447,6 +433,7 @@ def train_contrastive(
     yield Progress(start_step, config.steps, "steps", "preparing first batch")
     for step, (cutouts, _) in _prefetch(make, start_step, end_step):
         dummy = np.zeros((len(cutouts),), dtype=np.float32)
+        optimizer.learning_rate.assign(learning_rate_at(step, config))
         loss = float(np.asarray(trainer.train_on_batch(cutouts[..., None], dummy)))
         if not math.isfinite(loss):
             raise FloatingPointError(f"contrastive loss became {loss} at step {step}")
