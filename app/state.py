@@ -339,7 +339,12 @@ class JobStatus:
 
 @dataclass(eq=False)
 class SessionState(Observable):
-    """Everything the app shows, as plain data. Mutate only from one thread."""
+    """Everything the app shows, as plain data. Mutate only from one thread.
+
+    ``segment`` is the selected segment's record; ``records`` archives every segment
+    selected since the dataset opened (segment id -> record, the selected one included)
+    plus records put back with :meth:`restore_record`.
+    """
 
     dataset: DatasetSummary | None = None
     model: ModelSummary | None = None
@@ -347,6 +352,9 @@ class SessionState(Observable):
     classifiers: ClassifierSummary | None = None
     classifiers_message: str = ""
     segment: SegmentRecord | None = None
+    #: Every segment selected since the dataset opened, by id (the selected one included),
+    #: so labels and exports can reach segments the user has moved on from.
+    records: dict[int, SegmentRecord] = field(default_factory=dict)
     job: JobStatus | None = None
     status_message: str = ""
     last_error: str | None = None
@@ -357,6 +365,7 @@ class SessionState(Observable):
     def set_dataset(self, summary: DatasetSummary) -> None:
         self.dataset = summary
         self.segment = None
+        self.records.clear()  # segment ids mean nothing in another dataset
         self._emit("dataset", summary)
         self._emit("segment", None)
 
@@ -381,14 +390,41 @@ class SessionState(Observable):
     # -- the selected segment ----------------------------------------------------------
 
     def select_segment(self, segment_id: int, click_nm=None) -> SegmentRecord:
-        """Select a segment (replacing the previous selection) and return its record."""
+        """Select a segment (replacing the previous selection) and return its record.
+
+        The new record also goes into :attr:`records`, replacing an older record of the
+        same id (selecting a segment again recomputes it from scratch).
+        """
         segment_id = int(segment_id)
         if not 0 < segment_id < 2**64:
             raise ValueError(f"segment id {segment_id} is not a nonzero uint64")
         click = None if click_nm is None else np.asarray(click_nm, dtype=np.float64).reshape(3)
         self.segment = SegmentRecord(segment_id=segment_id, click_nm=click)
+        self.records[segment_id] = self.segment
         self._emit("segment", self.segment)
         return self.segment
+
+    def restore_record(self, record: SegmentRecord) -> None:
+        """Put a finished record (from a saved session) into :attr:`records` without selecting it.
+
+        Replaces an archived record of the same id; emits nothing.
+
+        Raises
+        ------
+        TypeError
+            When ``record`` is not a :class:`SegmentRecord`.
+        ValueError
+            For a segment id that is not a nonzero uint64, or the id of the selected
+            segment (its live record is the archived one; replacing it would drop work).
+        """
+        if not isinstance(record, SegmentRecord):
+            raise TypeError(f"restore_record takes a SegmentRecord, got {type(record).__name__}")
+        segment_id = int(record.segment_id)
+        if not 0 < segment_id < 2**64:
+            raise ValueError(f"segment id {segment_id} is not a nonzero uint64")
+        if self.segment is not None and self.segment.segment_id == segment_id and self.segment is not record:
+            raise ValueError(f"segment {segment_id} is selected; clear the selection before restoring its record")
+        self.records[segment_id] = record
 
     def clear_segment(self) -> None:
         self.segment = None
