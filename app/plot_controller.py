@@ -22,7 +22,7 @@ Events (callback arguments)
 ---------------------------
 ``"points"``     (rows)               int64 ``[k]`` rows added (new points, layout NaN)
 ``"layout"``     (LayoutChange)       positions changed (``animate``: a refit finished)
-``"colours"``    ()                   colour mode or labels changed
+``"colours"``    ()                   colour mode, predictions or manual labels changed
 ``"selection"``  (Selection)          the selected rows changed
 ``"hover"``      (PointInfo or None)  the point under the cursor changed
 ``"activate"``   (PointInfo)          a point was clicked
@@ -46,7 +46,7 @@ from app.state import COMPARTMENT_COLOURS
 
 log = logging.getLogger(__name__)
 
-COLOUR_MODES: tuple[str, ...] = ("subcompartment", "cell type", "OOD score", "segment")
+COLOUR_MODES: tuple[str, ...] = ("subcompartment", "cell type", "OOD score", "segment", "manual label")
 PLOT_EVENTS = ("points", "layout", "colours", "selection", "hover", "activate")
 #: Compartment code of a node without a (predicted or true) compartment.
 UNKNOWN_COMPARTMENT = 255
@@ -169,6 +169,12 @@ class PlotController:
         self.ood_scores = np.zeros(0, np.float32)
         self.cell_type_codes = np.zeros(0, np.int16)  # -1: unknown; else index in cell_type_names
         self.background = np.zeros(0, bool)
+        self.manual_labels = np.zeros(0, object)  # str per point, "" unlabelled
+        #: ``(segment_ids uint64 [k], node_ids int64 [k]) -> object [k] str``: the manual
+        #: label each point shows (the session's LabelStore); new points ask it too.
+        self.label_lookup: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+        #: Hex colour of a manual label (the 3-D view's rule, so both agree).
+        self.label_colour: Callable[[str], str] | None = None
         self.cell_type_names: list[str] = []
         #: Hex colour of a cell-type name; set it to the 3-D view's rule so both agree
         #: (default: the category palette by order of first appearance).
@@ -290,6 +296,10 @@ class PlotController:
             self.ood_scores = np.concatenate([self.ood_scores, np.full(n_new, np.nan, np.float32)])
             self.cell_type_codes = np.concatenate([self.cell_type_codes, np.full(n_new, -1, np.int16)])
             self.background = np.concatenate([self.background, np.full(n_new, bool(background))])
+            labels = np.full(n_new, "", object)
+            if self.label_lookup is not None:
+                labels = np.asarray(self.label_lookup(segments[new], node_ids[new]), dtype=object)
+            self.manual_labels = np.concatenate([self.manual_labels, labels])
             self.layout = np.concatenate([self.layout, np.full((n_new, 2), np.nan, np.float32)])
             grows_selection = np.isin(segments[new], np.fromiter(self._selected_segments, np.uint64,
                                                                  len(self._selected_segments)))
@@ -362,6 +372,22 @@ class PlotController:
             self.ood_scores[rows] = float(ood_score)
         self._emit("colours")
 
+    def refresh_manual_labels(self) -> None:
+        """Ask :attr:`label_lookup` again for every point's manual label (after an edit,
+        undo or redo); emits ``"colours"`` when any label changed."""
+        if self.label_lookup is None or not self.n_points:
+            return
+        labels = np.asarray(self.label_lookup(self.segment_ids, self.node_ids), dtype=object)
+        if len(labels) != self.n_points:
+            raise ValueError(f"label lookup returned {len(labels)} labels for {self.n_points} points")
+        if not np.array_equal(labels, self.manual_labels):
+            self.manual_labels = labels
+            self._emit("colours")
+
+    def manual_label_names(self) -> list[str]:
+        """Manual labels in use, sorted (the legend's order)."""
+        return sorted({str(label) for label in self.manual_labels if label})
+
     def set_colour_mode(self, mode: str) -> None:
         """Colour points by ``mode`` (one of :data:`COLOUR_MODES`).
 
@@ -408,6 +434,16 @@ class PlotController:
             index = np.where(known, bins, OOD_BINS)
             labels = [f"{low + span * (b + 0.5) / OOD_BINS:.3g}" for b in range(OOD_BINS)] + ["unknown"]
             return PointColours(index.astype(np.uint8), palette, labels, (low, high))
+        if self.colour_mode == "manual label":
+            names = self.manual_label_names()[: len(CATEGORY_COLOURS)]
+            lookup = {name: i for i, name in enumerate(names)}
+            # Labels beyond the palette share the last colour rather than adding brushes.
+            index = np.fromiter((lookup.get(label, len(names) - 1) if label else len(names)
+                                 for label in self.manual_labels), np.int64, n)
+            colours = ([self.label_colour(name) for name in names] if self.label_colour is not None
+                       else CATEGORY_COLOURS[: len(names)])
+            palette = np.array([_hex_rgba(c) for c in colours] + [(90, 90, 90, 110)], np.uint8)
+            return PointColours(index.astype(np.uint8), palette, [*names, "unlabelled"])
         # Segment mode: a stable colour per id (Knuth's multiplicative hash), shared palette.
         palette = np.array([_hex_rgba(c) for c in CATEGORY_COLOURS], np.uint8)
         hashed = (self.segment_ids * np.uint64(2654435761)) >> np.uint64(7)

@@ -87,7 +87,42 @@ def test_colour_modes_give_shared_palettes():
 
     with pytest.raises(ValueError, match="colour mode"):
         controller.set_colour_mode("rainbow")
-    assert set(COLOUR_MODES) == {"subcompartment", "cell type", "OOD score", "segment"}
+    assert set(COLOUR_MODES) == {"subcompartment", "cell type", "OOD score", "segment", "manual label"}
+
+
+def test_manual_labels_come_from_the_lookup_and_colour_points():
+    labels = {(100, 0): "bouton", (101, 3): "spine"}
+    segment_labels = {102: "glia?"}
+
+    def lookup(segments, nodes):
+        return np.array([labels.get((int(s), int(n)), segment_labels.get(int(s), ""))
+                         for s, n in zip(segments, nodes)], dtype=object)
+
+    controller = make_controller()
+    controller.label_lookup = lookup
+    events = []
+    controller.subscribe("colours", lambda: events.append("colours"))
+    controller.refresh_manual_labels()
+    assert events == ["colours"]
+    assert controller.manual_labels[controller.rows_of(100, [0])[0]] == "bouton"
+    assert (controller.manual_labels[controller.segment_rows([102])] == "glia?").all()
+    controller.refresh_manual_labels()  # nothing changed: no event
+    assert events == ["colours"]
+
+    controller.set_colour_mode("manual label")
+    colours = controller.colours()
+    assert colours.labels == ["bouton", "glia?", "spine", "unlabelled"]
+    index = colours.index
+    assert index[controller.rows_of(100, [0])[0]] == 0 and index[controller.rows_of(101, [3])[0]] == 2
+    assert (index[controller.segment_rows([102])] == 1).all()
+    assert (index[controller.segment_rows([103])] == 3).all()
+
+    # Points arriving later ask the lookup: a labelled segment's new node shows its label.
+    rows = controller.add_points(102, [999], np.zeros((1, 3)), np.zeros((1, 8)))
+    assert controller.manual_labels[rows[0]] == "glia?"
+    segment_labels.clear()
+    controller.refresh_manual_labels()
+    assert controller.manual_labels[rows[0]] == ""
 
 
 def test_hit_test_returns_the_nearest_point_within_the_radius():
