@@ -22,11 +22,24 @@ def window(qtbot):
     from app.views.embedding_plot import attach_embedding_plot
 
     class Bridge:
+        """Records what the plot asks of the 3-D view (the real bridge: tests/test_linked_views.py)."""
+
         def __init__(self):
-            self.views = []
+            self.views, self.highlighted, self.nodes, self.listeners = [], [], [], []
 
         def set_view(self, xyz_nm):
             self.views.append(tuple(xyz_nm))
+
+        def highlight_segments(self, segment_ids):
+            self.highlighted.append(list(segment_ids))
+
+        def highlight_node(self, point, *, move=False):
+            self.nodes.append(point)
+            if move and point is not None:
+                self.set_view(point[2])
+
+        def on_segments_changed(self, callback):
+            self.listeners.append(callback)
 
     main = QMainWindow()
     main.setCentralWidget(QWidget())
@@ -157,6 +170,7 @@ def test_lasso_selection_emits_the_right_segments(window, qtbot):
             qtbot.wait(30)
     assert blocker.args[0].segment_ids == frozenset({21})
     np.testing.assert_array_equal(blocker.args[0].rows, left)
+    assert window.bridge.highlighted[-1] == [21]  # the lasso's segments go to the 3-D view
 
 
 def test_a_3d_selection_highlights_its_points_without_echo(window, qtbot):
@@ -176,6 +190,15 @@ def test_a_3d_selection_highlights_its_points_without_echo(window, qtbot):
                     timeout=2000)
     qtbot.wait(50)
     assert emitted == []
+    # Segments picked in Neuroglancer's own controls (its thread) highlight their points too.
+    emitted_3d = []
+    plot.selectionChanged.connect(emitted_3d.append)
+    import threading
+    thread = threading.Thread(target=window.bridge.listeners[0], args=(frozenset({21, 22}),))
+    thread.start()
+    thread.join()
+    qtbot.waitUntil(lambda: len(plot.controller.selected_rows) == 60, timeout=2000)
+    assert emitted_3d == [] and window.bridge.highlighted == []
 
 
 def test_hover_and_click_report_the_node_and_move_the_3d_view(window, qtbot):
@@ -188,6 +211,7 @@ def test_hover_and_click_report_the_node_and_move_the_3d_view(window, qtbot):
     info = hovered.args[0]
     assert info is not None and info.segment_id == 22
     assert info.row == plot.controller.hit_test(*plot.controller.layout[row], radius=1e-6)
+    assert window.bridge.nodes[-1] == (22, info.node_id, info.xyz_nm)  # marked in 3-D
     plot.controller.activate(info.row, origin="plot")
     assert window.bridge.views[-1] == info.xyz_nm
 

@@ -49,6 +49,10 @@ VIEW_3D_ORIGIN = "3d"
 HOVER_RADIUS_PX = 6.0
 ANIMATION_MS = 600
 ANIMATION_FRAME_MS = 16
+#: Label edits and streaming points update the 3-D label layer at most this often.
+LABEL_LAYER_DELAY_MS = 150
+#: Most labelled nodes drawn in 3-D (beyond it Neuroglancer's inline layer gets slow).
+MAX_LABEL_POINTS_3D = 20_000
 
 
 class PointCloudItem(pg.GraphicsObject):
@@ -350,7 +354,7 @@ class EmbeddingPlotWidget(QWidget):
             self.colour_bar.show()
         else:
             self.colour_bar.hide()
-        if self.controller.colour_mode in ("subcompartment", "cell type"):
+        if self.controller.colour_mode in ("subcompartment", "cell type", "manual label"):
             swatches = [f'<span style="color: rgb({r},{g},{b})">&#9632;</span> {label}'
                         for (r, g, b, _a), label in zip(colours.palette, colours.labels)]
             self.legend_label.setText("&nbsp;&nbsp;".join(swatches))
@@ -455,6 +459,36 @@ class EmbeddingPlotWidget(QWidget):
             return
         self.controller.select_rows(rows, origin=PLOT_ORIGIN)
 
+    # -- session settings -------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        """JSON-safe plot settings for a saved session: colour mode, tool, view range.
+
+        ``view_range`` is ``[[x0, x1], [y0, y1]]`` in layout units.
+        """
+        (x0, x1), (y0, y1) = self.view_box.viewRange()
+        return {"colour_mode": self.controller.colour_mode, "tool": self.view_box.mode,
+                "view_range": [[float(x0), float(x1)], [float(y0), float(y1)]]}
+
+    def apply_settings(self, settings: dict) -> None:
+        """Restore :meth:`settings` (unknown or bad entries are logged and skipped)."""
+        mode = settings.get("colour_mode")
+        if mode in COLOUR_MODES:
+            self.mode_box.setCurrentText(mode)
+        elif mode is not None:
+            log.warning("session plot settings: unknown colour mode %r ignored", mode)
+        tool = settings.get("tool")
+        if tool in ("pan", "rectangle", "lasso"):
+            self.set_tool(tool)
+        view = settings.get("view_range")
+        try:
+            (x0, x1), (y0, y1) = view
+            self.view_box.setRange(xRange=(float(x0), float(x1)), yRange=(float(y0), float(y1)), padding=0)
+            self._ranged = True
+        except (TypeError, ValueError):
+            if view is not None:
+                log.warning("session plot settings: bad view range %r ignored", view)
+
     # -- from outside ----------------------------------------------------------------------
 
     def select_segments(self, segment_ids: Iterable[int], origin: str = VIEW_3D_ORIGIN) -> bool:
@@ -467,20 +501,31 @@ class EmbeddingPlotWidget(QWidget):
                                           background=True)
 
     def shutdown(self) -> None:
+        """Stop the animation, listeners and projection workers (idempotent)."""
         self._animation_timer.stop()
+        if self._unsubscribe is None:
+            return
         for unsubscribe in self._unsubscribe:
             unsubscribe()
+        self._unsubscribe = None
         self.scheduler.shutdown()
 
 
 class EmbeddingPlotDock(QDockWidget):
-    """A dock holding an :class:`EmbeddingPlotWidget` (``.plot``)."""
+    """A dock holding an :class:`EmbeddingPlotWidget` (``.plot``) and, once
+    :meth:`attach_labels` ran, a :class:`~app.views.label_bar.LabelBar` (``.label_bar``)."""
 
     def __init__(self, parent: QWidget | None = None, *, start_warm_up: bool = True, **plot_kwargs: Any):
         super().__init__("Embeddings", parent)
         self.setObjectName("embeddingPlotDock")
         self.plot = EmbeddingPlotWidget(**plot_kwargs)
-        self.setWidget(self.plot)
+        self.label_bar = None
+        self._labels_unsubscribe: list = []
+        self._body = QWidget()
+        self._layout = QVBoxLayout(self._body)
+        self._layout.setContentsMargins(0, 0, 0, 0)
+        self._layout.addWidget(self.plot, 1)
+        self.setWidget(self._body)
         self.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
                          | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
         if start_warm_up:
@@ -490,26 +535,78 @@ class EmbeddingPlotDock(QDockWidget):
     def controller(self) -> PlotController:
         return self.plot.controller
 
+    def attach_labels(self, labels, *, bridge=None, current_segment=lambda: None,
+                      report=lambda message: None) -> None:
+        """Show ``labels`` (an :class:`app.labels.LabelStore`) in the plot and, through
+        ``bridge.show_labels``, in 3-D; add the label bar that edits them."""
+        from app.views.label_bar import LabelBar
+
+        controller = self.controller
+        controller.label_lookup = labels.effective_node_labels
+        controller.refresh_manual_labels()
+        self.label_bar = LabelBar(labels, controller, current_segment, report)
+        self._layout.addWidget(self.label_bar)
+        layer_timer = QTimer(self)
+        layer_timer.setSingleShot(True)
+        layer_timer.setInterval(LABEL_LAYER_DELAY_MS)
+        self._label_layer_timer = layer_timer
+
+        def write_layer() -> None:
+            if bridge is None:
+                return
+            rows = np.flatnonzero(controller.manual_labels != "")[:MAX_LABEL_POINTS_3D]
+            points = [(int(controller.segment_ids[r]), int(controller.node_ids[r]),
+                       tuple(float(v) for v in controller.xyz_nm[r]), str(controller.manual_labels[r]))
+                      for r in rows]
+            bridge.show_labels(points, controller.manual_label_names())
+
+        def on_labels(_change) -> None:
+            controller.refresh_manual_labels()
+            layer_timer.start()
+
+        def on_points(rows) -> None:
+            if len(rows) and (controller.manual_labels[rows] != "").any():
+                layer_timer.start()
+
+        layer_timer.timeout.connect(write_layer)
+        self._labels_unsubscribe = [labels.subscribe(on_labels), controller.subscribe("points", on_points)]
+        if controller.n_points:
+            layer_timer.start()
+
+    def shutdown(self) -> None:
+        """Stop the plot's workers and listeners (idempotent)."""
+        for unsubscribe in self._labels_unsubscribe:
+            unsubscribe()
+        self._labels_unsubscribe = []
+        if self.label_bar is not None:
+            self.label_bar.shutdown()
+        self.plot.shutdown()
+
 
 def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool = True,
                           **plot_kwargs: Any) -> EmbeddingPlotDock:
-    """Add the embedding plot dock to SegScope's main window and link it.
+    """Add the embedding plot dock to SegScope's main window and link it both ways.
 
     What it needs from the window: ``main_window.state`` (:class:`app.state.SessionState`,
-    events ``"node_batch"``, ``"predictions"``, ``"segment"``), ``addDockWidget``
-    (QMainWindow) and, optionally, ``main_window.bridge`` with ``set_view(xyz_nm)``.
+    events ``"node_batch"``, ``"predictions"``, ``"segment"``) and ``addDockWidget``
+    (QMainWindow); optionally ``main_window.bridge`` (:class:`app.neuroglancer_bridge.
+    NeuroglancerBridge`), ``main_window.labels`` (:class:`app.labels.LabelStore`) and
+    ``main_window.statusBar()``.
 
     Wiring
     ------
     * session ``"node_batch"`` -> the batch's points (with predicted compartments);
     * session ``"predictions"`` -> the segment's cell type, OOD score and (revised)
       node compartments;
-    * session ``"segment"`` (a 3-D selection) -> its points are highlighted (origin
-      ``"3d"``, never sent back);
-    * a clicked point -> ``bridge.set_view`` moves the 3-D view to the node.
-    The dock's ``plot.pointHovered`` and ``plot.selectionChanged`` signals carry node and
-    segment ids for a 3-D highlight of hovered nodes and of several segments, which the
-    bridge does not offer yet.
+    * session ``"segment"`` (a double click in 3-D) and segments selected in
+      Neuroglancer's own layer controls -> their points are highlighted (origin ``"3d"``,
+      never sent back);
+    * a rectangle or lasso in the plot -> its segments become the segmentation layer's
+      selected segments; the hovered point -> a marker on its node in 3-D; a clicked
+      point -> the marker, and the 3-D view moves to the node;
+    * manual labels -> the plot's ``"manual label"`` colours and the 3-D "manual labels"
+      layer, refreshed after every label edit, undo or redo and as labelled segments
+      stream in; a :class:`~app.views.label_bar.LabelBar` under the plot edits them.
 
     ``background`` is an :class:`analysis.projection.EmbeddingTable` or a path to a
     ``segscope embed`` Parquet, plotted as context from the start. ``start_warm_up``
@@ -519,6 +616,8 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
     main_window.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
     plot, controller = dock.plot, dock.controller
     state = main_window.state
+    bridge = getattr(main_window, "bridge", None)
+    labels = getattr(main_window, "labels", None)
 
     def on_batch(batch) -> None:
         controller.add_points(batch.segment_id, batch.node_ids, batch.positions_nm, batch.embeddings,
@@ -537,8 +636,8 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
     def on_segment(record) -> None:
         plot.select_segments(() if record is None else (record.segment_id,), origin=VIEW_3D_ORIGIN)
 
-    try:  # the 3-D view's cell-type colours, so a type looks the same in both
-        from app.neuroglancer_bridge import cell_type_colour
+    try:  # the 3-D view's colours, so a cell type or a label looks the same in both
+        from app.neuroglancer_bridge import cell_type_colour, label_colour
 
         def class_names() -> tuple[str, ...]:
             summary = getattr(state, "classifiers", None)
@@ -546,15 +645,19 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
             return tuple(getattr(info, "class_names", ()) or ())
 
         controller.cell_type_colour = lambda name: cell_type_colour(name, class_names())
+        controller.label_colour = lambda name: label_colour(name, controller.manual_label_names())
     except ImportError:
-        log.debug("no neuroglancer bridge: the plot uses its own cell-type colours")
+        log.debug("no neuroglancer bridge: the plot uses its own colours")
 
     state.subscribe("node_batch", on_batch)
     state.subscribe("predictions", on_predictions)
     state.subscribe("segment", on_segment)
-    bridge = getattr(main_window, "bridge", None)
-    if bridge is not None and hasattr(bridge, "set_view"):
-        plot.pointActivated.connect(lambda info: bridge.set_view(info.xyz_nm))
+    if bridge is not None:
+        _link_plot_to_bridge(plot, bridge)
+    if labels is not None:
+        dock.attach_labels(labels, bridge=bridge, current_segment=lambda: (
+            None if state.segment is None else state.segment.segment_id),
+            report=_status_reporter(main_window))
     if background is not None:
         if not hasattr(background, "embeddings"):
             from analysis.projection import read_embedding_table
@@ -562,3 +665,25 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
             background = read_embedding_table(background)
         plot.add_background(background)
     return dock
+
+
+def _status_reporter(main_window):
+    status_bar = getattr(main_window, "statusBar", None)
+    if status_bar is None:
+        return lambda message: log.info("%s", message)
+    return lambda message: status_bar().showMessage(message, 8000)
+
+
+def _link_plot_to_bridge(plot: EmbeddingPlotWidget, bridge) -> None:
+    """Plot -> 3-D: selected segments, hovered and clicked nodes; 3-D -> plot: segments
+    selected in Neuroglancer's own controls (their callback arrives on neuroglancer's
+    thread and is posted to the Qt thread)."""
+    plot.selectionChanged.connect(lambda selection: bridge.highlight_segments(sorted(selection.segment_ids)))
+
+    def node(info: PointInfo | None):
+        return None if info is None else (info.segment_id, info.node_id, info.xyz_nm)
+
+    plot.pointHovered.connect(lambda info: bridge.highlight_node(node(info)))
+    plot.pointActivated.connect(lambda info: bridge.highlight_node(node(info), move=True))
+    bridge.on_segments_changed(lambda segments: plot.invoker.post(
+        lambda: plot.select_segments(segments, origin=VIEW_3D_ORIGIN)))
