@@ -476,20 +476,52 @@ class EmbeddingTable:
         float64 ``[N, 3]`` xyz nm.
     embeddings : numpy.ndarray
         float32 ``[N, D]``.
+    compartments : numpy.ndarray or None
+        uint8 ``[N]`` predicted subcompartment of each node, indexing
+        ``analysis.COMPARTMENTS``; 255 where unknown. None when the table has no
+        ``compartment`` column.
+    cell_types : numpy.ndarray or None
+        object ``[N]`` str: the predicted cell type of each node's segment, ``""`` where
+        unknown. None without a ``cell_type`` column.
+    ood_scores : numpy.ndarray or None
+        float32 ``[N]``: each node's segment's out-of-distribution score (mean
+        Dempster-Shafer uncertainty), NaN where unknown. None without an ``ood_score``
+        column.
     """
 
     segment_ids: np.ndarray
     node_ids: np.ndarray
     xyz_nm: np.ndarray
     embeddings: np.ndarray
+    compartments: np.ndarray | None = None
+    cell_types: np.ndarray | None = None
+    ood_scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.segment_ids)
 
 
+#: Code of a node whose compartment is unknown (as ``analysis.skeletons.UNKNOWN_COMPARTMENT``).
+_UNKNOWN_COMPARTMENT = 255
+
+
+def _strings(column) -> np.ndarray:
+    """object ``[N]`` str of a (possibly dictionary-encoded) string column, nulls as ``""``."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(pa.string())
+    return np.asarray(column.fill_null("").to_pylist(), dtype=object)
+
+
 def read_embedding_table(path: str | os.PathLike, *, max_rows: int | None = None,
                          seed: int = 0) -> EmbeddingTable:
     """Read a Parquet written by ``segscope embed`` (segment_id, node_id, x_nm, y_nm, z_nm, e0..).
+
+    Prediction columns (``segscope embed --classifiers``) fill the optional fields when
+    present: ``compartment`` (name; unknown or null names become 255),
+    ``cell_type`` (name; null becomes ``""``) and ``ood_score`` (NaN stays unknown).
+    Files without them still read, with those fields None.
 
     ``max_rows`` keeps a random subset of that many rows (seeded), for plots that should
     stay light.
@@ -499,14 +531,22 @@ def read_embedding_table(path: str | os.PathLike, *, max_rows: int | None = None
     FileNotFoundError
         When ``path`` does not exist.
     KeyError
-        When a required column is missing.
+        When a required column is missing (the message names it and the file).
+    ValueError
+        When ``path`` is not a readable Parquet file.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from analysis import COMPARTMENTS
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"embedding table not found: {path}")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{path} is not a readable Parquet file: {exc}") from exc
     names = table.column_names
     missing = [name for name in ("segment_id", "node_id", "x_nm", "y_nm", "z_nm", "e0") if name not in names]
     if missing:
@@ -520,6 +560,18 @@ def read_embedding_table(path: str | os.PathLike, *, max_rows: int | None = None
         table = table.take(rows)
     embeddings = np.stack([table.column(f"e{d}").to_numpy() for d in dims], axis=1).astype(np.float32)
     xyz = np.stack([table.column(f"{axis}_nm").to_numpy() for axis in "xyz"], axis=1).astype(np.float64)
+    compartments = cell_types = ood_scores = None
+    if "compartment" in names:
+        code_of = {name: code for code, name in enumerate(COMPARTMENTS)}
+        compartments = np.fromiter((code_of.get(name, _UNKNOWN_COMPARTMENT)
+                                    for name in _strings(table.column("compartment"))),
+                                   dtype=np.uint8, count=table.num_rows)
+    if "cell_type" in names:
+        cell_types = _strings(table.column("cell_type"))
+    if "ood_score" in names:
+        ood_scores = table.column("ood_score").cast(pa.float32()).fill_null(np.nan).to_numpy().astype(
+            np.float32)
     return EmbeddingTable(segment_ids=table.column("segment_id").to_numpy().astype(np.uint64),
                           node_ids=table.column("node_id").to_numpy().astype(np.int64),
-                          xyz_nm=xyz, embeddings=embeddings)
+                          xyz_nm=xyz, embeddings=embeddings, compartments=compartments,
+                          cell_types=cell_types, ood_scores=ood_scores)

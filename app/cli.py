@@ -172,6 +172,52 @@ def _segment_skeleton(skeletons_dir: Path | None, segment_id: int):
     return skeleton.nodes_nm, skeleton.edges
 
 
+def _parse_segments(text: str) -> list[int] | str:
+    """``all`` or comma-separated segment ids."""
+    if text.strip().lower() == "all":
+        return "all"
+    return _parse_ids(text)
+
+
+def _local_dir(url: str) -> Path | None:
+    """The local folder a volume argument names (plain path or file://), else None."""
+    from app.controller import _local_folder
+
+    path = _local_folder(url)
+    return path if path is not None and path.is_dir() else None
+
+
+def _dataset_of(segmentation_dir: Path | None) -> dict | None:
+    """``dataset.json`` (plus ``"path"``) of the SegScope dataset whose segmentation this is."""
+    import json
+
+    if segmentation_dir is None:
+        return None
+    meta_path = segmentation_dir.resolve().parent / "dataset.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or (meta_path.parent / str(meta.get("segmentation", ""))).resolve() \
+            != segmentation_dir.resolve():
+        return None
+    return dict(meta, path=str(meta_path.parent))
+
+
+def _all_segment_ids(dataset: dict | None, skeletons_dir: Path | None) -> list[int]:
+    """Every segment of the dataset's segments table, or of the skeleton folder."""
+    if dataset is not None and (Path(dataset["path"]) / "segments.parquet").is_file():
+        from analysis.dataset import open_dataset
+
+        return [int(s) for s in open_dataset(dataset["path"]).segment_ids]
+    if skeletons_dir is not None and skeletons_dir.is_dir():
+        ids = sorted(int(p.name) for p in skeletons_dir.iterdir() if p.name.isdigit() and p.is_file())
+        if ids:
+            return ids
+    raise CliError("--segments all needs a SegScope dataset's segmentation (segments.parquet beside it) "
+                   "or a skeleton folder with skeletons in it (--skeletons)")
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -182,16 +228,27 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     from app.controller import _named_skeletons  # the segmentation's own skeleton folder
 
     out = Path(args.out)
-    if out.exists() and out.suffix == ".parquet" and not args.force:
+    parquet = out.suffix == ".parquet"
+    if out.exists() and parquet and not args.force:
         raise CliError(f"{out} exists; pass --force to replace it")
+    if args.classifiers and not parquet:
+        raise CliError("--classifiers writes prediction columns, which only a .parquet output holds")
+    classifiers = None
+    if args.classifiers:
+        from app.controller import read_classifier_folder
+
+        classifiers = read_classifier_folder(args.classifiers)  # checked before the long part
     image = open_volume(args.image)
     segmentation = open_volume(args.segmentation)
+    segmentation_dir = _local_dir(args.segmentation)
     skeletons_dir = Path(args.skeletons) if args.skeletons else None
-    if skeletons_dir is None and Path(args.segmentation).is_dir():
-        skeletons_dir = _named_skeletons(Path(args.segmentation))
+    if skeletons_dir is None and segmentation_dir is not None:
+        skeletons_dir = _named_skeletons(segmentation_dir)
+    dataset = _dataset_of(segmentation_dir)
+    segment_ids = _all_segment_ids(dataset, skeletons_dir) if args.segments == "all" else args.segments
     encoder_path = _resolve_encoder_path(args.checkpoint)
     segments = []
-    for segment_id in args.segments:
+    for segment_id in segment_ids:
         nodes, edges = _segment_skeleton(skeletons_dir, segment_id)
         centres = segment_centres(segmentation, segment_id, skeleton_nodes_nm=nodes, skeleton_edges=edges,
                                   spacing_nm=args.spacing_nm)
@@ -199,28 +256,87 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     encoder = open_encoder(encoder_path)
     result = _run_with_progress("embed", stream_node_embeddings(encoder, image, segmentation, segments,
                                                                 batch_size=args.batch_size))
-    if out.suffix == ".parquet":
-        _write_embeddings_parquet(out, result, encoder_path)
+    if parquet:
+        predictions = None
+        if classifiers is not None:
+            predictions = _run_with_progress("classify", _predict_nodes(classifiers, result))
+        _write_embeddings_parquet(out, result, encoder_path, predictions=predictions, classifiers=classifiers,
+                                  dataset=dataset, spacing_nm=args.spacing_nm)
     else:
         from analysis.csvzip import CsvZipStore
 
         store = CsvZipStore(out, coordinates="nm")
         rows = {}
-        for segment_id in args.segments:
+        for segment_id in segment_ids:
             pick = result.segment_ids == np.uint64(segment_id)
             rows[int(segment_id)] = (result.node_ids[pick], result.xyz_nm[pick], result.embeddings[pick])
         store.write_many(rows, overwrite=args.force)
-    print(f"wrote {len(result)} node embeddings of {len(args.segments)} segments to {out}")
+    print(f"wrote {len(result)} node embeddings of {len(segment_ids)} segments to {out}")
     return 0
 
 
-def _write_embeddings_parquet(path: Path, result, encoder_path: Path) -> None:
-    """One row per node: segment_id, node_id, x_nm, y_nm, z_nm, e0..e{D-1}; provenance in metadata."""
-    import hashlib
+def _predict_nodes(classifiers, result):
+    """Label every node of ``result`` (``analysis.inference.NodeEmbeddings``) as the app does.
+
+    Each segment's nodes go through :func:`app.compute_process.predict_segment`, the code
+    the app runs on a segment's embeddings; yields a Progress per segment and returns the
+    prediction columns (one entry per row of ``result``): ``compartment`` (object, name or
+    None), ``compartment_probability``, ``cell_type`` (object, name or None),
+    ``cell_type_probability``, ``ood_score`` (float32, NaN when not predicted).
+    """
+    import numpy as np
+
+    from analysis import COMPARTMENTS
+    from analysis.progress import Progress
+    from app.compute_process import load_segment_predictor, predict_segment
+
+    entries = [{"task": info.task, "path": info.path, "radius_nm": info.radius_nm}
+               for info in (classifiers.compartment, classifiers.cell_type) if info is not None]
+    yield Progress(0, None, "segments", "loading classifiers")
+    predictor, _ = load_segment_predictor(entries)
+    n = len(result)
+    names = np.array(list(COMPARTMENTS) + [None], dtype=object)
+    codes = np.full(n, len(COMPARTMENTS), np.intp)  # "None" until predicted
+    columns = {"compartment_probability": np.full(n, np.nan, np.float32),
+               "cell_type": np.full(n, None, object),
+               "cell_type_probability": np.full(n, np.nan, np.float32),
+               "ood_score": np.full(n, np.nan, np.float32)}
+    # Rows of each segment, in their order in the table (stable sort keeps node order).
+    order = np.argsort(result.segment_ids, kind="stable")
+    sorted_ids = result.segment_ids[order]
+    groups = np.split(order, np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1) if n else []
+    for done, rows in enumerate(groups, 1):
+        predictions = predict_segment(predictor, result.xyz_nm[rows], result.embeddings[rows])
+        if predictions.note:
+            raise ValueError(f"segment {int(result.segment_ids[rows[0]])}: {predictions.note}")
+        calls = predictions.compartments
+        if calls is not None:
+            codes[rows[calls.indices]] = calls.codes
+            columns["compartment_probability"][rows[calls.indices]] = calls.probability
+        call = predictions.cell_type
+        if call is not None:
+            columns["cell_type"][rows] = call.name
+            columns["cell_type_probability"][rows] = call.probability
+            columns["ood_score"][rows] = call.ood_score
+        yield Progress(done, len(groups), "segments", f"segment {int(result.segment_ids[rows[0]])}")
+    columns["compartment"] = names[codes]
+    return columns
+
+
+def _write_embeddings_parquet(path: Path, result, encoder_path: Path, *, predictions: dict | None = None,
+                              classifiers=None, dataset: dict | None = None, spacing_nm: float | None = None
+                              ) -> None:
+    """One row per node: segment_id, node_id, x_nm, y_nm, z_nm, e0..e{D-1} (float32), then
+    with ``predictions`` compartment, compartment_probability, cell_type,
+    cell_type_probability, ood_score; zstd-compressed, provenance in the schema metadata
+    (``segscope_provenance``: encoder and classifier sha256, the dataset it came from)."""
     import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from analysis.export.atomic import atomic_file
+    from app.demo_context import DATASET_KEYS, PROVENANCE_KEY, classifier_hashes, model_sha256
 
     columns = {
         "segment_id": pa.array(result.segment_ids, pa.uint64()),
@@ -228,17 +344,28 @@ def _write_embeddings_parquet(path: Path, result, encoder_path: Path) -> None:
         "x_nm": result.xyz_nm[:, 0], "y_nm": result.xyz_nm[:, 1], "z_nm": result.xyz_nm[:, 2],
     }
     for d in range(result.embeddings.shape[1]):
-        columns[f"e{d}"] = result.embeddings[:, d]
-    digest = hashlib.sha256()
-    for file in sorted(encoder_path.parent.glob(encoder_path.name + "*")) if not encoder_path.is_file() else [encoder_path]:
-        digest.update(file.read_bytes())
-    table = pa.table(columns).replace_schema_metadata({
-        "segscope_provenance": json.dumps({"model": str(encoder_path), "model_sha256": digest.hexdigest(),
-                                           "coordinates": "nm", "segscope_version": __version__}),
-    })
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+        columns[f"e{d}"] = pa.array(result.embeddings[:, d], pa.float32())
+    if predictions is not None:
+        columns["compartment"] = pa.array(predictions["compartment"], pa.string()).dictionary_encode()
+        columns["compartment_probability"] = pa.array(predictions["compartment_probability"], pa.float32())
+        columns["cell_type"] = pa.array(predictions["cell_type"], pa.string()).dictionary_encode()
+        columns["cell_type_probability"] = pa.array(predictions["cell_type_probability"], pa.float32())
+        columns["ood_score"] = pa.array(predictions["ood_score"], pa.float32())
+    provenance = {"model": str(encoder_path), "model_sha256": model_sha256(encoder_path),
+                  "coordinates": "nm", "segscope_version": __version__,
+                  "segments": int(len(set(result.segment_ids.tolist()))), "spacing_nm": spacing_nm}
+    if dataset is not None:
+        provenance["dataset"] = {key: dataset.get(key) for key in DATASET_KEYS}
+    if classifiers is not None:
+        provenance["classifiers"] = {"folder": str(classifiers.folder), "files": classifier_hashes(classifiers.folder)}
+        for info in (classifiers.compartment, classifiers.cell_type):
+            if info is not None:
+                provenance["classifiers"][info.task] = {
+                    "classes": list(info.class_names), "radius_nm": info.radius_nm,
+                    "ood_threshold": info.ood_threshold}
+    table = pa.table(columns).replace_schema_metadata({PROVENANCE_KEY: json.dumps(provenance)})
+    with atomic_file(path, force=True) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -362,10 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
     embed = sub.add_parser("embed", help="SegCLR embeddings of segments' nodes (Parquet or CSV ZIP)")
     embed.add_argument("--image", required=True, metavar="URL")
     embed.add_argument("--segmentation", required=True, metavar="URL")
-    embed.add_argument("--segments", required=True, type=_parse_ids, metavar="ID[,ID...]")
+    embed.add_argument("--segments", required=True, type=_parse_segments, metavar="ID[,ID...]|all",
+                       help="segment ids, or 'all': every segment of the dataset's segments table "
+                       "(or of the skeleton folder)")
     embed.add_argument("--skeletons", metavar="DIR", help="precomputed skeletons (default: the segmentation's own; "
                        "segments without one get centres sampled from their mask)")
     embed.add_argument("--checkpoint", metavar="PATH", help="encoder (.keras or SegCLR checkpoint; default: demo model)")
+    embed.add_argument("--classifiers", metavar="DIR", help="classifier folder (classifiers.json, like "
+                       "assets/classifiers): add each node's predicted compartment and its segment's cell type "
+                       "and OOD score (Parquet output only)")
     embed.add_argument("--spacing-nm", type=float, default=1500.0, help="centre spacing along the skeleton (nm)")
     embed.add_argument("--batch-size", type=int, default=None)
     embed.add_argument("--out", required=True, metavar="PATH",

@@ -265,6 +265,54 @@ class SegmentPredictor:
         return Predictions(compartments, cell_type, "; ".join(notes))
 
 
+def load_segment_predictor(entries: Sequence[dict]) -> tuple[SegmentPredictor, dict[str, Any]]:
+    """Load classifiers and the :class:`SegmentPredictor` that runs them (imports Keras).
+
+    ``entries`` are ``{"task": "compartment" or "cell_type", "path": .npz file,
+    "radius_nm": aggregation radius (nm) of the embeddings it takes}``, as
+    :func:`app.controller.load_classifiers_job` sends them. Returns the predictor and the
+    loaded classifiers by task. The networks are traced once on dummy input here, so the
+    first real prediction does not pay for it. Used by the app's compute process and by
+    ``segscope embed --classifiers``, so both label nodes with the same code.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        A classifier file is missing or not a SegScope classifier, or the compartment
+        classifier predicts classes SegScope does not know.
+    """
+    from analysis.classify import load_classifier
+
+    loaded: dict[str, Any] = {}
+    radius: dict[str, float] = {}
+    for entry in entries:
+        loaded[entry["task"]] = load_classifier(entry["path"])
+        radius[entry["task"]] = float(entry["radius_nm"])
+    predictor = SegmentPredictor(
+        loaded.get("compartment"), loaded.get("cell_type"),
+        compartment_radius_nm=radius.get("compartment", 0.0),
+        cell_type_radius_nm=radius.get("cell_type", 0.0))
+    # Trace the networks (and import the aggregation's scipy) now, not on a click.
+    for classifier in loaded.values():
+        warm = SegmentPredictor(None, classifier, cell_type_radius_nm=1.0)
+        warm.start(np.zeros((2, 3)))
+        warm.add(np.arange(2), np.zeros((2, classifier.num_features), np.float32))
+    return predictor, loaded
+
+
+def predict_segment(predictor: SegmentPredictor, positions_nm: np.ndarray, embeddings: np.ndarray) -> Predictions:
+    """Predictions for a whole segment's node embeddings at once (precomputed ones).
+
+    ``positions_nm`` float ``[N, 3]`` xyz nm, ``embeddings`` float ``[N, D]`` in the same
+    order. Gives what streaming the same nodes batch by batch ends with: every node's
+    compartment from its final aggregate, the cell type from all ``N`` nodes. Resets
+    ``predictor`` to this segment.
+    """
+    positions = np.asarray(positions_nm, dtype=np.float64).reshape(-1, 3)
+    predictor.start(positions)
+    return predictor.add(np.arange(len(positions)), embeddings, final=True)
+
+
 def _predict_safely(predictor: SegmentPredictor, indices, embeddings) -> Predictions:
     """Predictions for a batch; a classifier failure becomes a note, and the embeddings
     still reach the user."""
@@ -344,22 +392,7 @@ class _ChildServer:  # pragma: no cover - runs in the child process
     def load_classifiers(self, entries: Sequence[dict]) -> dict:
         """Load classifiers: ``entries`` of ``{"task", "path", "radius_nm"}``."""
         try:
-            from analysis.classify import load_classifier
-
-            loaded: dict[str, Any] = {}
-            radius: dict[str, float] = {}
-            for entry in entries:
-                loaded[entry["task"]] = load_classifier(entry["path"])
-                radius[entry["task"]] = float(entry["radius_nm"])
-            predictor = SegmentPredictor(
-                loaded.get("compartment"), loaded.get("cell_type"),
-                compartment_radius_nm=radius.get("compartment", 0.0),
-                cell_type_radius_nm=radius.get("cell_type", 0.0))
-            # Trace the networks (and import the aggregation's scipy) now, not on a click.
-            for classifier in loaded.values():
-                warm = SegmentPredictor(None, classifier, cell_type_radius_nm=1.0)
-                warm.start(np.zeros((2, 3)))
-                warm.add(np.arange(2), np.zeros((2, classifier.num_features), np.float32))
+            predictor, loaded = load_segment_predictor(entries)
         except Exception as exc:
             return {"error": (type(exc).__name__, str(exc))}
         self.predictor = predictor if predictor.active else None
@@ -373,8 +406,7 @@ class _ChildServer:  # pragma: no cover - runs in the child process
             self.conn.send(("predicted", token, None))
             return
         try:
-            self.predictor.start(positions_nm)
-            predictions = self.predictor.add(np.arange(len(positions_nm)), embeddings)
+            predictions = predict_segment(self.predictor, positions_nm, embeddings)
         except Exception as exc:
             self.conn.send(("error", token, type(exc).__name__, str(exc)))
             return
