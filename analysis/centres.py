@@ -113,6 +113,65 @@ def thin_skeleton(nodes_nm: np.ndarray, edges: np.ndarray, spacing_nm: float = S
     return np.flatnonzero(keep)
 
 
+def contract_skeleton(n_nodes: int, edges: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Edges of the skeleton reduced to the ``keep`` nodes (the thinned centres).
+
+    Each kept node is joined to its nearest kept ancestor along the skeleton (every
+    component rooted at its first kept node), so the result is a forest over the kept
+    nodes with the skeleton's branching: what an SWC of the embedded centres needs.
+
+    Parameters
+    ----------
+    n_nodes
+        Nodes in the full skeleton.
+    edges
+        int ``[E, 2]`` pairs of node indices of the full skeleton.
+    keep
+        int ``[K]`` indices of the kept nodes.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 ``[K - C, 2]`` pairs ``(child, parent)`` of kept node indices, C the number
+        of components holding a kept node.
+
+    Raises
+    ------
+    ValueError
+        For edges or kept indices outside ``0..n_nodes - 1``.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import breadth_first_order
+
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    keep = np.unique(np.asarray(keep, dtype=np.int64).reshape(-1))
+    for name, values in (("edges", edges), ("keep", keep)):
+        if values.size and (values.min() < 0 or values.max() >= n_nodes):
+            raise ValueError(f"skeleton {name} refer to nodes outside 0..{n_nodes - 1}")
+    kept = np.zeros(n_nodes, bool)
+    kept[keep] = True
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n_nodes, n_nodes)).tocsr()
+    graph = graph.maximum(graph.T).tocsr()
+    nearest_kept = np.full(n_nodes, -1, np.int64)  # nearest kept node on the way to the root
+    visited = np.zeros(n_nodes, bool)
+    pairs = []
+    for root in keep:
+        if visited[root]:
+            continue
+        order, parents = breadth_first_order(graph, int(root), directed=False, return_predecessors=True)
+        visited[order] = True
+        for node in order:
+            parent = parents[node]
+            above = nearest_kept[parent] if parent >= 0 else -1
+            if kept[node]:
+                if above >= 0:
+                    pairs.append((node, above))
+                nearest_kept[node] = node
+            else:
+                nearest_kept[node] = above
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
 def mask_centres(
     segmentation: Volume,
     segment_id: int,

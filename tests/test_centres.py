@@ -65,3 +65,17 @@ def test_segment_centres_from_skeleton_are_ordered_from_click(tmp_path):
     centres = segment_centres(volume, 1, skeleton_nodes_nm=nodes, skeleton_edges=edges, click_nm=(4500, 0, 0))
     assert centres.node_ids.tolist() == [45, 30, 15, 0]
     assert np.allclose(centres.positions_nm, nodes[centres.node_ids])
+
+
+def test_contract_skeleton_joins_kept_nodes_to_their_nearest_kept_ancestor():
+    from analysis.centres import contract_skeleton
+
+    # A Y: 0-1-2-3 trunk, 2-4-5 branch; a separate piece 6-7.
+    edges = np.array([[0, 1], [1, 2], [2, 3], [2, 4], [4, 5], [6, 7]])
+    pairs = contract_skeleton(8, edges, keep=[0, 3, 5, 7])
+    assert sorted(map(tuple, pairs.tolist())) == [(3, 0), (5, 0)]
+    pairs = contract_skeleton(8, edges, keep=[0, 2, 3, 5, 6, 7])
+    assert sorted(map(tuple, pairs.tolist())) == [(2, 0), (3, 2), (5, 2), (7, 6)]
+    assert contract_skeleton(8, edges, keep=[]).shape == (0, 2)
+    with pytest.raises(ValueError, match="outside"):
+        contract_skeleton(8, edges, keep=[9])
