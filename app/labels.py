@@ -137,7 +137,7 @@ class LabelChange:
     Attributes
     ----------
     action : str
-        ``"assign"``, ``"undo"``, ``"redo"`` or ``"reset"``.
+        ``"assign"``, ``"undo"``, ``"redo"``, ``"reset"`` or ``"load"``.
     text : str
         The command's description (``'label 12 nodes "axon"'``).
     segment_ids : tuple of int
@@ -549,6 +549,32 @@ class LabelStore:
                 raise ValueError(f"{where}: node {node} of segment {segment} is labelled twice")
             labels[node] = store._code_of(_entry_label(entry[2], where))
         return store
+
+    def load_dict(self, data: Any) -> None:
+        """Replace every label with those of :meth:`to_dict`'s output, in place (a saved
+        session reopening into this window); the undo history is dropped.
+
+        Subscribers hear one ``"reset"`` change for the old labels and one ``"load"``
+        change for the new ones.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`from_dict`; the store is left unchanged then.
+        """
+        loaded = LabelStore.from_dict(data, undo_limit=self._undo_limit)
+        self.reset()
+        self._vocab, self._code = loaded._vocab, loaded._code
+        self._nodes, self._segments = loaded._nodes, loaded._segments
+        self._sorted.clear()
+        change = LabelChange(
+            "load", "load labels",
+            segment_ids=tuple(self._segments),
+            node_segment_ids=np.array([s for s, d in self._nodes.items() for _ in d], dtype=np.uint64),
+            node_ids=np.array([n for d in self._nodes.values() for n in d], dtype=np.int64),
+        )
+        if change.segment_ids or len(change.node_ids):
+            self._emit(change)
 
 
 def _unique_pairs(segments: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -426,6 +426,21 @@ class SessionState(Observable):
             raise ValueError(f"segment {segment_id} is selected; clear the selection before restoring its record")
         self.records[segment_id] = record
 
+    def show_record(self, record: SegmentRecord) -> None:
+        """Make a finished record (a restored session's) the selected segment, without
+        embedding anything: emits ``"segment"``, then ``"centres"``, ``"embeddings"`` (all
+        embedded rows) and ``"predictions"`` as a live job would have."""
+        if not isinstance(record, SegmentRecord):
+            raise TypeError(f"show_record takes a SegmentRecord, got {type(record).__name__}")
+        self.segment = record
+        self.records[int(record.segment_id)] = record
+        self._emit("segment", record)
+        if record.node_ids is not None:
+            self._emit("centres", record)
+        if record.embedded is not None and record.embedded.any():
+            self._emit("embeddings", record, np.flatnonzero(record.embedded))
+        self._emit("predictions", record)
+
     def clear_segment(self) -> None:
         self.segment = None
         self._emit("segment", None)

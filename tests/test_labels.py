@@ -257,3 +257,21 @@ def test_node_labels_of_100k_points_are_vectorised(store):
     sample = rng.choice(100_000, 500, replace=False)
     expected = ["axon" if (s, n) in pairs else "" for s, n in zip(segments[sample].tolist(), nodes[sample].tolist())]
     assert labels[sample].tolist() == expected
+
+
+def test_load_dict_replaces_labels_in_place_and_notifies():
+    store = LabelStore()
+    store.assign_segments("old", [5])
+    changes = []
+    store.subscribe(changes.append)
+    saved = LabelStore()
+    saved.assign_nodes("axon", [7, 7], [1, 2])
+    saved.assign_segments("glia", [8])
+    store.load_dict(saved.to_dict())
+    assert store.to_dict() == saved.to_dict()
+    assert not store.can_undo and store.segment_label(5) == ""
+    assert [c.action for c in changes] == ["reset", "load"]
+    assert changes[1].affected_segment_ids == frozenset({7, 8})
+    with pytest.raises(ValueError, match="nodes"):
+        store.load_dict({"version": 1, "nodes": [[7, 1]]})
+    assert store.to_dict() == saved.to_dict()  # a bad document changes nothing
