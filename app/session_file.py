@@ -825,6 +825,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_identity(pid: int) -> str | None:
+    """``"<boot id>:<start time>"`` of a live process (Linux), None where unknown.
+
+    A pid alone is not an identity: after a crash the pid may be reused, and after a reboot
+    (a power cut) low pids certainly are. The kernel's boot id and the process's start time
+    (clock ticks since boot, field 22 of ``/proc/<pid>/stat``) tell the two apart.
+    """
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces and ')'
+    if len(fields) < 20:
+        return None
+    return f"{boot_id}:{fields[19]}"
+
+
 def _content_hash(document: SessionDocument, records: list[SegmentRecord]) -> str:
     """A digest of what an autosave would hold, ignoring its time stamp."""
     digest = hashlib.blake2b(digest_size=20)
@@ -848,8 +866,8 @@ def _content_hash(document: SessionDocument, records: list[SegmentRecord]) -> st
 class AutosaveManager:
     """Autosave this process's session and offer the autosaves of crashed ones.
 
-    Files live in ``directory``: ``running-<pid>.json`` (a marker: pid, started_at, host)
-    while a SegScope runs, ``autosave-<pid>.segscope.json`` and ``autosave-<pid>.records.npz``
+    Files live in ``directory``: ``running-<pid>.json`` (a marker: pid, started_at, host and,
+    on Linux, the process's boot id and start time) while a SegScope runs, ``autosave-<pid>.segscope.json`` and ``autosave-<pid>.records.npz``
     once it autosaved. A clean exit (:meth:`finish`) removes all three, so an autosave is
     recoverable when its marker names a dead process on this host, or when its marker is
     gone.
@@ -884,7 +902,8 @@ class AutosaveManager:
     def start(self) -> None:
         """Write this process's running marker (and forget stale markers of dead ones)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        marker = {"pid": self.pid, "started_at": _utc_now(), "host": self.host}
+        marker = {"pid": self.pid, "started_at": _utc_now(), "host": self.host,
+                  "process": _process_identity(self.pid)}
         with atomic_file(self.marker_path, force=True) as temporary:
             temporary.write_text(json.dumps(marker) + "\n", encoding="utf-8")
         self._remove_stale_markers()
@@ -924,7 +943,8 @@ class AutosaveManager:
         """Autosaves of SegScopes that did not exit cleanly, newest first (never this one's).
 
         An autosave qualifies when its marker names a process of this host that no longer
-        exists, or when its marker is gone. Markers of other hosts (a shared home folder)
+        exists (or whose pid now belongs to another process: a reboot, a reused pid), or
+        when its marker is gone. Markers of other hosts (a shared home folder)
         count as alive: their processes cannot be checked from here.
         """
         if not self.directory.is_dir():
@@ -987,7 +1007,11 @@ class AutosaveManager:
             return False  # no marker and no clean finish: the owner crashed or lost track
         if marker.get("host", self.host) != self.host:
             return True
-        return _pid_alive(pid)
+        if not _pid_alive(pid):
+            return False
+        recorded, current = marker.get("process"), _process_identity(pid)
+        # A different boot or start time: the pid now belongs to another process.
+        return recorded is None or current is None or recorded == current
 
     def _saved_at(self, path: Path) -> str:
         try:

@@ -510,3 +510,18 @@ def test_start_forgets_markers_of_dead_processes_that_never_autosaved(tmp_path):
     AutosaveManager(tmp_path).start()
     assert not stale.marker_path.exists()
     assert crashed.marker_path.exists()  # it has work to recover
+
+
+def test_a_reused_pid_does_not_hide_a_crashed_session(tmp_path):
+    # The crashed SegScope's pid now belongs to a live process (our parent), or the
+    # machine rebooted since: the marker's process identity no longer matches.
+    crashed = crashed_session(tmp_path, {"who": "crashed"}, pid=os.getppid())
+    me = AutosaveManager(tmp_path)
+    marker = json.loads(crashed.marker_path.read_text())
+    if marker["process"] is None:
+        pytest.skip("no /proc process identity on this system")
+    assert me.recoverable() == []  # same identity: that SegScope is alive
+    boot_id, start = marker["process"].split(":")
+    for identity in (f"{boot_id}:{int(start) + 1}", f"another-boot:{start}"):
+        crashed.marker_path.write_text(json.dumps({**marker, "process": identity}))
+        assert [c.pid for c in me.recoverable()] == [crashed.pid]
