@@ -14,8 +14,18 @@ window shows its page in a web view. Three kinds of traffic cross the bridge:
   ``viewer.txn()`` on the bridge's own writer thread, so no caller waits on neuroglancer's
   lock. Writes are keyed and coalesced (only the newest pending write of a key runs), and
   each one compares the wanted layer contents with the viewer's current state first and
-  skips the transaction when they already agree. Nothing here listens to viewer-state
-  changes, so a write can never echo back into the session state.
+  skips the transaction when they already agree.
+* **Selection in**: :meth:`NeuroglancerBridge.on_segments_changed` is the one listener on
+  viewer-state changes. It reports the segmentation layer's selected segments when the
+  *user* changed them in the page (layer panel, ctrl+click), never for the bridge's own
+  writes, so a plot -> 3-D -> plot round trip cannot loop.
+
+Selected segments
+-----------------
+Two callers set the segmentation layer's selected (visible) segments: the session state's
+``"segment"`` event (one segment, or none) and :meth:`NeuroglancerBridge.highlight_segments`
+(several, from a plot lasso). Both are writes under the same writer key, so the last one
+requested wins and an older pending one is dropped.
 
 Annotation layers
 -----------------
@@ -27,16 +37,22 @@ comparison. The selected segment's colour is its predicted cell type's colour, o
 (:data:`app.state.OOD_COLOUR`) when it is flagged out of distribution; a flagged segment
 also gets a layer whose *name* says so in the layer bar (:data:`OOD_LAYER_PREFIX`), holding
 a magenta box around its nodes (2-D and 3-D) with the score in its description.
+
+:data:`HOVER_LAYER` rings the node under the plot's cursor (:meth:`~NeuroglancerBridge.highlight_node`);
+:data:`LABELS_LAYER` shows the manually labelled nodes coloured by :func:`label_colour`
+(the plot uses the same rule); :meth:`~NeuroglancerBridge.add_exported_layer` adds an export
+bundle's precomputed annotations, served from the local file server.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -66,6 +82,13 @@ GROUND_TRUTH_LAYER = "ground truth compartments (dataset)"
 OOD_LAYER_PREFIX = "OUT OF DISTRIBUTION"
 #: Margin (nm) of the flag box around the segment's nodes.
 OOD_BOX_MARGIN_NM = 1000.0
+#: Layer with the ring around the node hovered in the plot.
+HOVER_LAYER = "segscope hover"
+#: Layer with one point per manually labelled node.
+LABELS_LAYER = "manual labels"
+#: Default name of the layer of an export bundle's annotations.
+EXPORTED_LAYER = "exported nodes"
+_BRIDGE_LAYERS = (IMAGE_LAYER, SEGMENTATION_LAYER, NODES_LAYER, GROUND_TRUTH_LAYER, HOVER_LAYER, LABELS_LAYER)
 
 #: Marker diameters (screen pixels) of pending, embedded and labelled nodes.
 PENDING_SIZE, EMBEDDED_SIZE, LABELLED_SIZE = 5.0, 7.0, 9.0
@@ -90,6 +113,13 @@ _DRIVER_PREFIX = {
 #: magenta or violet: magenta means "out of distribution" and must stay unambiguous.
 _CELL_TYPE_PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#46f0f0",
                       "#bcf60c", "#fabebe", "#008080", "#9a6324", "#aaffc3", "#808000")
+
+#: Colours of manual labels that are not compartment names, by position. Picked so that
+#: every pair, and each against the compartment colours, magenta (OOD), the pending grey,
+#: the embedded yellow, white and black, is at least 75 apart in RGB (0-255), and none is
+#: too dark to see on the black 3-D view or the plot's dark background.
+_LABEL_PALETTE = ("#46f0f0", "#bcf60c", "#fabebe", "#008080", "#9a6324", "#aaffc3",
+                  "#ffa500", "#00ff00", "#dc143c", "#e9967a", "#00ced1", "#2ca02c")
 
 _NM_PER_UNIT = {"m": 1e9, "mm": 1e6, "um": 1e3, "µm": 1e3, "nm": 1.0, "pm": 1e-3}
 
@@ -121,6 +151,33 @@ def cell_type_colour(name: str, class_names: Sequence[str] = ()) -> str:
         return _CELL_TYPE_PALETTE[list(class_names).index(name) % len(_CELL_TYPE_PALETTE)]
     digest = hashlib.md5(name.encode("utf-8")).digest()
     return _CELL_TYPE_PALETTE[digest[0] % len(_CELL_TYPE_PALETTE)]
+
+
+def label_colour(label: str, labels_in_order: Sequence[str] = ()) -> str:
+    """The display colour (``"#rrggbb"``) of a manual label, in 3-D and in the plot alike.
+
+    A label named like a subcompartment (``"axon"``...) takes that compartment's colour, so
+    a manual "axon" looks like a predicted one. Other labels take the colours of
+    :data:`_LABEL_PALETTE` by their position among the non-compartment labels of
+    ``labels_in_order`` (distinct for up to 12 such labels, then repeating); a label not in
+    ``labels_in_order`` gets one picked by a hash of its text (stable across runs, but it may
+    share a colour). Never magenta, which means out of distribution.
+
+    Parameters
+    ----------
+    label
+        The label text.
+    labels_in_order
+        Every label in use, in the order that assigns colours (the plot passes its sorted
+        label names; pass the same list to both views so they agree).
+    """
+    if label in COMPARTMENT_COLOURS:
+        return COMPARTMENT_COLOURS[label]
+    others = [name for name in dict.fromkeys(labels_in_order) if name not in COMPARTMENT_COLOURS]
+    if label in others:
+        return _LABEL_PALETTE[others.index(label) % len(_LABEL_PALETTE)]
+    digest = hashlib.md5(label.encode("utf-8")).digest()
+    return _LABEL_PALETTE[digest[0] % len(_LABEL_PALETTE)]
 
 
 def _dimension_scales_nm(dimensions) -> np.ndarray:
@@ -256,6 +313,21 @@ class NeuroglancerBridge:
         self._unsubscribe: list[Callable[[], None]] = []
         self._state: SessionState | None = None
         self.writes = 0  # transactions actually committed (skipped no-op writes excluded)
+        # Export bundles: folder -> (stamp of annotations/info, server); a re-export gets a
+        # new server, hence a new URL, because the page caches what it loaded by URL.
+        self._bundle_servers: dict[str, tuple[tuple[int, int], Any]] = {}
+        # Segment-property sources this bridge added to the segmentation layer, by layer name.
+        self._property_sources: dict[str, str] = {}
+        # Selected-segments listeners: replaced as a whole (read without a lock on
+        # neuroglancer's thread).
+        self._segment_listeners: tuple[Callable[[frozenset[int]], None], ...] = ()
+        self._listener_lock = threading.Lock()
+        self._listening = False
+        self._seen_segments_json: tuple | None = None
+        self._seen_segments: frozenset[int] = frozenset()
+        # Set while this bridge commits a transaction: change callbacks run synchronously on
+        # the committing thread, so they can tell the bridge's own writes from the user's.
+        self._own_write = threading.local()
         self.viewer.actions.add(SELECT_ACTION, self._handle_select_action)
         with self.viewer.config_state.txn() as s:
             s.input_event_bindings.data_view[SELECT_EVENT] = SELECT_ACTION
@@ -307,6 +379,23 @@ class NeuroglancerBridge:
             raise FileNotFoundError(f"no such folder {path}")
         return self._serve_folder(path)
 
+    def _serve_bundle(self, folder: Path, info_path: Path) -> str:
+        """Serve an export bundle; a new server (new URL) once its annotations changed."""
+        stat = info_path.stat()
+        stamp = (stat.st_ino, stat.st_mtime_ns)  # an atomic re-export renames a new folder in
+        key = str(folder)
+        served = self._bundle_servers.get(key)
+        if served is not None and served[0] == stamp:
+            return served[1].url
+        from neuroglancer.static_file_server import StaticFileServer
+
+        server = StaticFileServer(static_dir=key, bind_address=self._bind_address, daemon=True)
+        self._bundle_servers[key] = (stamp, server)
+        if served is not None:
+            _stop_server(served[1])
+        log.debug("serving export bundle %s at %s", folder, server.url)
+        return server.url
+
     def _serve_folder(self, path: Path) -> str:
         key = str(path)
         server = self._file_servers.get(key)
@@ -328,7 +417,8 @@ class NeuroglancerBridge:
         segmentation_sources = [sources.segmentation]
         if sources.skeletons:
             segmentation_sources.append(sources.skeletons)
-        with self.viewer.txn() as s:
+
+        def apply(s) -> None:
             s.dimensions = dimensions
             s.position = (np.asarray(sources.centre_nm) / voxel).tolist()
             s.layers.clear()
@@ -346,7 +436,9 @@ class NeuroglancerBridge:
             )
             s.selected_layer.layer = SEGMENTATION_LAYER
             s.layout = layout
-        self.writes += 1
+            self._property_sources.clear()  # the segmentation layer was replaced
+
+        self._write(apply)
 
     def show_source(self, source, *, layout: str = "xy-3d") -> None:
         """Show a :class:`app.controller.DataSource` (serving its local folders).
@@ -381,6 +473,171 @@ class NeuroglancerBridge:
 
         self._writer.submit("view", lambda: self._write(apply))
 
+    # -- links with the embedding plot -----------------------------------------------------
+
+    def highlight_segments(self, segment_ids: Iterable[int]) -> None:
+        """Make exactly ``segment_ids`` the selected (visible) segments of the segmentation
+        layer (e.g. the segments of a plot lasso); an empty iterable selects none.
+
+        Shares its writer key with the session's ``"segment"`` event: whichever of the two
+        was requested last is what the viewer ends up showing.
+
+        Raises
+        ------
+        ValueError
+            When an id is not an integer in ``[0, 2**64)``.
+        """
+        wanted = frozenset(_segment_id(value) for value in segment_ids)
+        self._writer.submit("segments", lambda: self._write_selection(wanted))
+
+    def highlight_node(self, point: tuple[int, int, Sequence[float]] | None, *, move: bool = False) -> None:
+        """Ring one node in the 3-D and 2-D views (the node under the plot's cursor).
+
+        Parameters
+        ----------
+        point
+            ``(segment_id, node_id, xyz_nm)`` with ``xyz_nm`` the node's x, y, z in nm; None
+            clears the ring. Calls are coalesced: while writes are pending only the newest
+            hover is written, so calling this on every mouse move is fine.
+        move
+            Also centre the view on the node (:meth:`set_view`).
+
+        Raises
+        ------
+        ValueError
+            When the segment id or the position is malformed.
+        """
+        annotations = [] if point is None else [hover_annotation(*point)]
+        self._writer.submit("hover", lambda: self._write_hover(annotations))
+        if move and annotations:
+            self.set_view(annotations[0]["point"])
+
+    def show_labels(self, points: Sequence[tuple[int, int | None, Sequence[float], str]],
+                    labels_in_order: Sequence[str] = ()) -> None:
+        """Show the manually labelled nodes in :data:`LABELS_LAYER`, coloured by label.
+
+        Parameters
+        ----------
+        points
+            ``(segment_id, node_id, xyz_nm, label)`` per labelled node, ``xyz_nm`` in nm
+            (x, y, z); ``node_id`` None marks a label of the whole segment, drawn at
+            ``xyz_nm``. Each point carries its segment id, so the layer is linked to the
+            segmentation layer (selecting a point's segment from its annotation works). An
+            empty list removes the layer.
+        labels_in_order
+            Every label in use, in the order :func:`label_colour` assigns colours (pass the
+            plot's list so both views agree).
+
+        Raises
+        ------
+        ValueError
+            For a malformed point, an empty label, or two points with the same node.
+        """
+        annotations = label_annotations(points, labels_in_order)
+        self._writer.submit("labels", lambda: self._write_labels(annotations))
+
+    def add_exported_layer(self, bundle_folder: str | Path, name: str = EXPORTED_LAYER) -> str:
+        """Show an export bundle's ``annotations/`` as a precomputed annotation layer.
+
+        The bundle folder is served by a local static file server (a re-export into the
+        same folder gets a new URL, so the page does not show what it cached of the old
+        one); the layer ``name`` is added or replaced and linked to the segmentation layer
+        through the bundle's relationships (``segment``). When the bundle has
+        ``segment_properties/``, they become an extra source of the segmentation layer
+        (labels and tags beside the segment ids), replacing one this bridge added earlier
+        under the same layer name.
+
+        Returns
+        -------
+        str
+            The layer's source URL, ``precomputed://http://127.0.0.1:PORT/TOKEN/annotations``.
+
+        Raises
+        ------
+        FileNotFoundError
+            When ``bundle_folder`` or its ``annotations/info`` does not exist.
+        ValueError
+            When ``annotations/info`` is not a Neuroglancer annotation info.
+        """
+        if not isinstance(name, str) or not name or name in _BRIDGE_LAYERS or name.startswith(OOD_LAYER_PREFIX):
+            raise ValueError(f"cannot name the exported layer {name!r}: empty or one of the bridge's own layers")
+        folder = Path(bundle_folder).expanduser().resolve()
+        info_path = folder / "annotations" / "info"
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no export bundle folder {folder}")
+        if not info_path.is_file():
+            raise FileNotFoundError(f"{folder} has no annotations/ folder with an info file "
+                                    f"(not an export bundle, or exported without annotations)")
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read {info_path}: {error}") from error
+        if not isinstance(info, dict) or info.get("@type") != "neuroglancer_annotations_v1":
+            raise ValueError(f"{info_path} is not a neuroglancer_annotations_v1 info")
+        relationships = [str(r["id"]) for r in info.get("relationships", []) if isinstance(r, dict) and "id" in r]
+        property_ids = {str(p.get("id")) for p in info.get("properties", []) if isinstance(p, dict)}
+        base = self._serve_bundle(folder, info_path)
+        source = f"precomputed://{base}/annotations"
+        properties_source = (f"precomputed://{base}/segment_properties"
+                             if (folder / "segment_properties" / "info").is_file() else None)
+        self._writer.submit(f"exported:{name}", lambda: self._write_exported_layer(
+            name, source, relationships, "compartment" in property_ids, properties_source))
+        return source
+
+    def on_segments_changed(self, callback: Callable[[frozenset[int]], None]) -> Callable[[], None]:
+        """Call ``callback(segment_ids)`` when the user changes the segmentation layer's
+        selected segments in the page (layer panel, ctrl+click, ...).
+
+        ``segment_ids`` is the new frozenset of selected (visible) ids. It is called on the
+        thread that committed the change (neuroglancer's server thread for the page's
+        changes) while neuroglancer holds its state lock: it must return quickly and must
+        not write the viewer itself (queueing a write, e.g. :meth:`highlight_segments`, is
+        fine; a ``viewer.txn()`` there would deadlock).
+
+        It is called only when the set differs from the one seen last, and never for the
+        bridge's own writes: the viewer's change callback fires on every state change
+        (camera moves included), so it first compares the raw segment list with the last
+        one, which costs next to nothing. It reports a change *back* to what the bridge last
+        wrote too (a user undoing their own ctrl+click must reach the plot).
+
+        Returns
+        -------
+        callable
+            Call it to stop listening.
+        """
+        with self._listener_lock:
+            self._segment_listeners = self._segment_listeners + (callback,)
+            if not self._listening:
+                raw = self.viewer.shared_state.raw_state
+                self._seen_segments_json = _raw_segments(raw)
+                self._seen_segments = _visible_ids(self._seen_segments_json)
+                self.viewer.shared_state.add_changed_callback(self._on_viewer_state_changed)
+                self._listening = True
+
+        def unsubscribe() -> None:
+            with self._listener_lock:
+                self._segment_listeners = tuple(c for c in self._segment_listeners if c is not callback)
+
+        return unsubscribe
+
+    def _on_viewer_state_changed(self) -> None:
+        # Runs synchronously inside neuroglancer's set_state, on the committing thread.
+        segments_json = _raw_segments(self.viewer.shared_state.raw_state)
+        if segments_json == self._seen_segments_json:
+            return  # camera move, annotation write...: the selection did not change
+        self._seen_segments_json = segments_json
+        current = _visible_ids(segments_json)
+        if current == self._seen_segments:
+            return  # same set in another order, or a hidden (starred) segment changed
+        self._seen_segments = current
+        if getattr(self._own_write, "active", False):
+            return  # this bridge's own write: reporting it would echo it back
+        for callback in self._segment_listeners:
+            try:
+                callback(current)
+            except Exception:
+                log.exception("selected-segments listener %r failed", callback)
+
     # -- following the session state -------------------------------------------------------
 
     def attach(self, state: SessionState) -> None:
@@ -398,8 +655,8 @@ class NeuroglancerBridge:
         ]
 
     def _on_segment(self, record: SegmentRecord | None) -> None:
-        segment_id = None if record is None else record.segment_id
-        self._writer.submit("segments", lambda: self._write_selection(segment_id))
+        wanted = frozenset() if record is None else frozenset({int(record.segment_id)})
+        self._writer.submit("segments", lambda: self._write_selection(wanted))
         self._writer.submit("nodes", lambda: self._write_nodes(NODES_LAYER, []))
         self._writer.submit("ground_truth", lambda: self._write_nodes(GROUND_TRUTH_LAYER, []))
         self._writer.submit("ood_flag", lambda: self._write_ood_flag(None))
@@ -426,8 +683,12 @@ class NeuroglancerBridge:
     # -- writes (writer thread) ------------------------------------------------------------
 
     def _write(self, apply: Callable[[Any], None]) -> None:
-        with self.viewer.txn() as s:
-            apply(s)
+        try:
+            with self.viewer.txn() as s:
+                apply(s)
+                self._own_write.active = True  # the commit (and its callbacks) follow
+        finally:
+            self._own_write.active = False
         self.writes += 1
 
     def _write_if_changed(self, is_current: Callable[[Any], bool], apply: Callable[[Any], None]) -> bool:
@@ -437,17 +698,106 @@ class NeuroglancerBridge:
         self._write(apply)
         return True
 
-    def _write_selection(self, segment_id: int | None) -> None:
-        wanted = set() if segment_id is None else {int(segment_id)}
-
+    def _write_selection(self, wanted: frozenset[int]) -> None:
         def is_current(s) -> bool:
             layer = s.layers[SEGMENTATION_LAYER] if SEGMENTATION_LAYER in s.layers else None
             return layer is None or {int(v) for v in layer.segments} == wanted
 
         def apply(s) -> None:
-            s.layers[SEGMENTATION_LAYER].segments = wanted
+            s.layers[SEGMENTATION_LAYER].segments = set(wanted)
 
         self._write_if_changed(is_current, apply)
+
+    def _nm_annotation_layer(self, **kwargs):
+        space = self._neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[1, 1, 1])
+        return self._neuroglancer.LocalAnnotationLayer(dimensions=space, **kwargs)
+
+    def _write_hover(self, annotations: list[dict]) -> None:
+        # The layer is made on the first hover and then kept (emptied, not removed), since
+        # adding and removing a layer makes the page rebuild its layer bar.
+        def is_current(s) -> bool:
+            if HOVER_LAYER not in s.layers:
+                return not annotations
+            return [a.to_json() for a in s.layers[HOVER_LAYER].annotations] == annotations
+
+        def apply(s) -> None:
+            if HOVER_LAYER in s.layers:
+                s.layers[HOVER_LAYER].annotations = annotations
+            else:
+                # pick=False: the ring must not catch the double click meant for the segment.
+                s.layers[HOVER_LAYER] = self._nm_annotation_layer(
+                    shader=_HOVER_SHADER, annotations=annotations, pick=False)
+
+        self._write_if_changed(is_current, apply)
+
+    def _write_labels(self, annotations: list[dict]) -> None:
+        def is_current(s) -> bool:
+            if LABELS_LAYER not in s.layers:
+                return not annotations
+            return bool(annotations) and [a.to_json() for a in s.layers[LABELS_LAYER].annotations] == annotations
+
+        def apply(s) -> None:
+            if not annotations:
+                del s.layers[LABELS_LAYER]
+            elif LABELS_LAYER in s.layers:
+                s.layers[LABELS_LAYER].annotations = annotations  # keeps the user's visibility
+            else:
+                s.layers[LABELS_LAYER] = self._nm_annotation_layer(
+                    annotation_properties=_label_properties(), shader=_LABEL_SHADER,
+                    annotations=annotations, linked_segmentation_layer={"segments": SEGMENTATION_LAYER})
+
+        self._write_if_changed(is_current, apply)
+
+    def _write_exported_layer(self, name: str, source: str, relationships: list[str],
+                              compartment_shader: bool, properties_source: str | None) -> None:
+        neuroglancer = self._neuroglancer
+        links = {relationship: SEGMENTATION_LAYER for relationship in relationships}
+        shader = None
+        if compartment_shader:
+            from analysis.export.neuroglancer_layers import annotation_shader
+
+            shader = annotation_shader()
+        stale = self._property_sources.get(name)
+
+        def segmentation_urls(s) -> list[str] | None:
+            if SEGMENTATION_LAYER not in s.layers:
+                return None
+            return [data_source.url for data_source in s.layers[SEGMENTATION_LAYER].source]
+
+        def is_current(s) -> bool:
+            if name not in s.layers:
+                return False
+            layer = s.layers[name]
+            if [data_source.url for data_source in getattr(layer, "source", [])] != [source]:
+                return False
+            if dict(layer.linked_segmentation_layer) != links or layer.to_json().get("shader") != shader:
+                return False
+            urls = segmentation_urls(s)
+            if urls is None:
+                return True
+            if stale is not None and stale != properties_source and stale in urls:
+                return False
+            return properties_source is None or properties_source in urls
+
+        def apply(s) -> None:
+            layer = neuroglancer.AnnotationLayer(source=source, linked_segmentation_layer=links)
+            if shader is not None:
+                layer.shader = shader
+            s.layers[name] = layer  # replaces a layer of that name in place
+            urls = segmentation_urls(s)
+            if urls is None:
+                return
+            sources = s.layers[SEGMENTATION_LAYER].source
+            if stale is not None and stale != properties_source and stale in urls:
+                del sources[urls.index(stale)]
+            if properties_source is not None and properties_source not in urls:
+                sources.append(properties_source)
+
+        self._write_if_changed(is_current, apply)
+        if properties_source is None:
+            self._property_sources.pop(name, None)
+        else:
+            self._property_sources[name] = properties_source
 
     def _write_nodes(self, layer_name: str, annotations: list[dict]) -> None:
         def is_current(s) -> bool:
@@ -512,16 +862,145 @@ class NeuroglancerBridge:
             unsubscribe()
         self._unsubscribe.clear()
         self._writer.close()
-        for server in self._file_servers.values():
-            try:
-                server.request_stop()
-            except Exception:  # already stopped
-                log.debug("file server stop failed", exc_info=True)
+        with self._listener_lock:
+            self._segment_listeners = ()
+            if self._listening:
+                self.viewer.shared_state.remove_changed_callback(self._on_viewer_state_changed)
+                self._listening = False
+        for server in [*self._file_servers.values(), *(served[1] for served in self._bundle_servers.values())]:
+            _stop_server(server)
         self._file_servers.clear()
+        self._bundle_servers.clear()
         try:
             self.viewer.actions.remove(SELECT_ACTION, self._handle_select_action)
         except KeyError:
             pass
+
+
+def _stop_server(server) -> None:
+    try:
+        server.request_stop()
+    except Exception:  # already stopped
+        log.debug("file server stop failed", exc_info=True)
+
+
+def _segment_id(value: Any) -> int:
+    """``value`` as a uint64 segment id (int), or ValueError naming it."""
+    try:
+        as_int = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"segment id {value!r} is not an integer") from None
+    inexact = not isinstance(value, str) and as_int != value  # 3.5 is not segment 3
+    if inexact or not 0 <= as_int < 2**64:
+        raise ValueError(f"segment id {value!r} is not an integer in [0, 2**64)")
+    return as_int
+
+
+def _position_nm(value: Any, what: str) -> list[float]:
+    position = np.asarray(value, dtype=np.float64) if value is not None else np.zeros(0)
+    if position.shape != (3,) or not np.isfinite(position).all():
+        raise ValueError(f"{what}: position must be 3 finite numbers (x, y, z nm), got {value!r}")
+    return [float(v) for v in position]
+
+
+def _raw_segments(raw_state: Any) -> tuple | None:
+    """The segmentation layer's ``segments`` JSON list in a raw viewer state, as a tuple."""
+    layers = raw_state.get("layers") if isinstance(raw_state, dict) else None
+    if isinstance(layers, dict):  # the older {name: layer} form
+        layers = [dict(layer, name=name) for name, layer in layers.items() if isinstance(layer, dict)]
+    for layer in layers or ():
+        if isinstance(layer, dict) and layer.get("name") == SEGMENTATION_LAYER:
+            return tuple(layer.get("segments") or ())
+    return None
+
+
+def _visible_ids(segments_json: tuple | None) -> frozenset[int]:
+    """Visible ids of a raw ``segments`` list (``"!id"`` entries are starred but hidden)."""
+    ids = set()
+    for item in segments_json or ():
+        text = str(item)
+        if text.startswith("!"):
+            continue
+        try:
+            ids.add(int(text))
+        except ValueError:
+            log.debug("ignoring segment entry %r", item)
+    return frozenset(ids)
+
+
+#: Hover ring: transparent fill and a thick white border, so the node's own colour (its
+#: compartment) stays visible inside the ring.
+_HOVER_SHADER = """
+void main() {
+  setPointMarkerSize(18.0);
+  setPointMarkerColor(vec4(0.0, 0.0, 0.0, 0.0));
+  setPointMarkerBorderWidth(3.0);
+  setPointMarkerBorderColor(vec4(1.0, 1.0, 1.0, 1.0));
+}
+"""
+
+#: Manual labels: the label's colour with a white border (predicted nodes have a black one).
+_LABEL_SHADER = """
+void main() {
+  setColor(prop_color());
+  setPointMarkerSize(11.0);
+  setPointMarkerBorderWidth(2.0);
+  setPointMarkerBorderColor(vec4(1.0, 1.0, 1.0, 1.0));
+}
+"""
+
+
+def _label_properties() -> list:
+    import neuroglancer
+
+    return [neuroglancer.AnnotationPropertySpec(id="color", type="rgb", default="#ffffff")]
+
+
+def hover_annotation(segment_id: int, node_id: int, xyz_nm: Sequence[float]) -> dict:
+    """The hover ring's point annotation (neuroglancer JSON, nm) at a node."""
+    segment = _segment_id(segment_id)
+    return {
+        "type": "point",
+        "id": "hover",
+        "point": _position_nm(xyz_nm, f"hovered node {segment}-{node_id}"),
+        "segments": [[str(segment)]],
+    }
+
+
+def label_annotations(points: Sequence[tuple[int, int | None, Sequence[float], str]],
+                      labels_in_order: Sequence[str] = ()) -> list[dict]:
+    """Point annotations (neuroglancer JSON, nm) of manually labelled nodes.
+
+    Each is coloured by :func:`label_colour`, describes itself by its label and carries
+    its segment id (``segments``), see :meth:`NeuroglancerBridge.show_labels`.
+
+    Raises
+    ------
+    ValueError
+        For a malformed point, an empty label, or two points with the same node.
+    """
+    annotations, seen = [], set()
+    for point in points:
+        try:
+            segment_id, node_id, xyz_nm, label = point
+        except (TypeError, ValueError):
+            raise ValueError(f"labelled point {point!r} is not (segment_id, node_id, xyz_nm, label)") from None
+        segment = _segment_id(segment_id)
+        if not isinstance(label, str) or not label:
+            raise ValueError(f"labelled point {segment}-{node_id} has no label ({label!r})")
+        key = f"label-{segment}" if node_id is None else f"label-{segment}-{int(node_id)}"
+        if key in seen:
+            raise ValueError(f"node {key[len('label-'):]} is labelled twice")
+        seen.add(key)
+        annotations.append({
+            "type": "point",
+            "id": key,
+            "point": _position_nm(xyz_nm, f"labelled node {key[len('label-'):]}"),
+            "description": label,
+            "segments": [[str(segment)]],
+            "props": [label_colour(label, labels_in_order)],
+        })
+    return annotations
 
 
 def _node_properties() -> list:

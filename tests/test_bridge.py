@@ -194,3 +194,299 @@ def test_no_cell_type_colour_can_be_mistaken_for_the_ood_magenta():
 
     for name in [f"type{i}" for i in range(200)] + ["pyramidal", "interneuron", "astrocyte"]:
         assert np.abs(rgb(cell_type_colour(name)) - rgb(OOD_COLOUR)).max() > 100
+
+
+# -- links with the embedding plot ---------------------------------------------------------
+
+
+def selected(bridge) -> set[int]:
+    return {int(s) for s in bridge.viewer.state.layers[SEGMENTATION_LAYER].segments}
+
+
+def test_highlight_segments_selects_exactly_those_and_the_last_request_wins(bridge):
+    state = SessionState()
+    bridge.attach(state)
+    bridge.highlight_segments([3, 4, np.uint64(2**40 + 5)])
+    assert bridge.flush()
+    assert selected(bridge) == {3, 4, 2**40 + 5}
+
+    # The session's single segment and a lasso share one writer key: the newer one wins.
+    bridge.highlight_segments([1, 2])
+    state.select_segment(9)
+    assert bridge.flush()
+    assert selected(bridge) == {9}
+    state.select_segment(10)
+    bridge.highlight_segments({1, 2})
+    assert bridge.flush()
+    assert selected(bridge) == {1, 2}
+
+    bridge.highlight_segments([])
+    assert bridge.flush()
+    assert selected(bridge) == set()
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "x", None, 2**64])
+def test_highlight_segments_rejects_bad_ids_and_writes_nothing(bridge, bad):
+    bridge.highlight_segments([7])
+    assert bridge.flush()
+    with pytest.raises(ValueError, match="segment id"):
+        bridge.highlight_segments([8, bad])
+    assert bridge.flush()
+    assert selected(bridge) == {7}
+
+
+def hold_writer(bridge):
+    """Block the writer thread until the returned event is set (to queue writes up)."""
+    import threading
+
+    release = threading.Event()
+    bridge._writer.submit("test-hold", lambda: release.wait(10))
+    return release
+
+
+def test_highlight_node_rings_one_node_coalesced_and_can_move_the_view(bridge):
+    from app.neuroglancer_bridge import HOVER_LAYER
+
+    release = hold_writer(bridge)
+    writes = bridge.writes
+    for i in range(50):  # a mouse sweeping over the plot
+        bridge.highlight_node((12, i, (100.0 + i, 200.0, 300.0)))
+    release.set()
+    assert bridge.flush()
+    assert bridge.writes == writes + 1  # only the newest hover reached the viewer
+    (ring,) = annotations(bridge, HOVER_LAYER)
+    assert ring["point"] == [149.0, 200.0, 300.0]
+    assert ring["segments"] == [["12"]]
+    assert bridge.viewer.state.layers[HOVER_LAYER].pick is False  # never steals the double click
+    position = list(bridge.viewer.state.position)
+
+    bridge.highlight_node((12, 3, [640.0, 320.0, 400.0]), move=True)
+    assert bridge.flush()
+    np.testing.assert_allclose(bridge.viewer.state.position, [20.0, 10.0, 10.0])  # nm / VOXEL
+    assert position != list(bridge.viewer.state.position)
+
+    bridge.highlight_node(None)
+    assert bridge.flush()
+    assert HOVER_LAYER in bridge.viewer.state.layers and annotations(bridge, HOVER_LAYER) == []
+    writes = bridge.writes
+    bridge.highlight_node(None)
+    assert bridge.flush()
+    assert bridge.writes == writes
+
+    with pytest.raises(ValueError, match="position"):
+        bridge.highlight_node((12, 3, [1.0, np.nan, 2.0]))
+
+
+def test_manual_labels_layer_colours_describes_and_links_each_node(bridge):
+    from app.neuroglancer_bridge import LABELS_LAYER, label_colour
+
+    order = ["bouton", "axon", "spine"]
+    points = [(12, 4, (100.0, 200.0, 300.0), "spine"),
+              (12, 8, np.array([400.0, 500.0, 600.0]), "axon"),
+              (2**40 + 9, None, [1.0, 2.0, 3.0], "bouton")]  # a label of a whole segment
+    bridge.show_labels(points, order)
+    assert bridge.flush()
+    layer = bridge.viewer.state.layers[LABELS_LAYER]
+    assert dict(layer.linked_segmentation_layer) == {"segments": SEGMENTATION_LAYER}
+    shown = annotations(bridge, LABELS_LAYER)
+    assert [a["id"] for a in shown] == ["label-12-4", "label-12-8", f"label-{2**40 + 9}"]
+    assert [a["description"] for a in shown] == ["spine", "axon", "bouton"]
+    assert [a["segments"] for a in shown] == [[["12"]], [["12"]], [[str(2**40 + 9)]]]
+    assert [a["props"][0] for a in shown] == [label_colour(x, order) for x in ("spine", "axon", "bouton")]
+    assert shown[1]["props"][0] == COMPARTMENT_COLOURS["axon"]
+    assert shown[1]["point"] == [400.0, 500.0, 600.0]
+
+    # The same labels again write nothing; a user-hidden layer stays hidden on an update.
+    writes = bridge.writes
+    bridge.show_labels(points, order)
+    assert bridge.flush() and bridge.writes == writes
+    with bridge.viewer.txn() as s:
+        s.layers[LABELS_LAYER].visible = False
+    bridge.show_labels(points[:2], order)
+    assert bridge.flush()
+    assert len(annotations(bridge, LABELS_LAYER)) == 2
+    assert not bridge.viewer.state.layers[LABELS_LAYER].visible
+
+    bridge.show_labels([], order)
+    assert bridge.flush()
+    assert LABELS_LAYER not in bridge.viewer.state.layers
+
+
+@pytest.mark.parametrize("points, message", [
+    ([(1, 2, (0.0, 0.0, 0.0), "")], "no label"),
+    ([(1, 2, (0.0, 0.0), "axon")], "position"),
+    ([(1, 2, (0.0, 0.0, 0.0))], "not \\(segment_id"),
+    ([(1, 2, (0.0, 0.0, 0.0), "a"), (1, 2, (1.0, 0.0, 0.0), "b")], "labelled twice"),
+    ([(-3, 2, (0.0, 0.0, 0.0), "a")], "segment id"),
+])
+def test_manual_labels_reject_malformed_points(bridge, points, message):
+    with pytest.raises(ValueError, match=message):
+        bridge.show_labels(points)
+
+
+def test_label_colours_are_deterministic_distinct_and_never_the_ood_magenta():
+    from app.neuroglancer_bridge import label_colour
+
+    def rgb(colour):
+        return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=float)
+
+    names = [f"label {i}" for i in range(12)]
+    colours = [label_colour(name, names) for name in names]
+    assert colours == [label_colour(name, list(names)) for name in names]
+    assert len(set(colours)) == 12
+    # Compartment names keep their compartment's colour and take no palette slot.
+    assert label_colour("soma", ["soma", "spine"]) == COMPARTMENT_COLOURS["soma"]
+    assert label_colour("spine", ["soma", "spine"]) == label_colour("spine", ["spine"])
+    reserved = [OOD_COLOUR, PENDING_COLOUR, EMBEDDED_COLOUR, *COMPARTMENT_COLOURS.values()]
+    for colour in colours:
+        assert min(np.linalg.norm(rgb(colour) - rgb(other)) for other in reserved) >= 75
+    for i, a in enumerate(colours):
+        for b in colours[i + 1:]:
+            assert np.linalg.norm(rgb(a) - rgb(b)) >= 75
+    # Labels outside the list still get a stable, non-magenta colour.
+    for name in [f"free {i}" for i in range(100)]:
+        assert label_colour(name) == label_colour(name)
+        assert np.abs(rgb(label_colour(name)) - rgb(OOD_COLOUR)).max() > 100
+
+
+# -- exported bundles ---------------------------------------------------------------------
+
+
+def write_bundle(folder, *, segment_properties=True, shift=0.0):
+    from analysis.export import NodeTable, SegmentTable, write_node_annotations, write_segment_properties
+    from analysis.progress import drive
+
+    folder.mkdir(exist_ok=True)
+    nodes = NodeTable(np.array([7, 7, 9], np.uint64), [0, 1, 0],
+                      np.array([[100.0, 200.0, 300.0], [150.0, 200.0, 300.0], [900.0, 800.0, 700.0]]) + shift,
+                      compartment=[0, 1, -1])
+    drive(write_node_annotations(folder / "annotations", nodes, force=True))
+    if segment_properties:
+        write_segment_properties(folder / "segment_properties", SegmentTable.from_nodes(nodes), force=True)
+    return folder
+
+
+def fetch(url):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return reply.read()
+
+
+def segmentation_urls(bridge):
+    return [source.url for source in bridge.viewer.state.layers[SEGMENTATION_LAYER].source]
+
+
+def test_exported_layer_is_served_linked_and_brings_segment_properties(bridge, tmp_path):
+    from app.neuroglancer_bridge import EXPORTED_LAYER
+
+    bundle = write_bundle(tmp_path / "bundle")
+    source = bridge.add_exported_layer(bundle)
+    assert source.startswith("precomputed://http://127.0.0.1:") and source.endswith("/annotations")
+    http = source[len("precomputed://"):]
+    assert fetch(http + "/info") == (bundle / "annotations" / "info").read_bytes()
+    assert bridge.flush()
+    layer = bridge.viewer.state.layers[EXPORTED_LAYER]
+    assert [s.url for s in layer.source] == [source]
+    assert dict(layer.linked_segmentation_layer) == {"segment": SEGMENTATION_LAYER}
+    assert "prop_compartment" in layer.shader
+    properties = source[: -len("annotations")] + "segment_properties"
+    assert segmentation_urls(bridge) == ["precomputed://http://127.0.0.1:9/segmentation", properties]
+    assert fetch(properties[len("precomputed://"):] + "/info") == (bundle / "segment_properties" / "info").read_bytes()
+
+    # The same bundle again: same URL, nothing written.
+    writes = bridge.writes
+    assert bridge.add_exported_layer(bundle) == source
+    assert bridge.flush() and bridge.writes == writes
+
+    # Re-exported into the same folder: a new URL (the page caches by URL) replaces the
+    # layer and the properties source.
+    write_bundle(bundle, shift=10.0)
+    renewed = bridge.add_exported_layer(bundle)
+    assert renewed != source
+    assert bridge.flush()
+    assert [s.url for s in bridge.viewer.state.layers[EXPORTED_LAYER].source] == [renewed]
+    assert segmentation_urls(bridge) == ["precomputed://http://127.0.0.1:9/segmentation",
+                                         renewed[: -len("annotations")] + "segment_properties"]
+    assert fetch(renewed[len("precomputed://"):] + "/info") == (bundle / "annotations" / "info").read_bytes()
+    assert [layer.name for layer in bridge.viewer.state.layers].count(EXPORTED_LAYER) == 1
+
+
+def test_exported_layer_without_segment_properties_and_bad_folders(bridge, tmp_path):
+    bundle = write_bundle(tmp_path / "plain", segment_properties=False)
+    source = bridge.add_exported_layer(bundle, name="colleague's nodes")
+    assert bridge.flush()
+    assert [s.url for s in bridge.viewer.state.layers["colleague's nodes"].source] == [source]
+    assert segmentation_urls(bridge) == ["precomputed://http://127.0.0.1:9/segmentation"]
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty has no annotations/"):
+        bridge.add_exported_layer(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        bridge.add_exported_layer(tmp_path / "missing")
+    (tmp_path / "odd" / "annotations").mkdir(parents=True)
+    (tmp_path / "odd" / "annotations" / "info").write_text('{"@type": "neuroglancer_multiscale_volume"}')
+    with pytest.raises(ValueError, match="not a neuroglancer_annotations_v1"):
+        bridge.add_exported_layer(tmp_path / "odd")
+    with pytest.raises(ValueError, match="cannot name"):
+        bridge.add_exported_layer(bundle, name=SEGMENTATION_LAYER)
+
+
+# -- the user's selection in the page -----------------------------------------------------
+
+
+def test_segments_changed_in_the_page_are_reported_but_not_the_bridges_own_writes(bridge):
+    reports = []
+    stop = bridge.on_segments_changed(reports.append)
+
+    bridge.highlight_segments([1, 2])  # the bridge's own write: no report
+    assert bridge.flush()
+    assert reports == []
+
+    with bridge.viewer.txn() as s:  # the user ctrl+clicks segment 3
+        s.layers[SEGMENTATION_LAYER].segments = {1, 2, 3}
+    assert reports == [frozenset({1, 2, 3})]
+
+    with bridge.viewer.txn() as s:  # camera moves and other layers: no report
+        s.position = [5.0, 6.0, 7.0]
+        s.layers[SEGMENTATION_LAYER].segment_colors[np.uint64(3)] = "#00ff00"
+    bridge.highlight_node((1, 0, (0.0, 0.0, 0.0)))
+    assert bridge.flush()
+    assert reports == [frozenset({1, 2, 3})]
+
+    with bridge.viewer.txn() as s:  # the user undoes it: back to what the bridge wrote
+        s.layers[SEGMENTATION_LAYER].segments = {1, 2}
+    assert reports[-1] == frozenset({1, 2})
+
+    # The page echoing the bridge's write (a new generation, the same set in its own
+    # order) is no change.
+    bridge.highlight_segments([4, 6])
+    assert bridge.flush()
+    raw = bridge.viewer.state.to_json()
+    layer = next(layer for layer in raw["layers"] if layer["name"] == SEGMENTATION_LAYER)
+    layer["segments"] = sorted(layer["segments"], reverse=True)
+    bridge.viewer.set_state(raw, generation="client/1")
+    assert bridge.viewer.shared_state.state_generation == "client/1"
+    assert len(reports) == 2
+
+    stop()
+    with bridge.viewer.txn() as s:
+        s.layers[SEGMENTATION_LAYER].segments = {5}
+    assert len(reports) == 2
+
+
+def test_a_failing_segments_listener_does_not_break_the_viewer(bridge):
+    def broken(_ids):
+        raise RuntimeError("listener bug")
+
+    reports = []
+    bridge.on_segments_changed(broken)
+    bridge.on_segments_changed(reports.append)
+    with bridge.viewer.txn() as s:
+        s.layers[SEGMENTATION_LAYER].segments = {8}
+    assert reports == [frozenset({8})]
+    assert selected(bridge) == {8}
+    bridge.close()  # removes the viewer callback
+    with bridge.viewer.txn() as s:
+        s.layers[SEGMENTATION_LAYER].segments = {9}
+    assert reports == [frozenset({8})]
