@@ -18,8 +18,8 @@ row carries the segment's own label. Labels of segments that are not exported ar
 reported in the log, never silently dropped from view.
 
 SWC skeletons: the records' centres are a thinned subset of skeleton nodes, so pass
-``skeletons`` built with :func:`centre_skeleton_edges` (e.g. from
-``DataSource.skeleton(segment_id)`` and the record's embedded ``node_ids``), not the
+``skeletons`` whose edges join the embedded centres (:func:`analysis.centres.contract_skeleton`
+of ``DataSource.skeleton(segment_id)`` and the record's embedded ``node_ids``), not the
 skeleton's own edges.
 
 No Qt. The tables are built when :func:`export_session` is called (a snapshot: call it on
@@ -212,65 +212,6 @@ def session_tables(
     log.info("session export: %d nodes (%d labelled) of %d segments", len(nodes),
              int(np.count_nonzero(nodes.manual_label != "")), len(segments))
     return nodes, segments, provenance
-
-
-def centre_skeleton_edges(skeleton, node_ids) -> SkeletonEdges:
-    """SWC edges joining a segment's exported centres along its full skeleton.
-
-    Centres are a thinned subset of skeleton nodes (``SegmentRecord.node_ids`` index
-    ``skeleton.nodes_nm``), so the skeleton's own edges name nodes the export does not
-    have. Each centre is joined to its nearest centre ancestor on the skeleton (a
-    breadth-first tree from a centre in each connected component): a tree per component.
-
-    Parameters
-    ----------
-    skeleton : analysis.skeletons.Skeleton
-        The segment's full skeleton (positions nm, edges as node indices).
-    node_ids : array of int
-        The centres to join (node indices into the skeleton), e.g. a record's embedded
-        centres.
-
-    Returns
-    -------
-    SkeletonEdges
-        ``[E, 2]`` pairs of ``node_ids`` values, with the skeleton's radii (nm) when it
-        has them.
-
-    Raises
-    ------
-    ValueError
-        For node ids outside the skeleton.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import breadth_first_order, connected_components
-
-    kept_ids = np.unique(np.asarray(node_ids, dtype=np.int64).reshape(-1))
-    n = skeleton.n_nodes
-    if len(kept_ids) and (kept_ids[0] < 0 or kept_ids[-1] >= n):
-        raise ValueError(f"skeleton {skeleton.segment_id}: node ids must lie in [0, {n}), got "
-                         f"[{kept_ids[0]}, {kept_ids[-1]}]")
-    kept = np.zeros(n, dtype=bool)
-    kept[kept_ids] = True
-    edges = skeleton.edges
-    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n)).tocsr()
-    graph = graph.maximum(graph.T).tocsr()
-    _, component = connected_components(graph, directed=False)
-    pairs = []
-    for label in np.unique(component[kept_ids]).tolist():
-        root = int(kept_ids[component[kept_ids] == label][0])
-        order, parents = breadth_first_order(graph, root, directed=False, return_predecessors=True)
-        nearest = {root: root}  # node -> its nearest kept ancestor-or-self
-        for node in order[1:].tolist():
-            above = nearest[int(parents[node])]
-            if kept[node]:
-                pairs.append((above, node))
-                nearest[node] = node
-            else:
-                nearest[node] = above
-    radius = None
-    if skeleton.radius_nm is not None:
-        radius = {int(i): float(skeleton.radius_nm[i]) for i in kept_ids}
-    return SkeletonEdges(np.array(pairs, dtype=np.int64).reshape(-1, 2), radius)
 
 
 def _usable_skeletons(skeletons: Mapping[int, SkeletonEdges], nodes: NodeTable) -> dict[int, SkeletonEdges]:

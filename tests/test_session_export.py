@@ -12,8 +12,8 @@ from analysis import COMPARTMENTS
 from analysis.export import NOT_PREDICTED, SkeletonEdges, read_node_table, read_segment_table
 from analysis.progress import drive
 from app.labels import LabelStore
-from analysis.skeletons import Skeleton
-from app.session_export import NOTHING_TO_EXPORT, centre_skeleton_edges, export_session, session_tables
+from analysis.centres import contract_skeleton
+from app.session_export import NOTHING_TO_EXPORT, export_session, session_tables
 from app.state import (
     UNKNOWN_COMPARTMENT,
     ClassifierInfo,
@@ -266,25 +266,11 @@ def test_export_without_a_dataset_is_an_error(labels):
         export_session("unused", SessionState(), labels)
 
 
-def test_centre_skeleton_edges_join_centres_along_the_skeleton():
-    #   0 - 1 - 2 - 3 - 4        (and 2 - 5 - 6 a branch; 7 - 8 another component)
-    edges = np.array([[0, 1], [1, 2], [2, 3], [3, 4], [2, 5], [5, 6], [7, 8]])
-    skeleton = Skeleton(9, np.arange(27, dtype=float).reshape(9, 3), edges, radius_nm=np.arange(9) * 10.0)
-    result = centre_skeleton_edges(skeleton, [4, 0, 6, 8, 2])
-    assert sorted(map(tuple, result.edges.tolist())) == [(0, 2), (2, 4), (2, 6)]
-    assert result.radius_nm == {0: 0.0, 2: 20.0, 4: 40.0, 6: 60.0, 8: 80.0}
-    # centres that are not connected through other centres still join along the skeleton
-    assert sorted(map(tuple, centre_skeleton_edges(skeleton, [4, 6]).edges.tolist())) == [(4, 6)]
-    with pytest.raises(ValueError, match=r"node ids must lie in \[0, 9\)"):
-        centre_skeleton_edges(skeleton, [9])
-
-
-def test_centre_skeletons_make_swc_of_a_half_embedded_segment(session, labels, tmp_path):
+def test_contracted_skeletons_make_swc_of_a_half_embedded_segment(session, labels, tmp_path):
     # segment 11's centres 5, 6, 8 are embedded, 7 is not: join what is there
     edges = np.array([[i, i + 1] for i in range(10)])
-    skeleton = Skeleton(11, np.arange(33, dtype=float).reshape(11, 3), edges)
     embedded = session.records[11].node_ids[session.records[11].embedded]
-    skeletons = {11: centre_skeleton_edges(skeleton, embedded)}
+    skeletons = {11: SkeletonEdges(contract_skeleton(11, edges, embedded))}
     result = drive(export_session(tmp_path / "b", session, labels, parts=("swc",), skeletons=skeletons))
     assert result.files["swc"] == ["skeletons/11.swc"]
     rows = [line.split() for line in (tmp_path / "b" / "skeletons" / "11.swc").read_text().splitlines()
