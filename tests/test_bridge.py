@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -490,3 +492,68 @@ def test_a_failing_segments_listener_does_not_break_the_viewer(bridge):
     with bridge.viewer.txn() as s:
         s.layers[SEGMENTATION_LAYER].segments = {9}
     assert reports == [frozenset({8})]
+
+
+# -- the same, with Neuroglancer's own client in the page ---------------------------------
+
+_VISIBLE_SEGMENTS_JS = ('Array.from(viewer.layerManager.getLayerByName("segmentation").layer.displayState'
+                        '.segmentationGroupState.value.visibleSegments).map(String).sort()')
+
+
+def _shader_error_js(layer: str) -> str:
+    """null once the layer's annotation shader compiled, its message on failure."""
+    return (f'(() => {{ const l = viewer.layerManager.getLayerByName("{layer}"); if (!l || !l.layer) return "no layer";'
+            ' const e = l.layer.annotationDisplayState.shaderError.value;'
+            ' return e === undefined ? "not compiled" : (e === null ? null : String(e.message || e)); })()')
+
+
+@pytest.fixture
+def web_qapp(request):
+    """pytest-qt's QApplication, created after QtWebEngine is imported (which it must be)."""
+    pytest.importorskip("PyQt6.QtWebEngineWidgets")
+    pytest.importorskip("pytestqt")
+    return request.getfixturevalue("qapp")
+
+
+@pytest.mark.qt
+@pytest.mark.timeout(180)
+def test_the_page_draws_the_new_layers_and_reports_only_the_users_selection(web_qapp, bridge, tmp_path):
+    from ngclient import NeuroglancerPage
+    from test_export_ngclient import SPATIAL_IDS_SCRIPT
+
+    from app.neuroglancer_bridge import EXPORTED_LAYER, HOVER_LAYER, LABELS_LAYER
+
+    reports = []
+    bridge.on_segments_changed(reports.append)
+    bundle = write_bundle(tmp_path / "bundle")
+    with NeuroglancerPage(bridge.viewer) as page:
+        bridge.highlight_segments([1, 2])
+        bridge.highlight_node((1, 0, (1000.0, 1000.0, 1000.0)))
+        bridge.show_labels([(1, 0, (1000.0, 1000.0, 1000.0), "spine"), (2, 3, (1100.0, 1000.0, 1000.0), "axon")])
+        bridge.add_exported_layer(bundle)
+        assert bridge.flush()
+        assert page.wait_for(_VISIBLE_SEGMENTS_JS, lambda v: v == ["1", "2"], timeout_s=30)
+        for layer in (HOVER_LAYER, LABELS_LAYER, EXPORTED_LAYER):
+            assert page.wait_for(_shader_error_js(layer), lambda v: v not in ("no layer", "not compiled"),
+                                 timeout_s=30) is None, layer
+        # The client fetched the exported annotations from the bridge's file server.
+        levels = page.wait_for(SPATIAL_IDS_SCRIPT.replace('"nodes"', f'"{EXPORTED_LAYER}"'),
+                               lambda v: v is not None and sum(map(len, v)) >= 3, timeout_s=30)
+        assert sorted(int(i) for level in levels for i in level) == [0, 1, 2]
+        assert reports == []  # the bridge's writes and the page's echoes of them
+
+        # The user adds segment 3 in the page.
+        page.evaluate('(viewer.layerManager.getLayerByName("segmentation").layer.displayState'
+                      '.segmentationGroupState.value.visibleSegments.add(3n), 0)')
+        page._run_until(lambda: bool(reports), time.monotonic() + 20, "the page's selection to reach Python")
+        assert reports == [frozenset({1, 2, 3})]
+
+        # The bridge selects 7; the page shows it and echoes its state. A camera move made
+        # in the page afterwards reaches Python after any such echo (one ordered channel).
+        bridge.highlight_segments([7])
+        assert bridge.flush()
+        assert page.wait_for(_VISIBLE_SEGMENTS_JS, lambda v: v == ["7"], timeout_s=30)
+        page.evaluate("(viewer.position.value = Float32Array.of(11, 22, 33), 0)")
+        page._run_until(lambda: np.allclose(bridge.viewer.state.position, [11, 22, 33]),
+                        time.monotonic() + 20, "the page's camera move to reach Python")
+        assert reports == [frozenset({1, 2, 3})]
