@@ -553,6 +553,7 @@ class AppController:
         self.source: DataSource | None = None
         self.precomputed: PrecomputedEmbeddings | None = None
         self.engine = None  # ComputeProcess, started by load_model or load_classifiers
+        self.model_path: Path | None = None  # the encoder asked for last (sessions record it)
         self._model_job = None
         self._classifier_job = None
         self._embed_job = None
@@ -583,6 +584,7 @@ class AppController:
 
     def load_model(self, path: Path | None, *, trained: bool = True) -> None:
         """Load the encoder at ``path`` on the worker; None: embedding unavailable."""
+        self.model_path = path
         if path is None:
             self.state.set_model(None, "No trained model found in assets/ and no --checkpoint given: "
                                        "segments can be selected but not embedded.")

@@ -52,6 +52,9 @@ def add_open_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--checkpoint", metavar="PATH",
                         help="encoder: a SegScope .keras file or a SegCLR TensorFlow checkpoint "
                              "(default: the demo model in assets/, when present)")
+    parser.add_argument("--session", metavar="FILE",
+                        help="reopen a saved session (*.segscope.json): its data, model, classifiers, "
+                             "segments, labels and plot; other options override its data")
     parser.add_argument("--classifiers", metavar="DIR",
                         help="folder of trained classifiers with a classifiers.json (segscope evaluate "
                              "--save-classifiers writes one); default: the demo classifiers in assets/")
@@ -67,9 +70,14 @@ class LaunchPlan:
     model_trained: bool
     classifiers: "ClassifierSummary | None" = None
     precomputed: "PrecomputedEmbeddings | None" = None
+    #: Context embeddings for the plot (the demo's), and why there are none otherwise.
+    background: Path | None = None
+    background_note: str = ""
+    #: A saved session to restore once the window is up.
+    session: Path | None = None
 
 
-def _demo_source() -> "DataSource":
+def _demo_folder() -> Path:
     from analysis.synthetic import demo_dataset
     from app.controller import DataSource
 
@@ -84,7 +92,32 @@ def _demo_source() -> "DataSource":
 
     if not any((user_cache_dir() / "demo").glob("v*-seed0/dataset.json")):
         print("Preparing the demo dataset (first run only, about 15 s)…", file=sys.stderr, flush=True)
-    return DataSource.open_dataset_folder(demo_dataset(progress=report))
+    return Path(demo_dataset(progress=report))
+
+
+def _session_sources(path: str) -> tuple[Path, dict]:
+    """The data, model and classifiers a saved session names (console side).
+
+    Raises
+    ------
+    LaunchError
+        For a missing or unreadable session file.
+    """
+    from app.session_file import SessionFileError, session_paths
+
+    json_path, _ = session_paths(path)
+    try:
+        from app.session_file import SessionDocument
+
+        document = SessionDocument.from_json(json_path.read_text(), source=json_path)
+    except FileNotFoundError:
+        raise LaunchError(f"--session: no session file {json_path}") from None
+    except (OSError, SessionFileError, ValueError) as exc:
+        raise LaunchError(f"--session: {exc}") from None
+    dataset = document.dataset
+    return json_path, {"image": dataset.image_url, "segmentation": dataset.segmentation_url,
+                       "skeletons": dataset.skeletons_url, "checkpoint": document.model_path,
+                       "classifiers": document.classifiers_folder}
 
 
 def plan_launch(args: argparse.Namespace) -> LaunchPlan:
@@ -104,6 +137,12 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
         read_classifier_folder,
     )
 
+    session = None
+    if getattr(args, "session", None):
+        session, saved = _session_sources(args.session)
+        # Options given on the command line win over the session's own.
+        args = argparse.Namespace(**{**{k: v for k, v in saved.items() if v is not None},
+                                     **{k: v for k, v in vars(args).items() if v is not None}})
     image = getattr(args, "image", None)
     segmentation = getattr(args, "segmentation", None)
     if bool(image) != bool(segmentation):
@@ -140,16 +179,23 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
         except SourceError as exc:
             raise LaunchError(str(exc)) from None
 
+    from app.controller import DataSource
+
+    background, note = None, ""
     try:
         if image:
-            from app.controller import DataSource
-
             source = DataSource.open(image, segmentation, getattr(args, "skeletons", None))
         else:
-            source = _demo_source()
+            folder = _demo_folder()
+            source = DataSource.open_dataset_folder(folder)
+            from app.demo_context import find_demo_context
+
+            context = find_demo_context(folder, encoder_path=model_path,
+                                        classifiers_folder=None if classifiers is None else classifiers.folder)
+            background, note = context.path, context.reason
     except (SourceError, OSError, ValueError) as exc:
         raise LaunchError(str(exc)) from None
-    return LaunchPlan(source, model_path, True, classifiers, precomputed)
+    return LaunchPlan(source, model_path, True, classifiers, precomputed, background, note, session)
 
 
 def _check_display() -> None:
@@ -172,13 +218,18 @@ def configure_qt_environment() -> None:
 def build_window(source: "DataSource", model_path: Path | None, *,
                  model_trained: bool = True, spacing_nm: float | None = None,
                  classifiers: "ClassifierSummary | None" = None,
-                 precomputed: "PrecomputedEmbeddings | None" = None) -> "MainWindow":
-    """Create the window, its controller, job runner and neuroglancer bridge.
+                 precomputed: "PrecomputedEmbeddings | None" = None,
+                 background: Path | None = None, plot: bool = True,
+                 projection_backend=None) -> "MainWindow":
+    """Create the window, its controller, job runner, neuroglancer bridge and plot.
 
     A QApplication must exist. The model, then the classifiers, load on the worker
     thread after the window is built; without a model, segments can be selected but not
     embedded (unless ``precomputed`` holds them); without classifiers, nodes are not
-    labelled. TensorFlow runs in a child process (see :mod:`app.compute_process` for why).
+    labelled. TensorFlow runs in a child process (see :mod:`app.compute_process` for why),
+    and so does UMAP (:mod:`app.projection_process`: numba's compiler holds the GIL), unless
+    ``projection_backend`` says otherwise. ``background`` is a context embedding table for
+    the plot (the demo's); ``plot=False`` leaves the plot out.
     """
     from app.controller import AppController
     from app.jobs import JobRunner
@@ -197,6 +248,16 @@ def build_window(source: "DataSource", model_path: Path | None, *,
     invoker.setParent(window)
     relay.setParent(window)
     window.show_source(source, precomputed=precomputed)
+    if plot:
+        if projection_backend is None:
+            from app.projection_process import ProcessProjectionBackend
+
+            projection_backend = ProcessProjectionBackend()
+        try:
+            window.attach_plot(background=background, scheduler_options={"backend": projection_backend})
+        except (OSError, ValueError, KeyError) as exc:  # an unreadable context table
+            log.warning("context embeddings %s not shown: %s", background, exc)
+            window.attach_plot(scheduler_options={"backend": projection_backend})
     controller.load_model(model_path, trained=model_trained)
     controller.load_classifiers(classifiers, "" if classifiers is not None else
                                 "No classifiers found in assets/classifiers and no --classifiers given: "
@@ -222,8 +283,23 @@ def run_app(args: argparse.Namespace) -> int:
     app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "segscope"])
     app.setApplicationName("SegScope")
     window = build_window(plan.source, plan.model_path, model_trained=plan.model_trained,
-                          classifiers=plan.classifiers, precomputed=plan.precomputed)
+                          classifiers=plan.classifiers, precomputed=plan.precomputed,
+                          background=plan.background)
+    if plan.background_note:
+        window.statusBar().showMessage(f"No context embeddings in the plot: {plan.background_note}", 15000)
+    from app.session_file import AutosaveManager
+
+    autosave = AutosaveManager()
+    try:
+        autosave.start()
+        window.start_autosave(autosave)
+    except OSError as exc:  # a read-only cache: run without autosave, and say so
+        window.state.show_error(f"Autosave is off: {exc}")
     window.show()
+    if plan.session is not None:
+        window.open_session(plan.session)
+    else:
+        window.offer_recovery()
     status = app.exec()
     window.shutdown()
     return int(status)

@@ -120,10 +120,11 @@ def launch(assets: dict):
     from PyQt6.QtWidgets import QApplication
 
     from app.controller import read_classifier_folder
-    from app.main import _demo_source, build_window
+    from app.controller import DataSource
+    from app.main import _demo_folder, build_window
 
     app = QApplication.instance() or QApplication(["segscope-bench"])
-    source = _demo_source()
+    source = DataSource.open_dataset_folder(_demo_folder())
     window = build_window(source, Path(assets["model"]), model_trained="RANDOM" not in assets["model_note"],
                           classifiers=read_classifier_folder(assets["classifiers"]))
     window.resize(1400, 860)

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.progress import drive
 from tiny_classifiers import cell_type_cluster, write_in_subprocess
 
 # QtWebEngine must be imported before pytest-qt creates the QApplication.
@@ -37,10 +36,8 @@ pytestmark = pytest.mark.qt
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    from analysis.synthetic import generate_dataset
-
-    return drive(generate_dataset(tmp_path_factory.mktemp("demo96") / "demo", seed=0, size_vox=(96, 96, 96)))
+def demo_dir(demo96_dir) -> Path:
+    return demo96_dir
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +174,7 @@ def test_window_opens_on_the_demo_and_renders(qtbot, window, demo_dir):
     assert "untrained" in window.model_label.text()
     assert window.classifier_label.text() == "Classifiers: compartments, cell types"
     assert "pyramidal" in window.panel.cell_type_legend.text()
-    assert not window.export_action.isEnabled()
+    assert window.export_action.isEnabled()
 
 
 def test_double_click_selects_streams_predicts_and_flags_ood(qtbot, window, demo_dir, tmp_path):

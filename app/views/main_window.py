@@ -19,13 +19,18 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from PyQt6.QtCore import QObject, Qt, QUrl, pyqtSignal
+import numpy as np
+
+from pathlib import Path
+
+from PyQt6.QtCore import QObject, Qt, QTimer, QUrl, pyqtSignal
 from PyQt6.QtGui import QAction, QKeySequence
 from PyQt6.QtWebEngineWidgets import QWebEngineView
 from PyQt6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
     QDockWidget,
+    QFileDialog,
     QFormLayout,
     QFrame,
     QHBoxLayout,
@@ -41,7 +46,8 @@ from PyQt6.QtWidgets import (
 
 from analysis.progress import Progress
 from app.controller import AppController, DataSource, PrecomputedEmbeddings
-from app.jobs import JobUpdate
+from app.jobs import JobRunner, JobUpdate
+from app.labels import LabelStore
 from app.neuroglancer_bridge import ClickEvent, NeuroglancerBridge
 from app.state import JobStatus, ModelSummary, SessionState
 from app.views.segment_panel import SegmentPanel
@@ -50,6 +56,12 @@ from app.views.invoker import MainThreadInvoker
 log = logging.getLogger(__name__)
 
 OPEN_LANE = "open"
+#: Session I/O runs on its own worker so an export or autosave never delays embedding.
+EXPORT_LANE = "export"
+SESSION_LANE = "session"
+AUTOSAVE_LANE = "autosave"
+AUTOSAVE_INTERVAL_MS = 60_000
+SESSION_SUFFIX = ".segscope.json"
 
 
 class ClickRelay(QObject):
@@ -180,6 +192,15 @@ class MainWindow(QMainWindow):
         self.invoker = invoker
         self.relay = relay
         self._closed = False
+        #: Manual labels of this session (undo/redo in the Edit menu).
+        self.labels = LabelStore()
+        self.plot_dock = None  # the embedding plot (attach_plot)
+        self.export_dialog = None
+        self.session_path: Path | None = None
+        self.autosave = None  # app.session_file.AutosaveManager (start_autosave)
+        self.io_runner = JobRunner(post=invoker.post, name="segscope-session-io")
+        self._autosave_timer = QTimer(self)
+        self._autosave_timer.timeout.connect(self.autosave_now)
         self.setWindowTitle("SegScope")
         self.resize(1400, 860)
 
@@ -209,7 +230,8 @@ class MainWindow(QMainWindow):
         state.subscribe("error", self._show_error)
         state.subscribe("model", self._show_model)
         state.subscribe("classifiers", self._show_classifiers)
-        state.subscribe("dataset", lambda summary: self.setWindowTitle(f"SegScope: {summary.name}"))
+        state.subscribe("dataset", self._on_dataset)
+        self.labels.subscribe(lambda change: self._update_undo_actions())
         relay.clicked.connect(self._on_click)
         self._show_model(state.model)
         self._show_classifiers(state.classifiers)
@@ -229,6 +251,20 @@ class MainWindow(QMainWindow):
         self.addDockWidget(area, dock)
         return dock
 
+    def attach_plot(self, *, background=None, **plot_kwargs):
+        """Add the embedding plot dock, linked to the 3-D view, labels and session
+        (see :func:`app.views.embedding_plot.attach_embedding_plot`); returns the dock."""
+        from app.views.embedding_plot import attach_embedding_plot
+
+        self.plot_dock = attach_embedding_plot(self, background=background, **plot_kwargs)
+        return self.plot_dock
+
+    def _on_dataset(self, summary) -> None:
+        self.setWindowTitle(f"SegScope: {summary.name}")
+        # Segment ids mean nothing in other data: labels of the old data go (not undoable).
+        self.labels.reset()
+        self._update_undo_actions()
+
     # -- menus and shortcuts -------------------------------------------------------------------
 
     def _build_menus(self) -> None:
@@ -236,17 +272,37 @@ class MainWindow(QMainWindow):
         self.open_action = QAction("&Open…", self)
         self.open_action.setShortcut(QKeySequence.StandardKey.Open)
         self.open_action.triggered.connect(self._open_dialog)
+        self.open_session_action = QAction("Open &session…", self)
+        self.open_session_action.setShortcut(QKeySequence("Ctrl+Shift+O"))
+        self.open_session_action.triggered.connect(self._open_session_dialog)
+        self.save_session_action = QAction("&Save session", self)
+        self.save_session_action.setShortcut(QKeySequence.StandardKey.Save)
+        self.save_session_action.triggered.connect(lambda: self.save_session(self.session_path))
+        self.save_session_as_action = QAction("Save session &as…", self)
+        self.save_session_as_action.setShortcut(QKeySequence("Ctrl+Shift+S"))
+        self.save_session_as_action.triggered.connect(lambda: self.save_session(None))
         self.export_action = QAction("&Export…", self)
         self.export_action.setShortcut(QKeySequence("Ctrl+E"))
-        self.export_action.setEnabled(False)
-        self.export_action.setToolTip("Export arrives with the export feature")
+        self.export_action.triggered.connect(self.show_export_dialog)
         self.quit_action = QAction("&Quit", self)
         self.quit_action.setShortcut(QKeySequence.StandardKey.Quit)
         self.quit_action.triggered.connect(self.close)
-        file_menu.addAction(self.open_action)
-        file_menu.addAction(self.export_action)
+        for action in (self.open_action, self.open_session_action, self.save_session_action,
+                       self.save_session_as_action, self.export_action):
+            file_menu.addAction(action)
         file_menu.addSeparator()
         file_menu.addAction(self.quit_action)
+
+        edit_menu = self.menuBar().addMenu("&Edit")
+        self.undo_action = QAction("&Undo", self)
+        self.undo_action.setShortcut(QKeySequence.StandardKey.Undo)
+        self.undo_action.triggered.connect(self.undo_label)
+        self.redo_action = QAction("&Redo", self)
+        self.redo_action.setShortcuts([QKeySequence.StandardKey.Redo, QKeySequence("Ctrl+Shift+Z")])
+        self.redo_action.triggered.connect(self.redo_label)
+        edit_menu.addAction(self.undo_action)
+        edit_menu.addAction(self.redo_action)
+        self._update_undo_actions()
 
         segment_menu = self.menuBar().addMenu("&Segment")
         self.cancel_action = QAction("&Cancel embedding", self)
@@ -264,8 +320,9 @@ class MainWindow(QMainWindow):
         shortcuts.triggered.connect(self._show_shortcuts)
         help_menu.addAction(shortcuts)
         # Shortcuts must work while the web view has focus, so they live on the window.
-        for action in (self.open_action, self.export_action, self.quit_action, self.cancel_action,
-                       self.reembed_action, shortcuts):
+        for action in (self.open_action, self.open_session_action, self.save_session_action,
+                       self.save_session_as_action, self.export_action, self.quit_action, self.undo_action,
+                       self.redo_action, self.cancel_action, self.reembed_action, shortcuts):
             action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
             self.addAction(action)
 
@@ -274,6 +331,10 @@ class MainWindow(QMainWindow):
             "Double-click a segment: select it and embed its nodes\n"
             "Esc: cancel the embedding job\n"
             "Ctrl+R: embed the selected segment again\n"
+            "Rect / Lasso in the plot: select nodes and their segments (shown in 3-D)\n"
+            "Ctrl+Z / Ctrl+Shift+Z: undo / redo a manual label\n"
+            "Ctrl+S: save the session; Ctrl+Shift+O: open one\n"
+            "Ctrl+E: export the session\n"
             "Ctrl+O: open data\n"
             "Ctrl+Q: quit\n"
             "Neuroglancer's own keys work in the view (press h there for its help)."))
@@ -356,6 +417,322 @@ class MainWindow(QMainWindow):
         self.banner.hide()
         self.controller.open_source(source, precomputed=precomputed)
 
+    # -- manual labels -------------------------------------------------------------------------------
+
+    def _update_undo_actions(self) -> None:
+        labels = self.labels
+        self.undo_action.setEnabled(labels.can_undo)
+        self.undo_action.setText(f"&Undo {labels.undo_text}" if labels.can_undo else "&Undo")
+        self.redo_action.setEnabled(labels.can_redo)
+        self.redo_action.setText(f"&Redo {labels.redo_text}" if labels.can_redo else "&Redo")
+
+    def undo_label(self) -> bool:
+        text = self.labels.undo_text
+        done = self.labels.undo()
+        self.statusBar().showMessage(f"Undone: {text}" if done else "Nothing to undo.", 5000)
+        return done
+
+    def redo_label(self) -> bool:
+        text = self.labels.redo_text
+        done = self.labels.redo()
+        self.statusBar().showMessage(f"Redone: {text}" if done else "Nothing to redo.", 5000)
+        return done
+
+    # -- export ---------------------------------------------------------------------------------------
+
+    def show_export_dialog(self):
+        """Open the Export dialog (non-modal); its Export button starts :meth:`start_export`."""
+        from app.session_controller import session_records
+        from app.views.export_dialog import ExportDialog
+
+        records = session_records(self.state)
+        if not records:
+            self.state.show_error("Nothing to export yet: double-click a segment to embed it first.")
+            return None
+        nodes = sum(record.n_embedded for record in records)
+        summary = (f"{len(records)} segments, {nodes} embedded nodes; manual labels on "
+                   f"{self.labels.n_labelled_nodes} nodes and {self.labels.n_labelled_segments} segments.")
+        base = self.session_path.parent if self.session_path is not None else Path.home()
+        name = f"segscope-export-{self.state.dataset.name if self.state.dataset else 'session'}"
+        dialog = ExportDialog(base / name, summary, self)
+        dialog.accepted.connect(lambda: self.start_export(dialog.request()))
+        self.export_dialog = dialog
+        dialog.open()
+        return dialog
+
+    def start_export(self, request) -> None:
+        """Write the export bundle ``request`` (:class:`~app.views.export_dialog.ExportRequest`)
+        on the session worker; on success optionally add its annotation layer to the viewer."""
+        from app.session_export import export_session
+
+        snapshot, labels = self._session_snapshot()
+        source = self.controller.source
+
+        def make():
+            skeletons = skeleton_edges(source, snapshot.records) if "swc" in request.parts else None
+            return (yield from export_session(request.folder, snapshot, labels, parts=request.parts,
+                                              table_formats=request.table_formats, skeletons=skeletons,
+                                              force=request.force))
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "progress" and update.progress is not None:
+                self.statusBar().showMessage(f"Exporting: {update.progress.message}")
+            elif update.event == "finished":
+                message = f"Exported to {request.folder}"
+                if request.add_layer:
+                    try:
+                        self.bridge.add_exported_layer(request.folder)
+                        message += " (its annotation layer is in the viewer)"
+                    except (OSError, ValueError) as exc:
+                        message += f"; the layer could not be added: {exc}"
+                self.last_export = update.result
+                self.state.show_status(message + ".")
+            elif update.event == "failed":
+                self.state.show_error(f"Export to {request.folder} failed: {update.error}")
+
+        self.state.show_status(f"Exporting to {request.folder}…")
+        self.io_runner.submit(f"exporting to {request.folder}", make, on_update, kind=EXPORT_LANE, supersede=False)
+
+    def _session_snapshot(self):
+        """A copy of the archived records and labels a worker can read while the session
+        goes on changing on this thread."""
+        import copy
+        from types import SimpleNamespace
+
+        from app.session_controller import session_records
+
+        records = {record.segment_id: copy.deepcopy(record) for record in session_records(self.state)}
+        snapshot = SimpleNamespace(records=records, dataset=self.state.dataset, model=self.state.model,
+                                   classifiers=self.state.classifiers, segment=None)
+        return snapshot, LabelStore.from_dict(self.labels.to_dict())
+
+    # -- sessions -------------------------------------------------------------------------------------
+
+    def session_document(self):
+        """The live session as an :class:`app.session_file.SessionDocument`."""
+        from app.session_controller import build_document
+
+        plot_settings, segments, nodes = {}, (), ()
+        if self.plot_dock is not None:
+            plot = self.plot_dock.plot
+            plot_settings = plot.settings()
+            controller = plot.controller
+            rows = controller.selected_rows
+            segments = controller.selected_segments
+            nodes = zip(controller.segment_ids[rows].tolist(), controller.node_ids[rows].tolist())
+        return build_document(self.state, self.controller, self.labels, plot_settings=plot_settings,
+                              selected_segments=segments, selected_nodes=nodes)
+
+    def save_session(self, path: str | Path | None = None) -> bool:
+        """Save the session to ``path`` (None: ask for one) on the session worker."""
+        from app.session_file import save_session
+
+        if path is None:
+            chosen, _ = QFileDialog.getSaveFileName(self, "Save session", str(Path.home() / f"session{SESSION_SUFFIX}"),
+                                                    f"SegScope sessions (*{SESSION_SUFFIX})")
+            if not chosen:
+                return False
+            path = chosen
+        try:
+            document = self.session_document()
+        except ValueError as exc:
+            self.state.show_error(f"Cannot save the session: {exc}")
+            return False
+        snapshot, _ = self._session_snapshot()
+        records = list(snapshot.records.values())
+        target = Path(path)
+
+        def make():
+            yield Progress(0, 1, "files", f"saving {target.name}")
+            return save_session(target, document, records)
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "finished":
+                self.session_path = Path(update.result)
+                self.state.show_status(f"Session saved to {update.result}.")
+            elif update.event == "failed":
+                self.state.show_error(f"Could not save the session to {target}: {update.error}")
+
+        self.io_runner.submit(f"saving {target}", make, on_update, kind=SESSION_LANE, supersede=False)
+        return True
+
+    def _open_session_dialog(self) -> None:
+        chosen, _ = QFileDialog.getOpenFileName(self, "Open session", str(Path.home()),
+                                                f"SegScope sessions (*{SESSION_SUFFIX});;All files (*)")
+        if chosen:
+            self.open_session(chosen)
+
+    def open_session(self, path: str | Path) -> None:
+        """Load a saved session on the session worker and restore it (errors in the banner)."""
+        from app.session_file import load_session
+
+        target = Path(path)
+
+        def make():
+            yield Progress(0, 1, "files", f"reading {target.name}")
+            return load_session(target)
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "finished":
+                document, records = update.result
+                self.session_path = target
+                self.restore_session(document, records)
+            elif update.event == "failed":
+                self.state.show_error(f"Could not open the session {target}: {update.error}")
+
+        self.state.show_status(f"Opening session {target}…")
+        self.io_runner.submit(f"opening {target}", make, on_update, kind=SESSION_LANE, supersede=False)
+
+    def restore_session(self, document, records) -> None:
+        """Show a loaded session: its data (opened first when it differs from what is
+        open), model, classifiers, segments with their embeddings and predictions, labels,
+        selections and plot settings."""
+        from app.session_controller import same_data
+
+        if same_data(document, self.controller):
+            self._restore_loaded(document, records)
+            return
+        dataset = document.dataset
+
+        def make():
+            yield Progress(0, 1, "steps", f"opening {dataset.segmentation_url}")
+            source = DataSource.open(dataset.image_url, dataset.segmentation_url, dataset.skeletons_url,
+                                     name=dataset.name)
+            store = document.precomputed
+            precomputed = None if store is None else PrecomputedEmbeddings.open(
+                store.location, coordinates=store.coordinates, num_shards=store.num_shards,
+                bytewidth=store.bytewidth)
+            return source, precomputed
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "finished":
+                source, precomputed = update.result
+                self.show_source(source, precomputed=precomputed)
+                if self.controller.source is source:
+                    self._restore_loaded(document, records)
+            elif update.event == "failed":
+                self.state.show_error(f"Could not open the session's data: {update.error}")
+
+        self.controller.runner.submit(f"opening {dataset.segmentation_url}", make, on_update, kind=OPEN_LANE)
+
+    def _restore_loaded(self, document, records) -> None:
+        from app.controller import read_classifier_folder
+        from app.session_controller import replay_into_plot, restore_records
+
+        controller = self.controller
+        if document.model_path and str(getattr(controller, "model_path", None)) != document.model_path:
+            if Path(document.model_path).exists():
+                controller.load_model(Path(document.model_path))
+            else:
+                self.state.show_error(f"The session's model {document.model_path} is missing; keeping the current one.")
+        current = self.state.classifiers.folder if self.state.classifiers is not None else None
+        if document.classifiers_folder and document.classifiers_folder != current:
+            try:
+                controller.load_classifiers(read_classifier_folder(document.classifiers_folder))
+            except (OSError, ValueError) as exc:
+                self.state.show_error(f"The session's classifiers cannot be read: {exc}")
+        restored = restore_records(self.state, records)
+        try:
+            self.labels.load_dict(document.labels)
+        except ValueError as exc:
+            self.state.show_error(f"The session's labels are unreadable ({exc}); restored without them.")
+        by_id = {record.segment_id: record for record in restored}
+        if document.current_segment in by_id:
+            self.state.show_record(by_id[document.current_segment])
+        if self.plot_dock is not None:
+            plot = self.plot_dock.plot
+            replay_into_plot(plot.controller, restored)
+            plot.apply_settings(document.plot)
+            nodes = document.selected_nodes
+            if nodes:
+                pairs = list(zip(*nodes))
+                rows = plot.controller.rows_of(pairs[0], pairs[1])
+                plot.controller.select_rows(rows[rows >= 0], origin="session")
+            elif document.selected_segments:
+                plot.controller.select_segments(document.selected_segments, origin="session")
+        if document.selected_segments:
+            self.bridge.highlight_segments(document.selected_segments)
+        self.state.show_status(f"Restored the session: {len(restored)} segments, "
+                               f"{self.labels.n_labelled_nodes} labelled nodes, "
+                               f"{self.labels.n_labelled_segments} labelled segments.")
+
+    # -- autosave and recovery -------------------------------------------------------------------
+
+    def start_autosave(self, manager, interval_ms: int = AUTOSAVE_INTERVAL_MS) -> None:
+        """Autosave every ``interval_ms`` with ``manager`` (an
+        :class:`app.session_file.AutosaveManager`, already started)."""
+        self.autosave = manager
+        self._autosave_timer.start(interval_ms)
+
+    def autosave_now(self) -> bool:
+        """Write an autosave now (on the session worker); False when there is nothing to save."""
+        if self.autosave is None or self.controller.source is None:
+            return False
+        try:
+            document = self.session_document()
+        except ValueError:
+            return False
+        snapshot, _ = self._session_snapshot()
+        records = list(snapshot.records.values())
+        manager = self.autosave
+
+        def make():
+            yield Progress(0, 1, "files", "autosaving")
+            return manager.autosave(document, records)
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "failed":
+                log.warning("autosave failed: %s", update.error)
+                self.statusBar().showMessage(f"Autosave failed: {update.error}", 8000)
+
+        self.io_runner.submit("autosave", make, on_update, kind=AUTOSAVE_LANE)
+        return True
+
+    def offer_recovery(self, ask: Callable | None = None) -> bool:
+        """After a crash, offer the last autosave; True if a session is being restored.
+
+        ``ask(candidate) -> "restore" | "discard" | "later"`` (default: a message box).
+        """
+        if self.autosave is None:
+            return False
+        candidates = self.autosave.recoverable()
+        if not candidates:
+            return False
+        candidate = candidates[0]
+        choice = (ask or self._ask_recovery)(candidate)
+        if choice == "discard":
+            self.autosave.discard(candidate)
+            return False
+        if choice != "restore":
+            return False
+        manager = self.autosave
+
+        def make():
+            yield Progress(0, 1, "files", "reading the autosave")
+            return manager.adopt(candidate)
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "finished":
+                document, records = update.result
+                self.restore_session(document, records)
+            elif update.event == "failed":
+                self.state.show_error(f"Could not restore the autosave {candidate.path}: {update.error}")
+
+        self.io_runner.submit("restoring the autosave", make, on_update, kind=SESSION_LANE, supersede=False)
+        return True
+
+    def _ask_recovery(self, candidate) -> str:
+        box = QMessageBox(self)
+        box.setWindowTitle("Restore the last session?")
+        box.setText(f"SegScope did not close cleanly. An autosave from {candidate.saved_at} is available.")
+        box.setInformativeText("Restore it, discard it, or decide at the next launch.")
+        restore = box.addButton("Restore", QMessageBox.ButtonRole.AcceptRole)
+        discard = box.addButton("Discard", QMessageBox.ButtonRole.DestructiveRole)
+        box.addButton("Later", QMessageBox.ButtonRole.RejectRole)
+        box.exec()
+        clicked = box.clickedButton()
+        return "restore" if clicked is restore else "discard" if clicked is discard else "later"
+
     # -- shutdown ------------------------------------------------------------------------------------
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
@@ -367,6 +744,37 @@ class MainWindow(QMainWindow):
         if self._closed:
             return
         self._closed = True
+        self._autosave_timer.stop()
+        if self.plot_dock is not None:
+            self.plot_dock.shutdown()
         self.controller.shutdown()
+        self.io_runner.shutdown(wait=True, timeout=30.0)  # a save in flight completes
+        if self.autosave is not None:
+            self.autosave.finish()  # a clean exit: nothing to recover next time
         self.bridge.close()
         self.web_view.stop()
+
+
+def skeleton_edges(source, records) -> dict:
+    """Segment id -> :class:`analysis.export.SkeletonEdges` joining each record's embedded
+    nodes along its skeleton (for SWC); segments without a skeleton are left out."""
+    from analysis.centres import contract_skeleton
+    from analysis.export import SkeletonEdges
+
+    edges = {}
+    for segment_id, record in records.items():
+        skeleton = source.skeleton(segment_id) if source is not None else None
+        if skeleton is None or record.node_ids is None or record.embedded is None:
+            continue
+        node_ids = record.node_ids[record.embedded]
+        # Store node ids (a precomputed CSV ZIP's) need not be skeleton indices: use them
+        # only where they are, i.e. where they point at the node at the same position.
+        n = len(skeleton.nodes_nm)
+        if len(node_ids) == 0 or node_ids.min() < 0 or node_ids.max() >= n or not np.allclose(
+                skeleton.nodes_nm[node_ids], record.positions_nm[record.embedded], atol=1.0):
+            log.info("segment %d: node ids are not skeleton indices; no SWC", segment_id)
+            continue
+        pairs = contract_skeleton(n, skeleton.edges, node_ids)
+        if len(pairs):
+            edges[segment_id] = SkeletonEdges(pairs)
+    return edges
