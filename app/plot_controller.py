@@ -640,11 +640,22 @@ class ProjectionScheduler:
     Fits and placements run on two :class:`~app.jobs.JobRunner` threads so that a
     minute-long refit does not hold back new points; ``post`` delivers their results on
     the controller's thread (a queued Qt signal in the app).
+
+    ``backend`` does the UMAP work those threads ask for: by default
+    :class:`~app.projection_process.LocalProjectionBackend` (numba in this process, on the
+    worker threads); :class:`~app.projection_process.ProcessProjectionBackend` runs it in
+    a child process, so numba's compiler never holds this process's GIL (the GUI thread
+    stalled during warm-up and fits otherwise). The scheduler does not close a backend it
+    is given. When the backend loses the model (its process died), the next placement
+    fails with :class:`~app.projection_process.ModelNotFoundError` and a refit starts.
     """
 
     def __init__(self, controller: PlotController, post: Post | None = None, *,
                  settings: UmapSettings = UmapSettings(seed=None), min_points: int = 60,
-                 refit_growth: float = 1.5, warm_up: bool = True):
+                 refit_growth: float = 1.5, warm_up: bool = True, backend: Any = None):
+        from app.projection_process import LocalProjectionBackend
+
+        self.backend = LocalProjectionBackend() if backend is None else backend
         self.controller = controller
         self.settings = settings
         self.min_points = max(int(min_points), settings.n_neighbors + 2)
@@ -654,7 +665,7 @@ class ProjectionScheduler:
         self._place_runner = JobRunner(post, name="segscope-umap-place")
         self.pca: PcaModel | None = None
         self._pca_points = 0
-        self.umap: UmapModel | None = None
+        self.umap: UmapModel | None = None  # or the backend's model (same interface)
         self._alignment = Similarity.identity()  # model coordinates -> plot coordinates
         self._model_generation = 0
         self._fitting = False
@@ -685,13 +696,11 @@ class ProjectionScheduler:
     def start(self) -> None:
         """Queue the numba warm-up on the fit worker (call at launch)."""
         if self._warm_up:
-            from analysis.projection import warm_up
-
-            settings = self.settings
+            backend, settings = self.backend, self.settings
 
             def job():
                 yield Progress(0, 1, "steps", "compiling UMAP")
-                return warm_up(settings=settings)  # the same kernels (parallel or not) as the fits
+                return backend.warm_up(settings)  # the same kernels (parallel or not) as the fits
 
             self._fit_runner.submit("UMAP warm-up", job, self._on_warm_up, kind="warm-up")
 
@@ -742,17 +751,16 @@ class ProjectionScheduler:
         embeddings = controller.embeddings[:n].copy()
         init = controller.layout[:n].astype(np.float64)
         init = init if np.isfinite(init).all() and np.ptp(init, axis=0).min() > 0 else None
-        settings = self.settings
-
-        def job():
-            from analysis.projection import fit_umap
-
-            return (yield from fit_umap(embeddings, settings, init=init))
-
+        settings, backend = self.settings, self.backend
         if settings.n_epochs is None:
             # A refit starts from the current layout, so fewer epochs suffice; on 2 cores
             # umap's default 200 epochs at 100k points take over a minute.
             settings = replace(settings, n_epochs=200 if n <= 10_000 else 100 if n <= 50_000 else 50)
+
+        def job():
+            yield Progress(0, 1, "steps", f"fitting UMAP on {n} points")
+            return backend.fit(embeddings, settings, init)
+
         self._fitting = True
         self._set_status(f"{self.layout_label} · fitting UMAP on {n} points")
         self._fit_runner.submit(f"UMAP fit of {n} points", job, self._on_fit, kind="fit")
@@ -807,20 +815,30 @@ class ProjectionScheduler:
             if update.event == "finished" and generation == self._model_generation:
                 self.controller.set_layout(rows, update.result)
             elif update.event == "failed":
+                from app.projection_process import ModelNotFoundError
+
                 log.warning("placing %d points failed: %s", len(rows), update.error)
+                if isinstance(update.error, ModelNotFoundError) and generation == self._model_generation:
+                    # The backend lost the model (its process died): only a refit places points again.
+                    self._pending.append(rows)
+                    self.request_fit(force=True)
+                    return
             self._schedule_placement()
 
         self._placing = True
-        runner = self._place_runner if _concurrent_numba_ok() else self._fit_runner
+        runner = self._place_runner if _concurrent_numba_ok(self.backend) else self._fit_runner
         runner.submit(f"placing {len(rows)} points", job, on_update, kind="place", supersede=False)
 
 
-def _concurrent_numba_ok() -> bool:
+def _concurrent_numba_ok(backend: Any = None) -> bool:
     """Whether a transform may run while a fit runs on another thread.
 
     numba's fallback ``workqueue`` threading layer aborts the process on concurrent
-    parallel launches; OpenMP and TBB layers are thread-safe.
+    parallel launches; OpenMP and TBB layers are thread-safe. A backend decides for
+    itself (``concurrent_transforms``): a child process serialises them there if needed.
     """
+    if backend is not None and hasattr(backend, "concurrent_transforms"):
+        return bool(backend.concurrent_transforms)
     from analysis.projection import numba_threadsafe
 
     return numba_threadsafe()
