@@ -129,6 +129,8 @@ class _Lane:  # pragma: no cover - runs in the child
             fn = self.queue.get()
             try:
                 fn()
+            except Exception:  # a bug here must not kill the lane and strand later requests
+                logging.getLogger(__name__).exception("projection request failed outside its handler")
             finally:
                 self.queue.task_done()
 
@@ -183,11 +185,10 @@ class _ChildServer:  # pragma: no cover - runs in the child process
     def run(self, handler, token, args) -> None:
         try:
             result = handler(*args)
-        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the caller
-            self.send(("error", token, type(exc).__name__, str(exc.args[0]) if isinstance(exc, KeyError)
-                       and exc.args else str(exc)))
-            return
-        self.send(("ok", token, result))
+            self.send(("ok", token, result))
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
+            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            self.send(("error", token, type(exc).__name__, message))
 
     def warm_up(self, settings: UmapSettings) -> dict:
         from analysis.projection import warm_up
@@ -262,7 +263,8 @@ class ProjectionProcess:
                  start: bool = True):
         self.keep_models = int(keep_models)
         self.numba_cache_dir = None if numba_cache_dir is None else os.fspath(numba_cache_dir)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the child, its pending futures, the counters
+        self._send_lock = threading.Lock()  # one writer on the pipe at a time
         self._tokens = itertools.count(1)
         self._incarnations = itertools.count(1)
         self._child: _Child | None = None
@@ -328,13 +330,18 @@ class ProjectionProcess:
             self._shut = True
             child = self._child
             if child is None:
+                _live_processes.discard(self)
                 return
             child.stopping = True
-            if not child.closed:
-                try:
-                    child.conn.send(("stop", None))
-                except (OSError, BrokenPipeError, ValueError):
-                    pass
+            closed = child.closed
+        # A sender stuck on a hung child holds the send lock: then just terminate.
+        if not closed and self._send_lock.acquire(timeout=timeout):
+            try:
+                child.conn.send(("stop", None))
+            except (OSError, BrokenPipeError, ValueError):
+                pass
+            finally:
+                self._send_lock.release()
         child.process.join(timeout)
         if child.process.is_alive():
             log.warning("projection process did not stop in %.0f s; terminating it", timeout)
@@ -356,14 +363,19 @@ class ProjectionProcess:
             child = self._ensure_child()
             token = next(self._tokens)
             child.pending[token] = future
-            try:
+        try:
+            # Not under self._lock: a big send waits for the child to read it, and the
+            # receiver must still be able to resolve other futures meanwhile.
+            with self._send_lock:
                 child.conn.send((kind, token, *args))
-            except (OSError, BrokenPipeError, ValueError) as exc:
-                # The child is gone; the receiver fails the rest. This one fails here so the
-                # caller does not wait for a receiver that may already have finished.
-                child.pending.pop(token, None)
+        except (OSError, BrokenPipeError, ValueError) as exc:
+            # The child is gone (or was stopped); the receiver fails the others. This one
+            # fails here in case the receiver has already finished.
+            with self._lock:
+                mine = child.pending.pop(token, None)
                 child.closed = True
-                future.set_exception(ProjectionProcessError(f"the projection process is gone ({exc})"))
+            if mine is not None and mine.set_running_or_notify_cancel():
+                mine.set_exception(ProjectionProcessError(f"the projection process is gone ({exc})"))
         return future
 
     def ping(self) -> Future:

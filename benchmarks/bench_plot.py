@@ -8,6 +8,14 @@
    1,000,000 points in 5 colours; each repeat pans/zooms with ``setRange`` and forces a
    full repaint with ``grab()``. Median of repeats. Target: 100 ms at 1M. pyqtgraph's
    ``ScatterPlotItem`` is timed at 100k for reference.
+3. GUI stall: a plain main-thread heartbeat (``time.sleep(0.01)`` in a loop, no Qt) while
+   a worker thread runs the scheduler's UMAP work through a backend: warm-up, a fit of
+   10k points (n_epochs 200, PCA start, as the app refits) and placements of 500 new
+   points. ``thread``: numba in the same process (LocalProjectionBackend); ``process``: in
+   a spawned child (ProcessProjectionBackend). Each backend runs in a fresh interpreter,
+   so both pay the umap import; ``--stall-cache cold`` gives each a fresh empty
+   NUMBA_CACHE_DIR (several minutes each), ``warm`` (default) the user's numba cache.
+   Reports median / p99 / max gap between ticks, overall and per phase.
 
 Usage::
 
@@ -15,14 +23,19 @@ Usage::
     python benchmarks/bench_plot.py --parts redraw   # only the redraw figures
     python benchmarks/bench_plot.py --sizes 10000    # placement at 10k only
     python benchmarks/bench_plot.py --parts latency  # GUI timer gaps during warm-up and fits
+    python benchmarks/bench_plot.py --parts stall --stall-cache cold  # heartbeat gaps, thread vs process
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -233,9 +246,95 @@ def bench_latency(n_points: int, batch: int, limit_s: float) -> None:
     plot.shutdown()
 
 
+def _stall_run(backend_name: str, n_points: int, new_points: int, placements: int) -> dict:
+    """In a fresh interpreter: heartbeat gaps on the main thread while a worker thread
+    drives warm-up, a fit and placements through ``backend_name``'s backend."""
+    from dataclasses import replace
+
+    from analysis.projection import UmapSettings, configure_numba_cache, fit_pca, numba_cache_is_warm
+    from app.projection_process import LocalProjectionBackend, ProcessProjectionBackend
+
+    cache = configure_numba_cache()
+    warm = numba_cache_is_warm()
+    settings = UmapSettings(seed=None)  # the app's settings: parallel kernels
+    data = clustered(n_points + new_points * placements, seed=n_points)
+    phases: list[tuple[str, float, float]] = []  # (name, start, end) in perf_counter seconds
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            t0 = time.perf_counter()
+            backend = ProcessProjectionBackend() if backend_name == "process" else LocalProjectionBackend()
+            backend.warm_up(settings)
+            t1 = time.perf_counter()
+            phases.append(("warm-up", t0, t1))
+            fitted = data[:n_points]
+            init = fit_pca(fitted).transform(fitted).astype(np.float64)
+            model = backend.fit(fitted, replace(settings, n_epochs=200), init)
+            t2 = time.perf_counter()
+            phases.append(("fit", t1, t2))
+            for r in range(placements):
+                placed = model.transform(data[n_points + r * new_points:n_points + (r + 1) * new_points])
+                assert placed.shape == (new_points, 2) and np.isfinite(placed).all()
+            phases.append(("placements", t2, time.perf_counter()))
+            backend.close()
+        except BaseException as exc:  # reported by the main thread
+            failure.append(exc)
+        finally:
+            done.set()
+
+    ticks = [time.perf_counter()]
+    threading.Thread(target=work, name="bench-umap-worker", daemon=True).start()
+    while not done.is_set():
+        time.sleep(0.010)  # the GUI's 10 ms timer
+        ticks.append(time.perf_counter())
+    if failure:
+        raise failure[0]
+    times = np.array(ticks)
+    gaps = np.diff(times) * 1000
+    ends = times[1:]
+
+    def stats(mask) -> dict:
+        g = gaps[mask]
+        return {"ticks": int(len(g)), "median_ms": float(np.median(g)), "p99_ms": float(np.percentile(g, 99)),
+                "max_ms": float(g.max()), "over_50ms": int((g > 50).sum())} if len(g) else {}
+
+    return {"backend": backend_name, "cache": str(cache), "cache_was_warm": warm, "all": stats(ends > 0),
+            "phases": {name: {"seconds": end - start, **stats((ends > start) & (ends <= end))}
+                       for name, start, end in phases}}
+
+
+def bench_stall(n_points: int, new_points: int, placements: int, cache: str) -> None:
+    """Main-thread heartbeat gaps: UMAP on worker threads vs in a child process."""
+    print(f"\nGUI stall: 10 ms main-thread heartbeat while warm-up, a UMAP fit of {n_points} points "
+          f"(n_epochs 200, PCA init, parallel) and {placements} placements of {new_points} points run; "
+          f"numba cache {cache}")
+    for backend in ("thread", "process"):
+        env = dict(os.environ)
+        with tempfile.TemporaryDirectory(prefix="segscope-numba-") as fresh:
+            if cache == "cold":
+                env["NUMBA_CACHE_DIR"] = fresh  # both backends compile from nothing
+            command = [sys.executable, __file__, "--stall-run", backend, "--stall-points", str(n_points),
+                       "--new-points", str(new_points), "--stall-placements", str(placements)]
+            run = subprocess.run(command, env=env, capture_output=True, text=True)
+        if run.returncode != 0:
+            print(f"stall {backend}: failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
+            continue
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        overall = result["all"]
+        print(f"stall {backend:>7}: cache {'warm' if result['cache_was_warm'] else 'cold'} at start; gaps median "
+              f"{overall['median_ms']:.0f} ms, p99 {overall['p99_ms']:.0f} ms, max {overall['max_ms']:.0f} ms; "
+              f"{overall['over_50ms']} of {overall['ticks']} over 50 ms")
+        for name, phase in result["phases"].items():
+            print(f"    {name:>10}: {phase['seconds']:.1f} s, gaps median {phase.get('median_ms', 0):.0f} ms, "
+                  f"max {phase.get('max_ms', 0):.0f} ms, {phase.get('over_50ms', 0)} over 50 ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["placement", "redraw"], choices=["placement", "redraw", "latency"],
+    parser.add_argument("--parts", nargs="+", default=["placement", "redraw", "stall"],
+                        choices=["placement", "redraw", "latency", "stall"],
                         help="latency (not run by default): GUI responsiveness while UMAP fits in the background")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="UMAP sizes")
     parser.add_argument("--new-points", type=int, default=500)
@@ -244,7 +343,15 @@ def main() -> None:
     parser.add_argument("--redraw-repeats", type=int, default=15)
     parser.add_argument("--scatter-reference", type=int, default=100_000,
                         help="also time pyqtgraph's ScatterPlotItem at this size (0: skip)")
+    parser.add_argument("--stall-points", type=int, default=10_000, help="UMAP fit size of the stall part")
+    parser.add_argument("--stall-placements", type=int, default=5)
+    parser.add_argument("--stall-cache", choices=["warm", "cold"], default="warm",
+                        help="cold: each backend compiles numba's kernels in a fresh cache folder")
+    parser.add_argument("--stall-run", choices=["thread", "process"], help=argparse.SUPPRESS)  # one backend, JSON out
     args = parser.parse_args()
+    if args.stall_run:
+        print(json.dumps(_stall_run(args.stall_run, args.stall_points, args.new_points, args.stall_placements)))
+        return
     print(f"cores: {os.cpu_count()}, load average: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if "redraw" in args.parts:
         bench_redraw(args.redraw_sizes, args.redraw_repeats, args.scatter_reference)
@@ -252,6 +359,8 @@ def main() -> None:
         bench_placement(args.sizes, args.new_points, args.place_repeats)
     if "latency" in args.parts:
         bench_latency(5000, 50, 300.0)
+    if "stall" in args.parts:
+        bench_stall(args.stall_points, args.new_points, args.stall_placements, args.stall_cache)
     print(f"\nload average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -132,6 +132,64 @@ def test_the_scheduler_drives_the_plot_from_pca_to_umap_through_the_child(proces
     assert process.alive  # the scheduler does not own a process it was given
 
 
+
+class _ForgetfulBackend:
+    """A backend without UMAP whose models can be 'lost' (as when the child dies)."""
+
+    concurrent_transforms = True
+
+    def __init__(self):
+        self.fits = 0
+        self.valid = 0  # the only model id that transform still knows
+
+    def warm_up(self, settings):
+        return {}
+
+    def fit(self, embeddings, settings, init=None):
+        self.fits += 1
+        self.valid = self.fits
+        backend, model_id = self, self.fits
+
+        class Model:
+            layout = np.asarray(embeddings[:, :2], np.float32)
+            n_points = len(embeddings)
+            fit_seconds = 0.0
+
+            def transform(self, new):
+                if backend.valid != model_id:
+                    raise ModelNotFoundError(f"no model {model_id}")
+                return np.asarray(new[:, :2], np.float32)
+
+        return Model()
+
+
+def test_the_scheduler_refits_when_the_backend_lost_its_model():
+    calls: queue.Queue = queue.Queue()
+    controller = PlotController()
+    backend = _ForgetfulBackend()
+    scheduler = ProjectionScheduler(controller, calls.put, settings=SETTINGS, min_points=50,
+                                    refit_growth=100.0, warm_up=False, backend=backend)
+
+    def run_until(condition) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, scheduler.status
+            try:
+                calls.get(timeout=0.2)()
+            except queue.Empty:
+                pass
+
+    points, _ = clustered(120, seed=6)
+    try:
+        controller.add_points(1, np.arange(100), np.zeros((100, 3)), points[:100])
+        run_until(lambda: controller.layout_kind == "umap" and not scheduler.busy)
+        backend.valid = 0  # the child died: its models are gone
+        controller.add_points(1, np.arange(100, 120), np.zeros((20, 3)), points[100:])
+        run_until(lambda: backend.fits == 2 and not scheduler.busy and np.isfinite(controller.layout).all())
+        assert scheduler.umap.n_points == 120  # refitted on every point, the lost rows included
+    finally:
+        scheduler.shutdown()
+
 def test_a_killed_child_fails_pending_requests_and_the_next_request_restarts_it():
     child = ProjectionProcess()
     try:
