@@ -213,6 +213,10 @@ def configure_qt_environment() -> None:
     Neuroglancer needs WebGL, so the blocklist is ignored unless the user set flags.
     """
     os.environ.setdefault("QTWEBENGINE_CHROMIUM_FLAGS", "--ignore-gpu-blocklist")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Chromium refuses to start its sandbox as root (containers, CI); without this
+        # the web view stays blank.
+        os.environ.setdefault("QTWEBENGINE_DISABLE_SANDBOX", "1")
 
 
 def build_window(source: "DataSource", model_path: Path | None, *,

@@ -372,6 +372,27 @@ class PlotController:
             self.ood_scores[rows] = float(ood_score)
         self._emit("colours")
 
+    def set_point_predictions(self, rows: Any, *, cell_types: Any = None, ood_scores: Any = None) -> None:
+        """Set per-point cell types (str, ``""`` unknown) and/or OOD scores (NaN unknown)
+        of ``rows`` at once (a context table's thousands of segments in one call)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if cell_types is not None:
+            names = np.asarray(cell_types, dtype=object).reshape(-1)
+            if len(names) != len(rows):
+                raise ValueError(f"{len(names)} cell types for {len(rows)} rows")
+            for name in dict.fromkeys(n for n in names if n):
+                if name not in self.cell_type_names:
+                    self.cell_type_names.append(str(name))
+            lookup = {name: code for code, name in enumerate(self.cell_type_names)}
+            self.cell_type_codes[rows] = np.fromiter((lookup.get(n, -1) if n else -1 for n in names),
+                                                     np.int16, len(names))
+        if ood_scores is not None:
+            scores = np.asarray(ood_scores, dtype=np.float32).reshape(-1)
+            if len(scores) != len(rows):
+                raise ValueError(f"{len(scores)} OOD scores for {len(rows)} rows")
+            self.ood_scores[rows] = scores
+        self._emit("colours")
+
     def refresh_manual_labels(self) -> None:
         """Ask :attr:`label_lookup` again for every point's manual label (after an edit,
         undo or redo); emits ``"colours"`` when any label changed."""

@@ -240,3 +240,26 @@ def test_session_predictions_colour_the_segments_points(window, qtbot):
     assert np.isnan(plot.controller.ood_scores[plot.controller.segment_rows([21])]).all()
     plot.mode_box.setCurrentText("cell type")
     qtbot.waitUntil(lambda: "basket" in plot.legend_label.text(), timeout=2000)
+
+
+def test_context_table_arrives_with_its_predictions(window, qtbot):
+    from analysis.projection import EmbeddingTable
+
+    n = 40
+    table = EmbeddingTable(
+        segment_ids=np.repeat(np.array([501, 502], np.uint64), n // 2), node_ids=np.tile(np.arange(n // 2), 2),
+        xyz_nm=np.zeros((n, 3)), embeddings=clustered_embeddings(n, 1.0),
+        compartments=np.tile(np.array([0, 1], np.uint8), n // 2),
+        cell_types=np.array(["microglia"] * (n // 2) + [""] * (n // 2), dtype=object),
+        ood_scores=np.r_[np.full(n // 2, 0.6, np.float32), np.full(n // 2, np.nan, np.float32)])
+    plot = window.dock.plot
+    rows = plot.add_background(table)
+    controller = plot.controller
+    assert len(rows) == n and controller.background[rows].all()
+    np.testing.assert_array_equal(controller.compartments[rows], table.compartments)
+    first, second = controller.segment_rows([501]), controller.segment_rows([502])
+    assert controller.cell_type_names == ["microglia"]
+    assert (controller.cell_type_codes[first] == 0).all() and (controller.cell_type_codes[second] == -1).all()
+    assert np.allclose(controller.ood_scores[first], 0.6) and np.isnan(controller.ood_scores[second]).all()
+    plot.mode_box.setCurrentText("cell type")
+    qtbot.waitUntil(lambda: "microglia" in plot.legend_label.text(), timeout=2000)

@@ -125,6 +125,19 @@ def test_manual_labels_come_from_the_lookup_and_colour_points():
     assert controller.manual_labels[rows[0]] == ""
 
 
+def test_point_predictions_set_many_segments_at_once():
+    controller = make_controller()
+    rows = controller.segment_rows([100, 101])
+    names = np.where(controller.segment_ids[rows] == 100, "basket", "")
+    controller.set_point_predictions(rows, cell_types=names, ood_scores=np.linspace(0, 1, len(rows)))
+    assert controller.cell_type_names == ["basket"]
+    assert (controller.cell_type_codes[controller.segment_rows([100])] == 0).all()
+    assert (controller.cell_type_codes[controller.segment_rows([101, 102])] == -1).all()
+    assert controller.ood_scores[rows[-1]] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="cell types"):
+        controller.set_point_predictions(rows, cell_types=["x"])
+
+
 def test_hit_test_returns_the_nearest_point_within_the_radius():
     controller = make_controller()
     rng = np.random.default_rng(5)

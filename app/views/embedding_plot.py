@@ -133,13 +133,18 @@ class PointCloudItem(pg.GraphicsObject):
         self.paint_count += 1
         if not len(self._xy) or self.n_colours == 0:
             return
-        transform = painter.deviceTransform()
-        device = painter.device()
-        ratio = device.devicePixelRatioF() if hasattr(device, "devicePixelRatioF") else 1.0
-        width, height = int(round(device.width() * ratio)), int(round(device.height() * ratio))
+        # Rasterise in the viewport's own pixels, from the *world* transform: under
+        # QWidget.render / grab of an ancestor (screenshots) the painter is redirected and
+        # its device is not the viewport, so device size and transform would misplace
+        # every point; the world transform and the viewport's size hold in both cases.
+        surface = widget if widget is not None else painter.device()
+        ratio = surface.devicePixelRatioF() if hasattr(surface, "devicePixelRatioF") else 1.0
+        width, height = int(round(surface.width() * ratio)), int(round(surface.height() * ratio))
         if width <= 0 or height <= 0:
             return
-        m11, m22, dx, dy = transform.m11(), transform.m22(), transform.dx(), transform.dy()
+        transform = painter.worldTransform()
+        m11, m22 = transform.m11() * ratio, transform.m22() * ratio
+        dx, dy = transform.dx() * ratio, transform.dy() * ratio
         # Pixel centre of each point; NaN and off-screen points fail the bounds test.
         px = np.floor(self._xy[:, 0] * m11 + dx)
         py = np.floor(self._xy[:, 1] * m22 + dy)
@@ -251,7 +256,8 @@ class EmbeddingPlotWidget(QWidget):
         self.points = PointCloudItem(point_size_px)
         self.selection_item = PointCloudItem(point_size_px + 3)
         self.selection_item.set_colours(np.zeros(0, np.uint8), np.array([[255, 255, 255, 255]], np.uint8))
-        self.selection_item.setZValue(10)
+        # Under the points: a selected point keeps its colour inside a white halo.
+        self.selection_item.setZValue(-1)
         self.hover_item = pg.ScatterPlotItem(size=16, pen=pg.mkPen("#ffe14d", width=2), brush=None)
         self.hover_item.setZValue(20)
         for item in (self.points, self.selection_item):
@@ -496,9 +502,20 @@ class EmbeddingPlotWidget(QWidget):
         return self.controller.select_segments(segment_ids, origin)
 
     def add_background(self, table) -> np.ndarray:
-        """Add precomputed embeddings (an :class:`analysis.projection.EmbeddingTable`) as context."""
-        return self.controller.add_points(table.segment_ids, table.node_ids, table.xyz_nm, table.embeddings,
-                                          background=True)
+        """Add precomputed embeddings (an :class:`analysis.projection.EmbeddingTable`) as
+        context, with the predictions the table carries; returns the rows added."""
+        controller = self.controller
+        rows = controller.add_points(table.segment_ids, table.node_ids, table.xyz_nm, table.embeddings,
+                                     compartments=getattr(table, "compartments", None), background=True)
+        # Only rows that are new take the table's labels (add_points returns those).
+        cell_types, ood_scores = getattr(table, "cell_types", None), getattr(table, "ood_scores", None)
+        if len(rows) and (cell_types is not None or ood_scores is not None):
+            where = controller.rows_of(table.segment_ids, table.node_ids)
+            picked = np.isin(where, rows)
+            controller.set_point_predictions(
+                where[picked], cell_types=None if cell_types is None else cell_types[picked],
+                ood_scores=None if ood_scores is None else ood_scores[picked])
+        return rows
 
     def shutdown(self) -> None:
         """Stop the animation, listeners and projection workers (idempotent)."""

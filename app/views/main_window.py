@@ -40,6 +40,7 @@ from PyQt6.QtWidgets import (
     QMessageBox,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QVBoxLayout,
     QWidget,
 )
@@ -218,7 +219,11 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(central)
 
         self.panel = SegmentPanel(state)
-        self.segment_dock = self.add_dock("Segment", self.panel, object_name="segmentDock")
+        # Scrollable, so the embedding plot below it can take most of the column's height.
+        panel_scroll = QScrollArea()
+        panel_scroll.setWidgetResizable(True)
+        panel_scroll.setWidget(self.panel)
+        self.segment_dock = self.add_dock("Segment", panel_scroll, object_name="segmentDock")
 
         self.model_label = QLabel("")
         self.classifier_label = QLabel("")
@@ -257,6 +262,9 @@ class MainWindow(QMainWindow):
         from app.views.embedding_plot import attach_embedding_plot
 
         self.plot_dock = attach_embedding_plot(self, background=background, **plot_kwargs)
+        self.resizeDocks([self.segment_dock, self.plot_dock], [self.height() * 2 // 5, self.height() * 3 // 5],
+                         Qt.Orientation.Vertical)
+        self.resizeDocks([self.segment_dock], [560], Qt.Orientation.Horizontal)
         return self.plot_dock
 
     def _on_dataset(self, summary) -> None:
