@@ -257,6 +257,7 @@ def build_window(source: "DataSource", model_path: Path | None, *,
             from app.projection_process import ProcessProjectionBackend
 
             projection_backend = ProcessProjectionBackend()
+            window.owns_projection_backend = True
         try:
             window.attach_plot(background=background, scheduler_options={"backend": projection_backend})
         except (OSError, ValueError, KeyError) as exc:  # an unreadable context table

@@ -196,6 +196,8 @@ class MainWindow(QMainWindow):
         #: Manual labels of this session (undo/redo in the Edit menu).
         self.labels = LabelStore()
         self.plot_dock = None  # the embedding plot (attach_plot)
+        #: Whether the plot's projection backend (its UMAP process) ends with this window.
+        self.owns_projection_backend = False
         self.export_dialog = None
         self.session_path: Path | None = None
         self.autosave = None  # app.session_file.AutosaveManager (start_autosave)
@@ -755,6 +757,8 @@ class MainWindow(QMainWindow):
         self._autosave_timer.stop()
         if self.plot_dock is not None:
             self.plot_dock.shutdown()
+            if self.owns_projection_backend:
+                self.plot_dock.plot.scheduler.backend.close()  # stops its UMAP process
         self.controller.shutdown()
         self.io_runner.shutdown(wait=True, timeout=30.0)  # a save in flight completes
         if self.autosave is not None:
