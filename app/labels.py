@@ -80,17 +80,23 @@ def validate_label(label: str | None) -> str:
     return text
 
 
-def _segment_ids(values: Any, name: str = "segment_ids") -> np.ndarray:
-    """``values`` as a 1-D uint64 array of nonzero segment ids (a scalar becomes ``[1]``)."""
+def _id_array(values: Any, name: str, what: str) -> np.ndarray:
+    """``values`` as a 1-D integer array (a scalar becomes ``[1]``), unchecked in range."""
     array = np.asarray(values)
     if array.ndim == 0:
         array = array.reshape(1)
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.size and array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integer {what}, got dtype {array.dtype}")
+    return array
+
+
+def _segment_ids(values: Any, name: str = "segment_ids") -> np.ndarray:
+    """``values`` as a 1-D uint64 array of nonzero segment ids (a scalar becomes ``[1]``)."""
+    array = _id_array(values, name, "segment ids")
     if array.size == 0:
         return np.zeros(0, dtype=np.uint64)
-    if array.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be integer segment ids, got dtype {array.dtype}")
     # Compare as Python ints: numpy compares mixed uint64/int64 through float64.
     # (uint64 arrays cannot hold 2**64 or more; larger Python ints arrive as dtype object.)
     if int(array.min()) <= 0:
@@ -101,15 +107,9 @@ def _segment_ids(values: Any, name: str = "segment_ids") -> np.ndarray:
 
 def _node_ids(values: Any, name: str = "node_ids") -> np.ndarray:
     """``values`` as a 1-D int64 array (a scalar becomes ``[1]``)."""
-    array = np.asarray(values)
-    if array.ndim == 0:
-        array = array.reshape(1)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    array = _id_array(values, name, "node ids")
     if array.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if array.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be integer node ids, got dtype {array.dtype}")
     if array.dtype == np.uint64 and int(array.max()) > np.iinfo(np.int64).max:
         raise ValueError(f"{name} must fit int64, got {int(array.max())}")
     return array.astype(np.int64)

@@ -38,7 +38,7 @@ import numpy as np
 
 from analysis import COMPARTMENTS
 from analysis.export import ALL_PARTS, NOT_PREDICTED, ExportResult, NodeTable, Provenance, SegmentTable
-from analysis.export.bundle import TABLE_FORMATS, SkeletonEdges, export_bundle
+from analysis.export.bundle import TABLE_FORMATS, SkeletonEdges, check_export_options, export_bundle
 from analysis.progress import Progress
 from app.labels import LabelStore
 from app.state import UNKNOWN_COMPARTMENT, SegmentRecord, SessionState
@@ -291,12 +291,7 @@ def export_session(
     dataset = state.dataset
     if dataset is None:
         raise ValueError("nothing to export: no dataset is open")
-    unknown = sorted(set(parts) - set(ALL_PARTS))
-    if unknown:
-        raise ValueError(f"unknown export parts {unknown}; choose from {ALL_PARTS}")
-    unknown = sorted(set(table_formats) - set(TABLE_FORMATS))
-    if unknown:
-        raise ValueError(f"unknown table formats {unknown}; choose from {TABLE_FORMATS}")
+    check_export_options(parts, table_formats)
     records = dict(state.records)
     if state.segment is not None:  # the selection is archived by select_segment; be sure
         records.setdefault(state.segment.segment_id, state.segment)

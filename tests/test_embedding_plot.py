@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from plot_gestures import drag_through, lasso_loop
+
 pytestmark = pytest.mark.qt
 
 pytest.importorskip("pytestqt")
@@ -93,27 +95,8 @@ def test_points_appear_as_batches_stream_in(window, qtbot):
 
 def drag(qtbot, plot, start_view, end_view, steps: int = 6):
     """A real left-button drag on the plot's viewport between two points in view units."""
-    from PyQt6.QtCore import QEvent, QPointF, Qt
-    from PyQt6.QtGui import QMouseEvent
-    from PyQt6.QtWidgets import QApplication
-
-    viewport = plot.graphics.viewport()
-
-    def to_widget(xy):
-        scene = plot.view_box.mapViewToScene(QPointF(*xy))
-        return QPointF(plot.graphics.mapFromScene(scene))
-
-    def send(kind, pos, buttons):
-        button = Qt.MouseButton.LeftButton if kind != QEvent.Type.MouseMove else Qt.MouseButton.NoButton
-        event = QMouseEvent(kind, pos, viewport.mapToGlobal(pos), button, buttons, Qt.KeyboardModifier.NoModifier)
-        QApplication.sendEvent(viewport, event)
-
-    a, b = to_widget(start_view), to_widget(end_view)
-    send(QEvent.Type.MouseButtonPress, a, Qt.MouseButton.LeftButton)
-    for t in np.linspace(0, 1, steps)[1:]:
-        send(QEvent.Type.MouseMove, a + (b - a) * float(t), Qt.MouseButton.LeftButton)
-        qtbot.wait(30)  # pyqtgraph drops mouse moves closer than ~16 ms apart
-    send(QEvent.Type.MouseButtonRelease, b, Qt.MouseButton.NoButton)
+    a, b = np.asarray(start_view, float), np.asarray(end_view, float)
+    drag_through(qtbot, plot, [a, *(a + (b - a) * t for t in np.linspace(0, 1, steps)[1:]), b])
 
 
 def two_segments(window, qtbot):
@@ -145,29 +128,11 @@ def test_rectangle_selection_emits_the_right_segments(window, qtbot):
 
 def test_lasso_selection_emits_the_right_segments(window, qtbot):
     plot = two_segments(window, qtbot)
-    layout = plot.controller.layout
     left = plot.controller.segment_rows([21])
-    centre = layout[left].mean(axis=0)
-    radius = 1.2 * np.linalg.norm(layout[left] - centre, axis=1).max() + 1e-3
+    loop = lasso_loop(plot.controller.layout[left], margin=1.2)
     plot.set_tool("lasso")
-    angles = np.linspace(0, 2 * np.pi, 24)
-    loop = centre + radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
     with qtbot.waitSignal(plot.selectionChanged, timeout=3000) as blocker:
-        # A drag whose moves trace a circle: press at the first vertex, release at the last.
-        from PyQt6.QtCore import QEvent, QPointF, Qt
-        from PyQt6.QtGui import QMouseEvent
-        from PyQt6.QtWidgets import QApplication
-
-        viewport = plot.graphics.viewport()
-        for i, xy in enumerate(loop):
-            pos = QPointF(plot.graphics.mapFromScene(plot.view_box.mapViewToScene(QPointF(*xy))))
-            kind = (QEvent.Type.MouseButtonPress if i == 0 else
-                    QEvent.Type.MouseButtonRelease if i == len(loop) - 1 else QEvent.Type.MouseMove)
-            buttons = Qt.MouseButton.NoButton if kind == QEvent.Type.MouseButtonRelease else Qt.MouseButton.LeftButton
-            button = Qt.MouseButton.NoButton if kind == QEvent.Type.MouseMove else Qt.MouseButton.LeftButton
-            QApplication.sendEvent(viewport, QMouseEvent(kind, pos, viewport.mapToGlobal(pos), button, buttons,
-                                                         Qt.KeyboardModifier.NoModifier))
-            qtbot.wait(30)
+        drag_through(qtbot, plot, loop)  # press at the first vertex, release at the last
     assert blocker.args[0].segment_ids == frozenset({21})
     np.testing.assert_array_equal(blocker.args[0].rows, left)
     assert window.bridge.highlighted[-1] == [21]  # the lasso's segments go to the 3-D view

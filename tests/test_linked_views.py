@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from plot_gestures import drag_through, lasso_loop
+
 pytest.importorskip("PyQt6.QtWebEngineWidgets")
 pytestmark = pytest.mark.qt
 
@@ -116,26 +118,8 @@ def embed_all(qtbot, window, segments) -> None:
 
 def lasso_around(qtbot, plot, rows: np.ndarray) -> None:
     """Draw a real lasso (mouse press, moves, release) around the points at ``rows``."""
-    from PyQt6.QtCore import QEvent, QPointF, Qt
-    from PyQt6.QtGui import QMouseEvent
-    from PyQt6.QtWidgets import QApplication
-
-    layout = plot.controller.layout[rows]
-    centre = layout.mean(axis=0)
-    radius = 1.3 * np.linalg.norm(layout - centre, axis=1).max() + 1e-3
-    angles = np.linspace(0, 2 * np.pi, 24)
-    loop = centre + radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
     plot.set_tool("lasso")
-    viewport = plot.graphics.viewport()
-    for i, xy in enumerate(loop):
-        pos = QPointF(plot.graphics.mapFromScene(plot.view_box.mapViewToScene(QPointF(*map(float, xy)))))
-        kind = (QEvent.Type.MouseButtonPress if i == 0 else
-                QEvent.Type.MouseButtonRelease if i == len(loop) - 1 else QEvent.Type.MouseMove)
-        buttons = Qt.MouseButton.NoButton if kind == QEvent.Type.MouseButtonRelease else Qt.MouseButton.LeftButton
-        button = Qt.MouseButton.NoButton if kind == QEvent.Type.MouseMove else Qt.MouseButton.LeftButton
-        QApplication.sendEvent(viewport, QMouseEvent(kind, pos, viewport.mapToGlobal(pos), button, buttons,
-                                                     Qt.KeyboardModifier.NoModifier))
-        qtbot.wait(30)  # pyqtgraph drops moves closer than ~16 ms apart
+    drag_through(qtbot, plot, lasso_loop(plot.controller.layout[rows]))
 
 
 def test_points_stream_in_and_a_lasso_selects_segments_in_neuroglancer(qtbot, window, segments):

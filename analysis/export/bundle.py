@@ -92,6 +92,17 @@ def _bundle_url(base_url: str | None, folder: Path, name: str) -> str:
     return str(folder / name)
 
 
+def check_export_options(parts: Sequence[str], table_formats: Sequence[str]) -> None:
+    """Raise ValueError naming any part not in :data:`ALL_PARTS` or table format not in
+    :data:`TABLE_FORMATS` (before any work starts)."""
+    unknown = sorted(set(parts) - set(ALL_PARTS))
+    if unknown:
+        raise ValueError(f"unknown export parts {unknown}; choose from {ALL_PARTS}")
+    unknown = sorted(set(table_formats) - set(TABLE_FORMATS))
+    if unknown:
+        raise ValueError(f"unknown table formats {unknown}; choose from {TABLE_FORMATS}")
+
+
 def export_bundle(
     folder: str | Path,
     nodes: NodeTable,
@@ -145,12 +156,7 @@ def export_bundle(
     force
         Replace an existing bundle folder.
     """
-    unknown = sorted(set(parts) - set(ALL_PARTS))
-    if unknown:
-        raise ValueError(f"unknown export parts {unknown}; choose from {ALL_PARTS}")
-    unknown = sorted(set(table_formats) - set(TABLE_FORMATS))
-    if unknown:
-        raise ValueError(f"unknown table formats {unknown}; choose from {TABLE_FORMATS}")
+    check_export_options(parts, table_formats)
     missing = np.setdiff1d(nodes.segment_ids(), segments.segment_id)
     if len(missing):
         raise ValueError(f"segments {missing[:10].tolist()} have nodes but no row in the segment table")
