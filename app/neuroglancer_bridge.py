@@ -38,7 +38,10 @@ comparison. The selected segment's colour is its predicted cell type's colour, o
 also gets a layer whose *name* says so in the layer bar (:data:`OOD_LAYER_PREFIX`), holding
 a magenta box around its nodes (2-D and 3-D) with the score in its description.
 
-:data:`HOVER_LAYER` rings the node under the plot's cursor (:meth:`~NeuroglancerBridge.highlight_node`);
+:data:`HOVER_LAYER` rings the node under the plot's cursor (:meth:`~NeuroglancerBridge.highlight_node`),
+:data:`SELECTION_LAYER` the nodes of a plot rectangle or lasso
+(:meth:`~NeuroglancerBridge.show_selected_nodes`, beside their segments selected by
+:meth:`~NeuroglancerBridge.highlight_segments`);
 :data:`LABELS_LAYER` shows the manually labelled nodes coloured by :func:`label_colour`
 (the plot uses the same rule); :meth:`~NeuroglancerBridge.add_exported_layer` adds an export
 bundle's precomputed annotations, served from the local file server.
@@ -84,11 +87,16 @@ OOD_LAYER_PREFIX = "OUT OF DISTRIBUTION"
 OOD_BOX_MARGIN_NM = 1000.0
 #: Layer with the ring around the node hovered in the plot.
 HOVER_LAYER = "segscope hover"
+#: Nodes selected in the embedding plot (rectangle or lasso), ringed in white.
+SELECTION_LAYER = "plot selection"
+#: Most selected nodes drawn (a lasso over a large plot can take tens of thousands).
+MAX_SELECTED_NODES = 5_000
 #: Layer with one point per manually labelled node.
 LABELS_LAYER = "manual labels"
 #: Default name of the layer of an export bundle's annotations.
 EXPORTED_LAYER = "exported nodes"
-_BRIDGE_LAYERS = (IMAGE_LAYER, SEGMENTATION_LAYER, NODES_LAYER, GROUND_TRUTH_LAYER, HOVER_LAYER, LABELS_LAYER)
+_BRIDGE_LAYERS = (IMAGE_LAYER, SEGMENTATION_LAYER, NODES_LAYER, GROUND_TRUTH_LAYER, HOVER_LAYER, SELECTION_LAYER,
+                  LABELS_LAYER)
 
 #: Marker diameters (screen pixels) of pending, embedded and labelled nodes.
 PENDING_SIZE, EMBEDDED_SIZE, LABELLED_SIZE = 5.0, 7.0, 9.0
@@ -508,9 +516,30 @@ class NeuroglancerBridge:
             When the segment id or the position is malformed.
         """
         annotations = [] if point is None else [hover_annotation(*point)]
-        self._writer.submit("hover", lambda: self._write_hover(annotations))
+        self._writer.submit("hover", lambda: self._write_ring_layer(HOVER_LAYER, _HOVER_SHADER, annotations))
         if move and annotations:
             self.set_view(annotations[0]["point"])
+
+    def show_selected_nodes(self, points: Sequence[tuple[int, int, Sequence[float]]]) -> None:
+        """Ring the nodes selected in the plot in :data:`SELECTION_LAYER` (an empty list
+        clears it); beyond :data:`MAX_SELECTED_NODES` an even subsample is drawn.
+
+        Parameters
+        ----------
+        points
+            ``(segment_id, node_id, xyz_nm)`` per node, ``xyz_nm`` x, y, z in nm.
+
+        Raises
+        ------
+        ValueError
+            When a segment id or a position is malformed.
+        """
+        points = list(points)
+        if len(points) > MAX_SELECTED_NODES:
+            points = [points[i] for i in np.linspace(0, len(points) - 1, MAX_SELECTED_NODES).astype(int)]
+        annotations = [dict(hover_annotation(*point), id=f"selected-{i}") for i, point in enumerate(points)]
+        self._writer.submit("selection nodes", lambda: self._write_ring_layer(SELECTION_LAYER, _SELECTION_SHADER,
+                                                                             annotations))
 
     def show_labels(self, points: Sequence[tuple[int, int | None, Sequence[float], str]],
                     labels_in_order: Sequence[str] = ()) -> None:
@@ -712,21 +741,20 @@ class NeuroglancerBridge:
         space = self._neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[1, 1, 1])
         return self._neuroglancer.LocalAnnotationLayer(dimensions=space, **kwargs)
 
-    def _write_hover(self, annotations: list[dict]) -> None:
-        # The layer is made on the first hover and then kept (emptied, not removed), since
+    def _write_ring_layer(self, name: str, shader: str, annotations: list[dict]) -> None:
+        # The layer is made on first use and then kept (emptied, not removed), since
         # adding and removing a layer makes the page rebuild its layer bar.
         def is_current(s) -> bool:
-            if HOVER_LAYER not in s.layers:
+            if name not in s.layers:
                 return not annotations
-            return [a.to_json() for a in s.layers[HOVER_LAYER].annotations] == annotations
+            return [a.to_json() for a in s.layers[name].annotations] == annotations
 
         def apply(s) -> None:
-            if HOVER_LAYER in s.layers:
-                s.layers[HOVER_LAYER].annotations = annotations
+            if name in s.layers:
+                s.layers[name].annotations = annotations
             else:
-                # pick=False: the ring must not catch the double click meant for the segment.
-                s.layers[HOVER_LAYER] = self._nm_annotation_layer(
-                    shader=_HOVER_SHADER, annotations=annotations, pick=False)
+                # pick=False: rings must not catch the double click meant for the segment.
+                s.layers[name] = self._nm_annotation_layer(shader=shader, annotations=annotations, pick=False)
 
         self._write_if_changed(is_current, apply)
 
@@ -936,6 +964,15 @@ void main() {
   setPointMarkerColor(vec4(0.0, 0.0, 0.0, 0.0));
   setPointMarkerBorderWidth(3.0);
   setPointMarkerBorderColor(vec4(1.0, 1.0, 1.0, 1.0));
+}
+"""
+
+_SELECTION_SHADER = """
+void main() {
+  setPointMarkerSize(10.0);
+  setPointMarkerColor(vec4(0.0, 0.0, 0.0, 0.0));
+  setPointMarkerBorderWidth(2.0);
+  setPointMarkerBorderColor(vec4(1.0, 1.0, 1.0, 0.9));
 }
 """
 

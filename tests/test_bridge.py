@@ -279,6 +279,25 @@ def test_highlight_node_rings_one_node_coalesced_and_can_move_the_view(bridge):
         bridge.highlight_node((12, 3, [1.0, np.nan, 2.0]))
 
 
+def test_selected_nodes_are_ringed_subsampled_beyond_the_limit_and_cleared(bridge):
+    from app.neuroglancer_bridge import MAX_SELECTED_NODES, SELECTION_LAYER
+
+    bridge.show_selected_nodes([(12, 4, (100.0, 200.0, 300.0)), (13, 8, (400.0, 500.0, 600.0))])
+    assert bridge.flush()
+    rings = annotations(bridge, SELECTION_LAYER)
+    assert [r["point"] for r in rings] == [[100.0, 200.0, 300.0], [400.0, 500.0, 600.0]]
+    assert [r["segments"] for r in rings] == [[["12"]], [["13"]]] and len({r["id"] for r in rings}) == 2
+    assert bridge.viewer.state.layers[SELECTION_LAYER].pick is False
+    many = [(12, i, (float(i), 0.0, 0.0)) for i in range(3 * MAX_SELECTED_NODES)]
+    bridge.show_selected_nodes(many)
+    assert bridge.flush()
+    rings = annotations(bridge, SELECTION_LAYER)
+    assert len(rings) == MAX_SELECTED_NODES and rings[0]["point"][0] == 0.0 and rings[-1]["point"][0] == len(many) - 1
+    bridge.show_selected_nodes([])
+    assert bridge.flush()
+    assert annotations(bridge, SELECTION_LAYER) == []
+
+
 def test_manual_labels_layer_colours_describes_and_links_each_node(bridge):
     from app.neuroglancer_bridge import LABELS_LAYER, label_colour
 

@@ -43,6 +43,9 @@ def window(qtbot):
         def on_segments_changed(self, callback):
             self.listeners.append(callback)
 
+        def show_selected_nodes(self, points):
+            self.rings = list(points)
+
     main = QMainWindow()
     main.setCentralWidget(QWidget())
     main.state = SessionState()
@@ -136,6 +139,9 @@ def test_lasso_selection_emits_the_right_segments(window, qtbot):
     assert blocker.args[0].segment_ids == frozenset({21})
     np.testing.assert_array_equal(blocker.args[0].rows, left)
     assert window.bridge.highlighted[-1] == [21]  # the lasso's segments go to the 3-D view
+    assert sorted(node for _, node, _ in window.bridge.rings) == sorted(plot.controller.node_ids[left])  # ringed
+    window.state.select_segment(22)  # a 3-D selection: the plot's node rings go
+    assert window.bridge.rings == []
 
 
 def test_a_3d_selection_highlights_its_points_without_echo(window, qtbot):

@@ -133,8 +133,11 @@ def test_points_stream_in_and_a_lasso_selects_segments_in_neuroglancer(qtbot, wi
         lasso_around(qtbot, plot, rows)
     assert blocker.args[0].segment_ids == frozenset({middle})
     np.testing.assert_array_equal(blocker.args[0].rows, rows)
-    # The Neuroglancer page's state now shows exactly the lassoed segment.
+    # The Neuroglancer page's state now shows exactly the lassoed segment, its nodes ringed.
+    from app.neuroglancer_bridge import SELECTION_LAYER
+
     qtbot.waitUntil(lambda: viewer_segments(window) == {middle}, timeout=10_000)
+    qtbot.waitUntil(lambda: len(layer_annotations(window, SELECTION_LAYER)) == len(rows), timeout=10_000)
 
 
 def test_segments_selected_in_neuroglancer_highlight_their_points(qtbot, window, segments):

@@ -51,6 +51,8 @@ ANIMATION_MS = 600
 ANIMATION_FRAME_MS = 16
 #: Label edits and streaming points update the 3-D label layer at most this often.
 LABEL_LAYER_DELAY_MS = 150
+#: Most nodes of a plot selection ringed in 3-D (the bridge's own limit too).
+MAX_SELECTED_NODES_3D = 5_000
 #: Most labelled nodes drawn in 3-D (beyond it Neuroglancer's inline layer gets slow).
 MAX_LABEL_POINTS_3D = 20_000
 
@@ -619,7 +621,7 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
       Neuroglancer's own layer controls -> their points are highlighted (origin ``"3d"``,
       never sent back);
     * a rectangle or lasso in the plot -> its segments become the segmentation layer's
-      selected segments; the hovered point -> a marker on its node in 3-D; a clicked
+      selected segments and its nodes are ringed; the hovered point -> a marker on its node in 3-D; a clicked
       point -> the marker, and the 3-D view moves to the node;
     * manual labels -> the plot's ``"manual label"`` colours and the 3-D "manual labels"
       layer, refreshed after every label edit, undo or redo and as labelled segments
@@ -695,7 +697,19 @@ def _link_plot_to_bridge(plot: EmbeddingPlotWidget, bridge) -> None:
     """Plot -> 3-D: selected segments, hovered and clicked nodes; 3-D -> plot: segments
     selected in Neuroglancer's own controls (their callback arrives on neuroglancer's
     thread and is posted to the Qt thread)."""
+    controller = plot.controller
     plot.selectionChanged.connect(lambda selection: bridge.highlight_segments(sorted(selection.segment_ids)))
+
+    def ring_selected_nodes(selection) -> None:
+        # The plot's own node selections are ringed in 3-D; a selection made elsewhere (3-D)
+        # is whole segments, already shown there, so the rings go.
+        rows = selection.rows if selection.origin == PLOT_ORIGIN else np.zeros(0, np.int64)
+        if len(rows) > MAX_SELECTED_NODES_3D:  # an even subsample, before building tuples
+            rows = rows[np.linspace(0, len(rows) - 1, MAX_SELECTED_NODES_3D).astype(np.int64)]
+        bridge.show_selected_nodes([(int(controller.segment_ids[r]), int(controller.node_ids[r]),
+                                     tuple(map(float, controller.xyz_nm[r]))) for r in rows])
+
+    controller.subscribe("selection", ring_selected_nodes)
 
     def node(info: PointInfo | None):
         return None if info is None else (info.segment_id, info.node_id, info.xyz_nm)
