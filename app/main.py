@@ -224,7 +224,7 @@ def build_window(source: "DataSource", model_path: Path | None, *,
                  classifiers: "ClassifierSummary | None" = None,
                  precomputed: "PrecomputedEmbeddings | None" = None,
                  background: Path | None = None, plot: bool = True,
-                 projection_backend=None) -> "MainWindow":
+                 projection_backend=None, plot_options: dict | None = None) -> "MainWindow":
     """Create the window, its controller, job runner, neuroglancer bridge and plot.
 
     A QApplication must exist. The model, then the classifiers, load on the worker
@@ -233,7 +233,8 @@ def build_window(source: "DataSource", model_path: Path | None, *,
     labelled. TensorFlow runs in a child process (see :mod:`app.compute_process` for why),
     and so does UMAP (:mod:`app.projection_process`: numba's compiler holds the GIL), unless
     ``projection_backend`` says otherwise. ``background`` is a context embedding table for
-    the plot (the demo's); ``plot=False`` leaves the plot out.
+    the plot (the demo's); ``plot=False`` leaves the plot out; ``plot_options`` go to
+    :func:`app.views.embedding_plot.attach_embedding_plot` (``start_warm_up``...).
     """
     from app.controller import AppController
     from app.jobs import JobRunner
@@ -258,11 +259,13 @@ def build_window(source: "DataSource", model_path: Path | None, *,
 
             projection_backend = ProcessProjectionBackend()
             window.owns_projection_backend = True
+        options = dict(plot_options or {})
+        options["scheduler_options"] = {**options.get("scheduler_options", {}), "backend": projection_backend}
         try:
-            window.attach_plot(background=background, scheduler_options={"backend": projection_backend})
+            window.attach_plot(background=background, **options)
         except (OSError, ValueError, KeyError) as exc:  # an unreadable context table
             log.warning("context embeddings %s not shown: %s", background, exc)
-            window.attach_plot(scheduler_options={"backend": projection_backend})
+            window.attach_plot(**options)
     controller.load_model(model_path, trained=model_trained)
     controller.load_classifiers(classifiers, "" if classifiers is not None else
                                 "No classifiers found in assets/classifiers and no --classifiers given: "

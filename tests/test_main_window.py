@@ -106,7 +106,11 @@ def window(demo_dir, random_model, classifiers_dir, store_dir, qapp):
     # Dense centres (300 nm apart) so a segment has enough batches to cancel mid-job.
     win = build_window(DataSource.open_dataset_folder(demo_dir), random_model, model_trained=False,
                        spacing_nm=300.0, classifiers=read_classifier_folder(classifiers_dir),
-                       precomputed=PrecomputedEmbeddings.open(store_dir, coordinates="nm"))
+                       precomputed=PrecomputedEmbeddings.open(store_dir, coordinates="nm"),
+                       # No UMAP here (tests/test_linked_views.py and test_projection_process.py
+                       # cover it): its numba compile would load a core for minutes.
+                       plot_options={"start_warm_up": False,
+                                     "scheduler_options": {"min_points": 10**9, "warm_up": False}})
     win.resize(1400, 860)
     win.show()
     loaded = []
