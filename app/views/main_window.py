@@ -199,6 +199,7 @@ class MainWindow(QMainWindow):
         #: Whether the plot's projection backend (its UMAP process) ends with this window.
         self.owns_projection_backend = False
         self.export_dialog = None
+        self.last_export = None  # analysis.export.ExportResult of the last finished export
         self.session_path: Path | None = None
         self.autosave = None  # app.session_file.AutosaveManager (start_autosave)
         self.io_runner = JobRunner(post=invoker.post, name="segscope-session-io")
