@@ -26,6 +26,7 @@ Events (callback arguments)
 ``"selection"``  (Selection)          the selected rows changed
 ``"hover"``      (PointInfo or None)  the point under the cursor changed
 ``"activate"``   (PointInfo)          a point was clicked
+``"cleared"``    ()                   every point was dropped (:meth:`PlotController.clear`)
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from app.state import COMPARTMENT_COLOURS
 log = logging.getLogger(__name__)
 
 COLOUR_MODES: tuple[str, ...] = ("subcompartment", "cell type", "OOD score", "segment", "manual label")
-PLOT_EVENTS = ("points", "layout", "colours", "selection", "hover", "activate")
+PLOT_EVENTS = ("points", "layout", "colours", "selection", "hover", "activate", "cleared")
 #: Compartment code of a node without a (predicted or true) compartment.
 UNKNOWN_COMPARTMENT = 255
 UNKNOWN_RGBA = (128, 128, 128, 200)
@@ -161,6 +162,19 @@ class PlotController:
     """
 
     def __init__(self) -> None:
+        self._reset_points()
+        #: ``(segment_ids uint64 [k], node_ids int64 [k]) -> object [k] str``: the manual
+        #: label each point shows (the session's LabelStore); new points ask it too.
+        self.label_lookup: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+        #: Hex colour of a manual label (the 3-D view's rule, so both agree).
+        self.label_colour: Callable[[str], str] | None = None
+        #: Hex colour of a cell-type name; set it to the 3-D view's rule so both agree
+        #: (default: the category palette by order of first appearance).
+        self.cell_type_colour: Callable[[str], str] | None = None
+        self.colour_mode = COLOUR_MODES[0]
+        self._subscribers: dict[str, list[tuple[str | None, Callable[..., Any]]]] = defaultdict(list)
+
+    def _reset_points(self) -> None:
         self.segment_ids = np.zeros(0, np.uint64)
         self.node_ids = np.zeros(0, np.int64)
         self.xyz_nm = np.zeros((0, 3), np.float64)
@@ -168,20 +182,11 @@ class PlotController:
         self.compartments = np.zeros(0, np.uint8)
         self.ood_scores = np.zeros(0, np.float32)
         self.cell_type_codes = np.zeros(0, np.int16)  # -1: unknown; else index in cell_type_names
+        self.cell_type_names: list[str] = []
         self.background = np.zeros(0, bool)
         self.manual_labels = np.zeros(0, object)  # str per point, "" unlabelled
-        #: ``(segment_ids uint64 [k], node_ids int64 [k]) -> object [k] str``: the manual
-        #: label each point shows (the session's LabelStore); new points ask it too.
-        self.label_lookup: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-        #: Hex colour of a manual label (the 3-D view's rule, so both agree).
-        self.label_colour: Callable[[str], str] | None = None
-        self.cell_type_names: list[str] = []
-        #: Hex colour of a cell-type name; set it to the 3-D view's rule so both agree
-        #: (default: the category palette by order of first appearance).
-        self.cell_type_colour: Callable[[str], str] | None = None
         self.layout = np.zeros((0, 2), np.float32)  # NaN until placed
         self.layout_kind = "none"
-        self.colour_mode = COLOUR_MODES[0]
         self.selected = np.zeros(0, bool)
         self.hovered: int | None = None
         self._selected_segments: frozenset[int] = frozenset()
@@ -191,7 +196,12 @@ class PlotController:
         self._tree_rows: np.ndarray | None = None
         self._tree_stale = np.zeros(0, bool)  # rows whose position moved since the tree was built
         self._tree_extra = np.zeros(0, np.int64)  # those rows, searched directly
-        self._subscribers: dict[str, list[tuple[str | None, Callable[..., Any]]]] = defaultdict(list)
+
+    def clear(self) -> None:
+        """Drop every point, its layout and the selection (other data was opened: segment
+        ids of the old data mean nothing there); emits ``"cleared"``."""
+        self._reset_points()
+        self._emit("cleared")
 
     # -- observers -------------------------------------------------------------------------
 
@@ -696,7 +706,10 @@ class ProjectionScheduler:
         self.last_fit_seconds: float | None = None
         self.status = "PCA"
         self._listeners: list[Callable[[str], None]] = []
-        self._unsubscribe = controller.subscribe("points", self._on_points, name="projection")
+        self._data_generation = 0  # bumped by controller.clear(): older fits are stale
+        unsubscribe = [controller.subscribe("points", self._on_points, name="projection"),
+                       controller.subscribe("cleared", self._on_cleared, name="projection")]
+        self._unsubscribe = lambda: [u() for u in unsubscribe]
 
     @property
     def layout_label(self) -> str:
@@ -744,6 +757,16 @@ class ProjectionScheduler:
         self._fit_runner.shutdown(wait=False)
         self._place_runner.shutdown(wait=False)
 
+    def _on_cleared(self) -> None:
+        """The controller dropped its points: forget the models; fits and placements in
+        flight finish but are ignored (their generations are stale)."""
+        self._data_generation += 1
+        self._model_generation += 1
+        self.pca, self._pca_points, self.umap = None, 0, None
+        self._alignment = Similarity.identity()
+        self._pending = []
+        self._set_status("PCA")
+
     # -- points arrive -----------------------------------------------------------------
 
     def _on_points(self, rows: np.ndarray) -> None:
@@ -784,13 +807,19 @@ class ProjectionScheduler:
 
         self._fitting = True
         self._set_status(f"{self.layout_label} · fitting UMAP on {n} points")
-        self._fit_runner.submit(f"UMAP fit of {n} points", job, self._on_fit, kind="fit")
+        generation = self._data_generation
+        self._fit_runner.submit(f"UMAP fit of {n} points", job,
+                                lambda update: self._on_fit(update, generation), kind="fit")
         return True
 
-    def _on_fit(self, update: JobUpdate) -> None:
+    def _on_fit(self, update: JobUpdate, generation: int | None = None) -> None:
         if not update.terminal:
             return
         self._fitting = False
+        if generation is not None and generation != self._data_generation:
+            log.info("UMAP fit of points since cleared: ignored")
+            self.request_fit(force=False)
+            return
         if update.event != "finished":
             if update.event == "failed":
                 log.warning("UMAP fit failed: %s", update.error)

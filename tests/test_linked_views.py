@@ -315,3 +315,20 @@ def test_a_crash_leaves_an_autosave_that_the_next_launch_offers(qtbot, window, s
     finally:
         second.close()
     assert not manager.autosave_path.exists()  # a clean exit leaves nothing to recover
+
+
+def test_opening_data_clears_the_plot_and_labels(qtbot, window, segments, demo96_dir):
+    from app.controller import DataSource
+
+    plot = window.plot_dock.plot
+    if plot.controller.n_points == 0:
+        embed_all(qtbot, window, segments)
+    window.labels.assign_segments("glia", [segments[0][0]])
+    store = window.controller.precomputed
+    window.show_source(DataSource.open_dataset_folder(demo96_dir), precomputed=store)  # as File > Open does
+    assert plot.controller.n_points == 0 and window.labels.n_labelled_segments == 0
+    assert window.state.records == {} and window.state.segment is None
+    qtbot.waitUntil(lambda: plot.points.n_points == 0 and plot.selection_item.n_points == 0, timeout=2_000)
+    # The same segments stream in again, as into a fresh plot.
+    embed_all(qtbot, window, segments[:1])
+    assert plot.controller.n_points == len(segments[0][1])

@@ -320,3 +320,21 @@ def test_scheduler_fits_umap_in_the_background_then_places_new_points():
         assert scheduler.umap.n_points == 300  # placed by transform, not refitted
     finally:
         scheduler.shutdown()
+
+
+def test_clear_drops_points_and_the_scheduler_forgets_its_models():
+    controller = make_controller()
+    scheduler = ProjectionScheduler(controller, warm_up=False, min_points=10**9)
+    controller.add_points(200, [1, 2, 3], np.zeros((3, 3)), np.ones((3, 8)))
+    assert scheduler.pca is not None
+    controller.select_segments([100], origin="3d")
+    events = []
+    controller.subscribe("cleared", lambda: events.append("cleared"))
+    controller.clear()
+    assert events == ["cleared"] and controller.n_points == 0 and controller.embeddings is None
+    assert len(controller.selected_rows) == 0 and controller.segment_rows([100]).size == 0
+    assert scheduler.pca is None and scheduler.umap is None and scheduler.status == "PCA"
+    # New data of another width starts afresh, placed by a new PCA.
+    controller.add_points(7, [1, 2, 3], np.zeros((3, 3)), np.random.default_rng(0).normal(size=(3, 5)))
+    assert controller.embeddings.shape == (3, 5) and np.isfinite(controller.layout).all()
+    scheduler.shutdown()

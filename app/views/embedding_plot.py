@@ -316,6 +316,7 @@ class EmbeddingPlotWidget(QWidget):
             controller.subscribe("selection", self._on_selection),
             controller.subscribe("hover", self._on_hover),
             controller.subscribe("activate", self.pointActivated.emit),
+            controller.subscribe("cleared", self._on_cleared),
         ]
         self.scheduler.on_status(self._show_status)
 
@@ -383,6 +384,17 @@ class EmbeddingPlotWidget(QWidget):
             self._animation_timer.start()
             self._dirty.add("autorange")
         self._mark("layout")
+
+    def _on_cleared(self) -> None:
+        self._animation_timer.stop()
+        self._animation_from = None
+        self._displayed = np.zeros((0, 2), np.float32)
+        self.points.set_positions(self._displayed)
+        self.hover_item.setData([], [])
+        self._ranged = False
+        self._mark("points")
+        self._mark("selection")
+        self.status_label.setText("No embeddings yet")
 
     def _animation_frame(self) -> None:
         self._animation_step += 1

@@ -272,8 +272,11 @@ class MainWindow(QMainWindow):
 
     def _on_dataset(self, summary) -> None:
         self.setWindowTitle(f"SegScope: {summary.name}")
-        # Segment ids mean nothing in other data: labels of the old data go (not undoable).
+        # Segment ids mean nothing in other data: labels and plotted points of the old
+        # data go (not undoable).
         self.labels.reset()
+        if self.plot_dock is not None:
+            self.plot_dock.controller.clear()
         self._update_undo_actions()
 
     # -- menus and shortcuts -------------------------------------------------------------------
