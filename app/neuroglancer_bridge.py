@@ -956,25 +956,22 @@ def _visible_ids(segments_json: tuple | None) -> frozenset[int]:
     return frozenset(ids)
 
 
-#: Hover ring: transparent fill and a thick white border, so the node's own colour (its
-#: compartment) stays visible inside the ring.
-_HOVER_SHADER = """
-void main() {
-  setPointMarkerSize(18.0);
+def _ring_shader(size_px: float, border_px: float, alpha: float) -> str:
+    """A white ring with a transparent centre, so a node's own colour (its compartment)
+    stays visible inside it."""
+    return f"""
+void main() {{
+  setPointMarkerSize({size_px:.1f});
   setPointMarkerColor(vec4(0.0, 0.0, 0.0, 0.0));
-  setPointMarkerBorderWidth(3.0);
-  setPointMarkerBorderColor(vec4(1.0, 1.0, 1.0, 1.0));
-}
+  setPointMarkerBorderWidth({border_px:.1f});
+  setPointMarkerBorderColor(vec4(1.0, 1.0, 1.0, {alpha:.1f}));
+}}
 """
 
-_SELECTION_SHADER = """
-void main() {
-  setPointMarkerSize(10.0);
-  setPointMarkerColor(vec4(0.0, 0.0, 0.0, 0.0));
-  setPointMarkerBorderWidth(2.0);
-  setPointMarkerBorderColor(vec4(1.0, 1.0, 1.0, 0.9));
-}
-"""
+
+#: The hovered node: a large, thick ring; selected nodes: smaller, thinner rings.
+_HOVER_SHADER = _ring_shader(18.0, 3.0, 1.0)
+_SELECTION_SHADER = _ring_shader(10.0, 2.0, 0.9)
 
 #: Manual labels: the label's colour with a white border (predicted nodes have a black one).
 _LABEL_SHADER = """

@@ -91,18 +91,25 @@ def bench_placement(sizes: list[int], new_points: int, repeats: int,
               f"(+ {wall - model.fit_seconds:.1f} s preparing transform), {cpu:.1f} s CPU in all "
               f"(n_neighbors={settings.n_neighbors}, n_epochs={settings.n_epochs}, "
               f"force_approximation_algorithm={settings.approximate}, init=PCA, parallel)")
-        times = []
-        for r in range(repeats):
-            batch = fresh[r * new_points:(r + 1) * new_points]
-            t0 = time.perf_counter()
-            placed = model.transform(batch)
-            times.append(time.perf_counter() - t0)
-            assert placed.shape == (new_points, 2) and np.isfinite(placed).all()
-        rest = times[1:] or times
-        print(f"N={n}: place {new_points} new points (in this process): first {times[0]:.3f} s, median of next "
-              f"{len(rest)} {statistics.median(rest):.3f} s (min {min(rest):.3f}, max {max(rest):.3f})")
+        print(f"N={n}: place {new_points} new points (in this process): "
+              + _placement_times(model, fresh, new_points, repeats))
         if "process" in backends:
             _place_through_the_child(n, fitted, fresh, init, settings, new_points, repeats)
+
+
+def _placement_times(model, fresh: np.ndarray, new_points: int, repeats: int) -> str:
+    """Place ``repeats`` batches of ``new_points`` rows of ``fresh`` with ``model.transform``;
+    the figures as one line (the first call apart: it may load kernels)."""
+    times = []
+    for r in range(repeats):
+        batch = fresh[r * new_points:(r + 1) * new_points]
+        t0 = time.perf_counter()
+        placed = model.transform(batch)
+        times.append(time.perf_counter() - t0)
+        assert placed.shape == (new_points, 2) and np.isfinite(placed).all()
+    rest = times[1:] or times
+    return (f"first {times[0]:.3f} s, median of next {len(rest)} {statistics.median(rest):.3f} s "
+            f"(min {min(rest):.3f}, max {max(rest):.3f})")
 
 
 def _place_through_the_child(n, fitted, fresh, init, settings, new_points: int, repeats: int) -> None:
@@ -117,17 +124,8 @@ def _place_through_the_child(n, fitted, fresh, init, settings, new_points: int, 
         model = backend.fit(fitted, settings, init)
         print(f"N={n}: the same fit in the child process: {model.fit_seconds:.1f} s in the child, "
               f"{time.perf_counter() - wall:.1f} s round trip")
-        times = []
-        for r in range(repeats):
-            batch = fresh[r * new_points:(r + 1) * new_points]
-            t0 = time.perf_counter()
-            placed = model.transform(batch)
-            times.append(time.perf_counter() - t0)
-            assert placed.shape == (new_points, 2) and np.isfinite(placed).all()
-        rest = times[1:] or times
-        print(f"N={n}: place {new_points} new points through the child (the app's path): first {times[0]:.3f} s, "
-              f"median of next {len(rest)} {statistics.median(rest):.3f} s (min {min(rest):.3f}, "
-              f"max {max(rest):.3f}); target 0.5 s at 100k")
+        print(f"N={n}: place {new_points} new points through the child (the app's path): "
+              + _placement_times(model, fresh, new_points, repeats) + "; target 0.5 s at 100k")
     finally:
         backend.close()
 
