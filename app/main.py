@@ -185,9 +185,12 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
     try:
         if image:
             source = DataSource.open(image, segmentation, getattr(args, "skeletons", None))
+            # A SegScope dataset folder (the demo's, reopened from a session) keeps its context.
+            folder = Path(str(segmentation)).parent if "://" not in str(segmentation) else None
         else:
             folder = _demo_folder()
             source = DataSource.open_dataset_folder(folder)
+        if folder is not None and (folder / "dataset.json").is_file():
             from app.demo_context import find_demo_context
 
             context = find_demo_context(folder, encoder_path=model_path,
