@@ -221,16 +221,20 @@ def bench_redraw(sizes: list[int], repeats: int, scatter_reference: int) -> None
         widget.close()
 
 
-def bench_latency(n_points: int, batch: int, limit_s: float) -> None:
-    """GUI event-loop gaps while points stream in and the warm-up and UMAP fits run."""
+def bench_latency(n_points: int, batch: int, limit_s: float, backend_name: str = "process") -> None:
+    """Qt event-loop gaps while points stream in and the warm-up and UMAP fits run, with
+    UMAP in the app's child process (``"process"``) or on threads here (``"local"``)."""
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     from PyQt6.QtCore import QTimer
     from PyQt6.QtWidgets import QApplication
 
     from app.views.embedding_plot import EmbeddingPlotWidget
 
+    from app.projection_process import LocalProjectionBackend, ProcessProjectionBackend
+
     app = QApplication.instance() or QApplication([])
-    plot = EmbeddingPlotWidget(scheduler_options={"min_points": 500})
+    backend = ProcessProjectionBackend() if backend_name == "process" else LocalProjectionBackend()
+    plot = EmbeddingPlotWidget(scheduler_options={"min_points": 500, "backend": backend})
     plot.resize(600, 500)
     plot.show()
     rng = np.random.default_rng(0)
@@ -268,12 +272,14 @@ def bench_latency(n_points: int, batch: int, limit_s: float) -> None:
     plot.scheduler.start()
     app.exec()
     g = np.array(gaps[1:]) * 1000
-    print(f"\nlatency: {plot.controller.n_points} points streamed in batches of {batch} every 200 ms; "
+    print(f"\nlatency ({backend_name} UMAP): {plot.controller.n_points} points streamed in batches of {batch} "
+          f"every 200 ms; "
           f"warm-up {plot.scheduler.warm_up_result}; after {time.perf_counter() - started:.0f} s the plot shows "
           f"{plot.scheduler.status!r}")
     print(f"latency: GUI 10 ms timer gaps median {np.median(g):.0f} ms, p99 {np.percentile(g, 99):.0f} ms, "
           f"max {g.max():.0f} ms; {(g > 100).sum()} of {len(g)} gaps over 100 ms")
     plot.shutdown()
+    backend.close()
 
 
 def _stall_run(backend_name: str, n_points: int, new_points: int, placements: int) -> dict:
@@ -369,6 +375,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="UMAP sizes")
     parser.add_argument("--new-points", type=int, default=500)
     parser.add_argument("--place-repeats", type=int, default=6)
+    parser.add_argument("--latency-backends", nargs="+", choices=["local", "process"], default=["process", "local"],
+                        help="where UMAP runs in the latency part: the app's child process, or threads here")
     parser.add_argument("--place-backends", nargs="+", choices=["local", "process"], default=["local", "process"],
                         help="where placement is timed: in this process, and through the app's UMAP child process")
     parser.add_argument("--redraw-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -390,7 +398,8 @@ def main() -> None:
     if "placement" in args.parts:
         bench_placement(args.sizes, args.new_points, args.place_repeats, tuple(args.place_backends))
     if "latency" in args.parts:
-        bench_latency(5000, 50, 300.0)
+        for backend_name in args.latency_backends:
+            bench_latency(5000, 50, 300.0, backend_name)
     if "stall" in args.parts:
         bench_stall(args.stall_points, args.new_points, args.stall_placements, args.stall_cache)
     print(f"\nload average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
