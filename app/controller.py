@@ -668,7 +668,6 @@ class AppController:
         holder: dict[str, Any] = {}
 
         precomputed = self.precomputed
-        engine = self.engine
 
         def make():
             job = holder["job"]

@@ -103,12 +103,10 @@ def _session_sources(path: str) -> tuple[Path, dict]:
     LaunchError
         For a missing or unreadable session file.
     """
-    from app.session_file import SessionFileError, session_paths
+    from app.session_file import SessionDocument, SessionFileError, session_paths
 
     json_path, _ = session_paths(path)
     try:
-        from app.session_file import SessionDocument
-
         document = SessionDocument.from_json(json_path.read_text(), source=json_path)
     except FileNotFoundError:
         raise LaunchError(f"--session: no session file {json_path}") from None

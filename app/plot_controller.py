@@ -166,8 +166,9 @@ class PlotController:
         #: ``(segment_ids uint64 [k], node_ids int64 [k]) -> object [k] str``: the manual
         #: label each point shows (the session's LabelStore); new points ask it too.
         self.label_lookup: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-        #: Hex colour of a manual label (the 3-D view's rule, so both agree).
-        self.label_colour: Callable[[str], str] | None = None
+        #: ``(label, labels in use) -> "#rrggbb"``: a manual label's colour (the 3-D view's
+        #: rule, :func:`app.neuroglancer_bridge.label_colour`, so both agree).
+        self.label_colour: Callable[[str, list[str]], str] | None = None
         #: Hex colour of a cell-type name; set it to the 3-D view's rule so both agree
         #: (default: the category palette by order of first appearance).
         self.cell_type_colour: Callable[[str], str] | None = None
@@ -466,12 +467,13 @@ class PlotController:
             labels = [f"{low + span * (b + 0.5) / OOD_BINS:.3g}" for b in range(OOD_BINS)] + ["unknown"]
             return PointColours(index.astype(np.uint8), palette, labels, (low, high))
         if self.colour_mode == "manual label":
-            names = self.manual_label_names()[: len(CATEGORY_COLOURS)]
+            in_use = self.manual_label_names()
+            names = in_use[: len(CATEGORY_COLOURS)]
             lookup = {name: i for i, name in enumerate(names)}
             # Labels beyond the palette share the last colour rather than adding brushes.
             index = np.fromiter((lookup.get(label, len(names) - 1) if label else len(names)
                                  for label in self.manual_labels), np.int64, n)
-            colours = ([self.label_colour(name) for name in names] if self.label_colour is not None
+            colours = ([self.label_colour(name, in_use) for name in names] if self.label_colour is not None
                        else CATEGORY_COLOURS[: len(names)])
             palette = np.array([_hex_rgba(c) for c in colours] + [(90, 90, 90, 110)], np.uint8)
             return PointColours(index.astype(np.uint8), palette, [*names, "unlabelled"])

@@ -328,3 +328,31 @@ def _write(folder, nodes, segments, provenance, model_source, voxel_size_nm, ima
         table_formats=table_formats,
         force=force,
     ))
+
+
+def skeleton_edges(source, records: Mapping[int, SegmentRecord]) -> dict[int, SkeletonEdges]:
+    """Segment id -> :class:`analysis.export.SkeletonEdges` joining each record's embedded
+    nodes along its skeleton (for SWC); segments without a skeleton are left out.
+
+    ``source`` is the open :class:`app.controller.DataSource` (reads skeleton files: call
+    it on a worker).
+    """
+    from analysis.centres import contract_skeleton
+
+    edges = {}
+    for segment_id, record in records.items():
+        skeleton = source.skeleton(segment_id) if source is not None else None
+        if skeleton is None or record.node_ids is None or record.embedded is None:
+            continue
+        node_ids = record.node_ids[record.embedded]
+        # Store node ids (a precomputed CSV ZIP's) need not be skeleton indices: use them
+        # only where they are, i.e. where they point at the node at the same position.
+        n = len(skeleton.nodes_nm)
+        if len(node_ids) == 0 or node_ids.min() < 0 or node_ids.max() >= n or not np.allclose(
+                skeleton.nodes_nm[node_ids], record.positions_nm[record.embedded], atol=1.0):
+            log.info("segment %d: node ids are not skeleton indices; no SWC", segment_id)
+            continue
+        pairs = contract_skeleton(n, skeleton.edges, node_ids)
+        if len(pairs):
+            edges[segment_id] = SkeletonEdges(pairs)
+    return edges

@@ -276,3 +276,24 @@ def test_contracted_skeletons_make_swc_of_a_half_embedded_segment(session, label
     rows = [line.split() for line in (tmp_path / "b" / "skeletons" / "11.swc").read_text().splitlines()
             if line and not line.startswith("#")]
     assert len(rows) == 3 and sorted(int(r[6]) for r in rows).count(-1) == 1  # one tree, one root
+
+
+def test_skeleton_edges_join_embedded_skeleton_nodes_and_skip_store_node_ids():
+    from types import SimpleNamespace
+
+    from analysis.skeletons import Skeleton
+    from app.session_export import skeleton_edges
+
+    # A Y-shaped skeleton: 0-1-2-3 trunk and 2-4-5 branch.
+    nodes = np.array([[0, 0, 0], [100, 0, 0], [200, 0, 0], [300, 0, 0], [200, 100, 0], [200, 200, 0]], float)
+    skeleton = Skeleton(5, nodes, np.array([[0, 1], [1, 2], [2, 3], [2, 4], [4, 5]]))
+    source = SimpleNamespace(skeleton=lambda segment_id: skeleton if segment_id in (5, 6) else None)
+    kept = np.array([0, 3, 5, 2])
+    embedded = np.array([True, True, True, False])  # node 2 not embedded yet
+    computed = SegmentRecord(5, node_ids=kept, positions_nm=nodes[kept], embedded=embedded)
+    # Node ids of a CSV ZIP store: same positions, other numbering -> no SWC.
+    stored = SegmentRecord(6, node_ids=np.array([10, 11, 12, 13]), positions_nm=nodes[kept], embedded=embedded)
+    no_skeleton = SegmentRecord(7, node_ids=kept, positions_nm=nodes[kept], embedded=embedded)
+    edges = skeleton_edges(source, {5: computed, 6: stored, 7: no_skeleton})
+    assert list(edges) == [5]
+    assert sorted(map(tuple, edges[5].edges.tolist())) == [(3, 0), (5, 0)]

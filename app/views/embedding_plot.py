@@ -51,8 +51,6 @@ ANIMATION_MS = 600
 ANIMATION_FRAME_MS = 16
 #: Label edits and streaming points update the 3-D label layer at most this often.
 LABEL_LAYER_DELAY_MS = 150
-#: Most nodes of a plot selection ringed in 3-D (the bridge's own limit too).
-MAX_SELECTED_NODES_3D = 5_000
 #: Most labelled nodes drawn in 3-D (beyond it Neuroglancer's inline layer gets slow).
 MAX_LABEL_POINTS_3D = 20_000
 
@@ -520,9 +518,9 @@ class EmbeddingPlotWidget(QWidget):
         context, with the predictions the table carries; returns the rows added."""
         controller = self.controller
         rows = controller.add_points(table.segment_ids, table.node_ids, table.xyz_nm, table.embeddings,
-                                     compartments=getattr(table, "compartments", None), background=True)
+                                     compartments=table.compartments, background=True)
         # Only rows that are new take the table's labels (add_points returns those).
-        cell_types, ood_scores = getattr(table, "cell_types", None), getattr(table, "ood_scores", None)
+        cell_types, ood_scores = table.cell_types, table.ood_scores
         if len(rows) and (cell_types is not None or ood_scores is not None):
             where = controller.rows_of(table.segment_ids, table.node_ids)
             picked = np.isin(where, rows)
@@ -676,7 +674,7 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
             return tuple(getattr(info, "class_names", ()) or ())
 
         controller.cell_type_colour = lambda name: cell_type_colour(name, class_names())
-        controller.label_colour = lambda name: label_colour(name, controller.manual_label_names())
+        controller.label_colour = label_colour
     except ImportError:
         log.debug("no neuroglancer bridge: the plot uses its own colours")
 
@@ -709,6 +707,8 @@ def _link_plot_to_bridge(plot: EmbeddingPlotWidget, bridge) -> None:
     """Plot -> 3-D: selected segments, hovered and clicked nodes; 3-D -> plot: segments
     selected in Neuroglancer's own controls (their callback arrives on neuroglancer's
     thread and is posted to the Qt thread)."""
+    from app.neuroglancer_bridge import MAX_SELECTED_NODES
+
     controller = plot.controller
     plot.selectionChanged.connect(lambda selection: bridge.highlight_segments(sorted(selection.segment_ids)))
 
@@ -716,8 +716,8 @@ def _link_plot_to_bridge(plot: EmbeddingPlotWidget, bridge) -> None:
         # The plot's own node selections are ringed in 3-D; a selection made elsewhere (3-D)
         # is whole segments, already shown there, so the rings go.
         rows = selection.rows if selection.origin == PLOT_ORIGIN else np.zeros(0, np.int64)
-        if len(rows) > MAX_SELECTED_NODES_3D:  # an even subsample, before building tuples
-            rows = rows[np.linspace(0, len(rows) - 1, MAX_SELECTED_NODES_3D).astype(np.int64)]
+        if len(rows) > MAX_SELECTED_NODES:  # the bridge's subsample, taken before building tuples
+            rows = rows[np.linspace(0, len(rows) - 1, MAX_SELECTED_NODES).astype(np.int64)]
         bridge.show_selected_nodes([(int(controller.segment_ids[r]), int(controller.node_ids[r]),
                                      tuple(map(float, controller.xyz_nm[r]))) for r in rows])
 

@@ -88,42 +88,44 @@ class LabelBar(QWidget):
 
     # -- actions -----------------------------------------------------------------------------
 
-    def _assign(self, what: Callable[[], bool], done: str, nothing: str) -> bool:
+    def _assign(self, what: Callable[[], bool]) -> bool | None:
+        """Run one store command; None (and the reason reported) when it was refused."""
         try:
-            changed = what()
+            return what()
         except (ValueError, KeyError) as exc:
             self.report(f"Label not given: {exc}")
-            return False
-        self.report(done if changed else nothing)
-        return changed
+            return None
+
+    def _ready(self, name: str, selected: int, nothing_selected: str) -> bool:
+        if not name:
+            self.report("Type a label name first.")
+        elif not selected:
+            self.report(nothing_selected)
+        return bool(name) and bool(selected)
 
     def label_nodes(self) -> bool:
         """Give the typed label to the selected points; True if anything changed."""
         name = self.label_name()
         segments, nodes = self._selected_nodes()
-        if not name:
-            self.report("Type a label name first.")
+        if not self._ready(name, len(nodes), "Select points in the plot first (Rect or Lasso)."):
             return False
-        if not len(nodes):
-            self.report("Select points in the plot first (Rect or Lasso).")
-            return False
-        return self._assign(lambda: self.labels.assign_nodes(name, segments, nodes),
-                            f'Labelled {len(nodes)} nodes "{name}" (Ctrl+Z undoes).',
-                            f'Those {len(nodes)} nodes already carry "{name}".')
+        changed = self._assign(lambda: self.labels.assign_nodes(name, segments, nodes))
+        if changed is not None:
+            self.report(f'Labelled {len(nodes)} nodes "{name}" (Ctrl+Z undoes).' if changed
+                        else f'Those {len(nodes)} nodes already carry "{name}".')
+        return bool(changed)
 
     def label_segments(self) -> bool:
         """Give the typed label to the selected segments; True if anything changed."""
         name = self.label_name()
         segments = self._selected_segments()
-        if not name:
-            self.report("Type a label name first.")
+        if not self._ready(name, len(segments), "Select points in the plot or a segment in 3-D first."):
             return False
-        if not segments:
-            self.report("Select points in the plot or a segment in 3-D first.")
-            return False
-        return self._assign(lambda: self.labels.assign_segments(name, segments),
-                            f'Labelled {len(segments)} segments "{name}" (Ctrl+Z undoes).',
-                            f'Those {len(segments)} segments already carry "{name}".')
+        changed = self._assign(lambda: self.labels.assign_segments(name, segments))
+        if changed is not None:
+            self.report(f'Labelled {len(segments)} segments "{name}" (Ctrl+Z undoes).' if changed
+                        else f'Those {len(segments)} segments already carry "{name}".')
+        return bool(changed)
 
     def remove_labels(self) -> bool:
         """Remove node labels of the selected points and labels of their segments."""
@@ -134,9 +136,9 @@ class LabelBar(QWidget):
             return False
         changed = False
         if len(nodes):
-            changed |= self._assign(lambda: self.labels.assign_nodes(None, segments, nodes), "", "")
+            changed |= bool(self._assign(lambda: self.labels.assign_nodes(None, segments, nodes)))
         if segment_ids:
-            changed |= self._assign(lambda: self.labels.assign_segments(None, segment_ids), "", "")
+            changed |= bool(self._assign(lambda: self.labels.assign_segments(None, segment_ids)))
         self.report("Removed manual labels." if changed else "The selection carries no manual labels.")
         return changed
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-import numpy as np
-
 from pathlib import Path
 
 from PyQt6.QtCore import QObject, Qt, QTimer, QUrl, pyqtSignal
@@ -405,20 +403,32 @@ class MainWindow(QMainWindow):
             return
         self.open_sources(image, segmentation, skeletons)
 
-    def open_sources(self, image_url: str, segmentation_url: str, skeletons_url: str | None = None) -> None:
-        """Open data on the worker thread; errors appear in the banner."""
+    def open_sources(self, image_url: str, segmentation_url: str, skeletons_url: str | None = None, *,
+                     name: str | None = None, precomputed=None, then: Callable[[], None] | None = None) -> None:
+        """Open data on the worker thread and show it; errors appear in the banner.
+
+        ``precomputed`` describes an embedding store to open with it (an
+        :class:`app.session_file.PrecomputedRef`); ``then`` runs once the data is shown.
+        """
         def make():
             yield Progress(0, 1, "steps", f"opening {segmentation_url}")
-            return DataSource.open(image_url, segmentation_url, skeletons_url)
+            source = DataSource.open(image_url, segmentation_url, skeletons_url, name=name)
+            store = None if precomputed is None else PrecomputedEmbeddings.open(
+                precomputed.location, coordinates=precomputed.coordinates, num_shards=precomputed.num_shards,
+                bytewidth=precomputed.bytewidth)
+            return source, store
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "finished":
+                source, store = update.result
+                self.show_source(source, precomputed=store)
+                if then is not None and self.controller.source is source:
+                    then()
+            elif update.event == "failed":
+                self.state.show_error(f"Could not open the data: {update.error}")
 
         self.state.show_status(f"Opening {segmentation_url}…")
-        self.controller.runner.submit(f"opening {segmentation_url}", make, self._on_open_update, kind=OPEN_LANE)
-
-    def _on_open_update(self, update: JobUpdate) -> None:
-        if update.event == "finished":
-            self.show_source(update.result)
-        elif update.event == "failed":
-            self.state.show_error(f"Could not open the data: {update.error}")
+        self.controller.runner.submit(f"opening {segmentation_url}", make, on_update, kind=OPEN_LANE)
 
     def show_source(self, source: DataSource, *, precomputed: PrecomputedEmbeddings | None = None) -> None:
         """Show an opened data source in the viewer and make it the controller's
@@ -477,13 +487,18 @@ class MainWindow(QMainWindow):
     def start_export(self, request) -> None:
         """Write the export bundle ``request`` (:class:`~app.views.export_dialog.ExportRequest`)
         on the session worker; on success optionally add its annotation layer to the viewer."""
-        from app.session_export import export_session
+        from app.session_export import export_session, skeleton_edges
 
-        snapshot, labels = self._session_snapshot()
+        from types import SimpleNamespace
+
+        records = self._records_snapshot()
+        snapshot = SimpleNamespace(records=records, dataset=self.state.dataset, model=self.state.model,
+                                   classifiers=self.state.classifiers, segment=None)
+        labels = LabelStore.from_dict(self.labels.to_dict())
         source = self.controller.source
 
         def make():
-            skeletons = skeleton_edges(source, snapshot.records) if "swc" in request.parts else None
+            skeletons = skeleton_edges(source, records) if "swc" in request.parts else None
             return (yield from export_session(request.folder, snapshot, labels, parts=request.parts,
                                               table_formats=request.table_formats, skeletons=skeletons,
                                               force=request.force))
@@ -507,18 +522,14 @@ class MainWindow(QMainWindow):
         self.state.show_status(f"Exporting to {request.folder}…")
         self.io_runner.submit(f"exporting to {request.folder}", make, on_update, kind=EXPORT_LANE, supersede=False)
 
-    def _session_snapshot(self):
-        """A copy of the archived records and labels a worker can read while the session
-        goes on changing on this thread."""
+    def _records_snapshot(self) -> dict:
+        """Copies of the session's analysed records (segment id -> record), which a worker
+        can read while the session goes on changing on this thread (numpy copies: ms)."""
         import copy
-        from types import SimpleNamespace
 
         from app.session_controller import session_records
 
-        records = {record.segment_id: copy.deepcopy(record) for record in session_records(self.state)}
-        snapshot = SimpleNamespace(records=records, dataset=self.state.dataset, model=self.state.model,
-                                   classifiers=self.state.classifiers, segment=None)
-        return snapshot, LabelStore.from_dict(self.labels.to_dict())
+        return {record.segment_id: copy.deepcopy(record) for record in session_records(self.state)}
 
     # -- sessions -------------------------------------------------------------------------------------
 
@@ -552,8 +563,7 @@ class MainWindow(QMainWindow):
         except ValueError as exc:
             self.state.show_error(f"Cannot save the session: {exc}")
             return False
-        snapshot, _ = self._session_snapshot()
-        records = list(snapshot.records.values())
+        records = list(self._records_snapshot().values())
         target = Path(path)
 
         def make():
@@ -607,34 +617,15 @@ class MainWindow(QMainWindow):
             self._restore_loaded(document, records)
             return
         dataset = document.dataset
-
-        def make():
-            yield Progress(0, 1, "steps", f"opening {dataset.segmentation_url}")
-            source = DataSource.open(dataset.image_url, dataset.segmentation_url, dataset.skeletons_url,
-                                     name=dataset.name)
-            store = document.precomputed
-            precomputed = None if store is None else PrecomputedEmbeddings.open(
-                store.location, coordinates=store.coordinates, num_shards=store.num_shards,
-                bytewidth=store.bytewidth)
-            return source, precomputed
-
-        def on_update(update: JobUpdate) -> None:
-            if update.event == "finished":
-                source, precomputed = update.result
-                self.show_source(source, precomputed=precomputed)
-                if self.controller.source is source:
-                    self._restore_loaded(document, records)
-            elif update.event == "failed":
-                self.state.show_error(f"Could not open the session's data: {update.error}")
-
-        self.controller.runner.submit(f"opening {dataset.segmentation_url}", make, on_update, kind=OPEN_LANE)
+        self.open_sources(dataset.image_url, dataset.segmentation_url, dataset.skeletons_url, name=dataset.name,
+                          precomputed=document.precomputed, then=lambda: self._restore_loaded(document, records))
 
     def _restore_loaded(self, document, records) -> None:
         from app.controller import read_classifier_folder
         from app.session_controller import replay_into_plot, restore_records
 
         controller = self.controller
-        if document.model_path and str(getattr(controller, "model_path", None)) != document.model_path:
+        if document.model_path and str(controller.model_path) != document.model_path:
             if Path(document.model_path).exists():
                 controller.load_model(Path(document.model_path))
             else:
@@ -686,8 +677,7 @@ class MainWindow(QMainWindow):
             document = self.session_document()
         except ValueError:
             return False
-        snapshot, _ = self._session_snapshot()
-        records = list(snapshot.records.values())
+        records = list(self._records_snapshot().values())
         manager = self.autosave
 
         def make():
@@ -770,27 +760,3 @@ class MainWindow(QMainWindow):
         self.bridge.close()
         self.web_view.stop()
 
-
-def skeleton_edges(source, records) -> dict:
-    """Segment id -> :class:`analysis.export.SkeletonEdges` joining each record's embedded
-    nodes along its skeleton (for SWC); segments without a skeleton are left out."""
-    from analysis.centres import contract_skeleton
-    from analysis.export import SkeletonEdges
-
-    edges = {}
-    for segment_id, record in records.items():
-        skeleton = source.skeleton(segment_id) if source is not None else None
-        if skeleton is None or record.node_ids is None or record.embedded is None:
-            continue
-        node_ids = record.node_ids[record.embedded]
-        # Store node ids (a precomputed CSV ZIP's) need not be skeleton indices: use them
-        # only where they are, i.e. where they point at the node at the same position.
-        n = len(skeleton.nodes_nm)
-        if len(node_ids) == 0 or node_ids.min() < 0 or node_ids.max() >= n or not np.allclose(
-                skeleton.nodes_nm[node_ids], record.positions_nm[record.embedded], atol=1.0):
-            log.info("segment %d: node ids are not skeleton indices; no SWC", segment_id)
-            continue
-        pairs = contract_skeleton(n, skeleton.edges, node_ids)
-        if len(pairs):
-            edges[segment_id] = SkeletonEdges(pairs)
-    return edges
