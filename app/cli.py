@@ -266,10 +266,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         from analysis.csvzip import CsvZipStore
 
         store = CsvZipStore(out, coordinates="nm")
-        rows = {}
-        for segment_id in segment_ids:
-            pick = result.segment_ids == np.uint64(segment_id)
-            rows[int(segment_id)] = (result.node_ids[pick], result.xyz_nm[pick], result.embeddings[pick])
+        from analysis.arrays import group_rows
+
+        rows = {segment_id: (result.node_ids[pick], result.xyz_nm[pick], result.embeddings[pick])
+                for segment_id, pick in group_rows(result.segment_ids)}
         store.write_many(rows, overwrite=args.force)
     print(f"wrote {len(result)} node embeddings of {len(segment_ids)} segments to {out}")
     return 0
@@ -301,10 +301,10 @@ def _predict_nodes(classifiers, result):
                "cell_type": np.full(n, None, object),
                "cell_type_probability": np.full(n, np.nan, np.float32),
                "ood_score": np.full(n, np.nan, np.float32)}
-    # Rows of each segment, in their order in the table (stable sort keeps node order).
-    order = np.argsort(result.segment_ids, kind="stable")
-    sorted_ids = result.segment_ids[order]
-    groups = np.split(order, np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1) if n else []
+    # Rows of each segment, in their order in the table.
+    from analysis.arrays import group_rows
+
+    groups = [rows for _, rows in group_rows(result.segment_ids)]
     for done, rows in enumerate(groups, 1):
         predictions = predict_segment(predictor, result.xyz_nm[rows], result.embeddings[rows])
         if predictions.note:

@@ -60,11 +60,19 @@ _ERROR_TYPES: dict[str, type[Exception]] = {
 }
 
 
-def _rebuild_error(type_name: str, message: str) -> Exception:
-    """The child's exception as the nearest built-in type (its message kept)."""
+def rebuild_error(type_name: str, message: str, *, own: dict[str, type[Exception]] | None = None,
+                  unknown: Callable[[str], Exception] | None = None) -> Exception:
+    """A child process's exception (sent as type name and message) as the nearest built-in
+    type, its message kept; shared by every SegScope child process.
+
+    ``own`` maps a child's own exception names to classes; ``unknown(text)`` makes the
+    error for any other type (default :class:`ComputeProcessError`).
+    """
+    if own and type_name in own:
+        return own[type_name](message)
     if type_name in _ERROR_TYPES:
         return _ERROR_TYPES[type_name](message)
-    return ComputeProcessError(f"{type_name}: {message}")
+    return (unknown or ComputeProcessError)(f"{type_name}: {message}")
 
 
 # -- predictions ---------------------------------------------------------------------------
@@ -543,7 +551,7 @@ class ComputeProcess:
         self._send(("load", os.fspath(path), list(warm_up_batches)))
         summary = self._await("loaded")
         if "error" in summary:
-            raise _rebuild_error(*summary["error"])
+            raise rebuild_error(*summary["error"])
         self.loaded = True
         yield Progress(1, 1, "steps", "model ready")
         return summary
@@ -566,7 +574,7 @@ class ComputeProcess:
         self._send(("load_classifiers", [dict(entry) for entry in entries]))
         summary = self._await("classifiers_loaded")
         if "error" in summary:
-            raise _rebuild_error(*summary["error"])
+            raise rebuild_error(*summary["error"])
         self.classifiers_loaded = bool(summary)
         yield Progress(1, 1, "steps", "classifiers ready")
         return summary
@@ -587,7 +595,7 @@ class ComputeProcess:
             if message[0] == "predicted":
                 return message[2]
             if message[0] == "error":
-                raise _rebuild_error(message[2], message[3])
+                raise rebuild_error(message[2], message[3])
 
     def embed(self, image_url: str, segmentation_url: str, segment_id: int, centres_nm: np.ndarray, *,
               cancel: Callable[[], bool] | None = None, first_batch: int = 2
@@ -626,7 +634,7 @@ class ComputeProcess:
                     raise JobCancelledError(f"cancelled after {message[2]} cutouts")
                 elif kind == "error":
                     finished = True
-                    raise _rebuild_error(message[2], message[3])
+                    raise rebuild_error(message[2], message[3])
         finally:
             if not finished:
                 # Closed early (the job runner cancels between batches): tell the child to

@@ -33,25 +33,39 @@ PROVENANCE_KEY = b"segscope_provenance"
 DATASET_KEYS = ("name", "generator_version", "seed", "size_vox", "voxel_size_nm")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
+def _update_from_file(digest, path: str | os.PathLike) -> None:
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+        for block in iter(lambda: handle.read(1 << 20), b""):  # 1 MiB at a time, not whole files
             digest.update(block)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    _update_from_file(digest, path)
     return digest.hexdigest()
 
 
 def model_sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of an encoder: a ``.keras`` file's bytes, or a TensorFlow checkpoint's
-    files (``PREFIX.*`` in name order, concatenated)."""
+    files (``PREFIX.*`` in name order, concatenated; ``ckpt-1`` never takes in ``ckpt-10``'s).
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` is neither a file nor the prefix of any checkpoint file.
+    """
+    import glob
+
     path = Path(path)
     if path.is_file():
         return file_sha256(path)
+    files = [f for f in sorted(path.parent.glob(glob.escape(path.name) + ".*")) if f.is_file()]
+    if not files:
+        raise FileNotFoundError(f"no encoder file or checkpoint {path}.* found")
     digest = hashlib.sha256()
-    for file in sorted(path.parent.glob(path.name + "*")):
-        if file.is_file():
-            digest.update(file.read_bytes())
+    for file in files:
+        _update_from_file(digest, file)
     return digest.hexdigest()
 
 
@@ -117,7 +131,7 @@ def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def provenance_problems(record: dict[str, Any], dataset_meta: dict[str, Any], *,
-                        encoder_sha256: str, classifier_sha256: dict[str, str] | None) -> list[str]:
+                        encoder_sha256: str | None, classifier_sha256: dict[str, str] | None) -> list[str]:
     """Why a context table's provenance ``record`` does not fit the data and models in use.
 
     Parameters
@@ -128,7 +142,8 @@ def provenance_problems(record: dict[str, Any], dataset_meta: dict[str, Any], *,
     dataset_meta
         The opened dataset's ``dataset.json``.
     encoder_sha256
-        sha256 of the encoder in use (:func:`model_sha256`).
+        sha256 of the encoder in use (:func:`model_sha256`); None: not compared (the
+        dataset alone is checked).
     classifier_sha256
         :func:`classifier_hashes` of the classifier folder in use; None when the app runs
         without classifiers (the table's labels are then not compared).
@@ -147,7 +162,7 @@ def provenance_problems(record: dict[str, Any], dataset_meta: dict[str, Any], *,
             if made_from.get(key) != dataset_meta.get(key):
                 problems.append(f"it was made from {key} {made_from.get(key)!r}, this dataset has "
                                 f"{dataset_meta.get(key)!r}")
-    if record.get("model_sha256") != encoder_sha256:
+    if encoder_sha256 is not None and record.get("model_sha256") != encoder_sha256:
         problems.append("it was embedded by another encoder (sha256 differs)")
     if classifier_sha256 is not None:
         labelled = (record.get("classifiers") or {}).get("files")
@@ -235,6 +250,10 @@ def find_demo_context(dataset_folder: str | os.PathLike, *, encoder_path: str | 
         record = read_provenance(context)
     except (FileNotFoundError, ValueError) as exc:
         return no(str(exc))
+    # Other data: say so before hashing a (possibly large) checkpoint at launch.
+    problems = provenance_problems(record, dataset_meta, encoder_sha256=None, classifier_sha256=None)
+    if problems:
+        return no(f"{context.name} does not fit: " + "; ".join(problems))
     try:
         encoder_hash = model_sha256(encoder_path)
         classifier_hash = None if classifiers_folder is None else classifier_hashes(classifiers_folder)

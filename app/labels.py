@@ -137,7 +137,7 @@ class LabelChange:
     Attributes
     ----------
     action : str
-        ``"assign"``, ``"undo"``, ``"redo"``, ``"reset"`` or ``"load"``.
+        ``"assign"``, ``"undo"``, ``"redo"``, ``"reset"`` or ``"load"`` (a whole new set).
     text : str
         The command's description (``'label 12 nodes "axon"'``).
     segment_ids : tuple of int
@@ -391,21 +391,29 @@ class LabelStore:
         self._emit(self._change("redo", command))
         return True
 
-    def reset(self) -> None:
-        """Drop every label and the undo history (a new dataset was opened); not undoable."""
-        had = LabelChange(
-            "reset", "remove all labels",
-            segment_ids=tuple(self._segments),
-            node_segment_ids=np.array([s for s, d in self._nodes.items() for _ in d], dtype=np.uint64),
-            node_ids=np.array([n for d in self._nodes.values() for n in d], dtype=np.int64),
+    def _everything(self, action: str, text: str, also: "LabelChange | None" = None) -> "LabelChange":
+        """A change naming every labelled segment and node (plus ``also``'s)."""
+        segments = tuple(self._segments) + (also.segment_ids if also else ())
+        node_segments = [s for s, d in self._nodes.items() for _ in d]
+        nodes = [n for d in self._nodes.values() for n in d]
+        return LabelChange(
+            action, text, segment_ids=tuple(dict.fromkeys(segments)),
+            node_segment_ids=np.concatenate([np.array(node_segments, dtype=np.uint64),
+                                             also.node_segment_ids if also else np.zeros(0, np.uint64)]),
+            node_ids=np.concatenate([np.array(nodes, dtype=np.int64),
+                                     also.node_ids if also else np.zeros(0, np.int64)]),
         )
-        self._vocab.clear()
-        self._code.clear()
-        self._nodes.clear()
-        self._segments.clear()
+
+    def _replace_all(self, vocab: list[str], code: dict[str, int], nodes: dict, segments: dict) -> None:
+        self._vocab, self._code, self._nodes, self._segments = vocab, code, nodes, segments
         self._sorted.clear()
         self._undo.clear()
         self._redo.clear()
+
+    def reset(self) -> None:
+        """Drop every label and the undo history (a new dataset was opened); not undoable."""
+        had = self._everything("reset", "remove all labels")
+        self._replace_all([], {}, {}, {})
         if had.segment_ids or len(had.node_ids):
             self._emit(had)
 
@@ -554,8 +562,7 @@ class LabelStore:
         """Replace every label with those of :meth:`to_dict`'s output, in place (a saved
         session reopening into this window); the undo history is dropped.
 
-        Subscribers hear one ``"reset"`` change for the old labels and one ``"load"``
-        change for the new ones.
+        Subscribers hear one ``"load"`` change naming the old and the new labels' keys.
 
         Raises
         ------
@@ -563,19 +570,11 @@ class LabelStore:
             As :meth:`from_dict`; the store is left unchanged then.
         """
         loaded = LabelStore.from_dict(data, undo_limit=self._undo_limit)
-        self.reset()
-        self._vocab, self._code = loaded._vocab, loaded._code
-        self._nodes, self._segments = loaded._nodes, loaded._segments
-        self._sorted.clear()
-        change = LabelChange(
-            "load", "load labels",
-            segment_ids=tuple(self._segments),
-            node_segment_ids=np.array([s for s, d in self._nodes.items() for _ in d], dtype=np.uint64),
-            node_ids=np.array([n for d in self._nodes.values() for n in d], dtype=np.int64),
-        )
+        old = self._everything("reset", "")
+        self._replace_all(loaded._vocab, loaded._code, loaded._nodes, loaded._segments)
+        change = self._everything("load", "load labels", also=old)
         if change.segment_ids or len(change.node_ids):
             self._emit(change)
-
 
 def _unique_pairs(segments: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (segment, node) pairs, sorted by segment then node."""

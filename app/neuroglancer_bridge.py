@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -925,6 +926,11 @@ def _segment_id(value: Any) -> int:
 
 
 def _position_nm(value: Any, what: str) -> list[float]:
+    if isinstance(value, (tuple, list)) and len(value) == 3 and all(type(v) in (float, int) for v in value):
+        # The common case (plot rows as Python floats), without numpy's per-call cost:
+        # thousands of labelled nodes are checked on the Qt thread.
+        if all(math.isfinite(v) for v in value):
+            return [float(v) for v in value]
     position = np.asarray(value, dtype=np.float64) if value is not None else np.zeros(0)
     if position.shape != (3,) or not np.isfinite(position).all():
         raise ValueError(f"{what}: position must be 3 finite numbers (x, y, z nm), got {value!r}")
@@ -1013,7 +1019,7 @@ def label_annotations(points: Sequence[tuple[int, int | None, Sequence[float], s
     ValueError
         For a malformed point, an empty label, or two points with the same node.
     """
-    annotations, seen = [], set()
+    annotations, seen, colours = [], set(), {}
     for point in points:
         try:
             segment_id, node_id, xyz_nm, label = point
@@ -1032,7 +1038,7 @@ def label_annotations(points: Sequence[tuple[int, int | None, Sequence[float], s
             "point": _position_nm(xyz_nm, f"labelled node {key[len('label-'):]}"),
             "description": label,
             "segments": [[str(segment)]],
-            "props": [label_colour(label, labels_in_order)],
+            "props": [colours.get(label) or colours.setdefault(label, label_colour(label, labels_in_order))],
         })
     return annotations
 

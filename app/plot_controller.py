@@ -40,6 +40,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from analysis import COMPARTMENTS
+from analysis.arrays import group_rows
 from analysis.progress import Progress
 from analysis.projection import PcaModel, Similarity, UmapModel, UmapSettings, fit_pca
 from app.jobs import JobRunner, JobUpdate, Post
@@ -62,16 +63,6 @@ CATEGORY_COLOURS = (
 #: Viridis anchors; OOD scores are binned into ``OOD_BINS`` colours interpolated between them.
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
 OOD_BINS = 16
-
-
-def _group_by(keys: np.ndarray, values: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """``[(key, values with that key)]`` in one sort (not one pass per key: 10k segments)."""
-    if len(keys) == 0:
-        return []
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    return [(int(sorted_keys[a]), values[order[a:b]]) for a, b in zip(starts, np.r_[starts[1:], len(keys)])]
 
 
 def _hex_rgba(colour: str, alpha: int = 230) -> tuple[int, int, int, int]:
@@ -315,7 +306,8 @@ class PlotController:
             grows_selection = np.isin(segments[new], np.fromiter(self._selected_segments, np.uint64,
                                                                  len(self._selected_segments)))
             self.selected = np.concatenate([self.selected, grows_selection])
-            for segment, rows_of_segment in _group_by(segments[new], new_rows):
+            for segment, picks in group_rows(segments[new]):
+                rows_of_segment = new_rows[picks]
                 previous = self._segment_rows.get(segment)
                 self._segment_rows[segment] = (rows_of_segment if previous is None
                                                else np.concatenate([previous, rows_of_segment]))
@@ -331,7 +323,7 @@ class PlotController:
         node_ids = np.asarray(node_ids, dtype=np.int64).reshape(-1)
         segments = np.broadcast_to(np.asarray(segment_ids, dtype=np.uint64), node_ids.shape)
         result = np.full(len(node_ids), -1, np.int64)
-        for segment, picks in _group_by(segments, np.arange(len(node_ids))):
+        for segment, picks in group_rows(segments):
             rows = self._segment_rows.get(segment)
             if rows is None:
                 continue
@@ -708,7 +700,6 @@ class ProjectionScheduler:
         self.last_fit_seconds: float | None = None
         self.status = "PCA"
         self._listeners: list[Callable[[str], None]] = []
-        self._data_generation = 0  # bumped by controller.clear(): older fits are stale
         unsubscribe = [controller.subscribe("points", self._on_points, name="projection"),
                        controller.subscribe("cleared", self._on_cleared, name="projection")]
         self._unsubscribe = lambda: [u() for u in unsubscribe]
@@ -762,7 +753,6 @@ class ProjectionScheduler:
     def _on_cleared(self) -> None:
         """The controller dropped its points: forget the models; fits and placements in
         flight finish but are ignored (their generations are stale)."""
-        self._data_generation += 1
         self._model_generation += 1
         self.pca, self._pca_points, self.umap = None, 0, None
         self._alignment = Similarity.identity()
@@ -809,16 +799,17 @@ class ProjectionScheduler:
 
         self._fitting = True
         self._set_status(f"{self.layout_label} · fitting UMAP on {n} points")
-        generation = self._data_generation
+        # A fit finishing after the points were cleared (the generation moved on) is stale.
+        generation = self._model_generation
         self._fit_runner.submit(f"UMAP fit of {n} points", job,
                                 lambda update: self._on_fit(update, generation), kind="fit")
         return True
 
-    def _on_fit(self, update: JobUpdate, generation: int | None = None) -> None:
+    def _on_fit(self, update: JobUpdate, generation: int) -> None:
         if not update.terminal:
             return
         self._fitting = False
-        if generation is not None and generation != self._data_generation:
+        if generation != self._model_generation:
             log.info("UMAP fit of points since cleared: ignored")
             self.request_fit(force=False)
             return
@@ -878,19 +869,8 @@ class ProjectionScheduler:
             self._schedule_placement()
 
         self._placing = True
-        runner = self._place_runner if _concurrent_numba_ok(self.backend) else self._fit_runner
+        # A backend says whether a transform may run beside a fit: numba's fallback
+        # threading layer aborts on concurrent launches; the child process serialises them.
+        runner = self._place_runner if self.backend.concurrent_transforms else self._fit_runner
         runner.submit(f"placing {len(rows)} points", job, on_update, kind="place", supersede=False)
 
-
-def _concurrent_numba_ok(backend: Any = None) -> bool:
-    """Whether a transform may run while a fit runs on another thread.
-
-    numba's fallback ``workqueue`` threading layer aborts the process on concurrent
-    parallel launches; OpenMP and TBB layers are thread-safe. A backend decides for
-    itself (``concurrent_transforms``): a child process serialises them there if needed.
-    """
-    if backend is not None and hasattr(backend, "concurrent_transforms"):
-        return bool(backend.concurrent_transforms)
-    from analysis.projection import numba_threadsafe
-
-    return numba_threadsafe()

@@ -75,13 +75,10 @@ class ModelNotFoundError(KeyError):
 
 def _rebuild_error(type_name: str, message: str) -> Exception:
     """The child's exception as the nearest built-in type, its message kept."""
-    from app.compute_process import _ERROR_TYPES  # the same mapping as the TensorFlow child
+    from app.compute_process import rebuild_error  # the same mapping as the TensorFlow child
 
-    if type_name == "ModelNotFoundError":
-        return ModelNotFoundError(message)
-    if type_name in _ERROR_TYPES:
-        return _ERROR_TYPES[type_name](message)
-    return ProjectionProcessError(f"{type_name} in the projection process: {message}")
+    return rebuild_error(type_name, message, own={"ModelNotFoundError": ModelNotFoundError},
+                         unknown=lambda text: ProjectionProcessError(f"{text} (in the projection process)"))
 
 
 class FitResult(NamedTuple):
@@ -512,24 +509,22 @@ class RemoteUmapModel:
     def n_points(self) -> int:
         return len(self.layout)
 
-    def transform(self, embeddings: Any, timeout: float | None = None) -> np.ndarray:
+    def transform(self, embeddings: Any) -> np.ndarray:
         """Place float ``[M, D]`` embeddings (blocks on the child); float32 ``[M, 2]``.
 
         Raises
         ------
         ModelNotFoundError
-            When the child that fitted this model has exited since, or dropped it (refit).
+            When the model is gone: dropped by the child (a refit), or the child that held
+            it exited, before or during the call. One signal for "fit again" to the scheduler.
         ValueError
             For embeddings that are not ``[M, dim]`` or not finite.
-        ProjectionProcessError
-            When the child dies during the call.
         """
-        return np.asarray(self.process.transform(self.model_id, embeddings).result(timeout), dtype=np.float32)
-
-    def close(self) -> None:
-        """Let the child forget this model now (it also drops old models by itself)."""
-        if self.process.alive:
-            self.process.drop(self.model_id)
+        try:
+            placed = self.process.transform(self.model_id, embeddings).result()
+        except ProjectionProcessError as exc:  # the child died mid-call: its models with it
+            raise ModelNotFoundError(f"UMAP model {self.model_id} was lost: {exc}") from exc
+        return np.asarray(placed, dtype=np.float32)
 
 
 class ProcessProjectionBackend:

@@ -29,6 +29,7 @@ run on a worker.
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -55,7 +56,7 @@ def _records_list(records: Mapping[int, SegmentRecord] | Iterable[SegmentRecord]
         if not isinstance(value, SegmentRecord):
             raise ValueError(f"records must be SegmentRecord objects, got {type(value).__name__}")
     ids = [int(r.segment_id) for r in values]
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    repeated = sorted(i for i, count in collections.Counter(ids).items() if count > 1)
     if repeated:
         raise ValueError(f"segments {repeated} appear in more than one record")
     return values
@@ -238,11 +239,12 @@ def _checkpoint_sha256(source: str) -> str:
     """SHA-256 of the encoder's weights when ``source`` names local files, else ``""``."""
     from app.demo_context import model_sha256
 
-    path = Path(source)
-    if not source or not (path.is_file() or any(path.parent.glob(path.name + "*"))):
+    if not source:
         return ""
     try:
-        return model_sha256(path)
+        return model_sha256(source)
+    except FileNotFoundError:  # a remote or vanished checkpoint: no hash, nothing to warn about
+        return ""
     except OSError as error:  # provenance is worth a warning, not a failed export
         log.warning("cannot hash the encoder %s for provenance: %s", source, error)
         return ""
@@ -261,8 +263,8 @@ def export_session(
 ) -> Generator[Progress, None, ExportResult]:
     """Export the session's archived segments and labels as one bundle folder.
 
-    Builds the tables at once (see :func:`session_tables`; call on the thread that owns
-    ``state``) and returns a generator that writes the bundle with
+    Checks the input and builds the tables when called (bad input raises at once), and
+    returns a generator that writes the bundle with
     :func:`analysis.export.export_bundle`, yielding :class:`~analysis.progress.Progress`
     and returning the :class:`~analysis.export.ExportResult`.
 
@@ -292,9 +294,7 @@ def export_session(
     if dataset is None:
         raise ValueError("nothing to export: no dataset is open")
     check_export_options(parts, table_formats)
-    records = dict(state.records)
-    if state.segment is not None:  # the selection is archived by select_segment; be sure
-        records.setdefault(state.segment.segment_id, state.segment)
+    records = dict(state.records)  # select_segment archives the selected segment there too
     cell_type = state.classifiers.cell_type if state.classifiers is not None else None
     nodes, segments, provenance = session_tables(
         records, labels,

@@ -299,7 +299,7 @@ def test_selected_nodes_are_ringed_subsampled_beyond_the_limit_and_cleared(bridg
 
 
 def test_manual_labels_layer_colours_describes_and_links_each_node(bridge):
-    from app.neuroglancer_bridge import LABELS_LAYER, label_colour
+    from app.neuroglancer_bridge import LABELS_LAYER
 
     order = ["bouton", "axon", "spine"]
     points = [(12, 4, (100.0, 200.0, 300.0), "spine"),
@@ -313,7 +313,8 @@ def test_manual_labels_layer_colours_describes_and_links_each_node(bridge):
     assert [a["id"] for a in shown] == ["label-12-4", "label-12-8", f"label-{2**40 + 9}"]
     assert [a["description"] for a in shown] == ["spine", "axon", "bouton"]
     assert [a["segments"] for a in shown] == [[["12"]], [["12"]], [[str(2**40 + 9)]]]
-    assert [a["props"][0] for a in shown] == [label_colour(x, order) for x in ("spine", "axon", "bouton")]
+    # "bouton" and "spine" take the first two palette colours in list order; "axon" its compartment's.
+    assert [a["props"][0] for a in shown] == ["#bcf60c", COMPARTMENT_COLOURS["axon"], "#46f0f0"]
     assert shown[1]["props"][0] == COMPARTMENT_COLOURS["axon"]
     assert shown[1]["point"] == [400.0, 500.0, 600.0]
 
@@ -345,6 +346,10 @@ def test_manual_labels_reject_malformed_points(bridge, points, message):
         bridge.show_labels(points)
 
 
+#: What md5 of the label text picks for labels outside the list (a run-to-run constant).
+FREE_LABEL_COLOURS = ["#aaffc3", "#ffa500", "#fabebe"]
+
+
 def test_label_colours_are_deterministic_distinct_and_never_the_ood_magenta():
     from app.neuroglancer_bridge import label_colour
 
@@ -353,8 +358,9 @@ def test_label_colours_are_deterministic_distinct_and_never_the_ood_magenta():
 
     names = [f"label {i}" for i in range(12)]
     colours = [label_colour(name, names) for name in names]
-    assert colours == [label_colour(name, list(names)) for name in names]
+    assert colours[:3] == ["#46f0f0", "#bcf60c", "#fabebe"]  # palette order = list order
     assert len(set(colours)) == 12
+    assert label_colour("label 0", names[::-1]) == colours[11]  # another order, other colours
     # Compartment names keep their compartment's colour and take no palette slot.
     assert label_colour("soma", ["soma", "spine"]) == COMPARTMENT_COLOURS["soma"]
     assert label_colour("spine", ["soma", "spine"]) == label_colour("spine", ["spine"])
@@ -365,8 +371,8 @@ def test_label_colours_are_deterministic_distinct_and_never_the_ood_magenta():
         for b in colours[i + 1:]:
             assert np.linalg.norm(rgb(a) - rgb(b)) >= 75
     # Labels outside the list still get a stable, non-magenta colour.
+    assert [label_colour(f"free {i}") for i in range(3)] == FREE_LABEL_COLOURS  # pinned: stable across runs
     for name in [f"free {i}" for i in range(100)]:
-        assert label_colour(name) == label_colour(name)
         assert np.abs(rgb(label_colour(name)) - rgb(OOD_COLOUR)).max() > 100
 
 
@@ -572,7 +578,13 @@ def test_the_page_draws_the_new_layers_and_reports_only_the_users_selection(web_
         bridge.highlight_segments([7])
         assert bridge.flush()
         assert page.wait_for(_VISIBLE_SEGMENTS_JS, lambda v: v == ["7"], timeout_s=30)
-        page.evaluate("(viewer.position.value = Float32Array.of(11, 22, 33), 0)")
-        page._run_until(lambda: np.allclose(bridge.viewer.state.position, [11, 22, 33]),
-                        time.monotonic() + 20, "the page's camera move to reach Python")
+        # In a few full Qt runs the page's move never reached Python (cause not pinned down;
+        # likely a page change crossing a server state update in neuroglancer's sync, where
+        # the server's wins): move again, as a user would, before calling it lost.
+        for attempt in range(3):
+            page.evaluate("(viewer.position.value = Float32Array.of(11, 22, 33), 0)")
+            page._run_until(lambda: np.allclose(bridge.viewer.state.position, [11, 22, 33]),
+                            time.monotonic() + 10, None if attempt < 2 else "the page's camera move to reach Python")
+            if np.allclose(bridge.viewer.state.position, [11, 22, 33]):
+                break
         assert reports == [frozenset({1, 2, 3})]

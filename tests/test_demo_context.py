@@ -222,3 +222,18 @@ def test_embed_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, messag
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("segscope embed: error:") and message in err
+
+
+def test_model_sha256_hashes_exactly_one_checkpoints_files(tmp_path):
+    from app.demo_context import model_sha256
+
+    for name, data in (("ckpt-1.index", b"a"), ("ckpt-1.data-00000-of-00001", b"b"),
+                       ("ckpt-10.index", b"other"), ("ckpt-10.data-00000-of-00001", b"other")):
+        (tmp_path / name).write_bytes(data)
+    first = model_sha256(tmp_path / "ckpt-1")
+    (tmp_path / "ckpt-10.index").write_bytes(b"changed")  # another checkpoint changes...
+    assert model_sha256(tmp_path / "ckpt-1") == first  # ...this one's hash does not
+    (tmp_path / "ckpt-1.index").write_bytes(b"changed")
+    assert model_sha256(tmp_path / "ckpt-1") != first
+    with pytest.raises(FileNotFoundError, match="ckpt-2"):
+        model_sha256(tmp_path / "ckpt-2")

@@ -190,6 +190,23 @@ def test_the_scheduler_refits_when_the_backend_lost_its_model():
     finally:
         scheduler.shutdown()
 
+def test_a_child_dying_mid_transform_reads_as_a_lost_model():
+    """So the scheduler's one "model lost" path (refit, rows kept) covers a crash too."""
+    from concurrent.futures import Future
+
+    from app.projection_process import RemoteUmapModel
+
+    class DyingProcess:
+        def transform(self, model_id, embeddings):
+            future = Future()
+            future.set_exception(ProjectionProcessError("the projection process exited (code -9)"))
+            return future
+
+    model = RemoteUmapModel(DyingProcess(), 7, np.zeros((3, 2), np.float32), 0.1, 4, SETTINGS)
+    with pytest.raises(ModelNotFoundError, match="model 7 was lost: the projection process exited"):
+        model.transform(np.zeros((2, 4), np.float32))
+
+
 def test_a_killed_child_fails_pending_requests_and_the_next_request_restarts_it():
     child = ProjectionProcess()
     try:
@@ -221,14 +238,19 @@ def test_shutdown_is_idempotent_and_fails_pending_and_later_requests():
         child.ping()
 
 
-def test_the_child_ends_when_the_parent_exits_without_shutdown(tmp_path):
+@pytest.mark.parametrize("ending", ["sys.exit(0)", "os._exit(0)"], ids=["exits", "crashes"])
+def test_the_child_ends_when_the_parent_exits_without_shutdown(tmp_path, ending):
+    """A normal exit runs the exit hook; a crash (``os._exit``: no hooks, no multiprocessing
+    clean-up) leaves only the closed pipe to tell the child."""
     import subprocess
     import sys
 
     script = tmp_path / "parent.py"
-    script.write_text("from app.projection_process import ProjectionProcess\n"
+    script.write_text("import os, sys\n"
+                      "from app.projection_process import ProjectionProcess\n"
                       "if __name__ == '__main__':\n"
-                      "    print(ProjectionProcess().ping().result(timeout=60), flush=True)\n")
+                      "    print(ProjectionProcess().ping().result(timeout=60), flush=True)\n"
+                      f"    {ending}\n")
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)

@@ -59,6 +59,14 @@ def _current_umask() -> int:
     return umask
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -80,6 +88,7 @@ def atomic_file(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     try:
         yield temporary
         _set_default_permissions(temporary, directory=False)
+        _fsync_file(temporary)  # the rename must not reach the disk before the data does
         os.replace(temporary, target)
     except BaseException:
         _remove(temporary)

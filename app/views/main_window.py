@@ -47,6 +47,7 @@ from analysis.progress import Progress
 from app.controller import AppController, DataSource, PrecomputedEmbeddings
 from app.jobs import JobRunner, JobUpdate
 from app.labels import LabelStore
+from app.session_file import JSON_SUFFIX
 from app.neuroglancer_bridge import ClickEvent, NeuroglancerBridge
 from app.state import JobStatus, ModelSummary, SessionState
 from app.views.segment_panel import SegmentPanel
@@ -60,7 +61,6 @@ EXPORT_LANE = "export"
 SESSION_LANE = "session"
 AUTOSAVE_LANE = "autosave"
 AUTOSAVE_INTERVAL_MS = 60_000
-SESSION_SUFFIX = ".segscope.json"
 
 
 class ClickRelay(QObject):
@@ -553,8 +553,8 @@ class MainWindow(QMainWindow):
         from app.session_file import save_session
 
         if path is None:
-            chosen, _ = QFileDialog.getSaveFileName(self, "Save session", str(Path.home() / f"session{SESSION_SUFFIX}"),
-                                                    f"SegScope sessions (*{SESSION_SUFFIX})")
+            chosen, _ = QFileDialog.getSaveFileName(self, "Save session", str(Path.home() / f"session{JSON_SUFFIX}"),
+                                                    f"SegScope sessions (*{JSON_SUFFIX})")
             if not chosen:
                 return False
             path = chosen
@@ -582,7 +582,7 @@ class MainWindow(QMainWindow):
 
     def _open_session_dialog(self) -> None:
         chosen, _ = QFileDialog.getOpenFileName(self, "Open session", str(Path.home()),
-                                                f"SegScope sessions (*{SESSION_SUFFIX});;All files (*)")
+                                                f"SegScope sessions (*{JSON_SUFFIX});;All files (*)")
         if chosen:
             self.open_session(chosen)
 
