@@ -173,6 +173,27 @@ def _as_embeddings(embeddings: Any, name: str = "embeddings") -> np.ndarray:
 
 
 _blas_controller = None
+_blas_controller_lock = threading.Lock()
+
+
+def prepare_blas_control() -> None:
+    """Build the BLAS thread controller now, so the first PCA does not pay for it.
+
+    threadpoolctl finds the BLAS libraries by scanning ``/proc/self/maps`` and resolving
+    every loaded library: 100-250 ms in the app's process (Qt WebEngine loads hundreds),
+    which the first PCA would otherwise spend on the Qt thread. The app calls this from a
+    background thread at start-up; it is idempotent and thread-safe.
+    """
+    global _blas_controller
+    with _blas_controller_lock:
+        if _blas_controller is not None:
+            return
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _blas_controller = False
+            return
+        _blas_controller = ThreadpoolController()
 
 
 def _single_threaded_blas():
@@ -181,15 +202,11 @@ def _single_threaded_blas():
     A 64 x 64 eigendecomposition right after a BLAS product took 50-75 ms with OpenBLAS's
     threads on the busy 2-core machine, 1 ms on one thread.
     """
-    global _blas_controller
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
+    prepare_blas_control()
+    if _blas_controller is False:
         import contextlib
 
         return contextlib.nullcontext()
-    if _blas_controller is None:
-        _blas_controller = ThreadpoolController()
     return _blas_controller.limit(limits=1, user_api="blas")
 
 

@@ -32,6 +32,7 @@ Events (callback arguments)
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
@@ -42,7 +43,7 @@ from scipy.spatial import cKDTree
 from analysis import COMPARTMENTS
 from analysis.arrays import group_rows
 from analysis.progress import Progress
-from analysis.projection import PcaModel, Similarity, UmapModel, UmapSettings, fit_pca
+from analysis.projection import PcaModel, Similarity, UmapModel, UmapSettings, fit_pca, prepare_blas_control
 from app.jobs import JobRunner, JobUpdate, Post
 from app.state import COMPARTMENT_COLOURS
 
@@ -703,6 +704,8 @@ class ProjectionScheduler:
         unsubscribe = [controller.subscribe("points", self._on_points, name="projection"),
                        controller.subscribe("cleared", self._on_cleared, name="projection")]
         self._unsubscribe = lambda: [u() for u in unsubscribe]
+        # The first PCA runs on the Qt thread; its BLAS probe should not.
+        threading.Thread(target=prepare_blas_control, name="segscope-blas-probe", daemon=True).start()
 
     @property
     def layout_label(self) -> str:

@@ -234,3 +234,26 @@ def test_context_table_arrives_with_its_predictions(window, qtbot):
     assert np.allclose(controller.ood_scores[first], 0.6) and np.isnan(controller.ood_scores[second]).all()
     plot.mode_box.setCurrentText("cell type")
     qtbot.waitUntil(lambda: "microglia" in plot.legend_label.text(), timeout=2000)
+
+
+@pytest.mark.parametrize("size_px", [1, 3, 4, 6])
+def test_sparse_and_dense_rasterising_draw_the_same_image(size_px):
+    """Stamping points (sparse views) and shifting the whole image (dense views) must agree
+    pixel for pixel, overlaps, image edges and later-rows-on-top included."""
+    from app.views.embedding_plot import rasterise_points
+
+    rng = np.random.default_rng(size_px)
+    width, height = 57, 31
+    # Many points on few pixels, so centres collide and squares overlap and clip at edges.
+    px = rng.integers(0, width, 400)
+    py = rng.integers(0, height, 400)
+    index = rng.integers(0, 7, 400).astype(np.uint8)
+    dense = rasterise_points(px, py, index, width, height, size_px, method="pixels")
+    sparse = rasterise_points(px, py, index, width, height, size_px, method="points")
+    np.testing.assert_array_equal(dense, sparse)
+    # A lone point draws a size_px square of its colour + 1, nothing else.
+    lone = rasterise_points(np.array([20]), np.array([10]), np.array([4], np.uint8), width, height, size_px)
+    assert (lone == 5).sum() == size_px ** 2 and (lone[lone != 0] == 5).all()
+    # The later of two points on one pixel is on top.
+    two = rasterise_points(np.array([5, 5]), np.array([5, 5]), np.array([1, 2], np.uint8), width, height, size_px)
+    assert two[5, 5] == 3

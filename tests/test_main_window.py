@@ -312,9 +312,38 @@ def test_precomputed_embeddings_are_used_when_the_store_has_the_segment(qtbot, w
     assert "precomputed" in window.statusBar().currentMessage()
 
 
-def test_main_thread_heartbeat_during_an_embedding_job(qtbot, window, demo_dir):
+def test_embedding_runs_off_the_qt_thread_which_keeps_turning(qtbot, window, demo_dir, monkeypatch):
+    """Every step of the embedding job runs on a worker thread, never the Qt thread, and
+    the Qt event loop keeps turning while the job runs.
+
+    How long the Qt thread's turns take is a figure, not a pass/fail here: CI machines are
+    shared and a loaded one stretches painting and neuroglancer's state handling past any
+    tight bound. ``benchmarks/bench_app.py`` prints the heartbeat gaps during a 100-node
+    job; this test only refuses a freeze (a gap of a second or more).
+    """
+    import threading
+
     from PyQt6.QtCore import QTimer
 
+    import app.controller as controller_module
+
+    step_threads: list[int] = []
+    original = controller_module.embed_segment_job
+
+    def recording_job(*args, **kwargs):
+        inner = original(*args, **kwargs)
+        try:
+            while True:
+                step_threads.append(threading.get_ident())
+                try:
+                    report = next(inner)
+                except StopIteration as stop:
+                    return stop.value
+                yield report
+        finally:
+            inner.close()
+
+    monkeypatch.setattr(controller_module, "embed_segment_job", recording_job)
     segment_id, node_nm = _largest_segment(demo_dir)
     beats: list[float] = []
     timer = QTimer()
@@ -327,10 +356,15 @@ def test_main_thread_heartbeat_during_an_embedding_job(qtbot, window, demo_dir):
                         timeout=60_000)
     finally:
         timer.stop()
-    assert window.state.segment.complete
+    assert window.state.segment.complete and window.state.segment.segment_id == segment_id
+    # One step per batch plus the centres step and the final one, all off the Qt thread.
+    assert len(step_threads) >= 3
+    assert threading.main_thread().ident not in step_threads
+    # The timer fired while the job ran (a job run inside select_segment would leave it
+    # no chance before "finished"), and no turn of the loop froze it.
     gaps = np.diff(beats)
-    assert len(beats) > 5
-    assert gaps.max() < 0.2, f"the Qt thread stalled for {gaps.max() * 1000:.0f} ms"
+    assert len(beats) >= 3, f"the Qt timer fired {len(beats)} times during the job"
+    assert gaps.max() < 1.0, f"the Qt thread froze for {gaps.max() * 1000:.0f} ms"
 
 
 def test_cancel_mid_job_leaves_a_consistent_state(qtbot, window, demo_dir):

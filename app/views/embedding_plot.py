@@ -55,6 +55,55 @@ LABEL_LAYER_DELAY_MS = 150
 MAX_LABEL_POINTS_3D = 20_000
 
 
+def rasterise_points(px: np.ndarray, py: np.ndarray, index: np.ndarray, width: int, height: int,
+                     size_px: int, *, method: str = "auto") -> np.ndarray:
+    """Rasterise points into a uint8 ``[height, width]`` image of palette index + 1 (0: empty).
+
+    Parameters
+    ----------
+    px, py : numpy.ndarray
+        int64 ``[N]`` pixel column and row of each point's centre, all inside the image.
+    index : numpy.ndarray
+        uint8 ``[N]`` palette index per point.
+    size_px : int
+        Side of each point's square, in device pixels.
+    method : {"auto", "pixels", "points"}
+        "pixels" grows the centre image by one shifted whole-image pass per offset (cost
+        ~ pixels x size_px^2, best for dense views); "points" stamps each point at each
+        offset (cost ~ points x size_px^2, best for sparse views); "auto" picks the cheaper.
+        Both give the same image: a centre pixel shows its last point (later rows on top);
+        an empty pixel takes the first offset, in row-major order from the top left, whose
+        source pixel is a centre.
+    """
+    centres = np.zeros(height * width, np.uint8)
+    colours = np.asarray(index, np.uint8) + 1
+    centres[py * width + px] = colours
+    low, high = -((size_px - 1) // 2), size_px // 2
+    offsets = [(oy, ox) for oy in range(low, high + 1) for ox in range(low, high + 1) if (oy, ox) != (0, 0)]
+    if method == "auto":
+        method = "points" if len(px) * 4 < height * width else "pixels"
+    if method == "points":
+        grown = np.zeros(height * width, np.uint8)
+        # Reversed, so the first offset in row-major order writes last and wins.
+        for oy, ox in reversed(offsets):
+            tx, ty = px + ox, py + oy
+            inside = (tx >= 0) & (tx < width) & (ty >= 0) & (ty < height)
+            grown[ty[inside] * width + tx[inside]] = colours[inside]
+        filled = centres != 0
+        grown[filled] = centres[filled]
+        return grown.reshape(height, width)
+    if method != "pixels":
+        raise ValueError(f"unknown rasterising method {method!r}")
+    centres = centres.reshape(height, width)
+    grown = centres.copy()
+    for oy, ox in offsets:
+        source = centres[max(0, -oy):height - max(0, oy), max(0, -ox):width - max(0, ox)]
+        target = grown[max(0, oy):height - max(0, -oy), max(0, ox):width - max(0, -ox)]
+        empty = target == 0
+        target[empty] = source[empty]
+    return grown
+
+
 class PointCloudItem(pg.GraphicsObject):
     """Many fixed-size square points, coloured from a small shared palette.
 
@@ -149,20 +198,8 @@ class PointCloudItem(pg.GraphicsObject):
         px = np.floor(self._xy[:, 0] * m11 + dx)
         py = np.floor(self._xy[:, 1] * m22 + dy)
         visible = np.flatnonzero((px >= 0) & (px < width) & (py >= 0) & (py < height))
-        centres = np.zeros(height * width, np.uint8)
-        # Fancy assignment keeps the last write per pixel: later rows (newer points) on top.
-        centres[py[visible].astype(np.int64) * width + px[visible].astype(np.int64)] = self._index[visible] + 1
-        centres = centres.reshape(height, width)
-        grown = centres.copy()
-        low, high = -((self.size_px - 1) // 2), self.size_px // 2
-        for oy in range(low, high + 1):
-            for ox in range(low, high + 1):
-                if oy == 0 and ox == 0:
-                    continue
-                source = centres[max(0, -oy):height - max(0, oy), max(0, -ox):width - max(0, ox)]
-                target = grown[max(0, oy):height - max(0, -oy), max(0, ox):width - max(0, -ox)]
-                empty = target == 0
-                target[empty] = source[empty]
+        grown = rasterise_points(px[visible].astype(np.int64), py[visible].astype(np.int64),
+                                 self._index[visible], width, height, self.size_px)
         self._image_buffer = np.ascontiguousarray(self._lut[grown])  # kept alive while Qt reads it
         image = QImage(self._image_buffer.data, width, height, width * 4, QImage.Format.Format_ARGB32_Premultiplied)
         image.setDevicePixelRatio(ratio)
