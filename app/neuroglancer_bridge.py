@@ -156,10 +156,7 @@ def cell_type_colour(name: str, class_names: Sequence[str] = ()) -> str:
     (the palette has 12); otherwise a hash of the name picks one (same name, same colour,
     every run, but two names may share one).
     """
-    if name in class_names:
-        return _CELL_TYPE_PALETTE[list(class_names).index(name) % len(_CELL_TYPE_PALETTE)]
-    digest = hashlib.md5(name.encode("utf-8")).digest()
-    return _CELL_TYPE_PALETTE[digest[0] % len(_CELL_TYPE_PALETTE)]
+    return _palette_colour(name, list(class_names), _CELL_TYPE_PALETTE)
 
 
 def label_colour(label: str, labels_in_order: Sequence[str] = ()) -> str:
@@ -183,10 +180,16 @@ def label_colour(label: str, labels_in_order: Sequence[str] = ()) -> str:
     if label in COMPARTMENT_COLOURS:
         return COMPARTMENT_COLOURS[label]
     others = [name for name in dict.fromkeys(labels_in_order) if name not in COMPARTMENT_COLOURS]
-    if label in others:
-        return _LABEL_PALETTE[others.index(label) % len(_LABEL_PALETTE)]
-    digest = hashlib.md5(label.encode("utf-8")).digest()
-    return _LABEL_PALETTE[digest[0] % len(_LABEL_PALETTE)]
+    return _palette_colour(label, others, _LABEL_PALETTE)
+
+
+def _palette_colour(name: str, ordered: list[str], palette: Sequence[str]) -> str:
+    """``palette``'s colour for ``name``'s position in ``ordered`` (repeating past its end),
+    or, for a name not in ``ordered``, the one an md5 of the name picks: the same every run."""
+    if name in ordered:
+        return palette[ordered.index(name) % len(palette)]
+    digest = hashlib.md5(name.encode("utf-8")).digest()
+    return palette[digest[0] % len(palette)]
 
 
 def _dimension_scales_nm(dimensions) -> np.ndarray:
@@ -517,7 +520,8 @@ class NeuroglancerBridge:
             When the segment id or the position is malformed.
         """
         annotations = [] if point is None else [hover_annotation(*point)]
-        self._writer.submit("hover", lambda: self._write_ring_layer(HOVER_LAYER, _HOVER_SHADER, annotations))
+        self._writer.submit("hover", lambda: self._write_annotation_layer(
+            HOVER_LAYER, annotations, self._ring_layer(_HOVER_SHADER)))
         if move and annotations:
             self.set_view(annotations[0]["point"])
 
@@ -539,8 +543,8 @@ class NeuroglancerBridge:
         if len(points) > MAX_SELECTED_NODES:
             points = [points[i] for i in np.linspace(0, len(points) - 1, MAX_SELECTED_NODES).astype(int)]
         annotations = [dict(hover_annotation(*point), id=f"selected-{i}") for i, point in enumerate(points)]
-        self._writer.submit("selection nodes", lambda: self._write_ring_layer(SELECTION_LAYER, _SELECTION_SHADER,
-                                                                             annotations))
+        self._writer.submit("selection nodes", lambda: self._write_annotation_layer(
+            SELECTION_LAYER, annotations, self._ring_layer(_SELECTION_SHADER)))
 
     def show_labels(self, points: Sequence[tuple[int, int | None, Sequence[float], str]],
                     labels_in_order: Sequence[str] = ()) -> None:
@@ -564,7 +568,8 @@ class NeuroglancerBridge:
             For a malformed point, an empty label, or two points with the same node.
         """
         annotations = label_annotations(points, labels_in_order)
-        self._writer.submit("labels", lambda: self._write_labels(annotations))
+        self._writer.submit("labels", lambda: self._write_annotation_layer(
+            LABELS_LAYER, annotations, self._labels_layer, drop_when_empty=True))
 
     def add_exported_layer(self, bundle_folder: str | Path, name: str = EXPORTED_LAYER) -> str:
         """Show an export bundle's ``annotations/`` as a precomputed annotation layer.
@@ -687,18 +692,18 @@ class NeuroglancerBridge:
     def _on_segment(self, record: SegmentRecord | None) -> None:
         wanted = frozenset() if record is None else frozenset({int(record.segment_id)})
         self._writer.submit("segments", lambda: self._write_selection(wanted))
-        self._writer.submit("nodes", lambda: self._write_nodes(NODES_LAYER, []))
-        self._writer.submit("ground_truth", lambda: self._write_nodes(GROUND_TRUTH_LAYER, []))
+        self._writer.submit("nodes", lambda: self._write_annotation_layer(NODES_LAYER, []))
+        self._writer.submit("ground_truth", lambda: self._write_annotation_layer(GROUND_TRUTH_LAYER, []))
         self._writer.submit("ood_flag", lambda: self._write_ood_flag(None))
 
     def _on_centres(self, record: SegmentRecord) -> None:
         self._on_nodes_changed(record)
         truth = ground_truth_annotations(record)
-        self._writer.submit("ground_truth", lambda: self._write_nodes(GROUND_TRUTH_LAYER, truth))
+        self._writer.submit("ground_truth", lambda: self._write_annotation_layer(GROUND_TRUTH_LAYER, truth))
 
     def _on_nodes_changed(self, record: SegmentRecord) -> None:
         nodes = node_annotations(record)
-        self._writer.submit("nodes", lambda: self._write_nodes(NODES_LAYER, nodes))
+        self._writer.submit("nodes", lambda: self._write_annotation_layer(NODES_LAYER, nodes))
 
     def _on_predictions(self, record: SegmentRecord) -> None:
         self._on_nodes_changed(record)
@@ -742,40 +747,48 @@ class NeuroglancerBridge:
         space = self._neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[1, 1, 1])
         return self._neuroglancer.LocalAnnotationLayer(dimensions=space, **kwargs)
 
-    def _write_ring_layer(self, name: str, shader: str, annotations: list[dict]) -> None:
-        # The layer is made on first use and then kept (emptied, not removed), since
-        # adding and removing a layer makes the page rebuild its layer bar.
+    def _write_annotation_layer(self, name: str, annotations: list[dict],
+                                make_layer: Callable[[list[dict]], Any] | None = None, *,
+                                drop_when_empty: bool = False) -> None:
+        """Make local annotation layer ``name`` hold ``annotations`` (JSON dicts, nm).
+
+        A layer is changed in place, never re-created: re-creating it makes the page
+        rebuild its layer bar and forget the user's visibility toggle.
+
+        Parameters
+        ----------
+        make_layer
+            Builds the layer, given the annotations, when the viewer has none of that name.
+            None: the layer belongs to :meth:`show_dataset`; while it is absent, nothing
+            is written.
+        drop_when_empty
+            Remove the layer when there is nothing to show; otherwise it is kept, empty.
+        """
         def is_current(s) -> bool:
             if name not in s.layers:
-                return not annotations
+                return make_layer is None or not annotations
+            if drop_when_empty and not annotations:
+                return False
             return [a.to_json() for a in s.layers[name].annotations] == annotations
 
         def apply(s) -> None:
-            if name in s.layers:
+            if name not in s.layers:
+                s.layers[name] = make_layer(annotations)
+            elif drop_when_empty and not annotations:
+                del s.layers[name]
+            else:
                 s.layers[name].annotations = annotations
-            else:
-                # pick=False: rings must not catch the double click meant for the segment.
-                s.layers[name] = self._nm_annotation_layer(shader=shader, annotations=annotations, pick=False)
 
         self._write_if_changed(is_current, apply)
 
-    def _write_labels(self, annotations: list[dict]) -> None:
-        def is_current(s) -> bool:
-            if LABELS_LAYER not in s.layers:
-                return not annotations
-            return bool(annotations) and [a.to_json() for a in s.layers[LABELS_LAYER].annotations] == annotations
+    def _ring_layer(self, shader: str) -> Callable[[list[dict]], Any]:
+        # pick=False: rings must not catch the double click meant for the segment.
+        return lambda annotations: self._nm_annotation_layer(shader=shader, annotations=annotations, pick=False)
 
-        def apply(s) -> None:
-            if not annotations:
-                del s.layers[LABELS_LAYER]
-            elif LABELS_LAYER in s.layers:
-                s.layers[LABELS_LAYER].annotations = annotations  # keeps the user's visibility
-            else:
-                s.layers[LABELS_LAYER] = self._nm_annotation_layer(
-                    annotation_properties=_label_properties(), shader=_LABEL_SHADER,
-                    annotations=annotations, linked_segmentation_layer={"segments": SEGMENTATION_LAYER})
-
-        self._write_if_changed(is_current, apply)
+    def _labels_layer(self, annotations: list[dict]):
+        return self._nm_annotation_layer(annotation_properties=_label_properties(), shader=_LABEL_SHADER,
+                                         annotations=annotations,
+                                         linked_segmentation_layer={"segments": SEGMENTATION_LAYER})
 
     def _write_exported_layer(self, name: str, source: str, relationships: list[str],
                               compartment_shader: bool, properties_source: str | None) -> None:
@@ -828,17 +841,6 @@ class NeuroglancerBridge:
         else:
             self._property_sources[name] = properties_source
 
-    def _write_nodes(self, layer_name: str, annotations: list[dict]) -> None:
-        def is_current(s) -> bool:
-            if layer_name not in s.layers:
-                return True
-            return [a.to_json() for a in s.layers[layer_name].annotations] == annotations
-
-        def apply(s) -> None:
-            s.layers[layer_name].annotations = annotations
-
-        self._write_if_changed(is_current, apply)
-
     def _write_segment_colour(self, segment_id: int, colour: str | None) -> None:
         def is_current(s) -> bool:
             if SEGMENTATION_LAYER not in s.layers:
@@ -857,8 +859,6 @@ class NeuroglancerBridge:
 
     def _write_ood_flag(self, flag: tuple[str, dict] | None) -> None:
         """Show ``flag`` (layer name, box annotation) as the only flag layer; None: none."""
-        neuroglancer = self._neuroglancer
-
         def is_current(s) -> bool:
             names = [layer.name for layer in s.layers if layer.name.startswith(OOD_LAYER_PREFIX)]
             if flag is None:
@@ -874,10 +874,8 @@ class NeuroglancerBridge:
                     return
                 del s.layers[name]
             if flag is not None:
-                nm_space = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[1, 1, 1])
-                s.layers[flag[0]] = neuroglancer.LocalAnnotationLayer(
-                    dimensions=nm_space, annotation_properties=_flag_properties(), shader=_FLAG_SHADER,
-                    annotations=[flag[1]])
+                s.layers[flag[0]] = self._nm_annotation_layer(annotation_properties=_flag_properties(),
+                                                              shader=_FLAG_SHADER, annotations=[flag[1]])
 
         self._write_if_changed(is_current, apply)
 
