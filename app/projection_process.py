@@ -25,6 +25,12 @@ before while a placement started before a refit finished).
 
 If the child dies, every pending future fails with :class:`ProjectionProcessError`
 ("the projection process exited (code N)"), and the next request starts a new child.
+A child that hangs without dying is caught by a watchdog thread: while requests wait, it
+pings the child every ``ping_interval_s``; a child silent for ``hang_timeout_s`` (no reply
+of any kind, pings included) is killed, and its futures fail the same way ("stopped
+answering"). The child's main thread answers pings between requests, and numba compiles
+and runs UMAP's kernels in stretches of seconds, so only a frozen child stays silent that
+long.
 Models do not survive that: asking a new child about an old model raises
 :class:`ModelNotFoundError` (a ``KeyError``), and the caller refits.
 
@@ -60,6 +66,11 @@ log = logging.getLogger(__name__)
 
 #: Fitted models the child keeps by default (the newest ones).
 KEEP_MODELS = 3
+#: Seconds between pings while requests wait, and of silence after which the child is
+#: taken for hung and killed. Cold numba compiles and 100k-point fits on a loaded 2-core
+#: machine still answer pings within a second or two.
+PING_INTERVAL_S = 10.0
+HANG_TIMEOUT_S = 120.0
 
 
 class ProjectionProcessError(RuntimeError):
@@ -234,6 +245,11 @@ class _Child:
         self.pending: dict[int, Future] = {}
         self.closed = False  # no new requests: it exited or is being stopped
         self.stopping = False
+        self.hung_for: float | None = None  # seconds of silence, when the watchdog killed it
+        # When the child last answered, or when requests started waiting on an idle child
+        # (time.monotonic); the watchdog measures silence from here.
+        self.heard = time.monotonic()
+        self.pinged = 0.0  # when the watchdog last pinged it (time.monotonic)
 
 
 class ProjectionProcess:
@@ -254,11 +270,17 @@ class ProjectionProcess:
     start
         Start the child now (its interpreter start-up then overlaps the caller's), rather
         than at the first request.
+    ping_interval_s, hang_timeout_s
+        The watchdog's ping period and the silence (seconds) after which a child with
+        requests waiting is killed as hung; ``hang_timeout_s=None`` turns the watchdog off.
     """
 
     def __init__(self, *, keep_models: int = KEEP_MODELS, numba_cache_dir: str | os.PathLike | None = None,
-                 start: bool = True):
+                 start: bool = True, ping_interval_s: float = PING_INTERVAL_S,
+                 hang_timeout_s: float | None = HANG_TIMEOUT_S):
         self.keep_models = int(keep_models)
+        self.ping_interval_s = float(ping_interval_s)
+        self.hang_timeout_s = None if hang_timeout_s is None else float(hang_timeout_s)
         self.numba_cache_dir = None if numba_cache_dir is None else os.fspath(numba_cache_dir)
         self._lock = threading.Lock()  # the child, its pending futures, the counters
         self._send_lock = threading.Lock()  # one writer on the pipe at a time
@@ -294,6 +316,9 @@ class ProjectionProcess:
         child = _Child(process, parent_conn, next(self._incarnations))
         threading.Thread(target=self._receive, args=(child,), name="segscope-projection-receiver",
                          daemon=True).start()
+        if self.hang_timeout_s is not None:
+            threading.Thread(target=self._watch, args=(child,), name="segscope-projection-watchdog",
+                             daemon=True).start()
         self._child = child
         return child
 
@@ -359,6 +384,8 @@ class ProjectionProcess:
         with self._lock:
             child = self._ensure_child()
             token = next(self._tokens)
+            if not child.pending:
+                child.heard = time.monotonic()  # an idle child's silence does not count
             child.pending[token] = future
         try:
             # Not under self._lock: a big send waits for the child to read it, and the
@@ -424,6 +451,7 @@ class ProjectionProcess:
                 message = ("error", None, type(exc).__name__, str(exc))
             kind, token = message[0], message[1]
             with self._lock:
+                child.heard = time.monotonic()
                 future = child.pending.pop(token, None)
             if future is None or not future.set_running_or_notify_cancel():
                 continue
@@ -434,12 +462,49 @@ class ProjectionProcess:
         child.process.join(1.0)  # the pipe closes just before the process ends: read its code
         if child.stopping:
             error = ProjectionProcessError("the projection process was shut down")
+        elif child.hung_for is not None:
+            error = ProjectionProcessError(f"the projection process stopped answering for "
+                                           f"{child.hung_for:.0f} s and was stopped; the next request "
+                                           "starts a new one")
         else:
             code = child.process.exitcode
             error = ProjectionProcessError(f"the projection process exited (code {code})")
             log.warning("%s", error)
         with self._lock:
             self._fail_pending(child, error)
+
+    def _watch(self, child: _Child) -> None:
+        """Ping ``child`` while requests wait on it; kill it after ``hang_timeout_s`` of silence."""
+        while True:
+            time.sleep(min(self.ping_interval_s, self.hang_timeout_s) / 2)
+            with self._lock:
+                if child.closed or child.stopping:
+                    return
+                if not child.pending:
+                    continue
+                silent = time.monotonic() - child.heard
+                hung = silent >= self.hang_timeout_s
+                if hung:
+                    child.hung_for = silent
+                    child.closed = True  # new requests start a new child
+                now = time.monotonic()
+                ping = not hung and silent >= self.ping_interval_s and now - child.pinged >= self.ping_interval_s
+                if ping:
+                    token = next(self._tokens)
+                    child.pending[token] = Future()  # its reply only refreshes child.heard
+                    child.pinged = now
+            if hung:
+                log.warning("the projection process (pid %s) has not answered for %.0f s; killing it",
+                            child.process.pid, silent)
+                child.process.kill()  # SIGKILL: a stopped or deadlocked child ignores SIGTERM
+                return  # the receiver sees the pipe close and fails the pending futures
+            if ping and self._send_lock.acquire(timeout=self.ping_interval_s):
+                try:
+                    child.conn.send(("ping", token))
+                except (OSError, BrokenPipeError, ValueError):
+                    return
+                finally:
+                    self._send_lock.release()
 
     @staticmethod
     def _fail_pending(child: _Child, error: Exception) -> None:

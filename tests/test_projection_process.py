@@ -269,3 +269,39 @@ def _running(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_frozen_child_is_killed_by_the_watchdog_and_the_next_request_restarts_it():
+    """SIGSTOP freezes the child without ending it, like a deadlock: the pipe stays open,
+    so only the watchdog's unanswered pings can tell."""
+    child = ProjectionProcess(ping_interval_s=0.2, hang_timeout_s=1.5)
+    try:
+        first = child.ping().result(timeout=60)
+        os.kill(first, signal.SIGSTOP)
+        started = time.monotonic()
+        pending = child.ping()
+        with pytest.raises(ProjectionProcessError, match=r"stopped answering for \d+ s and was stopped"):
+            pending.result(timeout=60)
+        assert time.monotonic() - started >= 1.5
+        assert not _running(first)
+        second = child.ping().result(timeout=60)
+        assert second != first and child.restarts == 1 and child.alive
+    finally:
+        child.shutdown()
+
+
+def test_a_busy_child_that_answers_pings_is_not_taken_for_hung():
+    """A warm-up (importing umap, compiling or loading numba kernels) keeps its worker busy
+    for seconds; the child's main thread still answers the watchdog's pings meanwhile."""
+    child = ProjectionProcess(ping_interval_s=0.2, hang_timeout_s=1.5)
+    try:
+        child.ping().result(timeout=60)
+        warm_up = child.warm_up(SETTINGS)
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline and not warm_up.done():
+            time.sleep(0.05)
+        if warm_up.done():
+            warm_up.result()  # done within the window: succeeded, not failed as hung
+        assert child.restarts == 0 and child.alive
+    finally:
+        child.shutdown()
