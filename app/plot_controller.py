@@ -50,7 +50,7 @@ from app.state import COMPARTMENT_COLOURS
 log = logging.getLogger(__name__)
 
 COLOUR_MODES: tuple[str, ...] = ("subcompartment", "cell type", "OOD score", "segment", "manual label")
-PLOT_EVENTS = ("points", "layout", "colours", "selection", "hover", "activate", "cleared")
+PLOT_EVENTS = ("points", "layout", "colours", "selection", "hover", "activate", "cleared", "visibility")
 #: Compartment code of a node without a (predicted or true) compartment.
 UNKNOWN_COMPARTMENT = 255
 UNKNOWN_RGBA = (128, 128, 128, 200)
@@ -181,6 +181,8 @@ class PlotController:
         self.layout = np.zeros((0, 2), np.float32)  # NaN until placed
         self.layout_kind = "none"
         self.selected = np.zeros(0, bool)
+        self.hidden = np.zeros(0, bool)  # rows of hidden segments: not drawn, hit or selected
+        self._hidden_segments: set[int] = set()
         self.hovered: int | None = None
         self._selected_segments: frozenset[int] = frozenset()
         self._selection_origin = ""
@@ -285,6 +287,9 @@ class PlotController:
             self.xyz_nm[rows] = xyz[old]
             if compartments is not None:
                 self.compartments[rows] = codes[old]
+        if not background and self._hidden_segments:
+            # The user asked for these segments again (a click, a restored session).
+            self.show_segments(self._hidden_segments.intersection(int(s) for s in np.unique(segments)))
         new = ~old
         n_new = int(new.sum())
         start = self.n_points
@@ -304,8 +309,10 @@ class PlotController:
                 labels = np.asarray(self.label_lookup(segments[new], node_ids[new]), dtype=object)
             self.manual_labels = np.concatenate([self.manual_labels, labels])
             self.layout = np.concatenate([self.layout, np.full((n_new, 2), np.nan, np.float32)])
+            hidden = np.isin(segments[new], np.fromiter(self._hidden_segments, np.uint64, len(self._hidden_segments)))
+            self.hidden = np.concatenate([self.hidden, hidden])
             grows_selection = np.isin(segments[new], np.fromiter(self._selected_segments, np.uint64,
-                                                                 len(self._selected_segments)))
+                                                                 len(self._selected_segments))) & ~hidden
             self.selected = np.concatenate([self.selected, grows_selection])
             for segment, picks in group_rows(segments[new]):
                 rows_of_segment = new_rows[picks]
@@ -339,6 +346,52 @@ class PlotController:
         """int64 rows of every point of the given segments, ascending."""
         parts = [self._segment_rows[int(s)] for s in segment_ids if int(s) in self._segment_rows]
         return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+    # -- hiding segments -------------------------------------------------------------------
+
+    @property
+    def hidden_segments(self) -> frozenset[int]:
+        """Segments whose points are hidden (kept, and still part of every UMAP fit)."""
+        return frozenset(self._hidden_segments)
+
+    def hide_segments(self, segment_ids: Iterable[int]) -> int:
+        """Hide the points of ``segment_ids`` (plotted or not yet) and drop them from the
+        selection; returns how many segments became hidden. Emits ``"visibility"``.
+
+        Hidden points are not drawn, hit, or selected by a rectangle, lasso or a 3-D
+        selection. They stay in the plot's data: UMAP keeps fitting on them (the layout
+        of the rest does not jump), labels and exports keep them, and
+        :meth:`show_segments` brings them back as they were.
+        """
+        segments = {int(s) for s in segment_ids} - self._hidden_segments
+        if not segments:
+            return 0
+        self._hidden_segments |= segments
+        self._set_visibility(segments, True)
+        if self._selected_segments & segments or self.selected[self.hidden].any():
+            # A change made in the plot: the 3-D view follows (deselects those segments).
+            self.selected &= ~self.hidden
+            self._selected_segments = self._selected_segments - segments
+            self._selection_origin = "plot"
+            self._emit("selection", self._selection("plot"))
+        if self.hovered is not None and self.hidden[self.hovered]:
+            self.hover(None)
+        return len(segments)
+
+    def show_segments(self, segment_ids: Iterable[int] | None = None) -> int:
+        """Show hidden ``segment_ids`` again (None: every hidden segment); returns how many."""
+        segments = set(self._hidden_segments) if segment_ids is None else (
+            {int(s) for s in segment_ids} & self._hidden_segments)
+        if not segments:
+            return 0
+        self._hidden_segments -= segments
+        self._set_visibility(segments, False)
+        return len(segments)
+
+    def _set_visibility(self, segments: set[int], hidden: bool) -> None:
+        self.hidden[self.segment_rows(segments)] = hidden
+        self._tree = None  # the tree holds visible points only
+        self._emit("visibility", frozenset(self._hidden_segments))
 
     def point(self, row: int) -> PointInfo:
         """The point at ``row``.
@@ -497,7 +550,7 @@ class PlotController:
 
     def _kd_tree(self) -> tuple[cKDTree | None, np.ndarray]:
         if self._tree is None:
-            placed = np.flatnonzero(np.isfinite(self.layout).all(axis=1))
+            placed = np.flatnonzero(np.isfinite(self.layout).all(axis=1) & ~self.hidden)
             self._tree_rows = placed
             self._tree = cKDTree(self.layout[placed]) if len(placed) else None
             self._tree_stale = np.zeros(self.n_points, bool)
@@ -548,7 +601,7 @@ class PlotController:
                     self._tree = None
                     return self.hit_test(x, y, radius)
         if len(self._tree_extra):
-            extra = self._tree_extra
+            extra = self._tree_extra[~self.hidden[self._tree_extra]]
             distances = np.hypot(self.layout[extra, 0] - x, self.layout[extra, 1] - y)
             distances = np.where(np.isfinite(distances), distances, np.inf)
             nearest = int(np.argmin(distances))
@@ -557,10 +610,10 @@ class PlotController:
         return best_row
 
     def rows_in_rectangle(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
-        """int64 rows of placed points inside the rectangle (corners in any order)."""
+        """int64 rows of visible placed points inside the rectangle (corners in any order)."""
         (xa, xb), (ya, yb) = sorted((x0, x1)), sorted((y0, y1))
         x, y = self.layout[:, 0], self.layout[:, 1]
-        return np.flatnonzero((x >= xa) & (x <= xb) & (y >= ya) & (y <= yb))
+        return np.flatnonzero((x >= xa) & (x <= xb) & (y >= ya) & (y <= yb) & ~self.hidden)
 
     def rows_in_polygon(self, vertices: Any) -> np.ndarray:
         """int64 rows of placed points inside a closed polygon (float ``[M, 2]``, M >= 3).
@@ -626,6 +679,7 @@ class PlotController:
             return False
         mask = np.zeros(self.n_points, bool)
         mask[self.segment_rows(segments)] = True
+        mask &= ~self.hidden
         self.selected, self._selected_segments, self._selection_origin = mask, segments, origin
         self._emit("selection", self._selection(origin), origin=origin)
         return True

@@ -411,8 +411,8 @@ class SessionDocument:
     labels : dict
         :meth:`app.labels.LabelStore.to_dict` output, stored as is.
     plot : dict
-        Plot settings (``colour_mode``, ``tool``, ``view_range`` ``[[x0, x1], [y0, y1]]`` in
-        plot units, or None); any JSON data.
+        Plot settings (``colour_mode``, ``tool``, ``hidden_segments``, ``view_range``
+        ``[[x0, x1], [y0, y1]]`` in plot units, or None); any JSON data.
     records_file : str or None
         File name of the records sidecar beside the JSON (set by :func:`save_session`).
     """

@@ -257,3 +257,37 @@ def test_sparse_and_dense_rasterising_draw_the_same_image(size_px):
     # The later of two points on one pixel is on top.
     two = rasterise_points(np.array([5, 5]), np.array([5, 5]), np.array([1, 2], np.uint8), width, height, size_px)
     assert two[5, 5] == 3
+
+
+def test_hiding_selected_segments_removes_their_points_from_screen_and_3d(window, qtbot):
+    from PyQt6.QtCore import Qt
+
+    plot = two_segments(window, qtbot)
+    right = plot.controller.segment_rows([22])
+    window.state.clear_segment()
+    plot.controller.select_rows(right, origin="plot")
+    qtbot.waitUntil(lambda: plot.selection_item.n_points == 30, timeout=2000)
+    assert not plot.show_hidden_action.isEnabled()
+    highlighted_before = len(window.bridge.highlighted)
+
+    # The Delete key in the plot is the hide action's shortcut.
+    plot.graphics.setFocus()
+    qtbot.keyClick(plot.graphics, Qt.Key.Key_Delete)
+    qtbot.waitUntil(lambda: plot.controller.hidden_segments == frozenset({22}), timeout=2000)
+    drawn = np.isfinite(plot.points._xy).all(axis=1)
+    assert not drawn[right].any() and drawn.sum() == 30  # only segment 21 is drawn
+    qtbot.waitUntil(lambda: plot.selection_item.n_points == 0, timeout=2000)
+    # The 3-D view is told the selection lost segment 22.
+    assert len(window.bridge.highlighted) > highlighted_before and window.bridge.highlighted[-1] == []
+    assert "1 segment hidden" in plot.status_label.text()
+    assert plot.show_hidden_action.text() == "Show hidden segments (1)"
+    # Saved with the session's plot settings, restored by apply_settings.
+    settings = plot.settings()
+    assert settings["hidden_segments"] == [22]
+
+    plot.show_hidden_action.trigger()
+    assert np.isfinite(plot.points._xy).all(axis=1).sum() == 60
+    assert not plot.show_hidden_action.isEnabled() and "hidden" not in plot.status_label.text()
+    plot.apply_settings(settings)
+    assert plot.controller.hidden_segments == frozenset({22})
+    assert np.isfinite(plot.points._xy).all(axis=1).sum() == 30

@@ -272,6 +272,49 @@ class Pump:
                 pass
 
 
+def test_hidden_segments_are_not_hit_selected_or_drawn_and_come_back_unchanged():
+    controller = make_controller()
+    visibility, selections = [], []
+    controller.subscribe("visibility", visibility.append)
+    controller.subscribe("selection", selections.append)
+    layout_before = controller.layout.copy()
+    rows_101 = controller.segment_rows([101])
+    controller.select_segments([100, 101], origin="3d")
+    selections.clear()
+
+    assert controller.hide_segments([101, 999]) == 2  # 999 has no points yet: hidden when they come
+    assert visibility == [frozenset({101, 999})]
+    np.testing.assert_array_equal(np.flatnonzero(controller.hidden), rows_101)
+    # The selection loses segment 101, as a change made in the plot (the 3-D view follows).
+    assert selections[-1].segment_ids == frozenset({100}) and selections[-1].origin == "plot"
+    assert not controller.selected[rows_101].any()
+    # Not hit, not inside a rectangle, not selected from 3-D.
+    x, y = controller.layout[rows_101[0]]
+    hit = controller.hit_test(x, y, 1e-6)
+    assert hit is None or controller.segment_ids[hit] != 101
+    everything = controller.rows_in_rectangle(-100, -100, 100, 100)
+    assert len(everything) == controller.n_points - len(rows_101)
+    assert not np.isin(rows_101, everything).any()
+    controller.select_segments([101], origin="3d")
+    assert not controller.selected.any()
+    # Still data: the layout and embeddings are untouched.
+    np.testing.assert_array_equal(controller.layout, layout_before)
+    # Context points of a hidden segment arrive hidden; a segment the user asks for again
+    # (a session batch, not background) shows.
+    rows_999 = controller.add_points(999, [1, 2], np.zeros((2, 3)), np.ones((2, 8)), background=True)
+    assert controller.hidden[rows_999].all() and 999 in controller.hidden_segments
+    controller.add_points(999, [3], np.zeros((1, 3)), np.ones((1, 8)))
+    assert not controller.hidden[controller.segment_rows([999])].any()
+    assert controller.hidden_segments == frozenset({101})
+
+    assert controller.show_segments() == 1
+    assert not controller.hidden.any() and visibility[-1] == frozenset()
+    assert controller.hit_test(x, y, 1e-6) == rows_101[0]
+    assert controller.hide_segments([]) == 0 and controller.show_segments() == 0
+    controller.clear()
+    assert controller.hidden_segments == frozenset() and len(controller.hidden) == 0
+
+
 def test_scheduler_shows_pca_at_once_as_points_arrive():
     controller = PlotController()
     scheduler = ProjectionScheduler(controller, Pump().post, min_points=10**9, warm_up=False)

@@ -25,14 +25,16 @@ from typing import Any, Iterable
 import numpy as np
 import pyqtgraph as pg
 from PyQt6.QtCore import QPointF, QRectF, Qt, QTimer, pyqtSignal
-from PyQt6.QtGui import QImage, QPainter
+from PyQt6.QtGui import QAction, QImage, QKeySequence, QPainter
 from PyQt6.QtWidgets import (
     QButtonGroup,
     QComboBox,
     QDockWidget,
     QHBoxLayout,
     QLabel,
+    QMenu,
     QPushButton,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -323,6 +325,25 @@ class EmbeddingPlotWidget(QWidget):
             button.clicked.connect(lambda _checked, m=mode: self.set_tool(m))
             self.tool_buttons.addButton(button)
             tools.addWidget(button)
+        # Hiding declutters the plot without losing anything: see PlotController.hide_segments.
+        self.hide_action = QAction("Hide selected segments", self)
+        self.hide_action.setShortcut(QKeySequence(Qt.Key.Key_Delete))
+        self.hide_action.setShortcutContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        self.hide_action.triggered.connect(self.hide_selected_segments)
+        self.show_hidden_action = QAction("Show hidden segments", self)
+        self.show_hidden_action.triggered.connect(lambda: self.controller.show_segments())
+        self.addActions([self.hide_action, self.show_hidden_action])
+        self.hide_button = QToolButton()
+        self.hide_button.setText("Hide")
+        self.hide_button.setToolTip("Hide the selected segments' points (Delete), or show hidden ones again")
+        self.hide_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        hide_menu = QMenu(self.hide_button)
+        hide_menu.addActions([self.hide_action, self.show_hidden_action])
+        self.hide_button.setMenu(hide_menu)
+        tools.addWidget(self.hide_button)
+        self.view_box.menu.addSeparator()
+        self.view_box.menu.addActions([self.hide_action, self.show_hidden_action])
+        self._update_hide_actions()
         self.status_label = QLabel("No embeddings yet")
         self.legend_label = QLabel("")
         self.legend_label.setWordWrap(True)
@@ -352,6 +373,7 @@ class EmbeddingPlotWidget(QWidget):
             controller.subscribe("hover", self._on_hover),
             controller.subscribe("activate", self.pointActivated.emit),
             controller.subscribe("cleared", self._on_cleared),
+            controller.subscribe("visibility", self._on_visibility),
         ]
         self.scheduler.on_status(self._show_status)
 
@@ -374,7 +396,7 @@ class EmbeddingPlotWidget(QWidget):
                     self._animation_from = np.vstack([self._animation_from, controller.layout[-extra:]])
             else:
                 self._displayed = controller.layout.copy()
-                self.points.set_positions(self._displayed)
+                self._draw_positions()
                 self._update_selection_item()
             if controller.n_points and controller.layout_kind != "none":
                 self._show_status(self.scheduler.status)
@@ -424,7 +446,8 @@ class EmbeddingPlotWidget(QWidget):
         self._animation_timer.stop()
         self._animation_from = None
         self._displayed = np.zeros((0, 2), np.float32)
-        self.points.set_positions(self._displayed)
+        self._draw_positions()
+        self._update_hide_actions()
         self.hover_item.setData([], [])
         self._ranged = False
         self._mark("points")
@@ -442,12 +465,37 @@ class EmbeddingPlotWidget(QWidget):
         frame = start + (target - start) * eased
         frame = np.where(np.isfinite(frame), frame, target)
         self._displayed = frame.astype(np.float32)
-        self.points.set_positions(self._displayed)
+        self._draw_positions()
         self._update_selection_item()
         if t >= 1.0:
             self._animation_timer.stop()
             self._animation_from = None
             self.view_box.autoRange(padding=0.05)
+
+    def _draw_positions(self) -> None:
+        """Hand the displayed positions to the point item, hidden rows as NaN (not drawn)."""
+        hidden = self.controller.hidden
+        shown = self._displayed
+        if len(hidden) and hidden.any():
+            mask = np.zeros(len(shown), bool)
+            known = min(len(shown), len(hidden))
+            mask[:known] = hidden[:known]
+            shown = np.where(mask[:, None], np.float32(np.nan), shown)
+        self.points.set_positions(shown)
+
+    def _on_visibility(self, hidden_segments: frozenset[int]) -> None:
+        self._draw_positions()
+        self._update_hide_actions()
+        self._show_status(self.scheduler.status)
+
+    def _update_hide_actions(self) -> None:
+        n_hidden = len(self.controller.hidden_segments)
+        self.show_hidden_action.setText(f"Show hidden segments ({n_hidden})" if n_hidden else "Show hidden segments")
+        self.show_hidden_action.setEnabled(bool(n_hidden))
+
+    def hide_selected_segments(self) -> int:
+        """Hide the points of the selected segments; returns how many were hidden."""
+        return self.controller.hide_segments(self.controller.selected_segments)
 
     @property
     def animating(self) -> bool:
@@ -473,7 +521,9 @@ class EmbeddingPlotWidget(QWidget):
 
     def _show_status(self, text: str) -> None:
         n = self.controller.n_points
-        self.status_label.setText(f"{n} points, {text}")
+        hidden = len(self.controller.hidden_segments)
+        suffix = f" · {hidden} segment{'s' if hidden != 1 else ''} hidden" if hidden else ""
+        self.status_label.setText(f"{n} points, {text}{suffix}")
 
     # -- mouse -> controller ---------------------------------------------------------------
 
@@ -517,13 +567,15 @@ class EmbeddingPlotWidget(QWidget):
     # -- session settings -------------------------------------------------------------------
 
     def settings(self) -> dict:
-        """JSON-safe plot settings for a saved session: colour mode, tool, view range.
+        """JSON-safe plot settings for a saved session: colour mode, tool, view range,
+        hidden segments.
 
         ``view_range`` is ``[[x0, x1], [y0, y1]]`` in layout units.
         """
         (x0, x1), (y0, y1) = self.view_box.viewRange()
         return {"colour_mode": self.controller.colour_mode, "tool": self.view_box.mode,
-                "view_range": [[float(x0), float(x1)], [float(y0), float(y1)]]}
+                "view_range": [[float(x0), float(x1)], [float(y0), float(y1)]],
+                "hidden_segments": sorted(self.controller.hidden_segments)}
 
     def apply_settings(self, settings: dict) -> None:
         """Restore :meth:`settings` (unknown or bad entries are logged and skipped)."""
@@ -535,6 +587,12 @@ class EmbeddingPlotWidget(QWidget):
         tool = settings.get("tool")
         if tool in ("pan", "rectangle", "lasso"):
             self.set_tool(tool)
+        hidden = settings.get("hidden_segments")
+        if hidden is not None:
+            try:
+                self.controller.hide_segments(int(s) for s in hidden)
+            except (TypeError, ValueError):
+                log.warning("session plot settings: bad hidden segment list %r ignored", hidden)
         view = settings.get("view_range")
         try:
             (x0, x1), (y0, y1) = view
