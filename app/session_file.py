@@ -879,8 +879,11 @@ class AutosaveManager:
 
     Notes
     -----
-    Not thread-safe: call it from one thread. Two SegScopes that launch together may both
-    offer the same crashed autosave; the second to adopt it gets FileNotFoundError.
+    Not thread-safe: call it from one thread. Two SegScopes that launch together must not
+    both offer the same crashed autosave: the one that offers it first claims it (:meth:`claim`:
+    an exclusive ``flock`` on ``claim-<pid>.lock``, which the system frees if the claimer
+    dies), and the other skips it. Where ``fcntl`` is missing (Windows) claims always
+    succeed, and the second to adopt an autosave gets FileNotFoundError.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, pid: int | None = None):
@@ -888,6 +891,7 @@ class AutosaveManager:
         self.pid = os.getpid() if pid is None else int(pid)
         self.host = socket.gethostname()
         self._last_hash: str | None = None
+        self._claims: dict[int, int] = {}  # crashed pid -> file descriptor holding its lock
 
     @property
     def marker_path(self) -> Path:
@@ -931,7 +935,10 @@ class AutosaveManager:
         return path
 
     def finish(self) -> None:
-        """Clean exit: remove this process's autosave, then its marker."""
+        """Clean exit: remove this process's autosave, then its marker; drop its claims."""
+        for descriptor in self._claims.values():
+            os.close(descriptor)
+        self._claims.clear()
         self._remove_session_files(self.autosave_path)
         with contextlib.suppress(FileNotFoundError):
             self.marker_path.unlink()
@@ -959,13 +966,51 @@ class AutosaveManager:
         found.sort(key=lambda c: datetime.datetime.fromisoformat(c.saved_at), reverse=True)
         return found
 
+    def claim(self, candidate: RecoveryCandidate) -> bool:
+        """Reserve a crashed session's autosave for this process; False when another
+        SegScope holds it (it is offering or restoring it now).
+
+        The claim is an exclusive, non-blocking ``flock`` held until :meth:`release` (or
+        :meth:`finish`, or this process's end, crash included).
+        """
+        if candidate.pid in self._claims:
+            return True
+        try:
+            import fcntl
+        except ImportError:  # no flock here: unreserved (see the class notes)
+            return True
+        self.directory.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self._claim_path(candidate.pid), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)
+            log.info("autosave %s is being recovered by another SegScope; not offered", candidate.path)
+            return False
+        self._claims[candidate.pid] = descriptor
+        return True
+
+    def release(self, candidate: RecoveryCandidate) -> None:
+        """Give up this process's claim on ``candidate`` (no error if it holds none)."""
+        descriptor = self._claims.pop(candidate.pid, None)
+        if descriptor is not None:
+            os.close(descriptor)  # closing the descriptor drops the lock
+
+    def _claim_path(self, pid: int) -> Path:
+        return self.directory / f"claim-{pid}.lock"
+
     def discard(self, candidate: RecoveryCandidate) -> None:
-        """Delete a crashed session's autosave and its marker."""
+        """Delete a crashed session's autosave, its marker and (if this process holds it)
+        its claim file."""
         if candidate.pid == self.pid:
             raise ValueError(f"{candidate.path} is this process's own autosave; use finish()")
         self._remove_session_files(candidate.path)
         with contextlib.suppress(FileNotFoundError):
             (self.directory / f"running-{candidate.pid}.json").unlink()
+        if candidate.pid in self._claims:
+            # Under our lock: whoever opens the name later finds no autosave to go with it.
+            with contextlib.suppress(FileNotFoundError):
+                self._claim_path(candidate.pid).unlink()
         log.info("discarded autosave %s", candidate.path)
 
     def adopt(self, candidate: RecoveryCandidate) -> tuple[SessionDocument, list[SegmentRecord]]:

@@ -305,9 +305,17 @@ def test_a_crash_leaves_an_autosave_that_the_next_launch_offers(qtbot, window, s
         manager = AutosaveManager(tmp_path / "sessions", pid=os.getpid())
         manager.start()
         second.start_autosave(manager, interval_ms=3_600_000)
-        offered = []
-        assert second.offer_recovery(ask=lambda candidate: offered.append(candidate) or "restore")
-        assert offered and offered[0].pid == dead_pid
+        offered, rival_claims = [], []
+        # A third SegScope launching meanwhile sees the autosave but cannot claim it.
+        rival = AutosaveManager(tmp_path / "sessions", pid=os.getppid())
+
+        def ask(candidate):
+            offered.append(candidate)
+            rival_claims.append(rival.claim(candidate))
+            return "restore"
+
+        assert second.offer_recovery(ask=ask)
+        assert offered and offered[0].pid == dead_pid and rival_claims == [False]
         plot2 = second.plot_dock.plot
         qtbot.waitUntil(lambda: plot2.controller.n_points == plot.controller.n_points, timeout=30_000)
         assert second.labels.node_labels([segments[2][0]], [segments[2][1][0]])[0] == "spine"

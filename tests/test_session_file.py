@@ -523,3 +523,47 @@ def test_a_reused_pid_does_not_hide_a_crashed_session(tmp_path):
     for identity in (f"{boot_id}:{int(start) + 1}", f"another-boot:{start}"):
         crashed.marker_path.write_text(json.dumps({**marker, "process": identity}))
         assert [c.pid for c in me.recoverable()] == [crashed.pid]
+
+
+def test_only_one_segscope_at_a_time_can_claim_a_crashed_autosave(tmp_path):
+    crashed_session(tmp_path, {"who": "crashed"})
+    first, second = AutosaveManager(tmp_path), AutosaveManager(tmp_path, pid=os.getppid())
+    [candidate] = first.recoverable()
+    assert [c.pid for c in second.recoverable()] == [candidate.pid]  # both see it...
+    assert first.claim(candidate) and first.claim(candidate)  # (claiming twice is fine)
+    assert not second.claim(candidate)  # ...only one may offer it
+    first.release(candidate)
+    assert second.claim(candidate)
+    # Discarding under the claim removes the claim file with the autosave.
+    second.discard(candidate)
+    second.release(candidate)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_claim_dies_with_the_process_that_held_it(tmp_path):
+    """A SegScope that crashes while offering an autosave must not hide it forever."""
+    crashed = crashed_session(tmp_path, {})
+    root = str(Path(__file__).resolve().parents[1])
+    script = ("import os, sys, pathlib\n"
+              "from app.session_file import AutosaveManager\n"
+              "manager = AutosaveManager(pathlib.Path(sys.argv[1]))\n"
+              "[candidate] = manager.recoverable()\n"
+              "assert manager.claim(candidate)\n"
+              "print('claimed', flush=True)\n"
+              "sys.stdin.readline()\n"
+              "os._exit(1)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        me = AutosaveManager(tmp_path)
+        [candidate] = me.recoverable()
+        assert candidate.pid == crashed.pid and not me.claim(candidate)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.wait(timeout=30) == 1
+        assert me.claim(candidate)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -699,23 +699,27 @@ class MainWindow(QMainWindow):
         """
         if self.autosave is None:
             return False
-        candidates = self.autosave.recoverable()
-        if not candidates:
+        manager = self.autosave
+        # The newest autosave no other SegScope is offering or restoring right now.
+        candidate = next((c for c in manager.recoverable() if manager.claim(c)), None)
+        if candidate is None:
             return False
-        candidate = candidates[0]
         choice = (ask or self._ask_recovery)(candidate)
         if choice == "discard":
-            self.autosave.discard(candidate)
+            manager.discard(candidate)
+            manager.release(candidate)
             return False
         if choice != "restore":
+            manager.release(candidate)
             return False
-        manager = self.autosave
 
         def make():
             yield Progress(0, 1, "files", "reading the autosave")
             return manager.adopt(candidate)
 
         def on_update(update: JobUpdate) -> None:
+            if update.terminal:
+                manager.release(candidate)
             if update.event == "finished":
                 document, records = update.result
                 self.restore_session(document, records)
