@@ -315,10 +315,13 @@ class NeuroglancerBridge:
     def __init__(self, on_click: Callable[[ClickEvent], None], *, bind_address: str = "127.0.0.1"):
         import neuroglancer
 
+        from app.viewer_sync import merging_viewer
+
         self._neuroglancer = neuroglancer
         self._bind_address = bind_address
         neuroglancer.set_server_bind_address(bind_address, 0)
-        self.viewer = neuroglancer.Viewer()
+        # Page changes that cross the bridge's writes are merged, not dropped (app.viewer_sync).
+        self.viewer = merging_viewer()
         self._on_click = on_click
         self._file_servers: dict[str, Any] = {}
         self._writer = _KeyedWriter("segscope-neuroglancer-writer")

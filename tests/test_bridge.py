@@ -578,13 +578,9 @@ def test_the_page_draws_the_new_layers_and_reports_only_the_users_selection(web_
         bridge.highlight_segments([7])
         assert bridge.flush()
         assert page.wait_for(_VISIBLE_SEGMENTS_JS, lambda v: v == ["7"], timeout_s=30)
-        # In a few full Qt runs the page's move never reached Python (cause not pinned down;
-        # likely a page change crossing a server state update in neuroglancer's sync, where
-        # the server's wins): move again, as a user would, before calling it lost.
-        for attempt in range(3):
-            page.evaluate("(viewer.position.value = Float32Array.of(11, 22, 33), 0)")
-            page._run_until(lambda: np.allclose(bridge.viewer.state.position, [11, 22, 33]),
-                            time.monotonic() + 10, None if attempt < 2 else "the page's camera move to reach Python")
-            if np.allclose(bridge.viewer.state.position, [11, 22, 33]):
-                break
+        # The move reaches Python even when the page's post crosses the bridge's write (the
+        # race app.viewer_sync merges; plain neuroglancer drops every later page change).
+        page.evaluate("(viewer.position.value = Float32Array.of(11, 22, 33), 0)")
+        page._run_until(lambda: np.allclose(bridge.viewer.state.position, [11, 22, 33]),
+                        time.monotonic() + 20, "the page's camera move to reach Python")
         assert reports == [frozenset({1, 2, 3})]
