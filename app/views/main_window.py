@@ -344,6 +344,7 @@ class MainWindow(QMainWindow):
             "Esc: cancel the embedding job\n"
             "Ctrl+R: embed the selected segment again\n"
             "Rect / Lasso in the plot: select nodes and their segments (shown in 3-D)\n"
+            "Delete in the plot: hide the selected segments' points (Hide menu: show them again)\n"
             "Ctrl+Z / Ctrl+Shift+Z: undo / redo a manual label\n"
             "Ctrl+S: save the session; Ctrl+Shift+O: open one\n"
             "Ctrl+E: export the session\n"
