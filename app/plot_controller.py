@@ -654,10 +654,12 @@ class PlotController:
         return Selection(rows, self._selected_segments, self.node_ids[rows].copy(), origin)
 
     def select_rows(self, rows: Any, origin: str) -> bool:
-        """Select exactly ``rows`` (and their segments); False when nothing changed."""
+        """Select exactly ``rows`` (and their segments), hidden rows left out; False when
+        nothing changed."""
         rows = np.unique(np.asarray(rows, dtype=np.int64).reshape(-1))
         if len(rows) and (rows[0] < 0 or rows[-1] >= self.n_points):
             raise IndexError(f"rows must lie in [0, {self.n_points})")
+        rows = rows[~self.hidden[rows]]
         mask = np.zeros(self.n_points, bool)
         mask[rows] = True
         segments = frozenset(int(s) for s in np.unique(self.segment_ids[rows]))

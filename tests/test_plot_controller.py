@@ -297,6 +297,8 @@ def test_hidden_segments_are_not_hit_selected_or_drawn_and_come_back_unchanged()
     assert not np.isin(rows_101, everything).any()
     controller.select_segments([101], origin="3d")
     assert not controller.selected.any()
+    controller.select_rows(np.concatenate([rows_101, [0]]), origin="session")  # e.g. a saved selection
+    np.testing.assert_array_equal(controller.selected_rows, [0])
     # Still data: the layout and embeddings are untouched.
     np.testing.assert_array_equal(controller.layout, layout_before)
     # Context points of a hidden segment arrive hidden; a segment the user asks for again
