@@ -310,5 +310,5 @@ def run_app(args: argparse.Namespace) -> int:
     else:
         window.offer_recovery()
     status = app.exec()
-    window.shutdown()
+    window.dispose()
     return int(status)

@@ -296,7 +296,7 @@ def main() -> int:
         assets = json.loads((work / "assets.json").read_text())
         app, window, first_frame, ready = launch(assets)
         print(json.dumps({"first_frame": first_frame, "ready": ready}))
-        window.shutdown()
+        window.dispose()
         return 0
 
     prepare_start = time.perf_counter()
@@ -346,7 +346,7 @@ def main() -> int:
         if args.screenshot:
             screenshot(app, window, big[1], args.screenshot)
     finally:
-        window.shutdown()
+        window.dispose()
 
     frame = [launch_["first_frame"] for launch_ in launches]
     ready_s = [launch_["ready"] for launch_ in launches]

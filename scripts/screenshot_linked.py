@@ -107,7 +107,7 @@ def main() -> int:
         raise SystemExit(f"could not save {args.out}")
     print(f"screenshot: {args.out}")
     window.autosave = None
-    window.shutdown()
+    window.dispose()
     return 0
 
 

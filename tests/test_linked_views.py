@@ -321,7 +321,10 @@ def test_a_crash_leaves_an_autosave_that_the_next_launch_offers(qtbot, window, s
         assert second.labels.node_labels([segments[2][0]], [segments[2][1][0]])[0] == "spine"
         assert manager.recoverable() == []  # adopted: not offered again
     finally:
-        second.close()
+        second.dispose()  # what the app does at exit
+    from PyQt6 import sip
+
+    assert sip.isdeleted(second)  # gone before the QApplication, as Qt WebEngine needs
     assert not manager.autosave_path.exists()  # a clean exit leaves nothing to recover
 
 

@@ -33,7 +33,6 @@ from PyQt6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QMenu,
-    QPushButton,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -318,7 +317,9 @@ class EmbeddingPlotWidget(QWidget):
         for mode, text, tip in (("pan", "Pan", "Drag to pan, wheel to zoom"),
                                 ("rectangle", "Rect", "Drag a rectangle to select nodes and their segments"),
                                 ("lasso", "Lasso", "Draw around points to select nodes and their segments")):
-            button = QPushButton(text)
+            # Tool buttons, not push buttons: the dock is narrow and push buttons are wide.
+            button = QToolButton()
+            button.setText(text)
             button.setCheckable(True)
             button.setToolTip(tip)
             button.setChecked(mode == "pan")
