@@ -37,6 +37,7 @@ against 90 ms for hashing its JSON), so the history costs little more than one s
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import threading
 from typing import Any
@@ -83,16 +84,37 @@ def share_unchanged(state: dict, previous: dict | None) -> dict:
     return shared
 
 
-def _merge_keys(base: dict, server: dict, client: dict) -> dict:
-    """Key by key: the client's value where only the client changed it, else the server's."""
+#: Layer keys whose values are sets of ids (in any order): when both sides changed one,
+#: both sides' additions and removals apply.
+SET_KEYS = frozenset({"segments"})
+
+
+def _merge_keys(base: dict, server: dict, client: dict, set_keys: frozenset[str] = frozenset()) -> dict:
+    """Key by key: the client's value where only the client changed it, else the server's;
+    for ``set_keys`` changed on both sides, the server's set plus the client's additions
+    minus its removals."""
     merged = {}
     for key in list(server) + [k for k in client if k not in server]:
         b_value = base.get(key, _MISSING)
         s_value, c_value = server.get(key, _MISSING), client.get(key, _MISSING)
-        client_only = not _same(c_value, b_value) and _same(s_value, b_value)
-        value = c_value if client_only else s_value
+        client_changed, server_changed = not _same(c_value, b_value), not _same(s_value, b_value)
+        if client_changed and server_changed and key in set_keys and all(
+                isinstance(v, list) for v in (b_value, s_value, c_value)):
+            value = _merge_sets(b_value, s_value, c_value)
+        else:
+            value = c_value if client_changed and not server_changed else s_value
         if value is not _MISSING:
             merged[key] = value
+    return merged
+
+
+def _merge_sets(base: list, server: list, client: list) -> list:
+    """``server`` with the ids ``client`` added since ``base``, without those it removed."""
+    base_ids, client_ids = {json.dumps(v) for v in base}, {json.dumps(v) for v in client}
+    removed = base_ids - client_ids
+    merged = [v for v in server if json.dumps(v) not in removed]
+    present = {json.dumps(v) for v in merged}
+    merged += [v for v in client if json.dumps(v) not in base_ids and json.dumps(v) not in present]
     return merged
 
 
@@ -121,7 +143,8 @@ def merge_client_state(base: dict, server: dict, client: dict) -> dict:
     dict
         The merged state: keys and per-layer keys (layers matched by name) that the page
         changed since ``base`` and the server did not take the page's values; the rest,
-        conflicts included, the server's. Layers the page added are appended; layers it
+        conflicts included, the server's, except a layer's ``segments`` changed on both
+        sides, which keeps both sides' additions and removals. Layers the page added are appended; layers it
         removed are removed unless the server changed them meanwhile. The page's layer
         order is kept when the server's order did not change.
     """
@@ -145,7 +168,7 @@ def merge_client_state(base: dict, server: dict, client: dict) -> dict:
             if not (removed_by_client and _same(layer, base_layers[name])):
                 layers[name] = layer
         elif name in base_layers:
-            layers[name] = _merge_keys(base_layers[name], layer, client_layers[name])
+            layers[name] = _merge_keys(base_layers[name], layer, client_layers[name], SET_KEYS)
         else:  # added on both sides since base: the server's
             layers[name] = layer
     for name, layer in client_layers.items():

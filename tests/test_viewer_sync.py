@@ -45,15 +45,20 @@ def test_changes_on_different_keys_and_layers_are_both_kept():
     assert [item["name"] for item in merged["layers"]] == ["em", "seg", "hover"]
 
 
-def test_a_key_both_sides_changed_keeps_the_server_value():
+def test_a_key_both_sides_changed_keeps_the_server_value_and_segment_sets_merge():
     base = base_state()
+    layer(base, "seg")["segments"] = ["1", "2"]
     server, client = copy.deepcopy(base), copy.deepcopy(base)
-    layer(server, "seg")["segments"] = ["7"]
-    layer(client, "seg")["segments"] = ["1", "3"]
     server["position"] = [0, 0, 0]
     client["position"] = [9, 9, 9]
+    layer(server, "em")["visible"] = False
+    layer(client, "em")["visible"] = "maybe"
+    # The bridge selects 7 (and drops 2) while the user adds 3 and removes 1 in the page.
+    layer(server, "seg")["segments"] = ["1", "7"]
+    layer(client, "seg")["segments"] = ["2", "3"]
     merged = merge_client_state(base, server, client)
-    assert layer(merged, "seg")["segments"] == ["7"] and merged["position"] == [0, 0, 0]
+    assert merged["position"] == [0, 0, 0] and layer(merged, "em")["visible"] is False
+    assert layer(merged, "seg")["segments"] == ["7", "3"]
 
 
 def test_layers_added_removed_and_reordered_by_the_page():
