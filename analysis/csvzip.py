@@ -1198,7 +1198,9 @@ class CsvZipStore:
                     info.external_attr = 0o644 << 16
                     archive.writestr(info, data, compresslevel=self.compresslevel)
             if self.durable:
-                _fsync_path(temp)
+                from analysis.export.atomic import fsync_file  # only writers pay the import
+
+                fsync_file(temp)
             os.replace(temp, path)
         except BaseException:
             try:
@@ -1242,14 +1244,6 @@ def _exists_message(segment_ids: list[int], store: CsvZipStore) -> str:
         f"segment(s) {shown}{more} already stored in {store.location}; "
         "pass overwrite=True to replace them"
     )
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_directory(path: Path) -> None:

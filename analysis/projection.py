@@ -180,9 +180,10 @@ def prepare_blas_control() -> None:
     """Build the BLAS thread controller now, so the first PCA does not pay for it.
 
     threadpoolctl finds the BLAS libraries by scanning ``/proc/self/maps`` and resolving
-    every loaded library: 100-250 ms in the app's process (Qt WebEngine loads hundreds),
-    which the first PCA would otherwise spend on the Qt thread. The app calls this from a
-    background thread at start-up; it is idempotent and thread-safe.
+    every loaded library: 11-13 ms on a quiet machine with Qt WebEngine loaded, and
+    longer while other threads hold the GIL (it stood out in a stack sample of a 125 ms
+    Qt-thread gap), which the first PCA would otherwise spend on the Qt thread. The app
+    calls this from a background thread at start-up; it is idempotent and thread-safe.
     """
     global _blas_controller
     with _blas_controller_lock:

@@ -357,13 +357,8 @@ class ProjectionProcess:
             child.stopping = True
             closed = child.closed
         # A sender stuck on a hung child holds the send lock: then just terminate.
-        if not closed and self._send_lock.acquire(timeout=timeout):
-            try:
-                child.conn.send(("stop", None))
-            except (OSError, BrokenPipeError, ValueError):
-                pass
-            finally:
-                self._send_lock.release()
+        if not closed:
+            self._send_quietly(child, ("stop", None), timeout)
         child.process.join(timeout)
         if child.process.is_alive():
             log.warning("projection process did not stop in %.0f s; terminating it", timeout)
@@ -498,13 +493,23 @@ class ProjectionProcess:
                             child.process.pid, silent)
                 child.process.kill()  # SIGKILL: a stopped or deadlocked child ignores SIGTERM
                 return  # the receiver sees the pipe close and fails the pending futures
-            if ping and self._send_lock.acquire(timeout=self.ping_interval_s):
-                try:
-                    child.conn.send(("ping", token))
-                except (OSError, BrokenPipeError, ValueError):
-                    return
-                finally:
-                    self._send_lock.release()
+            if ping:
+                # Unsent (the pipe is gone, or a send is stuck on the child) changes nothing:
+                # the receiver closes a gone child, and a stuck one stays silent until killed.
+                self._send_quietly(child, ("ping", token), self.ping_interval_s)
+
+    def _send_quietly(self, child: _Child, message: tuple, timeout: float) -> bool:
+        """Send a control message unless the send lock stays taken for ``timeout`` s or
+        the pipe is gone; True if it was sent."""
+        if not self._send_lock.acquire(timeout=timeout):
+            return False
+        try:
+            child.conn.send(message)
+            return True
+        except (OSError, BrokenPipeError, ValueError):
+            return False
+        finally:
+            self._send_lock.release()
 
     @staticmethod
     def _fail_pending(child: _Child, error: Exception) -> None:

@@ -110,12 +110,12 @@ def _merge_keys(base: dict, server: dict, client: dict, set_keys: frozenset[str]
 
 def _merge_sets(base: list, server: list, client: list) -> list:
     """``server`` with the ids ``client`` added since ``base``, without those it removed."""
-    base_ids, client_ids = {json.dumps(v) for v in base}, {json.dumps(v) for v in client}
-    removed = base_ids - client_ids
-    merged = [v for v in server if json.dumps(v) not in removed]
-    present = {json.dumps(v) for v in merged}
-    merged += [v for v in client if json.dumps(v) not in base_ids and json.dumps(v) not in present]
-    return merged
+    key = json.dumps  # ids are JSON scalars (strings, in neuroglancer's state): hashable text
+    base_ids, client_ids = {key(v) for v in base}, {key(v) for v in client}
+    removed, added = base_ids - client_ids, client_ids - base_ids
+    merged = [v for v in server if key(v) not in removed]
+    present = {key(v) for v in merged}
+    return merged + [v for v in client if key(v) in added and key(v) not in present]
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -59,7 +59,8 @@ def _current_umask() -> int:
     return umask
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to disk (before a rename publishes it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -88,7 +89,7 @@ def atomic_file(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     try:
         yield temporary
         _set_default_permissions(temporary, directory=False)
-        _fsync_file(temporary)  # the rename must not reach the disk before the data does
+        fsync_file(temporary)  # the rename must not reach the disk before the data does
         os.replace(temporary, target)
     except BaseException:
         _remove(temporary)
