@@ -12,6 +12,16 @@ Conventions used across the package
   imported inside the functions that need them.
 """
 
-COMPARTMENTS: tuple[str, ...] = ("axon", "dendrite", "soma", "glia")
+from importlib.metadata import PackageNotFoundError, version as _version
 
-__all__ = ["COMPARTMENTS"]
+COMPARTMENTS: tuple[str, ...] = ("axon", "dendrite", "soma", "glia")
+#: Compartment code of a node with no known subcompartment (unlabelled, not predicted).
+UNKNOWN_COMPARTMENT = 255
+
+try:
+    #: SegScope's version; pyproject.toml is the one place it is written.
+    __version__ = _version("segscope")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "unknown"
+
+__all__ = ["COMPARTMENTS", "UNKNOWN_COMPARTMENT", "__version__"]

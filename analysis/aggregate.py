@@ -15,8 +15,8 @@ from typing import Any, Generator, Iterable
 
 import numpy as np
 
-from analysis.csvzip import CsvZipStore
-from analysis.progress import Progress, RateMeter
+from segscope.analysis.csvzip import CsvZipStore
+from segscope.analysis.progress import Progress, RateMeter
 
 log = logging.getLogger(__name__)
 

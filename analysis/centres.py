@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis.volume import SegmentNotFoundError, Volume
+from segscope.analysis.volume import SegmentNotFoundError, Volume
 
 log = logging.getLogger(__name__)
 

@@ -786,7 +786,7 @@ class CsvZipStore:
     coordinates : {"voxels", "nm"}
         What the x, y, z columns hold. The store does not convert: ``read`` returns and
         ``write`` expects coordinates in this unit; it is carried so that consumers (for
-        example :func:`analysis.aggregate.aggregate_store`) know whether to scale.
+        example :func:`segscope.analysis.aggregate.aggregate_store`) know whether to scale.
     compression : {"deflate", "stored"}
         How new members are written. Reading handles both regardless.
     compresslevel : int
@@ -1198,7 +1198,7 @@ class CsvZipStore:
                     info.external_attr = 0o644 << 16
                     archive.writestr(info, data, compresslevel=self.compresslevel)
             if self.durable:
-                from analysis.export.atomic import fsync_file  # only writers pay the import
+                from segscope.analysis.export.atomic import fsync_file  # only writers pay the import
 
                 fsync_file(temp)
             os.replace(temp, path)

@@ -15,7 +15,7 @@ Layout (``DIR`` is the dataset folder)::
     DIR/segmentation/skeletons/
                             Neuroglancer precomputed skeletons (unsharded, positions in nm,
                             vertex attributes "radius" float32 nm and "compartment" uint8
-                            indexing "compartments"); see ``analysis.skeletons``
+                            indexing "compartments"); see ``segscope.analysis.skeletons``
     DIR/nodes.parquet       segment_id uint64, node_id int64 (the vertex index, unique within
                             a segment), x_nm, y_nm, z_nm float64, compartment string
     DIR/edges.parquet       segment_id uint64, node_a int64, node_b int64 (node ids)
@@ -38,8 +38,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from analysis import COMPARTMENTS
-from analysis.skeletons import UNKNOWN_COMPARTMENT, Skeleton, write_precomputed_skeletons
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.skeletons import UNKNOWN_COMPARTMENT, Skeleton, write_precomputed_skeletons
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class Dataset:
     """An opened SegScope dataset folder (see the module docstring for the layout).
 
     Tables are pyarrow Tables; volumes open on first use through
-    ``analysis.volume.open_volume``.
+    ``segscope.analysis.volume.open_volume``.
     """
 
     def __init__(self, path: Path, meta: dict):
@@ -180,15 +180,15 @@ class Dataset:
 
     @cached_property
     def image(self):
-        """The EM image as an ``analysis.volume.Volume`` (uint8, [x, y, z])."""
-        from analysis.volume import open_volume
+        """The EM image as an ``segscope.analysis.volume.Volume`` (uint8, [x, y, z])."""
+        from segscope.analysis.volume import open_volume
 
         return open_volume(self._part("image"))
 
     @cached_property
     def segmentation(self):
-        """The segmentation as an ``analysis.volume.Volume`` (uint64, [x, y, z])."""
-        from analysis.volume import open_volume
+        """The segmentation as an ``segscope.analysis.volume.Volume`` (uint64, [x, y, z])."""
+        from segscope.analysis.volume import open_volume
 
         return open_volume(self._part("segmentation"))
 

@@ -7,7 +7,7 @@ The protocol (``segscope evaluate``):
 2. Embeddings of all centres with the encoder under test and with a baseline: the same
    architecture randomly initialised (seeded), so the comparison isolates what training
    taught.
-3. Classifiers (SegCLR's SNGP maths, ``analysis.classify``) trained on the *training*
+3. Classifiers (SegCLR's SNGP maths, ``segscope.analysis.classify``) trained on the *training*
    cells of the split only:
    * subcompartments on node embeddings (optionally radius-aggregated),
    * cell types on radius-aggregated embeddings (10 um by default), over the known types
@@ -34,8 +34,8 @@ from typing import Generator
 
 import numpy as np
 
-from analysis import COMPARTMENTS
-from analysis.progress import Progress, drive
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.progress import Progress, drive
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class CentreTable:
 
 def centre_table(dataset, split, spacing_nm: float) -> CentreTable:
     """Thinned skeleton centres of every split segment, with ground truth."""
-    from analysis.centres import thin_skeleton
+    from segscope.analysis.centres import thin_skeleton
 
     eval_ids = set(split.segment_ids(dataset, "eval").tolist())
     train_ids = set(split.segment_ids(dataset, "train").tolist())
@@ -104,7 +104,7 @@ def centre_table(dataset, split, spacing_nm: float) -> CentreTable:
 
 
 def _fit(embeddings, labels, class_names, config_name, seed, max_epochs=1000):
-    from analysis.classify import train_classifier
+    from segscope.analysis.classify import train_classifier
 
     return drive(train_classifier(embeddings, labels, class_names=class_names, config=config_name,
                                   seed=seed, max_epochs=max_epochs))
@@ -122,7 +122,7 @@ def segment_scores(segment_ids: np.ndarray, probabilities: np.ndarray, uncertain
 
 
 def _compartment_task(centres: CentreTable, embeddings: np.ndarray, known: np.ndarray, config: EvaluationConfig):
-    from analysis.classify import accuracy, confusion_matrix, macro_f1
+    from segscope.analysis.classify import accuracy, confusion_matrix, macro_f1
 
     labelled = centres.compartment >= 0
     train = labelled & ~centres.is_eval
@@ -141,7 +141,7 @@ def _compartment_task(centres: CentreTable, embeddings: np.ndarray, known: np.nd
 
 
 def _cell_type_task(centres: CentreTable, aggregated: np.ndarray, known_types: list[str], config: EvaluationConfig):
-    from analysis.classify import accuracy, auroc, confusion_matrix
+    from segscope.analysis.classify import accuracy, auroc, confusion_matrix
 
     is_known = np.isin(centres.cell_type, known_types)
     train = ~centres.is_eval & is_known
@@ -176,7 +176,7 @@ def _cell_type_task(centres: CentreTable, aggregated: np.ndarray, known_types: l
 
 def _label_efficiency(centres: CentreTable, embeddings: np.ndarray, known: np.ndarray, config: EvaluationConfig, rng_seed: int):
     """Accuracy on evaluation nodes vs number of labelled training nodes ``{n: [acc per repeat]}``."""
-    from analysis.classify import accuracy, class_guaranteed_subsample
+    from segscope.analysis.classify import accuracy, class_guaranteed_subsample
 
     labelled = centres.compartment >= 0
     train_rows = np.flatnonzero(labelled & ~centres.is_eval)
@@ -211,7 +211,7 @@ def evaluate(
     ``out_dir`` and keeps the trained classifiers in the returned dict under
     ``"_classifiers"`` (``compartment``, ``cell_type``) for the caller to save.
     """
-    from analysis.inference import stream_node_embeddings
+    from segscope.analysis.inference import stream_node_embeddings
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,7 +243,7 @@ def evaluate(
     done = len(encoders)
     yield Progress(done, stages, "stages", "embedded")
 
-    from analysis.inference import NodeEmbeddings
+    from segscope.analysis.inference import NodeEmbeddings
 
     def features(name, radius):
         emb = embedded[name]

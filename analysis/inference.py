@@ -1,8 +1,8 @@
 """Streaming SegCLR inference: cutouts are read on a helper thread while the model runs.
 
 :func:`stream_segment_embeddings` is the entry point for one segment: it cuts masked EM
-around each centre (:func:`analysis.volume.iter_cutout_batches`, shared-block reads) one
-batch ahead of the model, and yields a :class:`~analysis.progress.Progress` per batch whose
+around each centre (:func:`segscope.analysis.volume.iter_cutout_batches`, shared-block reads) one
+batch ahead of the model, and yields a :class:`~segscope.analysis.progress.Progress` per batch whose
 ``payload`` is an :class:`EmbeddingBatch`, so embeddings can be shown as they arrive. The
 generator returns all embeddings, float32 ``[N, D]`` in the order of the centres.
 
@@ -22,7 +22,7 @@ from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from analysis.progress import Progress, RateMeter
+from segscope.analysis.progress import Progress, RateMeter
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def _resolve_device(device: str) -> str:
 
 def default_batch_size(encoder, device: str = "auto") -> int:
     """Cutouts per forward call for ``encoder`` on ``device`` (see ``_BATCH_FLOP_BUDGET``)."""
-    from analysis.encoder import flops_per_cutout
+    from segscope.analysis.encoder import flops_per_cutout
 
     resolved = _resolve_device(device)
     flops = flops_per_cutout(encoder.encoder_config)
@@ -124,7 +124,7 @@ def mixed_precision_twin(encoder, policy: str = "mixed_float16"):
     The copy is cached per encoder and policy (building the full model takes seconds);
     its weights are copied again on every call so it never runs stale weights.
     """
-    from analysis.encoder.model import SegClrEncoder
+    from segscope.analysis.encoder.model import SegClrEncoder
 
     twins = _TWINS.setdefault(encoder, {})
     twin = twins.get(policy)
@@ -286,7 +286,7 @@ def stream_embeddings(
     Parameters
     ----------
     encoder
-        A :class:`~analysis.encoder.model.SegClrEncoder`.
+        A :class:`~segscope.analysis.encoder.model.SegClrEncoder`.
     batches
         Iterable of ``(indices int [b], cutouts uint8 [b, x, y, z])``; indices in ``[0, total)``.
         It is consumed on a helper thread.
@@ -393,7 +393,7 @@ def stream_segment_embeddings(
     Parameters
     ----------
     image, segmentation
-        :class:`analysis.volume.Volume` pair at the same voxel size, whose voxel size
+        :class:`segscope.analysis.volume.Volume` pair at the same voxel size, whose voxel size
         divides the encoder's (``encoder.encoder_config.voxel_size_nm``) by integers.
     segment_id
         The segment whose masked EM is embedded.
@@ -410,7 +410,7 @@ def stream_segment_embeddings(
     numpy.ndarray
         float32 ``[N, D]`` in the order of ``centres_nm``.
     """
-    from analysis.volume import iter_cutout_batches
+    from segscope.analysis.volume import iter_cutout_batches
 
     config = encoder.encoder_config
     centres = np.asarray(centres_nm, dtype=np.float64).reshape(-1, 3)
@@ -431,7 +431,7 @@ def naive_segment_embeddings(encoder, image, segmentation, segment_id: int,
 
     Returns float32 ``[N, D]``.
     """
-    from analysis.volume import cut_masked
+    from segscope.analysis.volume import cut_masked
 
     config = encoder.encoder_config
     downsample = config.downsample_from(image.voxel_size_nm)
@@ -470,7 +470,7 @@ class NodeEmbeddings:
 
     def aggregated(self, radius_nm: float) -> np.ndarray:
         """Per node, the mean embedding of its segment's nodes within ``radius_nm`` (float32 ``[N, D]``)."""
-        from analysis.aggregate import aggregate_embeddings
+        from segscope.analysis.aggregate import aggregate_embeddings
 
         out = np.empty_like(self.embeddings)
         order = np.argsort(self.segment_ids, kind="stable")
@@ -507,7 +507,7 @@ def stream_node_embeddings(
     NodeEmbeddings
         Rows in the order of ``segments`` and their nodes.
     """
-    from analysis.volume import cut_masked
+    from segscope.analysis.volume import cut_masked
 
     config = encoder.encoder_config
     downsample = config.downsample_from(image.voxel_size_nm)

@@ -23,14 +23,10 @@ def user_cache_dir() -> Path:
 
 
 def assets_dir() -> Path:
-    """Return the folder of shipped assets (demo model, classifiers, icons).
+    """Return the folder of shipped assets (demo model, classifiers, context table).
 
-    Editable installs and source checkouts use ``<repo>/assets``; a wheel install maps the
-    same folder to the ``segscope_assets`` package.
+    ``segscope.analysis`` and ``segscope.assets`` are siblings both in a checkout
+    (``<repo>/analysis``, ``<repo>/assets``) and in an installed wheel
+    (``site-packages/segscope/analysis``, ``.../segscope/assets``).
     """
-    try:
-        import segscope_assets  # type: ignore[import-not-found]
-
-        return Path(next(iter(segscope_assets.__path__)))
-    except ImportError:
-        return Path(__file__).resolve().parents[1] / "assets"
+    return Path(__file__).resolve().parents[1] / "assets"

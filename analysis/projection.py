@@ -35,8 +35,9 @@ from typing import Any, Callable, Generator
 
 import numpy as np
 
-from analysis.paths import user_cache_dir
-from analysis.progress import Progress, drive
+from segscope.analysis import UNKNOWN_COMPARTMENT
+from segscope.analysis.paths import user_cache_dir
+from segscope.analysis.progress import Progress, drive
 
 log = logging.getLogger(__name__)
 
@@ -519,8 +520,6 @@ class EmbeddingTable:
         return len(self.segment_ids)
 
 
-#: Code of a node whose compartment is unknown (as ``analysis.skeletons.UNKNOWN_COMPARTMENT``).
-_UNKNOWN_COMPARTMENT = 255
 
 
 def _strings(column) -> np.ndarray:
@@ -556,7 +555,7 @@ def read_embedding_table(path: str | os.PathLike, *, max_rows: int | None = None
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from analysis import COMPARTMENTS
+    from segscope.analysis import COMPARTMENTS
 
     path = Path(path)
     if not path.is_file():
@@ -581,7 +580,7 @@ def read_embedding_table(path: str | os.PathLike, *, max_rows: int | None = None
     compartments = cell_types = ood_scores = None
     if "compartment" in names:
         code_of = {name: code for code, name in enumerate(COMPARTMENTS)}
-        compartments = np.fromiter((code_of.get(name, _UNKNOWN_COMPARTMENT)
+        compartments = np.fromiter((code_of.get(name, UNKNOWN_COMPARTMENT)
                                     for name in _strings(table.column("compartment"))),
                                    dtype=np.uint8, count=table.num_rows)
     if "cell_type" in names:

@@ -29,12 +29,10 @@ from typing import Iterable
 
 import numpy as np
 
-from analysis import COMPARTMENTS
+from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
 
 log = logging.getLogger(__name__)
 
-#: Compartment code stored for nodes that carry no label.
-UNKNOWN_COMPARTMENT = 255
 
 #: The 3 x 4 row-major identity transform: stored vertex positions are already nm.
 _IDENTITY_TRANSFORM = [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]

@@ -1,6 +1,6 @@
 """Self-supervised SegCLR training: positive pairs, augmentations, NT-Xent, checkpoints.
 
-Works for any dataset with image, segmentation and skeletons (``analysis.dataset``).
+Works for any dataset with image, segmentation and skeletons (``segscope.analysis.dataset``).
 
 * **Positive pairs**: two skeleton nodes of the same segment whose *straight-line*
   (Euclidean) distance is at most ``max_pair_distance_nm``. Each step draws its pairs from
@@ -38,8 +38,8 @@ from typing import Generator, Sequence
 
 import numpy as np
 
-from analysis.progress import Progress
-from analysis.volume import Volume, cut_em_and_mask
+from segscope.analysis.progress import Progress
+from segscope.analysis.volume import Volume, cut_em_and_mask
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class TrainingConfig:
     seed: int = 0
 
     def encoder_config(self):
-        from analysis.encoder import SEGCLR_LITE, EncoderConfig
+        from segscope.analysis.encoder import SEGCLR_LITE, EncoderConfig
 
         return EncoderConfig.from_dict(self.encoder) if self.encoder else SEGCLR_LITE
 
@@ -389,7 +389,7 @@ def train_contrastive(
     """
     import keras
 
-    from analysis.encoder import build_encoder, save_encoder
+    from segscope.analysis.encoder import build_encoder, save_encoder
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -457,7 +457,7 @@ def train_contrastive(
 
 def _copy_weights_by_name(source, target) -> None:
     """Copy every weight of ``target`` from the same-named weight of ``source``."""
-    from analysis.encoder.model import weight_names
+    from segscope.analysis.encoder.model import weight_names
 
     src = weight_names(source)
     for name, variable in weight_names(target).items():

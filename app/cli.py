@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-log = logging.getLogger(__name__)
+from segscope.analysis import __version__
 
-__version__ = "0.1.0"
+log = logging.getLogger(__name__)
 
 
 class CliError(Exception):
@@ -45,7 +45,7 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _progress_bar(desc: str):
-    """A callback that renders :class:`analysis.progress.Progress` reports with tqdm."""
+    """A callback that renders :class:`segscope.analysis.progress.Progress` reports with tqdm."""
     from tqdm import tqdm
 
     bar = tqdm(desc=desc, unit="", dynamic_ncols=True, file=sys.stderr)
@@ -64,7 +64,7 @@ def _progress_bar(desc: str):
 
 def _run_with_progress(desc: str, generator):
     """Drive a compute generator to its result behind a progress bar on stderr."""
-    from analysis.progress import drive
+    from segscope.analysis.progress import drive
 
     bar = _progress_bar(desc)
     try:
@@ -76,7 +76,7 @@ def _run_with_progress(desc: str, generator):
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     import time
 
-    from analysis.synthetic import generate_dataset
+    from segscope.analysis.synthetic import generate_dataset
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -92,7 +92,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from analysis.volume import open_volume
+    from segscope.analysis.volume import open_volume
 
     volume = open_volume(args.url)
     lo, hi = volume.bounds_nm
@@ -108,18 +108,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _open_dataset_arg(path: str | None):
     """The dataset named on the command line, or the cached demo dataset."""
-    from analysis.dataset import open_dataset
+    from segscope.analysis.dataset import open_dataset
 
     if path:
         return open_dataset(path)
-    from analysis.synthetic import demo_dataset
+    from segscope.analysis.synthetic import demo_dataset
 
     return open_dataset(demo_dataset())
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from analysis.encoder import SEGCLR_FULL, SEGCLR_LITE
-    from analysis.training import CellSplit, TrainingConfig, train_on_dataset
+    from segscope.analysis.encoder import SEGCLR_FULL, SEGCLR_LITE
+    from segscope.analysis.training import CellSplit, TrainingConfig, train_on_dataset
 
     dataset = _open_dataset_arg(args.dataset)
     encoder = {"lite": SEGCLR_LITE, "full": SEGCLR_FULL}[args.encoder]
@@ -142,14 +142,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_open(args: argparse.Namespace) -> int:
-    from app.main import run_app
+    from segscope.app.main import run_app
 
     return run_app(args)
 
 
 def _resolve_encoder_path(checkpoint: str | None) -> Path:
     """The encoder named on the command line, or the shipped demo model."""
-    from app.controller import check_checkpoint, find_demo_model
+    from segscope.app.controller import check_checkpoint, find_demo_model
 
     if checkpoint:
         return check_checkpoint(checkpoint)
@@ -163,7 +163,7 @@ def _segment_skeleton(skeletons_dir: Path | None, segment_id: int):
     """``(nodes_nm, edges)`` of a segment from a precomputed skeleton folder, or (None, None)."""
     if skeletons_dir is None:
         return None, None
-    from analysis.skeletons import read_precomputed_skeleton
+    from segscope.analysis.skeletons import read_precomputed_skeleton
 
     try:
         skeleton = read_precomputed_skeleton(skeletons_dir, segment_id)
@@ -181,7 +181,7 @@ def _parse_segments(text: str) -> list[int] | str:
 
 def _local_dir(url: str) -> Path | None:
     """The local folder a volume argument names (plain path or file://), else None."""
-    from app.controller import _local_folder
+    from segscope.app.controller import _local_folder
 
     path = _local_folder(url)
     return path if path is not None and path.is_dir() else None
@@ -207,7 +207,7 @@ def _dataset_of(segmentation_dir: Path | None) -> dict | None:
 def _all_segment_ids(dataset: dict | None, skeletons_dir: Path | None) -> list[int]:
     """Every segment of the dataset's segments table, or of the skeleton folder."""
     if dataset is not None and (Path(dataset["path"]) / "segments.parquet").is_file():
-        from analysis.dataset import open_dataset
+        from segscope.analysis.dataset import open_dataset
 
         return [int(s) for s in open_dataset(dataset["path"]).segment_ids]
     if skeletons_dir is not None and skeletons_dir.is_dir():
@@ -221,11 +221,11 @@ def _all_segment_ids(dataset: dict | None, skeletons_dir: Path | None) -> list[i
 def _cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from analysis.centres import segment_centres
-    from analysis.encoder import open_encoder
-    from analysis.inference import stream_node_embeddings
-    from analysis.volume import open_volume
-    from app.controller import _named_skeletons  # the segmentation's own skeleton folder
+    from segscope.analysis.centres import segment_centres
+    from segscope.analysis.encoder import open_encoder
+    from segscope.analysis.inference import stream_node_embeddings
+    from segscope.analysis.volume import open_volume
+    from segscope.app.controller import _named_skeletons  # the segmentation's own skeleton folder
 
     out = Path(args.out)
     parquet = out.suffix == ".parquet"
@@ -235,7 +235,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         raise CliError("--classifiers writes prediction columns, which only a .parquet output holds")
     classifiers = None
     if args.classifiers:
-        from app.controller import read_classifier_folder
+        from segscope.app.controller import read_classifier_folder
 
         classifiers = read_classifier_folder(args.classifiers)  # checked before the long part
     image = open_volume(args.image)
@@ -263,10 +263,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         _write_embeddings_parquet(out, result, encoder_path, predictions=predictions, classifiers=classifiers,
                                   dataset=dataset, spacing_nm=args.spacing_nm)
     else:
-        from analysis.csvzip import CsvZipStore
+        from segscope.analysis.csvzip import CsvZipStore
 
         store = CsvZipStore(out, coordinates="nm")
-        from analysis.arrays import group_rows
+        from segscope.analysis.arrays import group_rows
 
         rows = {segment_id: (result.node_ids[pick], result.xyz_nm[pick], result.embeddings[pick])
                 for segment_id, pick in group_rows(result.segment_ids)}
@@ -276,9 +276,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _predict_nodes(classifiers, result):
-    """Label every node of ``result`` (``analysis.inference.NodeEmbeddings``) as the app does.
+    """Label every node of ``result`` (``segscope.analysis.inference.NodeEmbeddings``) as the app does.
 
-    Each segment's nodes go through :func:`app.compute_process.predict_segment`, the code
+    Each segment's nodes go through :func:`segscope.app.compute_process.predict_segment`, the code
     the app runs on a segment's embeddings; yields a Progress per segment and returns the
     prediction columns (one entry per row of ``result``): ``compartment`` (object, name or
     None), ``compartment_probability``, ``cell_type`` (object, name or None),
@@ -286,9 +286,9 @@ def _predict_nodes(classifiers, result):
     """
     import numpy as np
 
-    from analysis import COMPARTMENTS
-    from analysis.progress import Progress
-    from app.compute_process import load_segment_predictor, predict_segment
+    from segscope.analysis import COMPARTMENTS
+    from segscope.analysis.progress import Progress
+    from segscope.app.compute_process import load_segment_predictor, predict_segment
 
     entries = [{"task": info.task, "path": info.path, "radius_nm": info.radius_nm}
                for info in (classifiers.compartment, classifiers.cell_type) if info is not None]
@@ -302,7 +302,7 @@ def _predict_nodes(classifiers, result):
                "cell_type_probability": np.full(n, np.nan, np.float32),
                "ood_score": np.full(n, np.nan, np.float32)}
     # Rows of each segment, in their order in the table.
-    from analysis.arrays import group_rows
+    from segscope.analysis.arrays import group_rows
 
     groups = [rows for _, rows in group_rows(result.segment_ids)]
     for done, rows in enumerate(groups, 1):
@@ -335,8 +335,8 @@ def _write_embeddings_parquet(path: Path, result, encoder_path: Path, *, predict
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from analysis.export.atomic import atomic_file
-    from app.demo_context import DATASET_KEYS, PROVENANCE_KEY, classifier_hashes, model_sha256
+    from segscope.analysis.export.atomic import atomic_file
+    from segscope.app.demo_context import DATASET_KEYS, PROVENANCE_KEY, classifier_hashes, model_sha256
 
     columns = {
         "segment_id": pa.array(result.segment_ids, pa.uint64()),
@@ -369,8 +369,8 @@ def _write_embeddings_parquet(path: Path, result, encoder_path: Path, *, predict
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from analysis.dataset import open_dataset
-    from analysis.export import (
+    from segscope.analysis.dataset import open_dataset
+    from segscope.analysis.export import (
         Provenance, export_bundle, read_node_table, read_segment_table, skeletons_from_edges_table,
         tables_from_ground_truth,
     )
@@ -405,9 +405,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from analysis.encoder import build_encoder, open_encoder
-    from analysis.evaluation import EvaluationConfig, evaluate
-    from analysis.training import CellSplit
+    from segscope.analysis.encoder import build_encoder, open_encoder
+    from segscope.analysis.evaluation import EvaluationConfig, evaluate
+    from segscope.analysis.training import CellSplit
 
     dataset = _open_dataset_arg(args.dataset)
     run = Path(args.run)
@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     train.set_defaults(handler=_cmd_train)
 
-    from app.main import add_open_arguments
+    from segscope.app.main import add_open_arguments
 
     open_ = sub.add_parser("open", help="open the desktop app on other data")
     add_open_arguments(open_)
@@ -548,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = getattr(args, "handler", None)
     if handler is None:
         # No command: the desktop app on the built-in demo.
-        from app.main import add_open_arguments, run_app
+        from segscope.app.main import add_open_arguments, run_app
 
         return run_app(add_open_arguments(argparse.ArgumentParser()).parse_args([]))
     try:

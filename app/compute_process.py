@@ -13,7 +13,7 @@ TensorStore, and streams embeddings back over a pipe. As a bonus, TensorFlow nev
 competes with the Qt thread for the GIL.
 
 :class:`ComputeProcess` is driven from the app's job worker thread; its methods are
-generators that yield :class:`~analysis.progress.Progress` like every compute function.
+generators that yield :class:`~segscope.analysis.progress.Progress` like every compute function.
 
 Classifiers are Keras models too, so they live in the child beside the encoder: after
 each embedding batch the child's :class:`SegmentPredictor` labels the new nodes with
@@ -34,8 +34,8 @@ from typing import Any, Callable, Generator, Sequence
 
 import numpy as np
 
-from analysis import COMPARTMENTS
-from analysis.progress import Progress
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,9 @@ class SegmentPredictor:
     Parameters
     ----------
     compartment, cell_type
-        Objects with ``predict(embeddings [N, D]) -> analysis.classify.Prediction``,
+        Objects with ``predict(embeddings [N, D]) -> segscope.analysis.classify.Prediction``,
         ``class_names``, ``num_features`` and ``ood_threshold`` (a
-        :class:`analysis.classify.Classifier`), or None.
+        :class:`segscope.analysis.classify.Classifier`), or None.
     compartment_radius_nm, cell_type_radius_nm
         Aggregation radius (nm) of the embeddings each classifier was trained on: 0 for
         node embeddings (each batch then only needs its own nodes predicted), otherwise
@@ -208,7 +208,7 @@ class SegmentPredictor:
                             ) -> tuple[np.ndarray, np.ndarray]:
         """Centres whose radius aggregate changed with the ``new`` ones (int ``[m]``), and
         their aggregates over the embedded centres ``done`` (float32 ``[m, D]``), as
-        :func:`analysis.aggregate.aggregate_embeddings` would give them."""
+        :func:`segscope.analysis.aggregate.aggregate_embeddings` would give them."""
         from scipy.sparse import csr_matrix
         from scipy.spatial import cKDTree
 
@@ -231,7 +231,7 @@ class SegmentPredictor:
         grew by :attr:`CELL_TYPE_GROWTH` since the last estimate, and on the ``final``
         batch (default: once every centre is embedded).
         """
-        from analysis.aggregate import aggregate_embeddings
+        from segscope.analysis.aggregate import aggregate_embeddings
 
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         values = np.asarray(embeddings, dtype=np.float32)
@@ -278,7 +278,7 @@ def load_segment_predictor(entries: Sequence[dict]) -> tuple[SegmentPredictor, d
 
     ``entries`` are ``{"task": "compartment" or "cell_type", "path": .npz file,
     "radius_nm": aggregation radius (nm) of the embeddings it takes}``, as
-    :func:`app.controller.load_classifiers_job` sends them. Returns the predictor and the
+    :func:`segscope.app.controller.load_classifiers_job` sends them. Returns the predictor and the
     loaded classifiers by task. The networks are traced once on dummy input here, so the
     first real prediction does not pay for it. Used by the app's compute process and by
     ``segscope embed --classifiers``, so both label nodes with the same code.
@@ -289,7 +289,7 @@ def load_segment_predictor(entries: Sequence[dict]) -> tuple[SegmentPredictor, d
         A classifier file is missing or not a SegScope classifier, or the compartment
         classifier predicts classes SegScope does not know.
     """
-    from analysis.classify import load_classifier
+    from segscope.analysis.classify import load_classifier
 
     loaded: dict[str, Any] = {}
     radius: dict[str, float] = {}
@@ -379,11 +379,11 @@ class _ChildServer:  # pragma: no cover - runs in the child process
 
     def load(self, path: str, warm_up_batches: Sequence[int]) -> dict:
         try:
-            from analysis.encoder import open_encoder
+            from segscope.analysis.encoder import open_encoder
 
             encoder = open_encoder(path)
             config = encoder.encoder_config
-            from analysis.inference import default_batch_size
+            from segscope.analysis.inference import default_batch_size
 
             for batch in sorted(set(warm_up_batches) | {default_batch_size(encoder)}):
                 encoder.embed(np.zeros((batch, *config.input_size_vox), dtype=np.uint8))
@@ -421,7 +421,7 @@ class _ChildServer:  # pragma: no cover - runs in the child process
         self.conn.send(("predicted", token, predictions))
 
     def volume(self, url: str):
-        from analysis.volume import open_volume
+        from segscope.analysis.volume import open_volume
 
         if url not in self.volumes:
             self.volumes[url] = open_volume(url)
@@ -440,8 +440,8 @@ class _ChildServer:  # pragma: no cover - runs in the child process
 
     def embed(self, token: int, image_url: str, segmentation_url: str, segment_id: int,
               centres_nm: np.ndarray, first_batch: int) -> None:
-        from analysis.inference import stream_segment_embeddings
-        from analysis.progress import RateMeter
+        from segscope.analysis.inference import stream_segment_embeddings
+        from segscope.analysis.progress import RateMeter
 
         if self.encoder is None:
             self.conn.send(("error", token, "ValueError", "no model is loaded"))

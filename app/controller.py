@@ -1,7 +1,7 @@
 """The app's controller (no Qt): data sources, the encoder, and click-to-embed jobs.
 
 :class:`AppController` turns user intents (a click on a segment, cancel) into jobs on the
-:class:`~app.jobs.JobRunner` and feeds their results into :class:`~app.state.SessionState`;
+:class:`~segscope.app.jobs.JobRunner` and feeds their results into :class:`~segscope.app.state.SessionState`;
 views (the Qt window, the Neuroglancer bridge) only subscribe to the state.
 
 Superseding policy
@@ -33,9 +33,9 @@ from typing import Any, Callable, Generator
 
 import numpy as np
 
-from analysis.progress import Progress
-from app.jobs import JobRunner, JobUpdate
-from app.state import (
+from segscope.analysis.progress import Progress
+from segscope.app.jobs import JobRunner, JobUpdate
+from segscope.app.state import (
     ClassifierInfo,
     ClassifierSummary,
     DatasetSummary,
@@ -62,7 +62,7 @@ class SourceError(ValueError):
 class DataSource:
     """What the app shows and embeds: an image, a segmentation and optional skeletons.
 
-    Use :meth:`open`. Volumes are :class:`analysis.volume.Volume` objects (``[x, y, z]``);
+    Use :meth:`open`. Volumes are :class:`segscope.analysis.volume.Volume` objects (``[x, y, z]``);
     skeletons come from an unsharded precomputed skeleton folder, positions in nm.
     """
 
@@ -93,8 +93,8 @@ class DataSource:
             Missing or unreadable volumes, mismatched voxel sizes or shapes, an image that
             is not uint8, unreadable or remote skeletons.
         """
-        from analysis.skeletons import read_skeleton_info
-        from analysis.volume import open_volume
+        from segscope.analysis.skeletons import read_skeleton_info
+        from segscope.analysis.volume import open_volume
 
         volumes = []
         for role, url in (("image", image_url), ("segmentation", segmentation_url)):
@@ -143,7 +143,7 @@ class DataSource:
         SourceError
             When the folder is not a readable dataset.
         """
-        from analysis.dataset import open_dataset
+        from segscope.analysis.dataset import open_dataset
 
         try:
             dataset = open_dataset(path)
@@ -173,8 +173,8 @@ class DataSource:
         )
 
     def skeleton(self, segment_id: int):
-        """The segment's :class:`analysis.skeletons.Skeleton`, or None without one."""
-        from analysis.skeletons import read_precomputed_skeleton
+        """The segment's :class:`segscope.analysis.skeletons.Skeleton`, or None without one."""
+        from segscope.analysis.skeletons import read_precomputed_skeleton
 
         if self.skeletons_dir is None:
             return None
@@ -223,8 +223,8 @@ def _named_skeletons(segmentation_dir: Path) -> Path | None:
 
 def find_demo_model() -> Path | None:
     """The trained demo encoder shipped in ``assets/`` (a SegScope ``.keras`` file), if any."""
-    from analysis.encoder import read_encoder_config
-    from analysis.paths import assets_dir
+    from segscope.analysis.encoder import read_encoder_config
+    from segscope.analysis.paths import assets_dir
 
     root = assets_dir()
     if not root.is_dir():
@@ -249,7 +249,7 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     FileNotFoundError, ValueError
         With a message naming the problem.
     """
-    from analysis.encoder import read_encoder_config, resolve_checkpoint_prefix
+    from segscope.analysis.encoder import read_encoder_config, resolve_checkpoint_prefix
 
     path = Path(path).expanduser()
     if path.suffix == ".keras":
@@ -259,7 +259,7 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_encoder_job(path: Path, engine, *, trained: bool = True) -> Generator[Progress, None, ModelSummary]:
-    """Load an encoder into ``engine`` (a :class:`app.compute_process.ComputeProcess`).
+    """Load an encoder into ``engine`` (a :class:`segscope.app.compute_process.ComputeProcess`).
 
     The engine also runs the model once on blank cutouts of the batch sizes a click uses,
     so TensorFlow traces its graphs now rather than on the user's first click.
@@ -299,7 +299,7 @@ def read_classifier_folder(folder: str | os.PathLike) -> ClassifierSummary:
     """
     import json
 
-    from analysis.classify import read_classifier_metadata
+    from segscope.analysis.classify import read_classifier_metadata
 
     folder = Path(folder).expanduser()
     manifest_path = folder / CLASSIFIER_MANIFEST
@@ -332,7 +332,7 @@ def read_classifier_folder(folder: str | os.PathLike) -> ClassifierSummary:
             num_features=int(metadata["num_features"]), config=str(metadata["config"]["name"]))
     compartment = infos.get("compartment")
     if compartment is not None:
-        from analysis import COMPARTMENTS
+        from segscope.analysis import COMPARTMENTS
 
         unknown = [name for name in compartment.class_names if name not in COMPARTMENTS]
         if unknown:
@@ -345,7 +345,7 @@ def read_classifier_folder(folder: str | os.PathLike) -> ClassifierSummary:
 
 def find_demo_classifiers() -> Path | None:
     """The shipped classifier folder (``assets/classifiers`` with its manifest), if any."""
-    from analysis.paths import assets_dir
+    from segscope.analysis.paths import assets_dir
 
     folder = assets_dir() / "classifiers"
     return folder if (folder / CLASSIFIER_MANIFEST).is_file() else None
@@ -379,7 +379,7 @@ class PrecomputedEmbeddings:
 
     def __init__(self, location: str | os.PathLike, *, coordinates: str = "nm",
                  num_shards: int = 10_000, bytewidth: int = 64):
-        from analysis.csvzip import CsvZipStore
+        from segscope.analysis.csvzip import CsvZipStore
 
         self.store = CsvZipStore(location, num_shards=num_shards, bytewidth=bytewidth, coordinates=coordinates)
         self.location = self.store.location
@@ -458,15 +458,15 @@ def embed_segment_job(source: DataSource, engine, segment_id: int, click_nm: np.
     """Centres of a segment, then their embeddings, nearest to the click first.
 
     Yields one report with a :class:`SegmentCentres` payload, then one per forward call
-    with a :class:`app.compute_process.PredictedBatch` payload (indices into the centre
+    with a :class:`segscope.app.compute_process.PredictedBatch` payload (indices into the centre
     order, predictions when classifiers are loaded). ``engine`` is a
-    :class:`app.compute_process.ComputeProcess` (None: stop after the centres unless the
+    :class:`segscope.app.compute_process.ComputeProcess` (None: stop after the centres unless the
     embeddings are precomputed). ``spacing_nm`` is the distance between centres along the
     skeleton (default SegCLR's 1500 nm). When ``precomputed`` holds the segment, its
     nodes and embeddings are used in one batch and only the classifiers run. Returns the
     number of centres embedded.
     """
-    from analysis.centres import SEGCLR_SPACING_NM, order_by_distance, segment_centres
+    from segscope.analysis.centres import SEGCLR_SPACING_NM, order_by_distance, segment_centres
 
     skeleton = source.skeleton(segment_id)
     note = ""
@@ -493,7 +493,7 @@ def embed_segment_job(source: DataSource, engine, segment_id: int, click_nm: np.
         predictions = None
         if engine is not None and getattr(engine, "classifiers_loaded", False):
             predictions = engine.predict(positions, embeddings)
-        from app.compute_process import PredictedBatch
+        from segscope.app.compute_process import PredictedBatch
 
         yield Progress(total, total, "nodes", f"segment {segment_id}: precomputed",
                        payload=PredictedBatch(np.arange(total, dtype=np.int64), embeddings, predictions))
@@ -576,7 +576,7 @@ class AppController:
         self.state.show_status(f"Opened {source.name}. Double-click a segment to embed it.{store}")
 
     def _ensure_engine(self):
-        from app.compute_process import ComputeProcess
+        from segscope.app.compute_process import ComputeProcess
 
         if self.engine is None:
             self.engine = ComputeProcess()
@@ -744,7 +744,7 @@ class AppController:
             self.state.show_error(f"Embedding segment {segment_id} failed: {update.error}")
 
     def _store_batch(self, segment_id: int, batch) -> None:
-        """Put one :class:`~app.compute_process.PredictedBatch` into the state."""
+        """Put one :class:`~segscope.app.compute_process.PredictedBatch` into the state."""
         if not self.state.add_embeddings(segment_id, batch.indices, batch.embeddings):
             return
         predictions = batch.predictions

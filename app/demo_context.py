@@ -180,7 +180,7 @@ class DemoContext:
     Attributes
     ----------
     path : pathlib.Path or None
-        The context table to show (an ``analysis.projection.read_embedding_table`` input),
+        The context table to show (an ``segscope.analysis.projection.read_embedding_table`` input),
         or None when there is none that fits.
     reason : str
         Why there is none (one line for the status bar); empty when ``path`` is set.
@@ -220,7 +220,7 @@ def find_demo_context(dataset_folder: str | os.PathLike, *, encoder_path: str | 
         ``path`` set when everything matches; otherwise ``path`` None and ``reason`` saying
         what differs (also logged at INFO). Never raises for a missing or unreadable file.
     """
-    from analysis.paths import assets_dir
+    from segscope.analysis.paths import assets_dir
 
     context = Path(context_path) if context_path is not None else assets_dir() / DEMO_CONTEXT_NAME
 
@@ -229,7 +229,7 @@ def find_demo_context(dataset_folder: str | os.PathLike, *, encoder_path: str | 
         return DemoContext(None, reason)
 
     if encoder_path is _SHIPPED or classifiers_folder is _SHIPPED:
-        from app.controller import find_demo_classifiers, find_demo_model
+        from segscope.app.controller import find_demo_classifiers, find_demo_model
 
         if encoder_path is _SHIPPED:
             encoder_path = find_demo_model()

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generator
 
-from analysis.progress import Progress
+from segscope.analysis.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class JobRunner:
         except Exception as exc:
             if job.cancel_requested:
                 # A generator may stop itself by raising when it sees the cancel flag
-                # (analysis.inference.InferenceCancelled): that is a cancellation.
+                # (segscope.analysis.inference.InferenceCancelled): that is a cancellation.
                 log.debug("%r stopped on cancel with %r", job, exc)
                 self._deliver(JobUpdate(job, "cancelled"))
                 return

@@ -26,7 +26,7 @@ Persistence
 :meth:`LabelStore.to_dict` / :meth:`LabelStore.from_dict` hold the labels only (JSON-safe,
 ids as ints); the undo history is not saved.
 
-Like :class:`app.state.SessionState`, a store is not thread-safe: mutate it from one
+Like :class:`segscope.app.state.SessionState`, a store is not thread-safe: mutate it from one
 thread.
 """
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from app.controller import DataSource, PrecomputedEmbeddings
-    from app.state import ClassifierSummary
-    from app.views.main_window import MainWindow
+    from segscope.app.controller import DataSource, PrecomputedEmbeddings
+    from segscope.app.state import ClassifierSummary
+    from segscope.app.views.main_window import MainWindow
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ class LaunchPlan:
 
 
 def _demo_folder() -> Path:
-    from analysis.synthetic import demo_dataset
-    from app.controller import DataSource
+    from segscope.analysis.synthetic import demo_dataset
+    from segscope.app.controller import DataSource
 
     last = [-1]
 
@@ -88,7 +88,7 @@ def _demo_folder() -> Path:
             last[0] = progress.done
             print(f"  {progress.message} ({progress.done}/{progress.total})", file=sys.stderr, flush=True)
 
-    from analysis.paths import user_cache_dir
+    from segscope.analysis.paths import user_cache_dir
 
     if not any((user_cache_dir() / "demo").glob("v*-seed0/dataset.json")):
         print("Preparing the demo dataset (first run only, about 15 s)…", file=sys.stderr, flush=True)
@@ -103,7 +103,7 @@ def _session_sources(path: str) -> tuple[Path, dict]:
     LaunchError
         For a missing or unreadable session file.
     """
-    from app.session_file import SessionDocument, SessionFileError, session_paths
+    from segscope.app.session_file import SessionDocument, SessionFileError, session_paths
 
     json_path, _ = session_paths(path)
     try:
@@ -126,7 +126,7 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
     LaunchError
         With a one-line message naming the problem.
     """
-    from app.controller import (
+    from segscope.app.controller import (
         PrecomputedEmbeddings,
         SourceError,
         check_checkpoint,
@@ -177,7 +177,7 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
         except SourceError as exc:
             raise LaunchError(str(exc)) from None
 
-    from app.controller import DataSource
+    from segscope.app.controller import DataSource
 
     background, note = None, ""
     try:
@@ -189,7 +189,7 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
             folder = _demo_folder()
             source = DataSource.open_dataset_folder(folder)
         if folder is not None and (folder / "dataset.json").is_file():
-            from app.demo_context import find_demo_context
+            from segscope.app.demo_context import find_demo_context
 
             context = find_demo_context(folder, encoder_path=model_path,
                                         classifiers_folder=None if classifiers is None else classifiers.folder)
@@ -231,17 +231,17 @@ def build_window(source: "DataSource", model_path: Path | None, *,
     A QApplication must exist. The model, then the classifiers, load on the worker
     thread after the window is built; without a model, segments can be selected but not
     embedded (unless ``precomputed`` holds them); without classifiers, nodes are not
-    labelled. TensorFlow runs in a child process (see :mod:`app.compute_process` for why),
-    and so does UMAP (:mod:`app.projection_process`: numba's compiler holds the GIL), unless
+    labelled. TensorFlow runs in a child process (see :mod:`segscope.app.compute_process` for why),
+    and so does UMAP (:mod:`segscope.app.projection_process`: numba's compiler holds the GIL), unless
     ``projection_backend`` says otherwise. ``background`` is a context embedding table for
     the plot (the demo's); ``plot=False`` leaves the plot out; ``plot_options`` go to
-    :func:`app.views.embedding_plot.attach_embedding_plot` (``start_warm_up``...).
+    :func:`segscope.app.views.embedding_plot.attach_embedding_plot` (``start_warm_up``...).
     """
-    from app.controller import AppController
-    from app.jobs import JobRunner
-    from app.neuroglancer_bridge import NeuroglancerBridge
-    from app.state import SessionState
-    from app.views.main_window import ClickRelay, MainThreadInvoker, MainWindow
+    from segscope.app.controller import AppController
+    from segscope.app.jobs import JobRunner
+    from segscope.app.neuroglancer_bridge import NeuroglancerBridge
+    from segscope.app.state import SessionState
+    from segscope.app.views.main_window import ClickRelay, MainThreadInvoker, MainWindow
 
     state = SessionState()
     invoker = MainThreadInvoker()
@@ -256,7 +256,7 @@ def build_window(source: "DataSource", model_path: Path | None, *,
     window.show_source(source, precomputed=precomputed)
     if plot:
         if projection_backend is None:
-            from app.projection_process import ProcessProjectionBackend
+            from segscope.app.projection_process import ProcessProjectionBackend
 
             projection_backend = ProcessProjectionBackend()
             window.owns_projection_backend = True
@@ -296,7 +296,7 @@ def run_app(args: argparse.Namespace) -> int:
                           background=plan.background)
     if plan.background_note:
         window.statusBar().showMessage(f"No context embeddings in the plot: {plan.background_note}", 15000)
-    from app.session_file import AutosaveManager
+    from segscope.app.session_file import AutosaveManager
 
     autosave = AutosaveManager()
     try:

@@ -34,7 +34,7 @@ while its embedding is pending, yellow once embedded, and the colour of its *pre
 subcompartment when a subcompartment classifier has labelled it. :data:`GROUND_TRUTH_LAYER`
 (hidden by default) shows the dataset's own compartment labels, when it has any, for
 comparison. The selected segment's colour is its predicted cell type's colour, or magenta
-(:data:`app.state.OOD_COLOUR`) when it is flagged out of distribution; a flagged segment
+(:data:`segscope.app.state.OOD_COLOUR`) when it is flagged out of distribution; a flagged segment
 also gets a layer whose *name* says so in the layer bar (:data:`OOD_LAYER_PREFIX`), holding
 a magenta box around its nodes (2-D and 3-D) with the score in its description.
 
@@ -61,8 +61,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from analysis import COMPARTMENTS
-from app.state import (
+from segscope.analysis import COMPARTMENTS
+from segscope.app.state import (
     COMPARTMENT_COLOURS,
     EMBEDDED_COLOUR,
     OOD_COLOUR,
@@ -315,12 +315,12 @@ class NeuroglancerBridge:
     def __init__(self, on_click: Callable[[ClickEvent], None], *, bind_address: str = "127.0.0.1"):
         import neuroglancer
 
-        from app.viewer_sync import merging_viewer
+        from segscope.app.viewer_sync import merging_viewer
 
         self._neuroglancer = neuroglancer
         self._bind_address = bind_address
         neuroglancer.set_server_bind_address(bind_address, 0)
-        # Page changes that cross the bridge's writes are merged, not dropped (app.viewer_sync).
+        # Page changes that cross the bridge's writes are merged, not dropped (segscope.app.viewer_sync).
         self.viewer = merging_viewer()
         self._on_click = on_click
         self._file_servers: dict[str, Any] = {}
@@ -456,7 +456,7 @@ class NeuroglancerBridge:
         self._write(apply)
 
     def show_source(self, source, *, layout: str = "xy-3d") -> None:
-        """Show a :class:`app.controller.DataSource` (serving its local folders).
+        """Show a :class:`segscope.app.controller.DataSource` (serving its local folders).
 
         Raises
         ------
@@ -799,7 +799,7 @@ class NeuroglancerBridge:
         links = {relationship: SEGMENTATION_LAYER for relationship in relationships}
         shader = None
         if compartment_shader:
-            from analysis.export.neuroglancer_layers import annotation_shader
+            from segscope.analysis.export.neuroglancer_layers import annotation_shader
 
             shader = annotation_shader()
         stale = self._property_sources.get(name)

@@ -40,19 +40,17 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from scipy.spatial import cKDTree
 
-from analysis import COMPARTMENTS
-from analysis.arrays import group_rows
-from analysis.progress import Progress
-from analysis.projection import PcaModel, Similarity, UmapModel, UmapSettings, fit_pca, prepare_blas_control
-from app.jobs import JobRunner, JobUpdate, Post
-from app.state import COMPARTMENT_COLOURS
+from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
+from segscope.analysis.arrays import group_rows
+from segscope.analysis.progress import Progress
+from segscope.analysis.projection import PcaModel, Similarity, UmapModel, UmapSettings, fit_pca, prepare_blas_control
+from segscope.app.jobs import JobRunner, JobUpdate, Post
+from segscope.app.state import COMPARTMENT_COLOURS
 
 log = logging.getLogger(__name__)
 
 COLOUR_MODES: tuple[str, ...] = ("subcompartment", "cell type", "OOD score", "segment", "manual label")
 PLOT_EVENTS = ("points", "layout", "colours", "selection", "hover", "activate", "cleared", "visibility")
-#: Compartment code of a node without a (predicted or true) compartment.
-UNKNOWN_COMPARTMENT = 255
 UNKNOWN_RGBA = (128, 128, 128, 200)
 #: Distinct colours for categories (cell types, segments); with "unknown" at most 20
 #: colours. No magenta: in the 3-D view it means out of distribution.
@@ -159,7 +157,7 @@ class PlotController:
         #: label each point shows (the session's LabelStore); new points ask it too.
         self.label_lookup: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
         #: ``(label, labels in use) -> "#rrggbb"``: a manual label's colour (the 3-D view's
-        #: rule, :func:`app.neuroglancer_bridge.label_colour`, so both agree).
+        #: rule, :func:`segscope.app.neuroglancer_bridge.label_colour`, so both agree).
         self.label_colour: Callable[[str, list[str]], str] | None = None
         #: Hex colour of a cell-type name; set it to the 3-D view's rule so both agree
         #: (default: the category palette by order of first appearance).
@@ -719,23 +717,23 @@ class ProjectionScheduler:
       between similar pictures. Points added during a fit are placed by the new model.
     * The numba compile cost is paid by a warm-up job queued first (``start``).
 
-    Fits and placements run on two :class:`~app.jobs.JobRunner` threads so that a
+    Fits and placements run on two :class:`~segscope.app.jobs.JobRunner` threads so that a
     minute-long refit does not hold back new points; ``post`` delivers their results on
     the controller's thread (a queued Qt signal in the app).
 
     ``backend`` does the UMAP work those threads ask for: by default
-    :class:`~app.projection_process.LocalProjectionBackend` (numba in this process, on the
-    worker threads); :class:`~app.projection_process.ProcessProjectionBackend` runs it in
+    :class:`~segscope.app.projection_process.LocalProjectionBackend` (numba in this process, on the
+    worker threads); :class:`~segscope.app.projection_process.ProcessProjectionBackend` runs it in
     a child process, so numba's compiler never holds this process's GIL (the GUI thread
     stalled during warm-up and fits otherwise). The scheduler does not close a backend it
     is given. When the backend loses the model (its process died), the next placement
-    fails with :class:`~app.projection_process.ModelNotFoundError` and a refit starts.
+    fails with :class:`~segscope.app.projection_process.ModelNotFoundError` and a refit starts.
     """
 
     def __init__(self, controller: PlotController, post: Post | None = None, *,
                  settings: UmapSettings = UmapSettings(seed=None), min_points: int = 60,
                  refit_growth: float = 1.5, warm_up: bool = True, backend: Any = None):
-        from app.projection_process import LocalProjectionBackend
+        from segscope.app.projection_process import LocalProjectionBackend
 
         self.backend = LocalProjectionBackend() if backend is None else backend
         self.controller = controller
@@ -917,7 +915,7 @@ class ProjectionScheduler:
             if update.event == "finished" and generation == self._model_generation:
                 self.controller.set_layout(rows, update.result)
             elif update.event == "failed":
-                from app.projection_process import ModelNotFoundError
+                from segscope.app.projection_process import ModelNotFoundError
 
                 log.warning("placing %d points failed: %s", len(rows), update.error)
                 if isinstance(update.error, ModelNotFoundError) and generation == self._model_generation:

@@ -3,10 +3,10 @@
 Why a process and not a thread
 ------------------------------
 numba compiles UMAP's kernels while holding the GIL, and parts of umap-learn run plain
-Python between kernels, so with fits and ``transform`` on :class:`~app.jobs.JobRunner`
+Python between kernels, so with fits and ``transform`` on :class:`~segscope.app.jobs.JobRunner`
 threads the Qt main thread stalled (up to about half a second) during warm-up and fits.
 :class:`ProjectionProcess` is a ``spawn``-ed child (a fresh interpreter, like
-:mod:`app.compute_process`'s TensorFlow child) that owns umap and numba; the GUI process
+:mod:`segscope.app.compute_process`'s TensorFlow child) that owns umap and numba; the GUI process
 only pickles embeddings to it and layouts back.
 
 Protocol
@@ -17,7 +17,7 @@ resolves the :class:`concurrent.futures.Future` of that token. In the child the 
 thread only reads requests and hands each to a worker thread: fits and warm-ups on one,
 transforms on another, so a minute-long refit never holds back the placement of new
 points. Where numba's threading layer is not thread-safe
-(:func:`analysis.projection.numba_threadsafe`) both kinds share one worker instead.
+(:func:`segscope.analysis.projection.numba_threadsafe`) both kinds share one worker instead.
 
 The child keeps fitted models by id, the newest ``keep_models`` of them (older ones are
 dropped: the scheduler only ever places points with the newest model, and with the one
@@ -36,7 +36,7 @@ Models do not survive that: asking a new child about an old model raises
 
 :class:`LocalProjectionBackend` (in-process, on the caller's thread: what the scheduler did
 before) and :class:`ProcessProjectionBackend` (this child) are the two backends
-:class:`app.plot_controller.ProjectionScheduler` accepts.
+:class:`segscope.app.plot_controller.ProjectionScheduler` accepts.
 
 Arrays: embeddings float32 ``[N, D]``; layouts float32 ``[N, 2]`` (x, y) in projection units;
 ``init`` float64 ``[N, 2]``.
@@ -60,7 +60,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from analysis.projection import UmapSettings
+from segscope.analysis.projection import UmapSettings
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class ModelNotFoundError(KeyError):
 
 def _rebuild_error(type_name: str, message: str) -> Exception:
     """The child's exception as the nearest built-in type, its message kept."""
-    from app.compute_process import rebuild_error  # the same mapping as the TensorFlow child
+    from segscope.app.compute_process import rebuild_error  # the same mapping as the TensorFlow child
 
     return rebuild_error(type_name, message, own={"ModelNotFoundError": ModelNotFoundError},
                          unknown=lambda text: ProjectionProcessError(f"{text} (in the projection process)"))
@@ -150,7 +150,7 @@ class _ChildServer:  # pragma: no cover - runs in the child process
         self.models: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self.models_lock = threading.Lock()
         self.send_lock = threading.Lock()
-        from analysis.projection import configure_numba_cache, numba_threadsafe
+        from segscope.analysis.projection import configure_numba_cache, numba_threadsafe
 
         configure_numba_cache()
         fit_lane = _Lane("projection-fit")
@@ -199,13 +199,13 @@ class _ChildServer:  # pragma: no cover - runs in the child process
             self.send(("error", token, type(exc).__name__, message))
 
     def warm_up(self, settings: UmapSettings) -> dict:
-        from analysis.projection import warm_up
+        from segscope.analysis.projection import warm_up
 
         return warm_up(settings=settings)
 
     def fit(self, model_id: int, embeddings: np.ndarray, settings: UmapSettings, init) -> FitResult:
-        from analysis.progress import drive
-        from analysis.projection import fit_umap
+        from segscope.analysis.progress import drive
+        from segscope.analysis.projection import fit_umap
 
         model = drive(fit_umap(embeddings, settings, init=init))
         with self.models_lock:
@@ -266,7 +266,7 @@ class ProjectionProcess:
         How many fitted models the child keeps (the newest).
     numba_cache_dir
         ``NUMBA_CACHE_DIR`` for the child (default: the parent's environment, else
-        :func:`analysis.projection.configure_numba_cache`'s folder in the user cache).
+        :func:`segscope.analysis.projection.configure_numba_cache`'s folder in the user cache).
     start
         Start the child now (its interpreter start-up then overlaps the caller's), rather
         than at the first request.
@@ -404,7 +404,7 @@ class ProjectionProcess:
     def warm_up(self, settings: UmapSettings = UmapSettings(seed=None)) -> Future:
         """Compile (or load from numba's disk cache) the kernels ``settings`` fits use.
 
-        Future of :func:`analysis.projection.warm_up`'s timings dict (seconds).
+        Future of :func:`segscope.analysis.projection.warm_up`'s timings dict (seconds).
         """
         return self._request("warm_up", settings)
 
@@ -534,20 +534,20 @@ class LocalProjectionBackend:
     @property
     def concurrent_transforms(self) -> bool:
         """Whether a transform may run on another thread while a fit runs."""
-        from analysis.projection import numba_threadsafe
+        from segscope.analysis.projection import numba_threadsafe
 
         return numba_threadsafe()
 
     def warm_up(self, settings: UmapSettings) -> dict[str, float]:
-        """:func:`analysis.projection.warm_up` with ``settings``; its timings (seconds)."""
-        from analysis.projection import warm_up
+        """:func:`segscope.analysis.projection.warm_up` with ``settings``; its timings (seconds)."""
+        from segscope.analysis.projection import warm_up
 
         return warm_up(settings=settings)
 
     def fit(self, embeddings: np.ndarray, settings: UmapSettings, init: np.ndarray | None = None):
-        """A fitted :class:`analysis.projection.UmapModel` (float32 ``[N, D]`` in)."""
-        from analysis.progress import drive
-        from analysis.projection import fit_umap
+        """A fitted :class:`segscope.analysis.projection.UmapModel` (float32 ``[N, D]`` in)."""
+        from segscope.analysis.progress import drive
+        from segscope.analysis.projection import fit_umap
 
         return drive(fit_umap(embeddings, settings, init=init))
 
@@ -558,7 +558,7 @@ class LocalProjectionBackend:
 @dataclass
 class RemoteUmapModel:
     """A UMAP model living in a :class:`ProjectionProcess`: what the scheduler uses of
-    :class:`analysis.projection.UmapModel`.
+    :class:`segscope.analysis.projection.UmapModel`.
 
     Attributes
     ----------

@@ -1,7 +1,7 @@
 """Between the live session and a saved one (no Qt): what goes into a session file, and
 how a loaded one is put back.
 
-A session file (:mod:`app.session_file`) names the data sources, the model and
+A session file (:mod:`segscope.app.session_file`) names the data sources, the model and
 classifiers, the 3-D and plot selections, the manual labels and the plot settings; its
 sidecar holds every analysed segment's record (embeddings, predictions), so reopening
 shows the same points and predictions without embedding anything again.
@@ -17,7 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
-from app.state import SegmentRecord, SessionState
+from segscope.app.state import SegmentRecord, SessionState
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,13 @@ def session_records(state: SessionState) -> list[SegmentRecord]:
 
 def build_document(state: SessionState, controller, labels, *, plot_settings: dict | None = None,
                    selected_segments: Iterable[int] = (), selected_nodes: Iterable[tuple[int, int]] = ()):
-    """A :class:`app.session_file.SessionDocument` of the live session.
+    """A :class:`segscope.app.session_file.SessionDocument` of the live session.
 
     Parameters
     ----------
     state, controller, labels
-        The window's :class:`SessionState`, :class:`app.controller.AppController` and
-        :class:`app.labels.LabelStore`.
+        The window's :class:`SessionState`, :class:`segscope.app.controller.AppController` and
+        :class:`segscope.app.labels.LabelStore`.
     plot_settings
         The plot's settings (colour mode, tool, view range).
     selected_segments, selected_nodes
@@ -54,7 +54,7 @@ def build_document(state: SessionState, controller, labels, *, plot_settings: di
     ValueError
         When no data is open.
     """
-    from app.session_file import DatasetRef, PrecomputedRef, SessionDocument
+    from segscope.app.session_file import DatasetRef, PrecomputedRef, SessionDocument
 
     if controller.source is None or state.dataset is None:
         raise ValueError("no data is open: nothing to save")

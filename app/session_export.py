@@ -1,10 +1,10 @@
 """The session's export: every archived segment with its predictions and manual labels.
 
 :func:`session_tables` turns the session's segment records (:attr:`SessionState.records
-<app.state.SessionState.records>`) and its :class:`~app.labels.LabelStore` into the export
-data model (:class:`~analysis.export.NodeTable`, :class:`~analysis.export.SegmentTable`,
-:class:`~analysis.export.Provenance`); :func:`export_session` writes them with
-:func:`analysis.export.export_bundle` (Neuroglancer annotations and segment properties, a
+<segscope.app.state.SessionState.records>`) and its :class:`~segscope.app.labels.LabelStore` into the export
+data model (:class:`~segscope.analysis.export.NodeTable`, :class:`~segscope.analysis.export.SegmentTable`,
+:class:`~segscope.analysis.export.Provenance`); :func:`export_session` writes them with
+:func:`segscope.analysis.export.export_bundle` (Neuroglancer annotations and segment properties, a
 viewer state, Parquet/CSV tables, a CAVE-style cell-type table, SWC skeletons).
 
 What goes in
@@ -18,7 +18,7 @@ row carries the segment's own label. Labels of segments that are not exported ar
 reported in the log, never silently dropped from view.
 
 SWC skeletons: the records' centres are a thinned subset of skeleton nodes, so pass
-``skeletons`` whose edges join the embedded centres (:func:`analysis.centres.contract_skeleton`
+``skeletons`` whose edges join the embedded centres (:func:`segscope.analysis.centres.contract_skeleton`
 of ``DataSource.skeleton(segment_id)`` and the record's embedded ``node_ids``), not the
 skeleton's own edges.
 
@@ -37,12 +37,12 @@ from typing import Generator, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from analysis import COMPARTMENTS
-from analysis.export import ALL_PARTS, NOT_PREDICTED, ExportResult, NodeTable, Provenance, SegmentTable
-from analysis.export.bundle import TABLE_FORMATS, SkeletonEdges, check_export_options, export_bundle
-from analysis.progress import Progress
-from app.labels import LabelStore
-from app.state import UNKNOWN_COMPARTMENT, SegmentRecord, SessionState
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.export import ALL_PARTS, NOT_PREDICTED, ExportResult, NodeTable, Provenance, SegmentTable
+from segscope.analysis.export.bundle import TABLE_FORMATS, SkeletonEdges, check_export_options, export_bundle
+from segscope.analysis.progress import Progress
+from segscope.app.labels import LabelStore
+from segscope.app.state import UNKNOWN_COMPARTMENT, SegmentRecord, SessionState
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def session_tables(
     Parameters
     ----------
     records
-        Segment id -> :class:`~app.state.SegmentRecord` (``SessionState.records``), or the
+        Segment id -> :class:`~segscope.app.state.SegmentRecord` (``SessionState.records``), or the
         records themselves.
     labels
         The session's manual labels.
@@ -237,7 +237,7 @@ def _usable_skeletons(skeletons: Mapping[int, SkeletonEdges], nodes: NodeTable) 
 
 def _checkpoint_sha256(source: str) -> str:
     """SHA-256 of the encoder's weights when ``source`` names local files, else ``""``."""
-    from app.demo_context import model_sha256
+    from segscope.app.demo_context import model_sha256
 
     if not source:
         return ""
@@ -265,8 +265,8 @@ def export_session(
 
     Checks the input and builds the tables when called (bad input raises at once), and
     returns a generator that writes the bundle with
-    :func:`analysis.export.export_bundle`, yielding :class:`~analysis.progress.Progress`
-    and returning the :class:`~analysis.export.ExportResult`.
+    :func:`segscope.analysis.export.export_bundle`, yielding :class:`~segscope.analysis.progress.Progress`
+    and returning the :class:`~segscope.analysis.export.ExportResult`.
 
     Parameters
     ----------
@@ -274,11 +274,11 @@ def export_session(
         Bundle folder to create (replaced only with ``force``).
     state
         The session: its dataset (voxel size nm ``(x, y, z)``, image and segmentation
-        URLs, name), model, classifiers and :attr:`~app.state.SessionState.records`.
+        URLs, name), model, classifiers and :attr:`~segscope.app.state.SessionState.records`.
     labels
         The session's manual labels.
     parts, table_formats, skeletons, serve_url, force
-        As in :func:`analysis.export.export_bundle`. A skeleton is written only when its
+        As in :func:`segscope.analysis.export.export_bundle`. A skeleton is written only when its
         edges join exported nodes (node ids of the records' embedded centres); others are
         left out with a log line.
 
@@ -331,13 +331,13 @@ def _write(folder, nodes, segments, provenance, model_source, voxel_size_nm, ima
 
 
 def skeleton_edges(source, records: Mapping[int, SegmentRecord]) -> dict[int, SkeletonEdges]:
-    """Segment id -> :class:`analysis.export.SkeletonEdges` joining each record's embedded
+    """Segment id -> :class:`segscope.analysis.export.SkeletonEdges` joining each record's embedded
     nodes along its skeleton (for SWC); segments without a skeleton are left out.
 
-    ``source`` is the open :class:`app.controller.DataSource` (reads skeleton files: call
+    ``source`` is the open :class:`segscope.app.controller.DataSource` (reads skeleton files: call
     it on a worker).
     """
-    from analysis.centres import contract_skeleton
+    from segscope.analysis.centres import contract_skeleton
 
     edges = {}
     for segment_id, record in records.items():

@@ -1,7 +1,7 @@
 """Session files: save and restore a SegScope session, autosave it, recover it after a crash.
 
 Qt-free: the main window builds a :class:`SessionDocument` from the session state and hands
-it here with the session's :class:`app.state.SegmentRecord` objects; nothing in this module
+it here with the session's :class:`segscope.app.state.SegmentRecord` objects; nothing in this module
 touches a widget.
 
 A saved session is two files side by side:
@@ -27,7 +27,7 @@ Sidecar layout (every key is a plain array; ``R`` records)
 ``segment_id``
     uint64 ``[R]``.
 ``<field>__shape``, ``<field>__data``
-    For each array field of :class:`~app.state.SegmentRecord` (``click_nm``, ``node_ids``,
+    For each array field of :class:`~segscope.app.state.SegmentRecord` (``click_nm``, ``node_ids``,
     ``positions_nm``, ``ground_truth``, ``embeddings``, ``embedded``, ``predicted``,
     ``predicted_probability``, ``predicted_uncertainty``): int64 ``[R, ndim]`` shapes (a row
     of -1 where the field is None) and the records' arrays flattened and concatenated in
@@ -70,9 +70,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from analysis.export.atomic import atomic_file
-from analysis.paths import user_cache_dir
-from app.state import SegmentRecord
+from segscope.analysis.export.atomic import atomic_file
+from segscope.analysis.paths import user_cache_dir
+from segscope.app.state import SegmentRecord
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def _exact_keys(value: dict, keys: tuple[str, ...], optional: tuple[str, ...], s
 
 @dataclass(frozen=True)
 class DatasetRef:
-    """The data sources of a session, as :meth:`app.controller.DataSource.open` takes them.
+    """The data sources of a session, as :meth:`segscope.app.controller.DataSource.open` takes them.
 
     URLs are kept as given; local paths are stored absolute.
 
@@ -254,14 +254,14 @@ class DatasetRef:
     @classmethod
     def from_summary(cls, summary: Any) -> "DatasetRef":
         """Build from anything with ``name``, ``image_url``, ``segmentation_url`` and
-        ``skeletons_url`` attributes (:class:`app.state.DatasetSummary`)."""
+        ``skeletons_url`` attributes (:class:`segscope.app.state.DatasetSummary`)."""
         return cls(name=summary.name, image_url=summary.image_url,
                    segmentation_url=summary.segmentation_url, skeletons_url=summary.skeletons_url)
 
 
 @dataclass(frozen=True)
 class PrecomputedRef:
-    """A SegCLR CSV ZIP embedding store, as :class:`app.controller.PrecomputedEmbeddings` takes it.
+    """A SegCLR CSV ZIP embedding store, as :class:`segscope.app.controller.PrecomputedEmbeddings` takes it.
 
     Attributes
     ----------
@@ -285,7 +285,7 @@ class PrecomputedRef:
 
     @classmethod
     def from_embeddings(cls, embeddings: Any) -> "PrecomputedRef":
-        """Build from an open :class:`app.controller.PrecomputedEmbeddings`."""
+        """Build from an open :class:`segscope.app.controller.PrecomputedEmbeddings`."""
         store = embeddings.store
         return cls(location=os.fspath(embeddings.location), coordinates=store.coordinates,
                    num_shards=store.num_shards, bytewidth=store.bytewidth)
@@ -409,7 +409,7 @@ class SessionDocument:
     selected_nodes : list of [int, int]
         ``[segment_id, node_id]`` of the selected plot points.
     labels : dict
-        :meth:`app.labels.LabelStore.to_dict` output, stored as is.
+        :meth:`segscope.app.labels.LabelStore.to_dict` output, stored as is.
     plot : dict
         Plot settings (``colour_mode``, ``tool``, ``hidden_segments``, ``view_range``
         ``[[x0, x1], [y0, y1]]`` in plot units, or None); any JSON data.
@@ -641,7 +641,7 @@ def _records_from_arrays(arrays: dict[str, np.ndarray], source: Path) -> list[Se
 def save_records(path: str | os.PathLike, records: Iterable[SegmentRecord]) -> Path:
     """Write ``records`` to one ``.npz`` file, atomically (replacing ``path``).
 
-    Every field of :class:`~app.state.SegmentRecord` is stored (layout in the module
+    Every field of :class:`~segscope.app.state.SegmentRecord` is stored (layout in the module
     docstring); :func:`load_records` reads them back exactly, None included.
 
     Returns

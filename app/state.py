@@ -3,7 +3,7 @@
 The views (Qt panels, the Neuroglancer bridge) subscribe to named events and redraw from
 the state; controllers mutate it. The state is not thread-safe on purpose: every mutation
 happens on one thread (the Qt main thread in the app), and work done elsewhere reaches it
-through :class:`app.jobs.JobRunner`'s ``post``.
+through :class:`segscope.app.jobs.JobRunner`'s ``post``.
 
 Events and their callback arguments
 -----------------------------------
@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from analysis import COMPARTMENTS
+from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,6 @@ PENDING_COLOUR = "#808080"
 EMBEDDED_COLOUR = "#ffe14d"
 #: Colour of an out-of-distribution segment in 3-D.
 OOD_COLOUR = "#ff00ff"
-#: Compartment code of unlabelled nodes (as in :mod:`analysis.skeletons`).
-UNKNOWN_COMPARTMENT = 255
 
 EVENTS = ("dataset", "model", "classifiers", "segment", "centres", "embeddings", "predictions", "node_batch",
           "job", "status", "error")

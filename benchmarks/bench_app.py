@@ -60,7 +60,7 @@ def _qt_environment() -> None:
 
 def prepare_assets(work: Path) -> dict:
     """Model and classifiers: the shipped ones, else stand-ins written by subprocesses."""
-    from app.controller import find_demo_classifiers, find_demo_model
+    from segscope.app.controller import find_demo_classifiers, find_demo_model
 
     model = find_demo_model()
     if model is not None:
@@ -68,7 +68,7 @@ def prepare_assets(work: Path) -> dict:
     else:
         model = work / "random_lite.keras"
         if not model.exists():
-            script = ("import sys; from analysis.encoder import build_encoder, save_encoder, SEGCLR_LITE; "
+            script = ("import sys; from segscope.analysis.encoder import build_encoder, save_encoder, SEGCLR_LITE; "
                       "save_encoder(build_encoder(SEGCLR_LITE, seed=0), sys.argv[1])")
             subprocess.run([sys.executable, "-c", script, str(model)], check=True, cwd=REPO, timeout=300)
         model_note = ("RANDOM lite encoder (no trained demo encoder in assets/ yet): same cost per "
@@ -120,9 +120,9 @@ def launch(assets: dict):
     import PyQt6.QtWebEngineWidgets  # noqa: F401  (before the QApplication)
     from PyQt6.QtWidgets import QApplication
 
-    from app.controller import read_classifier_folder
-    from app.controller import DataSource
-    from app.main import _demo_folder, build_window
+    from segscope.app.controller import read_classifier_folder
+    from segscope.app.controller import DataSource
+    from segscope.app.main import _demo_folder, build_window
 
     app = QApplication.instance() or QApplication(["segscope-bench"])
     source = DataSource.open_dataset_folder(_demo_folder())
@@ -155,7 +155,7 @@ class LabelWatch:
     """
 
     def __init__(self, window):
-        from app.neuroglancer_bridge import NODES_LAYER
+        from segscope.app.neuroglancer_bridge import NODES_LAYER
 
         self.viewer = window.bridge.viewer
         self.layer = NODES_LAYER
@@ -205,7 +205,7 @@ def click(app, window, watch: LabelWatch, segment_id: int, position_nm) -> tuple
     """A click's event, then wait for every centre labelled; (first, all, centres)."""
     import numpy as np
 
-    from app.neuroglancer_bridge import ClickEvent
+    from segscope.app.neuroglancer_bridge import ClickEvent
 
     state = window.state
     previous_job = None if state.job is None else state.job.job_id
@@ -233,8 +233,8 @@ def pick_segments(clicks: int):
     """(segments for the click test, the 100-node segment), each as (id, node position nm, n_nodes)."""
     import numpy as np
 
-    from analysis.dataset import open_dataset
-    from analysis.synthetic import demo_dataset
+    from segscope.analysis.dataset import open_dataset
+    from segscope.analysis.synthetic import demo_dataset
 
     dataset = open_dataset(demo_dataset())  # the cached folder the window shows
     n_nodes = np.asarray(dataset.segments["n_nodes"])

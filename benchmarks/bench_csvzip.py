@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.aggregate import aggregate_embeddings
-from analysis.csvzip import CsvZipStore
+from segscope.analysis.aggregate import aggregate_embeddings
+from segscope.analysis.csvzip import CsvZipStore
 
 
 def make_segments(rng: np.random.Generator, count: int, mean_nodes: int, dim: int) -> dict:

@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from analysis.centres import segment_centres
-from analysis.dataset import open_dataset
-from analysis.synthetic import demo_dataset
-from analysis.volume import cut_masked, open_volume, reset_chunk_cache
+from segscope.analysis.centres import segment_centres
+from segscope.analysis.dataset import open_dataset
+from segscope.analysis.synthetic import demo_dataset
+from segscope.analysis.volume import cut_masked, open_volume, reset_chunk_cache
 
 
 def pick_segment(dataset, requested: int | None) -> int:

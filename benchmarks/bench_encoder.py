@@ -40,7 +40,7 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def bench_model(label: str, encoder, batch_sizes, repeats: int, *, jit: bool = False) -> None:
-    from analysis.encoder import flops_per_cutout
+    from segscope.analysis.encoder import flops_per_cutout
 
     config = encoder.encoder_config
     gflop = flops_per_cutout(config) / 1e9
@@ -59,9 +59,9 @@ def bench_model(label: str, encoder, batch_sizes, repeats: int, *, jit: bool = F
 
 def demo_segment(args):
     """(image, segmentation, segment_id, centres_nm) from the demo dataset."""
-    from analysis.centres import segment_centres
-    from analysis.dataset import open_dataset
-    from analysis.synthetic import demo_dataset
+    from segscope.analysis.centres import segment_centres
+    from segscope.analysis.dataset import open_dataset
+    from segscope.analysis.synthetic import demo_dataset
 
     dataset = open_dataset(demo_dataset())
     if args.segment is None:
@@ -77,9 +77,9 @@ def demo_segment(args):
 
 
 def bench_end_to_end(encoder, args) -> None:
-    from analysis.inference import naive_segment_embeddings, stream_segment_embeddings
-    from analysis.progress import drive
-    from analysis.volume import open_volume, reset_chunk_cache
+    from segscope.analysis.inference import naive_segment_embeddings, stream_segment_embeddings
+    from segscope.analysis.progress import drive
+    from segscope.analysis.volume import open_volume, reset_chunk_cache
 
     image_url, seg_url, segment_id, centres = demo_segment(args)
     n = len(centres)
@@ -129,8 +129,8 @@ def main() -> None:
 
     import keras
 
-    from analysis.encoder import SEGCLR_FULL, SEGCLR_LITE, build_encoder, flops_per_cutout
-    from analysis.inference import available_device
+    from segscope.analysis.encoder import SEGCLR_FULL, SEGCLR_LITE, build_encoder, flops_per_cutout
+    from segscope.analysis.inference import available_device
 
     device = available_device()
     print(f"Keras {keras.__version__} on {keras.backend.backend()}, device {device}, "

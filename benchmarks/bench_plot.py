@@ -55,8 +55,8 @@ def clustered(n: int, dim: int = 64, n_clusters: int = 40, seed: int = 0) -> np.
 
 def bench_placement(sizes: list[int], new_points: int, repeats: int,
                     backends: tuple[str, ...] = ("local",)) -> None:
-    from analysis.progress import drive
-    from analysis.projection import (
+    from segscope.analysis.progress import drive
+    from segscope.analysis.projection import (
         UmapSettings,
         configure_numba_cache,
         fit_pca,
@@ -114,8 +114,8 @@ def _placement_times(model, fresh: np.ndarray, new_points: int, repeats: int) ->
 
 def _place_through_the_child(n, fitted, fresh, init, settings, new_points: int, repeats: int) -> None:
     """The app's path: the same fit in the UMAP child process, new points placed through
-    the pipe (:class:`app.projection_process.ProcessProjectionBackend`)."""
-    from app.projection_process import ProcessProjectionBackend
+    the pipe (:class:`segscope.app.projection_process.ProcessProjectionBackend`)."""
+    from segscope.app.projection_process import ProcessProjectionBackend
 
     backend = ProcessProjectionBackend()
     try:
@@ -135,8 +135,8 @@ def bench_redraw(sizes: list[int], repeats: int, scatter_reference: int) -> None
     import pyqtgraph as pg
     from PyQt6.QtWidgets import QApplication
 
-    from app.plot_controller import PlotController
-    from app.views.embedding_plot import EmbeddingPlotWidget
+    from segscope.app.plot_controller import PlotController
+    from segscope.app.views.embedding_plot import EmbeddingPlotWidget
 
     app = QApplication.instance() or QApplication([])
     rng = np.random.default_rng(0)
@@ -228,9 +228,9 @@ def bench_latency(n_points: int, batch: int, limit_s: float, backend_name: str =
     from PyQt6.QtCore import QTimer
     from PyQt6.QtWidgets import QApplication
 
-    from app.views.embedding_plot import EmbeddingPlotWidget
+    from segscope.app.views.embedding_plot import EmbeddingPlotWidget
 
-    from app.projection_process import LocalProjectionBackend, ProcessProjectionBackend
+    from segscope.app.projection_process import LocalProjectionBackend, ProcessProjectionBackend
 
     app = QApplication.instance() or QApplication([])
     backend = ProcessProjectionBackend() if backend_name == "process" else LocalProjectionBackend()
@@ -287,8 +287,8 @@ def _stall_run(backend_name: str, n_points: int, new_points: int, placements: in
     drives warm-up, a fit and placements through ``backend_name``'s backend."""
     from dataclasses import replace
 
-    from analysis.projection import UmapSettings, configure_numba_cache, fit_pca, numba_cache_is_warm
-    from app.projection_process import LocalProjectionBackend, ProcessProjectionBackend
+    from segscope.analysis.projection import UmapSettings, configure_numba_cache, fit_pca, numba_cache_is_warm
+    from segscope.app.projection_process import LocalProjectionBackend, ProcessProjectionBackend
 
     cache = configure_numba_cache()
     warm = numba_cache_is_warm()

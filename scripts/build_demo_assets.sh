@@ -21,7 +21,7 @@ mkdir -p assets/evaluation
 cp "$RUN/eval/"*.png "$RUN/eval/metrics.json" "$RUN/split.json" assets/evaluation/
 "$(dirname "$SEGSCOPE")/python" - "$RUN/history.json" <<'PY'
 import json, sys
-from analysis.training import plot_loss_curve
+from segscope.analysis.training import plot_loss_curve
 plot_loss_curve(json.load(open(sys.argv[1]))["loss"], "assets/evaluation/loss_curve.png",
                 title="Demo lite encoder: contrastive training loss")
 PY

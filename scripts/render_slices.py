@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.synthetic.preview import render_slices_png  # noqa: E402
+from segscope.analysis.synthetic.preview import render_slices_png  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dataset = args.dataset
     if dataset is None:
-        from analysis.synthetic import demo_dataset
+        from segscope.analysis.synthetic import demo_dataset
 
         dataset = demo_dataset(seed=args.seed)
     out = render_slices_png(dataset, args.out_png, args.z, crop=args.crop)

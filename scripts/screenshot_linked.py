@@ -38,7 +38,7 @@ def main() -> int:
     import os
 
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    from app.main import configure_qt_environment, plan_launch, add_open_arguments, build_window
+    from segscope.app.main import configure_qt_environment, plan_launch, add_open_arguments, build_window
 
     configure_qt_environment()
     import PyQt6.QtWebEngineWidgets  # noqa: F401
@@ -61,8 +61,8 @@ def main() -> int:
     umap_s = time.perf_counter() - started
     print(f"first UMAP of {scheduler.umap.n_points} context points shown {umap_s:.1f} s after start")
 
-    from analysis.dataset import open_dataset
-    from analysis.paths import user_cache_dir
+    from segscope.analysis.dataset import open_dataset
+    from segscope.analysis.paths import user_cache_dir
 
     folder = next((user_cache_dir() / "demo").glob("v*-seed0"))
     dataset = open_dataset(folder)

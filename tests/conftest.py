@@ -55,7 +55,7 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo96_dir(tmp_path_factory) -> Path:
     """A small demo dataset (96^3 voxels, seed 0), generated once per test session."""
-    from analysis.progress import drive
-    from analysis.synthetic import generate_dataset
+    from segscope.analysis.progress import drive
+    from segscope.analysis.synthetic import generate_dataset
 
     return drive(generate_dataset(tmp_path_factory.mktemp("demo96") / "demo", seed=0, size_vox=(96, 96, 96)))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.aggregate import (
+from segscope.analysis.aggregate import (
     SEGCLR_AGGREGATION_RADII_NM,
     AggregationSummary,
     aggregate_embeddings,
     aggregate_store,
 )
-from analysis.csvzip import CsvZipStore
-from analysis.progress import Progress, drive
+from segscope.analysis.csvzip import CsvZipStore
+from segscope.analysis.progress import Progress, drive
 
 
 def brute_force_means(xyz_nm: np.ndarray, embeddings: np.ndarray, radius_nm: float) -> np.ndarray:

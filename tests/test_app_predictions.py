@@ -1,6 +1,6 @@
 """Predictions and precomputed embeddings in the app, headless and without TensorFlow.
 
-The classifier logic of the compute process (:class:`app.compute_process.SegmentPredictor`)
+The classifier logic of the compute process (:class:`segscope.app.compute_process.SegmentPredictor`)
 runs here on stand-in classifiers whose outputs are known; the classifier folder reader,
 the CSV ZIP path of the embedding job and the launch checks run on real files. The real
 classifiers in the real child process are exercised by ``tests/test_main_window.py``.
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.classify import Prediction
-from analysis.progress import drive
-from app.compute_process import PredictedBatch, Predictions, SegmentPredictor
-from app.controller import (
+from segscope.analysis.classify import Prediction
+from segscope.analysis.progress import drive
+from segscope.app.compute_process import PredictedBatch, Predictions, SegmentPredictor
+from segscope.app.controller import (
     DataSource,
     PrecomputedEmbeddings,
     SegmentCentres,
@@ -156,8 +156,8 @@ def test_bad_classifier_folders_are_named(tmp_path, manifest, problem):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from analysis.dataset import open_dataset
-    from analysis.synthetic import generate_dataset
+    from segscope.analysis.dataset import open_dataset
+    from segscope.analysis.synthetic import generate_dataset
 
     folder = drive(generate_dataset(tmp_path_factory.mktemp("demo") / "demo", seed=3, size_vox=(96, 80, 72)))
     dataset = open_dataset(folder)
@@ -188,7 +188,7 @@ class FakeEngine:
 
 
 def test_store_segments_are_read_in_nm_or_voxels_nearest_the_click_first(demo, tmp_path):
-    from analysis.csvzip import CsvZipStore
+    from segscope.analysis.csvzip import CsvZipStore
 
     folder, (in_store, not_in_store), skeletons = demo
     source = DataSource.open_dataset_folder(folder)
@@ -232,8 +232,8 @@ def test_precomputed_store_must_exist(tmp_path):
 
 
 def test_launch_plan_accepts_classifiers_and_embeddings(demo, tmp_path):
-    from analysis.csvzip import CsvZipStore
-    from app.main import LaunchError, add_open_arguments, plan_launch
+    from segscope.analysis.csvzip import CsvZipStore
+    from segscope.app.main import LaunchError, add_open_arguments, plan_launch
 
     folder, (segment_id, _), skeletons = demo
     meta = json.loads((folder / "dataset.json").read_text())
@@ -255,7 +255,7 @@ def test_launch_plan_accepts_classifiers_and_embeddings(demo, tmp_path):
 
 
 def test_a_failing_classifier_becomes_a_note_not_a_lost_batch():
-    from app.compute_process import _predict_safely
+    from segscope.app.compute_process import _predict_safely
 
     class Broken(StandIn):
         def predict(self, embeddings):
@@ -282,9 +282,9 @@ def test_cell_type_is_estimated_in_geometric_steps_and_on_the_last_batch():
 
 
 def test_classifiers_trained_on_another_encoder_are_pointed_out(tmp_path):
-    from app.controller import AppController
-    from app.jobs import JobRunner
-    from app.state import ModelSummary, SessionState
+    from segscope.app.controller import AppController
+    from segscope.app.jobs import JobRunner
+    from segscope.app.state import ModelSummary, SessionState
 
     _fake_classifier_file(tmp_path / "types.npz", ("pyramidal", "basket"))
     (tmp_path / "classifiers.json").write_text(json.dumps(
@@ -305,7 +305,7 @@ def test_classifiers_trained_on_another_encoder_are_pointed_out(tmp_path):
 
 
 def test_aggregated_compartments_update_exactly_the_nodes_whose_neighbourhood_changed():
-    from analysis.aggregate import aggregate_embeddings
+    from segscope.analysis.aggregate import aggregate_embeddings
 
     rng = np.random.default_rng(4)
     positions = np.cumsum(rng.normal(0.0, 800.0, (40, 3)), axis=0)

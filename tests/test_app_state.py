@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.state import JobStatus, SessionState
+from segscope.app.state import JobStatus, SessionState
 
 
 @pytest.fixture
@@ -150,7 +150,7 @@ def test_batch_predictions_fill_only_their_rows_and_node_batches_carry_them():
 
 
 def test_classifiers_loaded_follows_the_summary():
-    from app.state import ClassifierInfo, ClassifierSummary
+    from segscope.app.state import ClassifierInfo, ClassifierSummary
 
     state = SessionState()
     seen = []

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from analysis.arrays import group_rows
+from segscope.analysis.arrays import group_rows
 
 
 def test_group_rows_gives_each_keys_rows_in_order():

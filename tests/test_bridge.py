@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from app.neuroglancer_bridge import (
+from segscope.app.neuroglancer_bridge import (
     GROUND_TRUTH_LAYER,
     NODES_LAYER,
     SEGMENTATION_LAYER,
@@ -17,7 +17,7 @@ from app.neuroglancer_bridge import (
     NeuroglancerBridge,
     cell_type_colour,
 )
-from app.state import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR, SessionState
+from segscope.app.state import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR, SessionState
 
 VOXEL = np.array([32.0, 32.0, 40.0])
 
@@ -141,7 +141,7 @@ def test_local_folders_are_served_on_localhost(bridge, tmp_path):
 
 
 def _flag_layers(bridge) -> list[str]:
-    from app.neuroglancer_bridge import OOD_LAYER_PREFIX
+    from segscope.app.neuroglancer_bridge import OOD_LAYER_PREFIX
 
     return [layer.name for layer in bridge.viewer.state.layers if layer.name.startswith(OOD_LAYER_PREFIX)]
 
@@ -247,7 +247,7 @@ def hold_writer(bridge):
 
 
 def test_highlight_node_rings_one_node_coalesced_and_can_move_the_view(bridge):
-    from app.neuroglancer_bridge import HOVER_LAYER
+    from segscope.app.neuroglancer_bridge import HOVER_LAYER
 
     release = hold_writer(bridge)
     writes = bridge.writes
@@ -280,7 +280,7 @@ def test_highlight_node_rings_one_node_coalesced_and_can_move_the_view(bridge):
 
 
 def test_selected_nodes_are_ringed_subsampled_beyond_the_limit_and_cleared(bridge):
-    from app.neuroglancer_bridge import MAX_SELECTED_NODES, SELECTION_LAYER
+    from segscope.app.neuroglancer_bridge import MAX_SELECTED_NODES, SELECTION_LAYER
 
     bridge.show_selected_nodes([(12, 4, (100.0, 200.0, 300.0)), (13, 8, (400.0, 500.0, 600.0))])
     assert bridge.flush()
@@ -299,7 +299,7 @@ def test_selected_nodes_are_ringed_subsampled_beyond_the_limit_and_cleared(bridg
 
 
 def test_manual_labels_layer_colours_describes_and_links_each_node(bridge):
-    from app.neuroglancer_bridge import LABELS_LAYER
+    from segscope.app.neuroglancer_bridge import LABELS_LAYER
 
     order = ["bouton", "axon", "spine"]
     points = [(12, 4, (100.0, 200.0, 300.0), "spine"),
@@ -351,7 +351,7 @@ FREE_LABEL_COLOURS = ["#aaffc3", "#ffa500", "#fabebe"]
 
 
 def test_label_colours_are_deterministic_distinct_and_never_the_ood_magenta():
-    from app.neuroglancer_bridge import label_colour
+    from segscope.app.neuroglancer_bridge import label_colour
 
     def rgb(colour):
         return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=float)
@@ -380,8 +380,8 @@ def test_label_colours_are_deterministic_distinct_and_never_the_ood_magenta():
 
 
 def write_bundle(folder, *, segment_properties=True, shift=0.0):
-    from analysis.export import NodeTable, SegmentTable, write_node_annotations, write_segment_properties
-    from analysis.progress import drive
+    from segscope.analysis.export import NodeTable, SegmentTable, write_node_annotations, write_segment_properties
+    from segscope.analysis.progress import drive
 
     folder.mkdir(exist_ok=True)
     nodes = NodeTable(np.array([7, 7, 9], np.uint64), [0, 1, 0],
@@ -405,7 +405,7 @@ def segmentation_urls(bridge):
 
 
 def test_exported_layer_is_served_linked_and_brings_segment_properties(bridge, tmp_path):
-    from app.neuroglancer_bridge import EXPORTED_LAYER
+    from segscope.app.neuroglancer_bridge import EXPORTED_LAYER
 
     bundle = write_bundle(tmp_path / "bundle")
     source = bridge.add_exported_layer(bundle)
@@ -546,7 +546,7 @@ def test_the_page_draws_the_new_layers_and_reports_only_the_users_selection(web_
     from ngclient import NeuroglancerPage
     from test_export_ngclient import SPATIAL_IDS_SCRIPT
 
-    from app.neuroglancer_bridge import EXPORTED_LAYER, HOVER_LAYER, LABELS_LAYER
+    from segscope.app.neuroglancer_bridge import EXPORTED_LAYER, HOVER_LAYER, LABELS_LAYER
 
     reports = []
     bridge.on_segments_changed(reports.append)
@@ -579,7 +579,7 @@ def test_the_page_draws_the_new_layers_and_reports_only_the_users_selection(web_
         assert bridge.flush()
         assert page.wait_for(_VISIBLE_SEGMENTS_JS, lambda v: v == ["7"], timeout_s=30)
         # The move reaches Python even when the page's post crosses the bridge's write (the
-        # race app.viewer_sync merges; plain neuroglancer drops every later page change).
+        # race segscope.app.viewer_sync merges; plain neuroglancer drops every later page change).
         page.evaluate("(viewer.position.value = Float32Array.of(11, 22, 33), 0)")
         page._run_until(lambda: np.allclose(bridge.viewer.state.position, [11, 22, 33]),
                         time.monotonic() + 20, "the page's camera move to reach Python")

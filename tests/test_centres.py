@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.centres import mask_centres, order_by_distance, segment_centres, thin_skeleton
-from analysis.volume import SegmentNotFoundError, open_volume, write_volume
+from segscope.analysis.centres import mask_centres, order_by_distance, segment_centres, thin_skeleton
+from segscope.analysis.volume import SegmentNotFoundError, open_volume, write_volume
 
 
 def line_skeleton(n: int, step_nm: float):
@@ -68,7 +68,7 @@ def test_segment_centres_from_skeleton_are_ordered_from_click(tmp_path):
 
 
 def test_contract_skeleton_joins_kept_nodes_to_their_nearest_kept_ancestor():
-    from analysis.centres import contract_skeleton
+    from segscope.analysis.centres import contract_skeleton
 
     # A Y: 0-1-2-3 trunk, 2-4-5 branch; a separate piece 6-7.
     edges = np.array([[0, 1], [1, 2], [2, 3], [2, 4], [4, 5], [6, 7]])

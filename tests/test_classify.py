@@ -1,4 +1,4 @@
-"""SNGP classifiers: layers, training, uncertainty, save/load, metrics (analysis.classify).
+"""SNGP classifiers: layers, training, uncertainty, save/load, metrics (segscope.analysis.classify).
 
 Networks here are tiny (H = 16, M = 64) so the whole module runs in well under a minute;
 one trained classifier is shared by the tests that only read it.
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.classify import (
+from segscope.analysis.classify import (
     BERT_SMALL_SNGP_V1,
     BERT_SNGP_V1,
     CLASSIFIER_CONFIGS,
@@ -41,7 +41,7 @@ from analysis.classify import (
     stratified_split,
     train_classifier,
 )
-from analysis.progress import Progress, drive
+from segscope.analysis.progress import Progress, drive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_FEATURES = 8
@@ -225,7 +225,7 @@ def _spectral_norm(matrix) -> float:
 def test_spectral_normalisation_bounds_a_large_kernel():
     import keras
 
-    from analysis.classify.layers import SpectralNormDense
+    from segscope.analysis.classify.layers import SpectralNormDense
 
     keras.utils.set_random_seed(0)
     inputs = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
@@ -246,7 +246,7 @@ def test_spectral_normalisation_bounds_a_large_kernel():
 def test_spectral_normalisation_leaves_a_small_kernel_alone():
     import keras
 
-    from analysis.classify.layers import SpectralNormDense
+    from segscope.analysis.classify.layers import SpectralNormDense
 
     keras.utils.set_random_seed(1)
     inputs = np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32)
@@ -262,7 +262,7 @@ def test_spectral_normalisation_leaves_a_small_kernel_alone():
 def test_spectral_normalisation_holds_during_gradient_training():
     import keras
 
-    from analysis.classify.layers import SpectralNormDense
+    from segscope.analysis.classify.layers import SpectralNormDense
 
     keras.utils.set_random_seed(2)
     rng = np.random.default_rng(2)
@@ -294,7 +294,7 @@ def test_trained_network_respects_its_bound(trained):
 def test_precision_update_rule(momentum):
     import keras
 
-    from analysis.classify.layers import RandomFeatureGP
+    from segscope.analysis.classify.layers import RandomFeatureGP
 
     keras.utils.set_random_seed(0)
     hidden = np.random.default_rng(0).normal(size=(32, 16)).astype(np.float32)
@@ -321,7 +321,7 @@ def test_random_features_follow_the_formula():
     """phi = sqrt(2/M) cos(LayerNorm(h) W / (r sqrt(H)) + b), checked against numpy."""
     import keras
 
-    from analysis.classify.layers import RandomFeatureGP
+    from segscope.analysis.classify.layers import RandomFeatureGP
 
     keras.utils.set_random_seed(0)
     hidden = np.random.default_rng(3).normal(2.0, 3.0, size=(10, 16)).astype(np.float32)
@@ -337,7 +337,7 @@ def test_random_features_follow_the_formula():
 
 
 def test_random_features_are_frozen_and_orthogonal():
-    from analysis.classify.layers import orthogonal_random_features
+    from segscope.analysis.classify.layers import orthogonal_random_features
 
     frequencies = orthogonal_random_features(16, 40, np.random.default_rng(0))
     assert frequencies.shape == (16, 40)
@@ -347,7 +347,7 @@ def test_random_features_are_frozen_and_orthogonal():
     classifier_weights = {"random_kernel", "random_bias", "precision"}
     import keras
 
-    from analysis.classify.layers import RandomFeatureGP
+    from segscope.analysis.classify.layers import RandomFeatureGP
 
     keras.utils.set_random_seed(0)
     layer = RandomFeatureGP(2, 40, seed=0, name="gp_frozen")
@@ -511,7 +511,7 @@ def test_named_configs_match_segclr():
 
 
 def test_package_import_does_not_load_keras():
-    code = ("import sys, analysis.classify; "
+    code = ("import sys, segscope.analysis.classify; "
             "print(any(m.split('.')[0] in ('keras', 'tensorflow') for m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                             text=True, check=True)

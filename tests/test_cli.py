@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.cli import main
+from segscope.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_help_imports_no_heavy_library():
     code = ("import sys, contextlib, io\n"
-            "from app.cli import main\n"
+            "from segscope.app.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    try: main(['--help'])\n"
             "    except SystemExit: pass\n"
@@ -28,7 +28,7 @@ def test_help_imports_no_heavy_library():
 
 
 def test_info_prints_shape_and_voxel_size(tmp_path, capsys):
-    from analysis.volume import write_volume
+    from segscope.analysis.volume import write_volume
 
     write_volume(tmp_path / "img", np.zeros((20, 30, 40), np.uint8), (32, 32, 40))
     assert main(["info", str(tmp_path / "img")]) == 0

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from analysis.csvzip import (
+from segscope.analysis.csvzip import (
     CsvZipError,
     CsvZipStore,
     format_member,

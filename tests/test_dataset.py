@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.dataset import DatasetError, open_dataset
-from analysis.progress import drive
-from analysis.skeletons import read_precomputed_skeleton
-from analysis.synthetic import CELL_TYPES, generate_dataset
+from segscope.analysis.dataset import DatasetError, open_dataset
+from segscope.analysis.progress import drive
+from segscope.analysis.skeletons import read_precomputed_skeleton
+from segscope.analysis.synthetic import CELL_TYPES, generate_dataset
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import COMPARTMENTS
-from analysis.projection import read_embedding_table
-from app.demo_context import (
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.projection import read_embedding_table
+from segscope.app.demo_context import (
     DEMO_CONTEXT_NAME, PROVENANCE_KEY, classifier_hashes, find_demo_context, read_provenance,
 )
 
@@ -23,8 +23,8 @@ CLASSIFIERS = REPO / "assets" / "classifiers"
 
 def write_demo_metadata(folder: Path, **changes) -> Path:
     """``dataset.json`` as the default demo dataset (seed 0) writes it, with ``changes``."""
-    from analysis.dataset import write_dataset_metadata
-    from analysis.synthetic import CELL_TYPES, DEFAULT_SIZE_VOX, DEFAULT_VOXEL_SIZE_NM, GENERATOR_VERSION
+    from segscope.analysis.dataset import write_dataset_metadata
+    from segscope.analysis.synthetic import CELL_TYPES, DEFAULT_SIZE_VOX, DEFAULT_VOXEL_SIZE_NM, GENERATOR_VERSION
 
     params = dict(name="segscope-demo", size_vox=DEFAULT_SIZE_VOX, voxel_size_nm=DEFAULT_VOXEL_SIZE_NM,
                   cell_types=CELL_TYPES, seed=0, generator_version=GENERATOR_VERSION)
@@ -52,7 +52,7 @@ def test_committed_asset_fits_the_default_demo_and_shipped_models(tmp_path):
     ({"name": "my-volume", "seed": None, "generator_version": None}, "name"),
 ])
 def test_other_demo_parameters_are_rejected_with_the_reason(tmp_path, caplog, changes, words):
-    caplog.set_level("INFO", logger="app.demo_context")
+    caplog.set_level("INFO", logger="segscope.app.demo_context")
     found = find_demo_context(write_demo_metadata(tmp_path / "other", **changes))
     assert not found and found.path is None
     assert words in found.reason and words in caplog.text
@@ -150,7 +150,7 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
     """The shipped encoder and classifiers on a small demo: every segment, its nodes labelled
     exactly as the app labels them while streaming, and provenance that find_demo_context
     accepts for that dataset."""
-    from app.cli import main
+    from segscope.app.cli import main
 
     demo = tmp_path / "demo"
     assert main(["demo-data", "--out", str(demo), "--size", "88", "--seed", "3"]) == 0
@@ -160,7 +160,7 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
                  "--out", str(out)]) == 0
     import pyarrow.parquet as pq
 
-    from analysis.dataset import open_dataset
+    from segscope.analysis.dataset import open_dataset
 
     dataset = open_dataset(demo)
     raw = pq.read_table(out)
@@ -181,8 +181,8 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
 
     # The app streams a segment's nodes in small batches; its last word on each node must be
     # what the file says.
-    from app.compute_process import load_segment_predictor
-    from app.controller import read_classifier_folder
+    from segscope.app.compute_process import load_segment_predictor
+    from segscope.app.controller import read_classifier_folder
 
     summary = read_classifier_folder(CLASSIFIERS)
     predictor, _ = load_segment_predictor([{"task": i.task, "path": i.path, "radius_nm": i.radius_nm}
@@ -212,8 +212,8 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
     (["--segments", "7", "--classifiers", "{tmp}/none", "--out", "{tmp}/e.parquet"], "no classifier folder"),
 ])
 def test_embed_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, message):
-    from analysis.volume import write_volume
-    from app.cli import main
+    from segscope.analysis.volume import write_volume
+    from segscope.app.cli import main
 
     write_volume(tmp_path / "img", np.zeros((20, 20, 20), np.uint8), (32, 32, 40))
     write_volume(tmp_path / "seg", np.zeros((20, 20, 20), np.uint64), (32, 32, 40), segmentation=True)
@@ -225,7 +225,7 @@ def test_embed_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, messag
 
 
 def test_model_sha256_hashes_exactly_one_checkpoints_files(tmp_path):
-    from app.demo_context import model_sha256
+    from segscope.app.demo_context import model_sha256
 
     for name, data in (("ckpt-1.index", b"a"), ("ckpt-1.data-00000-of-00001", b"b"),
                        ("ckpt-10.index", b"other"), ("ckpt-10.data-00000-of-00001", b"other")):

@@ -20,8 +20,8 @@ def window(qtbot):
     """A main window stand-in with a real SessionState, the plot attached (PCA only, no UMAP)."""
     from PyQt6.QtWidgets import QMainWindow, QWidget
 
-    from app.state import SessionState
-    from app.views.embedding_plot import attach_embedding_plot
+    from segscope.app.state import SessionState
+    from segscope.app.views.embedding_plot import attach_embedding_plot
 
     class Bridge:
         """Records what the plot asks of the 3-D view (the real bridge: tests/test_linked_views.py)."""
@@ -214,7 +214,7 @@ def test_session_predictions_colour_the_segments_points(window, qtbot):
 
 
 def test_context_table_arrives_with_its_predictions(window, qtbot):
-    from analysis.projection import EmbeddingTable
+    from segscope.analysis.projection import EmbeddingTable
 
     n = 40
     table = EmbeddingTable(
@@ -240,7 +240,7 @@ def test_context_table_arrives_with_its_predictions(window, qtbot):
 def test_sparse_and_dense_rasterising_draw_the_same_image(size_px):
     """Stamping points (sparse views) and shifting the whole image (dense views) must agree
     pixel for pixel, overlaps, image edges and later-rows-on-top included."""
-    from app.views.embedding_plot import rasterise_points
+    from segscope.app.views.embedding_plot import rasterise_points
 
     rng = np.random.default_rng(size_px)
     width, height = 57, 31

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.encoder import (
+from segscope.analysis.encoder import (
     SEGCLR_FULL,
     SEGCLR_LITE,
     CheckpointMismatchError,
@@ -149,7 +149,7 @@ def _reference_forward(config: EncoderConfig, w: dict, cutouts: np.ndarray) -> d
 
 
 def _tf1_weights(encoder) -> dict:
-    from analysis.encoder.model import weight_names
+    from segscope.analysis.encoder.model import weight_names
 
     return {name: np.asarray(v.numpy(), dtype=np.float64) for name, v in weight_names(encoder).items()}
 
@@ -253,7 +253,7 @@ def test_full_model_reproduces_segclr_reference_from_both_layouts(tmp_path):
     """The one full-size test: SegCLR's own outputs from the object- and name-based files."""
     import tensorflow as tf
 
-    from analysis.encoder.checkpoint import rename_checkpoint
+    from segscope.analysis.encoder.checkpoint import rename_checkpoint
 
     cutouts = np.load(REFERENCE / "cutouts.npz")["cutouts"]
     expected = np.load(REFERENCE / "embeddings.npy")
@@ -290,7 +290,7 @@ def test_checkpoint_round_trip_in_both_layouts(tiny_encoder, tmp_path, layout):
 
 
 def test_checkpoint_missing_variable_is_named(tiny_encoder, tmp_path):
-    from analysis.encoder.checkpoint import rename_checkpoint
+    from segscope.analysis.encoder.checkpoint import rename_checkpoint
 
     good = save_checkpoint(tiny_encoder, tmp_path / "good" / "model.ckpt", layout="object")
     dropped = "base_model_0/resnet18/stage_3/block_b/bn_1/moving_variance"
@@ -312,7 +312,7 @@ def test_checkpoint_missing_variable_is_named(tiny_encoder, tmp_path):
 
 
 def test_checkpoint_misshaped_kernel_is_named(tiny_encoder, tmp_path):
-    from analysis.encoder.checkpoint import rename_checkpoint
+    from segscope.analysis.encoder.checkpoint import rename_checkpoint
 
     good = save_checkpoint(tiny_encoder, tmp_path / "good" / "model.ckpt", layout="name")
     target = "base_model_0/resnet18/stage_2/block_a/conv_1/kernel"

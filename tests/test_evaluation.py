@@ -7,16 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from analysis import COMPARTMENTS
-from analysis.evaluation import EvaluationConfig, centre_table, evaluate, segment_scores
-from analysis.progress import drive
-from analysis.training import CellSplit
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.evaluation import EvaluationConfig, centre_table, evaluate, segment_scores
+from segscope.analysis.progress import drive
+from segscope.analysis.training import CellSplit
 
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
-    from analysis.dataset import open_dataset
-    from analysis.synthetic import generate_dataset
+    from segscope.analysis.dataset import open_dataset
+    from segscope.analysis.synthetic import generate_dataset
 
     return open_dataset(drive(generate_dataset(tmp_path_factory.mktemp("eval") / "demo", seed=2, size_vox=(96, 96, 96))))
 
@@ -46,7 +46,7 @@ def test_centre_table_keeps_evaluation_cells_apart(small_demo):
 
 @pytest.mark.slow
 def test_evaluate_end_to_end_writes_metrics_and_plots(small_demo, tmp_path):
-    from analysis.encoder import SEGCLR_LITE, build_encoder
+    from segscope.analysis.encoder import SEGCLR_LITE, build_encoder
 
     tiny = SEGCLR_LITE.with_updates(input_size_vox=(17, 17, 17), stem_filters=4, stage_filters=(8,),
                                     stage_blocks=(1,), stage_strides=(1,), bottleneck_widths=(16,),

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import COMPARTMENTS
-from analysis.export import (
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.export import (
     NodeTable,
     Provenance,
     SegmentTable,
@@ -35,9 +35,9 @@ from analysis.export import (
     write_swc,
     write_table,
 )
-from analysis.export.annotations import build_spatial_index, spatial_bounds
-from analysis.export.atomic import atomic_file, atomic_folder
-from analysis.progress import drive
+from segscope.analysis.export.annotations import build_spatial_index, spatial_bounds
+from segscope.analysis.export.atomic import atomic_file, atomic_folder
+from segscope.analysis.progress import drive
 
 SOMA, AXON, DENDRITE, GLIA = (COMPARTMENTS.index(n) for n in ("soma", "axon", "dendrite", "glia"))
 
@@ -661,7 +661,7 @@ def test_export_bundle_failure_keeps_previous_bundle(tmp_path, nodes, segments, 
     drive(export_bundle(bundle, nodes, segments, provenance, voxel_size_nm=(8, 8, 40), parts=("tables",)))
     before = (bundle / "nodes.parquet").read_bytes()
 
-    import analysis.export.bundle as bundle_module
+    import segscope.analysis.export.bundle as bundle_module
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

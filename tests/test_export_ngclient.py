@@ -17,15 +17,15 @@ import pytest
 pytest.importorskip("PyQt6.QtWebEngineWidgets")
 pytest.importorskip("pytestqt")
 
-from analysis import COMPARTMENTS  # noqa: E402
-from analysis.export import (  # noqa: E402
+from segscope.analysis import COMPARTMENTS  # noqa: E402
+from segscope.analysis.export import (  # noqa: E402
     NodeTable,
     SegmentTable,
     build_viewer_state,
     write_node_annotations,
     write_segment_properties,
 )
-from analysis.progress import drive  # noqa: E402
+from segscope.analysis.progress import drive  # noqa: E402
 
 from ngclient import (  # noqa: E402
     NeuroglancerPage,

@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from analysis.encoder import EncoderConfig, build_encoder
-from analysis.inference import (
+from segscope.analysis.encoder import EncoderConfig, build_encoder
+from segscope.analysis.inference import (
     EmbeddingBatch,
     InferenceCancelled,
     available_device,
@@ -19,7 +19,7 @@ from analysis.inference import (
     stream_embeddings,
     stream_segment_embeddings,
 )
-from analysis.progress import drive
+from segscope.analysis.progress import drive
 
 SMALL = EncoderConfig(
     name="small",
@@ -189,7 +189,7 @@ def test_device_selection_on_this_machine(encoder):
     with pytest.raises(ValueError, match="device must be"):
         _run(stream_embeddings(encoder, [], 0, device="tpu"))
     # Cheap models get big batches, the published one a single cutout per CPU call.
-    from analysis.encoder import SEGCLR_FULL, SEGCLR_LITE
+    from segscope.analysis.encoder import SEGCLR_FULL, SEGCLR_LITE
 
     class Stub:
         def __init__(self, config):
@@ -216,7 +216,7 @@ def test_mixed_precision_error_is_measured(encoder):
 @pytest.fixture(scope="module")
 def volumes(tmp_path_factory):
     """A 48 x 48 x 40 voxel (32 x 32 x 40 nm) pair: noisy EM and a tube-shaped segment 7."""
-    from analysis.volume import open_volume, write_volume
+    from segscope.analysis.volume import open_volume, write_volume
 
     root = tmp_path_factory.mktemp("vol")
     rng = np.random.default_rng(3)
@@ -230,7 +230,7 @@ def volumes(tmp_path_factory):
 
 
 def test_segment_stream_matches_one_shot_and_naive_loop(encoder, volumes):
-    from analysis.volume import cut_masked
+    from segscope.analysis.volume import cut_masked
 
     image, segmentation = volumes
     centres = np.array([[24, 20, z] for z in (3, 10, 18, 25, 31, 37)], dtype=float) * (32, 32, 40)

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from analysis.progress import Progress
-from app.jobs import JobRunner
+from segscope.analysis.progress import Progress
+from segscope.app.jobs import JobRunner
 
 
 def counting(n: int, gate: threading.Event | None = None, started: threading.Event | None = None):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from app.labels import MAX_LABEL_LENGTH, LabelChange, LabelStore, validate_label
+from segscope.app.labels import MAX_LABEL_LENGTH, LabelChange, LabelStore, validate_label
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from app.main import LaunchError, add_open_arguments, plan_launch
+from segscope.app.main import LaunchError, add_open_arguments, plan_launch
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -21,7 +21,7 @@ def test_a_dataset_folder_is_checked_for_context_and_a_mismatch_says_why(demo96_
 
 
 def test_a_saved_session_names_the_data_and_the_command_line_wins(demo96_dir, tmp_path):
-    from app.session_file import DatasetRef, SessionDocument, save_session
+    from segscope.app.session_file import DatasetRef, SessionDocument, save_session
 
     dataset = DatasetRef("demo96", str(demo96_dir / "image"), str(demo96_dir / "segmentation"), None)
     path = save_session(tmp_path / "s.segscope.json", SessionDocument(dataset=dataset))

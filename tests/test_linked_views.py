@@ -31,7 +31,7 @@ DIM = 16
 
 def _segments(demo_dir: Path, count: int = 3) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """The ``count`` demo segments with most skeleton nodes: (id, node ids, nodes nm)."""
-    from analysis.dataset import open_dataset
+    from segscope.analysis.dataset import open_dataset
 
     dataset = open_dataset(demo_dir)
     n_nodes = np.asarray(dataset.segments["n_nodes"])
@@ -52,7 +52,7 @@ def segments(demo96_dir):
 def store_dir(segments, tmp_path_factory) -> Path:
     """A CSV ZIP store (nm) of the three segments; segment k's embeddings cluster around
     ``10 * e_k``, far from the others."""
-    from analysis.csvzip import CsvZipStore
+    from segscope.analysis.csvzip import CsvZipStore
 
     rng = np.random.default_rng(3)
     entries = {}
@@ -66,8 +66,8 @@ def store_dir(segments, tmp_path_factory) -> Path:
 
 
 def open_window(qtbot, demo_dir: Path, store_dir: Path):
-    from app.controller import DataSource, PrecomputedEmbeddings
-    from app.main import build_window
+    from segscope.app.controller import DataSource, PrecomputedEmbeddings
+    from segscope.app.main import build_window
 
     window = build_window(DataSource.open_dataset_folder(demo_dir), None,
                           precomputed=PrecomputedEmbeddings.open(store_dir, coordinates="nm"), plot=False)
@@ -94,7 +94,7 @@ def window(qapp, demo96_dir, store_dir):
 
 
 def viewer_segments(window) -> set[int]:
-    from app.neuroglancer_bridge import SEGMENTATION_LAYER
+    from segscope.app.neuroglancer_bridge import SEGMENTATION_LAYER
 
     return {int(s) for s in window.bridge.viewer.state.layers[SEGMENTATION_LAYER].segments}
 
@@ -134,7 +134,7 @@ def test_points_stream_in_and_a_lasso_selects_segments_in_neuroglancer(qtbot, wi
     assert blocker.args[0].segment_ids == frozenset({middle})
     np.testing.assert_array_equal(blocker.args[0].rows, rows)
     # The Neuroglancer page's state now shows exactly the lassoed segment, its nodes ringed.
-    from app.neuroglancer_bridge import SELECTION_LAYER
+    from segscope.app.neuroglancer_bridge import SELECTION_LAYER
 
     qtbot.waitUntil(lambda: viewer_segments(window) == {middle}, timeout=10_000)
     qtbot.waitUntil(lambda: len(layer_annotations(window, SELECTION_LAYER)) == len(rows), timeout=10_000)
@@ -147,7 +147,7 @@ def test_segments_selected_in_neuroglancer_highlight_their_points(qtbot, window,
     first, last = segments[0][0], segments[2][0]
     emitted = []
     plot.selectionChanged.connect(emitted.append)
-    from app.neuroglancer_bridge import SEGMENTATION_LAYER
+    from segscope.app.neuroglancer_bridge import SEGMENTATION_LAYER
 
     with window.bridge.viewer.txn() as s:  # what a user's picks in the layer panel do
         s.layers[SEGMENTATION_LAYER].segments = {first, last}
@@ -207,7 +207,7 @@ def test_export_dialog_writes_the_bundle_and_adds_its_layer(qtbot, window, segme
     from PyQt6.QtCore import Qt
     from PyQt6.QtWidgets import QDialogButtonBox
 
-    from analysis.export import read_node_table, read_segment_table
+    from segscope.analysis.export import read_node_table, read_segment_table
 
     plot = window.plot_dock.plot
     if plot.controller.n_points == 0:
@@ -282,7 +282,7 @@ def test_save_close_reopen_restores_the_session(qtbot, window, segments, demo96_
 
 def test_a_crash_leaves_an_autosave_that_the_next_launch_offers(qtbot, window, segments, demo96_dir,
                                                                 store_dir, tmp_path):
-    from app.session_file import AutosaveManager
+    from segscope.app.session_file import AutosaveManager
 
     plot = window.plot_dock.plot
     if plot.controller.n_points == 0:
@@ -329,7 +329,7 @@ def test_a_crash_leaves_an_autosave_that_the_next_launch_offers(qtbot, window, s
 
 
 def test_opening_data_clears_the_plot_and_labels(qtbot, window, segments, demo96_dir):
-    from app.controller import DataSource
+    from segscope.app.controller import DataSource
 
     plot = window.plot_dock.plot
     if plot.controller.n_points == 0:

@@ -44,7 +44,7 @@ def demo_dir(demo96_dir) -> Path:
 def random_model(tmp_path_factory) -> Path:
     """A randomly initialised SegScope lite encoder (plumbing only), written by a subprocess."""
     path = tmp_path_factory.mktemp("model") / "random_lite.keras"
-    script = ("import sys; from analysis.encoder import build_encoder, save_encoder, SEGCLR_LITE; "
+    script = ("import sys; from segscope.analysis.encoder import build_encoder, save_encoder, SEGCLR_LITE; "
               "save_encoder(build_encoder(SEGCLR_LITE, seed=0), sys.argv[1])")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     subprocess.run([sys.executable, "-c", script, str(path)], check=True, cwd=REPO, env=env, timeout=180)
@@ -58,7 +58,7 @@ def classifiers_dir(tmp_path_factory) -> Path:
 
 def _largest_segment(demo_dir: Path, rank: int = 0) -> tuple[int, np.ndarray]:
     """The demo segment with the ``rank``-th most skeleton nodes, and one of its nodes (nm)."""
-    from analysis.dataset import open_dataset
+    from segscope.analysis.dataset import open_dataset
 
     dataset = open_dataset(demo_dir)
     n_nodes = np.asarray(dataset.segments["n_nodes"])
@@ -71,8 +71,8 @@ def _largest_segment(demo_dir: Path, rank: int = 0) -> tuple[int, np.ndarray]:
 def store_dir(demo_dir, tmp_path_factory) -> Path:
     """A CSV ZIP store (nm coordinates) holding the second-largest segment only: its
     skeleton nodes with embeddings from the 'pyramidal' training cluster."""
-    from analysis.csvzip import CsvZipStore
-    from analysis.dataset import open_dataset
+    from segscope.analysis.csvzip import CsvZipStore
+    from segscope.analysis.dataset import open_dataset
 
     segment_id, _ = _largest_segment(demo_dir, rank=1)
     skeleton = open_dataset(demo_dir).skeleton(segment_id)
@@ -100,8 +100,8 @@ def _run_until(predicate, timeout_s: float) -> bool:
 
 @pytest.fixture(scope="module")
 def window(demo_dir, random_model, classifiers_dir, store_dir, qapp):
-    from app.controller import DataSource, PrecomputedEmbeddings, read_classifier_folder
-    from app.main import build_window
+    from segscope.app.controller import DataSource, PrecomputedEmbeddings, read_classifier_folder
+    from segscope.app.main import build_window
 
     # Dense centres (300 nm apart) so a segment has enough batches to cancel mid-job.
     win = build_window(DataSource.open_dataset_folder(demo_dir), random_model, model_trained=False,
@@ -182,9 +182,9 @@ def test_window_opens_on_the_demo_and_renders(qtbot, window, demo_dir):
 
 
 def test_double_click_selects_streams_predicts_and_flags_ood(qtbot, window, demo_dir, tmp_path):
-    from analysis import COMPARTMENTS
-    from app.neuroglancer_bridge import NODES_LAYER, OOD_LAYER_PREFIX, SEGMENTATION_LAYER
-    from app.state import COMPARTMENT_COLOURS, OOD_COLOUR
+    from segscope.analysis import COMPARTMENTS
+    from segscope.app.neuroglancer_bridge import NODES_LAYER, OOD_LAYER_PREFIX, SEGMENTATION_LAYER
+    from segscope.app.state import COMPARTMENT_COLOURS, OOD_COLOUR
 
     segment_id, node_nm = _largest_segment(demo_dir)
     window.bridge.set_layout("xy")
@@ -271,8 +271,8 @@ def _save_screenshot(qtbot, window, tmp_path: Path) -> None:
 
 
 def test_precomputed_embeddings_are_used_when_the_store_has_the_segment(qtbot, window, demo_dir, store_dir):
-    from analysis.csvzip import CsvZipStore
-    from app.neuroglancer_bridge import OOD_LAYER_PREFIX, SEGMENTATION_LAYER, cell_type_colour
+    from segscope.analysis.csvzip import CsvZipStore
+    from segscope.app.neuroglancer_bridge import OOD_LAYER_PREFIX, SEGMENTATION_LAYER, cell_type_colour
 
     segment_id, node_nm = _largest_segment(demo_dir, rank=1)
     node_ids, xyz, embeddings = CsvZipStore(store_dir, coordinates="nm").read(segment_id)
@@ -325,7 +325,7 @@ def test_embedding_runs_off_the_qt_thread_which_keeps_turning(qtbot, window, dem
 
     from PyQt6.QtCore import QTimer
 
-    import app.controller as controller_module
+    import segscope.app.controller as controller_module
 
     step_threads: list[int] = []
     original = controller_module.embed_segment_job
@@ -408,7 +408,7 @@ def test_bad_url_shows_an_error_in_the_window(qtbot, window, tmp_path):
 def test_bad_inputs_fail_on_the_console_before_any_window(tmp_path, capsys):
     import argparse
 
-    from app.main import add_open_arguments, run_app
+    from segscope.app.main import add_open_arguments, run_app
 
     parser = add_open_arguments(argparse.ArgumentParser())
     cases = [
@@ -427,8 +427,8 @@ def test_bad_inputs_fail_on_the_console_before_any_window(tmp_path, capsys):
 
 
 def test_panel_is_honest_about_missing_classifiers(qtbot):
-    from app.state import ClassifierInfo, ClassifierSummary, SessionState
-    from app.views.segment_panel import SegmentPanel
+    from segscope.app.state import ClassifierInfo, ClassifierSummary, SessionState
+    from segscope.app.views.segment_panel import SegmentPanel
 
     state = SessionState()
     panel = SegmentPanel(state)

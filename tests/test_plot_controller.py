@@ -7,8 +7,8 @@ import queue
 import numpy as np
 import pytest
 
-from analysis.projection import UmapSettings
-from app.plot_controller import (
+from segscope.analysis.projection import UmapSettings
+from segscope.app.plot_controller import (
     CATEGORY_COLOURS,
     COLOUR_MODES,
     OOD_BINS,

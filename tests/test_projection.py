@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.progress import drive
-from analysis.projection import (
+from segscope.analysis.progress import drive
+from segscope.analysis.projection import (
     Similarity,
     UmapSettings,
     align_layout,
@@ -88,7 +88,7 @@ def run_python(code: str, cache: Path) -> list[str]:
 
 
 def test_numba_cache_lives_in_the_user_cache(tmp_path):
-    code = ("from analysis.projection import configure_numba_cache\n"
+    code = ("from segscope.analysis.projection import configure_numba_cache\n"
             "print(configure_numba_cache())\n"
             "import os, numba.core.config as c; print(os.environ['NUMBA_CACHE_DIR']); print(c.CACHE_DIR)\n")
     assert run_python(code, tmp_path) == [str(tmp_path / "numba")] * 3
@@ -101,7 +101,7 @@ def test_umap_import_hides_tensorflow(tmp_path):
     Slow: with an empty numba cache, importing umap compiles pynndescent (about a minute).
     """
     code = ("import sys\n"
-            "from analysis.projection import umap_module\n"
+            "from segscope.analysis.projection import umap_module\n"
             "assert hasattr(umap_module(), 'UMAP')\n"
             "print('tf' if 'tensorflow' in sys.modules or 'keras' in sys.modules else 'no-tf')\n")
     assert run_python(code, tmp_path) == ["no-tf"]

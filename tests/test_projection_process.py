@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.projection import UmapSettings, numba_threadsafe
-from app.plot_controller import PlotController, ProjectionScheduler
-from app.projection_process import (
+from segscope.analysis.projection import UmapSettings, numba_threadsafe
+from segscope.app.plot_controller import PlotController, ProjectionScheduler
+from segscope.app.projection_process import (
     FitResult,
     ModelNotFoundError,
     ProcessProjectionBackend,
@@ -194,7 +194,7 @@ def test_a_child_dying_mid_transform_reads_as_a_lost_model():
     """So the scheduler's one "model lost" path (refit, rows kept) covers a crash too."""
     from concurrent.futures import Future
 
-    from app.projection_process import RemoteUmapModel
+    from segscope.app.projection_process import RemoteUmapModel
 
     class DyingProcess:
         def transform(self, model_id, embeddings):
@@ -247,7 +247,7 @@ def test_the_child_ends_when_the_parent_exits_without_shutdown(tmp_path, ending)
 
     script = tmp_path / "parent.py"
     script.write_text("import os, sys\n"
-                      "from app.projection_process import ProjectionProcess\n"
+                      "from segscope.app.projection_process import ProjectionProcess\n"
                       "if __name__ == '__main__':\n"
                       "    print(ProjectionProcess().ping().result(timeout=60), flush=True)\n"
                       f"    {ending}\n")

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from app.labels import LabelStore
-from app.plot_controller import PlotController
-from app.session_controller import build_document, replay_into_plot, restore_records, same_data, session_records
-from app.session_file import load_session, save_session
-from app.state import DatasetSummary, SessionState
+from segscope.app.labels import LabelStore
+from segscope.app.plot_controller import PlotController
+from segscope.app.session_controller import build_document, replay_into_plot, restore_records, same_data, session_records
+from segscope.app.session_file import load_session, save_session
+from segscope.app.state import DatasetSummary, SessionState
 
 
 def _state(tmp_path) -> SessionState:

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from analysis import COMPARTMENTS
-from analysis.export import NOT_PREDICTED, SkeletonEdges, read_node_table, read_segment_table
-from analysis.progress import drive
-from app.labels import LabelStore
-from analysis.centres import contract_skeleton
-from app.session_export import NOTHING_TO_EXPORT, export_session, session_tables
-from app.state import (
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.export import NOT_PREDICTED, SkeletonEdges, read_node_table, read_segment_table
+from segscope.analysis.progress import drive
+from segscope.app.labels import LabelStore
+from segscope.analysis.centres import contract_skeleton
+from segscope.app.session_export import NOTHING_TO_EXPORT, export_session, session_tables
+from segscope.app.state import (
     UNKNOWN_COMPARTMENT,
     ClassifierInfo,
     ClassifierSummary,
@@ -281,8 +281,8 @@ def test_contracted_skeletons_make_swc_of_a_half_embedded_segment(session, label
 def test_skeleton_edges_join_embedded_skeleton_nodes_and_skip_store_node_ids():
     from types import SimpleNamespace
 
-    from analysis.skeletons import Skeleton
-    from app.session_export import skeleton_edges
+    from segscope.analysis.skeletons import Skeleton
+    from segscope.app.session_export import skeleton_edges
 
     # A Y-shaped skeleton: 0-1-2-3 trunk and 2-4-5 branch.
     nodes = np.array([[0, 0, 0], [100, 0, 0], [200, 0, 0], [300, 0, 0], [200, 100, 0], [200, 200, 0]], float)

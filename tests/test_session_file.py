@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import app.session_file as session_file
-from app.session_file import (
+import segscope.app.session_file as session_file
+from segscope.app.session_file import (
     RECORD_FIELDS,
     AutosaveManager,
     DatasetRef,
@@ -27,7 +27,7 @@ from app.session_file import (
     save_session,
     session_paths,
 )
-from app.state import SegmentRecord
+from segscope.app.state import SegmentRecord
 
 
 def make_document(**changes) -> SessionDocument:
@@ -545,7 +545,7 @@ def test_a_claim_dies_with_the_process_that_held_it(tmp_path):
     crashed = crashed_session(tmp_path, {})
     root = str(Path(__file__).resolve().parents[1])
     script = ("import os, sys, pathlib\n"
-              "from app.session_file import AutosaveManager\n"
+              "from segscope.app.session_file import AutosaveManager\n"
               "manager = AutosaveManager(pathlib.Path(sys.argv[1]))\n"
               "[candidate] = manager.recoverable()\n"
               "assert manager.claim(candidate)\n"

@@ -8,7 +8,7 @@ import struct
 import numpy as np
 import pytest
 
-from analysis.skeletons import (
+from segscope.analysis.skeletons import (
     UNKNOWN_COMPARTMENT,
     Skeleton,
     decode_skeleton,

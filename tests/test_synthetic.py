@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import COMPARTMENTS
-from analysis.dataset import open_dataset
-from analysis.progress import Progress, drive
-from analysis.skeletons import read_precomputed_skeleton
-from analysis.synthetic import CELL_TYPES, GENERATOR_VERSION, generate_dataset, synthesize
-from analysis.synthetic._render import boundary_mask
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.dataset import open_dataset
+from segscope.analysis.progress import Progress, drive
+from segscope.analysis.skeletons import read_precomputed_skeleton
+from segscope.analysis.synthetic import CELL_TYPES, GENERATOR_VERSION, generate_dataset, synthesize
+from segscope.analysis.synthetic._render import boundary_mask
 
 SMALL = (96, 96, 96)
 MID = (128, 128, 128)
@@ -181,7 +181,7 @@ def test_bad_parameters_raise_clear_errors(tmp_path):
 
 
 def test_demo_dataset_is_cached_and_reused(monkeypatch, tmp_path):
-    import analysis.synthetic as synthetic
+    import segscope.analysis.synthetic as synthetic
 
     monkeypatch.setenv("SEGSCOPE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(synthetic, "_DEMO_SIZE_VOX", (48, 48, 48))

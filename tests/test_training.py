@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from analysis.training import (
+from segscope.analysis.training import (
     PairSampler,
     TrainingConfig,
     augment_cutouts,
@@ -89,17 +89,17 @@ def test_cell_split_is_deterministic_and_disjoint():
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
-    from analysis.dataset import open_dataset
-    from analysis.progress import drive
-    from analysis.synthetic import generate_dataset
+    from segscope.analysis.dataset import open_dataset
+    from segscope.analysis.progress import drive
+    from segscope.analysis.synthetic import generate_dataset
 
     return open_dataset(drive(generate_dataset(tmp_path_factory.mktemp("train") / "demo", seed=1, size_vox=(64, 64, 64))))
 
 
 def test_tiny_training_run_learns_and_resumes(small_demo, tmp_path):
-    from analysis.encoder import SEGCLR_LITE, load_encoder
-    from analysis.progress import drive
-    from analysis.training import CellSplit, train_on_dataset
+    from segscope.analysis.encoder import SEGCLR_LITE, load_encoder
+    from segscope.analysis.progress import drive
+    from segscope.analysis.training import CellSplit, train_on_dataset
 
     tiny = SEGCLR_LITE.with_updates(
         input_size_vox=(17, 17, 17), stem_filters=8, stage_filters=(8, 16), stage_blocks=(1, 1),

@@ -1,4 +1,4 @@
-"""Page posts that cross the bridge's writes merge instead of being dropped (app.viewer_sync)."""
+"""Page posts that cross the bridge's writes merge instead of being dropped (segscope.app.viewer_sync)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from app.viewer_sync import merge_client_state, merging_viewer, share_unchanged
+from segscope.app.viewer_sync import merge_client_state, merging_viewer, share_unchanged
 
 
 def base_state() -> dict:

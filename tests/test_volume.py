@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from analysis.volume import (
+from segscope.analysis.volume import (
     SegmentNotFoundError,
     VolumeError,
     cut_masked,
@@ -158,7 +158,7 @@ def test_zarr2_needs_a_voxel_size(tmp_path):
 
 
 def test_em_and_mask_parts_compose_to_the_masked_cutout(pair):
-    from analysis.volume import cut_em_and_mask
+    from segscope.analysis.volume import cut_em_and_mask
 
     image, seg_volume, em, seg = pair
     centres = (np.array([[6, 11, 4], [20, 30, 15]]) + 0.5) * VOXEL

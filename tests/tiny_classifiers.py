@@ -40,9 +40,9 @@ def cell_type_cluster(count: int, class_index: int, seed: int = 0) -> np.ndarray
 
 def write_classifiers(folder: Path, seed: int = 0) -> None:
     """Train and save both classifiers with their manifest (imports TensorFlow)."""
-    from analysis import COMPARTMENTS
-    from analysis.classify import BERT_SMALL_SNGP_V1, train_classifier
-    from analysis.progress import drive
+    from segscope.analysis import COMPARTMENTS
+    from segscope.analysis.classify import BERT_SMALL_SNGP_V1, train_classifier
+    from segscope.analysis.progress import drive
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)

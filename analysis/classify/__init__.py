@@ -14,7 +14,7 @@ Public API
 * Uncertainty maths: :func:`mean_field_logits`, :func:`dempster_shafer`,
   :func:`posterior_covariance`, :func:`predictive_variance`.
 
-The Keras layers live in :mod:`analysis.classify.layers`; importing this package does not
+The Keras layers live in :mod:`segscope.analysis.classify.layers`; importing this package does not
 import Keras or TensorFlow.
 """
 

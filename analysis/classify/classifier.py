@@ -1,7 +1,7 @@
 """Training, prediction, saving and loading of SNGP embedding classifiers.
 
 Keras is imported only when a classifier is trained or loaded (this module itself imports
-nothing heavy, so :mod:`analysis.classify` stays cheap to import).
+nothing heavy, so :mod:`segscope.analysis.classify` stays cheap to import).
 
 Differences from SegCLR's ``classification/model_handler.py``, on purpose:
 

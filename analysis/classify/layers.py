@@ -1,6 +1,6 @@
 """Keras 3 layers of SegCLR's SNGP embedding classifier (backend-neutral: ``keras.ops``).
 
-Importing this module imports Keras; :mod:`analysis.classify` imports it only when a model
+Importing this module imports Keras; :mod:`segscope.analysis.classify` imports it only when a model
 is built or loaded.
 
 Network (``shared/docs/segclr-reference.md`` section 4)::
@@ -175,11 +175,11 @@ class RandomFeatureGP(layers.Layer):
 
     The ridge is not folded into ``P`` (edward2 starts ``P`` at ``ridge * I`` and lets the
     momentum decay it); the predictive variance is ``ridge * diag(phi (ridge I + P)^-1
-    phi^T)``, computed from the frozen ``P`` by :mod:`analysis.classify.uncertainty`.
+    phi^T)``, computed from the frozen ``P`` by :mod:`segscope.analysis.classify.uncertainty`.
 
     The frequencies are divided by the kernel lengthscale ``relative_lengthscale *
     sqrt(H)`` (edward2 with ``normalize_input=True`` uses 1 whatever ``H``; see
-    :class:`~analysis.classify.configs.ClassifierConfig` for why SegScope does not).
+    :class:`~segscope.analysis.classify.configs.ClassifierConfig` for why SegScope does not).
 
     Parameters
     ----------

@@ -8,7 +8,7 @@ Two layouts exist (``shared/docs/segclr-reference.md`` section 1):
   inside ``<name>`` escaped as ``.S`` (and ``.`` as ``..``).
 
 Both are read into ``{tf1_name: array}`` and matched against the Keras layers, whose
-names are the TF1 scopes (see :mod:`analysis.encoder.model`).
+names are the TF1 scopes (see :mod:`segscope.analysis.encoder.model`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The SegCLR 3-D ResNet encoder as a Keras 3 model.
 
-Importing this module imports Keras; :mod:`analysis.encoder` only imports it on first use.
+Importing this module imports Keras; :mod:`segscope.analysis.encoder` only imports it on first use.
 
 Architecture (SegCLR ``resnet18_stack`` + heads; see ``shared/docs/segclr-reference.md``):
 
@@ -124,8 +124,8 @@ class SegClrEncoder(keras.Model):
     """A SegCLR-family encoder: a functional Keras model that knows its own config.
 
     Call :meth:`embed` with uint8 cutouts ``[B, x, y, z]`` (or ``[B, x, y, z, 1]``) to
-    get float32 embeddings ``[B, D]``. Save with :func:`analysis.encoder.save_encoder`
-    (Keras ``.keras`` zip), load with :func:`analysis.encoder.load_encoder`.
+    get float32 embeddings ``[B, D]``. Save with :func:`segscope.analysis.encoder.save_encoder`
+    (Keras ``.keras`` zip), load with :func:`segscope.analysis.encoder.load_encoder`.
 
     Parameters
     ----------

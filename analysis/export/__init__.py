@@ -4,7 +4,7 @@
   properties (:func:`write_segment_properties`) and a viewer state opening them with the
   image and segmentation (:func:`build_viewer_state`);
 - tables in Parquet and CSV with provenance, and a CAVE-style cell-type table
-  (:mod:`analysis.export.tables`);
+  (:mod:`segscope.analysis.export.tables`);
 - SWC skeletons with subcompartment type codes (:func:`write_swc`);
 - :func:`export_bundle` writes all of them into one folder (what ``segscope export`` calls).
 
@@ -14,23 +14,23 @@ output unless given ``force=True`` (FileExistsError naming the path).
 Nothing here imports neuroglancer or pyarrow at module import time.
 """
 
-from analysis.export.annotations import (
+from segscope.analysis.export.annotations import (
     AnnotationProperty,
     node_annotation_properties,
     write_node_annotations,
     write_point_annotations,
 )
-from analysis.export.atomic import atomic_file, atomic_folder
-from analysis.export.bundle import ALL_PARTS, ExportResult, SkeletonEdges, export_bundle, skeletons_from_edges_table
-from analysis.export.model import NOT_PREDICTED, NodeTable, Provenance, SegmentTable, tables_from_ground_truth
-from analysis.export.neuroglancer_layers import (
+from segscope.analysis.export.atomic import atomic_file, atomic_folder
+from segscope.analysis.export.bundle import ALL_PARTS, ExportResult, SkeletonEdges, export_bundle, skeletons_from_edges_table
+from segscope.analysis.export.model import NOT_PREDICTED, NodeTable, Provenance, SegmentTable, tables_from_ground_truth
+from segscope.analysis.export.neuroglancer_layers import (
     build_viewer_state,
     segment_properties_json,
     write_segment_properties,
     write_viewer_state,
 )
-from analysis.export.swc import SWC_TYPE_OF_COMPARTMENT, read_swc, swc_text, write_swc
-from analysis.export.tables import (
+from segscope.analysis.export.swc import SWC_TYPE_OF_COMPARTMENT, read_swc, swc_text, write_swc
+from segscope.analysis.export.tables import (
     cave_cell_type_table,
     node_arrow_table,
     node_table_from_arrow,

@@ -32,10 +32,10 @@ from typing import Generator, Mapping, Sequence
 
 import numpy as np
 
-from analysis import COMPARTMENTS
-from analysis.export.atomic import atomic_folder
-from analysis.export.model import NodeTable
-from analysis.progress import Progress, RateMeter
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.export.atomic import atomic_folder
+from segscope.analysis.export.model import NodeTable
+from segscope.analysis.progress import Progress, RateMeter
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def write_point_annotations(
     force
         Replace an existing folder.
 
-    Yields :class:`~analysis.progress.Progress` (unit "entries": index entries written);
+    Yields :class:`~segscope.analysis.progress.Progress` (unit "entries": index entries written);
     returns the ``info`` dict.
     """
     points = np.asarray(points_nm, dtype=np.float64)

@@ -23,19 +23,19 @@ from typing import Generator, Mapping, Sequence
 
 import numpy as np
 
-from analysis.export.annotations import DEFAULT_SPATIAL_LIMIT, write_node_annotations
-from analysis.export.atomic import atomic_folder
-from analysis.export.model import NodeTable, Provenance, SegmentTable
-from analysis.export.neuroglancer_layers import build_viewer_state, write_segment_properties, write_viewer_state
-from analysis.export.swc import write_swc
-from analysis.export.tables import (
+from segscope.analysis.export.annotations import DEFAULT_SPATIAL_LIMIT, write_node_annotations
+from segscope.analysis.export.atomic import atomic_folder
+from segscope.analysis.export.model import NodeTable, Provenance, SegmentTable
+from segscope.analysis.export.neuroglancer_layers import build_viewer_state, write_segment_properties, write_viewer_state
+from segscope.analysis.export.swc import write_swc
+from segscope.analysis.export.tables import (
     DEFAULT_CLASSIFICATION_SYSTEM,
     cave_cell_type_table,
     node_arrow_table,
     segment_arrow_table,
     write_table,
 )
-from analysis.progress import Progress
+from segscope.analysis.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,12 @@ def export_bundle(
     table_formats
         Subset of ``("parquet", "csv")``.
     classification_system, include_ood_in_cave
-        See :func:`analysis.export.tables.cave_cell_type_table`.
+        See :func:`segscope.analysis.export.tables.cave_cell_type_table`.
     spatial_limit
         Most annotations per spatial index cell.
     sharded
         Shard the annotation indexes (default: above
-        :data:`analysis.export.annotations.SHARD_ABOVE` nodes). Sharded layers need a server
+        :data:`segscope.analysis.export.annotations.SHARD_ABOVE` nodes). Sharded layers need a server
         that answers HTTP range requests (cloud buckets and common web servers do).
     force
         Replace an existing bundle folder.

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from analysis import COMPARTMENTS
+from segscope.analysis import COMPARTMENTS
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +25,9 @@ NOT_PREDICTED = -1
 
 
 def _segscope_version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
+    from segscope.analysis import __version__
 
-        return version("segscope")
-    except PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
+    return __version__
 
 
 def _utc_now_iso() -> str:

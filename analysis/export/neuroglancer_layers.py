@@ -15,9 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis import COMPARTMENTS
-from analysis.export.atomic import atomic_folder
-from analysis.export.model import SegmentTable
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.export.atomic import atomic_folder
+from segscope.analysis.export.model import SegmentTable
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def build_viewer_state(
 
 def write_viewer_state(path: str | Path, state, *, force: bool = False) -> dict:
     """Write a viewer state as JSON (atomically). Returns the JSON dict."""
-    from analysis.export.atomic import atomic_file
+    from segscope.analysis.export.atomic import atomic_file
 
     state_json = state.to_json()
     with atomic_file(path, force=force) as temporary:

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis import COMPARTMENTS
-from analysis.export.atomic import atomic_file
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.export.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 

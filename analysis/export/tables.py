@@ -17,9 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from analysis import COMPARTMENTS
-from analysis.export.atomic import atomic_file, check_writable
-from analysis.export.model import NOT_PREDICTED, NodeTable, Provenance, SegmentTable
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.export.atomic import atomic_file, check_writable
+from segscope.analysis.export.model import NOT_PREDICTED, NodeTable, Provenance, SegmentTable
 
 log = logging.getLogger(__name__)
 

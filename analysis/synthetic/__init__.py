@@ -5,7 +5,7 @@
 fragments of four cell types (excitatory and inhibitory neurons, astrocytes, microglia;
 see ``_morphology`` for how they differ), together with a skeleton per segment (nodes in
 nm, a subcompartment per node) and a cell type per segment. ``generate_dataset`` writes
-it as a dataset folder (``analysis.dataset``); ``demo_dataset`` caches the default one.
+it as a dataset folder (``segscope.analysis.dataset``); ``demo_dataset`` caches the default one.
 
 The same seed and size give identical bytes. Every labelled node lies in a voxel of its
 own segment. Cytoplasm brightness is random per cell, never per type: labels have to be
@@ -24,8 +24,8 @@ from typing import Callable, Generator, Sequence
 
 import numpy as np
 
-from analysis.progress import Progress, drive
-from analysis.skeletons import Skeleton
+from segscope.analysis.progress import Progress, drive
+from segscope.analysis.skeletons import Skeleton
 
 from ._morphology import CELL_TYPES, Space, build_population
 
@@ -247,13 +247,13 @@ def generate_dataset(
     size_vox: Sequence[int] = DEFAULT_SIZE_VOX,
     voxel_size_nm: Sequence[float] = DEFAULT_VOXEL_SIZE_NM,
 ) -> Generator[Progress, None, Path]:
-    """Generate a synthetic dataset folder (layout in ``analysis.dataset``).
+    """Generate a synthetic dataset folder (layout in ``segscope.analysis.dataset``).
 
     Yields progress per stage and returns the folder. ``out_dir`` must not exist or be
     empty (FileExistsError otherwise).
     """
-    from analysis.dataset import SegmentRecord, write_dataset_metadata, write_ground_truth
-    from analysis.volume import write_volume
+    from segscope.analysis.dataset import SegmentRecord, write_dataset_metadata, write_ground_truth
+    from segscope.analysis.volume import write_volume
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -291,7 +291,7 @@ def demo_dataset(seed: int = 0, progress: Callable[[Progress], object] | None = 
     Lives in ``user_cache_dir() / "demo" / f"v{GENERATOR_VERSION}-seed{seed}"``; written
     to a temporary sibling folder and renamed, so a crash never leaves a half dataset.
     """
-    from analysis.paths import user_cache_dir
+    from segscope.analysis.paths import user_cache_dir
 
     root = user_cache_dir() / "demo"
     final = root / f"v{GENERATOR_VERSION}-seed{seed}"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analysis import COMPARTMENTS
+from segscope.analysis import COMPARTMENTS
 
 CELL_TYPES: tuple[str, ...] = ("excitatory", "inhibitory", "astrocyte", "microglia")
 

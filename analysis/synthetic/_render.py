@@ -17,9 +17,9 @@ from typing import Generator
 import numpy as np
 from scipy import ndimage
 
-from analysis.progress import Progress
-from analysis.synthetic._morphology import ASTROCYTE, Cell
-from analysis.synthetic._volume import Fragments, capsule_box, capsule_fields
+from segscope.analysis.progress import Progress
+from segscope.analysis.synthetic._morphology import ASTROCYTE, Cell
+from segscope.analysis.synthetic._volume import Fragments, capsule_box, capsule_fields
 
 CYTOPLASM = 162.0
 EXTRACELLULAR = 200.0

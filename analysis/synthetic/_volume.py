@@ -25,8 +25,8 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from analysis.progress import Progress
-from analysis.synthetic._morphology import ASTROCYTE, Cell
+from segscope.analysis.progress import Progress
+from segscope.analysis.synthetic._morphology import ASTROCYTE, Cell
 
 log = logging.getLogger(__name__)
 

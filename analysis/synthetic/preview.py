@@ -85,7 +85,7 @@ def render_slices_png(
     Parameters
     ----------
     dataset_path
-        A SegScope dataset folder (``analysis.dataset``).
+        A SegScope dataset folder (``segscope.analysis.dataset``).
     out_png
         Output PNG path.
     z_indices
@@ -93,7 +93,7 @@ def render_slices_png(
     crop
         Edge (voxels) of the zoomed crop taken from the centre of the first section.
     """
-    from analysis.dataset import open_dataset
+    from segscope.analysis.dataset import open_dataset
 
     dataset = open_dataset(dataset_path)
     sx, sy, sz = (int(v) for v in dataset.image.shape)

@@ -2,7 +2,7 @@
 
 Every embedded node is a point in a 2-D projection of its SegCLR embedding, coloured by
 subcompartment, cell type, OOD score (with a colour bar) or segment. The logic lives in
-:class:`app.plot_controller.PlotController` (Qt-free); this module draws it and turns
+:class:`segscope.app.plot_controller.PlotController` (Qt-free); this module draws it and turns
 mouse input into controller calls.
 
 Drawing: :class:`PointCloudItem` paints points itself, one ``QPainter.drawPoints`` call
@@ -11,8 +11,8 @@ per palette colour (at most 20), from numpy arrays mapped to device pixels. pyqt
 design.md), too slow for per-frame animation and for a million points.
 
 Threads: the UMAP fit and ``transform`` run on the
-:class:`~app.plot_controller.ProjectionScheduler`'s workers; their results come back
-through :class:`app.views.invoker.MainThreadInvoker` (a queued signal), so every controller mutation and redraw
+:class:`~segscope.app.plot_controller.ProjectionScheduler`'s workers; their results come back
+through :class:`segscope.app.views.invoker.MainThreadInvoker` (a queued signal), so every controller mutation and redraw
 happens on the Qt main thread. Redraws are coalesced: many batches in one event-loop turn
 cost one repaint.
 """
@@ -38,12 +38,12 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from app.views.invoker import MainThreadInvoker
-from app.plot_controller import COLOUR_MODES, LayoutChange, PlotController, PointInfo, ProjectionScheduler, Selection
+from segscope.app.views.invoker import MainThreadInvoker
+from segscope.app.plot_controller import COLOUR_MODES, LayoutChange, PlotController, PointInfo, ProjectionScheduler, Selection
 
 log = logging.getLogger(__name__)
 
-#: Origin tag of changes made in this plot (see app.plot_controller, "no echo").
+#: Origin tag of changes made in this plot (see segscope.app.plot_controller, "no echo").
 PLOT_ORIGIN = "plot"
 #: Origin tag of selections that come from the 3-D view / session.
 VIEW_3D_ORIGIN = "3d"
@@ -610,7 +610,7 @@ class EmbeddingPlotWidget(QWidget):
         return self.controller.select_segments(segment_ids, origin)
 
     def add_background(self, table) -> np.ndarray:
-        """Add precomputed embeddings (an :class:`analysis.projection.EmbeddingTable`) as
+        """Add precomputed embeddings (an :class:`segscope.analysis.projection.EmbeddingTable`) as
         context, with the predictions the table carries; returns the rows added."""
         controller = self.controller
         rows = controller.add_points(table.segment_ids, table.node_ids, table.xyz_nm, table.embeddings,
@@ -638,7 +638,7 @@ class EmbeddingPlotWidget(QWidget):
 
 class EmbeddingPlotDock(QDockWidget):
     """A dock holding an :class:`EmbeddingPlotWidget` (``.plot``) and, once
-    :meth:`attach_labels` ran, a :class:`~app.views.label_bar.LabelBar` (``.label_bar``)."""
+    :meth:`attach_labels` ran, a :class:`~segscope.app.views.label_bar.LabelBar` (``.label_bar``)."""
 
     def __init__(self, parent: QWidget | None = None, *, start_warm_up: bool = True, **plot_kwargs: Any):
         super().__init__("Embeddings", parent)
@@ -662,9 +662,9 @@ class EmbeddingPlotDock(QDockWidget):
 
     def attach_labels(self, labels, *, bridge=None, current_segment=lambda: None,
                       report=lambda message: None) -> None:
-        """Show ``labels`` (an :class:`app.labels.LabelStore`) in the plot and, through
+        """Show ``labels`` (an :class:`segscope.app.labels.LabelStore`) in the plot and, through
         ``bridge.show_labels``, in 3-D; add the label bar that edits them."""
-        from app.views.label_bar import LabelBar
+        from segscope.app.views.label_bar import LabelBar
 
         controller = self.controller
         controller.label_lookup = labels.effective_node_labels
@@ -712,10 +712,10 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
                           **plot_kwargs: Any) -> EmbeddingPlotDock:
     """Add the embedding plot dock to SegScope's main window and link it both ways.
 
-    What it needs from the window: ``main_window.state`` (:class:`app.state.SessionState`,
+    What it needs from the window: ``main_window.state`` (:class:`segscope.app.state.SessionState`,
     events ``"node_batch"``, ``"predictions"``, ``"segment"``) and ``addDockWidget``
-    (QMainWindow); optionally ``main_window.bridge`` (:class:`app.neuroglancer_bridge.
-    NeuroglancerBridge`), ``main_window.labels`` (:class:`app.labels.LabelStore`) and
+    (QMainWindow); optionally ``main_window.bridge`` (:class:`segscope.app.neuroglancer_bridge.
+    NeuroglancerBridge`), ``main_window.labels`` (:class:`segscope.app.labels.LabelStore`) and
     ``main_window.statusBar()``.
 
     Wiring
@@ -731,9 +731,9 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
       point -> the marker, and the 3-D view moves to the node;
     * manual labels -> the plot's ``"manual label"`` colours and the 3-D "manual labels"
       layer, refreshed after every label edit, undo or redo and as labelled segments
-      stream in; a :class:`~app.views.label_bar.LabelBar` under the plot edits them.
+      stream in; a :class:`~segscope.app.views.label_bar.LabelBar` under the plot edits them.
 
-    ``background`` is an :class:`analysis.projection.EmbeddingTable` or a path to a
+    ``background`` is an :class:`segscope.analysis.projection.EmbeddingTable` or a path to a
     ``segscope embed`` Parquet, plotted as context from the start. ``start_warm_up``
     compiles UMAP's numba kernels in the background right away.
     """
@@ -762,7 +762,7 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
         plot.select_segments(() if record is None else (record.segment_id,), origin=VIEW_3D_ORIGIN)
 
     try:  # the 3-D view's colours, so a cell type or a label looks the same in both
-        from app.neuroglancer_bridge import cell_type_colour, label_colour
+        from segscope.app.neuroglancer_bridge import cell_type_colour, label_colour
 
         def class_names() -> tuple[str, ...]:
             summary = getattr(state, "classifiers", None)
@@ -785,7 +785,7 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
             report=_status_reporter(main_window))
     if background is not None:
         if not hasattr(background, "embeddings"):
-            from analysis.projection import read_embedding_table
+            from segscope.analysis.projection import read_embedding_table
 
             background = read_embedding_table(background)
         plot.add_background(background)
@@ -803,7 +803,7 @@ def _link_plot_to_bridge(plot: EmbeddingPlotWidget, bridge) -> None:
     """Plot -> 3-D: selected segments, hovered and clicked nodes; 3-D -> plot: segments
     selected in Neuroglancer's own controls (their callback arrives on neuroglancer's
     thread and is posted to the Qt thread)."""
-    from app.neuroglancer_bridge import MAX_SELECTED_NODES
+    from segscope.app.neuroglancer_bridge import MAX_SELECTED_NODES
 
     controller = plot.controller
     plot.selectionChanged.connect(lambda selection: bridge.highlight_segments(sorted(selection.segment_ids)))

@@ -1,7 +1,7 @@
 """The Export dialog: which parts of the session to write, and where.
 
 The dialog only collects an :class:`ExportRequest`; the main window runs the export on
-the job worker (:func:`app.session_export.export_session`, the same code ``segscope
+the job worker (:func:`segscope.app.session_export.export_session`, the same code ``segscope
 export`` drives) and, when asked, adds the exported annotation layer to the viewer.
 """
 
@@ -25,7 +25,7 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from analysis.export import ALL_PARTS
+from segscope.analysis.export import ALL_PARTS
 
 #: What each part is called in the dialog.
 PART_TITLES = {
@@ -47,7 +47,7 @@ class ExportRequest:
     folder : pathlib.Path
         The bundle folder to create.
     parts : tuple of str
-        Subset of :data:`analysis.export.ALL_PARTS`.
+        Subset of :data:`segscope.analysis.export.ALL_PARTS`.
     table_formats : tuple of str
         Subset of ``("parquet", "csv")``.
     force : bool

@@ -9,7 +9,7 @@ What gets the label
 * **Remove**: clears node labels of the selected points and the segment labels of their
   segments (one undoable step each).
 
-Every assignment is one command of the session's :class:`app.labels.LabelStore`, so the
+Every assignment is one command of the session's :class:`segscope.app.labels.LabelStore`, so the
 window's Undo/Redo (Ctrl+Z / Ctrl+Shift+Z) reverts it. The bar only calls the store; the
 plot and the 3-D view redraw from the store's change events.
 """
@@ -31,9 +31,9 @@ class LabelBar(QWidget):
     Parameters
     ----------
     labels
-        The session's :class:`app.labels.LabelStore`.
+        The session's :class:`segscope.app.labels.LabelStore`.
     controller
-        The plot's :class:`app.plot_controller.PlotController` (its selection).
+        The plot's :class:`segscope.app.plot_controller.PlotController` (its selection).
     current_segment
         Returns the segment id selected in the 3-D view, or None.
     report

@@ -4,13 +4,13 @@ Threads: the window lives on the Qt main thread and never waits on TensorFlow, d
 neuroglancer. Neuroglancer's click callbacks arrive on its server thread and come here
 through :class:`ClickRelay`'s signal (a queued connection, as the emitter is another
 thread); job updates arrive through :class:`MainThreadInvoker`, the ``post`` function of
-the :class:`~app.jobs.JobRunner`. Opening data runs on the job worker too.
+the :class:`~segscope.app.jobs.JobRunner`. Opening data runs on the job worker too.
 
 Adding views
 ------------
 Other panels (the embedding plot) plug in with :meth:`MainWindow.add_dock` and subscribe
 to the session state, for example ``window.state.subscribe("node_batch", on_batch)``: each
-:class:`app.state.NodeBatch` carries the segment id, node ids, positions (nm), embeddings
+:class:`segscope.app.state.NodeBatch` carries the segment id, node ids, positions (nm), embeddings
 and predicted compartments of the nodes that just arrived, on the Qt main thread.
 """
 
@@ -43,15 +43,15 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from analysis.progress import Progress
-from app.controller import AppController, DataSource, PrecomputedEmbeddings
-from app.jobs import JobRunner, JobUpdate
-from app.labels import LabelStore
-from app.session_file import JSON_SUFFIX
-from app.neuroglancer_bridge import ClickEvent, NeuroglancerBridge
-from app.state import JobStatus, ModelSummary, SessionState
-from app.views.segment_panel import SegmentPanel
-from app.views.invoker import MainThreadInvoker
+from segscope.analysis.progress import Progress
+from segscope.app.controller import AppController, DataSource, PrecomputedEmbeddings
+from segscope.app.jobs import JobRunner, JobUpdate
+from segscope.app.labels import LabelStore
+from segscope.app.session_file import JSON_SUFFIX
+from segscope.app.neuroglancer_bridge import ClickEvent, NeuroglancerBridge
+from segscope.app.state import JobStatus, ModelSummary, SessionState
+from segscope.app.views.segment_panel import SegmentPanel
+from segscope.app.views.invoker import MainThreadInvoker
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +197,9 @@ class MainWindow(QMainWindow):
         #: Whether the plot's projection backend (its UMAP process) ends with this window.
         self.owns_projection_backend = False
         self.export_dialog = None
-        self.last_export = None  # analysis.export.ExportResult of the last finished export
+        self.last_export = None  # segscope.analysis.export.ExportResult of the last finished export
         self.session_path: Path | None = None
-        self.autosave = None  # app.session_file.AutosaveManager (start_autosave)
+        self.autosave = None  # segscope.app.session_file.AutosaveManager (start_autosave)
         self.io_runner = JobRunner(post=invoker.post, name="segscope-session-io")
         self._autosave_timer = QTimer(self)
         self._autosave_timer.timeout.connect(self.autosave_now)
@@ -259,8 +259,8 @@ class MainWindow(QMainWindow):
 
     def attach_plot(self, *, background=None, **plot_kwargs):
         """Add the embedding plot dock, linked to the 3-D view, labels and session
-        (see :func:`app.views.embedding_plot.attach_embedding_plot`); returns the dock."""
-        from app.views.embedding_plot import attach_embedding_plot
+        (see :func:`segscope.app.views.embedding_plot.attach_embedding_plot`); returns the dock."""
+        from segscope.app.views.embedding_plot import attach_embedding_plot
 
         self.plot_dock = attach_embedding_plot(self, background=background, **plot_kwargs)
         self.resizeDocks([self.segment_dock, self.plot_dock], [self.height() * 2 // 5, self.height() * 3 // 5],
@@ -409,7 +409,7 @@ class MainWindow(QMainWindow):
         """Open data on the worker thread and show it; errors appear in the banner.
 
         ``precomputed`` describes an embedding store to open with it (an
-        :class:`app.session_file.PrecomputedRef`); ``then`` runs once the data is shown.
+        :class:`segscope.app.session_file.PrecomputedRef`); ``then`` runs once the data is shown.
         """
         def make():
             yield Progress(0, 1, "steps", f"opening {segmentation_url}")
@@ -467,8 +467,8 @@ class MainWindow(QMainWindow):
 
     def show_export_dialog(self):
         """Open the Export dialog (non-modal); its Export button starts :meth:`start_export`."""
-        from app.session_controller import session_records
-        from app.views.export_dialog import ExportDialog
+        from segscope.app.session_controller import session_records
+        from segscope.app.views.export_dialog import ExportDialog
 
         records = session_records(self.state)
         if not records:
@@ -486,9 +486,9 @@ class MainWindow(QMainWindow):
         return dialog
 
     def start_export(self, request) -> None:
-        """Write the export bundle ``request`` (:class:`~app.views.export_dialog.ExportRequest`)
+        """Write the export bundle ``request`` (:class:`~segscope.app.views.export_dialog.ExportRequest`)
         on the session worker; on success optionally add its annotation layer to the viewer."""
-        from app.session_export import export_session, skeleton_edges
+        from segscope.app.session_export import export_session, skeleton_edges
 
         from types import SimpleNamespace
 
@@ -528,15 +528,15 @@ class MainWindow(QMainWindow):
         can read while the session goes on changing on this thread (numpy copies: ms)."""
         import copy
 
-        from app.session_controller import session_records
+        from segscope.app.session_controller import session_records
 
         return {record.segment_id: copy.deepcopy(record) for record in session_records(self.state)}
 
     # -- sessions -------------------------------------------------------------------------------------
 
     def session_document(self):
-        """The live session as an :class:`app.session_file.SessionDocument`."""
-        from app.session_controller import build_document
+        """The live session as an :class:`segscope.app.session_file.SessionDocument`."""
+        from segscope.app.session_controller import build_document
 
         plot_settings, segments, nodes = {}, (), ()
         if self.plot_dock is not None:
@@ -551,7 +551,7 @@ class MainWindow(QMainWindow):
 
     def save_session(self, path: str | Path | None = None) -> bool:
         """Save the session to ``path`` (None: ask for one) on the session worker."""
-        from app.session_file import save_session
+        from segscope.app.session_file import save_session
 
         if path is None:
             chosen, _ = QFileDialog.getSaveFileName(self, "Save session", str(Path.home() / f"session{JSON_SUFFIX}"),
@@ -589,7 +589,7 @@ class MainWindow(QMainWindow):
 
     def open_session(self, path: str | Path) -> None:
         """Load a saved session on the session worker and restore it (errors in the banner)."""
-        from app.session_file import load_session
+        from segscope.app.session_file import load_session
 
         target = Path(path)
 
@@ -612,7 +612,7 @@ class MainWindow(QMainWindow):
         """Show a loaded session: its data (opened first when it differs from what is
         open), model, classifiers, segments with their embeddings and predictions, labels,
         selections and plot settings."""
-        from app.session_controller import same_data
+        from segscope.app.session_controller import same_data
 
         if same_data(document, self.controller):
             self._restore_loaded(document, records)
@@ -622,8 +622,8 @@ class MainWindow(QMainWindow):
                           precomputed=document.precomputed, then=lambda: self._restore_loaded(document, records))
 
     def _restore_loaded(self, document, records) -> None:
-        from app.controller import read_classifier_folder
-        from app.session_controller import replay_into_plot, restore_records
+        from segscope.app.controller import read_classifier_folder
+        from segscope.app.session_controller import replay_into_plot, restore_records
 
         controller = self.controller
         if document.model_path and str(controller.model_path) != document.model_path:
@@ -666,7 +666,7 @@ class MainWindow(QMainWindow):
 
     def start_autosave(self, manager, interval_ms: int = AUTOSAVE_INTERVAL_MS) -> None:
         """Autosave every ``interval_ms`` with ``manager`` (an
-        :class:`app.session_file.AutosaveManager`, already started)."""
+        :class:`segscope.app.session_file.AutosaveManager`, already started)."""
         self.autosave = manager
         self._autosave_timer.start(interval_ms)
 

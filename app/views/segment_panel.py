@@ -11,9 +11,9 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
-from analysis import COMPARTMENTS
-from app.neuroglancer_bridge import cell_type_colour
-from app.state import (
+from segscope.analysis import COMPARTMENTS
+from segscope.app.neuroglancer_bridge import cell_type_colour
+from segscope.app.state import (
     COMPARTMENT_COLOURS,
     EMBEDDED_COLOUR,
     OOD_COLOUR,
