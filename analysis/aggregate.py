@@ -75,9 +75,7 @@ def aggregate_embeddings(xyz_nm: Any, embeddings: Any, radius_nm: float) -> np.n
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise ValueError(f"xyz_nm must be an [N, 3] array, got shape {xyz.shape}")
     if emb.ndim != 2 or emb.shape[0] != xyz.shape[0]:
-        raise ValueError(
-            f"embeddings must be an [N, D] array with N={xyz.shape[0]}, got shape {emb.shape}"
-        )
+        raise ValueError(f"embeddings must be an [N, D] array with N={xyz.shape[0]}, got shape {emb.shape}")
     if not np.isfinite(xyz).all():
         raise ValueError("xyz_nm contains NaN or infinite values")
     n = xyz.shape[0]
@@ -88,9 +86,7 @@ def aggregate_embeddings(xyz_nm: Any, embeddings: Any, radius_nm: float) -> np.n
     # Each pair counts both ways; the node itself counts once. A COO matrix multiplies
     # without the per-row index sort that building a symmetric CSR matrix costs (2-3x
     # slower at 10 um on 100k-node segments).
-    upper = coo_matrix(
-        (np.ones(pairs.shape[0], dtype=np.float64), (pairs[:, 0], pairs[:, 1])), shape=(n, n)
-    )
+    upper = coo_matrix((np.ones(pairs.shape[0], dtype=np.float64), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     # Sum in float64 so large neighbourhoods do not lose float32 precision.
     values = emb.astype(np.float64)
     sums = values + upper @ values + upper.T @ values
@@ -152,8 +148,7 @@ def aggregate_store(
     if src.coordinates == "voxels":
         if voxel_size_nm is None:
             raise ValueError(
-                "src has voxel coordinates: pass voxel_size_nm (x, y, z nm) so distances "
-                "can be measured in nm"
+                "src has voxel coordinates: pass voxel_size_nm (x, y, z nm) so distances can be measured in nm"
             )
         scale = np.asarray(voxel_size_nm, dtype=np.float64)
         if scale.shape != (3,) or not np.isfinite(scale).all() or (scale <= 0).any():
@@ -162,10 +157,7 @@ def aggregate_store(
         if voxel_size_nm is not None:
             raise ValueError("src already has nm coordinates: leave voxel_size_nm as None")
         scale = None
-    same_folder = (
-        not src.is_remote and not dst.is_remote
-        and src.local_dir.resolve() == dst.local_dir.resolve()
-    )
+    same_folder = not src.is_remote and not dst.is_remote and src.local_dir.resolve() == dst.local_dir.resolve()
     if same_folder:
         raise ValueError(f"src and dst are the same store ({src.location}); write elsewhere")
     shard_list = sorted(set(src.shards() if shards is None else (int(s) for s in shards)))
@@ -188,6 +180,10 @@ def aggregate_store(
         )
     log.info(
         "aggregated %d segments (%d nodes) from %s into %s at %g nm",
-        segments, nodes, src.location, dst.location, radius,
+        segments,
+        nodes,
+        src.location,
+        dst.location,
+        radius,
     )
     return AggregationSummary(shards=len(shard_list), segments=segments, nodes=nodes)

@@ -78,9 +78,7 @@ class CsvZipError(ValueError):
         1-based line number inside the member, when the problem is a row.
     """
 
-    def __init__(
-        self, problem: str, *, path: str, member: str | None = None, line: int | None = None
-    ) -> None:
+    def __init__(self, problem: str, *, path: str, member: str | None = None, line: int | None = None) -> None:
         where = str(path)
         if member is not None:
             where += f", member {member}"
@@ -95,9 +93,7 @@ class CsvZipError(ValueError):
 
 def _check_segment_id(segment_id: Any) -> int:
     """Return ``segment_id`` as a Python int, or raise if it is not a valid uint64."""
-    if isinstance(segment_id, (bool, np.bool_)) or not isinstance(
-        segment_id, (int, np.integer)
-    ):
+    if isinstance(segment_id, (bool, np.bool_)) or not isinstance(segment_id, (int, np.integer)):
         raise TypeError(f"segment id must be an integer, got {type(segment_id).__name__}")
     value = int(segment_id)
     if not 0 <= value <= MAX_SEGMENT_ID:
@@ -135,20 +131,14 @@ def _as_member_arrays(
     if ids.ndim == 1 and ids.shape[0] == 0:
         raise ValueError(f"{what}: a segment needs at least one node")
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        raise ValueError(
-            f"{what}: node_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}"
-        )
+        raise ValueError(f"{what}: node_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
     n = ids.shape[0]
     if ids.dtype.kind == "u" and ids.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{what}: node ids must fit in int64")
     if coords.shape != (n, 3) or coords.dtype.kind not in "iuf":
-        raise ValueError(
-            f"{what}: xyz must be a numeric [N, 3] array with N={n}, got {coords.shape}"
-        )
+        raise ValueError(f"{what}: xyz must be a numeric [N, 3] array with N={n}, got {coords.shape}")
     if emb.ndim != 2 or emb.shape[0] != n or emb.shape[1] < 1 or emb.dtype.kind not in "iuf":
-        raise ValueError(
-            f"{what}: embeddings must be a numeric [N, D] array with N={n}, got {emb.shape}"
-        )
+        raise ValueError(f"{what}: embeddings must be a numeric [N, D] array with N={n}, got {emb.shape}")
     coords = coords.astype(np.float64, copy=False)
     emb = emb.astype(np.float32, copy=False)
     if not np.isfinite(coords).all():
@@ -176,10 +166,7 @@ def format_member(node_ids: Any, xyz: Any, embeddings: Any) -> bytes:
     coord_fmt = "%d,%d,%d," if integral else "%r,%r,%r,"
     row_fmt = "%d," + coord_fmt + ",".join(["%.9g"] * emb.shape[1])
     # float32 -> Python float is exact, and %.9g of it restores the same float32.
-    rows = [
-        row_fmt % (node, *c, *e)
-        for node, c, e in zip(ids.tolist(), coords.tolist(), emb.tolist())
-    ]
+    rows = [row_fmt % (node, *c, *e) for node, c, e in zip(ids.tolist(), coords.tolist(), emb.tolist())]
     return "\n".join(rows).encode("ascii")
 
 
@@ -205,26 +192,29 @@ def _parse_member_slowly(data: bytes, path: str, member: str) -> SegmentArrays:
             width, first_line = len(fields), number
             if width < 5:
                 raise CsvZipError(
-                    f"row has {width} columns; need node_id,x,y,z and at least one "
-                    "embedding value",
-                    path=path, member=member, line=number,
+                    f"row has {width} columns; need node_id,x,y,z and at least one embedding value",
+                    path=path,
+                    member=member,
+                    line=number,
                 )
         elif len(fields) != width:
             raise CsvZipError(
                 f"row has {len(fields)} columns but line {first_line} has {width}",
-                path=path, member=member, line=number,
+                path=path,
+                member=member,
+                line=number,
             )
         try:
             node = int(fields[0])
         except ValueError:
             raise CsvZipError(
-                f"node id {fields[0][:40]!r} is not an integer", path=path, member=member,
+                f"node id {fields[0][:40]!r} is not an integer",
+                path=path,
+                member=member,
                 line=number,
             ) from None
         if not _INT64_MIN <= node <= _INT64_MAX:
-            raise CsvZipError(
-                f"node id {node} does not fit in int64", path=path, member=member, line=number
-            )
+            raise CsvZipError(f"node id {node} does not fit in int64", path=path, member=member, line=number)
         row = []
         for column, text in enumerate(fields[1:], start=2):
             try:
@@ -232,15 +222,18 @@ def _parse_member_slowly(data: bytes, path: str, member: str) -> SegmentArrays:
             except ValueError:
                 raise CsvZipError(
                     f"column {column} value {text[:40]!r} is not a number",
-                    path=path, member=member, line=number,
+                    path=path,
+                    member=member,
+                    line=number,
                 ) from None
             with np.errstate(over="ignore"):
                 finite = np.isfinite(np.float32(value) if column > 4 else value)
             if not finite:
                 raise CsvZipError(
-                    f"column {column} value {text[:40]!r} is not finite (in float32 for "
-                    "embeddings)",
-                    path=path, member=member, line=number,
+                    f"column {column} value {text[:40]!r} is not finite (in float32 for embeddings)",
+                    path=path,
+                    member=member,
+                    line=number,
                 )
             row.append(value)
         node_ids.append(node)
@@ -289,8 +282,13 @@ def parse_member(data: bytes, *, path: str = "<bytes>", member: str = "<member>"
         row_type = np.dtype([("node", "<i8"), ("xyz", "<f8", (3,)), ("emb", "<f8", (width - 4,))])
         try:
             table = np.loadtxt(
-                io.BytesIO(text), delimiter=",", dtype=row_type, comments=None, ndmin=1,
-                encoding="latin-1", quotechar=None,
+                io.BytesIO(text),
+                delimiter=",",
+                dtype=row_type,
+                comments=None,
+                ndmin=1,
+                encoding="latin-1",
+                quotechar=None,
             )
         except (ValueError, OverflowError, TypeError, UnicodeError):
             table = None
@@ -319,11 +317,22 @@ _CENTRAL_SIG = b"PK\x01\x02"
 _CENTRAL_LENGTHS = struct.Struct("<3H")  # name, extra and comment lengths, at byte 28
 _CENTRAL_DTYPE = np.dtype(
     [
-        ("signature", "S4"), ("version_made_by", "<u2"), ("version_needed", "<u2"),
-        ("flags", "<u2"), ("method", "<u2"), ("time", "<u2"), ("date", "<u2"),
-        ("crc", "<u4"), ("compressed_size", "<u4"), ("size", "<u4"),
-        ("name_length", "<u2"), ("extra_length", "<u2"), ("comment_length", "<u2"),
-        ("disk", "<u2"), ("internal_attributes", "<u2"), ("external_attributes", "<u4"),
+        ("signature", "S4"),
+        ("version_made_by", "<u2"),
+        ("version_needed", "<u2"),
+        ("flags", "<u2"),
+        ("method", "<u2"),
+        ("time", "<u2"),
+        ("date", "<u2"),
+        ("crc", "<u4"),
+        ("compressed_size", "<u4"),
+        ("size", "<u4"),
+        ("name_length", "<u2"),
+        ("extra_length", "<u2"),
+        ("comment_length", "<u2"),
+        ("disk", "<u2"),
+        ("internal_attributes", "<u2"),
+        ("external_attributes", "<u4"),
         ("offset", "<u4"),
     ]
 )
@@ -462,9 +471,7 @@ class _RemoteShardReader(_ShardReader):
                 path=self.where,
             ) from None
         if len(data) != stop - start:
-            raise CsvZipError(
-                f"asked for {stop - start} bytes at {start}, got {len(data)}", path=self.where
-            )
+            raise CsvZipError(f"asked for {stop - start} bytes at {start}, got {len(data)}", path=self.where)
         return data
 
     def fetch_tail(self, length: int) -> tuple[bytes, int | None]:
@@ -567,9 +574,7 @@ def _zip64_record(
     return record
 
 
-def _parse_central_directory(
-    central: bytes, count: int, data_end: int, token: Any, where: str
-) -> _Directory:
+def _parse_central_directory(central: bytes, count: int, data_end: int, token: Any, where: str) -> _Directory:
     # Entries have variable length, so one Python pass finds where each starts (reading
     # only the three length fields); numpy then decodes the fixed 46-byte headers all at
     # once. About 4x faster than unpacking every entry: 24,000 entries in ~50 ms.
@@ -635,9 +640,7 @@ def _parse_central_directory(
     )
 
 
-def _zip64_extra(
-    extra: bytes, size: int, csize: int, offset: int, where: str
-) -> tuple[int, int, int]:
+def _zip64_extra(extra: bytes, size: int, csize: int, offset: int, where: str) -> tuple[int, int, int]:
     """Replace 0xFFFFFFFF fields by their zip64 extra-field values (in the spec's order)."""
     position = 0
     while position + 4 <= len(extra):
@@ -657,9 +660,7 @@ def _zip64_extra(
     raise CsvZipError("member needs a zip64 extra field that is missing", path=where)
 
 
-def _read_member_bytes(
-    reader: _ShardReader, directory: _Directory, index: int, member: str
-) -> bytes:
+def _read_member_bytes(reader: _ShardReader, directory: _Directory, index: int, member: str) -> bytes:
     """Fetch and decompress one member (one request unless its local extra field is long)."""
     where = reader.where
     offset = int(directory.offsets[index])
@@ -671,11 +672,10 @@ def _read_member_bytes(
     if method not in _METHODS:
         raise CsvZipError(
             f"compression method {method} is not supported (only stored and deflated)",
-            path=where, member=member,
+            path=where,
+            member=member,
         )
-    guess_end = min(
-        directory.data_end, offset + _LOCAL.size + len(member) + _LOCAL_SLACK + csize
-    )
+    guess_end = min(directory.data_end, offset + _LOCAL.size + len(member) + _LOCAL_SLACK + csize)
     blob = reader.fetch(offset, max(offset, guess_end))
     if len(blob) < _LOCAL.size or blob[:4] != _LOCAL_SIG:
         raise CsvZipError("bad local file header", path=where, member=member)
@@ -696,7 +696,8 @@ def _read_member_bytes(
     if len(data) != size:
         raise CsvZipError(
             f"member holds {len(data)} bytes, central directory says {size}",
-            path=where, member=member,
+            path=where,
+            member=member,
         )
     if zlib.crc32(data) != int(directory.crcs[index]):
         raise CsvZipError("CRC-32 mismatch (corrupt member)", path=where, member=member)
@@ -985,9 +986,7 @@ class CsvZipStore:
 
         data = self._with_directory(shard, action)
         if data is None:
-            raise KeyError(
-                f"segment {segment_id} is not in shard {self.shard_location(shard)}"
-            )
+            raise KeyError(f"segment {segment_id} is not in shard {self.shard_location(shard)}")
         return parse_member(data, path=self.shard_location(shard), member=member)
 
     def __contains__(self, segment_id: object) -> bool:
@@ -1036,9 +1035,7 @@ class CsvZipStore:
         Reads each shard's central directory without filling the directory cache.
         """
         for shard in self.shards():
-            ids = self._with_directory(
-                shard, lambda reader, directory: directory.segment_ids, use_cache=False
-            )
+            ids = self._with_directory(shard, lambda reader, directory: directory.segment_ids, use_cache=False)
             if ids is not None:
                 yield from (int(i) for i in ids)
 
@@ -1068,9 +1065,7 @@ class CsvZipStore:
 
     # ---------------------------------------------------------------- writing
 
-    def write(
-        self, segment_id: int, node_ids: Any, xyz: Any, embeddings: Any, *, overwrite: bool = False
-    ) -> None:
+    def write(self, segment_id: int, node_ids: Any, xyz: Any, embeddings: Any, *, overwrite: bool = False) -> None:
         """Write one segment (see :meth:`write_many`, which is much faster for many).
 
         Parameters
@@ -1115,9 +1110,7 @@ class CsvZipStore:
         shards before it written.
         """
         if self.url is not None:
-            raise io.UnsupportedOperation(
-                f"{self.url} is a remote store; only local stores are writable"
-            )
+            raise io.UnsupportedOperation(f"{self.url} is a remote store; only local stores are writable")
         items = segments.items() if isinstance(segments, Mapping) else segments
         by_shard: dict[int, list[tuple[str, bytes]]] = {}
         seen: set[int] = set()
@@ -1180,9 +1173,7 @@ class CsvZipStore:
                                     if info.filename not in replaced:
                                         new.writestr(info, old.read(info))
                 except (zipfile.BadZipFile, zlib.error) as exc:
-                    raise CsvZipError(
-                        f"cannot add to a corrupt zip: {exc}", path=str(path)
-                    ) from None
+                    raise CsvZipError(f"cannot add to a corrupt zip: {exc}", path=str(path)) from None
                 if not replaced:
                     # Byte copy (no recompression); zipfile then appends over the copy's
                     # central directory and writes a new one.
@@ -1224,9 +1215,7 @@ class _RegionReader(_ShardReader):
     def fetch(self, start: int, stop: int) -> bytes:
         lo, hi = start - self._start, stop - self._start
         if lo < 0 or hi > len(self._data) or lo > hi:
-            raise CsvZipError(
-                f"zip points at bytes [{start}, {stop}) outside its data", path=self.where
-            )
+            raise CsvZipError(f"zip points at bytes [{start}, {stop}) outside its data", path=self.where)
         return self._data[lo:hi]
 
 
@@ -1240,10 +1229,7 @@ def _member_text(segment_id: int, node_ids: Any, xyz: Any, embeddings: Any) -> b
 def _exists_message(segment_ids: list[int], store: CsvZipStore) -> str:
     shown = ", ".join(str(s) for s in sorted(segment_ids)[:5])
     more = f" and {len(segment_ids) - 5} more" if len(segment_ids) > 5 else ""
-    return (
-        f"segment(s) {shown}{more} already stored in {store.location}; "
-        "pass overwrite=True to replace them"
-    )
+    return f"segment(s) {shown}{more} already stored in {store.location}; pass overwrite=True to replace them"
 
 
 def _fsync_directory(path: Path) -> None:

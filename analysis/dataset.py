@@ -89,9 +89,7 @@ def write_dataset_metadata(
     (Path(directory) / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def write_ground_truth(
-    directory: Path, skeletons: Sequence[Skeleton], segments: Iterable[SegmentRecord]
-) -> None:
+def write_ground_truth(directory: Path, skeletons: Sequence[Skeleton], segments: Iterable[SegmentRecord]) -> None:
     """Write the skeletons (precomputed + Parquet node/edge tables) and the segment table.
 
     Skeletons go to ``DIR/segmentation/skeletons``; every segment needs a skeleton.
@@ -115,9 +113,7 @@ def write_ground_truth(
         seg_col.append(np.full(n, s.segment_id, dtype=np.uint64))
         node_col.append(np.arange(n, dtype=np.int64))
         pos_col.append(s.nodes_nm)
-        codes = (
-            np.full(n, UNKNOWN_COMPARTMENT, np.uint8) if s.compartment is None else s.compartment
-        )
+        codes = np.full(n, UNKNOWN_COMPARTMENT, np.uint8) if s.compartment is None else s.compartment
         comp_col.append(names[np.minimum(codes, len(COMPARTMENTS))])
         e_seg.append(np.full(len(s.edges), s.segment_id, dtype=np.uint64))
         e_a.append(s.edges[:, 0])
@@ -130,9 +126,7 @@ def write_ground_truth(
             "x_nm": pa.array(pos[:, 0], pa.float64()),
             "y_nm": pa.array(pos[:, 1], pa.float64()),
             "z_nm": pa.array(pos[:, 2], pa.float64()),
-            "compartment": pa.array(
-                np.concatenate(comp_col).tolist() if comp_col else [], pa.string()
-            ),
+            "compartment": pa.array(np.concatenate(comp_col).tolist() if comp_col else [], pa.string()),
         }
     )
     edges = pa.table(

@@ -59,12 +59,12 @@ class EvaluationConfig:
 class CentreTable:
     """The evaluation centres of a dataset (one row per centre)."""
 
-    segment_ids: np.ndarray      # uint64 [N]
-    node_ids: np.ndarray         # int64 [N], index into the segment's skeleton nodes
-    xyz_nm: np.ndarray           # float64 [N, 3]
-    compartment: np.ndarray      # int64 [N], index into COMPARTMENTS (-1 unknown)
-    cell_type: np.ndarray        # str [N]
-    is_eval: np.ndarray          # bool [N], the segment's cell is an evaluation cell
+    segment_ids: np.ndarray  # uint64 [N]
+    node_ids: np.ndarray  # int64 [N], index into the segment's skeleton nodes
+    xyz_nm: np.ndarray  # float64 [N, 3]
+    compartment: np.ndarray  # int64 [N], index into COMPARTMENTS (-1 unknown)
+    cell_type: np.ndarray  # str [N]
+    is_eval: np.ndarray  # bool [N], the segment's cell is an evaluation cell
 
     def segments(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """``(segment_id, node_ids, centres_nm)`` per segment, in table order."""
@@ -98,16 +98,23 @@ def centre_table(dataset, split, spacing_nm: float) -> CentreTable:
         cols["type"].append(np.full(len(keep), dataset.cell_type(sid), dtype=object))
         cols["eval"].append(np.full(len(keep), sid in eval_ids))
     return CentreTable(
-        np.concatenate(cols["seg"]), np.concatenate(cols["node"]), np.concatenate(cols["xyz"]),
-        np.concatenate(cols["comp"]), np.concatenate(cols["type"]).astype(str), np.concatenate(cols["eval"]),
+        np.concatenate(cols["seg"]),
+        np.concatenate(cols["node"]),
+        np.concatenate(cols["xyz"]),
+        np.concatenate(cols["comp"]),
+        np.concatenate(cols["type"]).astype(str),
+        np.concatenate(cols["eval"]),
     )
 
 
 def _fit(embeddings, labels, class_names, config_name, seed, max_epochs=1000):
     from segscope.analysis.classify import train_classifier
 
-    return drive(train_classifier(embeddings, labels, class_names=class_names, config=config_name,
-                                  seed=seed, max_epochs=max_epochs))
+    return drive(
+        train_classifier(
+            embeddings, labels, class_names=class_names, config=config_name, seed=seed, max_epochs=max_epochs
+        )
+    )
 
 
 def segment_scores(segment_ids: np.ndarray, probabilities: np.ndarray, uncertainty: np.ndarray):
@@ -127,8 +134,9 @@ def _compartment_task(centres: CentreTable, embeddings: np.ndarray, known: np.nd
     labelled = centres.compartment >= 0
     train = labelled & ~centres.is_eval
     test = labelled & centres.is_eval & known
-    classifier = _fit(embeddings[train], centres.compartment[train], list(COMPARTMENTS),
-                      config.compartment_classifier, config.seed)
+    classifier = _fit(
+        embeddings[train], centres.compartment[train], list(COMPARTMENTS), config.compartment_classifier, config.seed
+    )
     predicted = classifier.predict(embeddings[test]).labels
     truth = centres.compartment[test]
     return classifier, {
@@ -174,7 +182,9 @@ def _cell_type_task(centres: CentreTable, aggregated: np.ndarray, known_types: l
     return classifier, result
 
 
-def _label_efficiency(centres: CentreTable, embeddings: np.ndarray, known: np.ndarray, config: EvaluationConfig, rng_seed: int):
+def _label_efficiency(
+    centres: CentreTable, embeddings: np.ndarray, known: np.ndarray, config: EvaluationConfig, rng_seed: int
+):
     """Accuracy on evaluation nodes vs number of labelled training nodes ``{n: [acc per repeat]}``."""
     from segscope.analysis.classify import accuracy, class_guaranteed_subsample
 
@@ -189,8 +199,14 @@ def _label_efficiency(centres: CentreTable, embeddings: np.ndarray, known: np.nd
         scores = []
         for repeat in range(config.repeats):
             pick = train_rows[class_guaranteed_subsample(centres.compartment[train_rows], n, rng)]
-            classifier = _fit(embeddings[pick], centres.compartment[pick], list(COMPARTMENTS),
-                              config.compartment_classifier, config.seed + repeat, config.efficiency_max_epochs)
+            classifier = _fit(
+                embeddings[pick],
+                centres.compartment[pick],
+                list(COMPARTMENTS),
+                config.compartment_classifier,
+                config.seed + repeat,
+                config.efficiency_max_epochs,
+            )
             scores.append(accuracy(centres.compartment[test], classifier.predict(embeddings[test]).labels))
         curve[int(n)] = scores
     return curve
@@ -220,15 +236,19 @@ def evaluate(
     known_types = sorted(set(centres.cell_type.tolist()) - set(split.holdout_types))
     known = np.isin(centres.cell_type, known_types)
     stages = 6 if baseline_encoder is not None else 4
-    yield Progress(0, stages, "stages", f"{len(centres.segment_ids)} centres in {len(np.unique(centres.segment_ids))} segments")
+    yield Progress(
+        0, stages, "stages", f"{len(centres.segment_ids)} centres in {len(np.unique(centres.segment_ids))} segments"
+    )
 
     encoders = {"trained": encoder}
     if baseline_encoder is not None:
         encoders["baseline"] = baseline_encoder
     embedded = {}
     for name, enc in encoders.items():
+
         def relay(report, name=name):
             return Progress(report.done, report.total, report.unit, f"embedding ({name}) {report.message}", report.rate)
+
         gen = stream_node_embeddings(enc, dataset.image, dataset.segmentation, centres.segments())
         while True:
             try:
@@ -251,12 +271,19 @@ def evaluate(
             return NodeEmbeddings(centres.segment_ids, centres.node_ids, centres.xyz_nm, emb).aggregated(radius)
         return emb
 
-    metrics: dict = {"config": asdict(config), "dataset": str(dataset.path), "split": asdict(split),
-                     "known_types": known_types, "held_out_types": list(split.holdout_types)}
+    metrics: dict = {
+        "config": asdict(config),
+        "dataset": str(dataset.path),
+        "split": asdict(split),
+        "known_types": known_types,
+        "held_out_types": list(split.holdout_types),
+    }
     classifiers = {}
     for name in encoders:
         comp_classifier, comp = _compartment_task(centres, features(name, config.compartment_radius_nm), known, config)
-        type_classifier, types = _cell_type_task(centres, features(name, config.cell_type_radius_nm), known_types, config)
+        type_classifier, types = _cell_type_task(
+            centres, features(name, config.cell_type_radius_nm), known_types, config
+        )
         metrics[name] = {"subcompartment": comp, "cell_type": types}
         if name == "trained":
             classifiers = {"compartment": comp_classifier, "cell_type": type_classifier}
@@ -265,14 +292,17 @@ def evaluate(
 
     curves = {}
     for name in encoders:
-        curves[name] = _label_efficiency(centres, features(name, config.compartment_radius_nm), known, config, config.seed)
+        curves[name] = _label_efficiency(
+            centres, features(name, config.compartment_radius_nm), known, config, config.seed
+        )
         metrics[name]["label_efficiency"] = {str(n): s for n, s in curves[name].items()}
         done += 1
         yield Progress(done, stages, "stages", f"label efficiency ({name})")
     if "baseline" in curves:
         points = sorted(set(curves["trained"]) & set(curves["baseline"]))
-        metrics["trained_beats_baseline_everywhere"] = bool(all(
-            np.median(curves["trained"][n]) > np.median(curves["baseline"][n]) for n in points))
+        metrics["trained_beats_baseline_everywhere"] = bool(
+            all(np.median(curves["trained"][n]) > np.median(curves["baseline"][n]) for n in points)
+        )
 
     _plot(out, metrics, curves)
     for name in encoders:
@@ -316,10 +346,13 @@ def _plot(out: Path, metrics: dict, curves: dict) -> None:
 
     trained = metrics["trained"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=120)
-    for ax, (title, task, names) in zip(axes, [
-        ("subcompartments (nodes)", trained["subcompartment"], list(COMPARTMENTS)),
-        ("cell types (segments)", trained["cell_type"], trained["cell_type"]["classes"]),
-    ]):
+    for ax, (title, task, names) in zip(
+        axes,
+        [
+            ("subcompartments (nodes)", trained["subcompartment"], list(COMPARTMENTS)),
+            ("cell types (segments)", trained["cell_type"], trained["cell_type"]["classes"]),
+        ],
+    ):
         matrix = np.asarray(task["confusion"], dtype=float)
         ax.imshow(matrix / np.maximum(matrix.sum(1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
         for (i, j), v in np.ndenumerate(matrix):

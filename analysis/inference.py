@@ -129,8 +129,7 @@ def mixed_precision_twin(encoder, policy: str = "mixed_float16"):
     twins = _TWINS.setdefault(encoder, {})
     twin = twins.get(policy)
     if twin is None:
-        twin = SegClrEncoder(encoder.encoder_config, include_projection=encoder.include_projection,
-                             dtype=policy)
+        twin = SegClrEncoder(encoder.encoder_config, include_projection=encoder.include_projection, dtype=policy)
         twins[policy] = twin
     twin.set_weights(encoder.get_weights())
     return twin
@@ -151,8 +150,9 @@ class PrecisionReport:
     min_cosine: float
 
 
-def measure_mixed_precision_error(encoder, cutouts: np.ndarray, policy: str = "mixed_float16",
-                                  batch_size: int | None = None) -> PrecisionReport:
+def measure_mixed_precision_error(
+    encoder, cutouts: np.ndarray, policy: str = "mixed_float16", batch_size: int | None = None
+) -> PrecisionReport:
     """Embed ``cutouts`` (uint8 ``[B, x, y, z]``) in float32 and in ``policy``; compare."""
     reference = encoder.embed(cutouts, batch_size=batch_size).astype(np.float64)
     reduced = mixed_precision_twin(encoder, policy).embed(cutouts, batch_size=batch_size).astype(np.float64)
@@ -160,8 +160,9 @@ def measure_mixed_precision_error(encoder, cutouts: np.ndarray, policy: str = "m
     norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(reduced, axis=1)
     cosine = np.sum(reference * reduced, axis=1) / np.where(norms > 0, norms, 1.0)
     scale = float(np.abs(reference).max()) or 1.0
-    return PrecisionReport(policy, float(diff.max()), float(diff.mean()), float(diff.max()) / scale,
-                           float(cosine.min()))
+    return PrecisionReport(
+        policy, float(diff.max()), float(diff.mean()), float(diff.max()) / scale, float(cosine.min())
+    )
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -213,8 +214,9 @@ class _Prefetcher:
     def __init__(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], depth: int):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(iter(batches),),
-                                        name="segscope-cutout-reader", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(iter(batches),), name="segscope-cutout-reader", daemon=True
+        )
         self._thread.start()
 
     def _put(self, item) -> bool:
@@ -364,8 +366,14 @@ def stream_embeddings(
                 computed[chunk_indices] = True
                 done += len(chunk_indices)
                 start += len(chunk_indices)
-                yield Progress(done, total, "cutouts", message, rate=meter.rate(done),
-                               payload=EmbeddingBatch(chunk_indices, result))
+                yield Progress(
+                    done,
+                    total,
+                    "cutouts",
+                    message,
+                    rate=meter.rate(done),
+                    payload=EmbeddingBatch(chunk_indices, result),
+                )
     finally:
         reader.close()
     if done != total or not computed.all():
@@ -417,16 +425,32 @@ def stream_segment_embeddings(
     downsample = config.downsample_from(image.voxel_size_nm)
     resolved = _resolve_device(device)
     compute_batch = int(batch_size or default_batch_size(encoder, resolved))
-    batches = iter_cutout_batches(image, segmentation, segment_id, centres, read_batch_size or compute_batch,
-                                  config.input_size_vox, downsample=downsample)
-    return (yield from stream_embeddings(
-        encoder, batches, len(centres), batch_size=compute_batch, cancel=cancel, prefetch=prefetch,
-        device=resolved, mixed_precision=mixed_precision, predict=predict,
-        message=f"segment {int(segment_id)}"))
+    batches = iter_cutout_batches(
+        image,
+        segmentation,
+        segment_id,
+        centres,
+        read_batch_size or compute_batch,
+        config.input_size_vox,
+        downsample=downsample,
+    )
+    return (
+        yield from stream_embeddings(
+            encoder,
+            batches,
+            len(centres),
+            batch_size=compute_batch,
+            cancel=cancel,
+            prefetch=prefetch,
+            device=resolved,
+            mixed_precision=mixed_precision,
+            predict=predict,
+            message=f"segment {int(segment_id)}",
+        )
+    )
 
 
-def naive_segment_embeddings(encoder, image, segmentation, segment_id: int,
-                             centres_nm: np.ndarray) -> np.ndarray:
+def naive_segment_embeddings(encoder, image, segmentation, segment_id: int, centres_nm: np.ndarray) -> np.ndarray:
     """Baseline for benchmarks: read one cutout, run one forward call, repeat.
 
     Returns float32 ``[N, D]``.
@@ -438,8 +462,7 @@ def naive_segment_embeddings(encoder, image, segmentation, segment_id: int,
     centres = np.asarray(centres_nm, dtype=np.float64).reshape(-1, 3)
     out = np.zeros((len(centres), encoder.embedding_dim), dtype=np.float32)
     for i, centre in enumerate(centres):
-        cutout = cut_masked(image, segmentation, segment_id, centre[None], config.input_size_vox,
-                            downsample=downsample)
+        cutout = cut_masked(image, segmentation, segment_id, centre[None], config.input_size_vox, downsample=downsample)
         out[i] = encoder.embed(cutout)[0]
     return out
 
@@ -513,9 +536,19 @@ def stream_node_embeddings(
     downsample = config.downsample_from(image.voxel_size_nm)
     resolved = _resolve_device(device)
     compute_batch = int(batch_size or default_batch_size(encoder, resolved))
-    seg_col = np.concatenate([np.full(len(n), int(s), dtype=np.uint64) for s, n, _ in segments]) if segments else np.zeros(0, np.uint64)
-    node_col = np.concatenate([np.asarray(n, dtype=np.int64) for _, n, _ in segments]) if segments else np.zeros(0, np.int64)
-    xyz = np.concatenate([np.asarray(c, dtype=np.float64).reshape(-1, 3) for _, _, c in segments]) if segments else np.zeros((0, 3))
+    seg_col = (
+        np.concatenate([np.full(len(n), int(s), dtype=np.uint64) for s, n, _ in segments])
+        if segments
+        else np.zeros(0, np.uint64)
+    )
+    node_col = (
+        np.concatenate([np.asarray(n, dtype=np.int64) for _, n, _ in segments]) if segments else np.zeros(0, np.int64)
+    )
+    xyz = (
+        np.concatenate([np.asarray(c, dtype=np.float64).reshape(-1, 3) for _, _, c in segments])
+        if segments
+        else np.zeros((0, 3))
+    )
     total = len(node_col)
 
     def batches():
@@ -526,8 +559,16 @@ def stream_node_embeddings(
         for segment_id, node_ids, centres in segments:
             n = len(node_ids)
             if n:
-                pending.append(cut_masked(image, segmentation, int(segment_id), np.asarray(centres).reshape(-1, 3),
-                                          config.input_size_vox, downsample=downsample))
+                pending.append(
+                    cut_masked(
+                        image,
+                        segmentation,
+                        int(segment_id),
+                        np.asarray(centres).reshape(-1, 3),
+                        config.input_size_vox,
+                        downsample=downsample,
+                    )
+                )
                 pending_idx.append(np.arange(row, row + n))
                 count += n
                 row += n
@@ -540,6 +581,13 @@ def stream_node_embeddings(
         if count:
             yield np.concatenate(pending_idx), np.concatenate(pending)
 
-    embeddings = yield from stream_embeddings(encoder, batches(), total, batch_size=compute_batch, cancel=cancel,
-                                              device=resolved, message=f"{len(segments)} segments")
+    embeddings = yield from stream_embeddings(
+        encoder,
+        batches(),
+        total,
+        batch_size=compute_batch,
+        cancel=cancel,
+        device=resolved,
+        message=f"{len(segments)} segments",
+    )
     return NodeEmbeddings(seg_col, node_col, xyz, embeddings)

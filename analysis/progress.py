@@ -57,9 +57,7 @@ class RateMeter:
         return done / elapsed if elapsed > 0 and done else None
 
 
-def drive(
-    gen: Generator[Progress, None, T], on_progress: Callable[[Progress], Any] | None = None
-) -> T:
+def drive(gen: Generator[Progress, None, T], on_progress: Callable[[Progress], Any] | None = None) -> T:
     """Run a compute generator to the end, passing each report to ``on_progress``.
 
     Returns the generator's return value.

@@ -118,8 +118,11 @@ def _cache_umap_kernels() -> int:
         if module is None or not name.startswith(("umap.", "pynndescent.")):
             continue
         for value in list(vars(module).values()):
-            if (isinstance(value, Dispatcher) and not isinstance(value._cache, FunctionCache)
-                    and getattr(value.py_func, "__module__", None) == name):  # each once, in its own module
+            if (
+                isinstance(value, Dispatcher)
+                and not isinstance(value._cache, FunctionCache)
+                and getattr(value.py_func, "__module__", None) == name
+            ):  # each once, in its own module
                 value.enable_caching()
                 switched += 1
     return switched
@@ -157,8 +160,9 @@ def numba_threadsafe() -> bool:
 def numba_cache_is_warm() -> bool:
     """True when the numba cache folder already holds compiled umap kernels."""
     folder = configure_numba_cache()
-    return (any(folder.glob("pynndescent_*/*.nbi"))
-            and any(folder.glob("umap_*/layouts.*optimize_layout_euclidean*.nbi")))
+    return any(folder.glob("pynndescent_*/*.nbi")) and any(
+        folder.glob("umap_*/layouts.*optimize_layout_euclidean*.nbi")
+    )
 
 
 # -- PCA ---------------------------------------------------------------------------------------
@@ -265,8 +269,11 @@ def fit_pca(embeddings: Any, n_components: int = 2, *, max_fit_rows: int = 5_000
     components = eigenvectors[:, order].T
     signs = np.sign(components[np.arange(n_components), np.abs(components).argmax(axis=1)])
     components *= np.where(signs == 0, 1.0, signs)[:, None]
-    return PcaModel(mean=mean.astype(np.float32), components=components.astype(np.float32),
-                    explained_variance=np.maximum(eigenvalues[order], 0).astype(np.float32))
+    return PcaModel(
+        mean=mean.astype(np.float32),
+        components=components.astype(np.float32),
+        explained_variance=np.maximum(eigenvalues[order], 0).astype(np.float32),
+    )
 
 
 # -- UMAP --------------------------------------------------------------------------------------
@@ -326,9 +333,13 @@ class UmapModel:
         return np.asarray(self.reducer.transform(values), dtype=np.float32)
 
 
-def fit_umap(embeddings: Any, settings: UmapSettings = UmapSettings(), *,
-             init: np.ndarray | None = None, prepare_transform: bool = True
-             ) -> Generator[Progress, None, UmapModel]:
+def fit_umap(
+    embeddings: Any,
+    settings: UmapSettings = UmapSettings(),
+    *,
+    init: np.ndarray | None = None,
+    prepare_transform: bool = True,
+) -> Generator[Progress, None, UmapModel]:
     """Fit UMAP on float ``[N, D]`` embeddings; a generator (a report per stage).
 
     Parameters
@@ -355,9 +366,13 @@ def fit_umap(embeddings: Any, settings: UmapSettings = UmapSettings(), *,
     yield Progress(0, 3, "steps", "loading UMAP")
     umap_ = umap_module()
     reducer = umap_.UMAP(
-        n_neighbors=settings.n_neighbors, min_dist=settings.min_dist, n_epochs=settings.n_epochs,
-        random_state=settings.seed, force_approximation_algorithm=settings.approximate,
-        init="spectral" if init is None else init, n_jobs=1 if settings.seed is not None else -1,
+        n_neighbors=settings.n_neighbors,
+        min_dist=settings.min_dist,
+        n_epochs=settings.n_epochs,
+        random_state=settings.seed,
+        force_approximation_algorithm=settings.approximate,
+        init="spectral" if init is None else init,
+        n_jobs=1 if settings.seed is not None else -1,
     )
     yield Progress(1, 3, "steps", f"fitting UMAP on {len(values)} points")
     started = time.perf_counter()
@@ -429,8 +444,9 @@ def align_layout(layout: np.ndarray, reference: np.ndarray) -> np.ndarray:
 # -- warm-up -----------------------------------------------------------------------------------
 
 
-def warm_up(n_points: int = 300, dim: int = 16, settings: UmapSettings = UmapSettings(seed=None),
-            data_seed: int = 0) -> dict[str, float]:
+def warm_up(
+    n_points: int = 300, dim: int = 16, settings: UmapSettings = UmapSettings(seed=None), data_seed: int = 0
+) -> dict[str, float]:
     """Compile UMAP's numba kernels (fit and transform) on a tiny problem.
 
     Pass the ``settings`` the real fits will use: umap compiles separate parallel and
@@ -449,21 +465,25 @@ def warm_up(n_points: int = 300, dim: int = 16, settings: UmapSettings = UmapSet
     data = (centres[rng.integers(0, 3, n_points)] + rng.normal(size=(n_points, dim))).astype(np.float32)
     model = drive(fit_umap(data[: n_points - 20], replace(settings, n_epochs=20)))
     fitted = time.perf_counter()
-    model.transform(data[n_points - 20:])
+    model.transform(data[n_points - 20 :])
     done = time.perf_counter()
-    timings = {"import_s": imported - started, "fit_s": fitted - imported, "transform_s": done - fitted,
-               "cache_was_warm": float(was_warm)}
+    timings = {
+        "import_s": imported - started,
+        "fit_s": fitted - imported,
+        "transform_s": done - fitted,
+        "cache_was_warm": float(was_warm),
+    }
     log.info("UMAP warm-up: %s", timings)
     return timings
 
 
-def start_warm_up_thread(on_done: Callable[[dict[str, float] | BaseException], None] | None = None
-                         ) -> threading.Thread:
+def start_warm_up_thread(on_done: Callable[[dict[str, float] | BaseException], None] | None = None) -> threading.Thread:
     """Run :func:`warm_up` on a daemon thread (at app launch) and return the thread.
 
     ``on_done`` receives the timings, or the exception if the warm-up failed; it runs on
     the warm-up thread.
     """
+
     def run() -> None:
         try:
             result: dict[str, float] | BaseException = warm_up()
@@ -520,8 +540,6 @@ class EmbeddingTable:
         return len(self.segment_ids)
 
 
-
-
 def _strings(column) -> np.ndarray:
     """object ``[N]`` str of a (possibly dictionary-encoded) string column, nulls as ``""``."""
     import pyarrow as pa
@@ -531,8 +549,7 @@ def _strings(column) -> np.ndarray:
     return np.asarray(column.fill_null("").to_pylist(), dtype=object)
 
 
-def read_embedding_table(path: str | os.PathLike, *, max_rows: int | None = None,
-                         seed: int = 0) -> EmbeddingTable:
+def read_embedding_table(path: str | os.PathLike, *, max_rows: int | None = None, seed: int = 0) -> EmbeddingTable:
     """Read a Parquet written by ``segscope embed`` (segment_id, node_id, x_nm, y_nm, z_nm, e0..).
 
     Prediction columns (``segscope embed --classifiers``) fill the optional fields when
@@ -580,15 +597,21 @@ def read_embedding_table(path: str | os.PathLike, *, max_rows: int | None = None
     compartments = cell_types = ood_scores = None
     if "compartment" in names:
         code_of = {name: code for code, name in enumerate(COMPARTMENTS)}
-        compartments = np.fromiter((code_of.get(name, UNKNOWN_COMPARTMENT)
-                                    for name in _strings(table.column("compartment"))),
-                                   dtype=np.uint8, count=table.num_rows)
+        compartments = np.fromiter(
+            (code_of.get(name, UNKNOWN_COMPARTMENT) for name in _strings(table.column("compartment"))),
+            dtype=np.uint8,
+            count=table.num_rows,
+        )
     if "cell_type" in names:
         cell_types = _strings(table.column("cell_type"))
     if "ood_score" in names:
-        ood_scores = table.column("ood_score").cast(pa.float32()).fill_null(np.nan).to_numpy().astype(
-            np.float32)
-    return EmbeddingTable(segment_ids=table.column("segment_id").to_numpy().astype(np.uint64),
-                          node_ids=table.column("node_id").to_numpy().astype(np.int64),
-                          xyz_nm=xyz, embeddings=embeddings, compartments=compartments,
-                          cell_types=cell_types, ood_scores=ood_scores)
+        ood_scores = table.column("ood_score").cast(pa.float32()).fill_null(np.nan).to_numpy().astype(np.float32)
+    return EmbeddingTable(
+        segment_ids=table.column("segment_id").to_numpy().astype(np.uint64),
+        node_ids=table.column("node_id").to_numpy().astype(np.int64),
+        xyz_nm=xyz,
+        embeddings=embeddings,
+        compartments=compartments,
+        cell_types=cell_types,
+        ood_scores=ood_scores,
+    )

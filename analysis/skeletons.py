@@ -88,13 +88,8 @@ class Skeleton:
         if self.compartment is not None:
             self.compartment = np.asarray(self.compartment, dtype=np.uint8).reshape(-1)
             if len(self.compartment) != n:
-                raise ValueError(
-                    f"skeleton {self.segment_id}: {len(self.compartment)} compartment codes "
-                    f"for {n} nodes"
-                )
-            bad = (self.compartment >= len(COMPARTMENTS)) & (
-                self.compartment != UNKNOWN_COMPARTMENT
-            )
+                raise ValueError(f"skeleton {self.segment_id}: {len(self.compartment)} compartment codes for {n} nodes")
+            bad = (self.compartment >= len(COMPARTMENTS)) & (self.compartment != UNKNOWN_COMPARTMENT)
             if bad.any():
                 raise ValueError(
                     f"skeleton {self.segment_id}: compartment codes must index "
@@ -104,9 +99,7 @@ class Skeleton:
         if self.radius_nm is not None:
             self.radius_nm = np.asarray(self.radius_nm, dtype=np.float32).reshape(-1)
             if len(self.radius_nm) != n:
-                raise ValueError(
-                    f"skeleton {self.segment_id}: {len(self.radius_nm)} radii for {n} nodes"
-                )
+                raise ValueError(f"skeleton {self.segment_id}: {len(self.radius_nm)} radii for {n} nodes")
 
     @property
     def n_nodes(self) -> int:
@@ -126,14 +119,10 @@ class Skeleton:
         """Compartment name per node (``"unknown"`` where unlabelled or no labels)."""
         if self.compartment is None:
             return ["unknown"] * self.n_nodes
-        return [
-            COMPARTMENTS[c] if c < len(COMPARTMENTS) else "unknown" for c in self.compartment
-        ]
+        return [COMPARTMENTS[c] if c < len(COMPARTMENTS) else "unknown" for c in self.compartment]
 
 
-def skeleton_info(
-    *, with_radius: bool = True, with_compartment: bool = True
-) -> dict:
+def skeleton_info(*, with_radius: bool = True, with_compartment: bool = True) -> dict:
     """The precomputed skeleton ``info`` document SegScope writes."""
     attributes = []
     if with_radius:
@@ -165,9 +154,7 @@ def encode_skeleton(skeleton: Skeleton, info: dict) -> bytes:
         else:
             raise ValueError(f"SegScope cannot fill skeleton vertex attribute {name!r}")
         if values is None:
-            raise ValueError(
-                f"skeleton {skeleton.segment_id} has no {name!r} values but the info lists it"
-            )
+            raise ValueError(f"skeleton {skeleton.segment_id} has no {name!r} values but the info lists it")
         values = np.ascontiguousarray(values, dtype=dtype).reshape(len(positions), components)
         parts.append(values.tobytes())
     return b"".join(parts)
@@ -195,9 +182,7 @@ def decode_skeleton(segment_id: int, data: bytes, info: dict) -> Skeleton:
         attributes[attribute["id"]] = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
         offset += count * dtype.itemsize
     if offset != len(data):
-        raise ValueError(
-            f"skeleton {segment_id}: {len(data)} bytes but header and info describe {offset}"
-        )
+        raise ValueError(f"skeleton {segment_id}: {len(data)} bytes but header and info describe {offset}")
     transform = np.asarray(info.get("transform", _IDENTITY_TRANSFORM), dtype=np.float64)
     nodes = positions.reshape(-1, 3).astype(np.float64)
     if not np.array_equal(transform, _IDENTITY_TRANSFORM):
@@ -258,9 +243,7 @@ def read_skeleton_info(directory: str | Path) -> dict:
     return info
 
 
-def read_precomputed_skeleton(
-    directory: str | Path, segment_id: int, info: dict | None = None
-) -> Skeleton:
+def read_precomputed_skeleton(directory: str | Path, segment_id: int, info: dict | None = None) -> Skeleton:
     """Read the skeleton of ``segment_id`` from an unsharded precomputed source.
 
     Raises KeyError naming the id when the source has no skeleton for it.

@@ -272,7 +272,9 @@ class TrainingResult:
     seconds: float
 
 
-def _save_checkpoint(directory: Path, encoder, optimizer, step: int, losses: list[float], config: TrainingConfig) -> None:
+def _save_checkpoint(
+    directory: Path, encoder, optimizer, step: int, losses: list[float], config: TrainingConfig
+) -> None:
     """Write weights, optimiser state and history aside, then swap the folder in."""
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
@@ -282,12 +284,16 @@ def _save_checkpoint(directory: Path, encoder, optimizer, step: int, losses: lis
     tmp.mkdir(parents=True)
     encoder.save_weights(tmp / "encoder.weights.h5")
     np.savez(tmp / "optimizer.npz", *[np.asarray(v) for v in optimizer.variables])
-    (tmp / "state.json").write_text(json.dumps({
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "step": step,
-        "losses": losses,
-        "config": asdict(config),
-    }))
+    (tmp / "state.json").write_text(
+        json.dumps(
+            {
+                "format_version": CHECKPOINT_FORMAT_VERSION,
+                "step": step,
+                "losses": losses,
+                "config": asdict(config),
+            }
+        )
+    )
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         os.replace(directory, old)
@@ -301,7 +307,9 @@ def _save_checkpoint(directory: Path, encoder, optimizer, step: int, losses: lis
 def _load_checkpoint(directory: Path, encoder, optimizer, config: TrainingConfig) -> tuple[int, list[float]]:
     state = json.loads((directory / "state.json").read_text())
     if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(f"training checkpoint {directory} has format {state.get('format_version')}, expected {CHECKPOINT_FORMAT_VERSION}")
+        raise ValueError(
+            f"training checkpoint {directory} has format {state.get('format_version')}, expected {CHECKPOINT_FORMAT_VERSION}"
+        )
     saved = {k: v for k, v in state["config"].items() if k not in ("steps", "checkpoint_every")}
     wanted = {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every")}
     if saved != wanted:
@@ -311,7 +319,9 @@ def _load_checkpoint(directory: Path, encoder, optimizer, config: TrainingConfig
     with np.load(directory / "optimizer.npz") as arrays:
         values = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
     if len(values) != len(optimizer.variables):
-        raise ValueError(f"optimizer state in {directory} has {len(values)} variables, expected {len(optimizer.variables)}")
+        raise ValueError(
+            f"optimizer state in {directory} has {len(values)} variables, expected {len(optimizer.variables)}"
+        )
     for variable, value in zip(optimizer.variables, values):
         variable.assign(value)
     return int(state["step"]), list(state["losses"])
@@ -442,9 +452,14 @@ def train_contrastive(
         elapsed = time.perf_counter() - started
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == end_step:
             _save_checkpoint(checkpoint_dir, encoder, optimizer, step + 1, losses, config)
-        yield Progress(step + 1, config.steps, "steps", f"loss {loss:.3f}",
-                       rate=done_here / elapsed if elapsed > 0 else None,
-                       payload={"loss": loss, "learning_rate": learning_rate_at(step, config)})
+        yield Progress(
+            step + 1,
+            config.steps,
+            "steps",
+            f"loss {loss:.3f}",
+            rate=done_here / elapsed if elapsed > 0 else None,
+            payload={"loss": loss, "learning_rate": learning_rate_at(step, config)},
+        )
 
     (out / "history.json").write_text(json.dumps({"loss": losses, "config": asdict(config)}))
     encoder_path = None
@@ -498,13 +513,17 @@ class CellSplit:
     seed: int
 
     @classmethod
-    def for_dataset(cls, dataset, eval_fraction: float = 0.25, holdout_types: Sequence[str] = (), seed: int = 0) -> "CellSplit":
+    def for_dataset(
+        cls, dataset, eval_fraction: float = 0.25, holdout_types: Sequence[str] = (), seed: int = 0
+    ) -> "CellSplit":
         """Split a dataset's cells: ``eval_fraction`` of each known type, all held-out types."""
         cells = np.asarray(dataset.segments["cell_id"], dtype=np.int64)
         types = np.asarray(dataset.segments["cell_type"].to_numpy(zero_copy_only=False)).astype(str)
         unknown = sorted(set(holdout_types) - set(types.tolist()))
         if unknown:
-            raise ValueError(f"held-out cell types {unknown} are not in the dataset (it has {sorted(set(types.tolist()))})")
+            raise ValueError(
+                f"held-out cell types {unknown} are not in the dataset (it has {sorted(set(types.tolist()))})"
+            )
         train, held = [], []
         for kind in sorted(set(types.tolist())):
             kind_cells = np.unique(cells[types == kind])
@@ -523,7 +542,9 @@ class CellSplit:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CellSplit":
         data = json.loads(Path(path).read_text())
-        return cls(tuple(data["train_cells"]), tuple(data["eval_cells"]), tuple(data["holdout_types"]), int(data["seed"]))
+        return cls(
+            tuple(data["train_cells"]), tuple(data["eval_cells"]), tuple(data["holdout_types"]), int(data["seed"])
+        )
 
     def segment_ids(self, dataset, which: str) -> np.ndarray:
         """uint64 ids of the dataset's segments whose cell is in ``which`` ("train"/"eval")."""
@@ -562,10 +583,18 @@ def train_on_dataset(
     n_bytes = np.prod(image.shape) * (image.dtype.itemsize + segmentation.dtype.itemsize)
     if n_bytes <= 1024**3:
         image, segmentation = image.in_memory(), segmentation.in_memory()
-    log.info("training on %d segments (%d nodes) of %d cells; %d cells held out",
-             len(train_ids), int(keep.sum()), len(split.train_cells), len(split.eval_cells))
-    return (yield from train_contrastive(image, segmentation, node_segments[keep], nodes, out, config,
-                                         resume=resume, stop_at_step=stop_at_step))
+    log.info(
+        "training on %d segments (%d nodes) of %d cells; %d cells held out",
+        len(train_ids),
+        int(keep.sum()),
+        len(split.train_cells),
+        len(split.eval_cells),
+    )
+    return (
+        yield from train_contrastive(
+            image, segmentation, node_segments[keep], nodes, out, config, resume=resume, stop_at_step=stop_at_step
+        )
+    )
 
 
 def plot_loss_curve(losses: Sequence[float], png_path: str | os.PathLike, *, window: int = 50, title: str = "") -> None:
@@ -581,7 +610,7 @@ def plot_loss_curve(losses: Sequence[float], png_path: str | os.PathLike, *, win
     ax.plot(steps, values, lw=0.5, alpha=0.4, label="per step")
     if len(values) >= window:
         running = np.convolve(values, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], running, lw=1.5, label=f"running mean ({window} steps)")
+        ax.plot(steps[window - 1 :], running, lw=1.5, label=f"running mean ({window} steps)")
     ax.set_xlabel("step")
     ax.set_ylabel("NT-Xent loss (both directions)")
     ax.set_title(title or "Contrastive training loss")

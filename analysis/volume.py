@@ -189,8 +189,10 @@ class Volume:
     bounds_nm = property(lambda self: self.info.bounds_nm)
 
     def __repr__(self) -> str:
-        return (f"Volume({self.url!r}, {self.info.driver}, shape={self.shape}, "
-                f"voxel_size_nm={self.voxel_size_nm.tolist()}, dtype={self.dtype})")
+        return (
+            f"Volume({self.url!r}, {self.info.driver}, shape={self.shape}, "
+            f"voxel_size_nm={self.voxel_size_nm.tolist()}, dtype={self.dtype})"
+        )
 
     def read(self, lo_vox: Sequence[int], hi_vox: Sequence[int]) -> np.ndarray:
         """Read the box ``[lo, hi)`` (absolute voxels, xyz); zeros outside the volume.
@@ -217,7 +219,7 @@ class Volume:
 
     def _read_inside(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Read a box that lies entirely inside the volume (absolute voxels)."""
-        return self._store[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].read().result()
+        return self._store[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].read().result()
 
     def in_memory(self) -> "Volume":
         """A copy of this volume held in RAM (same metadata), for fast random access in training."""
@@ -247,7 +249,7 @@ class _ArrayVolume(Volume):
 
     def _read_inside(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         a, b = lo - self.info.origin_vox, hi - self.info.origin_vox
-        return self._array[a[0]:b[0], a[1]:b[1], a[2]:b[2]].copy()
+        return self._array[a[0] : b[0], a[1] : b[1], a[2] : b[2]].copy()
 
     def in_memory(self) -> "Volume":
         return self
@@ -332,9 +334,7 @@ def _to_xyz(store, axes: str | None, url: str):
     else:
         axes = (axes or ("xyzc" if store.rank == 4 else "xyz")).lower()
         if len(axes) != store.rank or sorted(axes.replace("c", "")) != ["x", "y", "z"]:
-            raise VolumeError(
-                f"volume {url!r} has {store.rank} unlabelled dimensions; pass axes= (e.g. 'zyx')"
-            )
+            raise VolumeError(f"volume {url!r} has {store.rank} unlabelled dimensions; pass axes= (e.g. 'zyx')")
         order = [axes.index(a) for a in "xyz"]
         extra = [i for i in range(store.rank) if i not in order]
     for dim in extra:
@@ -616,8 +616,9 @@ def cut_masked(
     numpy.ndarray
         uint8 ``[N, x, y, z]``: ``where(seg == segment_id, em, 0)``, zero beyond the volume.
     """
-    em, mask = cut_em_and_mask(image, segmentation, segment_id, centres_nm, size_vox,
-                               downsample=downsample, shared_reads=shared_reads)
+    em, mask = cut_em_and_mask(
+        image, segmentation, segment_id, centres_nm, size_vox, downsample=downsample, shared_reads=shared_reads
+    )
     if require_segment:
         empty = ~mask.reshape(len(mask), -1).any(axis=1)
         if np.any(empty):
@@ -652,7 +653,15 @@ def iter_cutout_batches(
     cutout_origins(segmentation, centres, size_vox, downsample)
     for start in range(0, len(centres), batch_size):
         indices = np.arange(start, min(start + batch_size, len(centres)))
-        yield indices, cut_masked(
-            image, segmentation, segment_id, centres[indices], size_vox,
-            downsample=downsample, shared_reads=shared_reads,
+        yield (
+            indices,
+            cut_masked(
+                image,
+                segmentation,
+                segment_id,
+                centres[indices],
+                size_vox,
+                downsample=downsample,
+                shared_reads=shared_reads,
+            ),
         )

@@ -124,18 +124,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     dataset = _open_dataset_arg(args.dataset)
     encoder = {"lite": SEGCLR_LITE, "full": SEGCLR_FULL}[args.encoder]
     config = TrainingConfig(
-        encoder=encoder.to_dict(), steps=args.steps, batch_pairs=args.batch_pairs,
-        learning_rate=args.learning_rate, warmup_steps=min(args.warmup_steps, args.steps),
-        max_pair_distance_nm=args.max_pair_distance_nm, checkpoint_every=args.checkpoint_every,
+        encoder=encoder.to_dict(),
+        steps=args.steps,
+        batch_pairs=args.batch_pairs,
+        learning_rate=args.learning_rate,
+        warmup_steps=min(args.warmup_steps, args.steps),
+        max_pair_distance_nm=args.max_pair_distance_nm,
+        checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
     split = CellSplit.for_dataset(dataset, args.eval_fraction, args.holdout_type, seed=args.seed)
-    result = _run_with_progress("train", train_on_dataset(dataset, args.out, config, split=split,
-                                                          resume=not args.no_resume,
-                                                          stop_at_step=args.stop_at_step))
+    result = _run_with_progress(
+        "train",
+        train_on_dataset(
+            dataset, args.out, config, split=split, resume=not args.no_resume, stop_at_step=args.stop_at_step
+        ),
+    )
     last = result.losses[-20:]
-    print(f"trained {result.steps_done} steps in {result.seconds:.0f} s; mean loss of the last "
-          f"{len(last)} steps {sum(last) / max(1, len(last)):.3f}")
+    print(
+        f"trained {result.steps_done} steps in {result.seconds:.0f} s; mean loss of the last "
+        f"{len(last)} steps {sum(last) / max(1, len(last)):.3f}"
+    )
     if result.encoder_path:
         print(f"encoder written to {result.encoder_path}")
     return 0
@@ -198,8 +207,10 @@ def _dataset_of(segmentation_dir: Path | None) -> dict | None:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(meta, dict) or (meta_path.parent / str(meta.get("segmentation", ""))).resolve() \
-            != segmentation_dir.resolve():
+    if (
+        not isinstance(meta, dict)
+        or (meta_path.parent / str(meta.get("segmentation", ""))).resolve() != segmentation_dir.resolve()
+    ):
         return None
     return dict(meta, path=str(meta_path.parent))
 
@@ -214,8 +225,10 @@ def _all_segment_ids(dataset: dict | None, skeletons_dir: Path | None) -> list[i
         ids = sorted(int(p.name) for p in skeletons_dir.iterdir() if p.name.isdigit() and p.is_file())
         if ids:
             return ids
-    raise CliError("--segments all needs a SegScope dataset's segmentation (segments.parquet beside it) "
-                   "or a skeleton folder with skeletons in it (--skeletons)")
+    raise CliError(
+        "--segments all needs a SegScope dataset's segmentation (segments.parquet beside it) "
+        "or a skeleton folder with skeletons in it (--skeletons)"
+    )
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -250,26 +263,37 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     segments = []
     for segment_id in segment_ids:
         nodes, edges = _segment_skeleton(skeletons_dir, segment_id)
-        centres = segment_centres(segmentation, segment_id, skeleton_nodes_nm=nodes, skeleton_edges=edges,
-                                  spacing_nm=args.spacing_nm)
+        centres = segment_centres(
+            segmentation, segment_id, skeleton_nodes_nm=nodes, skeleton_edges=edges, spacing_nm=args.spacing_nm
+        )
         segments.append((segment_id, centres.node_ids, centres.positions_nm))
     encoder = open_encoder(encoder_path)
-    result = _run_with_progress("embed", stream_node_embeddings(encoder, image, segmentation, segments,
-                                                                batch_size=args.batch_size))
+    result = _run_with_progress(
+        "embed", stream_node_embeddings(encoder, image, segmentation, segments, batch_size=args.batch_size)
+    )
     if parquet:
         predictions = None
         if classifiers is not None:
             predictions = _run_with_progress("classify", _predict_nodes(classifiers, result))
-        _write_embeddings_parquet(out, result, encoder_path, predictions=predictions, classifiers=classifiers,
-                                  dataset=dataset, spacing_nm=args.spacing_nm)
+        _write_embeddings_parquet(
+            out,
+            result,
+            encoder_path,
+            predictions=predictions,
+            classifiers=classifiers,
+            dataset=dataset,
+            spacing_nm=args.spacing_nm,
+        )
     else:
         from segscope.analysis.csvzip import CsvZipStore
 
         store = CsvZipStore(out, coordinates="nm")
         from segscope.analysis.arrays import group_rows
 
-        rows = {segment_id: (result.node_ids[pick], result.xyz_nm[pick], result.embeddings[pick])
-                for segment_id, pick in group_rows(result.segment_ids)}
+        rows = {
+            segment_id: (result.node_ids[pick], result.xyz_nm[pick], result.embeddings[pick])
+            for segment_id, pick in group_rows(result.segment_ids)
+        }
         store.write_many(rows, overwrite=args.force)
     print(f"wrote {len(result)} node embeddings of {len(segment_ids)} segments to {out}")
     return 0
@@ -290,17 +314,22 @@ def _predict_nodes(classifiers, result):
     from segscope.analysis.progress import Progress
     from segscope.app.compute_process import load_segment_predictor, predict_segment
 
-    entries = [{"task": info.task, "path": info.path, "radius_nm": info.radius_nm}
-               for info in (classifiers.compartment, classifiers.cell_type) if info is not None]
+    entries = [
+        {"task": info.task, "path": info.path, "radius_nm": info.radius_nm}
+        for info in (classifiers.compartment, classifiers.cell_type)
+        if info is not None
+    ]
     yield Progress(0, None, "segments", "loading classifiers")
     predictor, _ = load_segment_predictor(entries)
     n = len(result)
     names = np.array(list(COMPARTMENTS) + [None], dtype=object)
     codes = np.full(n, len(COMPARTMENTS), np.intp)  # "None" until predicted
-    columns = {"compartment_probability": np.full(n, np.nan, np.float32),
-               "cell_type": np.full(n, None, object),
-               "cell_type_probability": np.full(n, np.nan, np.float32),
-               "ood_score": np.full(n, np.nan, np.float32)}
+    columns = {
+        "compartment_probability": np.full(n, np.nan, np.float32),
+        "cell_type": np.full(n, None, object),
+        "cell_type_probability": np.full(n, np.nan, np.float32),
+        "ood_score": np.full(n, np.nan, np.float32),
+    }
     # Rows of each segment, in their order in the table.
     from segscope.analysis.arrays import group_rows
 
@@ -323,9 +352,16 @@ def _predict_nodes(classifiers, result):
     return columns
 
 
-def _write_embeddings_parquet(path: Path, result, encoder_path: Path, *, predictions: dict | None = None,
-                              classifiers=None, dataset: dict | None = None, spacing_nm: float | None = None
-                              ) -> None:
+def _write_embeddings_parquet(
+    path: Path,
+    result,
+    encoder_path: Path,
+    *,
+    predictions: dict | None = None,
+    classifiers=None,
+    dataset: dict | None = None,
+    spacing_nm: float | None = None,
+) -> None:
     """One row per node: segment_id, node_id, x_nm, y_nm, z_nm, e0..e{D-1} (float32), then
     with ``predictions`` compartment, compartment_probability, cell_type,
     cell_type_probability, ood_score; zstd-compressed, provenance in the schema metadata
@@ -341,7 +377,9 @@ def _write_embeddings_parquet(path: Path, result, encoder_path: Path, *, predict
     columns = {
         "segment_id": pa.array(result.segment_ids, pa.uint64()),
         "node_id": pa.array(result.node_ids, pa.int64()),
-        "x_nm": result.xyz_nm[:, 0], "y_nm": result.xyz_nm[:, 1], "z_nm": result.xyz_nm[:, 2],
+        "x_nm": result.xyz_nm[:, 0],
+        "y_nm": result.xyz_nm[:, 1],
+        "z_nm": result.xyz_nm[:, 2],
     }
     for d in range(result.embeddings.shape[1]):
         columns[f"e{d}"] = pa.array(result.embeddings[:, d], pa.float32())
@@ -351,9 +389,14 @@ def _write_embeddings_parquet(path: Path, result, encoder_path: Path, *, predict
         columns["cell_type"] = pa.array(predictions["cell_type"], pa.string()).dictionary_encode()
         columns["cell_type_probability"] = pa.array(predictions["cell_type_probability"], pa.float32())
         columns["ood_score"] = pa.array(predictions["ood_score"], pa.float32())
-    provenance = {"model": str(encoder_path), "model_sha256": model_sha256(encoder_path),
-                  "coordinates": "nm", "segscope_version": __version__,
-                  "segments": int(len(set(result.segment_ids.tolist()))), "spacing_nm": spacing_nm}
+    provenance = {
+        "model": str(encoder_path),
+        "model_sha256": model_sha256(encoder_path),
+        "coordinates": "nm",
+        "segscope_version": __version__,
+        "segments": int(len(set(result.segment_ids.tolist()))),
+        "spacing_nm": spacing_nm,
+    }
     if dataset is not None:
         provenance["dataset"] = {key: dataset.get(key) for key in DATASET_KEYS}
     if classifiers is not None:
@@ -361,8 +404,10 @@ def _write_embeddings_parquet(path: Path, result, encoder_path: Path, *, predict
         for info in (classifiers.compartment, classifiers.cell_type):
             if info is not None:
                 provenance["classifiers"][info.task] = {
-                    "classes": list(info.class_names), "radius_nm": info.radius_nm,
-                    "ood_threshold": info.ood_threshold}
+                    "classes": list(info.class_names),
+                    "radius_nm": info.radius_nm,
+                    "ood_threshold": info.ood_threshold,
+                }
     table = pa.table(columns).replace_schema_metadata({PROVENANCE_KEY: json.dumps(provenance)})
     with atomic_file(path, force=True) as tmp:
         pq.write_table(table, tmp, compression="zstd")
@@ -371,7 +416,11 @@ def _write_embeddings_parquet(path: Path, result, encoder_path: Path, *, predict
 def _cmd_export(args: argparse.Namespace) -> int:
     from segscope.analysis.dataset import open_dataset
     from segscope.analysis.export import (
-        Provenance, export_bundle, read_node_table, read_segment_table, skeletons_from_edges_table,
+        Provenance,
+        export_bundle,
+        read_node_table,
+        read_segment_table,
+        skeletons_from_edges_table,
         tables_from_ground_truth,
     )
 
@@ -387,17 +436,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise CliError("--voxel-size X,Y,Z (nm) is needed with --nodes/--segments")
     else:
         dataset = open_dataset(args.dataset) if args.dataset else _open_dataset_arg(None)
-        nodes, segments = tables_from_ground_truth(dataset.path / "nodes.parquet", dataset.path / "segments.parquet",
-                                                   cell_type_names=dataset.cell_types or None)
+        nodes, segments = tables_from_ground_truth(
+            dataset.path / "nodes.parquet",
+            dataset.path / "segments.parquet",
+            cell_type_names=dataset.cell_types or None,
+        )
         provenance = Provenance(model_name="ground truth", dataset=str(dataset.path))
         voxel = tuple(dataset.voxel_size_nm)
         skeletons = skeletons_from_edges_table(dataset.path / "edges.parquet")
         args.image_url = args.image_url or str(dataset.path / "image")
         args.segmentation_url = args.segmentation_url or str(dataset.path / "segmentation")
-    result = _run_with_progress("export", export_bundle(
-            args.out, nodes, segments, provenance, voxel_size_nm=voxel, image_url=args.image_url,
-            segmentation_url=args.segmentation_url, serve_url=args.serve_url, skeletons=skeletons,
-            force=args.force))
+    result = _run_with_progress(
+        "export",
+        export_bundle(
+            args.out,
+            nodes,
+            segments,
+            provenance,
+            voxel_size_nm=voxel,
+            image_url=args.image_url,
+            segmentation_url=args.segmentation_url,
+            serve_url=args.serve_url,
+            skeletons=skeletons,
+            force=args.force,
+        ),
+    )
     print(f"exported to {result.folder}")
     return 0
 
@@ -418,11 +481,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     encoder_path = Path(args.encoder) if args.encoder else run / "encoder.keras"
     encoder = open_encoder(encoder_path)
     baseline = build_encoder(encoder.encoder_config, seed=args.seed + 1000)
-    config = EvaluationConfig(label_counts=tuple(args.label_counts), repeats=args.repeats, seed=args.seed,
-                              compartment_radius_nm=args.compartment_radius_nm,
-                              cell_type_radius_nm=args.cell_type_radius_nm)
-    metrics = _run_with_progress("evaluate", evaluate(dataset, encoder, split, args.out,
-                                                      baseline_encoder=baseline, config=config))
+    config = EvaluationConfig(
+        label_counts=tuple(args.label_counts),
+        repeats=args.repeats,
+        seed=args.seed,
+        compartment_radius_nm=args.compartment_radius_nm,
+        cell_type_radius_nm=args.cell_type_radius_nm,
+    )
+    metrics = _run_with_progress(
+        "evaluate", evaluate(dataset, encoder, split, args.out, baseline_encoder=baseline, config=config)
+    )
     classifiers = metrics.pop("_classifiers")
     if args.save_classifiers:
         folder = Path(args.save_classifiers)
@@ -431,13 +499,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         manifest = {}
         for name, classifier in classifiers.items():
             classifier.save(folder / f"{name}.npz")
-            manifest[name] = {"file": f"{name}.npz", "radius_nm": radius[name], "classes": list(classifier.class_names),
-                              "ood_threshold": classifier.ood_threshold, "encoder": str(encoder_path.name)}
+            manifest[name] = {
+                "file": f"{name}.npz",
+                "radius_nm": radius[name],
+                "classes": list(classifier.class_names),
+                "ood_threshold": classifier.ood_threshold,
+                "encoder": str(encoder_path.name),
+            }
         (folder / "classifiers.json").write_text(json.dumps(manifest, indent=1))
-    summary = {name: {"subcompartment_macro_f1": metrics[name]["subcompartment"]["macro_f1"],
-                      "cell_type_accuracy": metrics[name]["cell_type"]["segment_accuracy"],
-                      "ood_auroc": metrics[name]["cell_type"].get("ood_auroc")}
-               for name in ("trained", "baseline")}
+    summary = {
+        name: {
+            "subcompartment_macro_f1": metrics[name]["subcompartment"]["macro_f1"],
+            "cell_type_accuracy": metrics[name]["cell_type"]["segment_accuracy"],
+            "ood_auroc": metrics[name]["cell_type"].get("ood_auroc"),
+        }
+        for name in ("trained", "baseline")
+    }
     print(json.dumps(summary, indent=1))
     print(f"metrics and plots in {args.out}")
     return 0
@@ -456,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-data", help="write a synthetic demo dataset with ground truth")
     demo.add_argument("--out", required=True, help="output folder")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--size", type=_parse_size, default=(256, 256, 256),
-                      help="volume size in voxels, N or X,Y,Z (default 256)")
+    demo.add_argument(
+        "--size", type=_parse_size, default=(256, 256, 256), help="volume size in voxels, N or X,Y,Z (default 256)"
+    )
     demo.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     demo.set_defaults(handler=_cmd_demo_data)
 
@@ -469,11 +547,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-pairs", type=int, default=32, help="positive pairs per step (2x cutouts)")
     train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate")
     train.add_argument("--warmup-steps", type=int, default=100)
-    train.add_argument("--max-pair-distance-nm", type=float, default=3000.0,
-                       help="largest straight-line distance between the nodes of a pair (nm)")
+    train.add_argument(
+        "--max-pair-distance-nm",
+        type=float,
+        default=3000.0,
+        help="largest straight-line distance between the nodes of a pair (nm)",
+    )
     train.add_argument("--eval-fraction", type=float, default=0.25, help="cells of each type kept for evaluation")
-    train.add_argument("--holdout-type", action="append", default=[],
-                       help="cell type kept out of training entirely (repeatable)")
+    train.add_argument(
+        "--holdout-type", action="append", default=[], help="cell type kept out of training entirely (repeatable)"
+    )
     train.add_argument("--checkpoint-every", type=int, default=100)
     train.add_argument("--stop-at-step", type=int, default=None, help="stop early (resumable) at this step")
     train.add_argument("--seed", type=int, default=0)
@@ -489,19 +572,37 @@ def build_parser() -> argparse.ArgumentParser:
     embed = sub.add_parser("embed", help="SegCLR embeddings of segments' nodes (Parquet or CSV ZIP)")
     embed.add_argument("--image", required=True, metavar="URL")
     embed.add_argument("--segmentation", required=True, metavar="URL")
-    embed.add_argument("--segments", required=True, type=_parse_segments, metavar="ID[,ID...]|all",
-                       help="segment ids, or 'all': every segment of the dataset's segments table "
-                       "(or of the skeleton folder)")
-    embed.add_argument("--skeletons", metavar="DIR", help="precomputed skeletons (default: the segmentation's own; "
-                       "segments without one get centres sampled from their mask)")
-    embed.add_argument("--checkpoint", metavar="PATH", help="encoder (.keras or SegCLR checkpoint; default: demo model)")
-    embed.add_argument("--classifiers", metavar="DIR", help="classifier folder (classifiers.json, like "
-                       "assets/classifiers): add each node's predicted compartment and its segment's cell type "
-                       "and OOD score (Parquet output only)")
+    embed.add_argument(
+        "--segments",
+        required=True,
+        type=_parse_segments,
+        metavar="ID[,ID...]|all",
+        help="segment ids, or 'all': every segment of the dataset's segments table (or of the skeleton folder)",
+    )
+    embed.add_argument(
+        "--skeletons",
+        metavar="DIR",
+        help="precomputed skeletons (default: the segmentation's own; "
+        "segments without one get centres sampled from their mask)",
+    )
+    embed.add_argument(
+        "--checkpoint", metavar="PATH", help="encoder (.keras or SegCLR checkpoint; default: demo model)"
+    )
+    embed.add_argument(
+        "--classifiers",
+        metavar="DIR",
+        help="classifier folder (classifiers.json, like "
+        "assets/classifiers): add each node's predicted compartment and its segment's cell type "
+        "and OOD score (Parquet output only)",
+    )
     embed.add_argument("--spacing-nm", type=float, default=1500.0, help="centre spacing along the skeleton (nm)")
     embed.add_argument("--batch-size", type=int, default=None)
-    embed.add_argument("--out", required=True, metavar="PATH",
-                       help="*.parquet (one row per node, nm) or a CSV ZIP store folder (nm coordinates)")
+    embed.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="*.parquet (one row per node, nm) or a CSV ZIP store folder (nm coordinates)",
+    )
     embed.add_argument("--force", action="store_true", help="replace existing output")
     embed.set_defaults(handler=_cmd_embed)
 
@@ -524,10 +625,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="folder for metrics.json and plots")
     evaluate.add_argument("--label-counts", type=int, nargs="+", default=[8, 32, 128, 512, 2048])
     evaluate.add_argument("--repeats", type=int, default=3)
-    evaluate.add_argument("--compartment-radius-nm", type=float, default=0.0,
-                          help="aggregation radius of the subcompartment classifier's inputs (0: node embeddings)")
-    evaluate.add_argument("--cell-type-radius-nm", type=float, default=10_000.0,
-                          help="aggregation radius of the cell-type classifier's inputs")
+    evaluate.add_argument(
+        "--compartment-radius-nm",
+        type=float,
+        default=0.0,
+        help="aggregation radius of the subcompartment classifier's inputs (0: node embeddings)",
+    )
+    evaluate.add_argument(
+        "--cell-type-radius-nm",
+        type=float,
+        default=10_000.0,
+        help="aggregation radius of the cell-type classifier's inputs",
+    )
     evaluate.add_argument("--save-classifiers", metavar="DIR", help="also save the trained classifiers here")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(handler=_cmd_evaluate)

@@ -52,16 +52,26 @@ class JobCancelledError(RuntimeError):
 
 
 _ERROR_TYPES: dict[str, type[Exception]] = {
-    "ValueError": ValueError, "KeyError": KeyError, "FileNotFoundError": FileNotFoundError,
-    "PermissionError": PermissionError, "MemoryError": MemoryError,
+    "ValueError": ValueError,
+    "KeyError": KeyError,
+    "FileNotFoundError": FileNotFoundError,
+    "PermissionError": PermissionError,
+    "MemoryError": MemoryError,
     # SegScope's own errors subclass ValueError / KeyError; keep their meaning.
-    "VolumeError": ValueError, "DatasetError": ValueError, "CheckpointMismatchError": ValueError,
+    "VolumeError": ValueError,
+    "DatasetError": ValueError,
+    "CheckpointMismatchError": ValueError,
     "SegmentNotFoundError": KeyError,
 }
 
 
-def rebuild_error(type_name: str, message: str, *, own: dict[str, type[Exception]] | None = None,
-                  unknown: Callable[[str], Exception] | None = None) -> Exception:
+def rebuild_error(
+    type_name: str,
+    message: str,
+    *,
+    own: dict[str, type[Exception]] | None = None,
+    unknown: Callable[[str], Exception] | None = None,
+) -> Exception:
     """A child process's exception (sent as type name and message) as the nearest built-in
     type, its message kept; shared by every SegScope child process.
 
@@ -162,8 +172,14 @@ class SegmentPredictor:
         ``analysis.COMPARTMENTS`` (the app colours nodes by those).
     """
 
-    def __init__(self, compartment=None, cell_type=None, *, compartment_radius_nm: float = 0.0,
-                 cell_type_radius_nm: float = 10_000.0):
+    def __init__(
+        self,
+        compartment=None,
+        cell_type=None,
+        *,
+        compartment_radius_nm: float = 0.0,
+        cell_type_radius_nm: float = 10_000.0,
+    ):
         self.compartment = compartment
         self.cell_type = cell_type
         self.compartment_radius_nm = float(compartment_radius_nm)
@@ -172,10 +188,11 @@ class SegmentPredictor:
         if compartment is not None:
             unknown = [name for name in compartment.class_names if name not in COMPARTMENTS]
             if unknown:
-                raise ValueError(f"the compartment classifier predicts {unknown}, which are not "
-                                 f"subcompartments SegScope knows ({', '.join(COMPARTMENTS)})")
-            self._codes = np.asarray([COMPARTMENTS.index(name) for name in compartment.class_names],
-                                     dtype=np.uint8)
+                raise ValueError(
+                    f"the compartment classifier predicts {unknown}, which are not "
+                    f"subcompartments SegScope knows ({', '.join(COMPARTMENTS)})"
+                )
+            self._codes = np.asarray([COMPARTMENTS.index(name) for name in compartment.class_names], dtype=np.uint8)
         self.start(np.zeros((0, 3)))
 
     @property
@@ -199,13 +216,11 @@ class SegmentPredictor:
         if classifier is None:
             return False
         if classifier.num_features != width:
-            notes.append(f"the {what} classifier takes {classifier.num_features}-d embeddings, "
-                         f"these are {width}-d")
+            notes.append(f"the {what} classifier takes {classifier.num_features}-d embeddings, these are {width}-d")
             return False
         return True
 
-    def _changed_aggregates(self, new: np.ndarray, done: np.ndarray, radius_nm: float
-                            ) -> tuple[np.ndarray, np.ndarray]:
+    def _changed_aggregates(self, new: np.ndarray, done: np.ndarray, radius_nm: float) -> tuple[np.ndarray, np.ndarray]:
         """Centres whose radius aggregate changed with the ``new`` ones (int ``[m]``), and
         their aggregates over the embedded centres ``done`` (float32 ``[m, D]``), as
         :func:`segscope.analysis.aggregate.aggregate_embeddings` would give them."""
@@ -218,8 +233,9 @@ class SegmentPredictor:
         neighbours = tree.query_ball_point(self._positions[rows], r=radius_nm)
         counts = np.fromiter((len(n) for n in neighbours), dtype=np.intp, count=len(rows))
         columns = np.concatenate([np.asarray(n, dtype=np.intp) for n in neighbours])
-        matrix = csr_matrix((np.ones(len(columns)), (np.repeat(np.arange(len(rows)), counts), columns)),
-                            shape=(len(rows), len(done)))
+        matrix = csr_matrix(
+            (np.ones(len(columns)), (np.repeat(np.arange(len(rows)), counts), columns)), shape=(len(rows), len(done))
+        )
         sums = matrix @ self._embeddings[done].astype(np.float64)
         return rows, (sums / counts[:, None]).astype(np.float32)
 
@@ -250,9 +266,12 @@ class SegmentPredictor:
                 rows, features = indices, values
             prediction = self.compartment.predict(features)
             chosen = prediction.probabilities[np.arange(len(rows)), prediction.labels]
-            compartments = CompartmentCalls(rows.copy(), self._codes[prediction.labels],
-                                            chosen.astype(np.float32),
-                                            prediction.uncertainty.astype(np.float32))
+            compartments = CompartmentCalls(
+                rows.copy(),
+                self._codes[prediction.labels],
+                chosen.astype(np.float32),
+                prediction.uncertainty.astype(np.float32),
+            )
         if final is None:
             final = bool(self._embedded.all())
         due = final or self._typed_at == 0 or len(done) >= self.CELL_TYPE_GROWTH * self._typed_at
@@ -267,9 +286,14 @@ class SegmentPredictor:
             score = float(prediction.uncertainty.mean())
             threshold = float(self.cell_type.ood_threshold)
             cell_type = CellTypeCall(
-                name=str(self.cell_type.class_names[best]), probability=float(mean[best]),
+                name=str(self.cell_type.class_names[best]),
+                probability=float(mean[best]),
                 probabilities={str(n): float(p) for n, p in zip(self.cell_type.class_names, mean)},
-                ood_score=score, ood_flagged=score > threshold, threshold=threshold, n_nodes=int(len(done)))
+                ood_score=score,
+                ood_flagged=score > threshold,
+                threshold=threshold,
+                n_nodes=int(len(done)),
+            )
         return Predictions(compartments, cell_type, "; ".join(notes))
 
 
@@ -297,9 +321,11 @@ def load_segment_predictor(entries: Sequence[dict]) -> tuple[SegmentPredictor, d
         loaded[entry["task"]] = load_classifier(entry["path"])
         radius[entry["task"]] = float(entry["radius_nm"])
     predictor = SegmentPredictor(
-        loaded.get("compartment"), loaded.get("cell_type"),
+        loaded.get("compartment"),
+        loaded.get("cell_type"),
         compartment_radius_nm=radius.get("compartment", 0.0),
-        cell_type_radius_nm=radius.get("cell_type", 0.0))
+        cell_type_radius_nm=radius.get("cell_type", 0.0),
+    )
     # Trace the networks (and import the aggregation's scipy) now, not on a click.
     for classifier in loaded.values():
         warm = SegmentPredictor(None, classifier, cell_type_radius_nm=1.0)
@@ -404,9 +430,15 @@ class _ChildServer:  # pragma: no cover - runs in the child process
         except Exception as exc:
             return {"error": (type(exc).__name__, str(exc))}
         self.predictor = predictor if predictor.active else None
-        return {task: {"class_names": list(c.class_names), "num_features": int(c.num_features),
-                       "ood_threshold": float(c.ood_threshold), "config": c.config.name}
-                for task, c in loaded.items()}
+        return {
+            task: {
+                "class_names": list(c.class_names),
+                "num_features": int(c.num_features),
+                "ood_threshold": float(c.ood_threshold),
+                "config": c.config.name,
+            }
+            for task, c in loaded.items()
+        }
 
     def predict(self, token: int, positions_nm: np.ndarray, embeddings: np.ndarray) -> None:
         """Predictions for a whole segment's embeddings at once (precomputed ones)."""
@@ -438,8 +470,15 @@ class _ChildServer:  # pragma: no cover - runs in the child process
                 self.backlog.append(message)
         return found
 
-    def embed(self, token: int, image_url: str, segmentation_url: str, segment_id: int,
-              centres_nm: np.ndarray, first_batch: int) -> None:
+    def embed(
+        self,
+        token: int,
+        image_url: str,
+        segmentation_url: str,
+        segment_id: int,
+        centres_nm: np.ndarray,
+        first_batch: int,
+    ) -> None:
         from segscope.analysis.inference import stream_segment_embeddings
         from segscope.analysis.progress import RateMeter
 
@@ -469,16 +508,22 @@ class _ChildServer:  # pragma: no cover - runs in the child process
                 if stop <= start:
                     continue
                 part = stream_segment_embeddings(
-                    self.encoder, image, segmentation, segment_id, centres_nm[start:stop],
-                    batch_size=batch_size, cancel=is_cancelled)
+                    self.encoder,
+                    image,
+                    segmentation,
+                    segment_id,
+                    centres_nm[start:stop],
+                    batch_size=batch_size,
+                    cancel=is_cancelled,
+                )
                 for report in part:
                     batch = report.payload
                     done += len(batch.indices)
                     indices = batch.indices + start
-                    predictions = None if predictor is None else _predict_safely(predictor, indices,
-                                                                                  batch.embeddings)
-                    self.conn.send(("batch", token, indices, batch.embeddings, done, total,
-                                    meter.rate(done), predictions))
+                    predictions = None if predictor is None else _predict_safely(predictor, indices, batch.embeddings)
+                    self.conn.send(
+                        ("batch", token, indices, batch.embeddings, done, total, meter.rate(done), predictions)
+                    )
                     if is_cancelled():
                         part.close()
                         self.conn.send(("cancelled", token, done))
@@ -508,8 +553,7 @@ class ComputeProcess:
     def __init__(self) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_child_main, args=(child_conn,),
-                                        name="segscope-compute", daemon=True)
+        self._process = context.Process(target=_child_main, args=(child_conn,), name="segscope-compute", daemon=True)
         self._process.start()
         child_conn.close()
         self._tokens = itertools.count(1)
@@ -534,14 +578,16 @@ class ComputeProcess:
                 on_cancel = None
             if not self._process.is_alive():
                 raise ComputeProcessError(
-                    f"the compute process exited unexpectedly (exit code {self._process.exitcode})")
+                    f"the compute process exited unexpectedly (exit code {self._process.exitcode})"
+                )
         try:
             return self._conn.recv()
         except (EOFError, OSError) as exc:
             raise ComputeProcessError(f"the compute process is gone ({exc})") from exc
 
-    def load(self, path: str | os.PathLike, *, warm_up_batches: Sequence[int] = (1, 2)
-             ) -> Generator[Progress, None, dict]:
+    def load(
+        self, path: str | os.PathLike, *, warm_up_batches: Sequence[int] = (1, 2)
+    ) -> Generator[Progress, None, dict]:
         """Load an encoder (``.keras`` file or SegCLR checkpoint) and warm it up.
 
         Returns a dict with ``name``, ``embedding_dim``, ``input_size_vox`` and
@@ -586,8 +632,9 @@ class ComputeProcess:
         classifier is loaded.
         """
         token = next(self._tokens)
-        self._send(("predict", token, np.asarray(positions_nm, dtype=np.float64),
-                    np.asarray(embeddings, dtype=np.float32)))
+        self._send(
+            ("predict", token, np.asarray(positions_nm, dtype=np.float64), np.asarray(embeddings, dtype=np.float32))
+        )
         while True:
             message = self._receive()
             if len(message) < 2 or message[1] != token:
@@ -597,9 +644,16 @@ class ComputeProcess:
             if message[0] == "error":
                 raise rebuild_error(message[2], message[3])
 
-    def embed(self, image_url: str, segmentation_url: str, segment_id: int, centres_nm: np.ndarray, *,
-              cancel: Callable[[], bool] | None = None, first_batch: int = 2
-              ) -> Generator[Progress, None, int]:
+    def embed(
+        self,
+        image_url: str,
+        segmentation_url: str,
+        segment_id: int,
+        centres_nm: np.ndarray,
+        *,
+        cancel: Callable[[], bool] | None = None,
+        first_batch: int = 2,
+    ) -> Generator[Progress, None, int]:
         """Embed cutouts around ``centres_nm`` (``[N, 3]`` xyz nm) of one segment.
 
         Yields a Progress per forward call whose payload is a :class:`PredictedBatch`
@@ -623,9 +677,14 @@ class ComputeProcess:
                 kind = message[0]
                 if kind == "batch":
                     _, _, indices, embeddings, done, total, rate, predictions = message
-                    yield Progress(done, total, "cutouts", f"segment {segment_id}", rate=rate,
-                                   payload=PredictedBatch(np.asarray(indices), np.asarray(embeddings),
-                                                          predictions))
+                    yield Progress(
+                        done,
+                        total,
+                        "cutouts",
+                        f"segment {segment_id}",
+                        rate=rate,
+                        payload=PredictedBatch(np.asarray(indices), np.asarray(embeddings), predictions),
+                    )
                 elif kind == "done":
                     finished = True
                     return int(message[2])

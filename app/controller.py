@@ -66,9 +66,17 @@ class DataSource:
     skeletons come from an unsharded precomputed skeleton folder, positions in nm.
     """
 
-    def __init__(self, name: str, image, segmentation, image_url: str, segmentation_url: str,
-                 skeletons_dir: Path | None, skeleton_info: dict | None,
-                 neuroglancer_skeletons: str | None):
+    def __init__(
+        self,
+        name: str,
+        image,
+        segmentation,
+        image_url: str,
+        segmentation_url: str,
+        skeletons_dir: Path | None,
+        skeleton_info: dict | None,
+        neuroglancer_skeletons: str | None,
+    ):
         self.name = name
         self.image = image
         self.segmentation = segmentation
@@ -80,8 +88,9 @@ class DataSource:
         self.neuroglancer_skeletons = neuroglancer_skeletons
 
     @classmethod
-    def open(cls, image_url: str, segmentation_url: str, skeletons_url: str | None = None, *,
-             name: str | None = None) -> "DataSource":
+    def open(
+        cls, image_url: str, segmentation_url: str, skeletons_url: str | None = None, *, name: str | None = None
+    ) -> "DataSource":
         """Open and check the sources (reads metadata only).
 
         Skeletons default to the folder the segmentation's ``info`` names (``"skeletons"``)
@@ -110,7 +119,8 @@ class DataSource:
         if not np.allclose(image.voxel_size_nm, segmentation.voxel_size_nm):
             raise SourceError(
                 f"image and segmentation voxel sizes differ: {image.voxel_size_nm.tolist()} vs "
-                f"{segmentation.voxel_size_nm.tolist()} nm")
+                f"{segmentation.voxel_size_nm.tolist()} nm"
+            )
         skeletons_dir = None
         neuroglancer_skeletons = None
         seg_dir = _local_folder(segmentation_url)
@@ -130,9 +140,16 @@ class DataSource:
                 info = read_skeleton_info(skeletons_dir)
             except (OSError, ValueError) as exc:
                 raise SourceError(f"cannot read skeletons at {skeletons_dir}: {exc}") from exc
-        return cls(name or Path(str(segmentation_url).rstrip("/")).parent.name or "data",
-                   image, segmentation, str(image_url), str(segmentation_url), skeletons_dir, info,
-                   neuroglancer_skeletons)
+        return cls(
+            name or Path(str(segmentation_url).rstrip("/")).parent.name or "data",
+            image,
+            segmentation,
+            str(image_url),
+            str(segmentation_url),
+            skeletons_dir,
+            info,
+            neuroglancer_skeletons,
+        )
 
     @classmethod
     def open_dataset_folder(cls, path: str | os.PathLike) -> "DataSource":
@@ -152,8 +169,12 @@ class DataSource:
             raise SourceError(str(exc)) from exc
         folder = Path(path)
         skeletons = meta.get("skeletons")
-        return cls.open(str(folder / meta["image"]), str(folder / meta["segmentation"]),
-                        str(folder / skeletons) if skeletons else None, name=dataset.name)
+        return cls.open(
+            str(folder / meta["image"]),
+            str(folder / meta["segmentation"]),
+            str(folder / skeletons) if skeletons else None,
+            name=dataset.name,
+        )
 
     @property
     def has_ground_truth(self) -> bool:
@@ -196,7 +217,7 @@ def _local_folder(url: str) -> Path | None:
 
     for prefix in ("precomputed://",):
         if url.startswith(prefix):
-            url = url[len(prefix):]
+            url = url[len(prefix) :]
     parsed = urlparse(url)
     if parsed.scheme.lower() == "file":
         return Path(parsed.path)
@@ -327,20 +348,28 @@ def read_classifier_folder(folder: str | os.PathLike) -> ClassifierSummary:
             raise ValueError(f"{manifest_path}: {task} radius_nm must be >= 0, got {radius}")
         metadata = read_classifier_metadata(path)
         infos[task] = ClassifierInfo(
-            task=task, path=str(path), class_names=tuple(str(n) for n in metadata["class_names"]),
-            radius_nm=radius, ood_threshold=float(metadata["ood_threshold"]),
-            num_features=int(metadata["num_features"]), config=str(metadata["config"]["name"]))
+            task=task,
+            path=str(path),
+            class_names=tuple(str(n) for n in metadata["class_names"]),
+            radius_nm=radius,
+            ood_threshold=float(metadata["ood_threshold"]),
+            num_features=int(metadata["num_features"]),
+            config=str(metadata["config"]["name"]),
+        )
     compartment = infos.get("compartment")
     if compartment is not None:
         from segscope.analysis import COMPARTMENTS
 
         unknown = [name for name in compartment.class_names if name not in COMPARTMENTS]
         if unknown:
-            raise ValueError(f"{compartment.path}: the compartment classifier predicts {unknown}, "
-                             f"not subcompartments SegScope knows ({', '.join(COMPARTMENTS)})")
+            raise ValueError(
+                f"{compartment.path}: the compartment classifier predicts {unknown}, "
+                f"not subcompartments SegScope knows ({', '.join(COMPARTMENTS)})"
+            )
     encoders = {str(manifest[task]["encoder"]) for task in infos if manifest[task].get("encoder")}
-    return ClassifierSummary(str(folder), compartment, infos.get("cell_type"),
-                             encoder=encoders.pop() if len(encoders) == 1 else None)
+    return ClassifierSummary(
+        str(folder), compartment, infos.get("cell_type"), encoder=encoders.pop() if len(encoders) == 1 else None
+    )
 
 
 def find_demo_classifiers() -> Path | None:
@@ -353,8 +382,11 @@ def find_demo_classifiers() -> Path | None:
 
 def load_classifiers_job(summary: ClassifierSummary, engine) -> Generator[Progress, None, ClassifierSummary]:
     """Load the classifiers ``summary`` describes into ``engine`` (the compute process)."""
-    entries = [{"task": info.task, "path": info.path, "radius_nm": info.radius_nm}
-               for info in (summary.compartment, summary.cell_type) if info is not None]
+    entries = [
+        {"task": info.task, "path": info.path, "radius_nm": info.radius_nm}
+        for info in (summary.compartment, summary.cell_type)
+        if info is not None
+    ]
     yield from engine.load_classifiers(entries)
     return summary
 
@@ -377,8 +409,9 @@ class PrecomputedEmbeddings:
         The store's shard function (10,000 / 64 for H01 and MICrONS v117/v343).
     """
 
-    def __init__(self, location: str | os.PathLike, *, coordinates: str = "nm",
-                 num_shards: int = 10_000, bytewidth: int = 64):
+    def __init__(
+        self, location: str | os.PathLike, *, coordinates: str = "nm", num_shards: int = 10_000, bytewidth: int = 64
+    ):
         from segscope.analysis.csvzip import CsvZipStore
 
         self.store = CsvZipStore(location, num_shards=num_shards, bytewidth=bytewidth, coordinates=coordinates)
@@ -451,10 +484,17 @@ class SegmentCentres:
     note: str = ""
 
 
-def embed_segment_job(source: DataSource, engine, segment_id: int, click_nm: np.ndarray | None, *,
-                      cancel: Callable[[], bool] | None = None, first_batch: int = FIRST_BATCH,
-                      spacing_nm: float | None = None, precomputed: "PrecomputedEmbeddings | None" = None
-                      ) -> Generator[Progress, None, int]:
+def embed_segment_job(
+    source: DataSource,
+    engine,
+    segment_id: int,
+    click_nm: np.ndarray | None,
+    *,
+    cancel: Callable[[], bool] | None = None,
+    first_batch: int = FIRST_BATCH,
+    spacing_nm: float | None = None,
+    precomputed: "PrecomputedEmbeddings | None" = None,
+) -> Generator[Progress, None, int]:
     """Centres of a segment, then their embeddings, nearest to the click first.
 
     Yields one report with a :class:`SegmentCentres` payload, then one per forward call
@@ -485,37 +525,73 @@ def embed_segment_job(source: DataSource, engine, segment_id: int, click_nm: np.
         node_ids, positions, embeddings = node_ids[order], positions[order], embeddings[order]
         truth = _store_ground_truth(skeleton, node_ids, positions)
         total = len(node_ids)
-        yield Progress(0, total, "nodes", f"segment {segment_id}: {total} precomputed nodes",
-                       payload=SegmentCentres(int(segment_id), node_ids, positions,
-                                              0 if skeleton is None else skeleton.n_nodes, truth,
-                                              embedding_source="precomputed",
-                                              note=f"precomputed ({precomputed.location})"))
+        yield Progress(
+            0,
+            total,
+            "nodes",
+            f"segment {segment_id}: {total} precomputed nodes",
+            payload=SegmentCentres(
+                int(segment_id),
+                node_ids,
+                positions,
+                0 if skeleton is None else skeleton.n_nodes,
+                truth,
+                embedding_source="precomputed",
+                note=f"precomputed ({precomputed.location})",
+            ),
+        )
         predictions = None
         if engine is not None and getattr(engine, "classifiers_loaded", False):
             predictions = engine.predict(positions, embeddings)
         from segscope.app.compute_process import PredictedBatch
 
-        yield Progress(total, total, "nodes", f"segment {segment_id}: precomputed",
-                       payload=PredictedBatch(np.arange(total, dtype=np.int64), embeddings, predictions))
+        yield Progress(
+            total,
+            total,
+            "nodes",
+            f"segment {segment_id}: precomputed",
+            payload=PredictedBatch(np.arange(total, dtype=np.int64), embeddings, predictions),
+        )
         return total
 
     centres = segment_centres(
-        source.segmentation, segment_id,
+        source.segmentation,
+        segment_id,
         skeleton_nodes_nm=None if skeleton is None else skeleton.nodes_nm,
         skeleton_edges=None if skeleton is None else skeleton.edges,
-        click_nm=click_nm, spacing_nm=SEGCLR_SPACING_NM if spacing_nm is None else spacing_nm,
+        click_nm=click_nm,
+        spacing_nm=SEGCLR_SPACING_NM if spacing_nm is None else spacing_nm,
     )
     truth = None
     if skeleton is not None and skeleton.compartment is not None:
         truth = skeleton.compartment[centres.node_ids]
     total = len(centres)
-    yield Progress(0, total, "cutouts", f"segment {segment_id}: {total} centres",
-                   payload=SegmentCentres(int(segment_id), centres.node_ids, centres.positions_nm,
-                                          0 if skeleton is None else skeleton.n_nodes, truth, note=note))
+    yield Progress(
+        0,
+        total,
+        "cutouts",
+        f"segment {segment_id}: {total} centres",
+        payload=SegmentCentres(
+            int(segment_id),
+            centres.node_ids,
+            centres.positions_nm,
+            0 if skeleton is None else skeleton.n_nodes,
+            truth,
+            note=note,
+        ),
+    )
     if engine is None or not engine.loaded or total == 0:
         return 0
-    return (yield from engine.embed(source.image_url, source.segmentation_url, segment_id,
-                                    centres.positions_nm, cancel=cancel, first_batch=first_batch))
+    return (
+        yield from engine.embed(
+            source.image_url,
+            source.segmentation_url,
+            segment_id,
+            centres.positions_nm,
+            cancel=cancel,
+            first_batch=first_batch,
+        )
+    )
 
 
 def _store_ground_truth(skeleton, node_ids: np.ndarray, positions_nm: np.ndarray) -> np.ndarray | None:
@@ -586,16 +662,23 @@ class AppController:
         """Load the encoder at ``path`` on the worker; None: embedding unavailable."""
         self.model_path = path
         if path is None:
-            self.state.set_model(None, "No trained model found in assets/ and no --checkpoint given: "
-                                       "segments can be selected but not embedded.")
+            self.state.set_model(
+                None,
+                "No trained model found in assets/ and no --checkpoint given: "
+                "segments can be selected but not embedded.",
+            )
             self.state.show_status(self.state.model_message)
             return
         self.state.set_model(None, f"Loading model {path.name}…")
         self.state.show_status(self.state.model_message)
         engine = self._ensure_engine()
         self._model_job = self.runner.submit(
-            f"loading model {path.name}", lambda: load_encoder_job(path, engine, trained=trained),
-            self._on_model_update, kind=MODEL_LANE, supersede=False)
+            f"loading model {path.name}",
+            lambda: load_encoder_job(path, engine, trained=trained),
+            self._on_model_update,
+            kind=MODEL_LANE,
+            supersede=False,
+        )
 
     def load_classifiers(self, summary: ClassifierSummary | None, message: str = "") -> None:
         """Load the classifiers ``summary`` describes (see :func:`read_classifier_folder`)
@@ -610,14 +693,21 @@ class AppController:
         self.state.set_classifiers(None, f"Loading classifiers from {summary.folder}…")
         engine = self._ensure_engine()
         self._classifier_job = self.runner.submit(
-            "loading classifiers", lambda: load_classifiers_job(summary, engine),
-            self._on_classifier_update, kind=MODEL_LANE, supersede=False)
+            "loading classifiers",
+            lambda: load_classifiers_job(summary, engine),
+            self._on_classifier_update,
+            kind=MODEL_LANE,
+            supersede=False,
+        )
 
     def _on_classifier_update(self, update: JobUpdate) -> None:
         if update.event == "finished":
             summary: ClassifierSummary = update.result
-            tasks = [name for name, info in (("subcompartments", summary.compartment),
-                                             ("cell types", summary.cell_type)) if info is not None]
+            tasks = [
+                name
+                for name, info in (("subcompartments", summary.compartment), ("cell types", summary.cell_type))
+                if info is not None
+            ]
             self.state.set_classifiers(summary, f"Classifiers: {' and '.join(tasks)} from {summary.folder}")
             self.state.show_status(f"Classifiers ready: {' and '.join(tasks)}.{self._encoder_mismatch()}")
         elif update.event == "failed":
@@ -632,8 +722,10 @@ class AppController:
             return ""
         if Path(model.source).name == summary.encoder:
             return ""
-        return (f" Note: the classifiers were trained on embeddings of {summary.encoder}, not of "
-                f"{Path(model.source).name}; their predictions may mean little.")
+        return (
+            f" Note: the classifiers were trained on embeddings of {summary.encoder}, not of "
+            f"{Path(model.source).name}; their predictions may mean little."
+        )
 
     def _on_model_update(self, update: JobUpdate) -> None:
         if update.event == "finished":
@@ -671,17 +763,30 @@ class AppController:
 
         def make():
             job = holder["job"]
-            return embed_segment_job(source, engine, record.segment_id, click,
-                                     cancel=lambda: job.cancel_requested, spacing_nm=self.spacing_nm,
-                                     precomputed=precomputed)
+            return embed_segment_job(
+                source,
+                engine,
+                record.segment_id,
+                click,
+                cancel=lambda: job.cancel_requested,
+                spacing_nm=self.spacing_nm,
+                precomputed=precomputed,
+            )
 
         job = self.runner.submit(name, make, self._on_embed_update, kind=EMBED_LANE, supersede=True)
         holder["job"] = job
         self._embed_job = job
         self._click_times[job.id] = time.perf_counter()
         waiting = any(j is not None and not j.done for j in (self._model_job, self._classifier_job))
-        self.state.set_job(JobStatus(job.id, name, "queued", unit="cutouts",
-                                     message="waiting for the model and classifiers to load" if waiting else ""))
+        self.state.set_job(
+            JobStatus(
+                job.id,
+                name,
+                "queued",
+                unit="cutouts",
+                message="waiting for the model and classifiers to load" if waiting else "",
+            )
+        )
 
     def cancel(self) -> bool:
         """Cancel the running embedding job; False when none is running."""
@@ -696,48 +801,66 @@ class AppController:
         segment = self.state.segment
         segment_id = None if segment is None else segment.segment_id
         if update.event == "started":
-            self.state.update_job(job.id, state="cancelling" if job.cancel_requested else "running",
-                                  message="finding centres")
+            self.state.update_job(
+                job.id, state="cancelling" if job.cancel_requested else "running", message="finding centres"
+            )
         elif update.event == "progress":
             report = update.progress
             payload = report.payload
             if isinstance(payload, SegmentCentres):
-                self.state.set_centres(payload.segment_id, payload.node_ids, payload.positions_nm,
-                                       skeleton_node_count=payload.skeleton_node_count,
-                                       ground_truth=payload.ground_truth,
-                                       embedding_source=payload.embedding_source)
+                self.state.set_centres(
+                    payload.segment_id,
+                    payload.node_ids,
+                    payload.positions_nm,
+                    skeleton_node_count=payload.skeleton_node_count,
+                    ground_truth=payload.ground_truth,
+                    embedding_source=payload.embedding_source,
+                )
                 if payload.note:
                     self.state.show_status(f"Segment {payload.segment_id}: {payload.note}.")
             elif payload is not None and segment_id is not None:
                 self._store_batch(segment_id, payload)
             state = "cancelling" if job.cancel_requested else "running"
-            self.state.update_job(job.id, state=state, done=report.done, total=report.total,
-                                  unit=report.unit, rate=report.rate, message=report.message)
+            self.state.update_job(
+                job.id,
+                state=state,
+                done=report.done,
+                total=report.total,
+                unit=report.unit,
+                rate=report.rate,
+                message=report.message,
+            )
         elif update.event == "finished":
             elapsed = time.perf_counter() - self._click_times.pop(job.id, time.perf_counter())
             total = segment.n_centres if segment is not None else 0
             if segment is not None and segment.embedding_source == "precomputed":
-                self.state.update_job(job.id, state="finished", done=update.result, total=total,
-                                      message=f"precomputed, {elapsed:.1f} s")
-                self.state.show_status(f"Segment {segment_id}: {update.result} precomputed embeddings "
-                                       f"in {elapsed:.1f} s.{self._prediction_summary(segment)}")
+                self.state.update_job(
+                    job.id, state="finished", done=update.result, total=total, message=f"precomputed, {elapsed:.1f} s"
+                )
+                self.state.show_status(
+                    f"Segment {segment_id}: {update.result} precomputed embeddings "
+                    f"in {elapsed:.1f} s.{self._prediction_summary(segment)}"
+                )
             elif self.state.model is None:
-                self.state.update_job(job.id, state="finished", done=0, total=total,
-                                      message="no model: centres only")
-                self.state.show_status(f"Segment {segment_id}: {total} centres. "
-                                       f"{self.state.model_message or 'No model loaded.'}")
+                self.state.update_job(job.id, state="finished", done=0, total=total, message="no model: centres only")
+                self.state.show_status(
+                    f"Segment {segment_id}: {total} centres. {self.state.model_message or 'No model loaded.'}"
+                )
             else:
-                self.state.update_job(job.id, state="finished", done=update.result, total=total,
-                                      message=f"done in {elapsed:.1f} s")
-                self.state.show_status(f"Embedded {update.result} centres of segment {segment_id} "
-                                       f"in {elapsed:.1f} s.{self._prediction_summary(segment)}")
+                self.state.update_job(
+                    job.id, state="finished", done=update.result, total=total, message=f"done in {elapsed:.1f} s"
+                )
+                self.state.show_status(
+                    f"Embedded {update.result} centres of segment {segment_id} "
+                    f"in {elapsed:.1f} s.{self._prediction_summary(segment)}"
+                )
         elif update.event == "cancelled":
             self._click_times.pop(job.id, None)
             done = segment.n_embedded if segment is not None else 0
-            self.state.update_job(job.id, state="cancelled", done=done,
-                                  message=f"cancelled after {done} cutouts")
-            self.state.show_status(f"Cancelled: {done} of {segment.n_centres if segment else 0} centres "
-                                   f"of segment {segment_id} embedded.")
+            self.state.update_job(job.id, state="cancelled", done=done, message=f"cancelled after {done} cutouts")
+            self.state.show_status(
+                f"Cancelled: {done} of {segment.n_centres if segment else 0} centres of segment {segment_id} embedded."
+            )
         elif update.event == "failed":
             self._click_times.pop(job.id, None)
             self.state.update_job(job.id, state="failed", message=str(update.error))
@@ -752,12 +875,21 @@ class AppController:
             calls, cell = predictions.compartments, predictions.cell_type
             changes: dict[str, Any] = {"note": predictions.note}
             if calls is not None:
-                changes.update(predicted=calls.codes, indices=calls.indices, probability=calls.probability,
-                               uncertainty=calls.uncertainty)
+                changes.update(
+                    predicted=calls.codes,
+                    indices=calls.indices,
+                    probability=calls.probability,
+                    uncertainty=calls.uncertainty,
+                )
             if cell is not None:
-                changes.update(cell_type=cell.name, cell_type_probability=min(max(cell.probability, 0.0), 1.0),
-                               cell_type_probabilities=cell.probabilities, ood_score=cell.ood_score,
-                               ood_flagged=cell.ood_flagged, ood_threshold=cell.threshold)
+                changes.update(
+                    cell_type=cell.name,
+                    cell_type_probability=min(max(cell.probability, 0.0), 1.0),
+                    cell_type_probabilities=cell.probabilities,
+                    ood_score=cell.ood_score,
+                    ood_flagged=cell.ood_flagged,
+                    ood_threshold=cell.threshold,
+                )
             self.state.set_predictions(segment_id, **changes)
         self.state.announce_batch(segment_id, batch.indices)
 

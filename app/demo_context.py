@@ -130,8 +130,13 @@ def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
-def provenance_problems(record: dict[str, Any], dataset_meta: dict[str, Any], *,
-                        encoder_sha256: str | None, classifier_sha256: dict[str, str] | None) -> list[str]:
+def provenance_problems(
+    record: dict[str, Any],
+    dataset_meta: dict[str, Any],
+    *,
+    encoder_sha256: str | None,
+    classifier_sha256: dict[str, str] | None,
+) -> list[str]:
     """Why a context table's provenance ``record`` does not fit the data and models in use.
 
     Parameters
@@ -160,8 +165,9 @@ def provenance_problems(record: dict[str, Any], dataset_meta: dict[str, Any], *,
     else:
         for key in DATASET_KEYS:
             if made_from.get(key) != dataset_meta.get(key):
-                problems.append(f"it was made from {key} {made_from.get(key)!r}, this dataset has "
-                                f"{dataset_meta.get(key)!r}")
+                problems.append(
+                    f"it was made from {key} {made_from.get(key)!r}, this dataset has {dataset_meta.get(key)!r}"
+                )
     if encoder_sha256 is not None and record.get("model_sha256") != encoder_sha256:
         problems.append("it was embedded by another encoder (sha256 differs)")
     if classifier_sha256 is not None:
@@ -196,9 +202,13 @@ class DemoContext:
 _SHIPPED: Any = object()
 
 
-def find_demo_context(dataset_folder: str | os.PathLike, *, encoder_path: str | os.PathLike | None = _SHIPPED,
-                      classifiers_folder: str | os.PathLike | None = _SHIPPED,
-                      context_path: str | os.PathLike | None = None) -> DemoContext:
+def find_demo_context(
+    dataset_folder: str | os.PathLike,
+    *,
+    encoder_path: str | os.PathLike | None = _SHIPPED,
+    classifiers_folder: str | os.PathLike | None = _SHIPPED,
+    context_path: str | os.PathLike | None = None,
+) -> DemoContext:
     """The shipped context embeddings if they describe ``dataset_folder`` and the models in use.
 
     Parameters
@@ -259,8 +269,7 @@ def find_demo_context(dataset_folder: str | os.PathLike, *, encoder_path: str | 
         classifier_hash = None if classifiers_folder is None else classifier_hashes(classifiers_folder)
     except (OSError, ValueError) as exc:
         return no(f"cannot fingerprint the models in use: {exc}")
-    problems = provenance_problems(record, dataset_meta, encoder_sha256=encoder_hash,
-                                   classifier_sha256=classifier_hash)
+    problems = provenance_problems(record, dataset_meta, encoder_sha256=encoder_hash, classifier_sha256=classifier_hash)
     if problems:
         return no(f"{context.name} does not fit: " + "; ".join(problems))
     return DemoContext(context)

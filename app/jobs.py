@@ -72,9 +72,15 @@ class JobUpdate:
 class Job:
     """A submitted job: its identity, lane, generation and cancel flag."""
 
-    def __init__(self, job_id: int, kind: str, name: str, generation: int,
-                 make_generator: Callable[[], Generator[Progress, None, Any]],
-                 on_update: Callable[[JobUpdate], None]):
+    def __init__(
+        self,
+        job_id: int,
+        kind: str,
+        name: str,
+        generation: int,
+        make_generator: Callable[[], Generator[Progress, None, Any]],
+        on_update: Callable[[JobUpdate], None],
+    ):
         self.id = job_id
         self.kind = kind
         self.name = name
@@ -133,9 +139,15 @@ class JobRunner:
 
     # -- submitting and cancelling ---------------------------------------------------
 
-    def submit(self, name: str, make_generator: Callable[[], Generator[Progress, None, Any]],
-               on_update: Callable[[JobUpdate], None], *, kind: str = "default",
-               supersede: bool = True) -> Job:
+    def submit(
+        self,
+        name: str,
+        make_generator: Callable[[], Generator[Progress, None, Any]],
+        on_update: Callable[[JobUpdate], None],
+        *,
+        kind: str = "default",
+        supersede: bool = True,
+    ) -> Job:
         """Queue a job.
 
         Parameters

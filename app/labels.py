@@ -319,7 +319,7 @@ class LabelStore:
 
     def _push(self, command: _Command) -> None:
         self._undo.append(command)
-        del self._undo[:-self._undo_limit]
+        del self._undo[: -self._undo_limit]
         self._redo.clear()  # a new command forks history: the undone branch is gone
 
     def _apply(self, command: _Command, *, undo: bool) -> None:
@@ -348,8 +348,9 @@ class LabelStore:
     def _change(self, action: str, command: _Command) -> LabelChange:
         if command.nodes is None:
             return LabelChange(action, command.text, segment_ids=tuple(command.segments.tolist()))
-        return LabelChange(action, command.text, node_segment_ids=command.segments.copy(),
-                           node_ids=command.nodes.copy())
+        return LabelChange(
+            action, command.text, node_segment_ids=command.segments.copy(), node_ids=command.nodes.copy()
+        )
 
     # -- undo and redo -----------------------------------------------------------------
 
@@ -397,11 +398,15 @@ class LabelStore:
         node_segments = [s for s, d in self._nodes.items() for _ in d]
         nodes = [n for d in self._nodes.values() for n in d]
         return LabelChange(
-            action, text, segment_ids=tuple(dict.fromkeys(segments)),
-            node_segment_ids=np.concatenate([np.array(node_segments, dtype=np.uint64),
-                                             also.node_segment_ids if also else np.zeros(0, np.uint64)]),
-            node_ids=np.concatenate([np.array(nodes, dtype=np.int64),
-                                     also.node_ids if also else np.zeros(0, np.int64)]),
+            action,
+            text,
+            segment_ids=tuple(dict.fromkeys(segments)),
+            node_segment_ids=np.concatenate(
+                [np.array(node_segments, dtype=np.uint64), also.node_segment_ids if also else np.zeros(0, np.uint64)]
+            ),
+            node_ids=np.concatenate(
+                [np.array(nodes, dtype=np.int64), also.node_ids if also else np.zeros(0, np.int64)]
+            ),
         )
 
     def _replace_all(self, vocab: list[str], code: dict[str, int], nodes: dict, segments: dict) -> None:
@@ -440,7 +445,7 @@ class LabelStore:
         for k, segment in enumerate(unique.tolist()):
             if segment not in self._nodes:
                 continue
-            rows = order[bounds[k]:bounds[k + 1]]
+            rows = order[bounds[k] : bounds[k + 1]]
             ids, labels = self._sorted_nodes(segment)
             position = np.minimum(np.searchsorted(ids, nodes[rows]), len(ids) - 1)
             hit = ids[position] == nodes[rows]
@@ -511,9 +516,11 @@ class LabelStore:
         segments and nodes in ascending id order.
         """
         segments = [[segment, self._vocab[code]] for segment, code in sorted(self._segments.items())]
-        nodes = [[segment, node, self._vocab[code]]
-                 for segment in sorted(self._nodes)
-                 for node, code in sorted(self._nodes[segment].items())]
+        nodes = [
+            [segment, node, self._vocab[code]]
+            for segment in sorted(self._nodes)
+            for node, code in sorted(self._nodes[segment].items())
+        ]
         return {"version": FORMAT_VERSION, "labels": self.labels(), "segments": segments, "nodes": nodes}
 
     @classmethod
@@ -576,6 +583,7 @@ class LabelStore:
         if change.segment_ids or len(change.node_ids):
             self._emit(change)
 
+
 def _unique_pairs(segments: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (segment, node) pairs, sorted by segment then node."""
     order = np.lexsort((nodes, segments))
@@ -599,7 +607,7 @@ def _entry_id(value: Any, where: str, *, segment: bool) -> int:
     value = int(value)
     if segment and not 0 < value < 2**64:
         raise ValueError(f"{where}: segment id {value} is not a nonzero uint64")
-    if not segment and not -2**63 <= value < 2**63:
+    if not segment and not -(2**63) <= value < 2**63:
         raise ValueError(f"{where}: node id {value} does not fit int64")
     return value
 

@@ -33,31 +33,59 @@ class LaunchError(Exception):
 
 def add_open_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the data options of ``segscope open`` to ``parser`` and return it."""
-    parser.add_argument("--image", metavar="URL",
-                        help="EM image volume: path, file://, gs:// or http(s):// (precomputed, zarr, n5)")
+    parser.add_argument(
+        "--image", metavar="URL", help="EM image volume: path, file://, gs:// or http(s):// (precomputed, zarr, n5)"
+    )
     parser.add_argument("--segmentation", metavar="URL", help="segmentation volume (same forms as --image)")
-    parser.add_argument("--skeletons", metavar="DIR",
-                        help="precomputed skeleton folder (default: the one the segmentation's info names)")
-    parser.add_argument("--embeddings", metavar="DIR",
-                        help="precomputed SegCLR embeddings (CSV ZIP shards, folder or URL): segments found "
-                             "there are not computed")
-    parser.add_argument("--embeddings-coordinates", choices=("nm", "voxels"), default="nm",
-                        help="unit of the store's x, y, z columns: nm (segscope embed, SegCLR *_nm_coord*) "
-                             "or voxels of the segmentation (SegCLR's plain releases); default nm")
-    parser.add_argument("--embeddings-shards", metavar="N", type=int, default=10_000,
-                        help="number of shards of the store (10000 for H01 and MICrONS v117/v343, 50000 for "
-                             "newer MICrONS exports)")
-    parser.add_argument("--embeddings-bytewidth", metavar="B", type=int, default=64,
-                        help="byte width of the store's shard function (64, or 8 for newer MICrONS exports)")
-    parser.add_argument("--checkpoint", metavar="PATH",
-                        help="encoder: a SegScope .keras file or a SegCLR TensorFlow checkpoint "
-                             "(default: the demo model in assets/, when present)")
-    parser.add_argument("--session", metavar="FILE",
-                        help="reopen a saved session (*.segscope.json): its data, model, classifiers, "
-                             "segments, labels and plot; other options override its data")
-    parser.add_argument("--classifiers", metavar="DIR",
-                        help="folder of trained classifiers with a classifiers.json (segscope evaluate "
-                             "--save-classifiers writes one); default: the demo classifiers in assets/")
+    parser.add_argument(
+        "--skeletons",
+        metavar="DIR",
+        help="precomputed skeleton folder (default: the one the segmentation's info names)",
+    )
+    parser.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="precomputed SegCLR embeddings (CSV ZIP shards, folder or URL): segments found there are not computed",
+    )
+    parser.add_argument(
+        "--embeddings-coordinates",
+        choices=("nm", "voxels"),
+        default="nm",
+        help="unit of the store's x, y, z columns: nm (segscope embed, SegCLR *_nm_coord*) "
+        "or voxels of the segmentation (SegCLR's plain releases); default nm",
+    )
+    parser.add_argument(
+        "--embeddings-shards",
+        metavar="N",
+        type=int,
+        default=10_000,
+        help="number of shards of the store (10000 for H01 and MICrONS v117/v343, 50000 for newer MICrONS exports)",
+    )
+    parser.add_argument(
+        "--embeddings-bytewidth",
+        metavar="B",
+        type=int,
+        default=64,
+        help="byte width of the store's shard function (64, or 8 for newer MICrONS exports)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="encoder: a SegScope .keras file or a SegCLR TensorFlow checkpoint "
+        "(default: the demo model in assets/, when present)",
+    )
+    parser.add_argument(
+        "--session",
+        metavar="FILE",
+        help="reopen a saved session (*.segscope.json): its data, model, classifiers, "
+        "segments, labels and plot; other options override its data",
+    )
+    parser.add_argument(
+        "--classifiers",
+        metavar="DIR",
+        help="folder of trained classifiers with a classifiers.json (segscope evaluate "
+        "--save-classifiers writes one); default: the demo classifiers in assets/",
+    )
     return parser
 
 
@@ -113,9 +141,13 @@ def _session_sources(path: str) -> tuple[Path, dict]:
     except (OSError, SessionFileError, ValueError) as exc:
         raise LaunchError(f"--session: {exc}") from None
     dataset = document.dataset
-    return json_path, {"image": dataset.image_url, "segmentation": dataset.segmentation_url,
-                       "skeletons": dataset.skeletons_url, "checkpoint": document.model_path,
-                       "classifiers": document.classifiers_folder}
+    return json_path, {
+        "image": dataset.image_url,
+        "segmentation": dataset.segmentation_url,
+        "skeletons": dataset.skeletons_url,
+        "checkpoint": document.model_path,
+        "classifiers": document.classifiers_folder,
+    }
 
 
 def plan_launch(args: argparse.Namespace) -> LaunchPlan:
@@ -139,8 +171,12 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
     if getattr(args, "session", None):
         session, saved = _session_sources(args.session)
         # Options given on the command line win over the session's own.
-        args = argparse.Namespace(**{**{k: v for k, v in saved.items() if v is not None},
-                                     **{k: v for k, v in vars(args).items() if v is not None}})
+        args = argparse.Namespace(
+            **{
+                **{k: v for k, v in saved.items() if v is not None},
+                **{k: v for k, v in vars(args).items() if v is not None},
+            }
+        )
     image = getattr(args, "image", None)
     segmentation = getattr(args, "segmentation", None)
     if bool(image) != bool(segmentation):
@@ -164,16 +200,19 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
         if folder is not None:
             classifiers = read_classifier_folder(folder)
     except (OSError, ValueError) as exc:
-        raise LaunchError(f"--classifiers: {exc}" if classifier_folder else
-                          f"the demo classifiers in assets/ are unreadable: {exc}") from None
+        raise LaunchError(
+            f"--classifiers: {exc}" if classifier_folder else f"the demo classifiers in assets/ are unreadable: {exc}"
+        ) from None
 
     precomputed = None
     if getattr(args, "embeddings", None):
         try:
             precomputed = PrecomputedEmbeddings.open(
-                args.embeddings, coordinates=getattr(args, "embeddings_coordinates", "nm"),
+                args.embeddings,
+                coordinates=getattr(args, "embeddings_coordinates", "nm"),
                 num_shards=getattr(args, "embeddings_shards", 10_000),
-                bytewidth=getattr(args, "embeddings_bytewidth", 64))
+                bytewidth=getattr(args, "embeddings_bytewidth", 64),
+            )
         except SourceError as exc:
             raise LaunchError(str(exc)) from None
 
@@ -191,8 +230,9 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
         if folder is not None and (folder / "dataset.json").is_file():
             from segscope.app.demo_context import find_demo_context
 
-            context = find_demo_context(folder, encoder_path=model_path,
-                                        classifiers_folder=None if classifiers is None else classifiers.folder)
+            context = find_demo_context(
+                folder, encoder_path=model_path, classifiers_folder=None if classifiers is None else classifiers.folder
+            )
             background, note = context.path, context.reason
     except (SourceError, OSError, ValueError) as exc:
         raise LaunchError(str(exc)) from None
@@ -203,8 +243,9 @@ def _check_display() -> None:
     """Fail early, with a readable message, where Qt would abort for lack of a display."""
     if sys.platform.startswith("linux") and not os.environ.get("QT_QPA_PLATFORM"):
         if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-            raise LaunchError("no display found (DISPLAY/WAYLAND_DISPLAY unset); for a headless run "
-                              "set QT_QPA_PLATFORM=offscreen")
+            raise LaunchError(
+                "no display found (DISPLAY/WAYLAND_DISPLAY unset); for a headless run set QT_QPA_PLATFORM=offscreen"
+            )
 
 
 def configure_qt_environment() -> None:
@@ -220,12 +261,19 @@ def configure_qt_environment() -> None:
         os.environ.setdefault("QTWEBENGINE_DISABLE_SANDBOX", "1")
 
 
-def build_window(source: "DataSource", model_path: Path | None, *,
-                 model_trained: bool = True, spacing_nm: float | None = None,
-                 classifiers: "ClassifierSummary | None" = None,
-                 precomputed: "PrecomputedEmbeddings | None" = None,
-                 background: Path | None = None, plot: bool = True,
-                 projection_backend=None, plot_options: dict | None = None) -> "MainWindow":
+def build_window(
+    source: "DataSource",
+    model_path: Path | None,
+    *,
+    model_trained: bool = True,
+    spacing_nm: float | None = None,
+    classifiers: "ClassifierSummary | None" = None,
+    precomputed: "PrecomputedEmbeddings | None" = None,
+    background: Path | None = None,
+    plot: bool = True,
+    projection_backend=None,
+    plot_options: dict | None = None,
+) -> "MainWindow":
     """Create the window, its controller, job runner, neuroglancer bridge and plot.
 
     A QApplication must exist. The model, then the classifiers, load on the worker
@@ -268,9 +316,12 @@ def build_window(source: "DataSource", model_path: Path | None, *,
             log.warning("context embeddings %s not shown: %s", background, exc)
             window.attach_plot(**options)
     controller.load_model(model_path, trained=model_trained)
-    controller.load_classifiers(classifiers, "" if classifiers is not None else
-                                "No classifiers found in assets/classifiers and no --classifiers given: "
-                                "nodes are not labelled.")
+    controller.load_classifiers(
+        classifiers,
+        ""
+        if classifiers is not None
+        else "No classifiers found in assets/classifiers and no --classifiers given: nodes are not labelled.",
+    )
     return window
 
 
@@ -291,9 +342,14 @@ def run_app(args: argparse.Namespace) -> int:
 
     app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "segscope"])
     app.setApplicationName("SegScope")
-    window = build_window(plan.source, plan.model_path, model_trained=plan.model_trained,
-                          classifiers=plan.classifiers, precomputed=plan.precomputed,
-                          background=plan.background)
+    window = build_window(
+        plan.source,
+        plan.model_path,
+        model_trained=plan.model_trained,
+        classifiers=plan.classifiers,
+        precomputed=plan.precomputed,
+        background=plan.background,
+    )
     if plan.background_note:
         window.statusBar().showMessage(f"No context embeddings in the plot: {plan.background_note}", 15000)
     from segscope.app.session_file import AutosaveManager

@@ -96,8 +96,15 @@ MAX_SELECTED_NODES = 5_000
 LABELS_LAYER = "manual labels"
 #: Default name of the layer of an export bundle's annotations.
 EXPORTED_LAYER = "exported nodes"
-_BRIDGE_LAYERS = (IMAGE_LAYER, SEGMENTATION_LAYER, NODES_LAYER, GROUND_TRUTH_LAYER, HOVER_LAYER, SELECTION_LAYER,
-                  LABELS_LAYER)
+_BRIDGE_LAYERS = (
+    IMAGE_LAYER,
+    SEGMENTATION_LAYER,
+    NODES_LAYER,
+    GROUND_TRUTH_LAYER,
+    HOVER_LAYER,
+    SELECTION_LAYER,
+    LABELS_LAYER,
+)
 
 #: Marker diameters (screen pixels) of pending, embedded and labelled nodes.
 PENDING_SIZE, EMBEDDED_SIZE, LABELLED_SIZE = 5.0, 7.0, 9.0
@@ -120,15 +127,39 @@ _DRIVER_PREFIX = {
 
 #: Colours for cell types (picked by a hash of the name, so stable across runs). No
 #: magenta or violet: magenta means "out of distribution" and must stay unambiguous.
-_CELL_TYPE_PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#46f0f0",
-                      "#bcf60c", "#fabebe", "#008080", "#9a6324", "#aaffc3", "#808000")
+_CELL_TYPE_PALETTE = (
+    "#e6194b",
+    "#3cb44b",
+    "#ffe119",
+    "#4363d8",
+    "#f58231",
+    "#46f0f0",
+    "#bcf60c",
+    "#fabebe",
+    "#008080",
+    "#9a6324",
+    "#aaffc3",
+    "#808000",
+)
 
 #: Colours of manual labels that are not compartment names, by position. Picked so that
 #: every pair, and each against the compartment colours, magenta (OOD), the pending grey,
 #: the embedded yellow, white and black, is at least 75 apart in RGB (0-255), and none is
 #: too dark to see on the black 3-D view or the plot's dark background.
-_LABEL_PALETTE = ("#46f0f0", "#bcf60c", "#fabebe", "#008080", "#9a6324", "#aaffc3",
-                  "#ffa500", "#00ff00", "#dc143c", "#e9967a", "#00ced1", "#2ca02c")
+_LABEL_PALETTE = (
+    "#46f0f0",
+    "#bcf60c",
+    "#fabebe",
+    "#008080",
+    "#9a6324",
+    "#aaffc3",
+    "#ffa500",
+    "#00ff00",
+    "#dc143c",
+    "#e9967a",
+    "#00ced1",
+    "#2ca02c",
+)
 
 _NM_PER_UNIT = {"m": 1e9, "mm": 1e6, "um": 1e3, "µm": 1e3, "nm": 1.0, "pm": 1e-3}
 
@@ -382,7 +413,7 @@ class NeuroglancerBridge:
         """``url`` as the page can fetch it: local paths become http://127.0.0.1 URLs."""
         for prefix in ("precomputed://", "zarr://", "zarr2://", "zarr3://", "n5://"):
             if url.startswith(prefix):
-                url = url[len(prefix):]
+                url = url[len(prefix) :]
         parsed = urlparse(url)
         scheme = parsed.scheme.lower()
         if scheme in ("gs", "s3", "http", "https"):
@@ -439,15 +470,21 @@ class NeuroglancerBridge:
             s.layers.clear()
             s.layers[IMAGE_LAYER] = neuroglancer.ImageLayer(source=sources.image)
             s.layers[SEGMENTATION_LAYER] = neuroglancer.SegmentationLayer(
-                source=segmentation_sources, selected_alpha=0.35, not_selected_alpha=0.05,
+                source=segmentation_sources,
+                selected_alpha=0.35,
+                not_selected_alpha=0.05,
                 hide_segment_zero=True,
             )
             s.layers[GROUND_TRUTH_LAYER] = neuroglancer.LocalAnnotationLayer(
-                dimensions=nm_space, annotation_properties=_node_properties(), shader=_NODE_SHADER,
+                dimensions=nm_space,
+                annotation_properties=_node_properties(),
+                shader=_NODE_SHADER,
             )
             s.layers[GROUND_TRUTH_LAYER].visible = False
             s.layers[NODES_LAYER] = neuroglancer.LocalAnnotationLayer(
-                dimensions=nm_space, annotation_properties=_node_properties(), shader=_NODE_SHADER,
+                dimensions=nm_space,
+                annotation_properties=_node_properties(),
+                shader=_NODE_SHADER,
             )
             s.selected_layer.layer = SEGMENTATION_LAYER
             s.layout = layout
@@ -466,7 +503,8 @@ class NeuroglancerBridge:
         sources = LayerSources(
             image=self.source_url(source.image_url, source.image.info.driver),
             segmentation=self.source_url(source.segmentation_url, source.segmentation.info.driver),
-            skeletons=None if source.neuroglancer_skeletons is None
+            skeletons=None
+            if source.neuroglancer_skeletons is None
             else "precomputed://" + self.http_url(source.neuroglancer_skeletons),
             voxel_size_nm=np.asarray(source.segmentation.voxel_size_nm, dtype=np.float64),
             centre_nm=np.asarray(source.centre_nm, dtype=np.float64),
@@ -475,11 +513,14 @@ class NeuroglancerBridge:
 
     def set_layout(self, layout: str) -> None:
         """Change the panel layout (``"xy"``, ``"3d"``, ``"xy-3d"``, ``"4panel"``...)."""
-        self._writer.submit("layout", lambda: self._write_if_changed(
-            lambda s: s.layout.type == layout, lambda s: setattr(s, "layout", layout)))
+        self._writer.submit(
+            "layout",
+            lambda: self._write_if_changed(lambda s: s.layout.type == layout, lambda s: setattr(s, "layout", layout)),
+        )
 
     def set_view(self, centre_nm: Sequence[float], cross_section_scale: float | None = None) -> None:
         """Move the view to ``centre_nm`` (xyz nm); optionally zoom the 2-D panels."""
+
         def apply(s) -> None:
             scales = _dimension_scales_nm(s.dimensions)
             s.position = (np.asarray(centre_nm, dtype=np.float64) / scales).tolist()
@@ -523,8 +564,9 @@ class NeuroglancerBridge:
             When the segment id or the position is malformed.
         """
         annotations = [] if point is None else [hover_annotation(*point)]
-        self._writer.submit("hover", lambda: self._write_annotation_layer(
-            HOVER_LAYER, annotations, self._ring_layer(_HOVER_SHADER)))
+        self._writer.submit(
+            "hover", lambda: self._write_annotation_layer(HOVER_LAYER, annotations, self._ring_layer(_HOVER_SHADER))
+        )
         if move and annotations:
             self.set_view(annotations[0]["point"])
 
@@ -546,11 +588,14 @@ class NeuroglancerBridge:
         if len(points) > MAX_SELECTED_NODES:
             points = [points[i] for i in np.linspace(0, len(points) - 1, MAX_SELECTED_NODES).astype(int)]
         annotations = [dict(hover_annotation(*point), id=f"selected-{i}") for i, point in enumerate(points)]
-        self._writer.submit("selection nodes", lambda: self._write_annotation_layer(
-            SELECTION_LAYER, annotations, self._ring_layer(_SELECTION_SHADER)))
+        self._writer.submit(
+            "selection nodes",
+            lambda: self._write_annotation_layer(SELECTION_LAYER, annotations, self._ring_layer(_SELECTION_SHADER)),
+        )
 
-    def show_labels(self, points: Sequence[tuple[int, int | None, Sequence[float], str]],
-                    labels_in_order: Sequence[str] = ()) -> None:
+    def show_labels(
+        self, points: Sequence[tuple[int, int | None, Sequence[float], str]], labels_in_order: Sequence[str] = ()
+    ) -> None:
         """Show the manually labelled nodes in :data:`LABELS_LAYER`, coloured by label.
 
         Parameters
@@ -571,8 +616,10 @@ class NeuroglancerBridge:
             For a malformed point, an empty label, or two points with the same node.
         """
         annotations = label_annotations(points, labels_in_order)
-        self._writer.submit("labels", lambda: self._write_annotation_layer(
-            LABELS_LAYER, annotations, self._labels_layer, drop_when_empty=True))
+        self._writer.submit(
+            "labels",
+            lambda: self._write_annotation_layer(LABELS_LAYER, annotations, self._labels_layer, drop_when_empty=True),
+        )
 
     def add_exported_layer(self, bundle_folder: str | Path, name: str = EXPORTED_LAYER) -> str:
         """Show an export bundle's ``annotations/`` as a precomputed annotation layer.
@@ -604,8 +651,10 @@ class NeuroglancerBridge:
         if not folder.is_dir():
             raise FileNotFoundError(f"no export bundle folder {folder}")
         if not info_path.is_file():
-            raise FileNotFoundError(f"{folder} has no annotations/ folder with an info file "
-                                    f"(not an export bundle, or exported without annotations)")
+            raise FileNotFoundError(
+                f"{folder} has no annotations/ folder with an info file "
+                f"(not an export bundle, or exported without annotations)"
+            )
         try:
             info = json.loads(info_path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -616,10 +665,15 @@ class NeuroglancerBridge:
         property_ids = {str(p.get("id")) for p in info.get("properties", []) if isinstance(p, dict)}
         base = self._serve_bundle(folder, info_path)
         source = f"precomputed://{base}/annotations"
-        properties_source = (f"precomputed://{base}/segment_properties"
-                             if (folder / "segment_properties" / "info").is_file() else None)
-        self._writer.submit(f"exported:{name}", lambda: self._write_exported_layer(
-            name, source, relationships, "compartment" in property_ids, properties_source))
+        properties_source = (
+            f"precomputed://{base}/segment_properties" if (folder / "segment_properties" / "info").is_file() else None
+        )
+        self._writer.submit(
+            f"exported:{name}",
+            lambda: self._write_exported_layer(
+                name, source, relationships, "compartment" in property_ids, properties_source
+            ),
+        )
         return source
 
     def on_segments_changed(self, callback: Callable[[frozenset[int]], None]) -> Callable[[], None]:
@@ -750,9 +804,14 @@ class NeuroglancerBridge:
         space = self._neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[1, 1, 1])
         return self._neuroglancer.LocalAnnotationLayer(dimensions=space, **kwargs)
 
-    def _write_annotation_layer(self, name: str, annotations: list[dict],
-                                make_layer: Callable[[list[dict]], Any] | None = None, *,
-                                drop_when_empty: bool = False) -> None:
+    def _write_annotation_layer(
+        self,
+        name: str,
+        annotations: list[dict],
+        make_layer: Callable[[list[dict]], Any] | None = None,
+        *,
+        drop_when_empty: bool = False,
+    ) -> None:
         """Make local annotation layer ``name`` hold ``annotations`` (JSON dicts, nm).
 
         A layer is changed in place, never re-created: re-creating it makes the page
@@ -767,6 +826,7 @@ class NeuroglancerBridge:
         drop_when_empty
             Remove the layer when there is nothing to show; otherwise it is kept, empty.
         """
+
         def is_current(s) -> bool:
             if name not in s.layers:
                 return make_layer is None or not annotations
@@ -789,12 +849,16 @@ class NeuroglancerBridge:
         return lambda annotations: self._nm_annotation_layer(shader=shader, annotations=annotations, pick=False)
 
     def _labels_layer(self, annotations: list[dict]):
-        return self._nm_annotation_layer(annotation_properties=_label_properties(), shader=_LABEL_SHADER,
-                                         annotations=annotations,
-                                         linked_segmentation_layer={"segments": SEGMENTATION_LAYER})
+        return self._nm_annotation_layer(
+            annotation_properties=_label_properties(),
+            shader=_LABEL_SHADER,
+            annotations=annotations,
+            linked_segmentation_layer={"segments": SEGMENTATION_LAYER},
+        )
 
-    def _write_exported_layer(self, name: str, source: str, relationships: list[str],
-                              compartment_shader: bool, properties_source: str | None) -> None:
+    def _write_exported_layer(
+        self, name: str, source: str, relationships: list[str], compartment_shader: bool, properties_source: str | None
+    ) -> None:
         neuroglancer = self._neuroglancer
         links = {relationship: SEGMENTATION_LAYER for relationship in relationships}
         shader = None
@@ -862,6 +926,7 @@ class NeuroglancerBridge:
 
     def _write_ood_flag(self, flag: tuple[str, dict] | None) -> None:
         """Show ``flag`` (layer name, box annotation) as the only flag layer; None: none."""
+
         def is_current(s) -> bool:
             names = [layer.name for layer in s.layers if layer.name.startswith(OOD_LAYER_PREFIX)]
             if flag is None:
@@ -877,8 +942,9 @@ class NeuroglancerBridge:
                     return
                 del s.layers[name]
             if flag is not None:
-                s.layers[flag[0]] = self._nm_annotation_layer(annotation_properties=_flag_properties(),
-                                                              shader=_FLAG_SHADER, annotations=[flag[1]])
+                s.layers[flag[0]] = self._nm_annotation_layer(
+                    annotation_properties=_flag_properties(), shader=_FLAG_SHADER, annotations=[flag[1]]
+                )
 
         self._write_if_changed(is_current, apply)
 
@@ -1008,8 +1074,9 @@ def hover_annotation(segment_id: int, node_id: int, xyz_nm: Sequence[float]) -> 
     }
 
 
-def label_annotations(points: Sequence[tuple[int, int | None, Sequence[float], str]],
-                      labels_in_order: Sequence[str] = ()) -> list[dict]:
+def label_annotations(
+    points: Sequence[tuple[int, int | None, Sequence[float], str]], labels_in_order: Sequence[str] = ()
+) -> list[dict]:
     """Point annotations (neuroglancer JSON, nm) of manually labelled nodes.
 
     Each is coloured by :func:`label_colour`, describes itself by its label and carries
@@ -1031,16 +1098,18 @@ def label_annotations(points: Sequence[tuple[int, int | None, Sequence[float], s
             raise ValueError(f"labelled point {segment}-{node_id} has no label ({label!r})")
         key = f"label-{segment}" if node_id is None else f"label-{segment}-{int(node_id)}"
         if key in seen:
-            raise ValueError(f"node {key[len('label-'):]} is labelled twice")
+            raise ValueError(f"node {key[len('label-') :]} is labelled twice")
         seen.add(key)
-        annotations.append({
-            "type": "point",
-            "id": key,
-            "point": _position_nm(xyz_nm, f"labelled node {key[len('label-'):]}"),
-            "description": label,
-            "segments": [[str(segment)]],
-            "props": [colours.get(label) or colours.setdefault(label, label_colour(label, labels_in_order))],
-        })
+        annotations.append(
+            {
+                "type": "point",
+                "id": key,
+                "point": _position_nm(xyz_nm, f"labelled node {key[len('label-') :]}"),
+                "description": label,
+                "segments": [[str(segment)]],
+                "props": [colours.get(label) or colours.setdefault(label, label_colour(label, labels_in_order))],
+            }
+        )
     return annotations
 
 
@@ -1051,7 +1120,9 @@ def _node_properties() -> list:
         neuroglancer.AnnotationPropertySpec(id="color", type="rgb", default=PENDING_COLOUR),
         neuroglancer.AnnotationPropertySpec(id="size", type="float32", default=PENDING_SIZE),
         neuroglancer.AnnotationPropertySpec(
-            id="compartment", type="uint8", default=UNKNOWN_COMPARTMENT,
+            id="compartment",
+            type="uint8",
+            default=UNKNOWN_COMPARTMENT,
             enum_values=list(range(len(COMPARTMENTS))) + [UNKNOWN_COMPARTMENT],
             enum_labels=list(COMPARTMENTS) + ["unknown"],
         ),
@@ -1085,15 +1156,16 @@ def ood_flag(record: SegmentRecord) -> tuple[str, dict] | None:
         "id": f"ood-{record.segment_id}",
         "pointA": [float(v) for v in lo],
         "pointB": [float(v) for v in hi],
-        "description": (f"segment {record.segment_id} is out of distribution: cell-type uncertainty "
-                        f"{record.ood_score:.2f}{threshold}"),
+        "description": (
+            f"segment {record.segment_id} is out of distribution: cell-type uncertainty "
+            f"{record.ood_score:.2f}{threshold}"
+        ),
         "props": [OOD_COLOUR],
     }
     return name, box
 
 
-def _point(segment_id: int, node_id: int, position_nm: np.ndarray, colour: str, size: float,
-           code: int) -> dict:
+def _point(segment_id: int, node_id: int, position_nm: np.ndarray, colour: str, size: float, code: int) -> dict:
     return {
         "type": "point",
         "id": f"{segment_id}-{node_id}",
@@ -1134,8 +1206,9 @@ def ground_truth_annotations(record: SegmentRecord) -> list[dict]:
         code = int(code)
         known = code != UNKNOWN_COMPARTMENT
         colour = COMPARTMENT_COLOURS[COMPARTMENTS[code]] if known else PENDING_COLOUR
-        points.append(_point(record.segment_id, int(node_id), position, colour,
-                             LABELLED_SIZE if known else PENDING_SIZE, code))
+        points.append(
+            _point(record.segment_id, int(node_id), position, colour, LABELLED_SIZE if known else PENDING_SIZE, code)
+        )
     return points
 
 
@@ -1146,4 +1219,3 @@ def segment_colour(record: SegmentRecord, class_names: Sequence[str] = ()) -> st
     if record.cell_type is not None:
         return cell_type_colour(record.cell_type, class_names)
     return None
-

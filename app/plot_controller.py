@@ -55,9 +55,25 @@ UNKNOWN_RGBA = (128, 128, 128, 200)
 #: Distinct colours for categories (cell types, segments); with "unknown" at most 20
 #: colours. No magenta: in the 3-D view it means out of distribution.
 CATEGORY_COLOURS = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#637939", "#bcbd22",
-    "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2",
-    "#dbdb8d", "#9edae5", "#393b79",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#637939",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#dbdb8d",
+    "#9edae5",
+    "#393b79",
 )
 #: Viridis anchors; OOD scores are binned into ``OOD_BINS`` colours interpolated between them.
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
@@ -234,8 +250,16 @@ class PlotController:
     def n_points(self) -> int:
         return len(self.segment_ids)
 
-    def add_points(self, segment_ids: Any, node_ids: Any, xyz_nm: Any, embeddings: Any, *,
-                   compartments: Any = None, background: bool = False) -> np.ndarray:
+    def add_points(
+        self,
+        segment_ids: Any,
+        node_ids: Any,
+        xyz_nm: Any,
+        embeddings: Any,
+        *,
+        compartments: Any = None,
+        background: bool = False,
+    ) -> np.ndarray:
         """Add (or update) points; returns int64 ``[k]`` rows of the new points only.
 
         Parameters
@@ -272,8 +296,11 @@ class PlotController:
             raise ValueError("embeddings contain NaN or infinite values")
         if self.embeddings is not None and values.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"embeddings are {values.shape[1]}-d, the plot holds {self.embeddings.shape[1]}-d")
-        codes = (np.full(k, UNKNOWN_COMPARTMENT, np.uint8) if compartments is None
-                 else np.asarray(compartments, dtype=np.uint8).reshape(k))
+        codes = (
+            np.full(k, UNKNOWN_COMPARTMENT, np.uint8)
+            if compartments is None
+            else np.asarray(compartments, dtype=np.uint8).reshape(k)
+        )
         if k == 0:
             return np.zeros(0, np.int64)
 
@@ -296,8 +323,9 @@ class PlotController:
             self.segment_ids = np.concatenate([self.segment_ids, segments[new]])
             self.node_ids = np.concatenate([self.node_ids, node_ids[new]])
             self.xyz_nm = np.concatenate([self.xyz_nm, xyz[new]])
-            self.embeddings = values[new].copy() if self.embeddings is None else np.concatenate(
-                [self.embeddings, values[new]])
+            self.embeddings = (
+                values[new].copy() if self.embeddings is None else np.concatenate([self.embeddings, values[new]])
+            )
             self.compartments = np.concatenate([self.compartments, codes[new]])
             self.ood_scores = np.concatenate([self.ood_scores, np.full(n_new, np.nan, np.float32)])
             self.cell_type_codes = np.concatenate([self.cell_type_codes, np.full(n_new, -1, np.int16)])
@@ -309,14 +337,17 @@ class PlotController:
             self.layout = np.concatenate([self.layout, np.full((n_new, 2), np.nan, np.float32)])
             hidden = np.isin(segments[new], np.fromiter(self._hidden_segments, np.uint64, len(self._hidden_segments)))
             self.hidden = np.concatenate([self.hidden, hidden])
-            grows_selection = np.isin(segments[new], np.fromiter(self._selected_segments, np.uint64,
-                                                                 len(self._selected_segments))) & ~hidden
+            grows_selection = (
+                np.isin(segments[new], np.fromiter(self._selected_segments, np.uint64, len(self._selected_segments)))
+                & ~hidden
+            )
             self.selected = np.concatenate([self.selected, grows_selection])
             for segment, picks in group_rows(segments[new]):
                 rows_of_segment = new_rows[picks]
                 previous = self._segment_rows.get(segment)
-                self._segment_rows[segment] = (rows_of_segment if previous is None
-                                               else np.concatenate([previous, rows_of_segment]))
+                self._segment_rows[segment] = (
+                    rows_of_segment if previous is None else np.concatenate([previous, rows_of_segment])
+                )
             self._emit("points", new_rows)
             if grows_selection.any():
                 # Points streaming in for a segment selected elsewhere join its selection;
@@ -378,8 +409,11 @@ class PlotController:
 
     def show_segments(self, segment_ids: Iterable[int] | None = None) -> int:
         """Show hidden ``segment_ids`` again (None: every hidden segment); returns how many."""
-        segments = set(self._hidden_segments) if segment_ids is None else (
-            {int(s) for s in segment_ids} & self._hidden_segments)
+        segments = (
+            set(self._hidden_segments)
+            if segment_ids is None
+            else ({int(s) for s in segment_ids} & self._hidden_segments)
+        )
         if not segments:
             return 0
         self._hidden_segments -= segments
@@ -415,8 +449,9 @@ class PlotController:
         self.compartments[rows[rows >= 0]] = codes[rows >= 0]
         self._emit("colours")
 
-    def set_segment_labels(self, segment_id: int, *, cell_type: str | None = None,
-                           ood_score: float | None = None) -> None:
+    def set_segment_labels(
+        self, segment_id: int, *, cell_type: str | None = None, ood_score: float | None = None
+    ) -> None:
         """Set the cell type and/or OOD score of every point of a segment."""
         rows = self.segment_rows([segment_id])
         if cell_type is not None:
@@ -439,8 +474,9 @@ class PlotController:
                 if name not in self.cell_type_names:
                     self.cell_type_names.append(str(name))
             lookup = {name: code for code, name in enumerate(self.cell_type_names)}
-            self.cell_type_codes[rows] = np.fromiter((lookup.get(n, -1) if n else -1 for n in names),
-                                                     np.int16, len(names))
+            self.cell_type_codes[rows] = np.fromiter(
+                (lookup.get(n, -1) if n else -1 for n in names), np.int16, len(names)
+            )
         if ood_scores is not None:
             scores = np.asarray(ood_scores, dtype=np.float32).reshape(-1)
             if len(scores) != len(rows):
@@ -483,8 +519,9 @@ class PlotController:
         n = self.n_points
         unknown = np.array([UNKNOWN_RGBA], np.uint8)
         if self.colour_mode == "subcompartment":
-            palette = np.array([_hex_rgba(COMPARTMENT_COLOURS[name]) for name in COMPARTMENTS] + [UNKNOWN_RGBA],
-                               np.uint8)
+            palette = np.array(
+                [_hex_rgba(COMPARTMENT_COLOURS[name]) for name in COMPARTMENTS] + [UNKNOWN_RGBA], np.uint8
+            )
             index = np.where(self.compartments < len(COMPARTMENTS), self.compartments, len(COMPARTMENTS))
             return PointColours(index.astype(np.uint8), palette, [*COMPARTMENTS, "unknown"])
         if self.colour_mode == "cell type":
@@ -493,8 +530,11 @@ class PlotController:
             # Beyond the palette, types share the last colour rather than adding brushes.
             codes = np.where(codes >= len(names), len(names) - 1, codes)
             index = np.where(codes < 0, len(names), codes)
-            colours = ([self.cell_type_colour(name) for name in names] if self.cell_type_colour is not None
-                       else CATEGORY_COLOURS[: len(names)])
+            colours = (
+                [self.cell_type_colour(name) for name in names]
+                if self.cell_type_colour is not None
+                else CATEGORY_COLOURS[: len(names)]
+            )
             palette = np.array([_hex_rgba(c) for c in colours] + [UNKNOWN_RGBA], np.uint8)
             return PointColours(index.astype(np.uint8), palette, [*names, "unknown"])
         if self.colour_mode == "OOD score":
@@ -502,8 +542,7 @@ class PlotController:
             known = np.isfinite(scores)
             palette = np.concatenate([ood_bin_colours(), unknown])
             if not known.any():
-                return PointColours(np.full(n, OOD_BINS, np.uint8), palette,
-                                    [""] * OOD_BINS + ["unknown"], None)
+                return PointColours(np.full(n, OOD_BINS, np.uint8), palette, [""] * OOD_BINS + ["unknown"], None)
             low, high = float(scores[known].min()), float(scores[known].max())
             span = high - low if high > low else 1.0
             bins = np.clip(((np.nan_to_num(scores, nan=low) - low) / span * OOD_BINS).astype(np.int64), 0, OOD_BINS - 1)
@@ -515,10 +554,16 @@ class PlotController:
             names = in_use[: len(CATEGORY_COLOURS)]
             lookup = {name: i for i, name in enumerate(names)}
             # Labels beyond the palette share the last colour rather than adding brushes.
-            index = np.fromiter((lookup.get(label, len(names) - 1) if label else len(names)
-                                 for label in self.manual_labels), np.int64, n)
-            colours = ([self.label_colour(name, in_use) for name in names] if self.label_colour is not None
-                       else CATEGORY_COLOURS[: len(names)])
+            index = np.fromiter(
+                (lookup.get(label, len(names) - 1) if label else len(names) for label in self.manual_labels),
+                np.int64,
+                n,
+            )
+            colours = (
+                [self.label_colour(name, in_use) for name in names]
+                if self.label_colour is not None
+                else CATEGORY_COLOURS[: len(names)]
+            )
             palette = np.array([_hex_rgba(c) for c in colours] + [(90, 90, 90, 110)], np.uint8)
             return PointColours(index.astype(np.uint8), palette, [*names, "unlabelled"])
         # Segment mode: a stable colour per id (Knuth's multiplicative hash), shared palette.
@@ -730,9 +775,17 @@ class ProjectionScheduler:
     fails with :class:`~segscope.app.projection_process.ModelNotFoundError` and a refit starts.
     """
 
-    def __init__(self, controller: PlotController, post: Post | None = None, *,
-                 settings: UmapSettings = UmapSettings(seed=None), min_points: int = 60,
-                 refit_growth: float = 1.5, warm_up: bool = True, backend: Any = None):
+    def __init__(
+        self,
+        controller: PlotController,
+        post: Post | None = None,
+        *,
+        settings: UmapSettings = UmapSettings(seed=None),
+        min_points: int = 60,
+        refit_growth: float = 1.5,
+        warm_up: bool = True,
+        backend: Any = None,
+    ):
         from segscope.app.projection_process import LocalProjectionBackend
 
         self.backend = LocalProjectionBackend() if backend is None else backend
@@ -755,8 +808,10 @@ class ProjectionScheduler:
         self.last_fit_seconds: float | None = None
         self.status = "PCA"
         self._listeners: list[Callable[[str], None]] = []
-        unsubscribe = [controller.subscribe("points", self._on_points, name="projection"),
-                       controller.subscribe("cleared", self._on_cleared, name="projection")]
+        unsubscribe = [
+            controller.subscribe("points", self._on_points, name="projection"),
+            controller.subscribe("cleared", self._on_cleared, name="projection"),
+        ]
         self._unsubscribe = lambda: [u() for u in unsubscribe]
         # The first PCA runs on the Qt thread; its BLAS probe should not.
         threading.Thread(target=prepare_blas_control, name="segscope-blas-probe", daemon=True).start()
@@ -858,8 +913,9 @@ class ProjectionScheduler:
         self._set_status(f"{self.layout_label} · fitting UMAP on {n} points")
         # A fit finishing after the points were cleared (the generation moved on) is stale.
         generation = self._model_generation
-        self._fit_runner.submit(f"UMAP fit of {n} points", job,
-                                lambda update: self._on_fit(update, generation), kind="fit")
+        self._fit_runner.submit(
+            f"UMAP fit of {n} points", job, lambda update: self._on_fit(update, generation), kind="fit"
+        )
         return True
 
     def _on_fit(self, update: JobUpdate, generation: int) -> None:
@@ -930,4 +986,3 @@ class ProjectionScheduler:
         # threading layer aborts on concurrent launches; the child process serialises them.
         runner = self._place_runner if self.backend.concurrent_transforms else self._fit_runner
         runner.submit(f"placing {len(rows)} points", job, on_update, kind="place", supersede=False)
-

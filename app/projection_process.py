@@ -88,8 +88,12 @@ def _rebuild_error(type_name: str, message: str) -> Exception:
     """The child's exception as the nearest built-in type, its message kept."""
     from segscope.app.compute_process import rebuild_error  # the same mapping as the TensorFlow child
 
-    return rebuild_error(type_name, message, own={"ModelNotFoundError": ModelNotFoundError},
-                         unknown=lambda text: ProjectionProcessError(f"{text} (in the projection process)"))
+    return rebuild_error(
+        type_name,
+        message,
+        own={"ModelNotFoundError": ModelNotFoundError},
+        unknown=lambda text: ProjectionProcessError(f"{text} (in the projection process)"),
+    )
 
 
 class FitResult(NamedTuple):
@@ -165,8 +169,7 @@ class _ChildServer:  # pragma: no cover - runs in the child process
                 pass  # the parent is gone; the main loop sees EOF and exits
 
     def serve(self) -> None:
-        handlers = {"warm_up": ("fit", self.warm_up), "fit": ("fit", self.fit),
-                    "transform": ("place", self.transform)}
+        handlers = {"warm_up": ("fit", self.warm_up), "fit": ("fit", self.fit), "transform": ("place", self.transform)}
         while True:
             try:
                 message = self.conn.recv()
@@ -218,8 +221,10 @@ class _ChildServer:  # pragma: no cover - runs in the child process
         with self.models_lock:
             model = self.models.get(model_id)
         if model is None:
-            raise ModelNotFoundError(f"the projection process holds no UMAP model {model_id} "
-                                     "(dropped, or fitted by a process that has since exited)")
+            raise ModelNotFoundError(
+                f"the projection process holds no UMAP model {model_id} "
+                "(dropped, or fitted by a process that has since exited)"
+            )
         return model.transform(embeddings)
 
 
@@ -275,9 +280,15 @@ class ProjectionProcess:
         requests waiting is killed as hung; ``hang_timeout_s=None`` turns the watchdog off.
     """
 
-    def __init__(self, *, keep_models: int = KEEP_MODELS, numba_cache_dir: str | os.PathLike | None = None,
-                 start: bool = True, ping_interval_s: float = PING_INTERVAL_S,
-                 hang_timeout_s: float | None = HANG_TIMEOUT_S):
+    def __init__(
+        self,
+        *,
+        keep_models: int = KEEP_MODELS,
+        numba_cache_dir: str | os.PathLike | None = None,
+        start: bool = True,
+        ping_interval_s: float = PING_INTERVAL_S,
+        hang_timeout_s: float | None = HANG_TIMEOUT_S,
+    ):
         self.keep_models = int(keep_models)
         self.ping_interval_s = float(ping_interval_s)
         self.hang_timeout_s = None if hang_timeout_s is None else float(hang_timeout_s)
@@ -305,20 +316,23 @@ class ProjectionProcess:
             return child
         if child is not None:
             self.restarts += 1
-            log.warning("restarting the projection process (the last one exited with code %s)",
-                        child.process.exitcode)
+            log.warning("restarting the projection process (the last one exited with code %s)", child.process.exitcode)
         context = multiprocessing.get_context("spawn")
         parent_conn, child_conn = context.Pipe()
-        process = context.Process(target=_child_main, args=(child_conn, self.numba_cache_dir, self.keep_models),
-                                  name="segscope-projection", daemon=True)
+        process = context.Process(
+            target=_child_main,
+            args=(child_conn, self.numba_cache_dir, self.keep_models),
+            name="segscope-projection",
+            daemon=True,
+        )
         process.start()
         child_conn.close()  # so the parent's recv sees EOF when the child dies
         child = _Child(process, parent_conn, next(self._incarnations))
-        threading.Thread(target=self._receive, args=(child,), name="segscope-projection-receiver",
-                         daemon=True).start()
+        threading.Thread(target=self._receive, args=(child,), name="segscope-projection-receiver", daemon=True).start()
         if self.hang_timeout_s is not None:
-            threading.Thread(target=self._watch, args=(child,), name="segscope-projection-watchdog",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._watch, args=(child,), name="segscope-projection-watchdog", daemon=True
+            ).start()
         self._child = child
         return child
 
@@ -458,9 +472,11 @@ class ProjectionProcess:
         if child.stopping:
             error = ProjectionProcessError("the projection process was shut down")
         elif child.hung_for is not None:
-            error = ProjectionProcessError(f"the projection process stopped answering for "
-                                           f"{child.hung_for:.0f} s and was stopped; the next request "
-                                           "starts a new one")
+            error = ProjectionProcessError(
+                f"the projection process stopped answering for "
+                f"{child.hung_for:.0f} s and was stopped; the next request "
+                "starts a new one"
+            )
         else:
             code = child.process.exitcode
             error = ProjectionProcessError(f"the projection process exited (code {code})")
@@ -489,8 +505,9 @@ class ProjectionProcess:
                     child.pending[token] = Future()  # its reply only refreshes child.heard
                     child.pinged = now
             if hung:
-                log.warning("the projection process (pid %s) has not answered for %.0f s; killing it",
-                            child.process.pid, silent)
+                log.warning(
+                    "the projection process (pid %s) has not answered for %.0f s; killing it", child.process.pid, silent
+                )
                 child.process.kill()  # SIGKILL: a stopped or deadlocked child ignores SIGTERM
                 return  # the receiver sees the pipe close and fails the pending futures
             if ping:
@@ -623,12 +640,17 @@ class ProcessProjectionBackend:
         timings["round_trip_s"] = time.perf_counter() - started
         return timings
 
-    def fit(self, embeddings: np.ndarray, settings: UmapSettings, init: np.ndarray | None = None
-            ) -> RemoteUmapModel:
+    def fit(self, embeddings: np.ndarray, settings: UmapSettings, init: np.ndarray | None = None) -> RemoteUmapModel:
         """Fit in the child (blocks until done); a :class:`RemoteUmapModel`."""
         result: FitResult = self.process.fit(embeddings, settings, init).result()
-        return RemoteUmapModel(self.process, result.model_id, np.asarray(result.layout, np.float32),
-                               result.fit_seconds, result.dim, settings)
+        return RemoteUmapModel(
+            self.process,
+            result.model_id,
+            np.asarray(result.layout, np.float32),
+            result.fit_seconds,
+            result.dim,
+            settings,
+        )
 
     def close(self) -> None:
         """Shut the process down if this backend started it."""

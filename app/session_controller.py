@@ -35,8 +35,15 @@ def session_records(state: SessionState) -> list[SegmentRecord]:
     return [record for _, record in sorted(state.records.items()) if record.n_embedded]
 
 
-def build_document(state: SessionState, controller, labels, *, plot_settings: dict | None = None,
-                   selected_segments: Iterable[int] = (), selected_nodes: Iterable[tuple[int, int]] = ()):
+def build_document(
+    state: SessionState,
+    controller,
+    labels,
+    *,
+    plot_settings: dict | None = None,
+    selected_segments: Iterable[int] = (),
+    selected_nodes: Iterable[tuple[int, int]] = (),
+):
     """A :class:`segscope.app.session_file.SessionDocument` of the live session.
 
     Parameters
@@ -79,8 +86,9 @@ def same_data(document, controller) -> bool:
     if source is None:
         return False
     dataset = document.dataset
-    return (_local_or_url(dataset.image_url) == _local_or_url(source.image_url)
-            and _local_or_url(dataset.segmentation_url) == _local_or_url(source.segmentation_url))
+    return _local_or_url(dataset.image_url) == _local_or_url(source.image_url) and _local_or_url(
+        dataset.segmentation_url
+    ) == _local_or_url(source.segmentation_url)
 
 
 def restore_records(state: SessionState, records: Iterable[SegmentRecord]) -> list[SegmentRecord]:
@@ -102,9 +110,13 @@ def replay_into_plot(plot_controller, records: Iterable[SegmentRecord]) -> int:
             continue
         rows = np.flatnonzero(record.embedded)
         compartments = None if record.predicted is None else record.predicted[rows]
-        new = plot_controller.add_points(record.segment_id, record.node_ids[rows], record.positions_nm[rows],
-                                         record.embeddings[rows], compartments=compartments)
+        new = plot_controller.add_points(
+            record.segment_id,
+            record.node_ids[rows],
+            record.positions_nm[rows],
+            record.embeddings[rows],
+            compartments=compartments,
+        )
         added += len(new)
-        plot_controller.set_segment_labels(record.segment_id, cell_type=record.cell_type,
-                                           ood_score=record.ood_score)
+        plot_controller.set_segment_labels(record.segment_id, cell_type=record.cell_type, ood_score=record.ood_score)
     return added

@@ -68,13 +68,19 @@ def _embedded_rows(record: SegmentRecord) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     n = record.n_centres
     # A record restored from a saved session may be inconsistent: name it, never IndexError.
-    shapes = {"embedded": (record.embedded, (n,)), "positions_nm": (record.positions_nm, (n, 3)),
-              "predicted": (record.predicted, (n,)), "predicted_probability": (record.predicted_probability, (n,)),
-              "predicted_uncertainty": (record.predicted_uncertainty, (n,))}
+    shapes = {
+        "embedded": (record.embedded, (n,)),
+        "positions_nm": (record.positions_nm, (n, 3)),
+        "predicted": (record.predicted, (n,)),
+        "predicted_probability": (record.predicted_probability, (n,)),
+        "predicted_uncertainty": (record.predicted_uncertainty, (n,)),
+    }
     for name, (values, shape) in shapes.items():
         if values is not None and np.shape(values) != shape:
-            raise ValueError(f"segment {record.segment_id}: {name} has shape {np.shape(values)}, expected {shape} "
-                             f"for its {n} centres")
+            raise ValueError(
+                f"segment {record.segment_id}: {name} has shape {np.shape(values)}, expected {shape} "
+                f"for its {n} centres"
+            )
     return np.flatnonzero(record.embedded)
 
 
@@ -162,8 +168,11 @@ def session_tables(
     for record in sorted(_records_list(records), key=lambda r: int(r.segment_id)):
         rows = _embedded_rows(record)
         if not len(rows):
-            log.info("segment %s not exported: none of its %d centres has an embedding yet",
-                     record.segment_id, record.n_centres)
+            log.info(
+                "segment %s not exported: none of its %d centres has an embedding yet",
+                record.segment_id,
+                record.n_centres,
+            )
             continue
         chosen.append((record, rows))
     if not chosen:
@@ -178,8 +187,10 @@ def session_tables(
     segment_ids = np.array([r.segment_id for r in exported], dtype=np.uint64)
     forgotten = sorted(set(labels.labelled_segment_ids) - {int(s) for s in segment_ids})
     if forgotten:
-        log.warning("labels of segments %s are not exported: those segments have no embedded nodes "
-                    "in this session", forgotten[:20])
+        log.warning(
+            "labels of segments %s are not exported: those segments have no embedded nodes in this session",
+            forgotten[:20],
+        )
     type_names = _cell_type_names(exported, cell_type_names)
     type_probability = np.full((len(exported), len(type_names)), np.nan, dtype=np.float32)
     for row, record in enumerate(exported):
@@ -201,8 +212,9 @@ def session_tables(
         if len(thresholds) == 1:
             ood_threshold = thresholds.pop()
         elif thresholds:
-            log.warning("segments were flagged with different OOD thresholds %s; provenance records none",
-                        sorted(thresholds))
+            log.warning(
+                "segments were flagged with different OOD thresholds %s; provenance records none", sorted(thresholds)
+            )
     provenance = Provenance(
         model_name=model_name,
         checkpoint_sha256=checkpoint_sha256,
@@ -210,8 +222,12 @@ def session_tables(
         ood_threshold=ood_threshold,
         dataset=dataset_name,
     )
-    log.info("session export: %d nodes (%d labelled) of %d segments", len(nodes),
-             int(np.count_nonzero(nodes.manual_label != "")), len(segments))
+    log.info(
+        "session export: %d nodes (%d labelled) of %d segments",
+        len(nodes),
+        int(np.count_nonzero(nodes.manual_label != "")),
+        len(segments),
+    )
     return nodes, segments, provenance
 
 
@@ -228,8 +244,12 @@ def _usable_skeletons(skeletons: Mapping[int, SkeletonEdges], nodes: NodeTable) 
         edges = np.asarray(skeleton.edges, dtype=np.int64).reshape(-1, 2)
         missing = np.setdiff1d(edges, nodes.node_id[rows])
         if len(missing):
-            log.warning("no SWC for segment %s: its edges name nodes %s that are not exported "
-                        "(not embedded yet, or not centres)", segment_id, missing[:10].tolist())
+            log.warning(
+                "no SWC for segment %s: its edges name nodes %s that are not exported "
+                "(not embedded yet, or not centres)",
+                segment_id,
+                missing[:10].tolist(),
+            )
             continue
         usable[segment_id] = skeleton
     return usable
@@ -297,7 +317,8 @@ def export_session(
     records = dict(state.records)  # select_segment archives the selected segment there too
     cell_type = state.classifiers.cell_type if state.classifiers is not None else None
     nodes, segments, provenance = session_tables(
-        records, labels,
+        records,
+        labels,
         dataset_name=dataset.name,
         model_name=state.model.name if state.model is not None else "",
         aggregation_radius_nm=None if cell_type is None else cell_type.radius_nm,
@@ -307,27 +328,58 @@ def export_session(
     if skeletons:
         skeletons = _usable_skeletons(skeletons, nodes)
     model_source = state.model.source if state.model is not None else ""
-    return _write(folder, nodes, segments, provenance, model_source, dataset.voxel_size_nm,
-                  dataset.image_url, dataset.segmentation_url, parts, table_formats, skeletons, serve_url, force)
+    return _write(
+        folder,
+        nodes,
+        segments,
+        provenance,
+        model_source,
+        dataset.voxel_size_nm,
+        dataset.image_url,
+        dataset.segmentation_url,
+        parts,
+        table_formats,
+        skeletons,
+        serve_url,
+        force,
+    )
 
 
-def _write(folder, nodes, segments, provenance, model_source, voxel_size_nm, image_url, segmentation_url,
-           parts, table_formats, skeletons, serve_url, force) -> Generator[Progress, None, ExportResult]:
+def _write(
+    folder,
+    nodes,
+    segments,
+    provenance,
+    model_source,
+    voxel_size_nm,
+    image_url,
+    segmentation_url,
+    parts,
+    table_formats,
+    skeletons,
+    serve_url,
+    force,
+) -> Generator[Progress, None, ExportResult]:
     # Hashing the weights reads a file: done here, on whichever thread drives the export.
     sha = _checkpoint_sha256(model_source)
     if sha:
         provenance = replace(provenance, checkpoint_sha256=sha)
-    return (yield from export_bundle(
-        folder, nodes, segments, provenance,
-        voxel_size_nm=voxel_size_nm,
-        image_url=image_url,
-        segmentation_url=segmentation_url,
-        serve_url=serve_url,
-        skeletons=skeletons,
-        parts=parts,
-        table_formats=table_formats,
-        force=force,
-    ))
+    return (
+        yield from export_bundle(
+            folder,
+            nodes,
+            segments,
+            provenance,
+            voxel_size_nm=voxel_size_nm,
+            image_url=image_url,
+            segmentation_url=segmentation_url,
+            serve_url=serve_url,
+            skeletons=skeletons,
+            parts=parts,
+            table_formats=table_formats,
+            force=force,
+        )
+    )
 
 
 def skeleton_edges(source, records: Mapping[int, SegmentRecord]) -> dict[int, SkeletonEdges]:
@@ -348,8 +400,12 @@ def skeleton_edges(source, records: Mapping[int, SegmentRecord]) -> dict[int, Sk
         # Store node ids (a precomputed CSV ZIP's) need not be skeleton indices: use them
         # only where they are, i.e. where they point at the node at the same position.
         n = len(skeleton.nodes_nm)
-        if len(node_ids) == 0 or node_ids.min() < 0 or node_ids.max() >= n or not np.allclose(
-                skeleton.nodes_nm[node_ids], record.positions_nm[record.embedded], atol=1.0):
+        if (
+            len(node_ids) == 0
+            or node_ids.min() < 0
+            or node_ids.max() >= n
+            or not np.allclose(skeleton.nodes_nm[node_ids], record.positions_nm[record.embedded], atol=1.0)
+        ):
             log.info("segment %d: node ids are not skeleton indices; no SWC", segment_id)
             continue
         pairs = contract_skeleton(n, skeleton.edges, node_ids)

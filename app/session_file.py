@@ -108,13 +108,30 @@ _OPTIONAL_SCALARS: dict[str, type] = {
 }
 #: Every SegmentRecord field the sidecar stores (tests check this covers the dataclass).
 RECORD_FIELDS: tuple[str, ...] = (
-    "segment_id", *_ARRAY_FIELDS, "skeleton_node_count", "embedding_source", "prediction_note",
-    *_OPTIONAL_SCALARS, "cell_type_probabilities",
+    "segment_id",
+    *_ARRAY_FIELDS,
+    "skeleton_node_count",
+    "embedding_source",
+    "prediction_note",
+    *_OPTIONAL_SCALARS,
+    "cell_type_probabilities",
 )
 
-_DOCUMENT_KEYS = ("format", "version", "saved_at", "dataset", "precomputed", "model_path",
-                  "classifiers_folder", "current_segment", "selected_segments", "selected_nodes",
-                  "labels", "plot", "records_file")
+_DOCUMENT_KEYS = (
+    "format",
+    "version",
+    "saved_at",
+    "dataset",
+    "precomputed",
+    "model_path",
+    "classifiers_folder",
+    "current_segment",
+    "selected_segments",
+    "selected_nodes",
+    "labels",
+    "plot",
+    "records_file",
+)
 _COORDINATES = ("nm", "voxels")
 
 
@@ -156,8 +173,9 @@ def _location(value: Any, source: str, name: str, *, optional: bool = False) -> 
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str) or not value:
-        raise SessionFileError(source, name, f"expected a non-empty path or URL string"
-                                             f"{' or null' if optional else ''}, got {value!r}")
+        raise SessionFileError(
+            source, name, f"expected a non-empty path or URL string{' or null' if optional else ''}, got {value!r}"
+        )
     if "://" in value:
         return value
     # Relative paths would mean something else once the app runs from another folder.
@@ -224,8 +242,11 @@ def _exact_keys(value: dict, keys: tuple[str, ...], optional: tuple[str, ...], s
             raise SessionFileError(source, f"{name}.{key}" if name else key, "missing")
     unknown = sorted(set(value) - set(keys))
     if unknown:
-        raise SessionFileError(source, f"{name}.{unknown[0]}" if name else unknown[0],
-                               f"unexpected field (this SegScope reads {SESSION_FORMAT} version {SESSION_VERSION})")
+        raise SessionFileError(
+            source,
+            f"{name}.{unknown[0]}" if name else unknown[0],
+            f"unexpected field (this SegScope reads {SESSION_FORMAT} version {SESSION_VERSION})",
+        )
 
 
 @dataclass(frozen=True)
@@ -255,8 +276,12 @@ class DatasetRef:
     def from_summary(cls, summary: Any) -> "DatasetRef":
         """Build from anything with ``name``, ``image_url``, ``segmentation_url`` and
         ``skeletons_url`` attributes (:class:`segscope.app.state.DatasetSummary`)."""
-        return cls(name=summary.name, image_url=summary.image_url,
-                   segmentation_url=summary.segmentation_url, skeletons_url=summary.skeletons_url)
+        return cls(
+            name=summary.name,
+            image_url=summary.image_url,
+            segmentation_url=summary.segmentation_url,
+            skeletons_url=summary.skeletons_url,
+        )
 
 
 @dataclass(frozen=True)
@@ -287,8 +312,12 @@ class PrecomputedRef:
     def from_embeddings(cls, embeddings: Any) -> "PrecomputedRef":
         """Build from an open :class:`segscope.app.controller.PrecomputedEmbeddings`."""
         store = embeddings.store
-        return cls(location=os.fspath(embeddings.location), coordinates=store.coordinates,
-                   num_shards=store.num_shards, bytewidth=store.bytewidth)
+        return cls(
+            location=os.fspath(embeddings.location),
+            coordinates=store.coordinates,
+            num_shards=store.num_shards,
+            bytewidth=store.bytewidth,
+        )
 
 
 def _dataset_fields(value: Any, source: str, name: str) -> dict:
@@ -306,7 +335,9 @@ def _precomputed_fields(value: Any, source: str, name: str) -> dict:
     value = _mapping(value, source, name)
     _exact_keys(value, ("location", "coordinates", "num_shards", "bytewidth"), (), source, name)
     if value["coordinates"] not in _COORDINATES:
-        raise SessionFileError(source, f"{name}.coordinates", f"expected one of {_COORDINATES}, got {value['coordinates']!r}")
+        raise SessionFileError(
+            source, f"{name}.coordinates", f"expected one of {_COORDINATES}, got {value['coordinates']!r}"
+        )
     for key in ("num_shards", "bytewidth"):
         if not _is_int(value[key]) or int(value[key]) <= 0:
             raise SessionFileError(source, f"{name}.{key}", f"expected a positive integer, got {value[key]!r}")
@@ -323,15 +354,19 @@ def _document_fields(value: Mapping, source: str) -> dict:
     value = dict(value)
     _exact_keys(value, _DOCUMENT_KEYS, (), source, "")
     if value["format"] != SESSION_FORMAT:
-        raise SessionFileError(source, "format", f"expected {SESSION_FORMAT!r}, got {value['format']!r}: "
-                                                 "not a SegScope session file")
+        raise SessionFileError(
+            source, "format", f"expected {SESSION_FORMAT!r}, got {value['format']!r}: not a SegScope session file"
+        )
     version = value["version"]
     if not _is_int(version):
         raise SessionFileError(source, "version", f"expected an integer, got {version!r}")
     if version != SESSION_VERSION:
         hint = "written by a newer SegScope; " if version > SESSION_VERSION else ""
-        raise SessionFileError(source, "version", f"{hint}version {version} is not supported "
-                                                  f"(this SegScope reads version {SESSION_VERSION})")
+        raise SessionFileError(
+            source,
+            "version",
+            f"{hint}version {version} is not supported (this SegScope reads version {SESSION_VERSION})",
+        )
     saved_at = _string(value["saved_at"], source, "saved_at")
     try:
         stamp = datetime.datetime.fromisoformat(saved_at)
@@ -357,22 +392,28 @@ def _document_fields(value: Mapping, source: str) -> dict:
         if not isinstance(data, dict):
             raise SessionFileError(source, name, f"expected an object, got {type(data).__name__}")
     records_file = _string(value["records_file"], source, "records_file", optional=True)
-    if records_file is not None and (not records_file or records_file in (".", "..")
-                                     or "/" in records_file or "\\" in records_file):
+    if records_file is not None and (
+        not records_file or records_file in (".", "..") or "/" in records_file or "\\" in records_file
+    ):
         # A bare name beside the JSON: a session file must not point reads elsewhere.
-        raise SessionFileError(source, "records_file", f"expected a file name beside the session file, got {records_file!r}")
+        raise SessionFileError(
+            source, "records_file", f"expected a file name beside the session file, got {records_file!r}"
+        )
     return {
         "format": SESSION_FORMAT,
         "version": SESSION_VERSION,
         "saved_at": saved_at,
         "dataset": _dataset_fields(value["dataset"], source, "dataset"),
-        "precomputed": (None if value["precomputed"] is None
-                        else _precomputed_fields(value["precomputed"], source, "precomputed")),
+        "precomputed": (
+            None if value["precomputed"] is None else _precomputed_fields(value["precomputed"], source, "precomputed")
+        ),
         "model_path": _location(value["model_path"], source, "model_path", optional=True),
         "classifiers_folder": _location(value["classifiers_folder"], source, "classifiers_folder", optional=True),
         "current_segment": None if current is None else _segment_id(current, source, "current_segment"),
-        "selected_segments": [_segment_id(s, source, f"selected_segments[{i}]")
-                              for i, s in enumerate(_sequence(value["selected_segments"], source, "selected_segments"))],
+        "selected_segments": [
+            _segment_id(s, source, f"selected_segments[{i}]")
+            for i, s in enumerate(_sequence(value["selected_segments"], source, "selected_segments"))
+        ],
         "selected_nodes": selected_nodes,
         "labels": labels,
         "plot": plot,
@@ -508,8 +549,10 @@ def _cast(value: Any, dtype: type, ndim: int, segment_id: int, name: str) -> np.
     # Refuse silent changes (float64 -> float32 rounding, 300 -> uint8): the promise is an
     # exact round trip, and the state keeps these dtypes anyway.
     if not np.array_equal(cast, array, equal_nan=array.dtype.kind in "fc" and cast.dtype.kind in "fc"):
-        raise ValueError(f"segment {segment_id}: {name} has dtype {array.dtype} with values that "
-                         f"{np.dtype(dtype).name} cannot hold exactly")
+        raise ValueError(
+            f"segment {segment_id}: {name} has dtype {array.dtype} with values that "
+            f"{np.dtype(dtype).name} cannot hold exactly"
+        )
     return cast
 
 
@@ -519,8 +562,7 @@ def _records_arrays(records: list[SegmentRecord]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {
         "format": np.array(RECORDS_FORMAT),
         "version": np.array(RECORDS_VERSION, dtype=np.int64),
-        "segment_id": np.array([_segment_id(r.segment_id, "records", "segment_id") for r in records],
-                               dtype=np.uint64),
+        "segment_id": np.array([_segment_id(r.segment_id, "records", "segment_id") for r in records], dtype=np.uint64),
     }
     for name, (dtype, ndim) in _ARRAY_FIELDS.items():
         shapes = np.full((n, ndim), -1, dtype=np.int64)
@@ -547,9 +589,16 @@ def _records_arrays(records: list[SegmentRecord]) -> dict[str, np.ndarray]:
         else:
             out[name] = np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
     out["cell_type_probabilities"] = _str_array(
-        [json.dumps(None if r.cell_type_probabilities is None
-                    else {str(k): float(v) for k, v in r.cell_type_probabilities.items()})
-         for r in records], "cell_type_probabilities")
+        [
+            json.dumps(
+                None
+                if r.cell_type_probabilities is None
+                else {str(k): float(v) for k, v in r.cell_type_probabilities.items()}
+            )
+            for r in records
+        ],
+        "cell_type_probabilities",
+    )
     return out
 
 
@@ -588,40 +637,51 @@ def _records_from_arrays(arrays: dict[str, np.ndarray], source: Path) -> list[Se
         raise SessionFileError(source, "format", f"expected {RECORDS_FORMAT!r}: not a SegScope records file")
     version = get("version")
     if version.shape != () or int(version) != RECORDS_VERSION:
-        raise SessionFileError(source, "version", f"records version {version} is not supported "
-                                                  f"(this SegScope reads version {RECORDS_VERSION})")
+        raise SessionFileError(
+            source,
+            "version",
+            f"records version {version} is not supported (this SegScope reads version {RECORDS_VERSION})",
+        )
     segment_ids = get("segment_id")
     n = len(segment_ids)
 
     def per_record(key: str, kind: str) -> np.ndarray:
         value = get(key)
         if value.ndim != 1 or len(value) != n or value.dtype.kind != kind:
-            raise SessionFileError(source, key, f"expected {n} values of kind {kind!r}, got "
-                                                f"{value.dtype} {value.shape}")
+            raise SessionFileError(
+                source, key, f"expected {n} values of kind {kind!r}, got {value.dtype} {value.shape}"
+            )
         return value
 
     kwargs: list[dict[str, Any]] = [{"segment_id": int(s)} for s in per_record("segment_id", "u")]
     for name, (dtype, ndim) in _ARRAY_FIELDS.items():
         shapes, data = get(f"{name}__shape"), get(f"{name}__data")
         if shapes.shape != (n, ndim) or shapes.dtype.kind != "i":
-            raise SessionFileError(source, f"{name}__shape", f"expected int [{n}, {ndim}], got {shapes.dtype} {shapes.shape}")
+            raise SessionFileError(
+                source, f"{name}__shape", f"expected int [{n}, {ndim}], got {shapes.dtype} {shapes.shape}"
+            )
         if data.dtype != dtype or data.ndim != 1:
-            raise SessionFileError(source, f"{name}__data", f"expected 1-D {np.dtype(dtype).name}, got {data.dtype} {data.shape}")
+            raise SessionFileError(
+                source, f"{name}__data", f"expected 1-D {np.dtype(dtype).name}, got {data.dtype} {data.shape}"
+            )
         absent = (shapes == -1).all(axis=1)
         if (shapes[~absent] < 0).any():
             raise SessionFileError(source, f"{name}__shape", "holds negative sizes")
         sizes = np.where(absent, 0, np.prod(shapes, axis=1))
         if int(sizes.sum()) != len(data):
-            raise SessionFileError(source, f"{name}__data", f"holds {len(data)} values, the shapes need {int(sizes.sum())}")
+            raise SessionFileError(
+                source, f"{name}__data", f"holds {len(data)} values, the shapes need {int(sizes.sum())}"
+            )
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         for i in range(n):
-            kwargs[i][name] = None if absent[i] else data[offsets[i]:offsets[i + 1]].reshape(shapes[i]).copy()
+            kwargs[i][name] = None if absent[i] else data[offsets[i] : offsets[i + 1]].reshape(shapes[i]).copy()
     counts = per_record("skeleton_node_count", "i")
     sources = per_record("embedding_source", "U")
     notes = per_record("prediction_note", "U")
     for i in range(n):
-        kwargs[i].update(skeleton_node_count=int(counts[i]), embedding_source=str(sources[i]),
-                         prediction_note=str(notes[i]))
+        kwargs[i].update(
+            skeleton_node_count=int(counts[i]), embedding_source=str(sources[i]), prediction_note=str(notes[i])
+        )
     for name, kind in _OPTIONAL_SCALARS.items():
         present = per_record(f"{name}__present", "b")
         values = per_record(name, {str: "U", bool: "b", float: "f"}[kind])
@@ -698,8 +758,7 @@ def session_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return path.with_name(name + JSON_SUFFIX), path.with_name(name + RECORDS_SUFFIX)
 
 
-def save_session(path: str | os.PathLike, document: SessionDocument,
-                 records: Iterable[SegmentRecord] = ()) -> Path:
+def save_session(path: str | os.PathLike, document: SessionDocument, records: Iterable[SegmentRecord] = ()) -> Path:
     """Save a session: ``<stem>.segscope.json`` plus, with records, ``<stem>.records.npz``.
 
     The document is written with ``saved_at`` set to now and ``records_file`` naming the
@@ -724,8 +783,7 @@ def save_session(path: str | os.PathLike, document: SessionDocument,
     """
     json_path, records_path = session_paths(path)
     records = list(records)
-    stamped = dataclasses.replace(document, saved_at=_utc_now(),
-                                  records_file=records_path.name if records else None)
+    stamped = dataclasses.replace(document, saved_at=_utc_now(), records_file=records_path.name if records else None)
     # Serialise everything before touching the disk: invalid input writes nothing.
     text = stamped.to_json()
     arrays = None
@@ -772,8 +830,13 @@ def load_session(path: str | os.PathLike) -> tuple[SessionDocument, list[Segment
         if stamp is not None and str(stamp) != document.saved_at:
             # Only a crash between the two renames of save_session gets here: the records
             # are newer than the document. Load both rather than lose either.
-            log.warning("records file %s was saved at %s, session file %s at %s",
-                        records_path, stamp, json_path, document.saved_at)
+            log.warning(
+                "records file %s was saved at %s, session file %s at %s",
+                records_path,
+                stamp,
+                json_path,
+                document.saved_at,
+            )
         records = _records_from_arrays(arrays, records_path)
     return document, records
 
@@ -782,8 +845,9 @@ def _read_npz_for_session(records_path: Path, json_path: Path) -> dict[str, np.n
     try:
         return _read_npz(records_path)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"records file {records_path} named by session file {json_path} "
-                                "does not exist") from exc
+        raise FileNotFoundError(
+            f"records file {records_path} named by session file {json_path} does not exist"
+        ) from exc
 
 
 # -- autosave and crash recovery -------------------------------------------------------
@@ -904,8 +968,7 @@ class AutosaveManager:
     def start(self) -> None:
         """Write this process's running marker (and forget stale markers of dead ones)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        marker = {"pid": self.pid, "started_at": _utc_now(), "host": self.host,
-                  "process": _process_identity(self.pid)}
+        marker = {"pid": self.pid, "started_at": _utc_now(), "host": self.host, "process": _process_identity(self.pid)}
         with atomic_file(self.marker_path, force=True) as temporary:
             temporary.write_text(json.dumps(marker) + "\n", encoding="utf-8")
         self._remove_stale_markers()

@@ -51,8 +51,19 @@ EMBEDDED_COLOUR = "#ffe14d"
 #: Colour of an out-of-distribution segment in 3-D.
 OOD_COLOUR = "#ff00ff"
 
-EVENTS = ("dataset", "model", "classifiers", "segment", "centres", "embeddings", "predictions", "node_batch",
-          "job", "status", "error")
+EVENTS = (
+    "dataset",
+    "model",
+    "classifiers",
+    "segment",
+    "centres",
+    "embeddings",
+    "predictions",
+    "node_batch",
+    "job",
+    "status",
+    "error",
+)
 
 
 class Observable:
@@ -377,7 +388,8 @@ class SessionState(Observable):
     def classifiers_loaded(self) -> bool:
         """True while at least one classifier is loaded."""
         return self.classifiers is not None and (
-            self.classifiers.compartment is not None or self.classifiers.cell_type is not None)
+            self.classifiers.compartment is not None or self.classifiers.cell_type is not None
+        )
 
     def set_classifiers(self, summary: ClassifierSummary | None, message: str = "") -> None:
         """Record the classifiers in use (None: no predictions, ``message`` says why)."""
@@ -449,9 +461,16 @@ class SessionState(Observable):
             return None
         return self.segment
 
-    def set_centres(self, segment_id: int, node_ids: np.ndarray, positions_nm: np.ndarray, *,
-                    skeleton_node_count: int = 0, ground_truth: np.ndarray | None = None,
-                    embedding_source: str = "computed") -> bool:
+    def set_centres(
+        self,
+        segment_id: int,
+        node_ids: np.ndarray,
+        positions_nm: np.ndarray,
+        *,
+        skeleton_node_count: int = 0,
+        ground_truth: np.ndarray | None = None,
+        embedding_source: str = "computed",
+    ) -> bool:
         """Give the selected segment its centres (nearest the click first).
 
         Returns False (and changes nothing) when ``segment_id`` is not the selection.
@@ -507,25 +526,36 @@ class SessionState(Observable):
         if values.ndim != 2 or len(values) != len(indices):
             raise ValueError(f"embeddings must be [{len(indices)}, D], got {values.shape}")
         if len(indices) and (indices.min() < 0 or indices.max() >= record.n_centres):
-            raise ValueError(f"centre indices must lie in [0, {record.n_centres}), got "
-                             f"[{indices.min()}, {indices.max()}]")
+            raise ValueError(
+                f"centre indices must lie in [0, {record.n_centres}), got [{indices.min()}, {indices.max()}]"
+            )
         if record.embeddings is None:
             record.embeddings = np.full((record.n_centres, values.shape[1]), np.nan, dtype=np.float32)
         elif record.embeddings.shape[1] != values.shape[1]:
-            raise ValueError(f"embedding width {values.shape[1]} differs from earlier "
-                             f"batches ({record.embeddings.shape[1]})")
+            raise ValueError(
+                f"embedding width {values.shape[1]} differs from earlier batches ({record.embeddings.shape[1]})"
+            )
         record.embeddings[indices] = values
         record.embedded[indices] = True
         self._emit("embeddings", record, indices)
         return True
 
-    def set_predictions(self, segment_id: int, *, predicted: np.ndarray | None = None,
-                        indices: np.ndarray | None = None, probability: np.ndarray | None = None,
-                        uncertainty: np.ndarray | None = None, cell_type: str | None = None,
-                        cell_type_probability: float | None = None,
-                        cell_type_probabilities: dict[str, float] | None = None,
-                        ood_score: float | None = None, ood_flagged: bool | None = None,
-                        ood_threshold: float | None = None, note: str | None = None) -> bool:
+    def set_predictions(
+        self,
+        segment_id: int,
+        *,
+        predicted: np.ndarray | None = None,
+        indices: np.ndarray | None = None,
+        probability: np.ndarray | None = None,
+        uncertainty: np.ndarray | None = None,
+        cell_type: str | None = None,
+        cell_type_probability: float | None = None,
+        cell_type_probabilities: dict[str, float] | None = None,
+        ood_score: float | None = None,
+        ood_flagged: bool | None = None,
+        ood_threshold: float | None = None,
+        note: str | None = None,
+    ) -> bool:
         """Store classifier outputs for the selected segment.
 
         Compartments: ``predicted`` holds uint8 codes (indexing ``analysis.COMPARTMENTS``,
@@ -558,12 +588,15 @@ class SessionState(Observable):
                 if len(rows) != len(predicted):
                     raise ValueError(f"{len(predicted)} predictions for {len(rows)} indices")
                 if len(rows) and (rows.min() < 0 or rows.max() >= record.n_centres):
-                    raise ValueError(f"centre indices must lie in [0, {record.n_centres}), got "
-                                     f"[{rows.min()}, {rows.max()}]")
+                    raise ValueError(
+                        f"centre indices must lie in [0, {record.n_centres}), got [{rows.min()}, {rows.max()}]"
+                    )
             bad = (predicted >= len(COMPARTMENTS)) & (predicted != UNKNOWN_COMPARTMENT)
             if bad.any():
-                raise ValueError(f"compartment codes must index {COMPARTMENTS} or be "
-                                 f"{UNKNOWN_COMPARTMENT}, got {sorted(set(predicted[bad].tolist()))}")
+                raise ValueError(
+                    f"compartment codes must index {COMPARTMENTS} or be "
+                    f"{UNKNOWN_COMPARTMENT}, got {sorted(set(predicted[bad].tolist()))}"
+                )
             extras = {}
             for name, values in (("predicted_probability", probability), ("predicted_uncertainty", uncertainty)):
                 if values is not None:
@@ -583,8 +616,11 @@ class SessionState(Observable):
         if cell_type is not None:
             record.cell_type = cell_type
             record.cell_type_probability = None if cell_type_probability is None else float(cell_type_probability)
-            record.cell_type_probabilities = (None if cell_type_probabilities is None
-                                              else {str(k): float(v) for k, v in cell_type_probabilities.items()})
+            record.cell_type_probabilities = (
+                None
+                if cell_type_probabilities is None
+                else {str(k): float(v) for k, v in cell_type_probabilities.items()}
+            )
         if ood_score is not None:
             record.ood_score = float(ood_score)
             record.ood_flagged = bool(ood_flagged)

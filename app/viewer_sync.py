@@ -69,8 +69,11 @@ def share_unchanged(state: dict, previous: dict | None) -> dict:
     """
     if not previous:
         return state
-    shared = {key: previous[key] if key in previous and previous[key] == value else value
-              for key, value in state.items() if key != "layers"}
+    shared = {
+        key: previous[key] if key in previous and previous[key] == value else value
+        for key, value in state.items()
+        if key != "layers"
+    }
     if "layers" in state:
         layers, old = _named_layers(state["layers"]), _named_layers(previous.get("layers", _MISSING))
         if layers is None or old is None:
@@ -78,9 +81,12 @@ def share_unchanged(state: dict, previous: dict | None) -> dict:
             shared["layers"] = previous["layers"] if same else state["layers"]
         else:
             shared["layers"] = [
-                {key: old[name][key] if name in old and key in old[name] and old[name][key] == value else value
-                 for key, value in layer.items()}
-                for name, layer in layers.items()]
+                {
+                    key: old[name][key] if name in old and key in old[name] and old[name][key] == value else value
+                    for key, value in layer.items()
+                }
+                for name, layer in layers.items()
+            ]
     return shared
 
 
@@ -98,8 +104,12 @@ def _merge_keys(base: dict, server: dict, client: dict, set_keys: frozenset[str]
         b_value = base.get(key, _MISSING)
         s_value, c_value = server.get(key, _MISSING), client.get(key, _MISSING)
         client_changed, server_changed = not _same(c_value, b_value), not _same(s_value, b_value)
-        if client_changed and server_changed and key in set_keys and all(
-                isinstance(v, list) for v in (b_value, s_value, c_value)):
+        if (
+            client_changed
+            and server_changed
+            and key in set_keys
+            and all(isinstance(v, list) for v in (b_value, s_value, c_value))
+        ):
             value = _merge_sets(b_value, s_value, c_value)
         else:
             value = c_value if client_changed and not server_changed else s_value
@@ -148,9 +158,11 @@ def merge_client_state(base: dict, server: dict, client: dict) -> dict:
         removed are removed unless the server changed them meanwhile. The page's layer
         order is kept when the server's order did not change.
     """
-    merged = _merge_keys({k: v for k, v in base.items() if k != "layers"},
-                         {k: v for k, v in server.items() if k != "layers"},
-                         {k: v for k, v in client.items() if k != "layers"})
+    merged = _merge_keys(
+        {k: v for k, v in base.items() if k != "layers"},
+        {k: v for k, v in server.items() if k != "layers"},
+        {k: v for k, v in client.items() if k != "layers"},
+    )
     base_value = base.get("layers", _MISSING)
     server_value, client_value = server.get("layers", _MISSING), client.get("layers", _MISSING)
     base_layers = _named_layers(base_value)

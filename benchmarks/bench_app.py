@@ -68,11 +68,14 @@ def prepare_assets(work: Path) -> dict:
     else:
         model = work / "random_lite.keras"
         if not model.exists():
-            script = ("import sys; from segscope.analysis.encoder import build_encoder, save_encoder, SEGCLR_LITE; "
-                      "save_encoder(build_encoder(SEGCLR_LITE, seed=0), sys.argv[1])")
+            script = (
+                "import sys; from segscope.analysis.encoder import build_encoder, save_encoder, SEGCLR_LITE; "
+                "save_encoder(build_encoder(SEGCLR_LITE, seed=0), sys.argv[1])"
+            )
             subprocess.run([sys.executable, "-c", script, str(model)], check=True, cwd=REPO, timeout=300)
-        model_note = ("RANDOM lite encoder (no trained demo encoder in assets/ yet): same cost per "
-                      "cutout, meaningless embeddings")
+        model_note = (
+            "RANDOM lite encoder (no trained demo encoder in assets/ yet): same cost per cutout, meaningless embeddings"
+        )
     classifiers = find_demo_classifiers()
     if classifiers is not None:
         classifier_note = f"shipped classifiers {classifiers}"
@@ -82,10 +85,15 @@ def prepare_assets(work: Path) -> dict:
         classifiers = work / "classifiers"
         if not (classifiers / "classifiers.json").exists():
             write_in_subprocess(classifiers)
-        classifier_note = ("TINY test classifiers (none in assets/classifiers yet): linear compartments, "
-                           "a 16-unit SNGP for cell types")
-    return {"model": str(model), "model_note": model_note, "classifiers": str(classifiers),
-            "classifier_note": classifier_note}
+        classifier_note = (
+            "TINY test classifiers (none in assets/classifiers yet): linear compartments, a 16-unit SNGP for cell types"
+        )
+    return {
+        "model": str(model),
+        "model_note": model_note,
+        "classifiers": str(classifiers),
+        "classifier_note": classifier_note,
+    }
 
 
 def _run_until(app, predicate, timeout_s: float, poll_ms: int = 5) -> bool:
@@ -126,8 +134,12 @@ def launch(assets: dict):
 
     app = QApplication.instance() or QApplication(["segscope-bench"])
     source = DataSource.open_dataset_folder(_demo_folder())
-    window = build_window(source, Path(assets["model"]), model_trained="RANDOM" not in assets["model_note"],
-                          classifiers=read_classifier_folder(assets["classifiers"]))
+    window = build_window(
+        source,
+        Path(assets["model"]),
+        model_trained="RANDOM" not in assets["model_note"],
+        classifiers=read_classifier_folder(assets["classifiers"]),
+    )
     window.resize(1400, 860)
     window.show()
     loaded: list[bool] = []
@@ -138,8 +150,12 @@ def launch(assets: dict):
         raise RuntimeError("no complete frame within 60 s")
     first_frame = time.perf_counter() - PROCESS_START
     state = window.state
-    if not _run_until(app, lambda: state.model is not None and state.classifiers is not None
-                      or state.last_error is not None, 300, poll_ms=10):
+    if not _run_until(
+        app,
+        lambda: state.model is not None and state.classifiers is not None or state.last_error is not None,
+        300,
+        poll_ms=10,
+    ):
         raise RuntimeError("model and classifiers did not load in 300 s")
     if state.model is None or state.classifiers is None:
         raise RuntimeError(f"loading failed: {state.last_error}")
@@ -221,11 +237,14 @@ def click(app, window, watch: LabelWatch, segment_id: int, position_nm) -> tuple
         return watch.all is not None and job is not None and not job.active
 
     if not _run_until(app, finished, 120):
-        raise RuntimeError(f"segment {segment_id} was not fully labelled in 120 s "
-                           f"(job: {state.job}, error: {state.last_error})")
+        raise RuntimeError(
+            f"segment {segment_id} was not fully labelled in 120 s (job: {state.job}, error: {state.last_error})"
+        )
     if state.job.state != "finished" or not state.segment.complete:
-        raise RuntimeError(f"segment {segment_id}: the job ended {state.job.state} ({state.job.message}), "
-                           f"{state.segment.n_embedded} of {state.segment.n_centres} centres embedded")
+        raise RuntimeError(
+            f"segment {segment_id}: the job ended {state.job.state} ({state.job.message}), "
+            f"{state.segment.n_embedded} of {state.segment.n_centres} centres embedded"
+        )
     return watch.first, watch.all, state.segment.n_centres
 
 
@@ -281,8 +300,9 @@ def _verdict(value: float, target: float) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--launches", type=int, default=3,
-                        help="launches to time (the first here, the rest in fresh processes)")
+    parser.add_argument(
+        "--launches", type=int, default=3, help="launches to time (the first here, the rest in fresh processes)"
+    )
     parser.add_argument("--clicks", type=int, default=5, help="segments clicked for click-to-first-label")
     parser.add_argument("--repeats", type=int, default=3, help="clicks on the 100-node segment")
     parser.add_argument("--screenshot", type=Path, help="save the window after the 100-node segment here")
@@ -306,8 +326,13 @@ def main() -> int:
     # Launches in fresh processes first, while nothing else of this benchmark runs.
     launches = []
     for _ in range(max(0, args.launches - 1)):
-        result = subprocess.run([sys.executable, __file__, "--launch-only", "--work", str(work)],
-                                capture_output=True, text=True, cwd=REPO, timeout=600)
+        result = subprocess.run(
+            [sys.executable, __file__, "--launch-only", "--work", str(work)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=600,
+        )
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
         if result.returncode != 0 or not lines:
             print(result.stderr[-2000:], file=sys.stderr)
@@ -350,33 +375,49 @@ def main() -> int:
 
     frame = [launch_["first_frame"] for launch_ in launches]
     ready_s = [launch_["ready"] for launch_ in launches]
-    print("SegScope app benchmark: demo 256^3 voxels (32 x 32 x 40 nm), offscreen, software WebGL, "
-          f"{os.cpu_count()} CPU cores")
+    print(
+        "SegScope app benchmark: demo 256^3 voxels (32 x 32 x 40 nm), offscreen, software WebGL, "
+        f"{os.cpu_count()} CPU cores"
+    )
     print(f"  encoder:     {assets['model_note']}")
     print(f"  classifiers: {assets['classifier_note']}")
     if prepare_s > 1:
         print(f"  (writing the stand-ins took {prepare_s:.1f} s, not counted)")
-    print(f"launch -> first complete frame: median {statistics.median(frame):.2f} s over {len(frame)} launches "
-          f"({', '.join(f'{v:.2f}' for v in frame)}); {_verdict(statistics.median(frame), TARGETS_S['launch'])}")
-    print(f"launch -> click-ready (encoder + classifiers loaded and warm): median {statistics.median(ready_s):.2f} s "
-          f"({', '.join(f'{v:.2f}' for v in ready_s)})")
-    print(f"click -> first labelled node in the viewer state: median {statistics.median(firsts):.3f} s over "
-          f"{len(firsts)} segments ({', '.join(f'{v:.3f}' for v in firsts)}); "
-          f"{_verdict(statistics.median(firsts), TARGETS_S['first_label'])}")
-    print(f"{centres}-centre segment {big[0]} (every one of its {big[2]} skeleton nodes; cell type "
-          f"{segment.cell_type}, OOD {'yes' if segment.ood_flagged else 'no'}):")
-    print(f"  click -> first labelled node: median {statistics.median(big_first):.3f} s "
-          f"({', '.join(f'{v:.3f}' for v in big_first)})")
-    print(f"  click -> all {centres} nodes embedded and labelled in the viewer state: median "
-          f"{statistics.median(big_all):.2f} s over {len(big_all)} clicks ({', '.join(f'{v:.2f}' for v in big_all)}); "
-          f"{_verdict(statistics.median(big_all), TARGETS_S['segment_100'])}")
+    print(
+        f"launch -> first complete frame: median {statistics.median(frame):.2f} s over {len(frame)} launches "
+        f"({', '.join(f'{v:.2f}' for v in frame)}); {_verdict(statistics.median(frame), TARGETS_S['launch'])}"
+    )
+    print(
+        f"launch -> click-ready (encoder + classifiers loaded and warm): median {statistics.median(ready_s):.2f} s "
+        f"({', '.join(f'{v:.2f}' for v in ready_s)})"
+    )
+    print(
+        f"click -> first labelled node in the viewer state: median {statistics.median(firsts):.3f} s over "
+        f"{len(firsts)} segments ({', '.join(f'{v:.3f}' for v in firsts)}); "
+        f"{_verdict(statistics.median(firsts), TARGETS_S['first_label'])}"
+    )
+    print(
+        f"{centres}-centre segment {big[0]} (every one of its {big[2]} skeleton nodes; cell type "
+        f"{segment.cell_type}, OOD {'yes' if segment.ood_flagged else 'no'}):"
+    )
+    print(
+        f"  click -> first labelled node: median {statistics.median(big_first):.3f} s "
+        f"({', '.join(f'{v:.3f}' for v in big_first)})"
+    )
+    print(
+        f"  click -> all {centres} nodes embedded and labelled in the viewer state: median "
+        f"{statistics.median(big_all):.2f} s over {len(big_all)} clicks ({', '.join(f'{v:.2f}' for v in big_all)}); "
+        f"{_verdict(statistics.median(big_all), TARGETS_S['segment_100'])}"
+    )
     gaps_ms = [1000 * (b - a) for a, b in zip(beats, beats[1:])]
     if gaps_ms:
         ordered = sorted(gaps_ms)
         p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-        print(f"  Qt thread during those clicks (20 ms timer): median gap {statistics.median(gaps_ms):.0f} ms, "
-              f"p99 {p99:.0f} ms, max {max(gaps_ms):.0f} ms over {len(gaps_ms)} gaps; "
-              f"{sum(g > 100 for g in gaps_ms)} over 100 ms")
+        print(
+            f"  Qt thread during those clicks (20 ms timer): median gap {statistics.median(gaps_ms):.0f} ms, "
+            f"p99 {p99:.0f} ms, max {max(gaps_ms):.0f} ms over {len(gaps_ms)} gaps; "
+            f"{sum(g > 100 for g in gaps_ms)} over 100 ms"
+        )
     return 0
 
 

@@ -80,7 +80,10 @@ def bench_store(args: argparse.Namespace, workdir: Path) -> None:
     total_rows = sum(arrays[0].shape[0] for arrays in segments.values())
     root = workdir / "store"
     store = CsvZipStore(
-        root, num_shards=args.shards, bytewidth=64, compression=args.compression,
+        root,
+        num_shards=args.shards,
+        bytewidth=64,
+        compression=args.compression,
         compresslevel=args.level,
     )
     items = list(segments.items())
@@ -146,9 +149,7 @@ def bench_big_shard(args: argparse.Namespace, workdir: Path) -> None:
     print(f"{args.big_members}-member shard, fetch one segment: warm directory {describe(warm)}")
 
 
-def random_walk(
-    rng: np.random.Generator, n: int, persistence: float = 0.0, step_nm: float = 1500.0
-) -> np.ndarray:
+def random_walk(rng: np.random.Generator, n: int, persistence: float = 0.0, step_nm: float = 1500.0) -> np.ndarray:
     """Node positions [n, 3] in nm, ``step_nm`` apart. With ``persistence`` near 1 each
     step's direction mostly follows the previous one (a meandering neurite); with 0 the
     walk is plain Brownian and folds back on itself (dense)."""
@@ -180,8 +181,7 @@ def bench_aggregate(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(1)
     persistence = 0.95
     many = [
-        (random_walk(rng, 100, persistence), rng.normal(size=(100, args.dim)).astype(np.float32))
-        for _ in range(1000)
+        (random_walk(rng, 100, persistence), rng.normal(size=(100, args.dim)).astype(np.float32)) for _ in range(1000)
     ]
     for radius in (10_000.0, 25_000.0):
         timing = median_time(lambda: [aggregate_embeddings(xyz, emb, radius) for xyz, emb in many])
@@ -191,8 +191,11 @@ def bench_aggregate(args: argparse.Namespace) -> None:
             f"({neighbours:.0f} neighbours per node)"
         )
     emb = rng.normal(size=(100_000, args.dim)).astype(np.float32)
-    cases = [("neurite-like", persistence, 10_000.0), ("neurite-like", persistence, 25_000.0),
-             ("random-walk", 0.0, 10_000.0)]
+    cases = [
+        ("neurite-like", persistence, 10_000.0),
+        ("neurite-like", persistence, 25_000.0),
+        ("random-walk", 0.0, 10_000.0),
+    ]
     for name, walk_persistence, radius in cases:
         xyz = random_walk(rng, 100_000, walk_persistence)
         timing = median_time(lambda: aggregate_embeddings(xyz, emb, radius))

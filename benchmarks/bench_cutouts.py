@@ -53,14 +53,20 @@ def main() -> None:
     segment_id = pick_segment(dataset, args.segment)
     skeleton = dataset.skeleton(segment_id)
     centres = segment_centres(
-        dataset.segmentation, segment_id, skeleton_nodes_nm=skeleton.nodes_nm,
-        skeleton_edges=skeleton.edges, spacing_nm=args.spacing_nm, click_nm=(0, 0, 0),
+        dataset.segmentation,
+        segment_id,
+        skeleton_nodes_nm=skeleton.nodes_nm,
+        skeleton_edges=skeleton.edges,
+        spacing_nm=args.spacing_nm,
+        click_nm=(0, 0, 0),
     )
     size = (args.size,) * 3
     factor = (args.downsample,) * 3
     n = len(centres)
-    print(f"demo segment {segment_id}: {len(skeleton.nodes_nm)} skeleton nodes, {n} centres at "
-          f"{args.spacing_nm:g} nm; cutout {args.size}^3 x{args.downsample} downsample")
+    print(
+        f"demo segment {segment_id}: {len(skeleton.nodes_nm)} skeleton nodes, {n} centres at "
+        f"{args.spacing_nm:g} nm; cutout {args.size}^3 x{args.downsample} downsample"
+    )
 
     results = {}
     for shared in (False, True):
@@ -69,8 +75,10 @@ def main() -> None:
         image = open_volume(dataset.image.url)
         segmentation = open_volume(dataset.segmentation.url)
         cold = time_strategy(image, segmentation, segment_id, centres.positions_nm, size, factor, shared)
-        warm = [time_strategy(image, segmentation, segment_id, centres.positions_nm, size, factor, shared)
-                for _ in range(args.repeats)]
+        warm = [
+            time_strategy(image, segmentation, segment_id, centres.positions_nm, size, factor, shared)
+            for _ in range(args.repeats)
+        ]
         results[shared] = statistics.median(warm)
         label = "shared-block reads" if shared else "one read per centre"
         print(f"  {label:22s}: cold {n / cold:8.1f} cutouts/s   warm median {n / results[shared]:8.1f} cutouts/s")

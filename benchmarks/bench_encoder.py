@@ -51,9 +51,11 @@ def bench_model(label: str, encoder, batch_sizes, repeats: int, *, jit: bool = F
         cutouts[:, : config.input_size_vox[0] // 3] = 0  # masked EM is partly zero
         seconds = _median_time(lambda: encoder.embed(cutouts), repeats)
         rate = batch / seconds
-        print(f"  {label:10s} jit={'on ' if jit else 'off'} batch {batch:3d}: {rate:8.2f} cutouts/s"
-              f"  {rate * gflop:8.1f} GFLOP/s  ({seconds * 1e3:8.1f} ms/call, median of {repeats})",
-              flush=True)
+        print(
+            f"  {label:10s} jit={'on ' if jit else 'off'} batch {batch:3d}: {rate:8.2f} cutouts/s"
+            f"  {rate * gflop:8.1f} GFLOP/s  ({seconds * 1e3:8.1f} ms/call, median of {repeats})",
+            flush=True,
+        )
     encoder.set_jit_compile(False)
 
 
@@ -70,9 +72,14 @@ def demo_segment(args):
     else:
         segment_id = args.segment
     skeleton = dataset.skeleton(segment_id)
-    centres = segment_centres(dataset.segmentation, segment_id, skeleton_nodes_nm=skeleton.nodes_nm,
-                              skeleton_edges=skeleton.edges, spacing_nm=args.spacing_nm,
-                              click_nm=skeleton.nodes_nm[0])
+    centres = segment_centres(
+        dataset.segmentation,
+        segment_id,
+        skeleton_nodes_nm=skeleton.nodes_nm,
+        skeleton_edges=skeleton.edges,
+        spacing_nm=args.spacing_nm,
+        click_nm=skeleton.nodes_nm[0],
+    )
     return dataset.image.url, dataset.segmentation.url, segment_id, centres.positions_nm
 
 
@@ -83,13 +90,17 @@ def bench_end_to_end(encoder, args) -> None:
 
     image_url, seg_url, segment_id, centres = demo_segment(args)
     n = len(centres)
-    print(f"\nend-to-end, demo segment {segment_id}: {n} centres at {args.spacing_nm:g} nm spacing, "
-          f"{encoder.encoder_config.name} {encoder.encoder_config.input_size_vox[0]}^3 at "
-          f"{'x'.join(f'{v:g}' for v in encoder.encoder_config.voxel_size_nm)} nm", flush=True)
+    print(
+        f"\nend-to-end, demo segment {segment_id}: {n} centres at {args.spacing_nm:g} nm spacing, "
+        f"{encoder.encoder_config.name} {encoder.encoder_config.input_size_vox[0]}^3 at "
+        f"{'x'.join(f'{v:g}' for v in encoder.encoder_config.voxel_size_nm)} nm",
+        flush=True,
+    )
 
     def streaming(image, segmentation):
-        return drive(stream_segment_embeddings(encoder, image, segmentation, segment_id, centres,
-                                               batch_size=args.batch_size))
+        return drive(
+            stream_segment_embeddings(encoder, image, segmentation, segment_id, centres, batch_size=args.batch_size)
+        )
 
     def naive(image, segmentation):
         return naive_segment_embeddings(encoder, image, segmentation, segment_id, centres)
@@ -107,22 +118,27 @@ def bench_end_to_end(encoder, args) -> None:
         cold = time.perf_counter() - start
         seconds = _median_time(lambda: run(image, segmentation), args.e2e_repeats)
         results[label] = seconds
-        print(f"  {label:10s}: cold {n / cold:8.1f} nodes/s   warm median {n / seconds:8.1f} nodes/s "
-              f"({args.e2e_repeats} repeats)", flush=True)
+        print(
+            f"  {label:10s}: cold {n / cold:8.1f} nodes/s   warm median {n / seconds:8.1f} nodes/s "
+            f"({args.e2e_repeats} repeats)",
+            flush=True,
+        )
     diff = float(np.abs(outputs["naive loop"] - outputs["streaming"]).max())
-    print(f"  streaming / naive (warm medians): {results['naive loop'] / results['streaming']:.2f}x"
-          f"   (max |difference| of embeddings {diff:.2e})")
+    print(
+        f"  streaming / naive (warm medians): {results['naive loop'] / results['streaming']:.2f}x"
+        f"   (max |difference| of embeddings {diff:.2e})"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="repeats for the lite model")
     parser.add_argument("--full-repeats", type=int, default=2, help="repeats for the full model")
-    parser.add_argument("--parts", default="full,lite,e2e",
-                        help="comma-separated subset of full, lite, e2e")
+    parser.add_argument("--parts", default="full,lite,e2e", help="comma-separated subset of full, lite, e2e")
     parser.add_argument("--segment", type=int, default=None)
-    parser.add_argument("--spacing-nm", type=float, default=500.0,
-                        help="centre spacing along the skeleton (SegCLR uses 1500)")
+    parser.add_argument(
+        "--spacing-nm", type=float, default=500.0, help="centre spacing along the skeleton (SegCLR uses 1500)"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="streaming batch size (lite)")
     parser.add_argument("--e2e-repeats", type=int, default=3)
     args = parser.parse_args()
@@ -133,10 +149,11 @@ def main() -> None:
     from segscope.analysis.inference import available_device
 
     device = available_device()
-    print(f"Keras {keras.__version__} on {keras.backend.backend()}, device {device}, "
-          f"{os.cpu_count()} CPUs")
-    print(f"FLOPs per cutout: full {flops_per_cutout(SEGCLR_FULL) / 1e9:.2f} GFLOP, "
-          f"lite {flops_per_cutout(SEGCLR_LITE) / 1e9:.3f} GFLOP")
+    print(f"Keras {keras.__version__} on {keras.backend.backend()}, device {device}, {os.cpu_count()} CPUs")
+    print(
+        f"FLOPs per cutout: full {flops_per_cutout(SEGCLR_FULL) / 1e9:.2f} GFLOP, "
+        f"lite {flops_per_cutout(SEGCLR_LITE) / 1e9:.3f} GFLOP"
+    )
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"full", "lite", "e2e"}

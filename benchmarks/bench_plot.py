@@ -53,8 +53,7 @@ def clustered(n: int, dim: int = 64, n_clusters: int = 40, seed: int = 0) -> np.
     return (centres[rng.integers(0, n_clusters, n)] + rng.normal(size=(n, dim))).astype(np.float32)
 
 
-def bench_placement(sizes: list[int], new_points: int, repeats: int,
-                    backends: tuple[str, ...] = ("local",)) -> None:
+def bench_placement(sizes: list[int], new_points: int, repeats: int, backends: tuple[str, ...] = ("local",)) -> None:
     from segscope.analysis.progress import drive
     from segscope.analysis.projection import (
         UmapSettings,
@@ -72,8 +71,10 @@ def bench_placement(sizes: list[int], new_points: int, repeats: int,
     umap_module()
     print(f"import umap.umap_ (TensorFlow hidden): {time.perf_counter() - started:.1f} s")
     timings = warm_up(settings=UmapSettings(seed=None))  # the fits below run unseeded (parallel)
-    print("warm-up (300 points; compiles or loads numba kernels): "
-          + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    print(
+        "warm-up (300 points; compiles or loads numba kernels): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
+    )
     for n in sizes:
         data = clustered(n + new_points * repeats, seed=n)
         fitted, fresh = data[:n], data[n:]
@@ -87,12 +88,16 @@ def bench_placement(sizes: list[int], new_points: int, repeats: int,
         wall = time.perf_counter()
         model = drive(fit_umap(fitted, settings, init=init))
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        print(f"\nN={n}: PCA {pca_seconds * 1000:.0f} ms; UMAP fit {model.fit_seconds:.1f} s wall "
-              f"(+ {wall - model.fit_seconds:.1f} s preparing transform), {cpu:.1f} s CPU in all "
-              f"(n_neighbors={settings.n_neighbors}, n_epochs={settings.n_epochs}, "
-              f"force_approximation_algorithm={settings.approximate}, init=PCA, parallel)")
-        print(f"N={n}: place {new_points} new points (in this process): "
-              + _placement_times(model, fresh, new_points, repeats))
+        print(
+            f"\nN={n}: PCA {pca_seconds * 1000:.0f} ms; UMAP fit {model.fit_seconds:.1f} s wall "
+            f"(+ {wall - model.fit_seconds:.1f} s preparing transform), {cpu:.1f} s CPU in all "
+            f"(n_neighbors={settings.n_neighbors}, n_epochs={settings.n_epochs}, "
+            f"force_approximation_algorithm={settings.approximate}, init=PCA, parallel)"
+        )
+        print(
+            f"N={n}: place {new_points} new points (in this process): "
+            + _placement_times(model, fresh, new_points, repeats)
+        )
         if "process" in backends:
             _place_through_the_child(n, fitted, fresh, init, settings, new_points, repeats)
 
@@ -102,14 +107,16 @@ def _placement_times(model, fresh: np.ndarray, new_points: int, repeats: int) ->
     the figures as one line (the first call apart: it may load kernels)."""
     times = []
     for r in range(repeats):
-        batch = fresh[r * new_points:(r + 1) * new_points]
+        batch = fresh[r * new_points : (r + 1) * new_points]
         t0 = time.perf_counter()
         placed = model.transform(batch)
         times.append(time.perf_counter() - t0)
         assert placed.shape == (new_points, 2) and np.isfinite(placed).all()
     rest = times[1:] or times
-    return (f"first {times[0]:.3f} s, median of next {len(rest)} {statistics.median(rest):.3f} s "
-            f"(min {min(rest):.3f}, max {max(rest):.3f})")
+    return (
+        f"first {times[0]:.3f} s, median of next {len(rest)} {statistics.median(rest):.3f} s "
+        f"(min {min(rest):.3f}, max {max(rest):.3f})"
+    )
 
 
 def _place_through_the_child(n, fitted, fresh, init, settings, new_points: int, repeats: int) -> None:
@@ -122,10 +129,15 @@ def _place_through_the_child(n, fitted, fresh, init, settings, new_points: int, 
         backend.warm_up(settings)
         wall = time.perf_counter()
         model = backend.fit(fitted, settings, init)
-        print(f"N={n}: the same fit in the child process: {model.fit_seconds:.1f} s in the child, "
-              f"{time.perf_counter() - wall:.1f} s round trip")
-        print(f"N={n}: place {new_points} new points through the child (the app's path): "
-              + _placement_times(model, fresh, new_points, repeats) + "; target 0.5 s at 100k")
+        print(
+            f"N={n}: the same fit in the child process: {model.fit_seconds:.1f} s in the child, "
+            f"{time.perf_counter() - wall:.1f} s round trip"
+        )
+        print(
+            f"N={n}: place {new_points} new points through the child (the app's path): "
+            + _placement_times(model, fresh, new_points, repeats)
+            + "; target 0.5 s at 100k"
+        )
     finally:
         backend.close()
 
@@ -153,8 +165,11 @@ def bench_redraw(sizes: list[int], repeats: int, scatter_reference: int) -> None
             centre = lo + (hi - lo) * rng.uniform(0.3, 0.7, 2)
             half = (hi - lo) * zoom / 2
             t0 = time.perf_counter()
-            view_box.setRange(xRange=(centre[0] - half[0], centre[0] + half[0]),
-                              yRange=(centre[1] - half[1], centre[1] + half[1]), padding=0)
+            view_box.setRange(
+                xRange=(centre[0] - half[0], centre[0] + half[0]),
+                yRange=(centre[1] - half[1], centre[1] + half[1]),
+                padding=0,
+            )
             widget.grab()  # forces a full repaint of the view
             times.append(time.perf_counter() - t0)
         return times[1:]  # the first includes one-off layout work
@@ -167,8 +182,13 @@ def bench_redraw(sizes: list[int], repeats: int, scatter_reference: int) -> None
         app.processEvents()
         xy = layout_of(n)
         t0 = time.perf_counter()
-        controller.add_points(np.arange(n, dtype=np.uint64) // 100, np.arange(n), np.zeros((n, 3)),
-                              np.zeros((n, 2), np.float32), compartments=rng.integers(0, 5, n).astype(np.uint8))
+        controller.add_points(
+            np.arange(n, dtype=np.uint64) // 100,
+            np.arange(n),
+            np.zeros((n, 3)),
+            np.zeros((n, 2), np.float32),
+            compartments=rng.integers(0, 5, n).astype(np.uint8),
+        )
         add_seconds = time.perf_counter() - t0
         controller.set_layout(None, xy, kind="pca")
         t0 = time.perf_counter()
@@ -191,12 +211,16 @@ def bench_redraw(sizes: list[int], repeats: int, scatter_reference: int) -> None
         angles = np.linspace(0, 2 * np.pi, 60, endpoint=False)
         controller.rows_in_polygon(np.stack([8 * np.cos(angles), 8 * np.sin(angles)], axis=1))
         lasso_seconds = time.perf_counter() - t0
-        print(f"\nredraw N={n}: pan/zoom + repaint median {statistics.median(times) * 1000:.0f} ms "
-              f"(min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f}, {len(times)} repeats); "
-              f"add points {add_seconds * 1000:.0f} ms, first refresh {refresh_seconds * 1000:.0f} ms, "
-              f"one animation frame {frame_seconds * 1000:.0f} ms")
-        print(f"hit test N={n}: KD-tree build {tree_seconds * 1000:.0f} ms, query {query_ms:.3f} ms; "
-              f"60-vertex lasso {lasso_seconds * 1000:.0f} ms")
+        print(
+            f"\nredraw N={n}: pan/zoom + repaint median {statistics.median(times) * 1000:.0f} ms "
+            f"(min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f}, {len(times)} repeats); "
+            f"add points {add_seconds * 1000:.0f} ms, first refresh {refresh_seconds * 1000:.0f} ms, "
+            f"one animation frame {frame_seconds * 1000:.0f} ms"
+        )
+        print(
+            f"hit test N={n}: KD-tree build {tree_seconds * 1000:.0f} ms, query {query_ms:.3f} ms; "
+            f"60-vertex lasso {lasso_seconds * 1000:.0f} ms"
+        )
         plot.shutdown()
         plot.close()
         plot.deleteLater()
@@ -216,8 +240,10 @@ def bench_redraw(sizes: list[int], repeats: int, scatter_reference: int) -> None
         widget.addItem(item)
         app.processEvents()
         times = pan_zoom_times(widget.getViewBox(), widget, xy)
-        print(f"\nreference pyqtgraph ScatterPlotItem N={n}: setData {set_seconds * 1000:.0f} ms, pan/zoom + repaint "
-              f"median {statistics.median(times) * 1000:.0f} ms")
+        print(
+            f"\nreference pyqtgraph ScatterPlotItem N={n}: setData {set_seconds * 1000:.0f} ms, pan/zoom + repaint "
+            f"median {statistics.median(times) * 1000:.0f} ms"
+        )
         widget.close()
 
 
@@ -253,12 +279,17 @@ def bench_latency(n_points: int, batch: int, limit_s: float, backend_name: str =
             adder.stop()
             return
         embeddings = centres[rng.integers(0, 20, batch)] + rng.normal(size=(batch, 64))
-        plot.controller.add_points(int(rng.integers(1, 50)), rng.integers(0, 2**40, batch), np.zeros((batch, 3)),
-                                   embeddings)
+        plot.controller.add_points(
+            int(rng.integers(1, 50)), rng.integers(0, 2**40, batch), np.zeros((batch, 3)), embeddings
+        )
 
     def check() -> None:
-        if (plot.controller.layout_kind == "umap" and not plot.scheduler.busy and not adder.isActive()
-                and np.isfinite(plot.controller.layout).all()):
+        if (
+            plot.controller.layout_kind == "umap"
+            and not plot.scheduler.busy
+            and not adder.isActive()
+            and np.isfinite(plot.controller.layout).all()
+        ):
             app.quit()
 
     timer, adder, checker = QTimer(), QTimer(), QTimer()
@@ -272,12 +303,16 @@ def bench_latency(n_points: int, batch: int, limit_s: float, backend_name: str =
     plot.scheduler.start()
     app.exec()
     g = np.array(gaps[1:]) * 1000
-    print(f"\nlatency ({backend_name} UMAP): {plot.controller.n_points} points streamed in batches of {batch} "
-          f"every 200 ms; "
-          f"warm-up {plot.scheduler.warm_up_result}; after {time.perf_counter() - started:.0f} s the plot shows "
-          f"{plot.scheduler.status!r}")
-    print(f"latency: GUI 10 ms timer gaps median {np.median(g):.0f} ms, p99 {np.percentile(g, 99):.0f} ms, "
-          f"max {g.max():.0f} ms; {(g > 100).sum()} of {len(g)} gaps over 100 ms")
+    print(
+        f"\nlatency ({backend_name} UMAP): {plot.controller.n_points} points streamed in batches of {batch} "
+        f"every 200 ms; "
+        f"warm-up {plot.scheduler.warm_up_result}; after {time.perf_counter() - started:.0f} s the plot shows "
+        f"{plot.scheduler.status!r}"
+    )
+    print(
+        f"latency: GUI 10 ms timer gaps median {np.median(g):.0f} ms, p99 {np.percentile(g, 99):.0f} ms, "
+        f"max {g.max():.0f} ms; {(g > 100).sum()} of {len(g)} gaps over 100 ms"
+    )
     plot.shutdown()
     backend.close()
 
@@ -311,7 +346,7 @@ def _stall_run(backend_name: str, n_points: int, new_points: int, placements: in
             t2 = time.perf_counter()
             phases.append(("fit", t1, t2))
             for r in range(placements):
-                placed = model.transform(data[n_points + r * new_points:n_points + (r + 1) * new_points])
+                placed = model.transform(data[n_points + r * new_points : n_points + (r + 1) * new_points])
                 assert placed.shape == (new_points, 2) and np.isfinite(placed).all()
             phases.append(("placements", t2, time.perf_counter()))
             backend.close()
@@ -333,60 +368,113 @@ def _stall_run(backend_name: str, n_points: int, new_points: int, placements: in
 
     def stats(mask) -> dict:
         g = gaps[mask]
-        return {"ticks": int(len(g)), "median_ms": float(np.median(g)), "p99_ms": float(np.percentile(g, 99)),
-                "max_ms": float(g.max()), "over_50ms": int((g > 50).sum())} if len(g) else {}
+        return (
+            {
+                "ticks": int(len(g)),
+                "median_ms": float(np.median(g)),
+                "p99_ms": float(np.percentile(g, 99)),
+                "max_ms": float(g.max()),
+                "over_50ms": int((g > 50).sum()),
+            }
+            if len(g)
+            else {}
+        )
 
-    return {"backend": backend_name, "cache": str(cache), "cache_was_warm": warm, "all": stats(ends > 0),
-            "phases": {name: {"seconds": end - start, **stats((ends > start) & (ends <= end))}
-                       for name, start, end in phases}}
+    return {
+        "backend": backend_name,
+        "cache": str(cache),
+        "cache_was_warm": warm,
+        "all": stats(ends > 0),
+        "phases": {
+            name: {"seconds": end - start, **stats((ends > start) & (ends <= end))} for name, start, end in phases
+        },
+    }
 
 
 def bench_stall(n_points: int, new_points: int, placements: int, cache: str) -> None:
     """Main-thread heartbeat gaps: UMAP on worker threads vs in a child process."""
-    print(f"\nGUI stall: 10 ms main-thread heartbeat while warm-up, a UMAP fit of {n_points} points "
-          f"(n_epochs 200, PCA init, parallel) and {placements} placements of {new_points} points run; "
-          f"numba cache {cache}")
+    print(
+        f"\nGUI stall: 10 ms main-thread heartbeat while warm-up, a UMAP fit of {n_points} points "
+        f"(n_epochs 200, PCA init, parallel) and {placements} placements of {new_points} points run; "
+        f"numba cache {cache}"
+    )
     for backend in ("thread", "process"):
         env = dict(os.environ)
         with tempfile.TemporaryDirectory(prefix="segscope-numba-") as fresh:
             if cache == "cold":
                 env["NUMBA_CACHE_DIR"] = fresh  # both backends compile from nothing
-            command = [sys.executable, __file__, "--stall-run", backend, "--stall-points", str(n_points),
-                       "--new-points", str(new_points), "--stall-placements", str(placements)]
+            command = [
+                sys.executable,
+                __file__,
+                "--stall-run",
+                backend,
+                "--stall-points",
+                str(n_points),
+                "--new-points",
+                str(new_points),
+                "--stall-placements",
+                str(placements),
+            ]
             run = subprocess.run(command, env=env, capture_output=True, text=True)
         if run.returncode != 0:
             print(f"stall {backend}: failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
             continue
         result = json.loads(run.stdout.strip().splitlines()[-1])
         overall = result["all"]
-        print(f"stall {backend:>7}: cache {'warm' if result['cache_was_warm'] else 'cold'} at start; gaps median "
-              f"{overall['median_ms']:.0f} ms, p99 {overall['p99_ms']:.0f} ms, max {overall['max_ms']:.0f} ms; "
-              f"{overall['over_50ms']} of {overall['ticks']} over 50 ms")
+        print(
+            f"stall {backend:>7}: cache {'warm' if result['cache_was_warm'] else 'cold'} at start; gaps median "
+            f"{overall['median_ms']:.0f} ms, p99 {overall['p99_ms']:.0f} ms, max {overall['max_ms']:.0f} ms; "
+            f"{overall['over_50ms']} of {overall['ticks']} over 50 ms"
+        )
         for name, phase in result["phases"].items():
-            print(f"    {name:>10}: {phase['seconds']:.1f} s, gaps median {phase.get('median_ms', 0):.0f} ms, "
-                  f"max {phase.get('max_ms', 0):.0f} ms, {phase.get('over_50ms', 0)} over 50 ms")
+            print(
+                f"    {name:>10}: {phase['seconds']:.1f} s, gaps median {phase.get('median_ms', 0):.0f} ms, "
+                f"max {phase.get('max_ms', 0):.0f} ms, {phase.get('over_50ms', 0)} over 50 ms"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["placement", "redraw", "stall"],
-                        choices=["placement", "redraw", "latency", "stall"],
-                        help="latency (not run by default): GUI responsiveness while UMAP fits in the background")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["placement", "redraw", "stall"],
+        choices=["placement", "redraw", "latency", "stall"],
+        help="latency (not run by default): GUI responsiveness while UMAP fits in the background",
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="UMAP sizes")
     parser.add_argument("--new-points", type=int, default=500)
     parser.add_argument("--place-repeats", type=int, default=6)
-    parser.add_argument("--latency-backends", nargs="+", choices=["local", "process"], default=["process", "local"],
-                        help="where UMAP runs in the latency part: the app's child process, or threads here")
-    parser.add_argument("--place-backends", nargs="+", choices=["local", "process"], default=["local", "process"],
-                        help="where placement is timed: in this process, and through the app's UMAP child process")
+    parser.add_argument(
+        "--latency-backends",
+        nargs="+",
+        choices=["local", "process"],
+        default=["process", "local"],
+        help="where UMAP runs in the latency part: the app's child process, or threads here",
+    )
+    parser.add_argument(
+        "--place-backends",
+        nargs="+",
+        choices=["local", "process"],
+        default=["local", "process"],
+        help="where placement is timed: in this process, and through the app's UMAP child process",
+    )
     parser.add_argument("--redraw-sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--redraw-repeats", type=int, default=15)
-    parser.add_argument("--scatter-reference", type=int, default=100_000,
-                        help="also time pyqtgraph's ScatterPlotItem at this size (0: skip)")
+    parser.add_argument(
+        "--scatter-reference",
+        type=int,
+        default=100_000,
+        help="also time pyqtgraph's ScatterPlotItem at this size (0: skip)",
+    )
     parser.add_argument("--stall-points", type=int, default=10_000, help="UMAP fit size of the stall part")
     parser.add_argument("--stall-placements", type=int, default=5)
-    parser.add_argument("--stall-cache", choices=["warm", "cold"], default="warm",
-                        help="cold: each backend compiles numba's kernels in a fresh cache folder")
+    parser.add_argument(
+        "--stall-cache",
+        choices=["warm", "cold"],
+        default="warm",
+        help="cold: each backend compiles numba's kernels in a fresh cache folder",
+    )
     parser.add_argument("--stall-run", choices=["thread", "process"], help=argparse.SUPPRESS)  # one backend, JSON out
     args = parser.parse_args()
     if args.stall_run:

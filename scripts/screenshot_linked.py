@@ -75,11 +75,20 @@ def main() -> int:
     skeleton = dataset.skeleton(segment_id)
     click = time.perf_counter()
     window.controller.handle_click(segment_id, skeleton.nodes_nm[len(skeleton.nodes_nm) // 2])
-    if not run_until(app, lambda: window.state.segment is not None and window.state.segment.complete
-                     and window.state.segment.cell_type is not None, 120):
+    if not run_until(
+        app,
+        lambda: (
+            window.state.segment is not None
+            and window.state.segment.complete
+            and window.state.segment.cell_type is not None
+        ),
+        120,
+    ):
         raise SystemExit("the segment was not embedded")
-    print(f"segment {segment_id}: {window.state.segment.n_centres} nodes embedded and labelled "
-          f"{time.perf_counter() - click:.1f} s after the click; cell type {window.state.segment.cell_type}")
+    print(
+        f"segment {segment_id}: {window.state.segment.n_centres} nodes embedded and labelled "
+        f"{time.perf_counter() - click:.1f} s after the click; cell type {window.state.segment.cell_type}"
+    )
     run_until(app, lambda: not scheduler.busy, 120)
 
     # A lasso around the clicked segment's points in the plot: the rows within reach of

@@ -16,12 +16,18 @@ def drag_through(qtbot, plot, path_view) -> None:
     path = np.asarray(path_view, dtype=np.float64)
     for i, xy in enumerate(path):
         pos = QPointF(plot.graphics.mapFromScene(plot.view_box.mapViewToScene(QPointF(*map(float, xy)))))
-        kind = (QEvent.Type.MouseButtonPress if i == 0 else
-                QEvent.Type.MouseButtonRelease if i == len(path) - 1 else QEvent.Type.MouseMove)
+        kind = (
+            QEvent.Type.MouseButtonPress
+            if i == 0
+            else QEvent.Type.MouseButtonRelease
+            if i == len(path) - 1
+            else QEvent.Type.MouseMove
+        )
         buttons = Qt.MouseButton.NoButton if kind == QEvent.Type.MouseButtonRelease else Qt.MouseButton.LeftButton
         button = Qt.MouseButton.NoButton if kind == QEvent.Type.MouseMove else Qt.MouseButton.LeftButton
-        QApplication.sendEvent(viewport, QMouseEvent(kind, pos, viewport.mapToGlobal(pos), button, buttons,
-                                                     Qt.KeyboardModifier.NoModifier))
+        QApplication.sendEvent(
+            viewport, QMouseEvent(kind, pos, viewport.mapToGlobal(pos), button, buttons, Qt.KeyboardModifier.NoModifier)
+        )
         qtbot.wait(30)  # pyqtgraph drops mouse moves closer than ~16 ms apart
 
 

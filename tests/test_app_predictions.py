@@ -45,9 +45,15 @@ class StandIn:
         scores = np.exp(embeddings[:, :k])
         probabilities = scores / scores.sum(axis=1, keepdims=True)
         uncertainty = embeddings[:, 4]
-        return Prediction(probabilities, np.argmax(probabilities, axis=1), embeddings[:, :k].astype(np.float32),
-                          np.zeros(len(embeddings), np.float32), uncertainty, uncertainty > self.ood_threshold,
-                          self.class_names)
+        return Prediction(
+            probabilities,
+            np.argmax(probabilities, axis=1),
+            embeddings[:, :k].astype(np.float32),
+            np.zeros(len(embeddings), np.float32),
+            uncertainty,
+            uncertainty > self.ood_threshold,
+            self.class_names,
+        )
 
 
 def _rows(first: float, second: float, uncertainty: float, count: int = 1) -> np.ndarray:
@@ -95,8 +101,7 @@ def test_cell_type_is_the_mean_over_aggregated_nodes_and_flags_high_mean_uncerta
 
 
 def test_mismatched_widths_give_a_note_instead_of_a_crash():
-    predictor = SegmentPredictor(StandIn(("axon", "soma"), num_features=6),
-                                 StandIn(("a", "b"), num_features=6))
+    predictor = SegmentPredictor(StandIn(("axon", "soma"), num_features=6), StandIn(("a", "b"), num_features=6))
     predictor.start(np.zeros((2, 3)))
     result = predictor.add([0, 1], np.zeros((2, 8), np.float32))
     assert result.compartments is None and result.cell_type is None
@@ -113,9 +118,16 @@ def test_compartment_classifier_with_unknown_classes_is_refused():
 
 def _fake_classifier_file(path: Path, class_names, *, threshold: float = 0.3, num_features: int = 64) -> None:
     """A file with the metadata a saved classifier carries (read without Keras)."""
-    metadata = {"format": "segscope-classifier", "format_version": 1, "config": {"name": "linear_v1"},
-                "class_names": list(class_names), "num_features": num_features,
-                "ood_threshold": threshold, "mean_field_lambda": 0.3, "weight_paths": []}
+    metadata = {
+        "format": "segscope-classifier",
+        "format_version": 1,
+        "config": {"name": "linear_v1"},
+        "class_names": list(class_names),
+        "num_features": num_features,
+        "ood_threshold": threshold,
+        "mean_field_lambda": 0.3,
+        "weight_paths": [],
+    }
     with open(path, "wb") as handle:
         np.savez(handle, metadata_json=np.array(json.dumps(metadata)))
 
@@ -123,9 +135,14 @@ def _fake_classifier_file(path: Path, class_names, *, threshold: float = 0.3, nu
 def test_classifier_folder_is_read_from_its_manifest(tmp_path):
     _fake_classifier_file(tmp_path / "comp.npz", ("axon", "dendrite", "soma", "glia"), threshold=0.6)
     _fake_classifier_file(tmp_path / "types.npz", ("pyramidal", "basket"), threshold=0.25)
-    (tmp_path / "classifiers.json").write_text(json.dumps({
-        "compartment": {"file": "comp.npz", "radius_nm": 0},
-        "cell_type": {"file": "types.npz", "radius_nm": 10000, "classes": ["ignored"]}}))
+    (tmp_path / "classifiers.json").write_text(
+        json.dumps(
+            {
+                "compartment": {"file": "comp.npz", "radius_nm": 0},
+                "cell_type": {"file": "types.npz", "radius_nm": 10000, "classes": ["ignored"]},
+            }
+        )
+    )
     summary = read_classifier_folder(tmp_path)
     assert summary.compartment.class_names == ("axon", "dendrite", "soma", "glia")
     assert summary.compartment.radius_nm == 0.0 and summary.compartment.ood_threshold == 0.6
@@ -134,15 +151,18 @@ def test_classifier_folder_is_read_from_its_manifest(tmp_path):
     assert summary.cell_type.path == str(tmp_path / "types.npz")
 
 
-@pytest.mark.parametrize("manifest, problem", [
-    (None, "has no classifiers.json"),
-    ("not json", "not readable JSON"),
-    ({"other": {}}, "names none of the tasks"),
-    ({"cell_type": {"file": "types.npz"}}, "needs 'file' and 'radius_nm'"),
-    ({"cell_type": {"file": "missing.npz", "radius_nm": 0}}, "no classifier file"),
-    ({"cell_type": {"file": "types.npz", "radius_nm": -1}}, "radius_nm must be >= 0"),
-    ({"compartment": {"file": "types.npz", "radius_nm": 0}}, "not subcompartments"),
-])
+@pytest.mark.parametrize(
+    "manifest, problem",
+    [
+        (None, "has no classifiers.json"),
+        ("not json", "not readable JSON"),
+        ({"other": {}}, "names none of the tasks"),
+        ({"cell_type": {"file": "types.npz"}}, "needs 'file' and 'radius_nm'"),
+        ({"cell_type": {"file": "missing.npz", "radius_nm": 0}}, "no classifier file"),
+        ({"cell_type": {"file": "types.npz", "radius_nm": -1}}, "radius_nm must be >= 0"),
+        ({"compartment": {"file": "types.npz", "radius_nm": 0}}, "not subcompartments"),
+    ],
+)
 def test_bad_classifier_folders_are_named(tmp_path, manifest, problem):
     _fake_classifier_file(tmp_path / "types.npz", ("pyramidal", "basket"))
     if manifest is not None:
@@ -198,7 +218,8 @@ def test_store_segments_are_read_in_nm_or_voxels_nearest_the_click_first(demo, t
     embeddings = np.random.default_rng(0).normal(size=(skeleton.n_nodes, 8)).astype(np.float32)
     CsvZipStore(tmp_path / "nm", coordinates="nm").write_many({in_store: (node_ids, skeleton.nodes_nm, embeddings)})
     CsvZipStore(tmp_path / "vox", coordinates="voxels").write_many(
-        {in_store: (node_ids, skeleton.nodes_nm / voxel, embeddings)})
+        {in_store: (node_ids, skeleton.nodes_nm / voxel, embeddings)}
+    )
     click = skeleton.nodes_nm[-1]
     for name in ("nm", "vox"):
         store = PrecomputedEmbeddings.open(tmp_path / name, coordinates="nm" if name == "nm" else "voxels")
@@ -209,8 +230,7 @@ def test_store_segments_are_read_in_nm_or_voxels_nearest_the_click_first(demo, t
         assert count == skeleton.n_nodes and engine.embedded == []
         assert isinstance(centres, SegmentCentres) and centres.embedding_source == "precomputed"
         np.testing.assert_allclose(centres.positions_nm[0], click, atol=1e-3)
-        np.testing.assert_allclose(np.sort(centres.positions_nm, axis=0), np.sort(skeleton.nodes_nm, axis=0),
-                                   atol=1e-3)
+        np.testing.assert_allclose(np.sort(centres.positions_nm, axis=0), np.sort(skeleton.nodes_nm, axis=0), atol=1e-3)
         # Node ids are the skeleton's: the dataset's own labels come along.
         np.testing.assert_array_equal(centres.ground_truth, skeleton.compartment[centres.node_ids])
         assert isinstance(batch, PredictedBatch) and batch.predictions.note == "fake"
@@ -241,15 +261,34 @@ def test_launch_plan_accepts_classifiers_and_embeddings(demo, tmp_path):
     (tmp_path / "classifiers.json").write_text(json.dumps({"cell_type": {"file": "types.npz", "radius_nm": 10000}}))
     CsvZipStore(tmp_path / "store").write_many({segment_id: ([0], [[1, 2, 3]], np.zeros((1, 4)))})
     parser = add_open_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--image", str(folder / meta["image"]),
-                              "--segmentation", str(folder / meta["segmentation"]), "--classifiers", str(tmp_path), "--embeddings", str(tmp_path / "store"),
-                              "--embeddings-coordinates", "voxels"])
+    args = parser.parse_args(
+        [
+            "--image",
+            str(folder / meta["image"]),
+            "--segmentation",
+            str(folder / meta["segmentation"]),
+            "--classifiers",
+            str(tmp_path),
+            "--embeddings",
+            str(tmp_path / "store"),
+            "--embeddings-coordinates",
+            "voxels",
+        ]
+    )
     plan = plan_launch(args)
     assert plan.classifiers.cell_type.class_names == ("pyramidal", "basket")
     assert plan.classifiers.compartment is None
     assert plan.precomputed.store.coordinates == "voxels"
-    bad = parser.parse_args(["--image", str(folder / meta["image"]), "--segmentation",
-                             str(folder / meta["segmentation"]), "--classifiers", str(tmp_path / "store")])
+    bad = parser.parse_args(
+        [
+            "--image",
+            str(folder / meta["image"]),
+            "--segmentation",
+            str(folder / meta["segmentation"]),
+            "--classifiers",
+            str(tmp_path / "store"),
+        ]
+    )
     with pytest.raises(LaunchError, match="--classifiers: .*has no classifiers.json"):
         plan_launch(bad)
 
@@ -287,16 +326,18 @@ def test_classifiers_trained_on_another_encoder_are_pointed_out(tmp_path):
     from segscope.app.state import ModelSummary, SessionState
 
     _fake_classifier_file(tmp_path / "types.npz", ("pyramidal", "basket"))
-    (tmp_path / "classifiers.json").write_text(json.dumps(
-        {"cell_type": {"file": "types.npz", "radius_nm": 10000, "encoder": "demo_encoder.keras"}}))
+    (tmp_path / "classifiers.json").write_text(
+        json.dumps({"cell_type": {"file": "types.npz", "radius_nm": 10000, "encoder": "demo_encoder.keras"}})
+    )
     summary = read_classifier_folder(tmp_path)
     assert summary.encoder == "demo_encoder.keras"
     state = SessionState()
     controller = AppController(state, JobRunner())
     try:
         state.set_classifiers(summary)
-        state.set_model(ModelSummary("segscope_lite", "/models/demo_encoder.keras", True, 64, (41, 41, 41),
-                                     (64.0, 64.0, 80.0)))
+        state.set_model(
+            ModelSummary("segscope_lite", "/models/demo_encoder.keras", True, 64, (41, 41, 41), (64.0, 64.0, 80.0))
+        )
         assert controller._encoder_mismatch() == ""
         state.set_model(ModelSummary("segclr", "/models/model.ckpt-1", True, 64, (129, 129, 129), (32.0, 32.0, 33.0)))
         assert "trained on embeddings of demo_encoder.keras, not of model.ckpt-1" in controller._encoder_mismatch()
@@ -316,10 +357,10 @@ def test_aggregated_compartments_update_exactly_the_nodes_whose_neighbourhood_ch
     latest = np.full((40, 6), np.nan, np.float32)
     order = rng.permutation(40)
     for start in range(0, 40, 7):
-        batch = order[start:start + 7]
+        batch = order[start : start + 7]
         calls = predictor.add(batch, embeddings[batch]).compartments
         latest[calls.indices] = compartment.calls[-1]
-        done = np.sort(order[:start + 7])
+        done = np.sort(order[: start + 7])
         full = aggregate_embeddings(positions[done], embeddings[done], 2500.0)
         # Every node's latest aggregate equals the one over all nodes so far.
         np.testing.assert_allclose(latest[done], full, rtol=1e-5, atol=1e-6)

@@ -24,8 +24,7 @@ def test_selection_then_centres_then_streamed_embeddings(state):
     seen = record_events(state, "segment", "centres", "embeddings")
     state.select_segment(42, [1.0, 2.0, 3.0])
     assert state.segment.segment_id == 42 and state.segment.n_centres == 0
-    state.set_centres(42, [5, 0, 9], np.arange(9.0).reshape(3, 3), skeleton_node_count=30,
-                      ground_truth=[0, 1, 255])
+    state.set_centres(42, [5, 0, 9], np.arange(9.0).reshape(3, 3), skeleton_node_count=30, ground_truth=[0, 1, 255])
     assert state.segment.n_centres == 3 and state.segment.n_embedded == 0
     state.add_embeddings(42, [2], np.ones((1, 4)))
     state.add_embeddings(42, [0, 1], np.zeros((2, 4)))
@@ -53,10 +52,13 @@ def test_data_for_another_segment_is_ignored(state):
     assert state.segment.segment_id == 2 and state.segment.n_centres == 0
 
 
-@pytest.mark.parametrize("indices, values, message", [
-    ([3], np.ones((1, 2)), "centre indices"),
-    ([0, 1], np.ones((1, 2)), "must be"),
-])
+@pytest.mark.parametrize(
+    "indices, values, message",
+    [
+        ([3], np.ones((1, 2)), "centre indices"),
+        ([0, 1], np.ones((1, 2)), "must be"),
+    ],
+)
 def test_bad_embedding_batches_are_refused(state, indices, values, message):
     state.select_segment(3)
     state.set_centres(3, [0, 1], np.zeros((2, 3)))
@@ -86,8 +88,9 @@ def test_predictions_are_validated_and_announced(state):
         state.set_predictions(9, predicted=[0, 7])
     with pytest.raises(ValueError, match="probability"):
         state.set_predictions(9, cell_type="astrocyte", cell_type_probability=1.5)
-    state.set_predictions(9, predicted=[1, 255], cell_type="astrocyte", cell_type_probability=0.8,
-                          ood_score=0.9, ood_flagged=True)
+    state.set_predictions(
+        9, predicted=[1, 255], cell_type="astrocyte", cell_type_probability=0.8, ood_score=0.9, ood_flagged=True
+    )
     segment = state.segment
     assert segment.compartment_counts("predicted")["dendrite"] == 1
     assert (segment.cell_type, segment.cell_type_probability, segment.ood_flagged) == ("astrocyte", 0.8, True)
@@ -130,8 +133,7 @@ def test_batch_predictions_fill_only_their_rows_and_node_batches_carry_them():
     record = state.segment
     assert record.predicted.tolist() == [255, 255, 3]
     assert np.isnan(record.predicted_probability[:2]).all() and record.predicted_probability[2] == np.float32(0.7)
-    assert record.compartment_counts("predicted") == {"axon": 0, "dendrite": 0, "soma": 0, "glia": 1,
-                                                      "unlabelled": 2}
+    assert record.compartment_counts("predicted") == {"axon": 0, "dendrite": 0, "soma": 0, "glia": 1, "unlabelled": 2}
     (batch,) = batches
     assert batch.segment_id == 9 and batch.indices.tolist() == [2] and batch.node_ids.tolist() == [12]
     np.testing.assert_array_equal(batch.positions_nm, [[6.0, 7.0, 8.0]])

@@ -27,17 +27,26 @@ def bridge():
     clicks = []
     b = NeuroglancerBridge(clicks.append)
     b.clicks = clicks
-    b.show_dataset(LayerSources("precomputed://http://127.0.0.1:9/image",
-                                "precomputed://http://127.0.0.1:9/segmentation", None, VOXEL,
-                                np.array([1000.0, 1000.0, 1000.0])))
+    b.show_dataset(
+        LayerSources(
+            "precomputed://http://127.0.0.1:9/image",
+            "precomputed://http://127.0.0.1:9/segmentation",
+            None,
+            VOXEL,
+            np.array([1000.0, 1000.0, 1000.0]),
+        )
+    )
     yield b
     b.close()
 
 
 def fake_action(bridge, value, mouse_voxels):
     """What neuroglancer's client sends when the bound event fires."""
-    return {"selectedValues": {SEGMENTATION_LAYER: {"value": value}} if value is not None else {},
-            "mousePosition": mouse_voxels, "viewerState": bridge.viewer.state.to_json()}
+    return {
+        "selectedValues": {SEGMENTATION_LAYER: {"value": value}} if value is not None else {},
+        "mousePosition": mouse_voxels,
+        "viewerState": bridge.viewer.state.to_json(),
+    }
 
 
 def test_server_binds_to_localhost_and_binds_the_click(bridge):
@@ -69,8 +78,7 @@ def test_state_changes_reach_the_viewer(bridge):
     state = SessionState()
     bridge.attach(state)
     state.select_segment(12, [0.0, 0.0, 0.0])
-    state.set_centres(12, [4, 8], np.array([[100.0, 200.0, 300.0], [400.0, 500.0, 600.0]]),
-                      ground_truth=[1, 255])
+    state.set_centres(12, [4, 8], np.array([[100.0, 200.0, 300.0], [400.0, 500.0, 600.0]]), ground_truth=[1, 255])
     assert bridge.flush()
     viewer_state = bridge.viewer.state
     assert {int(s) for s in viewer_state.layers[SEGMENTATION_LAYER].segments} == {12}
@@ -131,7 +139,7 @@ def test_local_folders_are_served_on_localhost(bridge, tmp_path):
     assert url.startswith("precomputed://http://127.0.0.1:")
     import urllib.request
 
-    with urllib.request.urlopen(url[len("precomputed://"):] + "/info", timeout=5) as reply:
+    with urllib.request.urlopen(url[len("precomputed://") :] + "/info", timeout=5) as reply:
         assert reply.read() == b"{}"
         assert reply.headers["Access-Control-Allow-Origin"] == "*"
     with pytest.raises(FileNotFoundError):
@@ -152,8 +160,15 @@ def test_ood_segment_gets_a_named_flag_layer_with_a_box_and_loses_it_when_in_dis
     state.select_segment(12, [0.0, 0.0, 0.0])
     state.set_centres(12, [4, 8], np.array([[100.0, 200.0, 300.0], [400.0, 500.0, 600.0]]))
     state.add_embeddings(12, [0, 1], np.ones((2, 4)))
-    state.set_predictions(12, predicted=[0, 1], cell_type="pyramidal", cell_type_probability=0.6,
-                          ood_score=0.48, ood_flagged=True, ood_threshold=0.2)
+    state.set_predictions(
+        12,
+        predicted=[0, 1],
+        cell_type="pyramidal",
+        cell_type_probability=0.6,
+        ood_score=0.48,
+        ood_flagged=True,
+        ood_threshold=0.2,
+    )
     assert bridge.flush()
     assert _flag_layers(bridge) == ["OUT OF DISTRIBUTION: segment 12"]
     (box,) = annotations(bridge, "OUT OF DISTRIBUTION: segment 12")
@@ -175,12 +190,12 @@ def test_ood_segment_gets_a_named_flag_layer_with_a_box_and_loses_it_when_in_dis
     assert bridge.writes == writes
 
     # In distribution: the cell type's colour and no flag.
-    state.set_predictions(12, cell_type="pyramidal", cell_type_probability=0.9, ood_score=0.1,
-                          ood_flagged=False, ood_threshold=0.2)
+    state.set_predictions(
+        12, cell_type="pyramidal", cell_type_probability=0.9, ood_score=0.1, ood_flagged=False, ood_threshold=0.2
+    )
     assert bridge.flush()
     assert _flag_layers(bridge) == []
-    assert bridge.viewer.state.layers[SEGMENTATION_LAYER].segment_colors[np.uint64(12)] \
-        == cell_type_colour("pyramidal")
+    assert bridge.viewer.state.layers[SEGMENTATION_LAYER].segment_colors[np.uint64(12)] == cell_type_colour("pyramidal")
 
     # Selecting another segment drops a flag too.
     state.set_predictions(12, ood_score=0.9, ood_flagged=True)
@@ -192,7 +207,7 @@ def test_ood_segment_gets_a_named_flag_layer_with_a_box_and_loses_it_when_in_dis
 
 def test_no_cell_type_colour_can_be_mistaken_for_the_ood_magenta():
     def rgb(colour):
-        return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=float)
+        return np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)
 
     for name in [f"type{i}" for i in range(200)] + ["pyramidal", "interneuron", "astrocyte"]:
         assert np.abs(rgb(cell_type_colour(name)) - rgb(OOD_COLOUR)).max() > 100
@@ -302,9 +317,11 @@ def test_manual_labels_layer_colours_describes_and_links_each_node(bridge):
     from segscope.app.neuroglancer_bridge import LABELS_LAYER
 
     order = ["bouton", "axon", "spine"]
-    points = [(12, 4, (100.0, 200.0, 300.0), "spine"),
-              (12, 8, np.array([400.0, 500.0, 600.0]), "axon"),
-              (2**40 + 9, None, [1.0, 2.0, 3.0], "bouton")]  # a label of a whole segment
+    points = [
+        (12, 4, (100.0, 200.0, 300.0), "spine"),
+        (12, 8, np.array([400.0, 500.0, 600.0]), "axon"),
+        (2**40 + 9, None, [1.0, 2.0, 3.0], "bouton"),
+    ]  # a label of a whole segment
     bridge.show_labels(points, order)
     assert bridge.flush()
     layer = bridge.viewer.state.layers[LABELS_LAYER]
@@ -334,13 +351,16 @@ def test_manual_labels_layer_colours_describes_and_links_each_node(bridge):
     assert LABELS_LAYER not in bridge.viewer.state.layers
 
 
-@pytest.mark.parametrize("points, message", [
-    ([(1, 2, (0.0, 0.0, 0.0), "")], "no label"),
-    ([(1, 2, (0.0, 0.0), "axon")], "position"),
-    ([(1, 2, (0.0, 0.0, 0.0))], "not \\(segment_id"),
-    ([(1, 2, (0.0, 0.0, 0.0), "a"), (1, 2, (1.0, 0.0, 0.0), "b")], "labelled twice"),
-    ([(-3, 2, (0.0, 0.0, 0.0), "a")], "segment id"),
-])
+@pytest.mark.parametrize(
+    "points, message",
+    [
+        ([(1, 2, (0.0, 0.0, 0.0), "")], "no label"),
+        ([(1, 2, (0.0, 0.0), "axon")], "position"),
+        ([(1, 2, (0.0, 0.0, 0.0))], "not \\(segment_id"),
+        ([(1, 2, (0.0, 0.0, 0.0), "a"), (1, 2, (1.0, 0.0, 0.0), "b")], "labelled twice"),
+        ([(-3, 2, (0.0, 0.0, 0.0), "a")], "segment id"),
+    ],
+)
 def test_manual_labels_reject_malformed_points(bridge, points, message):
     with pytest.raises(ValueError, match=message):
         bridge.show_labels(points)
@@ -354,7 +374,7 @@ def test_label_colours_are_deterministic_distinct_and_never_the_ood_magenta():
     from segscope.app.neuroglancer_bridge import label_colour
 
     def rgb(colour):
-        return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=float)
+        return np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)
 
     names = [f"label {i}" for i in range(12)]
     colours = [label_colour(name, names) for name in names]
@@ -368,7 +388,7 @@ def test_label_colours_are_deterministic_distinct_and_never_the_ood_magenta():
     for colour in colours:
         assert min(np.linalg.norm(rgb(colour) - rgb(other)) for other in reserved) >= 75
     for i, a in enumerate(colours):
-        for b in colours[i + 1:]:
+        for b in colours[i + 1 :]:
             assert np.linalg.norm(rgb(a) - rgb(b)) >= 75
     # Labels outside the list still get a stable, non-magenta colour.
     assert [label_colour(f"free {i}") for i in range(3)] == FREE_LABEL_COLOURS  # pinned: stable across runs
@@ -384,9 +404,12 @@ def write_bundle(folder, *, segment_properties=True, shift=0.0):
     from segscope.analysis.progress import drive
 
     folder.mkdir(exist_ok=True)
-    nodes = NodeTable(np.array([7, 7, 9], np.uint64), [0, 1, 0],
-                      np.array([[100.0, 200.0, 300.0], [150.0, 200.0, 300.0], [900.0, 800.0, 700.0]]) + shift,
-                      compartment=[0, 1, -1])
+    nodes = NodeTable(
+        np.array([7, 7, 9], np.uint64),
+        [0, 1, 0],
+        np.array([[100.0, 200.0, 300.0], [150.0, 200.0, 300.0], [900.0, 800.0, 700.0]]) + shift,
+        compartment=[0, 1, -1],
+    )
     drive(write_node_annotations(folder / "annotations", nodes, force=True))
     if segment_properties:
         write_segment_properties(folder / "segment_properties", SegmentTable.from_nodes(nodes), force=True)
@@ -410,7 +433,7 @@ def test_exported_layer_is_served_linked_and_brings_segment_properties(bridge, t
     bundle = write_bundle(tmp_path / "bundle")
     source = bridge.add_exported_layer(bundle)
     assert source.startswith("precomputed://http://127.0.0.1:") and source.endswith("/annotations")
-    http = source[len("precomputed://"):]
+    http = source[len("precomputed://") :]
     assert fetch(http + "/info") == (bundle / "annotations" / "info").read_bytes()
     assert bridge.flush()
     layer = bridge.viewer.state.layers[EXPORTED_LAYER]
@@ -419,7 +442,7 @@ def test_exported_layer_is_served_linked_and_brings_segment_properties(bridge, t
     assert "prop_compartment" in layer.shader
     properties = source[: -len("annotations")] + "segment_properties"
     assert segmentation_urls(bridge) == ["precomputed://http://127.0.0.1:9/segmentation", properties]
-    assert fetch(properties[len("precomputed://"):] + "/info") == (bundle / "segment_properties" / "info").read_bytes()
+    assert fetch(properties[len("precomputed://") :] + "/info") == (bundle / "segment_properties" / "info").read_bytes()
 
     # The same bundle again: same URL, nothing written.
     writes = bridge.writes
@@ -433,9 +456,11 @@ def test_exported_layer_is_served_linked_and_brings_segment_properties(bridge, t
     assert renewed != source
     assert bridge.flush()
     assert [s.url for s in bridge.viewer.state.layers[EXPORTED_LAYER].source] == [renewed]
-    assert segmentation_urls(bridge) == ["precomputed://http://127.0.0.1:9/segmentation",
-                                         renewed[: -len("annotations")] + "segment_properties"]
-    assert fetch(renewed[len("precomputed://"):] + "/info") == (bundle / "annotations" / "info").read_bytes()
+    assert segmentation_urls(bridge) == [
+        "precomputed://http://127.0.0.1:9/segmentation",
+        renewed[: -len("annotations")] + "segment_properties",
+    ]
+    assert fetch(renewed[len("precomputed://") :] + "/info") == (bundle / "annotations" / "info").read_bytes()
     assert [layer.name for layer in bridge.viewer.state.layers].count(EXPORTED_LAYER) == 1
 
 
@@ -521,15 +546,19 @@ def test_a_failing_segments_listener_does_not_break_the_viewer(bridge):
 
 # -- the same, with Neuroglancer's own client in the page ---------------------------------
 
-_VISIBLE_SEGMENTS_JS = ('Array.from(viewer.layerManager.getLayerByName("segmentation").layer.displayState'
-                        '.segmentationGroupState.value.visibleSegments).map(String).sort()')
+_VISIBLE_SEGMENTS_JS = (
+    'Array.from(viewer.layerManager.getLayerByName("segmentation").layer.displayState'
+    ".segmentationGroupState.value.visibleSegments).map(String).sort()"
+)
 
 
 def _shader_error_js(layer: str) -> str:
     """null once the layer's annotation shader compiled, its message on failure."""
-    return (f'(() => {{ const l = viewer.layerManager.getLayerByName("{layer}"); if (!l || !l.layer) return "no layer";'
-            ' const e = l.layer.annotationDisplayState.shaderError.value;'
-            ' return e === undefined ? "not compiled" : (e === null ? null : String(e.message || e)); })()')
+    return (
+        f'(() => {{ const l = viewer.layerManager.getLayerByName("{layer}"); if (!l || !l.layer) return "no layer";'
+        " const e = l.layer.annotationDisplayState.shaderError.value;"
+        ' return e === undefined ? "not compiled" : (e === null ? null : String(e.message || e)); })()'
+    )
 
 
 @pytest.fixture
@@ -559,17 +588,24 @@ def test_the_page_draws_the_new_layers_and_reports_only_the_users_selection(web_
         assert bridge.flush()
         assert page.wait_for(_VISIBLE_SEGMENTS_JS, lambda v: v == ["1", "2"], timeout_s=30)
         for layer in (HOVER_LAYER, LABELS_LAYER, EXPORTED_LAYER):
-            assert page.wait_for(_shader_error_js(layer), lambda v: v not in ("no layer", "not compiled"),
-                                 timeout_s=30) is None, layer
+            assert (
+                page.wait_for(_shader_error_js(layer), lambda v: v not in ("no layer", "not compiled"), timeout_s=30)
+                is None
+            ), layer
         # The client fetched the exported annotations from the bridge's file server.
-        levels = page.wait_for(SPATIAL_IDS_SCRIPT.replace('"nodes"', f'"{EXPORTED_LAYER}"'),
-                               lambda v: v is not None and sum(map(len, v)) >= 3, timeout_s=30)
+        levels = page.wait_for(
+            SPATIAL_IDS_SCRIPT.replace('"nodes"', f'"{EXPORTED_LAYER}"'),
+            lambda v: v is not None and sum(map(len, v)) >= 3,
+            timeout_s=30,
+        )
         assert sorted(int(i) for level in levels for i in level) == [0, 1, 2]
         assert reports == []  # the bridge's writes and the page's echoes of them
 
         # The user adds segment 3 in the page.
-        page.evaluate('(viewer.layerManager.getLayerByName("segmentation").layer.displayState'
-                      '.segmentationGroupState.value.visibleSegments.add(3n), 0)')
+        page.evaluate(
+            '(viewer.layerManager.getLayerByName("segmentation").layer.displayState'
+            ".segmentationGroupState.value.visibleSegments.add(3n), 0)"
+        )
         page._run_until(lambda: bool(reports), time.monotonic() + 20, "the page's selection to reach Python")
         assert reports == [frozenset({1, 2, 3})]
 
@@ -581,6 +617,9 @@ def test_the_page_draws_the_new_layers_and_reports_only_the_users_selection(web_
         # The move reaches Python even when the page's post crosses the bridge's write (the
         # race segscope.app.viewer_sync merges; plain neuroglancer drops every later page change).
         page.evaluate("(viewer.position.value = Float32Array.of(11, 22, 33), 0)")
-        page._run_until(lambda: np.allclose(bridge.viewer.state.position, [11, 22, 33]),
-                        time.monotonic() + 20, "the page's camera move to reach Python")
+        page._run_until(
+            lambda: np.allclose(bridge.viewer.state.position, [11, 22, 33]),
+            time.monotonic() + 20,
+            "the page's camera move to reach Python",
+        )
         assert reports == [frozenset({1, 2, 3})]

@@ -43,8 +43,8 @@ def test_order_by_distance_is_nearest_first():
 
 def test_mask_centres_lie_inside_and_form_a_tree(tmp_path):
     seg = np.zeros((60, 40, 30), np.uint64)
-    seg[5:55, 18:22, 13:17] = 42          # a 1.6 um long rod along x
-    seg[30:34, 22:38, 13:17] = 42         # with a side branch along y
+    seg[5:55, 18:22, 13:17] = 42  # a 1.6 um long rod along x
+    seg[30:34, 22:38, 13:17] = 42  # with a side branch along y
     write_volume(tmp_path / "seg", seg, (32, 32, 40), segmentation=True)
     volume = open_volume(tmp_path / "seg")
     nodes, edges = mask_centres(volume, 42, spacing_nm=300.0)

@@ -46,8 +46,7 @@ from segscope.analysis.progress import Progress, drive
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_FEATURES = 8
 CLASS_NAMES = ("axon", "dendrite", "soma")
-TINY_SNGP = BERT_SMALL_SNGP_V1.with_updates(name="tiny_sngp", num_hidden=16, num_inducing=64,
-                                            batch_size=64)
+TINY_SNGP = BERT_SMALL_SNGP_V1.with_updates(name="tiny_sngp", num_hidden=16, num_inducing=64, batch_size=64)
 
 
 def toy_embeddings(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -78,9 +77,19 @@ def trained(toy_data):
     """A tiny SNGP fitted on the toy clusters, and the progress reports it yielded."""
     (train_x, train_y), _ = toy_data
     reports = []
-    classifier = drive(train_classifier(train_x, train_y, class_names=CLASS_NAMES,
-                                        config=TINY_SNGP, max_epochs=40, patience=5,
-                                        learning_rate=1e-2, seed=3), reports.append)
+    classifier = drive(
+        train_classifier(
+            train_x,
+            train_y,
+            class_names=CLASS_NAMES,
+            config=TINY_SNGP,
+            max_epochs=40,
+            patience=5,
+            learning_rate=1e-2,
+            seed=3,
+        ),
+        reports.append,
+    )
     return classifier, reports
 
 
@@ -117,11 +126,13 @@ def test_variance_and_uncertainty_grow_away_from_training_data(trained, toy_data
     # for: it separates from the training data and the default threshold flags most of it
     # and few training points.
     unseen = classifier.predict(
-        (4.0 * np.eye(NUM_FEATURES)[3] + rng.normal(0.0, 0.7, (300, NUM_FEATURES)))
-        .astype(np.float32))
+        (4.0 * np.eye(NUM_FEATURES)[3] + rng.normal(0.0, 0.7, (300, NUM_FEATURES))).astype(np.float32)
+    )
     assert np.median(unseen.variance) > np.quantile(near.variance, 0.95)
-    assert auroc(np.concatenate([unseen.uncertainty, near.uncertainty]),
-                 np.r_[np.ones(300, bool), np.zeros(600, bool)]) > 0.95
+    assert (
+        auroc(np.concatenate([unseen.uncertainty, near.uncertainty]), np.r_[np.ones(300, bool), np.zeros(600, bool)])
+        > 0.95
+    )
     assert unseen.ood.mean() > 0.8
     assert near.ood.mean() < 0.1
 
@@ -134,14 +145,12 @@ def test_variance_is_the_ridge_scaled_gp_posterior(trained, toy_data):
     features = np.asarray(features, dtype=np.float64)
     precision = gp.precision.numpy().astype(np.float64)
     ridge = TINY_SNGP.gp_cov_ridge_penalty
-    expected = ridge * np.einsum(
-        "nm,mk,nk->n", features, np.linalg.inv(ridge * np.eye(64) + precision), features)
+    expected = ridge * np.einsum("nm,mk,nk->n", features, np.linalg.inv(ridge * np.eye(64) + precision), features)
     prediction = classifier.predict(test_x[:50])
     np.testing.assert_allclose(prediction.variance, expected, rtol=2e-3, atol=1e-6)
     np.testing.assert_array_equal(prediction.logits, np.asarray(logits))
     adjusted = prediction.logits / np.sqrt(1 + MEAN_FIELD_LAMBDA * expected)[:, None]
-    np.testing.assert_allclose(prediction.uncertainty,
-                               3 / (3 + np.exp(adjusted).sum(axis=1)), rtol=1e-4)
+    np.testing.assert_allclose(prediction.uncertainty, 3 / (3 + np.exp(adjusted).sum(axis=1)), rtol=1e-4)
 
 
 def test_ood_threshold_is_configurable(trained, toy_data):
@@ -187,8 +196,11 @@ def test_standardisation_statistics_come_from_training_data(trained, toy_data):
 def test_linear_config_trains_without_gp(toy_data, tmp_path):
     (train_x, train_y), (test_x, test_y) = toy_data
     names = np.asarray(CLASS_NAMES)[train_y]  # labels given as names this time
-    classifier = drive(train_classifier(train_x, names, config="linear_v1", max_epochs=30,
-                                        learning_rate=3e-2, validation_split=0.0, seed=1))
+    classifier = drive(
+        train_classifier(
+            train_x, names, config="linear_v1", max_epochs=30, learning_rate=3e-2, validation_split=0.0, seed=1
+        )
+    )
     assert classifier.class_names == tuple(sorted(CLASS_NAMES))
     assert classifier.model.gp_layer is None and not classifier.model.spectral_layers
     assert classifier.training_info["validation_is_training_data"]
@@ -239,8 +251,9 @@ def test_spectral_normalisation_bounds_a_large_kernel():
     np.testing.assert_array_equal(layer.kernel.numpy(), raw)  # the stored kernel stays raw
     assert _spectral_norm(layer.normalized_kernel()) == pytest.approx(0.95, abs=1e-3)
     outputs = np.asarray(layer(inputs, training=False))
-    np.testing.assert_allclose(outputs, inputs @ np.asarray(layer.normalized_kernel())
-                               + layer.bias.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        outputs, inputs @ np.asarray(layer.normalized_kernel()) + layer.bias.numpy(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_spectral_normalisation_leaves_a_small_kernel_alone():
@@ -275,7 +288,7 @@ def test_spectral_normalisation_holds_during_gradient_training():
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
     for _ in range(10):
         for start in range(0, 512, 32):
-            model.train_on_batch(inputs[start:start + 32], targets[start:start + 32])
+            model.train_on_batch(inputs[start : start + 32], targets[start : start + 32])
     assert _spectral_norm(layer.kernel.numpy()) > 1.0
     # One power iteration per step lags a kernel that keeps moving; a few % is the
     # known slack of SNGP's single-iteration estimate.
@@ -330,10 +343,8 @@ def test_random_features_follow_the_formula():
     assert layer.lengthscale == pytest.approx(0.25 * 4.0)
     centred = hidden - hidden.mean(axis=1, keepdims=True)
     normalized = centred / np.sqrt(centred.var(axis=1, keepdims=True) + 1e-3)  # Keras' eps
-    expected = np.sqrt(2 / 48) * np.cos(
-        normalized @ layer.random_kernel.numpy() / 1.0 + layer.random_bias.numpy())
-    np.testing.assert_allclose(np.asarray(layer.random_features(hidden)), expected,
-                               rtol=1e-4, atol=1e-5)
+    expected = np.sqrt(2 / 48) * np.cos(normalized @ layer.random_kernel.numpy() / 1.0 + layer.random_bias.numpy())
+    np.testing.assert_allclose(np.asarray(layer.random_features(hidden)), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_random_features_are_frozen_and_orthogonal():
@@ -368,8 +379,9 @@ def test_precision_is_reset_every_epoch_and_training_is_seeded(toy_data):
     """
     (train_x, train_y), (test_x, _) = toy_data
     config = TINY_SNGP.with_updates(name="tiny_exact", gp_cov_momentum=-1.0)
-    runs = [drive(train_classifier(train_x, train_y, config=config, max_epochs=3,
-                                   patience=10, seed=0)) for _ in range(2)]
+    runs = [
+        drive(train_classifier(train_x, train_y, config=config, max_epochs=3, patience=10, seed=0)) for _ in range(2)
+    ]
     # The kept weights (and P) are from the last epoch, after two resets.
     assert runs[0].training_info["best_epoch"] == 2
     trace = float(np.trace(runs[0].model.gp_layer.precision.numpy()))
@@ -471,11 +483,9 @@ def test_train_rejects_bad_input():
     with pytest.raises(ValueError, match="outside"):
         drive(train_classifier(x, y, class_names=("a", "b"), config=TINY_SNGP))
     with pytest.raises(ValueError, match="only one class"):
-        drive(train_classifier(x, np.zeros(40, int), class_names=CLASS_NAMES,
-                               config=TINY_SNGP))
+        drive(train_classifier(x, np.zeros(40, int), class_names=CLASS_NAMES, config=TINY_SNGP))
     with pytest.raises(ValueError, match="not in class_names"):
-        drive(train_classifier(x, np.array(["axon"] * 20 + ["glia"] * 20),
-                               class_names=CLASS_NAMES, config=TINY_SNGP))
+        drive(train_classifier(x, np.array(["axon"] * 20 + ["glia"] * 20), class_names=CLASS_NAMES, config=TINY_SNGP))
     bad = x.copy()
     bad[3, 2] = np.inf
     with pytest.raises(ValueError, match="NaN or infinite"):
@@ -483,18 +493,24 @@ def test_train_rejects_bad_input():
     with pytest.raises(ValueError, match="threshold"):
         drive(train_classifier(x, y, config=TINY_SNGP, ood_threshold=2.0))
     with pytest.raises(ValueError, match="validation data"):
-        drive(train_classifier(x, y, config=TINY_SNGP,
-                               validation_data=(np.zeros((5, 3)), np.zeros(5, int))))
+        drive(train_classifier(x, y, config=TINY_SNGP, validation_data=(np.zeros((5, 3)), np.zeros(5, int))))
 
 
 # --- configs -------------------------------------------------------------------------------
 
 
 def test_named_configs_match_segclr():
-    assert set(CLASSIFIER_CONFIGS) == {"BERT_SNGP_v1", "BERT_SMALL_SNGP_v1", "WRN_SNGP_v1",
-                                       "linear_v1"}
-    as_tuple = lambda c: (c.num_hidden, c.num_layers, c.spec_norm_bound, c.num_inducing,  # noqa: E731
-                          c.gp_cov_momentum, c.gp_cov_ridge_penalty, c.l2_reg, c.batch_size)
+    assert set(CLASSIFIER_CONFIGS) == {"BERT_SNGP_v1", "BERT_SMALL_SNGP_v1", "WRN_SNGP_v1", "linear_v1"}
+    as_tuple = lambda c: (
+        c.num_hidden,
+        c.num_layers,
+        c.spec_norm_bound,
+        c.num_inducing,  # noqa: E731
+        c.gp_cov_momentum,
+        c.gp_cov_ridge_penalty,
+        c.l2_reg,
+        c.batch_size,
+    )
     assert as_tuple(BERT_SNGP_V1) == (128, 2, 0.95, 2048, 0.999, 1e-3, 1e-3, 128)
     assert as_tuple(BERT_SMALL_SNGP_V1) == (64, 2, 0.95, 256, 0.999, 1e-3, 1e-3, 128)
     assert as_tuple(WRN_SNGP_V1) == (128, 2, 6.0, 1024, 0.999, 1e-3, 1e-4, 128)
@@ -511,10 +527,11 @@ def test_named_configs_match_segclr():
 
 
 def test_package_import_does_not_load_keras():
-    code = ("import sys, segscope.analysis.classify; "
-            "print(any(m.split('.')[0] in ('keras', 'tensorflow') for m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
-                            text=True, check=True)
+    code = (
+        "import sys, segscope.analysis.classify; "
+        "print(any(m.split('.')[0] in ('keras', 'tensorflow') for m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
 
@@ -549,8 +566,7 @@ def test_posterior_covariance_matches_explicit_inverse():
 
 def test_accuracy_and_confusion_matrix():
     assert accuracy([0, 1, 2, 2], [0, 2, 2, 2]) == 0.75
-    np.testing.assert_array_equal(confusion_matrix([0, 1, 2, 2], [0, 2, 2, 2]),
-                                  [[1, 0, 0], [0, 0, 1], [0, 0, 2]])
+    np.testing.assert_array_equal(confusion_matrix([0, 1, 2, 2], [0, 2, 2, 2]), [[1, 0, 0], [0, 0, 1], [0, 0, 2]])
     with pytest.raises(ValueError, match="labels"):
         accuracy([0, 1], [0, 1, 1])
     with pytest.raises(ValueError, match="integer"):
@@ -582,12 +598,12 @@ def test_class_guaranteed_subsample():
         picked = class_guaranteed_subsample(labels, 5, np.random.default_rng(seed))
         assert picked.size == 5 and np.unique(picked).size == 5
         assert set(labels[picked]) == {0, 1, 2}
-    np.testing.assert_array_equal(class_guaranteed_subsample(labels, 7, np.random.default_rng(3)),
-                                  class_guaranteed_subsample(labels, 7, np.random.default_rng(3)))
-    np.testing.assert_array_equal(class_guaranteed_subsample(labels, 100, np.random.default_rng(0)),
-                                  np.arange(100))
+    np.testing.assert_array_equal(
+        class_guaranteed_subsample(labels, 7, np.random.default_rng(3)),
+        class_guaranteed_subsample(labels, 7, np.random.default_rng(3)),
+    )
+    np.testing.assert_array_equal(class_guaranteed_subsample(labels, 100, np.random.default_rng(0)), np.arange(100))
     with pytest.raises(ValueError, match="number of classes"):
         class_guaranteed_subsample(labels, 2, np.random.default_rng(0))
     names = np.array(["axon", "soma", "axon", "glia"])
-    assert set(names[class_guaranteed_subsample(names, 3, np.random.default_rng(0))]) == {
-        "axon", "soma", "glia"}
+    assert set(names[class_guaranteed_subsample(names, 3, np.random.default_rng(0))]) == {"axon", "soma", "glia"}

@@ -16,13 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_help_imports_no_heavy_library():
-    code = ("import sys, contextlib, io\n"
-            "from segscope.app.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    try: main(['--help'])\n"
-            "    except SystemExit: pass\n"
-            "heavy = [m for m in ('tensorflow', 'keras', 'umap', 'PyQt6', 'tensorstore', 'numba') if m in sys.modules]\n"
-            "print(heavy)\n")
+    code = (
+        "import sys, contextlib, io\n"
+        "from segscope.app.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try: main(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "heavy = [m for m in ('tensorflow', 'keras', 'umap', 'PyQt6', 'tensorstore', 'numba') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -36,13 +38,16 @@ def test_info_prints_shape_and_voxel_size(tmp_path, capsys):
     assert "20 x 30 x 40 voxels" in out and "32 x 32 x 40 nm" in out and "neuroglancer_precomputed" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["info", "/nonexistent/volume"], "does not exist"),
-    (["info", "ftp://host/x"], "unsupported URL scheme"),
-    (["export", "--out", "{tmp}/b", "--nodes", "{tmp}/n.parquet"], "--nodes and --segments go together"),
-    (["evaluate", "--run", "{tmp}", "--out", "{tmp}/e", "--dataset", "{tmp}/nodata"], "does not exist"),
-    (["evaluate", "--run", "{tmp}", "--out", "{tmp}/e"], "split.json not found"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "/nonexistent/volume"], "does not exist"),
+        (["info", "ftp://host/x"], "unsupported URL scheme"),
+        (["export", "--out", "{tmp}/b", "--nodes", "{tmp}/n.parquet"], "--nodes and --segments go together"),
+        (["evaluate", "--run", "{tmp}", "--out", "{tmp}/e", "--dataset", "{tmp}/nodata"], "does not exist"),
+        (["evaluate", "--run", "{tmp}", "--out", "{tmp}/e"], "split.json not found"),
+    ],
+)
 def test_bad_input_gives_one_line_error(tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == 2

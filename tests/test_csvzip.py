@@ -244,10 +244,7 @@ def test_concurrent_writer_processes_lose_nothing(tmp_path):
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
-    children = [
-        context.Process(target=_write_in_child, args=(str(tmp_path), list(range(k, 61, 3))))
-        for k in (1, 2, 3)
-    ]
+    children = [context.Process(target=_write_in_child, args=(str(tmp_path), list(range(k, 61, 3)))) for k in (1, 2, 3)]
     for child in children:
         child.start()
     for child in children:
@@ -437,15 +434,50 @@ def handmade_zip64(members: list[tuple[str, bytes]], method: int = 8) -> bytes:
         crc = zlib.crc32(data)
         offset = len(out)
         local_extra = struct.pack("<HHQQ", 1, 16, len(data), len(payload))
-        out += struct.pack(
-            "<4s5H3L2H", b"PK\x03\x04", 45, 0, method, 0, 0x21, crc,
-            0xFFFFFFFF, 0xFFFFFFFF, len(raw_name), len(local_extra),
-        ) + raw_name + local_extra + payload
+        out += (
+            struct.pack(
+                "<4s5H3L2H",
+                b"PK\x03\x04",
+                45,
+                0,
+                method,
+                0,
+                0x21,
+                crc,
+                0xFFFFFFFF,
+                0xFFFFFFFF,
+                len(raw_name),
+                len(local_extra),
+            )
+            + raw_name
+            + local_extra
+            + payload
+        )
         central_extra = struct.pack("<HHQQQ", 1, 24, len(data), len(payload), offset)
-        central += struct.pack(
-            "<4s6H3L5H2L", b"PK\x01\x02", 45, 45, 0, method, 0, 0x21, crc,
-            0xFFFFFFFF, 0xFFFFFFFF, len(raw_name), len(central_extra), 0, 0, 0, 0, 0xFFFFFFFF,
-        ) + raw_name + central_extra
+        central += (
+            struct.pack(
+                "<4s6H3L5H2L",
+                b"PK\x01\x02",
+                45,
+                45,
+                0,
+                method,
+                0,
+                0x21,
+                crc,
+                0xFFFFFFFF,
+                0xFFFFFFFF,
+                len(raw_name),
+                len(central_extra),
+                0,
+                0,
+                0,
+                0,
+                0xFFFFFFFF,
+            )
+            + raw_name
+            + central_extra
+        )
     cd_offset = len(out)
     out += central
     record_offset = len(out)

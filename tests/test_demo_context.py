@@ -12,7 +12,11 @@ import pytest
 from segscope.analysis import COMPARTMENTS
 from segscope.analysis.projection import read_embedding_table
 from segscope.app.demo_context import (
-    DEMO_CONTEXT_NAME, PROVENANCE_KEY, classifier_hashes, find_demo_context, read_provenance,
+    DEMO_CONTEXT_NAME,
+    PROVENANCE_KEY,
+    classifier_hashes,
+    find_demo_context,
+    read_provenance,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,8 +30,14 @@ def write_demo_metadata(folder: Path, **changes) -> Path:
     from segscope.analysis.dataset import write_dataset_metadata
     from segscope.analysis.synthetic import CELL_TYPES, DEFAULT_SIZE_VOX, DEFAULT_VOXEL_SIZE_NM, GENERATOR_VERSION
 
-    params = dict(name="segscope-demo", size_vox=DEFAULT_SIZE_VOX, voxel_size_nm=DEFAULT_VOXEL_SIZE_NM,
-                  cell_types=CELL_TYPES, seed=0, generator_version=GENERATOR_VERSION)
+    params = dict(
+        name="segscope-demo",
+        size_vox=DEFAULT_SIZE_VOX,
+        voxel_size_nm=DEFAULT_VOXEL_SIZE_NM,
+        cell_types=CELL_TYPES,
+        seed=0,
+        generator_version=GENERATOR_VERSION,
+    )
     params.update(changes)
     folder.mkdir(parents=True, exist_ok=True)
     write_dataset_metadata(folder, **params)
@@ -39,18 +49,21 @@ def write_demo_metadata(folder: Path, **changes) -> Path:
 
 def test_committed_asset_fits_the_default_demo_and_shipped_models(tmp_path):
     found = find_demo_context(write_demo_metadata(tmp_path / "demo"))
-    assert found, (f"{found.reason}: rebuild it with scripts/build_demo_assets.sh --context-only")
+    assert found, f"{found.reason}: rebuild it with scripts/build_demo_assets.sh --context-only"
     assert found.path == ASSET and found.reason == ""
     record = read_provenance(ASSET)
     assert record["dataset"]["seed"] == 0 and record["classifiers"]["files"] == classifier_hashes(CLASSIFIERS)
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"seed": 1}, "seed 0"),
-    ({"generator_version": 3}, "generator_version"),
-    ({"size_vox": (128, 128, 128)}, "size_vox"),
-    ({"name": "my-volume", "seed": None, "generator_version": None}, "name"),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"seed": 1}, "seed 0"),
+        ({"generator_version": 3}, "generator_version"),
+        ({"size_vox": (128, 128, 128)}, "size_vox"),
+        ({"name": "my-volume", "seed": None, "generator_version": None}, "name"),
+    ],
+)
 def test_other_demo_parameters_are_rejected_with_the_reason(tmp_path, caplog, changes, words):
     caplog.set_level("INFO", logger="segscope.app.demo_context")
     found = find_demo_context(write_demo_metadata(tmp_path / "other", **changes))
@@ -93,8 +106,13 @@ def _write_table(path: Path, *, predictions: bool, n: int = 6, dim: int = 3) -> 
     import pyarrow.parquet as pq
 
     embeddings = np.arange(n * dim, dtype=np.float32).reshape(n, dim)
-    columns = {"segment_id": pa.array([5, 5, 5, 9, 9, 9], pa.uint64()), "node_id": pa.array(range(n), pa.int64()),
-               "x_nm": np.arange(n, dtype=np.float64), "y_nm": np.zeros(n), "z_nm": np.full(n, 40.0)}
+    columns = {
+        "segment_id": pa.array([5, 5, 5, 9, 9, 9], pa.uint64()),
+        "node_id": pa.array(range(n), pa.int64()),
+        "x_nm": np.arange(n, dtype=np.float64),
+        "y_nm": np.zeros(n),
+        "z_nm": np.full(n, 40.0),
+    }
     columns.update({f"e{d}": embeddings[:, d] for d in range(dim)})
     if predictions:
         columns["compartment"] = pa.array(["axon", "glia", None, "soma", "cilium", "dendrite"]).dictionary_encode()
@@ -133,8 +151,10 @@ def test_read_embedding_table_names_missing_columns_and_bad_files(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"segment_id": pa.array([1], pa.uint64()), "node_id": [0], "x_nm": [0.0],
-                             "y_nm": [0.0], "e0": [1.0]}), tmp_path / "noz.parquet")
+    pq.write_table(
+        pa.table({"segment_id": pa.array([1], pa.uint64()), "node_id": [0], "x_nm": [0.0], "y_nm": [0.0], "e0": [1.0]}),
+        tmp_path / "noz.parquet",
+    )
     with pytest.raises(KeyError, match=r"noz\.parquet.*z_nm"):
         read_embedding_table(tmp_path / "noz.parquet")
     (tmp_path / "junk.parquet").write_text("segment_id,node_id\n")
@@ -155,17 +175,35 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
     demo = tmp_path / "demo"
     assert main(["demo-data", "--out", str(demo), "--size", "88", "--seed", "3"]) == 0
     out = tmp_path / "context.parquet"
-    assert main(["embed", "--image", str(demo / "image"), "--segmentation", f"file://{demo / 'segmentation'}",
-                 "--segments", "all", "--checkpoint", str(ENCODER), "--classifiers", str(CLASSIFIERS),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--image",
+                str(demo / "image"),
+                "--segmentation",
+                f"file://{demo / 'segmentation'}",
+                "--segments",
+                "all",
+                "--checkpoint",
+                str(ENCODER),
+                "--classifiers",
+                str(CLASSIFIERS),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     import pyarrow.parquet as pq
 
     from segscope.analysis.dataset import open_dataset
 
     dataset = open_dataset(demo)
     raw = pq.read_table(out)
-    assert {"compartment", "compartment_probability", "cell_type", "cell_type_probability",
-            "ood_score"} <= set(raw.column_names)
+    assert {"compartment", "compartment_probability", "cell_type", "cell_type_probability", "ood_score"} <= set(
+        raw.column_names
+    )
     assert raw.schema.field("e0").type == "float" and PROVENANCE_KEY in raw.schema.metadata
     table = read_embedding_table(out)
     assert set(table.segment_ids.tolist()) == set(dataset.segment_ids.tolist())
@@ -185,8 +223,9 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
     from segscope.app.controller import read_classifier_folder
 
     summary = read_classifier_folder(CLASSIFIERS)
-    predictor, _ = load_segment_predictor([{"task": i.task, "path": i.path, "radius_nm": i.radius_nm}
-                                           for i in (summary.compartment, summary.cell_type)])
+    predictor, _ = load_segment_predictor(
+        [{"task": i.task, "path": i.path, "radius_nm": i.radius_nm} for i in (summary.compartment, summary.cell_type)]
+    )
     biggest = max(np.unique(table.segment_ids), key=lambda s: int((table.segment_ids == s).sum()))
     rows = np.flatnonzero(table.segment_ids == biggest)
     assert len(rows) >= 4
@@ -201,24 +240,47 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
     np.testing.assert_allclose(predictions.cell_type.ood_score, table.ood_scores[rows[0]], rtol=1e-5)
 
     assert find_demo_context(demo, context_path=out, encoder_path=ENCODER, classifiers_folder=CLASSIFIERS)
-    assert main(["embed", "--image", str(demo / "image"), "--segmentation", str(demo / "segmentation"),
-                 "--segments", "all", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "embed",
+                "--image",
+                str(demo / "image"),
+                "--segmentation",
+                str(demo / "segmentation"),
+                "--segments",
+                "all",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--segments", "all", "--out", "{tmp}/e.parquet"], "--segments all needs"),
-    (["--segments", "7", "--classifiers", str(CLASSIFIERS), "--out", "{tmp}/store"], "only a .parquet"),
-    (["--segments", "7", "--classifiers", "{tmp}/none", "--out", "{tmp}/e.parquet"], "no classifier folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--segments", "all", "--out", "{tmp}/e.parquet"], "--segments all needs"),
+        (["--segments", "7", "--classifiers", str(CLASSIFIERS), "--out", "{tmp}/store"], "only a .parquet"),
+        (["--segments", "7", "--classifiers", "{tmp}/none", "--out", "{tmp}/e.parquet"], "no classifier folder"),
+    ],
+)
 def test_embed_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, message):
     from segscope.analysis.volume import write_volume
     from segscope.app.cli import main
 
     write_volume(tmp_path / "img", np.zeros((20, 20, 20), np.uint8), (32, 32, 40))
     write_volume(tmp_path / "seg", np.zeros((20, 20, 20), np.uint64), (32, 32, 40), segmentation=True)
-    argv = ["embed", "--image", str(tmp_path / "img"), "--segmentation", str(tmp_path / "seg"),
-            *[a.replace("{tmp}", str(tmp_path)) for a in argv]]
+    argv = [
+        "embed",
+        "--image",
+        str(tmp_path / "img"),
+        "--segmentation",
+        str(tmp_path / "seg"),
+        *[a.replace("{tmp}", str(tmp_path)) for a in argv],
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("segscope embed: error:") and message in err
@@ -227,8 +289,12 @@ def test_embed_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, messag
 def test_model_sha256_hashes_exactly_one_checkpoints_files(tmp_path):
     from segscope.app.demo_context import model_sha256
 
-    for name, data in (("ckpt-1.index", b"a"), ("ckpt-1.data-00000-of-00001", b"b"),
-                       ("ckpt-10.index", b"other"), ("ckpt-10.data-00000-of-00001", b"other")):
+    for name, data in (
+        ("ckpt-1.index", b"a"),
+        ("ckpt-1.data-00000-of-00001", b"b"),
+        ("ckpt-10.index", b"other"),
+        ("ckpt-10.data-00000-of-00001", b"other"),
+    ):
         (tmp_path / name).write_bytes(data)
     first = model_sha256(tmp_path / "ckpt-1")
     (tmp_path / "ckpt-10.index").write_bytes(b"changed")  # another checkpoint changes...

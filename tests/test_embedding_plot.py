@@ -51,8 +51,7 @@ def window(qtbot):
     main.state = SessionState()
     main.bridge = Bridge()
     main.resize(900, 700)
-    dock = attach_embedding_plot(main, start_warm_up=False,
-                                 scheduler_options={"min_points": 10**9, "warm_up": False})
+    dock = attach_embedding_plot(main, start_warm_up=False, scheduler_options={"min_points": 10**9, "warm_up": False})
     qtbot.addWidget(main)
     main.show()
     qtbot.waitExposed(main)
@@ -153,18 +152,22 @@ def test_a_3d_selection_highlights_its_points_without_echo(window, qtbot):
     window.state.select_segment(21)
     np.testing.assert_array_equal(plot.controller.selected_rows, left)
     # The highlight overlay is redrawn on the next event-loop turn, at those points.
-    qtbot.waitUntil(lambda: plot.selection_item.n_points == 30
-                    and np.allclose(plot.selection_item._xy, plot.controller.layout[left]), timeout=2000)
+    qtbot.waitUntil(
+        lambda: (
+            plot.selection_item.n_points == 30 and np.allclose(plot.selection_item._xy, plot.controller.layout[left])
+        ),
+        timeout=2000,
+    )
     # ...and is not sent back out as a plot selection.
     assert plot.select_segments([22]) is True
-    qtbot.waitUntil(lambda: set(plot.controller.selected_rows) == set(plot.controller.segment_rows([22])),
-                    timeout=2000)
+    qtbot.waitUntil(lambda: set(plot.controller.selected_rows) == set(plot.controller.segment_rows([22])), timeout=2000)
     qtbot.wait(50)
     assert emitted == []
     # Segments picked in Neuroglancer's own controls (its thread) highlight their points too.
     emitted_3d = []
     plot.selectionChanged.connect(emitted_3d.append)
     import threading
+
     thread = threading.Thread(target=window.bridge.listeners[0], args=(frozenset({21, 22}),))
     thread.start()
     thread.join()
@@ -175,8 +178,9 @@ def test_a_3d_selection_highlights_its_points_without_echo(window, qtbot):
 def test_hover_and_click_report_the_node_and_move_the_3d_view(window, qtbot):
     plot = two_segments(window, qtbot)
     row = int(plot.controller.segment_rows([22])[3])
-    scene = plot.view_box.mapViewToScene(__import__("PyQt6.QtCore", fromlist=["QPointF"]).QPointF(
-        *map(float, plot.controller.layout[row])))
+    scene = plot.view_box.mapViewToScene(
+        __import__("PyQt6.QtCore", fromlist=["QPointF"]).QPointF(*map(float, plot.controller.layout[row]))
+    )
     with qtbot.waitSignal(plot.pointHovered, timeout=2000) as hovered:
         plot._on_mouse_moved(scene)
     info = hovered.args[0]
@@ -218,11 +222,14 @@ def test_context_table_arrives_with_its_predictions(window, qtbot):
 
     n = 40
     table = EmbeddingTable(
-        segment_ids=np.repeat(np.array([501, 502], np.uint64), n // 2), node_ids=np.tile(np.arange(n // 2), 2),
-        xyz_nm=np.zeros((n, 3)), embeddings=clustered_embeddings(n, 1.0),
+        segment_ids=np.repeat(np.array([501, 502], np.uint64), n // 2),
+        node_ids=np.tile(np.arange(n // 2), 2),
+        xyz_nm=np.zeros((n, 3)),
+        embeddings=clustered_embeddings(n, 1.0),
         compartments=np.tile(np.array([0, 1], np.uint8), n // 2),
         cell_types=np.array(["microglia"] * (n // 2) + [""] * (n // 2), dtype=object),
-        ood_scores=np.r_[np.full(n // 2, 0.6, np.float32), np.full(n // 2, np.nan, np.float32)])
+        ood_scores=np.r_[np.full(n // 2, 0.6, np.float32), np.full(n // 2, np.nan, np.float32)],
+    )
     plot = window.dock.plot
     rows = plot.add_background(table)
     controller = plot.controller
@@ -253,7 +260,7 @@ def test_sparse_and_dense_rasterising_draw_the_same_image(size_px):
     np.testing.assert_array_equal(dense, sparse)
     # A lone point draws a size_px square of its colour + 1, nothing else.
     lone = rasterise_points(np.array([20]), np.array([10]), np.array([4], np.uint8), width, height, size_px)
-    assert (lone == 5).sum() == size_px ** 2 and (lone[lone != 0] == 5).all()
+    assert (lone == 5).sum() == size_px**2 and (lone[lone != 0] == 5).all()
     # The later of two points on one pixel is on top.
     two = rasterise_points(np.array([5, 5]), np.array([5, 5]), np.array([1, 2], np.uint8), width, height, size_px)
     assert two[5, 5] == 3

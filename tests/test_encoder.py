@@ -109,8 +109,9 @@ def _max_pool(x):
 
 
 def _bn(x, w, scope, eps):
-    return ((x - w[f"{scope}/moving_mean"]) / np.sqrt(w[f"{scope}/moving_variance"] + eps)
-            * w[f"{scope}/gamma"] + w[f"{scope}/beta"])
+    return (x - w[f"{scope}/moving_mean"]) / np.sqrt(w[f"{scope}/moving_variance"] + eps) * w[f"{scope}/gamma"] + w[
+        f"{scope}/beta"
+    ]
 
 
 def _reference_forward(config: EncoderConfig, w: dict, cutouts: np.ndarray) -> dict:
@@ -144,8 +145,7 @@ def _reference_forward(config: EncoderConfig, w: dict, cutouts: np.ndarray) -> d
         return x
 
     embedding = head(x, config.bottleneck_scope, config.bottleneck_widths)
-    return {"embedding": embedding,
-            "projection": head(embedding, config.projection_scope, config.projection_widths)}
+    return {"embedding": embedding, "projection": head(embedding, config.projection_scope, config.projection_widths)}
 
 
 def _tf1_weights(encoder) -> dict:
@@ -182,10 +182,13 @@ def test_block_order_and_batch_norm_settings_follow_segclr():
     names = [layer.name for layer in encoder.layers]
     stem = "base_model_0.resnet18.stage_1"
     # Stem: conv -> BN -> pool with no ReLU in between.
-    assert names[names.index(f"{stem}.conv1") + 1: names.index(f"{stem}.pool1") + 1] == [f"{stem}.bn1", f"{stem}.pool1"]
+    assert names[names.index(f"{stem}.conv1") + 1 : names.index(f"{stem}.pool1") + 1] == [
+        f"{stem}.bn1",
+        f"{stem}.pool1",
+    ]
     block = "base_model_0.resnet18.stage_2.block_a"
     i = names.index(f"{block}.conv_0")
-    assert names[i: i + 3] == [f"{block}.conv_0", f"{block}.relu_0", f"{block}.bn_0"]
+    assert names[i : i + 3] == [f"{block}.conv_0", f"{block}.relu_0", f"{block}.bn_0"]
     # stage_2 has a 1x1 conv shortcut although its stride is 1.
     assert f"{block}.shortcut_conv" in names and f"{block}.shortcut_bn" in names
     bns = [layer for layer in encoder.layers if layer.__class__.__name__ == "BatchNormalization"]
@@ -220,8 +223,9 @@ def test_axis_order_transposes_inside_the_model(tiny_encoder):
 
 def test_embed_validates_input_and_accepts_channel_axis(tiny_encoder):
     cutouts = _random_cutouts(TINY, 4)
-    np.testing.assert_allclose(tiny_encoder.embed(cutouts[..., None], batch_size=3),
-                               tiny_encoder.embed(cutouts), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        tiny_encoder.embed(cutouts[..., None], batch_size=3), tiny_encoder.embed(cutouts), rtol=1e-5, atol=1e-5
+    )
     assert tiny_encoder.embed(cutouts[:0]).shape == (0, 5)
     with pytest.raises(ValueError, match="expects"):
         tiny_encoder.embed(np.zeros((1, 5, 5, 5), np.uint8))
@@ -278,15 +282,20 @@ def test_checkpoint_round_trip_in_both_layouts(tiny_encoder, tmp_path, layout):
     keys = [k for k, _ in tf.train.list_variables(prefix)]
     conv = "base_model_0/resnet18/stage_1/conv1/kernel"
     if layout == "object":
-        assert "_tf1_style_var_store/_vars/base_model_0.Sresnet18.Sstage_1.Sconv1.Skernel/.ATTRIBUTES/VARIABLE_VALUE" in keys
+        assert (
+            "_tf1_style_var_store/_vars/base_model_0.Sresnet18.Sstage_1.Sconv1.Skernel/.ATTRIBUTES/VARIABLE_VALUE"
+            in keys
+        )
     else:
         assert conv in keys
     loaded = load_checkpoint(prefix, TINY, include_projection=True)
     cutouts = _random_cutouts(TINY, 2)
     np.testing.assert_array_equal(loaded.embed(cutouts), tiny_encoder.embed(cutouts))
     # The training head comes along when asked for.
-    np.testing.assert_array_equal(loaded.get_layer("projection_head_0_0.nl_1.dense").get_weights()[0],
-                                  tiny_encoder.get_layer("projection_head_0_0.nl_1.dense").get_weights()[0])
+    np.testing.assert_array_equal(
+        loaded.get_layer("projection_head_0_0.nl_1.dense").get_weights()[0],
+        tiny_encoder.get_layer("projection_head_0_0.nl_1.dense").get_weights()[0],
+    )
 
 
 def test_checkpoint_missing_variable_is_named(tiny_encoder, tmp_path):
@@ -299,13 +308,16 @@ def test_checkpoint_missing_variable_is_named(tiny_encoder, tmp_path):
         load_checkpoint(bad, TINY)
     assert info.value.missing == [dropped] and dropped in str(info.value)
     # Without the projection head requested, its absence is no error.
-    no_head = rename_checkpoint(good, tmp_path / "nohead" / "model.ckpt",
-                                drop=[n for n in info.value.missing] + [
-                                    "projection_head_0_0/nl_0/dense/kernel"])
+    no_head = rename_checkpoint(
+        good,
+        tmp_path / "nohead" / "model.ckpt",
+        drop=[n for n in info.value.missing] + ["projection_head_0_0/nl_0/dense/kernel"],
+    )
     with pytest.raises(CheckpointMismatchError):
         load_checkpoint(no_head, TINY)  # still misses the BN variance
-    only_head_missing = rename_checkpoint(good, tmp_path / "head" / "model.ckpt",
-                                          drop=["projection_head_0_0/nl_0/dense/kernel"])
+    only_head_missing = rename_checkpoint(
+        good, tmp_path / "head" / "model.ckpt", drop=["projection_head_0_0/nl_0/dense/kernel"]
+    )
     load_checkpoint(only_head_missing, TINY)
     with pytest.raises(CheckpointMismatchError, match="projection_head_0_0/nl_0/dense/kernel"):
         load_checkpoint(only_head_missing, TINY, include_projection=True)
@@ -316,8 +328,9 @@ def test_checkpoint_misshaped_kernel_is_named(tiny_encoder, tmp_path):
 
     good = save_checkpoint(tiny_encoder, tmp_path / "good" / "model.ckpt", layout="name")
     target = "base_model_0/resnet18/stage_2/block_a/conv_1/kernel"
-    bad = rename_checkpoint(good, tmp_path / "bad" / "model.ckpt",
-                            transform=lambda name, v: v[..., :3] if name == target else v)
+    bad = rename_checkpoint(
+        good, tmp_path / "bad" / "model.ckpt", transform=lambda name, v: v[..., :3] if name == target else v
+    )
     with pytest.raises(CheckpointMismatchError) as info:
         load_checkpoint(bad, TINY)
     assert info.value.misshaped == [(target, (3, 3, 3, 4, 3), (3, 3, 3, 4, 4))]
@@ -391,8 +404,12 @@ def test_open_encoder_dispatches_on_file_kind(tiny_encoder, tmp_path):
     expected = tiny_encoder.embed(cutouts)
     keras_file = save_encoder(tiny_encoder, tmp_path / "model" / "tiny.keras")
     prefix = save_checkpoint(tiny_encoder, tmp_path / "ckpt" / "model.ckpt-1", layout="object")
-    for source, options in ((keras_file, {}), (keras_file.parent, {}), (prefix, {"config": TINY}),
-                            (tmp_path / "ckpt", {"config": TINY})):
+    for source, options in (
+        (keras_file, {}),
+        (keras_file.parent, {}),
+        (prefix, {"config": TINY}),
+        (tmp_path / "ckpt", {"config": TINY}),
+    ):
         np.testing.assert_array_equal(open_encoder(source, **options).embed(cutouts), expected)
     with pytest.raises(FileNotFoundError):
         open_encoder(tmp_path / "missing")

@@ -18,7 +18,9 @@ def small_demo(tmp_path_factory):
     from segscope.analysis.dataset import open_dataset
     from segscope.analysis.synthetic import generate_dataset
 
-    return open_dataset(drive(generate_dataset(tmp_path_factory.mktemp("eval") / "demo", seed=2, size_vox=(96, 96, 96))))
+    return open_dataset(
+        drive(generate_dataset(tmp_path_factory.mktemp("eval") / "demo", seed=2, size_vox=(96, 96, 96)))
+    )
 
 
 def test_segment_scores_average_their_nodes():
@@ -48,13 +50,27 @@ def test_centre_table_keeps_evaluation_cells_apart(small_demo):
 def test_evaluate_end_to_end_writes_metrics_and_plots(small_demo, tmp_path):
     from segscope.analysis.encoder import SEGCLR_LITE, build_encoder
 
-    tiny = SEGCLR_LITE.with_updates(input_size_vox=(17, 17, 17), stem_filters=4, stage_filters=(8,),
-                                    stage_blocks=(1,), stage_strides=(1,), bottleneck_widths=(16,),
-                                    projection_widths=(8,))
+    tiny = SEGCLR_LITE.with_updates(
+        input_size_vox=(17, 17, 17),
+        stem_filters=4,
+        stage_filters=(8,),
+        stage_blocks=(1,),
+        stage_strides=(1,),
+        bottleneck_widths=(16,),
+        projection_widths=(8,),
+    )
     split = CellSplit.for_dataset(small_demo, 0.3, holdout_types=["microglia"], seed=0)
     config = EvaluationConfig(label_counts=(8,), repeats=1, efficiency_max_epochs=5)
-    metrics = drive(evaluate(small_demo, build_encoder(tiny, seed=1), split, tmp_path,
-                             baseline_encoder=build_encoder(tiny, seed=2), config=config))
+    metrics = drive(
+        evaluate(
+            small_demo,
+            build_encoder(tiny, seed=1),
+            split,
+            tmp_path,
+            baseline_encoder=build_encoder(tiny, seed=2),
+            config=config,
+        )
+    )
     assert set(metrics["_classifiers"]) == {"compartment", "cell_type"}
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for name in ("trained", "baseline"):

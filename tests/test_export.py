@@ -99,8 +99,15 @@ def provenance() -> Provenance:
 
 # ------------------------------------------------------------------ a small spec decoder
 
-_SIZES = {"float32": ("<f4", 4), "int32": ("<i4", 4), "uint32": ("<u4", 4), "int16": ("<i2", 2),
-          "uint16": ("<u2", 2), "int8": ("<i1", 1), "uint8": ("<u1", 1)}
+_SIZES = {
+    "float32": ("<f4", 4),
+    "int32": ("<i4", 4),
+    "uint32": ("<u4", 4),
+    "int16": ("<i2", 2),
+    "uint16": ("<u2", 2),
+    "int8": ("<i1", 1),
+    "uint8": ("<u1", 1),
+}
 
 
 class SpecDecoder:
@@ -127,9 +134,7 @@ class SpecDecoder:
 
     def _record(self, data: bytes, start: int) -> dict:
         point = np.frombuffer(data, "<f4", self.rank, start)
-        props = {
-            name: np.frombuffer(data, fmt, 1, start + offset)[0] for name, (fmt, offset) in self.layout.items()
-        }
+        props = {name: np.frombuffer(data, fmt, 1, start + offset)[0] for name, (fmt, offset) in self.layout.items()}
         return {"point": point, **props}
 
     def read_uint64_index(self, entry: dict, key: int) -> bytes:
@@ -138,11 +143,13 @@ class SpecDecoder:
             return (self.folder / entry["key"] / str(key)).read_bytes()
         import tensorstore as ts
 
-        store = ts.KvStore.open({
-            "driver": "neuroglancer_uint64_sharded",
-            "base": (self.folder / entry["key"]).resolve().as_uri() + "/",
-            "metadata": entry["sharding"],
-        }).result()
+        store = ts.KvStore.open(
+            {
+                "driver": "neuroglancer_uint64_sharded",
+                "base": (self.folder / entry["key"]).resolve().as_uri() + "/",
+                "metadata": entry["sharding"],
+            }
+        ).result()
         result = store.read(struct.pack(">Q", key)).result()
         if result.state != "value":
             raise FileNotFoundError(f"{entry['key']}: no entry {key}")
@@ -243,13 +250,28 @@ def test_tables_from_ground_truth(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(
-        pa.table({"segment_id": pa.array([4, 4, 9], pa.uint64()), "node_id": [0, 1, 0], "x_nm": [1.0, 2.0, 3.0],
-                  "y_nm": [0.0, 0.0, 0.0], "z_nm": [5.0, 5.0, 5.0], "compartment": ["soma", "axon", "unknown"]}),
+        pa.table(
+            {
+                "segment_id": pa.array([4, 4, 9], pa.uint64()),
+                "node_id": [0, 1, 0],
+                "x_nm": [1.0, 2.0, 3.0],
+                "y_nm": [0.0, 0.0, 0.0],
+                "z_nm": [5.0, 5.0, 5.0],
+                "compartment": ["soma", "axon", "unknown"],
+            }
+        ),
         tmp_path / "nodes.parquet",
     )
     pq.write_table(
-        pa.table({"segment_id": pa.array([4, 9], pa.uint64()), "cell_id": [1, 2], "cell_type": ["pyr", None],
-                  "n_voxels": [10, 20], "n_nodes": [2, 1]}),
+        pa.table(
+            {
+                "segment_id": pa.array([4, 9], pa.uint64()),
+                "cell_id": [1, 2],
+                "cell_type": ["pyr", None],
+                "n_voxels": [10, 20],
+                "n_nodes": [2, 1],
+            }
+        ),
         tmp_path / "segments.parquet",
     )
     nodes, segments = tables_from_ground_truth(tmp_path / "nodes.parquet", tmp_path / "segments.parquet")
@@ -478,7 +500,13 @@ def test_node_and_segment_tables_round_trip(tmp_path, nodes, segments, provenanc
     write_table(tmp_path / f"segments.{fmt}", segment_arrow_table(segments, provenance))
     node_table = read_table(tmp_path / f"nodes.{fmt}")
     assert node_table.column_names[:7] == [
-        "annotation_id", "segment_id", "node_id", "x_nm", "y_nm", "z_nm", "compartment"
+        "annotation_id",
+        "segment_id",
+        "node_id",
+        "x_nm",
+        "y_nm",
+        "z_nm",
+        "compartment",
     ]
     back = node_table_from_arrow(node_table)
     np.testing.assert_array_equal(back.segment_id, nodes.segment_id)
@@ -625,9 +653,13 @@ def test_export_bundle_writes_every_part(tmp_path, nodes, segments, provenance):
     reports = []
     result = drive(
         export_bundle(
-            tmp_path / "bundle", nodes, segments, provenance,
+            tmp_path / "bundle",
+            nodes,
+            segments,
+            provenance,
             voxel_size_nm=(8, 8, 40),
-            image_url="https://data/em", segmentation_url="https://data/seg",
+            image_url="https://data/em",
+            segmentation_url="https://data/seg",
             serve_url="http://localhost:8000/bundle",
             skeletons={int(segments.segment_id[0]): SkeletonEdges(edges, radius_nm={0: 50.0})},
             spatial_limit=40,
@@ -636,9 +668,22 @@ def test_export_bundle_writes_every_part(tmp_path, nodes, segments, provenance):
     )
     bundle = tmp_path / "bundle"
     assert result.folder == bundle
-    expected = {"provenance.json", "state.json", "nodes.parquet", "nodes.csv", "segments.parquet", "segments.csv",
-                "cell_types.parquet", "cell_types.csv", "nodes.provenance.json", "segments.provenance.json",
-                "cell_types.provenance.json", "annotations", "segment_properties", "skeletons"}
+    expected = {
+        "provenance.json",
+        "state.json",
+        "nodes.parquet",
+        "nodes.csv",
+        "segments.parquet",
+        "segments.csv",
+        "cell_types.parquet",
+        "cell_types.csv",
+        "nodes.provenance.json",
+        "segments.provenance.json",
+        "cell_types.provenance.json",
+        "annotations",
+        "segment_properties",
+        "skeletons",
+    }
     assert {p.name for p in bundle.iterdir()} == expected
     assert [r.done for r in reports if r.payload is None] == [1, 2, 3, 4, 5, 6]
     state = json.loads((bundle / "state.json").read_text())

@@ -205,8 +205,9 @@ def test_mixed_precision_error_is_measured(encoder):
     report = measure_mixed_precision_error(encoder, cutouts, policy="mixed_bfloat16")
     # bfloat16 keeps 8 bits of mantissa: visible but small differences.
     assert 0 < report.max_abs and report.max_rel < 0.1 and report.min_cosine > 0.99
-    result, _ = _run(stream_embeddings(encoder, _batches(cutouts, 2), 4, batch_size=2,
-                                       mixed_precision="mixed_bfloat16"))
+    result, _ = _run(
+        stream_embeddings(encoder, _batches(cutouts, 2), 4, batch_size=2, mixed_precision="mixed_bfloat16")
+    )
     assert np.abs(result - encoder.embed(cutouts)).max() == pytest.approx(report.max_abs, rel=0.5)
 
 
@@ -236,8 +237,9 @@ def test_segment_stream_matches_one_shot_and_naive_loop(encoder, volumes):
     centres = np.array([[24, 20, z] for z in (3, 10, 18, 25, 31, 37)], dtype=float) * (32, 32, 40)
     cutouts = cut_masked(image, segmentation, 7, centres, SMALL.input_size_vox, downsample=(2, 2, 2))
     expected = encoder.embed(cutouts)
-    result, reports = _run(stream_segment_embeddings(encoder, image, segmentation, 7, centres,
-                                                     batch_size=4, read_batch_size=2))
+    result, reports = _run(
+        stream_segment_embeddings(encoder, image, segmentation, 7, centres, batch_size=4, read_batch_size=2)
+    )
     np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
     assert [r.done for r in reports] == [2, 4, 6] and reports[-1].message == "segment 7"
     naive = naive_segment_embeddings(encoder, image, segmentation, 7, centres)

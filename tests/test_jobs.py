@@ -59,6 +59,7 @@ def test_cancel_stops_between_batches_and_runs_finally(runner):
                 yield from counting(100, gate, started)
             finally:
                 closed.set()
+
         return gen()
 
     job = runner.submit("long", make, seen.append)

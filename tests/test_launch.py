@@ -30,8 +30,9 @@ def test_a_saved_session_names_the_data_and_the_command_line_wins(demo96_dir, tm
     (tmp_path / "empty").mkdir()
     with pytest.raises(LaunchError, match="--classifiers"):  # an option given wins over the session's
         plan_launch(parse("--session", str(path), "--classifiers", str(tmp_path / "empty")))
-    gone = save_session(tmp_path / "gone.segscope.json",
-                        SessionDocument(dataset=dataset, model_path=str(tmp_path / "missing.keras")))
+    gone = save_session(
+        tmp_path / "gone.segscope.json", SessionDocument(dataset=dataset, model_path=str(tmp_path / "missing.keras"))
+    )
     with pytest.raises(LaunchError, match="missing.keras"):  # the session's own model is checked
         plan_launch(parse("--session", str(gone)))
 

@@ -69,8 +69,12 @@ def open_window(qtbot, demo_dir: Path, store_dir: Path):
     from segscope.app.controller import DataSource, PrecomputedEmbeddings
     from segscope.app.main import build_window
 
-    window = build_window(DataSource.open_dataset_folder(demo_dir), None,
-                          precomputed=PrecomputedEmbeddings.open(store_dir, coordinates="nm"), plot=False)
+    window = build_window(
+        DataSource.open_dataset_folder(demo_dir),
+        None,
+        precomputed=PrecomputedEmbeddings.open(store_dir, coordinates="nm"),
+        plot=False,
+    )
     window.attach_plot(start_warm_up=False, scheduler_options={"min_points": 10**9, "warm_up": False})
     window.resize(1400, 900)
     loaded = []
@@ -110,8 +114,9 @@ def embed_all(qtbot, window, segments) -> None:
     for segment_id, node_ids, nodes_nm in segments:
         window.controller.handle_click(segment_id, nodes_nm[len(nodes_nm) // 2])
         qtbot.waitUntil(lambda: len(plot.controller.segment_rows([segment_id])) == len(node_ids), timeout=30_000)
-    qtbot.waitUntil(lambda: plot.points.n_points == plot.controller.n_points
-                    and np.isfinite(plot.points._xy).all(), timeout=5_000)
+    qtbot.waitUntil(
+        lambda: plot.points.n_points == plot.controller.n_points and np.isfinite(plot.points._xy).all(), timeout=5_000
+    )
     plot.view_box.autoRange(padding=0.1)
     qtbot.wait(50)
 
@@ -248,19 +253,26 @@ def test_save_close_reopen_restores_the_session(qtbot, window, segments, demo96_
     if plot.controller.n_points == 0:
         embed_all(qtbot, window, segments)
     middle = segments[1][0]
-    window.labels.load_dict({"version": 1, "labels": ["bouton", "glia"],
-                             "segments": [[segments[0][0], "glia"]],
-                             "nodes": [[middle, int(n), "bouton"] for n in segments[1][1][:4]]})
+    window.labels.load_dict(
+        {
+            "version": 1,
+            "labels": ["bouton", "glia"],
+            "segments": [[segments[0][0], "glia"]],
+            "nodes": [[middle, int(n), "bouton"] for n in segments[1][1][:4]],
+        }
+    )
     rows = plot.controller.segment_rows([middle])
     plot.controller.select_rows(rows, origin="plot")
     plot.mode_box.setCurrentText("manual label")
     path = tmp_path / "linked.segscope.json"
     assert window.save_session(path)
-    qtbot.waitUntil(lambda: window.session_path is not None and Path(window.session_path).is_file(),
-                    timeout=30_000)
-    saved = {"points": plot.controller.n_points, "labels": window.labels.to_dict(),
-             "current": window.state.segment.segment_id,
-             "layout_rows": len(rows)}
+    qtbot.waitUntil(lambda: window.session_path is not None and Path(window.session_path).is_file(), timeout=30_000)
+    saved = {
+        "points": plot.controller.n_points,
+        "labels": window.labels.to_dict(),
+        "current": window.state.segment.segment_id,
+        "layout_rows": len(rows),
+    }
 
     # A second window, as after a restart, opens the file.
     second = open_window(qtbot, demo96_dir, store_dir)
@@ -280,18 +292,26 @@ def test_save_close_reopen_restores_the_session(qtbot, window, segments, demo96_
         second.close()
 
 
-def test_a_crash_leaves_an_autosave_that_the_next_launch_offers(qtbot, window, segments, demo96_dir,
-                                                                store_dir, tmp_path):
+def test_a_crash_leaves_an_autosave_that_the_next_launch_offers(
+    qtbot, window, segments, demo96_dir, store_dir, tmp_path
+):
     from segscope.app.session_file import AutosaveManager
 
     plot = window.plot_dock.plot
     if plot.controller.n_points == 0:
         embed_all(qtbot, window, segments)
-    window.labels.load_dict({"version": 1, "labels": ["spine"], "segments": [],
-                             "nodes": [[segments[2][0], int(segments[2][1][0]), "spine"]]})
+    window.labels.load_dict(
+        {
+            "version": 1,
+            "labels": ["spine"],
+            "segments": [],
+            "nodes": [[segments[2][0], int(segments[2][1][0]), "spine"]],
+        }
+    )
     # The "crashed" instance: its pid is a process that has exited.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(dead.stdout)
     crashed = AutosaveManager(tmp_path / "sessions", pid=dead_pid)
     crashed.start()

@@ -44,8 +44,10 @@ def demo_dir(demo96_dir) -> Path:
 def random_model(tmp_path_factory) -> Path:
     """A randomly initialised SegScope lite encoder (plumbing only), written by a subprocess."""
     path = tmp_path_factory.mktemp("model") / "random_lite.keras"
-    script = ("import sys; from segscope.analysis.encoder import build_encoder, save_encoder, SEGCLR_LITE; "
-              "save_encoder(build_encoder(SEGCLR_LITE, seed=0), sys.argv[1])")
+    script = (
+        "import sys; from segscope.analysis.encoder import build_encoder, save_encoder, SEGCLR_LITE; "
+        "save_encoder(build_encoder(SEGCLR_LITE, seed=0), sys.argv[1])"
+    )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     subprocess.run([sys.executable, "-c", script, str(path)], check=True, cwd=REPO, env=env, timeout=180)
     return path
@@ -79,7 +81,8 @@ def store_dir(demo_dir, tmp_path_factory) -> Path:
     node_ids = np.arange(skeleton.n_nodes, dtype=np.int64)
     folder = tmp_path_factory.mktemp("store")
     CsvZipStore(folder, coordinates="nm").write_many(
-        {segment_id: (node_ids, skeleton.nodes_nm, cell_type_cluster(skeleton.n_nodes, 0, seed=7))})
+        {segment_id: (node_ids, skeleton.nodes_nm, cell_type_cluster(skeleton.n_nodes, 0, seed=7))}
+    )
     return folder
 
 
@@ -104,19 +107,22 @@ def window(demo_dir, random_model, classifiers_dir, store_dir, qapp):
     from segscope.app.main import build_window
 
     # Dense centres (300 nm apart) so a segment has enough batches to cancel mid-job.
-    win = build_window(DataSource.open_dataset_folder(demo_dir), random_model, model_trained=False,
-                       spacing_nm=300.0, classifiers=read_classifier_folder(classifiers_dir),
-                       precomputed=PrecomputedEmbeddings.open(store_dir, coordinates="nm"),
-                       # No UMAP here (tests/test_linked_views.py and test_projection_process.py
-                       # cover it): its numba compile would load a core for minutes.
-                       plot_options={"start_warm_up": False,
-                                     "scheduler_options": {"min_points": 10**9, "warm_up": False}})
+    win = build_window(
+        DataSource.open_dataset_folder(demo_dir),
+        random_model,
+        model_trained=False,
+        spacing_nm=300.0,
+        classifiers=read_classifier_folder(classifiers_dir),
+        precomputed=PrecomputedEmbeddings.open(store_dir, coordinates="nm"),
+        # No UMAP here (tests/test_linked_views.py and test_projection_process.py
+        # cover it): its numba compile would load a core for minutes.
+        plot_options={"start_warm_up": False, "scheduler_options": {"min_points": 10**9, "warm_up": False}},
+    )
     win.resize(1400, 860)
     win.show()
     loaded = []
     win.web_view.loadFinished.connect(loaded.append)
-    _run_until(lambda: loaded and win.state.model is not None and win.state.classifiers is not None,
-               timeout_s=120)
+    _run_until(lambda: loaded and win.state.model is not None and win.state.classifiers is not None, timeout_s=120)
     assert loaded == [True], "the Neuroglancer page did not load"
     assert win.state.model is not None, f"the model did not load: {win.state.model_message}"
     assert win.state.classifiers is not None, f"no classifiers: {win.state.classifiers_message}"
@@ -141,12 +147,14 @@ def _wait_rendered(qtbot, window, timeout_ms: int = 30_000) -> dict:
         stats.append(total)
 
     def complete() -> bool:
-        return bool(replies) or any(s.get("visibleChunksTotal", 0) > 0
-                                    and s.get("visibleChunksGpuMemory") == s.get("visibleChunksTotal")
-                                    for s in stats)
+        return bool(replies) or any(
+            s.get("visibleChunksTotal", 0) > 0 and s.get("visibleChunksGpuMemory") == s.get("visibleChunksTotal")
+            for s in stats
+        )
 
-    window.bridge.viewer.async_screenshot(lambda reply: replies.append(reply.screenshot.width),
-                                          statistics_callback=on_stats)
+    window.bridge.viewer.async_screenshot(
+        lambda reply: replies.append(reply.screenshot.width), statistics_callback=on_stats
+    )
     qtbot.waitUntil(complete, timeout=timeout_ms)
     with window.bridge.viewer.config_state.txn() as s:
         s.screenshot = None  # stop a still pending request
@@ -214,8 +222,7 @@ def test_double_click_selects_streams_predicts_and_flags_ood(qtbot, window, demo
     assert segment.embedding_source == "computed"  # the store lacks this segment: computed instead
     # Every batch arrived with its nodes' predicted compartments (the plot hook sees them too).
     assert len(node_batches) == len(batches)
-    assert all(b.segment_id == segment_id and b.predicted is not None and (b.predicted < 4).all()
-               for b in node_batches)
+    assert all(b.segment_id == segment_id and b.predicted is not None and (b.predicted < 4).all() for b in node_batches)
     assert sorted(np.concatenate([b.indices for b in node_batches]).tolist()) == list(range(segment.n_centres))
     assert (segment.predicted < len(COMPARTMENTS)).all()
     assert np.all((segment.predicted_probability > 0) & (segment.predicted_probability <= 1))
@@ -227,8 +234,10 @@ def test_double_click_selects_streams_predicts_and_flags_ood(qtbot, window, demo
     assert window.panel.segment_id_label.text() == str(segment_id)
     assert window.panel.embedded_label.text() == f"{segment.n_centres} of {segment.n_centres}"
     truth = segment.compartment_counts("ground_truth")
-    assert sum(int(window.panel.truth_labels[name].text()) for name in ("axon", "dendrite", "soma", "glia")) \
+    assert (
+        sum(int(window.panel.truth_labels[name].text()) for name in ("axon", "dendrite", "soma", "glia"))
         == segment.n_centres - truth["unlabelled"]
+    )
     predicted = segment.compartment_counts("predicted")
     assert sum(int(window.panel.predicted_labels[name].text()) for name in COMPARTMENTS) == segment.n_centres
     assert predicted["unlabelled"] == 0
@@ -280,8 +289,14 @@ def test_precomputed_embeddings_are_used_when_the_store_has_the_segment(qtbot, w
     unsubscribe = window.state.subscribe("node_batch", node_batches.append)
     try:
         window.controller.select_segment(segment_id, node_nm)
-        qtbot.waitUntil(lambda: window.state.job is not None and window.state.job.state == "finished"
-                        and window.state.segment.segment_id == segment_id, timeout=30_000)
+        qtbot.waitUntil(
+            lambda: (
+                window.state.job is not None
+                and window.state.job.state == "finished"
+                and window.state.segment.segment_id == segment_id
+            ),
+            timeout=30_000,
+        )
     finally:
         unsubscribe()
     segment = window.state.segment
@@ -306,8 +321,9 @@ def test_precomputed_embeddings_are_used_when_the_store_has_the_segment(qtbot, w
     assert (segment.predicted < 4).all()
     assert window.bridge.flush()
     viewer_state = window.bridge.viewer.state
-    assert viewer_state.layers[SEGMENTATION_LAYER].segment_colors[np.uint64(segment_id)] \
-        == cell_type_colour("pyramidal", ("pyramidal", "interneuron"))
+    assert viewer_state.layers[SEGMENTATION_LAYER].segment_colors[np.uint64(segment_id)] == cell_type_colour(
+        "pyramidal", ("pyramidal", "interneuron")
+    )
     assert not [layer.name for layer in viewer_state.layers if layer.name.startswith(OOD_LAYER_PREFIX)]
     assert "precomputed" in window.statusBar().currentMessage()
 
@@ -352,8 +368,7 @@ def test_embedding_runs_off_the_qt_thread_which_keeps_turning(qtbot, window, dem
     timer.start()
     try:
         window.controller.select_segment(segment_id, node_nm)
-        qtbot.waitUntil(lambda: window.state.job is not None and window.state.job.state == "finished",
-                        timeout=60_000)
+        qtbot.waitUntil(lambda: window.state.job is not None and window.state.job.state == "finished", timeout=60_000)
     finally:
         timer.stop()
     assert window.state.segment.complete and window.state.segment.segment_id == segment_id
@@ -379,8 +394,9 @@ def test_cancel_mid_job_leaves_a_consistent_state(qtbot, window, demo_dir):
     unsubscribe = window.state.subscribe("embeddings", cancel_on_first_batch)
     try:
         window.controller.select_segment(segment_id, node_nm)
-        qtbot.waitUntil(lambda: window.state.job is not None
-                        and window.state.job.state in ("cancelled", "finished"), timeout=60_000)
+        qtbot.waitUntil(
+            lambda: window.state.job is not None and window.state.job.state in ("cancelled", "finished"), timeout=60_000
+        )
     finally:
         unsubscribe()
     segment = window.state.segment
@@ -393,8 +409,7 @@ def test_cancel_mid_job_leaves_a_consistent_state(qtbot, window, demo_dir):
     assert not window.job_bar.cancel_button.isEnabled()
     # The worker is free again: the next click runs to the end.
     window.controller.select_segment(segment_id, node_nm)
-    qtbot.waitUntil(lambda: window.state.job.state == "finished" and window.state.segment.complete,
-                    timeout=60_000)
+    qtbot.waitUntil(lambda: window.state.job.state == "finished" and window.state.segment.complete, timeout=60_000)
 
 
 def test_bad_url_shows_an_error_in_the_window(qtbot, window, tmp_path):
@@ -449,8 +464,9 @@ def test_panel_is_honest_about_missing_classifiers(qtbot):
     assert "no compartment classifier" in panel.predicted_note.text()
     assert "pyramidal" in panel.cell_type_legend.text() and "basket" in panel.cell_type_legend.text()
     state.add_embeddings(5, [0, 1], np.ones((2, 4)))
-    state.set_predictions(5, cell_type="basket", cell_type_probability=0.75, ood_score=0.1, ood_flagged=False,
-                          ood_threshold=0.3, note="")
+    state.set_predictions(
+        5, cell_type="basket", cell_type_probability=0.75, ood_score=0.1, ood_flagged=False, ood_threshold=0.3, note=""
+    )
     assert panel.cell_type_label.text().endswith("basket (p = 0.75)")
     assert panel.ood_label.text() == "no (uncertainty 0.10 vs threshold 0.30)"
     assert not panel.prediction_note.isVisible() or panel.prediction_note.text() == ""

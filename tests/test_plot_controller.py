@@ -23,8 +23,9 @@ def make_controller(n_segments: int = 4, per_segment: int = 25, dim: int = 8, se
     controller = PlotController()
     for s in range(n_segments):
         nodes = np.arange(per_segment) * 3
-        controller.add_points(100 + s, nodes, rng.uniform(0, 1000, (per_segment, 3)),
-                              rng.normal(size=(per_segment, dim)))
+        controller.add_points(
+            100 + s, nodes, rng.uniform(0, 1000, (per_segment, 3)), rng.normal(size=(per_segment, dim))
+        )
     controller.set_layout(None, rng.uniform(-10, 10, (controller.n_points, 2)), kind="pca")
     return controller
 
@@ -69,7 +70,7 @@ def test_colour_modes_give_shared_palettes():
     assert set(colours.index[controller.segment_rows([100, 103])]) == {2}
 
     controller.cell_type_colour = {"pyramidal": "#e6194b", "microglia": "#3cb44b"}.get  # e.g. the 3-D view's
-    np.testing.assert_array_equal(controller.colours().palette[:2, :3], [[0xe6, 0x19, 0x4b], [0x3c, 0xb4, 0x4b]])
+    np.testing.assert_array_equal(controller.colours().palette[:2, :3], [[0xE6, 0x19, 0x4B], [0x3C, 0xB4, 0x4B]])
 
     controller.set_colour_mode("OOD score")
     colours = controller.colours()
@@ -95,8 +96,10 @@ def test_manual_labels_come_from_the_lookup_and_colour_points():
     segment_labels = {102: "glia?"}
 
     def lookup(segments, nodes):
-        return np.array([labels.get((int(s), int(n)), segment_labels.get(int(s), ""))
-                         for s, n in zip(segments, nodes)], dtype=object)
+        return np.array(
+            [labels.get((int(s), int(n)), segment_labels.get(int(s), "")) for s, n in zip(segments, nodes)],
+            dtype=object,
+        )
 
     controller = make_controller()
     controller.label_lookup = lookup
@@ -325,8 +328,9 @@ def test_scheduler_shows_pca_at_once_as_points_arrive():
     rng = np.random.default_rng(0)
     try:
         for batch in range(6):
-            controller.add_points(1, np.arange(batch * 16, batch * 16 + 16), np.zeros((16, 3)),
-                                  rng.normal(size=(16, 8)))
+            controller.add_points(
+                1, np.arange(batch * 16, batch * 16 + 16), np.zeros((16, 3)), rng.normal(size=(16, 8))
+            )
             assert np.isfinite(controller.layout).all()  # placed synchronously, no waiting
         assert controller.layout_kind == "pca" and not any(change.animate for change in layouts)
         # The PCA is refitted only when the data has doubled: batches 1, 2, 4 refit all rows.
@@ -342,8 +346,14 @@ def test_scheduler_fits_umap_in_the_background_then_places_new_points():
     """Pays numba's compile cost with a cold cache: slow."""
     pump = Pump()
     controller = PlotController()
-    scheduler = ProjectionScheduler(controller, pump.post, settings=UmapSettings(n_epochs=50, seed=0),
-                                    min_points=200, refit_growth=100.0, warm_up=True)
+    scheduler = ProjectionScheduler(
+        controller,
+        pump.post,
+        settings=UmapSettings(n_epochs=50, seed=0),
+        min_points=200,
+        refit_growth=100.0,
+        warm_up=True,
+    )
     layouts = []
     controller.subscribe("layout", layouts.append)
     rng = np.random.default_rng(1)

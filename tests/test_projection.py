@@ -81,16 +81,19 @@ def test_align_layout_undoes_rotation_reflection_scale_and_shift():
 def run_python(code: str, cache: Path) -> list[str]:
     env = {**os.environ, "SEGSCOPE_CACHE_DIR": str(cache)}
     env.pop("NUMBA_CACHE_DIR", None)
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout.split()
 
 
 def test_numba_cache_lives_in_the_user_cache(tmp_path):
-    code = ("from segscope.analysis.projection import configure_numba_cache\n"
-            "print(configure_numba_cache())\n"
-            "import os, numba.core.config as c; print(os.environ['NUMBA_CACHE_DIR']); print(c.CACHE_DIR)\n")
+    code = (
+        "from segscope.analysis.projection import configure_numba_cache\n"
+        "print(configure_numba_cache())\n"
+        "import os, numba.core.config as c; print(os.environ['NUMBA_CACHE_DIR']); print(c.CACHE_DIR)\n"
+    )
     assert run_python(code, tmp_path) == [str(tmp_path / "numba")] * 3
 
 
@@ -100,10 +103,12 @@ def test_umap_import_hides_tensorflow(tmp_path):
 
     Slow: with an empty numba cache, importing umap compiles pynndescent (about a minute).
     """
-    code = ("import sys\n"
-            "from segscope.analysis.projection import umap_module\n"
-            "assert hasattr(umap_module(), 'UMAP')\n"
-            "print('tf' if 'tensorflow' in sys.modules or 'keras' in sys.modules else 'no-tf')\n")
+    code = (
+        "import sys\n"
+        "from segscope.analysis.projection import umap_module\n"
+        "assert hasattr(umap_module(), 'UMAP')\n"
+        "print('tf' if 'tensorflow' in sys.modules or 'keras' in sys.modules else 'no-tf')\n"
+    )
     assert run_python(code, tmp_path) == ["no-tf"]
 
 
@@ -113,9 +118,13 @@ def write_embedding_parquet(path: Path, n: int = 50, dim: int = 4) -> np.ndarray
 
     rng = np.random.default_rng(2)
     embeddings = rng.normal(size=(n, dim)).astype(np.float32)
-    columns = {"segment_id": pa.array(np.arange(n, dtype=np.uint64) // 10 + 7, pa.uint64()),
-               "node_id": pa.array(np.arange(n), pa.int64()),
-               "x_nm": np.arange(n) * 8.0, "y_nm": np.zeros(n), "z_nm": np.ones(n) * 40}
+    columns = {
+        "segment_id": pa.array(np.arange(n, dtype=np.uint64) // 10 + 7, pa.uint64()),
+        "node_id": pa.array(np.arange(n), pa.int64()),
+        "x_nm": np.arange(n) * 8.0,
+        "y_nm": np.zeros(n),
+        "z_nm": np.ones(n) * 40,
+    }
     for d in range(dim):
         columns[f"e{d}"] = embeddings[:, d]
     pq.write_table(pa.table(columns), path)

@@ -109,9 +109,15 @@ def test_the_scheduler_drives_the_plot_from_pca_to_umap_through_the_child(proces
                 pass
 
     controller = PlotController()
-    scheduler = ProjectionScheduler(controller, calls.put, settings=SETTINGS, min_points=200,
-                                    refit_growth=100.0, warm_up=True,
-                                    backend=ProcessProjectionBackend(process))
+    scheduler = ProjectionScheduler(
+        controller,
+        calls.put,
+        settings=SETTINGS,
+        min_points=200,
+        refit_growth=100.0,
+        warm_up=True,
+        backend=ProcessProjectionBackend(process),
+    )
     points, labels = clustered(400, seed=5)
     try:
         scheduler.start()
@@ -130,7 +136,6 @@ def test_the_scheduler_drives_the_plot_from_pca_to_umap_through_the_child(proces
     finally:
         scheduler.shutdown()
     assert process.alive  # the scheduler does not own a process it was given
-
 
 
 class _ForgetfulBackend:
@@ -167,8 +172,9 @@ def test_the_scheduler_refits_when_the_backend_lost_its_model():
     calls: queue.Queue = queue.Queue()
     controller = PlotController()
     backend = _ForgetfulBackend()
-    scheduler = ProjectionScheduler(controller, calls.put, settings=SETTINGS, min_points=50,
-                                    refit_growth=100.0, warm_up=False, backend=backend)
+    scheduler = ProjectionScheduler(
+        controller, calls.put, settings=SETTINGS, min_points=50, refit_growth=100.0, warm_up=False, backend=backend
+    )
 
     def run_until(condition) -> None:
         deadline = time.monotonic() + 60
@@ -189,6 +195,7 @@ def test_the_scheduler_refits_when_the_backend_lost_its_model():
         assert scheduler.umap.n_points == 120  # refitted on every point, the lost rows included
     finally:
         scheduler.shutdown()
+
 
 def test_a_child_dying_mid_transform_reads_as_a_lost_model():
     """So the scheduler's one "model lost" path (refit, rows kept) covers a crash too."""
@@ -246,11 +253,13 @@ def test_the_child_ends_when_the_parent_exits_without_shutdown(tmp_path, ending)
     import sys
 
     script = tmp_path / "parent.py"
-    script.write_text("import os, sys\n"
-                      "from segscope.app.projection_process import ProjectionProcess\n"
-                      "if __name__ == '__main__':\n"
-                      "    print(ProjectionProcess().ping().result(timeout=60), flush=True)\n"
-                      f"    {ending}\n")
+    script.write_text(
+        "import os, sys\n"
+        "from segscope.app.projection_process import ProjectionProcess\n"
+        "if __name__ == '__main__':\n"
+        "    print(ProjectionProcess().ping().result(timeout=60), flush=True)\n"
+        f"    {ending}\n"
+    )
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)

@@ -9,16 +9,29 @@ import pytest
 
 from segscope.app.labels import LabelStore
 from segscope.app.plot_controller import PlotController
-from segscope.app.session_controller import build_document, replay_into_plot, restore_records, same_data, session_records
+from segscope.app.session_controller import (
+    build_document,
+    replay_into_plot,
+    restore_records,
+    same_data,
+    session_records,
+)
 from segscope.app.session_file import load_session, save_session
 from segscope.app.state import DatasetSummary, SessionState
 
 
 def _state(tmp_path) -> SessionState:
     state = SessionState()
-    state.set_dataset(DatasetSummary(name="demo", image_url=str(tmp_path / "image"),
-                                     segmentation_url=str(tmp_path / "segmentation"), skeletons_url=None,
-                                     voxel_size_nm=(32.0, 32.0, 40.0), shape_vox=(96, 96, 96)))
+    state.set_dataset(
+        DatasetSummary(
+            name="demo",
+            image_url=str(tmp_path / "image"),
+            segmentation_url=str(tmp_path / "segmentation"),
+            skeletons_url=None,
+            voxel_size_nm=(32.0, 32.0, 40.0),
+            shape_vox=(96, 96, 96),
+        )
+    )
     for segment_id, n, offset in ((7, 5, 0.0), (9, 3, 3.0)):
         state.select_segment(segment_id)
         state.set_centres(segment_id, np.arange(n) * 2, np.arange(n * 3, dtype=float).reshape(n, 3) * 100)
@@ -41,15 +54,22 @@ def test_document_round_trip_restores_records_labels_and_plot(tmp_path):
     labels.assign_segments("glia", [9])
     assert [r.segment_id for r in session_records(state)] == [7, 9]
 
-    document = build_document(state, controller, labels, plot_settings={"colour_mode": "cell type"},
-                              selected_segments=[9], selected_nodes=[(7, 2)])
+    document = build_document(
+        state,
+        controller,
+        labels,
+        plot_settings={"colour_mode": "cell type"},
+        selected_segments=[9],
+        selected_nodes=[(7, 2)],
+    )
     assert document.current_segment == 11 and document.selected_nodes == [[7, 2]]
     assert document.model_path.endswith("model.keras") and document.plot == {"colour_mode": "cell type"}
     path = save_session(tmp_path / "a.segscope.json", document, session_records(state))
     loaded, records = load_session(path)
     assert same_data(loaded, controller)
-    assert not same_data(loaded, SimpleNamespace(source=SimpleNamespace(image_url="gs://other/image",
-                                                                         segmentation_url="gs://other/seg")))
+    assert not same_data(
+        loaded, SimpleNamespace(source=SimpleNamespace(image_url="gs://other/image", segmentation_url="gs://other/seg"))
+    )
 
     fresh = SessionState()
     fresh.set_dataset(state.dataset)

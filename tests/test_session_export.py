@@ -30,8 +30,14 @@ SEGMENTATION_URL = "precomputed://file:///data/demo/segmentation"
 
 
 def _dataset(name: str = "demo") -> DatasetSummary:
-    return DatasetSummary(name=name, image_url=IMAGE_URL, segmentation_url=SEGMENTATION_URL, skeletons_url=None,
-                          voxel_size_nm=(8.0, 8.0, 40.0), shape_vox=(256, 256, 64))
+    return DatasetSummary(
+        name=name,
+        image_url=IMAGE_URL,
+        segmentation_url=SEGMENTATION_URL,
+        skeletons_url=None,
+        voxel_size_nm=(8.0, 8.0, 40.0),
+        shape_vox=(256, 256, 64),
+    )
 
 
 def _positions(n: int, offset: float) -> np.ndarray:
@@ -53,11 +59,18 @@ def session(tmp_path) -> SessionState:
     state.select_segment(11, click_nm=[0, 2000, 400])
     state.set_centres(11, [5, 6, 7, 8], _positions(4, 0.0))
     state.add_embeddings(11, [0, 1, 3], np.ones((3, 8)))  # centre 2 (node 7) still pending
-    state.set_predictions(11, predicted=[AXON, AXON, DENDRITE, UNKNOWN_COMPARTMENT],
-                          probability=[0.9, 0.8, 0.7, np.nan], uncertainty=[0.1, 0.2, 0.3, np.nan],
-                          cell_type="pyramidal", cell_type_probability=0.75,
-                          cell_type_probabilities={"basket": 0.25, "pyramidal": 0.75},
-                          ood_score=0.55, ood_flagged=True, ood_threshold=0.4)
+    state.set_predictions(
+        11,
+        predicted=[AXON, AXON, DENDRITE, UNKNOWN_COMPARTMENT],
+        probability=[0.9, 0.8, 0.7, np.nan],
+        uncertainty=[0.1, 0.2, 0.3, np.nan],
+        cell_type="pyramidal",
+        cell_type_probability=0.75,
+        cell_type_probabilities={"basket": 0.25, "pyramidal": 0.75},
+        ood_score=0.55,
+        ood_flagged=True,
+        ood_threshold=0.4,
+    )
 
     state.select_segment(22)
     state.set_centres(22, [1, 2], _positions(2, 5000.0))
@@ -78,6 +91,7 @@ def labels() -> LabelStore:
 
 
 # ------------------------------------------------------------------------- the archive
+
 
 def test_every_selected_segment_is_archived(session):
     assert sorted(session.records) == [11, 22, 33]
@@ -100,8 +114,9 @@ def test_opening_a_dataset_clears_the_archive(session):
 def test_restore_record_archives_without_selecting(session):
     heard = []
     session.subscribe("segment", heard.append)
-    restored = SegmentRecord(segment_id=44, node_ids=np.array([1]), positions_nm=np.zeros((1, 3)),
-                             embedded=np.array([True]))
+    restored = SegmentRecord(
+        segment_id=44, node_ids=np.array([1]), positions_nm=np.zeros((1, 3)), embedded=np.array([True])
+    )
     session.restore_record(restored)
     assert session.records[44] is restored and session.segment.segment_id == 33 and heard == []
     replacement = SegmentRecord(segment_id=22)
@@ -121,9 +136,15 @@ def test_restore_record_refuses_bad_input(session):
 
 # ---------------------------------------------------------------------------- the tables
 
+
 def test_session_tables_hold_embedded_nodes_predictions_and_labels(session, labels):
     nodes, segments, provenance = session_tables(
-        session.records, labels, dataset_name="demo", model_name="segscope_lite", cell_type_names=("basket", "pyramidal"))
+        session.records,
+        labels,
+        dataset_name="demo",
+        model_name="segscope_lite",
+        cell_type_names=("basket", "pyramidal"),
+    )
 
     # 11: centres 0, 1, 3 (node 7 is pending), then 22; 33 has no embeddings
     assert nodes.segment_id.tolist() == [11, 11, 11, 22, 22]
@@ -154,8 +175,9 @@ def test_session_tables_name_cell_types_the_classifier_does_not(session, labels)
     _, segments, _ = session_tables(session.records.values(), labels, dataset_name="d", model_name="m")
     assert segments.cell_type_names == ("basket", "pyramidal")  # from the record's probabilities
     session.records[22].cell_type = "glia"
-    _, segments, _ = session_tables(session.records, labels, dataset_name="d", model_name="m",
-                                    cell_type_names=("pyramidal",))
+    _, segments, _ = session_tables(
+        session.records, labels, dataset_name="d", model_name="m", cell_type_names=("pyramidal",)
+    )
     assert segments.cell_type_names == ("pyramidal", "basket", "glia")
     assert segments.cell_type.tolist() == ["pyramidal", "glia"]
 
@@ -187,6 +209,7 @@ def test_session_tables_refuse_bad_input(session, labels):
 
 
 # ---------------------------------------------------------------------------- the export
+
 
 def test_export_session_writes_a_bundle_that_reads_back(session, labels, tmp_path):
     folder = tmp_path / "bundle"
@@ -273,8 +296,11 @@ def test_contracted_skeletons_make_swc_of_a_half_embedded_segment(session, label
     skeletons = {11: SkeletonEdges(contract_skeleton(11, edges, embedded))}
     result = drive(export_session(tmp_path / "b", session, labels, parts=("swc",), skeletons=skeletons))
     assert result.files["swc"] == ["skeletons/11.swc"]
-    rows = [line.split() for line in (tmp_path / "b" / "skeletons" / "11.swc").read_text().splitlines()
-            if line and not line.startswith("#")]
+    rows = [
+        line.split()
+        for line in (tmp_path / "b" / "skeletons" / "11.swc").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert len(rows) == 3 and sorted(int(r[6]) for r in rows).count(-1) == 1  # one tree, one root
 
 

@@ -32,10 +32,15 @@ from segscope.app.state import SegmentRecord
 
 def make_document(**changes) -> SessionDocument:
     values = dict(
-        dataset=DatasetRef(name="demo", image_url="precomputed://gs://bucket/image",
-                           segmentation_url="relative/seg", skeletons_url=None),
-        precomputed=PrecomputedRef(location="gs://bucket/embeddings", coordinates="voxels",
-                                   num_shards=10_000, bytewidth=64),
+        dataset=DatasetRef(
+            name="demo",
+            image_url="precomputed://gs://bucket/image",
+            segmentation_url="relative/seg",
+            skeletons_url=None,
+        ),
+        precomputed=PrecomputedRef(
+            location="gs://bucket/embeddings", coordinates="voxels", num_shards=10_000, bytewidth=64
+        ),
         model_path="/models/encoder.keras",
         classifiers_folder=None,
         current_segment=2**64 - 1,
@@ -118,35 +123,44 @@ def test_document_round_trips_through_json_and_normalises_paths():
 
 
 def test_document_accepts_numpy_values_from_the_app():
-    document = make_document(current_segment=np.uint64(9), selected_segments=np.array([1, 2]),
-                             plot={"view_range": np.array([[0.0, 1.0], [2.0, 3.0]]).tolist(),
-                                   "alpha": np.float32(0.5), "on": np.bool_(True)})
+    document = make_document(
+        current_segment=np.uint64(9),
+        selected_segments=np.array([1, 2]),
+        plot={
+            "view_range": np.array([[0.0, 1.0], [2.0, 3.0]]).tolist(),
+            "alpha": np.float32(0.5),
+            "on": np.bool_(True),
+        },
+    )
     data = json.loads(document.to_json())
     assert data["current_segment"] == 9 and data["selected_segments"] == [1, 2]
     assert data["plot"] == {"view_range": [[0.0, 1.0], [2.0, 3.0]], "alpha": 0.5, "on": True}
 
 
-@pytest.mark.parametrize("change, field, words", [
-    (lambda d: d.update(format="something-else"), "format", "not a SegScope session"),
-    (lambda d: d.update(version=2), "version", "newer SegScope"),
-    (lambda d: d.update(version="1"), "version", "integer"),
-    (lambda d: d.pop("labels"), "labels", "missing"),
-    (lambda d: d["dataset"].pop("segmentation_url"), "dataset.segmentation_url", "missing"),
-    (lambda d: d.update(extra=1), "extra", "unexpected"),
-    (lambda d: d.update(saved_at="yesterday"), "saved_at", "ISO 8601"),
-    (lambda d: d.update(current_segment=True), "current_segment", "segment id"),
-    (lambda d: d.update(current_segment=0), "current_segment", "segment id"),
-    (lambda d: d.update(selected_segments=[1, "2"]), "selected_segments[1]", "segment id"),
-    (lambda d: d.update(selected_segments={"a": 1}), "selected_segments", "list"),
-    (lambda d: d.update(selected_nodes=[[1, 2, 3]]), "selected_nodes[0]", "[segment_id, node_id]"),
-    (lambda d: d.update(selected_nodes=[[1, -2]]), "selected_nodes[0]", "node id"),
-    (lambda d: d.update(labels=[1, 2]), "labels", "object"),
-    (lambda d: d.update(plot=None), "plot", "object"),
-    (lambda d: d.update(model_path=3), "model_path", "path or URL"),
-    (lambda d: d["precomputed"].update(coordinates="pixels"), "precomputed.coordinates", "nm"),
-    (lambda d: d["precomputed"].update(num_shards=0), "precomputed.num_shards", "positive"),
-    (lambda d: d.update(records_file="../elsewhere.npz"), "records_file", "file name"),
-])
+@pytest.mark.parametrize(
+    "change, field, words",
+    [
+        (lambda d: d.update(format="something-else"), "format", "not a SegScope session"),
+        (lambda d: d.update(version=2), "version", "newer SegScope"),
+        (lambda d: d.update(version="1"), "version", "integer"),
+        (lambda d: d.pop("labels"), "labels", "missing"),
+        (lambda d: d["dataset"].pop("segmentation_url"), "dataset.segmentation_url", "missing"),
+        (lambda d: d.update(extra=1), "extra", "unexpected"),
+        (lambda d: d.update(saved_at="yesterday"), "saved_at", "ISO 8601"),
+        (lambda d: d.update(current_segment=True), "current_segment", "segment id"),
+        (lambda d: d.update(current_segment=0), "current_segment", "segment id"),
+        (lambda d: d.update(selected_segments=[1, "2"]), "selected_segments[1]", "segment id"),
+        (lambda d: d.update(selected_segments={"a": 1}), "selected_segments", "list"),
+        (lambda d: d.update(selected_nodes=[[1, 2, 3]]), "selected_nodes[0]", "[segment_id, node_id]"),
+        (lambda d: d.update(selected_nodes=[[1, -2]]), "selected_nodes[0]", "node id"),
+        (lambda d: d.update(labels=[1, 2]), "labels", "object"),
+        (lambda d: d.update(plot=None), "plot", "object"),
+        (lambda d: d.update(model_path=3), "model_path", "path or URL"),
+        (lambda d: d["precomputed"].update(coordinates="pixels"), "precomputed.coordinates", "nm"),
+        (lambda d: d["precomputed"].update(num_shards=0), "precomputed.num_shards", "positive"),
+        (lambda d: d.update(records_file="../elsewhere.npz"), "records_file", "file name"),
+    ],
+)
 def test_invalid_documents_name_the_file_and_the_field(change, field, words):
     data = make_document().to_dict()
     change(data)
@@ -184,17 +198,33 @@ def test_sidecar_stores_every_segment_record_field():
 
 
 def test_records_round_trip_with_predictions_and_with_none_fields(tmp_path):
-    records = [full_record(11, n=4, d=3), bare_record(12),
-               # a second encoder of another width, and a segment without predictions
-               dataclasses.replace(full_record(13, n=6, d=5, seed=1), predicted=None,
-                                   predicted_probability=None, predicted_uncertainty=None,
-                                   cell_type=None, cell_type_probability=None,
-                                   cell_type_probabilities=None, ood_score=None,
-                                   ood_flagged=None, ood_threshold=None, prediction_note=""),
-               # centres known but none embedded yet; a flagged segment; an empty skeleton
-               SegmentRecord(segment_id=2**64 - 1, node_ids=np.zeros(0, np.int64),
-                             positions_nm=np.zeros((0, 3)), embedded=np.zeros(0, bool),
-                             ood_score=0.9, ood_flagged=True)]
+    records = [
+        full_record(11, n=4, d=3),
+        bare_record(12),
+        # a second encoder of another width, and a segment without predictions
+        dataclasses.replace(
+            full_record(13, n=6, d=5, seed=1),
+            predicted=None,
+            predicted_probability=None,
+            predicted_uncertainty=None,
+            cell_type=None,
+            cell_type_probability=None,
+            cell_type_probabilities=None,
+            ood_score=None,
+            ood_flagged=None,
+            ood_threshold=None,
+            prediction_note="",
+        ),
+        # centres known but none embedded yet; a flagged segment; an empty skeleton
+        SegmentRecord(
+            segment_id=2**64 - 1,
+            node_ids=np.zeros(0, np.int64),
+            positions_nm=np.zeros((0, 3)),
+            embedded=np.zeros(0, bool),
+            ood_score=0.9,
+            ood_flagged=True,
+        ),
+    ]
     path = save_records(tmp_path / "r.npz", records)
     assert path == tmp_path / "r.npz" and sorted(os.listdir(tmp_path)) == ["r.npz"]
     loaded = load_records(path)
@@ -238,7 +268,7 @@ def test_corrupt_or_foreign_records_files_name_the_file(tmp_path):
         "garbage.npz": b"this is not an archive at all" * 10,
         "flipped.npz": data[:200] + bytes(b ^ 0xFF for b in data[200:400]) + data[400:],
         # one bit in the middle, inside the embeddings' values: only the zip CRC sees it
-        "bitflip.npz": data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) + data[len(data) // 2 + 1:],
+        "bitflip.npz": data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) + data[len(data) // 2 + 1 :],
     }
     for name, content in cases.items():
         (tmp_path / name).write_bytes(content)
@@ -390,8 +420,9 @@ def test_unchanged_session_is_not_written_again(tmp_path, monkeypatch):
     manager.start()
     writes = []
     real_save = session_file.save_session
-    monkeypatch.setattr(session_file, "save_session",
-                        lambda *args, **kwargs: writes.append(1) or real_save(*args, **kwargs))
+    monkeypatch.setattr(
+        session_file, "save_session", lambda *args, **kwargs: writes.append(1) or real_save(*args, **kwargs)
+    )
     record = full_record()
     assert manager.autosave(make_document(), [record]) == manager.autosave_path
     assert manager.autosave(make_document(), [record]) is None  # new saved_at, same content
@@ -418,8 +449,9 @@ def test_a_crashed_session_is_offered_and_a_finished_one_is_not(tmp_path):
     me.autosave(make_document(labels={"who": "me"}), [])
 
     candidates = me.recoverable()
-    assert candidates == [RecoveryCandidate(path=crashed.autosave_path, saved_at=candidates[0].saved_at,
-                                            pid=crashed.pid)]
+    assert candidates == [
+        RecoveryCandidate(path=crashed.autosave_path, saved_at=candidates[0].saved_at, pid=crashed.pid)
+    ]
     assert candidates[0].saved_at == load_session(crashed.autosave_path)[0].saved_at
     # Seen from the crashed pid: its own autosave is excluded, and ours is alive.
     assert crashed.recoverable() == []
@@ -544,17 +576,20 @@ def test_a_claim_dies_with_the_process_that_held_it(tmp_path):
     """A SegScope that crashes while offering an autosave must not hide it forever."""
     crashed = crashed_session(tmp_path, {})
     root = str(Path(__file__).resolve().parents[1])
-    script = ("import os, sys, pathlib\n"
-              "from segscope.app.session_file import AutosaveManager\n"
-              "manager = AutosaveManager(pathlib.Path(sys.argv[1]))\n"
-              "[candidate] = manager.recoverable()\n"
-              "assert manager.claim(candidate)\n"
-              "print('claimed', flush=True)\n"
-              "sys.stdin.readline()\n"
-              "os._exit(1)\n")
+    script = (
+        "import os, sys, pathlib\n"
+        "from segscope.app.session_file import AutosaveManager\n"
+        "manager = AutosaveManager(pathlib.Path(sys.argv[1]))\n"
+        "[candidate] = manager.recoverable()\n"
+        "assert manager.claim(candidate)\n"
+        "print('claimed', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "os._exit(1)\n"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=env)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert holder.stdout.readline().strip() == "claimed"
         me = AutosaveManager(tmp_path)

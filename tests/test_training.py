@@ -93,7 +93,9 @@ def small_demo(tmp_path_factory):
     from segscope.analysis.progress import drive
     from segscope.analysis.synthetic import generate_dataset
 
-    return open_dataset(drive(generate_dataset(tmp_path_factory.mktemp("train") / "demo", seed=1, size_vox=(64, 64, 64))))
+    return open_dataset(
+        drive(generate_dataset(tmp_path_factory.mktemp("train") / "demo", seed=1, size_vox=(64, 64, 64)))
+    )
 
 
 def test_tiny_training_run_learns_and_resumes(small_demo, tmp_path):
@@ -102,10 +104,17 @@ def test_tiny_training_run_learns_and_resumes(small_demo, tmp_path):
     from segscope.analysis.training import CellSplit, train_on_dataset
 
     tiny = SEGCLR_LITE.with_updates(
-        input_size_vox=(17, 17, 17), stem_filters=8, stage_filters=(8, 16), stage_blocks=(1, 1),
-        stage_strides=(1, 2), bottleneck_widths=(32, 16), projection_widths=(16, 8))
-    config = TrainingConfig(encoder=tiny.to_dict(), steps=80, batch_pairs=8, learning_rate=3e-3,
-                            warmup_steps=5, checkpoint_every=20, seed=0)
+        input_size_vox=(17, 17, 17),
+        stem_filters=8,
+        stage_filters=(8, 16),
+        stage_blocks=(1, 1),
+        stage_strides=(1, 2),
+        bottleneck_widths=(32, 16),
+        projection_widths=(16, 8),
+    )
+    config = TrainingConfig(
+        encoder=tiny.to_dict(), steps=80, batch_pairs=8, learning_rate=3e-3, warmup_steps=5, checkpoint_every=20, seed=0
+    )
     split = CellSplit.for_dataset(small_demo, 0.2, seed=0)
     # Run in two parts to exercise resuming from the checkpoint.
     first = drive(train_on_dataset(small_demo, tmp_path, config, split=split, stop_at_step=40))

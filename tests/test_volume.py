@@ -39,7 +39,7 @@ def numpy_cutout(em, seg, segment_id, centre_vox, size):
     pad = max(size)
     em_p = np.pad(np.where(seg == segment_id, em, 0), pad)
     lo = np.asarray(centre_vox) + pad - np.asarray(size) // 2
-    return em_p[lo[0]:lo[0] + size[0], lo[1]:lo[1] + size[1], lo[2]:lo[2] + size[2]]
+    return em_p[lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]]
 
 
 def test_readback_equals_written(pair):
@@ -82,8 +82,14 @@ def test_downsampled_cutout_masks_block_centres(pair):
     block = em[19:21, 29:31, 14:16].astype(int)
     assert cut[2, 2, 2] == (block.sum() + 4) // 8
     # Voxels whose block centre is outside the segment are masked.
-    inside = seg[::1][(centre_vox[0] - 5):(centre_vox[0] + 5):2, (centre_vox[1] - 5):(centre_vox[1] + 5):2,
-                      (centre_vox[2] - 5):(centre_vox[2] + 5):2] == SEG_ID
+    inside = (
+        seg[::1][
+            (centre_vox[0] - 5) : (centre_vox[0] + 5) : 2,
+            (centre_vox[1] - 5) : (centre_vox[1] + 5) : 2,
+            (centre_vox[2] - 5) : (centre_vox[2] + 5) : 2,
+        ]
+        == SEG_ID
+    )
     assert np.array_equal(cut > 0, inside)
 
 
@@ -133,11 +139,18 @@ def test_zarr3_in_zyx_order_is_read_as_xyz(tmp_path):
     import tensorstore as ts
 
     data_xyz = np.random.default_rng(2).integers(0, 255, (12, 10, 8), dtype=np.uint8)
-    store = ts.open({
-        "driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "z.zarr")}, "create": True,
-        "schema": {"dtype": "uint8", "domain": {"shape": [8, 10, 12], "labels": ["z", "y", "x"]},
-                   "dimension_units": [[40, "nm"], [32, "nm"], [32, "nm"]]},
-    }).result()
+    store = ts.open(
+        {
+            "driver": "zarr3",
+            "kvstore": {"driver": "file", "path": str(tmp_path / "z.zarr")},
+            "create": True,
+            "schema": {
+                "dtype": "uint8",
+                "domain": {"shape": [8, 10, 12], "labels": ["z", "y", "x"]},
+                "dimension_units": [[40, "nm"], [32, "nm"], [32, "nm"]],
+            },
+        }
+    ).result()
     store.write(data_xyz.transpose(2, 1, 0)).result()
     volume = open_volume(tmp_path / "z.zarr")
     assert volume.info.driver == "zarr3"
@@ -149,8 +162,14 @@ def test_zarr3_in_zyx_order_is_read_as_xyz(tmp_path):
 def test_zarr2_needs_a_voxel_size(tmp_path):
     import tensorstore as ts
 
-    ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "z2")}, "create": True,
-             "schema": {"dtype": "uint8", "domain": {"shape": [4, 5, 6]}}}).result()
+    ts.open(
+        {
+            "driver": "zarr",
+            "kvstore": {"driver": "file", "path": str(tmp_path / "z2")},
+            "create": True,
+            "schema": {"dtype": "uint8", "domain": {"shape": [4, 5, 6]}},
+        }
+    ).result()
     with pytest.raises(VolumeError, match="pass voxel_size_nm"):
         open_volume(tmp_path / "z2")
     volume = open_volume(f"zarr://{tmp_path / 'z2'}", voxel_size_nm=(8, 8, 8), axes="xyz")

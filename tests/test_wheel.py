@@ -31,8 +31,10 @@ def _run(argv, cwd, env=None, timeout=900):
 
 def test_wheel_installs_outside_the_checkout_and_opens_the_demo_model(tmp_path):
     wheel_dir = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir),
-          str(REPO)], cwd=tmp_path)
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(REPO)],
+        cwd=tmp_path,
+    )
     (wheel,) = wheel_dir.glob("segscope-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "segscope/app/cli.py" in names
@@ -44,16 +46,23 @@ def test_wheel_installs_outside_the_checkout_and_opens_the_demo_model(tmp_path):
     env_dir = tmp_path / "fresh"
     venv.create(env_dir, with_pip=False)
     fresh_python = env_dir / "bin" / "python"
-    fresh_site = Path(_run([str(fresh_python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                           cwd=tmp_path).strip())
+    fresh_site = Path(
+        _run([str(fresh_python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=tmp_path).strip()
+    )
     (fresh_site / "test_env_deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(fresh_site), str(wheel)],
-         cwd=tmp_path)
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(fresh_site), str(wheel)], cwd=tmp_path)
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env["SEGSCOPE_CACHE_DIR"] = str(tmp_path / "cache")
-    where = _run([str(fresh_python), "-c", "import segscope.app, segscope.analysis.paths as p; "
-                  "print(segscope.app.__file__); print(p.assets_dir())"], cwd=tmp_path, env=env).split()
+    where = _run(
+        [
+            str(fresh_python),
+            "-c",
+            "import segscope.app, segscope.analysis.paths as p; print(segscope.app.__file__); print(p.assets_dir())",
+        ],
+        cwd=tmp_path,
+        env=env,
+    ).split()
     assert all(str(fresh_site) in w for w in where), where
     assert REPO.as_posix() not in " ".join(where)
 
@@ -62,13 +71,19 @@ def test_wheel_installs_outside_the_checkout_and_opens_the_demo_model(tmp_path):
     _run(cli + ["demo-data", "--out", str(tmp_path / "demo"), "--size", "64", "--seed", "2"], cwd=tmp_path, env=env)
     info = _run(cli + ["info", str(tmp_path / "demo" / "image")], cwd=tmp_path, env=env)
     assert "voxel" in info.lower()
-    opened = _run([str(fresh_python), "-c",
-                   "from segscope.analysis.paths import assets_dir\n"
-                   "from segscope.analysis.encoder import load_encoder\n"
-                   "import numpy as np\n"
-                   "enc = load_encoder(assets_dir() / 'demo_encoder.keras')\n"
-                   "cfg = enc.encoder_config\n"
-                   "out = np.asarray(enc(np.zeros((1, *cfg.input_size_vox, 1), np.float32)))\n"
-                   "print(out.shape[-1], cfg.embedding_dim, np.isfinite(out).all())\n"],
-                  cwd=tmp_path, env=env)
+    opened = _run(
+        [
+            str(fresh_python),
+            "-c",
+            "from segscope.analysis.paths import assets_dir\n"
+            "from segscope.analysis.encoder import load_encoder\n"
+            "import numpy as np\n"
+            "enc = load_encoder(assets_dir() / 'demo_encoder.keras')\n"
+            "cfg = enc.encoder_config\n"
+            "out = np.asarray(enc(np.zeros((1, *cfg.input_size_vox, 1), np.float32)))\n"
+            "print(out.shape[-1], cfg.embedding_dim, np.isfinite(out).all())\n",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     assert opened.split()[-3:] == ["64", "64", "True"]

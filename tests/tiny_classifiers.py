@@ -49,25 +49,48 @@ def write_classifiers(folder: Path, seed: int = 0) -> None:
     codes = rng.integers(0, len(COMPARTMENTS), 400)
     centres = 2.0 * np.eye(NUM_FEATURES)[: len(COMPARTMENTS)]
     points = (centres[codes] + rng.normal(0.0, 0.7, (400, NUM_FEATURES))).astype(np.float32)
-    compartment = drive(train_classifier(points, codes, class_names=COMPARTMENTS, config="linear_v1",
-                                         max_epochs=20, patience=3, learning_rate=1e-2, seed=seed))
+    compartment = drive(
+        train_classifier(
+            points,
+            codes,
+            class_names=COMPARTMENTS,
+            config="linear_v1",
+            max_epochs=20,
+            patience=3,
+            learning_rate=1e-2,
+            seed=seed,
+        )
+    )
     labels = np.repeat(np.arange(len(CELL_TYPES)), 200)
     points = np.concatenate([cell_type_cluster(200, k, seed) for k in range(len(CELL_TYPES))])
     tiny_sngp = BERT_SMALL_SNGP_V1.with_updates(name="tiny_sngp", num_hidden=16, num_inducing=64, batch_size=64)
-    cell_type = drive(train_classifier(points, labels, class_names=CELL_TYPES, config=tiny_sngp,
-                                       max_epochs=30, patience=5, learning_rate=1e-2, seed=seed))
+    cell_type = drive(
+        train_classifier(
+            points,
+            labels,
+            class_names=CELL_TYPES,
+            config=tiny_sngp,
+            max_epochs=30,
+            patience=5,
+            learning_rate=1e-2,
+            seed=seed,
+        )
+    )
     compartment.save(folder / "compartment.npz")
     cell_type.save(folder / "cell_type.npz")
-    manifest = {"compartment": {"file": "compartment.npz", "radius_nm": 0},
-                "cell_type": {"file": "cell_type.npz", "radius_nm": 10_000}}
+    manifest = {
+        "compartment": {"file": "compartment.npz", "radius_nm": 0},
+        "cell_type": {"file": "cell_type.npz", "radius_nm": 10_000},
+    }
     (folder / "classifiers.json").write_text(json.dumps(manifest, indent=1))
 
 
 def write_in_subprocess(folder: Path, timeout_s: float = 240) -> Path:
     """Run :func:`write_classifiers` in a fresh interpreter; returns ``folder``."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), str(folder)], check=True, cwd=REPO,
-                   env=env, timeout=timeout_s)
+    subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), str(folder)], check=True, cwd=REPO, env=env, timeout=timeout_s
+    )
     return folder
 
 

@@ -95,8 +95,7 @@ class Prediction:
 def _check_threshold(threshold: float) -> float:
     threshold = float(threshold)
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"OOD threshold must be in [0, 1] (Dempster-Shafer uncertainty), "
-                         f"got {threshold}")
+        raise ValueError(f"OOD threshold must be in [0, 1] (Dempster-Shafer uncertainty), got {threshold}")
     return threshold
 
 
@@ -117,14 +116,19 @@ class Classifier:
         What training recorded (history, epochs, seed, data sizes); JSON-able.
     """
 
-    def __init__(self, model: "ClassifierNet", class_names: Sequence[str], *,
-                 ood_threshold: float, mean_field_lambda: float = MEAN_FIELD_LAMBDA,
-                 training_info: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: "ClassifierNet",
+        class_names: Sequence[str],
+        *,
+        ood_threshold: float,
+        mean_field_lambda: float = MEAN_FIELD_LAMBDA,
+        training_info: dict[str, Any] | None = None,
+    ):
         self.model = model
         self.class_names = tuple(str(name) for name in class_names)
         if len(self.class_names) != model.num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for a model with "
-                             f"{model.num_classes} classes")
+            raise ValueError(f"{len(self.class_names)} class names for a model with {model.num_classes} classes")
         self._ood_threshold = _check_threshold(ood_threshold)
         self.mean_field_lambda = float(mean_field_lambda)
         self.training_info = dict(training_info or {})
@@ -162,15 +166,16 @@ class Classifier:
         return np.asarray(self.model.standardize.std.numpy())
 
     def __repr__(self) -> str:
-        return (f"Classifier({self.config.name}, D={self.num_features}, "
-                f"classes={list(self.class_names)}, ood_threshold={self.ood_threshold:.4g})")
+        return (
+            f"Classifier({self.config.name}, D={self.num_features}, "
+            f"classes={list(self.class_names)}, ood_threshold={self.ood_threshold:.4g})"
+        )
 
     def _posterior_covariance(self) -> np.ndarray:
         # P is frozen once training is over, so invert once and reuse for every prediction.
         if self._covariance is None:
             gp = self.model.gp_layer
-            self._covariance = posterior_covariance(
-                gp.precision.numpy(), gp.ridge).astype(np.float32)
+            self._covariance = posterior_covariance(gp.precision.numpy(), gp.ridge).astype(np.float32)
         return self._covariance
 
     def predict(self, embeddings, *, batch_size: int = 8192) -> Prediction:
@@ -185,20 +190,18 @@ class Classifier:
         """
         data = _as_embeddings(embeddings, "embeddings")
         if data.shape[1] != self.num_features:
-            raise ValueError(f"this classifier takes {self.num_features}-d embeddings, got "
-                             f"{data.shape[1]}-d")
+            raise ValueError(f"this classifier takes {self.num_features}-d embeddings, got {data.shape[1]}-d")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         gp = self.model.gp_layer
         logits_parts, variance_parts = [], []
         for start in range(0, data.shape[0], batch_size):
-            logits, features = self.model.inference_outputs(data[start:start + batch_size])
+            logits, features = self.model.inference_outputs(data[start : start + batch_size])
             logits_parts.append(np.asarray(logits))
             if gp is None:
                 variance_parts.append(np.zeros(logits_parts[-1].shape[0], np.float32))
             else:
-                variance_parts.append(predictive_variance(np.asarray(features),
-                                                          self._posterior_covariance()))
+                variance_parts.append(predictive_variance(np.asarray(features), self._posterior_covariance()))
         if logits_parts:
             logits = np.concatenate(logits_parts)
             variance = np.concatenate(variance_parts)
@@ -286,8 +289,8 @@ def _read_classifier_file(path, *, with_weights: bool):
             version = metadata.get("format_version")
             if not isinstance(version, int) or version > FORMAT_VERSION:
                 raise ClassifierFileError(
-                    f"{path} has classifier format version {version!r}; this SegScope reads "
-                    f"up to {FORMAT_VERSION}")
+                    f"{path} has classifier format version {version!r}; this SegScope reads up to {FORMAT_VERSION}"
+                )
             weights = None
             if with_weights:
                 count = len(metadata["weight_paths"])
@@ -326,20 +329,27 @@ def load_classifier(path: str | os.PathLike) -> Classifier:
 
     from .layers import ClassifierNet
 
-    model = ClassifierNet(config, np.zeros(num_features, np.float32),
-                          np.ones(num_features, np.float32), len(class_names), seed=None)
+    model = ClassifierNet(
+        config, np.zeros(num_features, np.float32), np.ones(num_features, np.float32), len(class_names), seed=None
+    )
     expected = [variable.path for variable in model.weights]
     if expected != weight_paths:
-        raise ClassifierFileError(f"{path}: stored weights {weight_paths} do not match the "
-                                  f"network of config {config.name} ({expected})")
+        raise ClassifierFileError(
+            f"{path}: stored weights {weight_paths} do not match the network of config {config.name} ({expected})"
+        )
     for variable, value in zip(model.weights, weights):
         if tuple(variable.shape) != value.shape:
-            raise ClassifierFileError(f"{path}: weight {variable.path} has shape {value.shape}, "
-                                      f"expected {tuple(variable.shape)}")
+            raise ClassifierFileError(
+                f"{path}: weight {variable.path} has shape {value.shape}, expected {tuple(variable.shape)}"
+            )
         variable.assign(value)
-    return Classifier(model, class_names, ood_threshold=ood_threshold,
-                      mean_field_lambda=mean_field_lambda,
-                      training_info=metadata.get("training_info"))
+    return Classifier(
+        model,
+        class_names,
+        ood_threshold=ood_threshold,
+        mean_field_lambda=mean_field_lambda,
+        training_info=metadata.get("training_info"),
+    )
 
 
 def _as_embeddings(embeddings, what: str) -> np.ndarray:
@@ -365,11 +375,9 @@ def _label_codes(labels, class_names: Sequence[str], what: str) -> np.ndarray:
             raise ValueError(f"{what} holds names not in class_names: {unknown[:10]}")
         return np.array([lookup[str(v)] for v in labels], dtype=np.int64)
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{what} must be integer class codes or class names, got dtype "
-                         f"{labels.dtype}")
+        raise ValueError(f"{what} must be integer class codes or class names, got dtype {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
-        raise ValueError(f"{what} hold codes outside [0, {len(class_names)}) "
-                         f"(min {labels.min()}, max {labels.max()})")
+        raise ValueError(f"{what} hold codes outside [0, {len(class_names)}) (min {labels.min()}, max {labels.max()})")
     return labels.astype(np.int64)
 
 
@@ -394,8 +402,7 @@ def class_balanced_weights(codes: np.ndarray, num_classes: int) -> np.ndarray:
     return (weights / weights.mean()).astype(np.float32)
 
 
-def stratified_split(codes: np.ndarray, fraction: float,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(codes: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Split example indices into (train, validation), ``fraction`` of each class held out.
 
     Every class keeps at least one training example; a class of one example has none in
@@ -427,8 +434,9 @@ def _epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return np.split(padded, count)
 
 
-def validation_loss(model: "ClassifierNet", embeddings: np.ndarray, codes: np.ndarray,
-                    weights: np.ndarray, *, batch_size: int = 8192) -> float:
+def validation_loss(
+    model: "ClassifierNet", embeddings: np.ndarray, codes: np.ndarray, weights: np.ndarray, *, batch_size: int = 8192
+) -> float:
     """Weighted mean cross-entropy of the logits plus the L2 penalty, in inference mode.
 
     The same quantity as Keras' ``val_loss`` (``sum_over_batch_size`` reduction plus
@@ -439,11 +447,9 @@ def validation_loss(model: "ClassifierNet", embeddings: np.ndarray, codes: np.nd
 
     total = 0.0
     for start in range(0, codes.size, batch_size):
-        logits = np.asarray(model(embeddings[start:start + batch_size], training=False),
-                            dtype=np.float64)
-        picked = logits[np.arange(logits.shape[0]), codes[start:start + batch_size]]
-        total += float(np.sum(weights[start:start + batch_size]
-                              * (logsumexp(logits, axis=1) - picked)))
+        logits = np.asarray(model(embeddings[start : start + batch_size], training=False), dtype=np.float64)
+        picked = logits[np.arange(logits.shape[0]), codes[start : start + batch_size]]
+        total += float(np.sum(weights[start : start + batch_size] * (logsumexp(logits, axis=1) - picked)))
     penalty = sum(float(np.asarray(loss)) for loss in model.losses)
     return total / codes.size + penalty
 
@@ -547,8 +553,9 @@ def train_classifier(
         val_x = _as_embeddings(validation_data[0], "validation embeddings")
         val_y = _label_codes(validation_data[1], class_names, "validation labels")
         if val_x.shape[1] != data.shape[1] or val_x.shape[0] != val_y.size or not val_y.size:
-            raise ValueError(f"validation data must be [M, {data.shape[1]}] with M labels, "
-                             f"got {val_x.shape} and {val_y.size} labels")
+            raise ValueError(
+                f"validation data must be [M, {data.shape[1]}] with M labels, got {val_x.shape} and {val_y.size} labels"
+            )
     else:
         train_idx, val_idx = stratified_split(codes, validation_split, rng)
         train_x, train_y = data[train_idx], codes[train_idx]
@@ -556,8 +563,7 @@ def train_classifier(
             val_x, val_y = data[val_idx], codes[val_idx]
         else:
             if validation_split > 0:
-                logger.warning("too few examples for a validation split: validating on the "
-                               "training data")
+                logger.warning("too few examples for a validation split: validating on the training data")
             val_x, val_y = train_x, train_y
 
     if balance_classes:
@@ -578,9 +584,11 @@ def train_classifier(
 
     keras.utils.set_random_seed(seed)
     model = ClassifierNet(config, mean, std, len(class_names), seed=seed)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
     # fit() builds the optimizer before tracing; train_on_batch does not, and a train step
     # that creates variables is traced twice.
     model.optimizer.build(model.trainable_variables)
@@ -588,8 +596,14 @@ def train_classifier(
     # the same callback itself (see below).
     reset_precision = ResetPrecisionEachEpoch()
     reset_precision.set_model(model)
-    logger.info("training %s on %d examples (%d validation), %d classes, %d-d",
-                config.name, train_y.size, val_y.size, len(class_names), data.shape[1])
+    logger.info(
+        "training %s on %d examples (%d validation), %d classes, %d-d",
+        config.name,
+        train_y.size,
+        val_y.size,
+        len(class_names),
+        data.shape[1],
+    )
 
     history: dict[str, list[float]] = {"loss": [], "val_loss": [], "accuracy": []}
     best_val_loss, best_epoch, best_weights, waited = math.inf, -1, None, 0
@@ -602,13 +616,11 @@ def train_classifier(
         reset_precision.on_epoch_begin(epoch)
         model.reset_metrics()
         for batch in _epoch_batches(rng.permutation(train_y.size), batch_size):
-            logs = model.train_on_batch(train_x[batch], train_y[batch],
-                                        sample_weight=train_w[batch], return_dict=True)
+            logs = model.train_on_batch(train_x[batch], train_y[batch], sample_weight=train_w[batch], return_dict=True)
         loss = float(logs["loss"])  # Keras' running mean over this epoch's batches
         val_loss = validation_loss(model, val_x, val_y, val_w)
         if not (math.isfinite(loss) and math.isfinite(val_loss)):
-            raise FloatingPointError(f"training diverged at epoch {epoch}: loss {loss}, "
-                                     f"validation loss {val_loss}")
+            raise FloatingPointError(f"training diverged at epoch {epoch}: loss {loss}, validation loss {val_loss}")
         history["loss"].append(loss)
         history["val_loss"].append(val_loss)
         history["accuracy"].append(float(logs["accuracy"]))
@@ -618,12 +630,21 @@ def train_classifier(
         else:
             waited += 1
         logger.debug("epoch %d: loss %.4f val_loss %.4f", epoch, loss, val_loss)
-        yield Progress(epoch + 1, max_epochs, "epochs",
-                       f"epoch {epoch + 1}: loss {loss:.4f}, validation loss {val_loss:.4f}",
-                       meter.rate(epoch + 1),
-                       payload={"epoch": epoch, "loss": loss, "val_loss": val_loss,
-                                "accuracy": history["accuracy"][-1], "best_epoch": best_epoch,
-                                "best_val_loss": best_val_loss})
+        yield Progress(
+            epoch + 1,
+            max_epochs,
+            "epochs",
+            f"epoch {epoch + 1}: loss {loss:.4f}, validation loss {val_loss:.4f}",
+            meter.rate(epoch + 1),
+            payload={
+                "epoch": epoch,
+                "loss": loss,
+                "val_loss": val_loss,
+                "accuracy": history["accuracy"][-1],
+                "best_epoch": best_epoch,
+                "best_val_loss": best_val_loss,
+            },
+        )
         if waited >= patience:
             break
     # Early stopping restores every weight of the best epoch, the precision matrix and the
@@ -631,15 +652,21 @@ def train_classifier(
     model.set_weights(best_weights)
 
     training_info = {
-        "config": config.name, "seed": seed, "epochs_run": epoch + 1,
-        "best_epoch": best_epoch, "best_val_loss": best_val_loss,
-        "num_train": int(train_y.size), "num_validation": int(val_y.size),
-        "validation_is_training_data": val_x is train_x, "learning_rate": learning_rate,
-        "batch_size": batch_size, "balance_classes": balance_classes,
-        "patience": patience, "history": history,
+        "config": config.name,
+        "seed": seed,
+        "epochs_run": epoch + 1,
+        "best_epoch": best_epoch,
+        "best_val_loss": best_val_loss,
+        "num_train": int(train_y.size),
+        "num_validation": int(val_y.size),
+        "validation_is_training_data": val_x is train_x,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "balance_classes": balance_classes,
+        "patience": patience,
+        "history": history,
     }
-    classifier = Classifier(model, class_names, ood_threshold=0.5,
-                            training_info=training_info)
+    classifier = Classifier(model, class_names, ood_threshold=0.5, training_info=training_info)
     if ood_threshold is None:
         uncertainty = classifier.predict(val_x).uncertainty
         ood_threshold = float(np.quantile(uncertainty, ood_quantile))

@@ -68,8 +68,7 @@ class ClassifierConfig:
 
     def __post_init__(self) -> None:
         if self.num_layers < 0 or self.num_inducing < 0 or self.spec_norm_bound < 0:
-            raise ValueError(f"config {self.name!r}: num_layers, num_inducing and "
-                             "spec_norm_bound must not be negative")
+            raise ValueError(f"config {self.name!r}: num_layers, num_inducing and spec_norm_bound must not be negative")
         if self.num_layers > 0 and self.num_hidden < 1:
             raise ValueError(f"config {self.name!r}: num_hidden must be positive")
         if self.batch_size < 1:
@@ -115,21 +114,54 @@ class ClassifierConfig:
 
 
 BERT_SNGP_V1 = ClassifierConfig(
-    "BERT_SNGP_v1", num_hidden=128, num_layers=2, spec_norm_bound=0.95, num_inducing=2048,
-    gp_cov_momentum=0.999, gp_cov_ridge_penalty=1e-3, l2_reg=1e-3, batch_size=128)
+    "BERT_SNGP_v1",
+    num_hidden=128,
+    num_layers=2,
+    spec_norm_bound=0.95,
+    num_inducing=2048,
+    gp_cov_momentum=0.999,
+    gp_cov_ridge_penalty=1e-3,
+    l2_reg=1e-3,
+    batch_size=128,
+)
 BERT_SMALL_SNGP_V1 = ClassifierConfig(
-    "BERT_SMALL_SNGP_v1", num_hidden=64, num_layers=2, spec_norm_bound=0.95, num_inducing=256,
-    gp_cov_momentum=0.999, gp_cov_ridge_penalty=1e-3, l2_reg=1e-3, batch_size=128)
+    "BERT_SMALL_SNGP_v1",
+    num_hidden=64,
+    num_layers=2,
+    spec_norm_bound=0.95,
+    num_inducing=256,
+    gp_cov_momentum=0.999,
+    gp_cov_ridge_penalty=1e-3,
+    l2_reg=1e-3,
+    batch_size=128,
+)
 WRN_SNGP_V1 = ClassifierConfig(
-    "WRN_SNGP_v1", num_hidden=128, num_layers=2, spec_norm_bound=6.0, num_inducing=1024,
-    gp_cov_momentum=0.999, gp_cov_ridge_penalty=1e-3, l2_reg=1e-4, batch_size=128)
+    "WRN_SNGP_v1",
+    num_hidden=128,
+    num_layers=2,
+    spec_norm_bound=6.0,
+    num_inducing=1024,
+    gp_cov_momentum=0.999,
+    gp_cov_ridge_penalty=1e-3,
+    l2_reg=1e-4,
+    batch_size=128,
+)
 # SegCLR's linear_v1 carries num_hidden=128 but never builds a hidden layer (L = 0).
 LINEAR_V1 = ClassifierConfig(
-    "linear_v1", num_hidden=128, num_layers=0, spec_norm_bound=0.0, num_inducing=0,
-    gp_cov_momentum=0.999, gp_cov_ridge_penalty=1e-3, l2_reg=1e-4, batch_size=128)
+    "linear_v1",
+    num_hidden=128,
+    num_layers=0,
+    spec_norm_bound=0.0,
+    num_inducing=0,
+    gp_cov_momentum=0.999,
+    gp_cov_ridge_penalty=1e-3,
+    l2_reg=1e-4,
+    batch_size=128,
+)
 
 CLASSIFIER_CONFIGS: dict[str, ClassifierConfig] = {
-    c.name: c for c in (BERT_SNGP_V1, BERT_SMALL_SNGP_V1, WRN_SNGP_V1, LINEAR_V1)}
+    c.name: c for c in (BERT_SNGP_V1, BERT_SMALL_SNGP_V1, WRN_SNGP_V1, LINEAR_V1)
+}
 
 
 def get_classifier_config(config: str | ClassifierConfig) -> ClassifierConfig:
@@ -145,5 +177,4 @@ def get_classifier_config(config: str | ClassifierConfig) -> ClassifierConfig:
     try:
         return CLASSIFIER_CONFIGS[config]
     except KeyError:
-        raise KeyError(f"unknown classifier config {config!r}; known: "
-                       f"{', '.join(CLASSIFIER_CONFIGS)}") from None
+        raise KeyError(f"unknown classifier config {config!r}; known: {', '.join(CLASSIFIER_CONFIGS)}") from None

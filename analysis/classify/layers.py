@@ -42,8 +42,7 @@ def _constant_initializer(array: np.ndarray):
     return initialize
 
 
-def orthogonal_random_features(input_dim: int, num_features: int,
-                               rng: np.random.Generator) -> np.ndarray:
+def orthogonal_random_features(input_dim: int, num_features: int, rng: np.random.Generator) -> np.ndarray:
     """Orthogonal random features (Yu et al. 2016) for a unit-lengthscale RBF kernel.
 
     Frequencies are stacked blocks of ``input_dim`` orthonormal directions, each scaled by
@@ -87,14 +86,19 @@ class Standardize(layers.Layer):
 
     def build(self, input_shape):
         if input_shape[-1] != self._initial_mean.size:
-            raise ValueError(f"Standardize expects {self._initial_mean.size} features, got "
-                             f"{input_shape[-1]}")
-        self.mean = self.add_weight(name="mean", shape=self._initial_mean.shape,
-                                    initializer=_constant_initializer(self._initial_mean),
-                                    trainable=False)
-        self.std = self.add_weight(name="std", shape=self._initial_std.shape,
-                                   initializer=_constant_initializer(self._initial_std),
-                                   trainable=False)
+            raise ValueError(f"Standardize expects {self._initial_mean.size} features, got {input_shape[-1]}")
+        self.mean = self.add_weight(
+            name="mean",
+            shape=self._initial_mean.shape,
+            initializer=_constant_initializer(self._initial_mean),
+            trainable=False,
+        )
+        self.std = self.add_weight(
+            name="std",
+            shape=self._initial_std.shape,
+            initializer=_constant_initializer(self._initial_std),
+            trainable=False,
+        )
 
     def call(self, inputs):
         return ops.divide(ops.subtract(inputs, self.mean), self.std)
@@ -119,8 +123,7 @@ class SpectralNormDense(layers.Layer):
     nothing but ``u`` is written during a forward pass.
     """
 
-    def __init__(self, units: int, norm_bound: float, *, kernel_regularizer=None,
-                 **kwargs):
+    def __init__(self, units: int, norm_bound: float, *, kernel_regularizer=None, **kwargs):
         super().__init__(**kwargs)
         if norm_bound <= 0:
             raise ValueError(f"norm_bound must be positive, got {norm_bound}")
@@ -129,12 +132,16 @@ class SpectralNormDense(layers.Layer):
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
 
     def build(self, input_shape):
-        self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.units),
-                                      initializer="glorot_uniform",
-                                      regularizer=self.kernel_regularizer)
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(input_shape[-1], self.units),
+            initializer="glorot_uniform",
+            regularizer=self.kernel_regularizer,
+        )
         self.bias = self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
-        self.power_u = self.add_weight(name="power_u", shape=(1, self.units),
-                                       initializer="random_normal", trainable=False)
+        self.power_u = self.add_weight(
+            name="power_u", shape=(1, self.units), initializer="random_normal", trainable=False
+        )
 
     def _spectral_norm(self, u):
         return ops.sqrt(ops.sum(ops.square(ops.matmul(u, ops.transpose(self.kernel)))))
@@ -199,9 +206,17 @@ class RandomFeatureGP(layers.Layer):
         orthogonal features costs a QR per block, seconds on a busy machine).
     """
 
-    def __init__(self, units: int, num_inducing: int, *, momentum: float = 0.999,
-                 ridge: float = 1e-3, relative_lengthscale: float = 0.5,
-                 seed: int | None = 0, **kwargs):
+    def __init__(
+        self,
+        units: int,
+        num_inducing: int,
+        *,
+        momentum: float = 0.999,
+        ridge: float = 1e-3,
+        relative_lengthscale: float = 0.5,
+        seed: int | None = 0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if relative_lengthscale <= 0:
             raise ValueError(f"relative_lengthscale must be positive, got {relative_lengthscale}")
@@ -226,17 +241,20 @@ class RandomFeatureGP(layers.Layer):
             frequencies = orthogonal_random_features(input_dim, self.num_inducing, rng)
             phases = rng.uniform(0.0, 2.0 * math.pi, self.num_inducing).astype(np.float32)
         self.random_kernel = self.add_weight(
-            name="random_kernel", shape=frequencies.shape,
-            initializer=_constant_initializer(frequencies), trainable=False)
+            name="random_kernel",
+            shape=frequencies.shape,
+            initializer=_constant_initializer(frequencies),
+            trainable=False,
+        )
         self.random_bias = self.add_weight(
-            name="random_bias", shape=phases.shape,
-            initializer=_constant_initializer(phases), trainable=False)
+            name="random_bias", shape=phases.shape, initializer=_constant_initializer(phases), trainable=False
+        )
         self.output_kernel = self.add_weight(
-            name="output_kernel", shape=(self.num_inducing, self.units),
-            initializer="glorot_uniform")
+            name="output_kernel", shape=(self.num_inducing, self.units), initializer="glorot_uniform"
+        )
         self.precision = self.add_weight(
-            name="precision", shape=(self.num_inducing, self.num_inducing),
-            initializer="zeros", trainable=False)
+            name="precision", shape=(self.num_inducing, self.num_inducing), initializer="zeros", trainable=False
+        )
 
     def random_features(self, inputs):
         """``phi`` ``[B, M]`` of hidden activations ``[B, H]``."""
@@ -260,8 +278,7 @@ class RandomFeatureGP(layers.Layer):
             updated = self.precision + batch_precision
         else:
             batch_size = ops.cast(ops.shape(features)[0], features.dtype)
-            updated = (self.momentum * self.precision
-                       + (1.0 - self.momentum) * batch_precision / batch_size)
+            updated = self.momentum * self.precision + (1.0 - self.momentum) * batch_precision / batch_size
         self.precision.assign(updated)
 
     def reset_precision(self):
@@ -302,8 +319,7 @@ class ClassifierNet(keras.Model):
         Trainable initial weights come from Keras' global RNG (seeded by the caller).
     """
 
-    def __init__(self, config: ClassifierConfig, mean, std, num_classes: int, *,
-                 seed: int | None = 0, **kwargs):
+    def __init__(self, config: ClassifierConfig, mean, std, num_classes: int, *, seed: int | None = 0, **kwargs):
         kwargs.setdefault("name", "segscope_classifier")
         super().__init__(**kwargs)
         self.classifier_config = config
@@ -311,26 +327,29 @@ class ClassifierNet(keras.Model):
         self.num_features = int(np.asarray(mean).size)
         self.standardize = Standardize(mean, std, name="standardize")
         regularizer = keras.regularizers.L2(config.l2_reg) if config.l2_reg > 0 else None
-        self.input_dense = (layers.Dense(config.num_hidden, name="input_dense")
-                            if config.num_layers > 0 else None)
+        self.input_dense = layers.Dense(config.num_hidden, name="input_dense") if config.num_layers > 0 else None
 
         def block_dense(name):
             if config.spec_norm_bound > 0:
-                return SpectralNormDense(config.num_hidden, config.spec_norm_bound,
-                                         kernel_regularizer=regularizer, name=name)
+                return SpectralNormDense(
+                    config.num_hidden, config.spec_norm_bound, kernel_regularizer=regularizer, name=name
+                )
             return layers.Dense(config.num_hidden, kernel_regularizer=regularizer, name=name)
 
         self.first_dense = [block_dense(f"block_{i}_dense_0") for i in range(config.num_layers)]
         self.second_dense = [block_dense(f"block_{i}_dense_1") for i in range(config.num_layers)]
         if config.uses_gp:
             self.output_layer = RandomFeatureGP(
-                num_classes, config.num_inducing, momentum=config.gp_cov_momentum,
+                num_classes,
+                config.num_inducing,
+                momentum=config.gp_cov_momentum,
                 ridge=config.gp_cov_ridge_penalty,
-                relative_lengthscale=config.gp_relative_lengthscale, seed=seed,
-                name="gp_output")
+                relative_lengthscale=config.gp_relative_lengthscale,
+                seed=seed,
+                name="gp_output",
+            )
         else:
-            self.output_layer = layers.Dense(num_classes, kernel_regularizer=regularizer,
-                                             name="dense_output")
+            self.output_layer = layers.Dense(num_classes, kernel_regularizer=regularizer, name="dense_output")
         # Build eagerly so weights exist (and can be assigned) before any fit or predict.
         self(np.zeros((1, self.num_features), dtype=np.float32), training=False)
 
@@ -342,8 +361,12 @@ class ClassifierNet(keras.Model):
     @property
     def spectral_layers(self) -> list[SpectralNormDense]:
         """The spectrally normalised Dense layers, in order."""
-        return [layer for pair in zip(self.first_dense, self.second_dense) for layer in pair
-                if isinstance(layer, SpectralNormDense)]
+        return [
+            layer
+            for pair in zip(self.first_dense, self.second_dense)
+            for layer in pair
+            if isinstance(layer, SpectralNormDense)
+        ]
 
     def hidden(self, inputs, training=False):
         """Hidden representation ``[B, H]`` (the standardised input when ``L = 0``)."""

@@ -54,8 +54,7 @@ def per_class_f1(y_true, y_pred, num_classes: int | None = None) -> np.ndarray:
     # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (predicted + actual); defined as 0 when both
     # are 0, which is scikit-learn's zero_division=0 convention.
     denominator = counts.sum(axis=0) + counts.sum(axis=1)
-    return np.divide(2 * true_pos, denominator, out=np.zeros_like(true_pos),
-                     where=denominator > 0)
+    return np.divide(2 * true_pos, denominator, out=np.zeros_like(true_pos), where=denominator > 0)
 
 
 def macro_f1(y_true, y_pred, num_classes: int | None = None) -> float:
@@ -123,8 +122,10 @@ def class_guaranteed_subsample(labels, n: int, rng: np.random.Generator) -> np.n
         raise ValueError(f"labels must be a non-empty 1-D array, got shape {labels.shape}")
     classes, codes = np.unique(labels, return_inverse=True)
     if not classes.size <= n <= labels.size:
-        raise ValueError(f"subsample size must be between the number of classes "
-                         f"({classes.size}) and the number of labels ({labels.size}), got {n}")
+        raise ValueError(
+            f"subsample size must be between the number of classes "
+            f"({classes.size}) and the number of labels ({labels.size}), got {n}"
+        )
     # A random permutation, then the first occurrence of each class in it, is a uniform
     # draw of one example per class.
     order = rng.permutation(labels.size)

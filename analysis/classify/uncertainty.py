@@ -48,14 +48,12 @@ def predictive_variance(features: np.ndarray, covariance: np.ndarray) -> np.ndar
     return np.maximum(np.einsum("nm,nm->n", product, features), 0.0)
 
 
-def mean_field_logits(logits: np.ndarray, variance: np.ndarray,
-                      lam: float = MEAN_FIELD_LAMBDA) -> np.ndarray:
+def mean_field_logits(logits: np.ndarray, variance: np.ndarray, lam: float = MEAN_FIELD_LAMBDA) -> np.ndarray:
     """Mean-field adjusted logits ``logit / sqrt(1 + lam * var)`` ``[N, K]``."""
     logits = np.asarray(logits)
     variance = np.asarray(variance)
     if logits.ndim != 2 or variance.shape != logits.shape[:1]:
-        raise ValueError(f"logits must be [N, K] and variance [N], got {logits.shape} and "
-                         f"{variance.shape}")
+        raise ValueError(f"logits must be [N, K] and variance [N], got {logits.shape} and {variance.shape}")
     return logits / np.sqrt(1.0 + lam * variance)[:, None]
 
 

@@ -43,15 +43,29 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CONFIG_FORMAT_VERSION", "SEGCLR_FULL", "SEGCLR_LITE", "EncoderConfig", "LayerCost",
-    "CheckpointMismatchError", "build_encoder", "load_checkpoint", "save_checkpoint",
-    "save_encoder", "load_encoder", "read_encoder_config", "flops_per_cutout", "layer_costs",
-    "parameter_count", "resolve_checkpoint_prefix", "open_encoder",
+    "CONFIG_FORMAT_VERSION",
+    "SEGCLR_FULL",
+    "SEGCLR_LITE",
+    "EncoderConfig",
+    "LayerCost",
+    "CheckpointMismatchError",
+    "build_encoder",
+    "load_checkpoint",
+    "save_checkpoint",
+    "save_encoder",
+    "load_encoder",
+    "read_encoder_config",
+    "flops_per_cutout",
+    "layer_costs",
+    "parameter_count",
+    "resolve_checkpoint_prefix",
+    "open_encoder",
 ]
 
 
-def build_encoder(config: EncoderConfig = SEGCLR_LITE, *, include_projection: bool = False,
-                  seed: int | None = None, dtype=None) -> "SegClrEncoder":
+def build_encoder(
+    config: EncoderConfig = SEGCLR_LITE, *, include_projection: bool = False, seed: int | None = None, dtype=None
+) -> "SegClrEncoder":
     """A freshly initialised (random) encoder of ``config``.
 
     ``seed`` seeds Keras' global RNG first, for reproducible weights; ``dtype`` is a
@@ -62,9 +76,14 @@ def build_encoder(config: EncoderConfig = SEGCLR_LITE, *, include_projection: bo
     return _build(config, include_projection=include_projection, seed=seed, dtype=dtype)
 
 
-def load_checkpoint(path: str | os.PathLike, config: EncoderConfig | None = None, *,
-                    voxel_size_nm: Sequence[float] | None = None,
-                    include_projection: bool = False, model_version: str | None = None) -> "SegClrEncoder":
+def load_checkpoint(
+    path: str | os.PathLike,
+    config: EncoderConfig | None = None,
+    *,
+    voxel_size_nm: Sequence[float] | None = None,
+    include_projection: bool = False,
+    model_version: str | None = None,
+) -> "SegClrEncoder":
     """Load a SegCLR TensorFlow checkpoint into a Keras encoder.
 
     Parameters
@@ -102,8 +121,7 @@ def load_checkpoint(path: str | os.PathLike, config: EncoderConfig | None = None
 
     contents = CheckpointContents(path)
     config = config or SEGCLR_FULL
-    updates = {"model_version": model_version if model_version is not None
-               else Path(contents.prefix).name}
+    updates = {"model_version": model_version if model_version is not None else Path(contents.prefix).name}
     if voxel_size_nm is not None:
         updates["voxel_size_nm"] = tuple(voxel_size_nm)
     config = config.with_updates(**updates)

@@ -39,8 +39,11 @@ class CheckpointMismatchError(ValueError):
         self.misshaped = misshaped
         lines = [f"checkpoint {path!r} does not match the encoder:"]
         if missing:
-            lines.append(f"  {len(missing)} missing variable(s): " + ", ".join(missing[:20])
-                         + (" ..." if len(missing) > 20 else ""))
+            lines.append(
+                f"  {len(missing)} missing variable(s): "
+                + ", ".join(missing[:20])
+                + (" ..." if len(missing) > 20 else "")
+            )
         for name, got, want in misshaped[:20]:
             lines.append(f"  mis-shaped {name}: checkpoint {list(got)}, encoder expects {list(want)}")
         if len(misshaped) > 20:
@@ -98,15 +101,16 @@ def resolve_checkpoint_prefix(path: str | os.PathLike) -> str:
                 raise FileNotFoundError(f"no TensorFlow checkpoint (*.index) in folder {p}")
             raise FileNotFoundError(
                 f"folder {p} holds {len(indexes)} checkpoints and no usable 'checkpoint' file; "
-                f"pass one prefix: {', '.join(i.name[:-6] for i in indexes)}")
+                f"pass one prefix: {', '.join(i.name[:-6] for i in indexes)}"
+            )
         if text.endswith(".index") and p.is_file():
             return text[: -len(".index")]
         if text.endswith(".data-00000-of-00001") and p.is_file():
             return text[: -len(".data-00000-of-00001")]
         if not Path(f"{text}.index").is_file():
             raise FileNotFoundError(
-                f"no TensorFlow checkpoint at {text!r} (expected {text}.index, or a folder "
-                "holding a checkpoint)")
+                f"no TensorFlow checkpoint at {text!r} (expected {text}.index, or a folder holding a checkpoint)"
+            )
     return text
 
 
@@ -138,7 +142,7 @@ class CheckpointContents:
         self.layout = "object" if object_keys else "name"
         if object_keys:
             for key in object_keys:
-                name = _unescape_object_name(key[len(OBJECT_PREFIX):-len(OBJECT_SUFFIX)])
+                name = _unescape_object_name(key[len(OBJECT_PREFIX) : -len(OBJECT_SUFFIX)])
                 self._keys[name] = key
                 self.shapes[name] = tuple(raw[key])
         else:
@@ -159,15 +163,18 @@ def match_variables(contents: CheckpointContents, expected: dict[str, tuple]) ->
     """Raise :class:`CheckpointMismatchError` unless every expected variable is present
     with the expected shape."""
     missing = sorted(n for n in expected if n not in contents.shapes)
-    misshaped = sorted((n, contents.shapes[n], tuple(shape)) for n, shape in expected.items()
-                       if n in contents.shapes and tuple(contents.shapes[n]) != tuple(shape))
+    misshaped = sorted(
+        (n, contents.shapes[n], tuple(shape))
+        for n, shape in expected.items()
+        if n in contents.shapes and tuple(contents.shapes[n]) != tuple(shape)
+    )
     if missing or misshaped:
         raise CheckpointMismatchError(contents.prefix, missing, misshaped)
-    unused = [n for n in contents.shapes if n not in expected
-              and not n.endswith(_TRAINING_ONLY_SUFFIXES)]
+    unused = [n for n in contents.shapes if n not in expected and not n.endswith(_TRAINING_ONLY_SUFFIXES)]
     if unused:
-        logger.debug("checkpoint %s: %d variables not used by the encoder, e.g. %s",
-                     contents.prefix, len(unused), unused[:5])
+        logger.debug(
+            "checkpoint %s: %d variables not used by the encoder, e.g. %s", contents.prefix, len(unused), unused[:5]
+        )
 
 
 def assign_from_checkpoint(variables: dict, contents: CheckpointContents) -> None:
@@ -177,8 +184,7 @@ def assign_from_checkpoint(variables: dict, contents: CheckpointContents) -> Non
         variable.assign(contents.read(name).astype(variable.dtype, copy=False))
 
 
-def write_checkpoint(values: dict[str, np.ndarray], prefix: str | os.PathLike, *,
-                     layout: str = "name") -> str:
+def write_checkpoint(values: dict[str, np.ndarray], prefix: str | os.PathLike, *, layout: str = "name") -> str:
     """Write ``{tf1_name: array}`` as a TensorFlow checkpoint SegCLR's code can read.
 
     Parameters
@@ -196,8 +202,7 @@ def write_checkpoint(values: dict[str, np.ndarray], prefix: str | os.PathLike, *
 
     prefix = os.fspath(prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    variables = {name: tf.Variable(np.asarray(value), name=name.replace("/", "_"))
-                 for name, value in values.items()}
+    variables = {name: tf.Variable(np.asarray(value), name=name.replace("/", "_")) for name, value in values.items()}
     if layout == "name":
         saver = tf.compat.v1.train.Saver(var_list=variables)
         return saver.save(None, prefix, write_meta_graph=False)
@@ -210,8 +215,14 @@ def write_checkpoint(values: dict[str, np.ndarray], prefix: str | os.PathLike, *
     raise ValueError(f"layout must be 'name' or 'object', got {layout!r}")
 
 
-def rename_checkpoint(src: str | os.PathLike, dst_prefix: str | os.PathLike, *, layout: str = "name",
-                      drop: Iterable[str] = (), transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> str:
+def rename_checkpoint(
+    src: str | os.PathLike,
+    dst_prefix: str | os.PathLike,
+    *,
+    layout: str = "name",
+    drop: Iterable[str] = (),
+    transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+) -> str:
     """Copy a checkpoint into another layout, optionally dropping or altering variables.
 
     Used to turn the published object-based files into TF1 name-based ones (and by tests

@@ -88,8 +88,14 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         # Normalise sequences to tuples so configs compare equal after a JSON round trip.
-        for name in ("input_size_vox", "stage_filters", "stage_blocks", "stage_strides",
-                     "bottleneck_widths", "projection_widths"):
+        for name in (
+            "input_size_vox",
+            "stage_filters",
+            "stage_blocks",
+            "stage_strides",
+            "bottleneck_widths",
+            "projection_widths",
+        ):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         object.__setattr__(self, "voxel_size_nm", tuple(float(v) for v in self.voxel_size_nm))
         self._validate()
@@ -106,13 +112,20 @@ class EncoderConfig:
             problems.append(f"input_dtype must be 'uint8' or 'float32', got {self.input_dtype!r}")
         n_stages = len(self.stage_filters)
         if n_stages == 0 or len(self.stage_blocks) != n_stages or len(self.stage_strides) != n_stages:
-            problems.append("stage_filters, stage_blocks and stage_strides need the same, "
-                            f"non-zero length, got {self.stage_filters}, {self.stage_blocks}, "
-                            f"{self.stage_strides}")
+            problems.append(
+                "stage_filters, stage_blocks and stage_strides need the same, "
+                f"non-zero length, got {self.stage_filters}, {self.stage_blocks}, "
+                f"{self.stage_strides}"
+            )
         if any(b < 1 or b > len(string.ascii_lowercase) for b in self.stage_blocks):
             problems.append(f"stage_blocks must be in 1..26, got {self.stage_blocks}")
-        if min(self.stage_filters + self.stage_strides + (self.stem_filters, self.stem_kernel,
-                                                           self.stem_stride), default=1) < 1:
+        if (
+            min(
+                self.stage_filters + self.stage_strides + (self.stem_filters, self.stem_kernel, self.stem_stride),
+                default=1,
+            )
+            < 1
+        ):
             problems.append("filters, kernel sizes and strides must be positive")
         if not self.bottleneck_widths or min(self.bottleneck_widths) < 1:
             problems.append(f"bottleneck_widths must be non-empty and positive, got {self.bottleneck_widths}")
@@ -154,7 +167,8 @@ class EncoderConfig:
             if rounded < 1 or abs(ratio - rounded) > 1e-6:
                 raise ValueError(
                     f"model voxel size {self.voxel_size_nm} nm is not an integer multiple of "
-                    f"the volume's voxel size {tuple(source_voxel_nm)} nm")
+                    f"the volume's voxel size {tuple(source_voxel_nm)} nm"
+                )
             factors.append(int(rounded))
         return tuple(factors)  # type: ignore[return-value]
 
@@ -183,7 +197,8 @@ class EncoderConfig:
         if version > CONFIG_FORMAT_VERSION:
             raise ValueError(
                 f"encoder config format {version} is newer than this SegScope understands "
-                f"({CONFIG_FORMAT_VERSION}); upgrade SegScope")
+                f"({CONFIG_FORMAT_VERSION}); upgrade SegScope"
+            )
         return cls(**dict(data))
 
 
@@ -242,14 +257,14 @@ def layer_costs(config: EncoderConfig, *, include_projection: bool = False) -> l
         costs.append(LayerCost(name, "conv3d", (*out, cout), flops))
         return out
 
-    spatial = conv(f"{scope}.stage_1.conv1", spatial, channels, config.stem_filters,
-                   config.stem_kernel, config.stem_stride)
+    spatial = conv(
+        f"{scope}.stage_1.conv1", spatial, channels, config.stem_filters, config.stem_kernel, config.stem_stride
+    )
     channels = config.stem_filters
     if config.stem_pool:
         pooled = [_same_out(s, 2) for s in spatial]
         n_out = pooled[0] * pooled[1] * pooled[2]
-        costs.append(LayerCost(f"{scope}.stage_1.pool1", "maxpool3d", (*pooled, channels),
-                               n_out * channels * 27))
+        costs.append(LayerCost(f"{scope}.stage_1.pool1", "maxpool3d", (*pooled, channels), n_out * channels * 27))
         spatial = pooled
     for stage_index, (filters, stride) in enumerate(zip(config.stage_filters, config.stage_strides)):
         stage = f"{scope}.stage_{stage_index + 2}"
@@ -269,8 +284,9 @@ def layer_costs(config: EncoderConfig, *, include_projection: bool = False) -> l
 
     def dense_stack(head_scope: str, widths, fan_in):
         for i, width in enumerate(widths):
-            costs.append(LayerCost(f"{head_scope.replace('/', '.')}.nl_{i}.dense", "dense",
-                                   (width,), 2 * fan_in * width))
+            costs.append(
+                LayerCost(f"{head_scope.replace('/', '.')}.nl_{i}.dense", "dense", (width,), 2 * fan_in * width)
+            )
             fan_in = width
         return fan_in
 

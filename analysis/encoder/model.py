@@ -47,8 +47,7 @@ def _scope(*parts: str) -> str:
 
 
 def _batch_norm(config: EncoderConfig, name: str, dtype) -> layers.BatchNormalization:
-    return layers.BatchNormalization(
-        momentum=config.bn_momentum, epsilon=config.bn_epsilon, name=name, dtype=dtype)
+    return layers.BatchNormalization(momentum=config.bn_momentum, epsilon=config.bn_epsilon, name=name, dtype=dtype)
 
 
 def build_graph(config: EncoderConfig, *, include_projection: bool = False, dtype=None):
@@ -63,8 +62,7 @@ def build_graph(config: EncoderConfig, *, include_projection: bool = False, dtyp
         and ``"projection"`` (``[B, P]``, not normalised).
     """
     backbone = config.backbone_scope
-    inputs = keras.Input(shape=(*config.input_size_vox, 1), dtype=config.input_dtype,
-                         name="cutouts")
+    inputs = keras.Input(shape=(*config.input_size_vox, 1), dtype=config.input_dtype, name="cutouts")
     x = inputs
     if config.input_dtype == "uint8":
         x = UnitScale(name="unit_scale", dtype=dtype)(x)
@@ -73,15 +71,12 @@ def build_graph(config: EncoderConfig, *, include_projection: bool = False, dtyp
         x = layers.Permute(perm, name="axis_order", dtype=dtype)(x)
 
     def conv(filters, kernel, stride, name):
-        return layers.Conv3D(filters, kernel, strides=stride, padding="same", use_bias=True,
-                             name=name, dtype=dtype)
+        return layers.Conv3D(filters, kernel, strides=stride, padding="same", use_bias=True, name=name, dtype=dtype)
 
-    x = conv(config.stem_filters, config.stem_kernel, config.stem_stride,
-             _scope(backbone, "stage_1", "conv1"))(x)
+    x = conv(config.stem_filters, config.stem_kernel, config.stem_stride, _scope(backbone, "stage_1", "conv1"))(x)
     x = _batch_norm(config, _scope(backbone, "stage_1", "bn1"), dtype)(x)
     if config.stem_pool:
-        x = layers.MaxPooling3D(3, strides=2, padding="same",
-                                name=_scope(backbone, "stage_1", "pool1"), dtype=dtype)(x)
+        x = layers.MaxPooling3D(3, strides=2, padding="same", name=_scope(backbone, "stage_1", "pool1"), dtype=dtype)(x)
 
     for stage_index, (filters, stride) in enumerate(zip(config.stage_filters, config.stage_strides)):
         stage = f"stage_{stage_index + 2}"
@@ -105,8 +100,7 @@ def build_graph(config: EncoderConfig, *, include_projection: bool = False, dtyp
 
     def head(x, scope, widths):
         for i, width in enumerate(widths):
-            x = layers.Dense(width, use_bias=False, name=_scope(scope, f"nl_{i}", "dense"),
-                             dtype=dtype)(x)
+            x = layers.Dense(width, use_bias=False, name=_scope(scope, f"nl_{i}", "dense"), dtype=dtype)(x)
             x = _batch_norm(config, _scope(scope, f"nl_{i}", f"nl_{i}_bn"), dtype)(x)
             if i < len(widths) - 1:
                 x = layers.ReLU(name=_scope(scope, f"nl_{i}", "relu"), dtype=dtype)(x)
@@ -135,10 +129,17 @@ class SegClrEncoder(keras.Model):
         Also output the training-only projection head (outputs become a dict).
     """
 
-    def __init__(self, encoder_config: EncoderConfig | dict, include_projection: bool = False,
-                 name: str | None = None, dtype=None, **kwargs: Any):
-        config = (encoder_config if isinstance(encoder_config, EncoderConfig)
-                  else EncoderConfig.from_dict(encoder_config))
+    def __init__(
+        self,
+        encoder_config: EncoderConfig | dict,
+        include_projection: bool = False,
+        name: str | None = None,
+        dtype=None,
+        **kwargs: Any,
+    ):
+        config = (
+            encoder_config if isinstance(encoder_config, EncoderConfig) else EncoderConfig.from_dict(encoder_config)
+        )
         inputs, outputs = build_graph(config, include_projection=include_projection, dtype=dtype)
         super().__init__(inputs=inputs, outputs=outputs, name=name or config.name, **kwargs)
         self.encoder_config = config
@@ -147,9 +148,11 @@ class SegClrEncoder(keras.Model):
         self._jit_compile = False
 
     def get_config(self) -> dict:
-        return {"encoder_config": self.encoder_config.to_dict(),
-                "include_projection": self.include_projection,
-                "name": self.name}
+        return {
+            "encoder_config": self.encoder_config.to_dict(),
+            "include_projection": self.include_projection,
+            "name": self.name,
+        }
 
     @classmethod
     def from_config(cls, config: dict, custom_objects=None) -> "SegClrEncoder":
@@ -176,6 +179,7 @@ class SegClrEncoder(keras.Model):
                 import tensorflow as tf
 
                 model = self
+
                 # A tf.function around the call avoids predict()'s per-call setup cost;
                 # reduce_retracing keeps a ragged last batch from compiling a new graph
                 # every time.
@@ -186,6 +190,7 @@ class SegClrEncoder(keras.Model):
 
                 self._inference_fn = lambda x: forward(x).numpy()
             else:
+
                 def forward_other(x):
                     out = self.predict_on_batch(x)
                     return out["embedding"] if isinstance(out, dict) else out
@@ -211,8 +216,9 @@ class SegClrEncoder(keras.Model):
         else:
             raise ValueError(f"cutouts must be [B, x, y, z] or [B, x, y, z, 1], got shape {arr.shape}")
         if tuple(arr.shape[1:4]) != size:
-            raise ValueError(f"cutouts are {tuple(arr.shape[1:4])} voxels, this encoder "
-                             f"({self.encoder_config.name}) expects {size}")
+            raise ValueError(
+                f"cutouts are {tuple(arr.shape[1:4])} voxels, this encoder ({self.encoder_config.name}) expects {size}"
+            )
         expected = self.encoder_config.input_dtype
         if expected == "uint8" and arr.dtype != np.uint8:
             raise ValueError(f"cutouts must be uint8 masked EM, got {arr.dtype}")
@@ -241,13 +247,13 @@ class SegClrEncoder(keras.Model):
             return np.zeros((0, self.embedding_dim), dtype=np.float32)
         step = len(arr) if not batch_size else int(batch_size)
         forward = self._forward_fn()
-        parts = [np.asarray(forward(arr[i:i + step]), dtype=np.float32)
-                 for i in range(0, len(arr), step)]
+        parts = [np.asarray(forward(arr[i : i + step]), dtype=np.float32) for i in range(0, len(arr), step)]
         return np.concatenate(parts, axis=0)
 
 
-def build_encoder(config: EncoderConfig, *, include_projection: bool = False, seed: int | None = None,
-                  dtype=None) -> SegClrEncoder:
+def build_encoder(
+    config: EncoderConfig, *, include_projection: bool = False, seed: int | None = None, dtype=None
+) -> SegClrEncoder:
     """A freshly initialised encoder of ``config`` (random weights)."""
     if seed is not None:
         keras.utils.set_random_seed(seed)

@@ -21,7 +21,13 @@ from segscope.analysis.export.annotations import (
     write_point_annotations,
 )
 from segscope.analysis.export.atomic import atomic_file, atomic_folder
-from segscope.analysis.export.bundle import ALL_PARTS, ExportResult, SkeletonEdges, export_bundle, skeletons_from_edges_table
+from segscope.analysis.export.bundle import (
+    ALL_PARTS,
+    ExportResult,
+    SkeletonEdges,
+    export_bundle,
+    skeletons_from_edges_table,
+)
 from segscope.analysis.export.model import NOT_PREDICTED, NodeTable, Provenance, SegmentTable, tables_from_ground_truth
 from segscope.analysis.export.neuroglancer_layers import (
     build_viewer_state,

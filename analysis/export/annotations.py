@@ -407,8 +407,13 @@ def write_point_annotations(
                 if written % 20_000 == 0:
                     yield report("by-id index")
         yield report("done")
-    log.info("wrote %d point annotations (%d spatial levels, %s) to %s",
-             n, len(levels), "sharded" if sharded else "unsharded", path)
+    log.info(
+        "wrote %d point annotations (%d spatial levels, %s) to %s",
+        n,
+        len(levels),
+        "sharded" if sharded else "unsharded",
+        path,
+    )
     return info
 
 

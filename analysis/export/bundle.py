@@ -26,7 +26,11 @@ import numpy as np
 from segscope.analysis.export.annotations import DEFAULT_SPATIAL_LIMIT, write_node_annotations
 from segscope.analysis.export.atomic import atomic_folder
 from segscope.analysis.export.model import NodeTable, Provenance, SegmentTable
-from segscope.analysis.export.neuroglancer_layers import build_viewer_state, write_segment_properties, write_viewer_state
+from segscope.analysis.export.neuroglancer_layers import (
+    build_viewer_state,
+    write_segment_properties,
+    write_viewer_state,
+)
 from segscope.analysis.export.swc import write_swc
 from segscope.analysis.export.tables import (
     DEFAULT_CLASSIFICATION_SYSTEM,
@@ -210,7 +214,9 @@ def export_bundle(
                 result.files[part] = names
             elif part == "cave":
                 table = cave_cell_type_table(
-                    segments, nodes, voxel_size_nm,
+                    segments,
+                    nodes,
+                    voxel_size_nm,
                     classification_system=classification_system,
                     include_ood=include_ood_in_cave,
                     provenance=provenance,
@@ -233,7 +239,12 @@ def export_bundle(
                         radius = np.array([skeleton.radius_nm.get(int(i), 0.0) for i in node_ids])
                     name = f"skeletons/{int(segment_id)}.swc"
                     write_swc(
-                        work / name, node_ids, nodes.xyz_nm[rows], skeleton.edges, nodes.compartment[rows], radius,
+                        work / name,
+                        node_ids,
+                        nodes.xyz_nm[rows],
+                        skeleton.edges,
+                        nodes.compartment[rows],
+                        radius,
                         header=[
                             f"segment {int(segment_id)}",
                             f"model {provenance.model_name}",

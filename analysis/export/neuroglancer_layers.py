@@ -113,8 +113,13 @@ def segment_properties_json(segments: SegmentTable) -> dict:
         tag_values.append(sorted(row_tags))
 
     def number(identifier: str, values: np.ndarray, data_type: str, description: str) -> dict:
-        return {"id": identifier, "type": "number", "data_type": data_type, "description": description,
-                "values": values.tolist()}
+        return {
+            "id": identifier,
+            "type": "number",
+            "data_type": data_type,
+            "description": description,
+            "values": values.tolist(),
+        }
 
     properties: list[dict] = [
         {"id": "label", "type": "label", "values": labels},
@@ -124,13 +129,21 @@ def segment_properties_json(segments: SegmentTable) -> dict:
     for column, name in enumerate(segments.cell_type_names):
         p = segments.cell_type_probability[:, column].astype(np.float64)
         properties.append(
-            number(f"p_{tag_name(name)}", np.where(np.isfinite(p), p, MISSING_SCORE), "float32",
-                   f"probability of cell type {name} (-1 = not predicted)")
+            number(
+                f"p_{tag_name(name)}",
+                np.where(np.isfinite(p), p, MISSING_SCORE),
+                "float32",
+                f"probability of cell type {name} (-1 = not predicted)",
+            )
         )
     score = segments.ood_score.astype(np.float64)
     properties.append(
-        number("ood_score", np.where(np.isfinite(score), score, MISSING_SCORE), "float32",
-               "out-of-distribution score (-1 = none)")
+        number(
+            "ood_score",
+            np.where(np.isfinite(score), score, MISSING_SCORE),
+            "float32",
+            "out-of-distribution score (-1 = none)",
+        )
     )
     counts = segments.compartment_node_counts
     properties.append(number("n_nodes", counts.sum(axis=1), "uint32", "classified skeleton nodes"))

@@ -192,8 +192,17 @@ def swc_text(
     return "\n".join(lines) + "\n"
 
 
-def write_swc(path: str | Path, node_ids, xyz_nm, edges, compartment=None, radius_nm=None, *,
-              header: Sequence[str] = (), force: bool = False) -> Path:
+def write_swc(
+    path: str | Path,
+    node_ids,
+    xyz_nm,
+    edges,
+    compartment=None,
+    radius_nm=None,
+    *,
+    header: Sequence[str] = (),
+    force: bool = False,
+) -> Path:
     """Write one skeleton as SWC (atomically); see :func:`swc_text` for the arguments."""
     text = swc_text(node_ids, xyz_nm, edges, compartment, radius_nm, header=header)
     with atomic_file(path, force=force) as temporary:

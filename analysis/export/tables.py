@@ -175,9 +175,7 @@ def cave_cell_type_table(
             "cell_type": pa.array(list(segments.cell_type[keep]), type=pa.string()),
         }
     )
-    table = table.replace_schema_metadata(
-        {b"segscope_voxel_size_nm": json.dumps(voxel.tolist()).encode()}
-    )
+    table = table.replace_schema_metadata({b"segscope_voxel_size_nm": json.dumps(voxel.tolist()).encode()})
     return _with_provenance(table, provenance)
 
 
@@ -333,9 +331,11 @@ def segment_table_from_arrow(table, cell_type_names: Sequence[str] | None = None
         cell_type_names = json.loads(metadata[b"segscope_cell_types"])
     if cell_type_names is None:
         cell_type_names = [c[2:] for c in table.column_names if c.startswith("p_")]
-    probability = np.stack(
-        [_floats(table.column(probability_column("p_", name))) for name in cell_type_names], axis=1
-    ) if cell_type_names else None
+    probability = (
+        np.stack([_floats(table.column(probability_column("p_", name))) for name in cell_type_names], axis=1)
+        if cell_type_names
+        else None
+    )
     counts = np.stack([table.column(f"n_{name}").to_numpy() for name in COMPARTMENTS], axis=1)
     return SegmentTable(
         segment_id=table.column("segment_id").to_numpy().astype(np.uint64),

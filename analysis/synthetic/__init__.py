@@ -144,8 +144,12 @@ def synthesize(
     clear = np.concatenate([[False], ~valid])
     labels[clear[labels]] = 0
     keep &= np.concatenate([valid, [False]])[frags.fragment]
-    log.debug("dropped %d of %d inside nodes not in their own segment, %d fragments",
-              dropped_inside, int((frags.fragment >= 0).sum()), int((~valid).sum()))
+    log.debug(
+        "dropped %d of %d inside nodes not in their own segment, %d fragments",
+        dropped_inside,
+        int((frags.fragment >= 0).sum()),
+        int((~valid).sum()),
+    )
     yield Progress(2, meter_total, "stages", "painted neurites")
 
     _volume.close_cracks(labels)
@@ -264,8 +268,13 @@ def generate_dataset(
     total = 3
     write_volume(out / "image", vol.image, vol.voxel_size_nm)
     yield Progress(1, total, "parts", "wrote image")
-    write_volume(out / "segmentation", vol.segmentation, vol.voxel_size_nm, segmentation=True,
-                 extra_info={"skeletons": "skeletons"})
+    write_volume(
+        out / "segmentation",
+        vol.segmentation,
+        vol.voxel_size_nm,
+        segmentation=True,
+        extra_info={"skeletons": "skeletons"},
+    )
     yield Progress(2, total, "parts", "wrote segmentation")
     records = [
         SegmentRecord(int(s), int(c), t, int(n))

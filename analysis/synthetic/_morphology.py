@@ -134,7 +134,7 @@ class Space:
             ab = b - a
             t = np.clip(((centres - a) @ ab) / max(float(ab @ ab), 1e-9), 0, 1)
             near = np.linalg.norm(centres - (a + t[..., None] * ab), axis=-1) < r
-            sub = self.occupancy[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            sub = self.occupancy[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
             sub[near] += 1.0
         self._smoothed = None
 
@@ -180,8 +180,9 @@ class Space:
         v -= axis * np.dot(v, axis)
         return v / np.linalg.norm(v)
 
-    def walk(self, start, direction, *, sigma: float, max_steps: int, step: float = STEP_NM,
-             stay_inside: bool = True) -> np.ndarray:
+    def walk(
+        self, start, direction, *, sigma: float, max_steps: int, step: float = STEP_NM, stay_inside: bool = True
+    ) -> np.ndarray:
         """Persistent random walk from ``start`` (excluded): ``[k, 3]`` points in nm.
 
         ``sigma`` is the direction noise per step (radians, roughly): small for straight
@@ -237,8 +238,7 @@ def _tangents(points: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- neurite decorations
 
 
-def _add_spines(cell: Cell, space: Space, shaft_ids: list[int], *, spacing_nm: float,
-                skip_first: int = 0) -> None:
+def _add_spines(cell: Cell, space: Space, shaft_ids: list[int], *, spacing_nm: float, skip_first: int = 0) -> None:
     """Dendritic spines on a shaft: neck chain, round head with a PSD on its far side."""
     rng = space.rng
     pts = np.array([cell.pos[i] for i in shaft_ids])
@@ -257,17 +257,24 @@ def _add_spines(cell: Cell, space: Space, shaft_ids: list[int], *, spacing_nm: f
         n_neck = int(neck_len // 230)
         r_neck = rng.uniform(48, 62)
         for k in range(1, n_neck + 1):
-            parent = cell.add(base + u * (k * neck_len / (n_neck + 1)), r_neck, parent,
-                              DENDRITE, SPINE_NECK)
+            parent = cell.add(base + u * (k * neck_len / (n_neck + 1)), r_neck, parent, DENDRITE, SPINE_NECK)
         head_pos = base + u * (neck_len + r_head * 0.8)
         head = cell.add(head_pos, r_head, parent, DENDRITE, SPINE_HEAD)
         tip = head_pos + u * r_head
         cell.organelles.append(Organelle("psd", head, tip, tip, 130.0))
 
 
-def _add_boutons(cell: Cell, space: Space, chain: list[int], *, interval_nm: tuple[float, float],
-                 radius_nm: tuple[float, float], length_nodes: int, mito_probability: float,
-                 mito_radius_nm: float) -> None:
+def _add_boutons(
+    cell: Cell,
+    space: Space,
+    chain: list[int],
+    *,
+    interval_nm: tuple[float, float],
+    radius_nm: tuple[float, float],
+    length_nodes: int,
+    mito_probability: float,
+    mito_radius_nm: float,
+) -> None:
     """En-passant varicosities with a vesicle cloud (and maybe a mitochondrion)."""
     rng = space.rng
     j = int(rng.uniform(0, interval_nm[1]) // STEP_NM)
@@ -287,13 +294,19 @@ def _add_boutons(cell: Cell, space: Space, chain: list[int], *, interval_nm: tup
             off = space.random_direction() * 0.35 * r_b
             axis = (b - a) if len(core) > 1 else (cell.pos[chain[j + 1]] - a)
             axis = axis / max(np.linalg.norm(axis), 1e-9) * 0.45 * r_b
-            cell.organelles.append(Organelle("mito", core[0], centre + off - axis,
-                                             centre + off + axis, mito_radius_nm))
+            cell.organelles.append(Organelle("mito", core[0], centre + off - axis, centre + off + axis, mito_radius_nm))
         j += length_nodes + int(rng.uniform(*interval_nm) // STEP_NM)
 
 
-def _add_shaft_mitos(cell: Cell, space: Space, chain: list[int], *, every_nm: float,
-                     radius_fraction: tuple[float, float], max_radius_nm: float) -> None:
+def _add_shaft_mitos(
+    cell: Cell,
+    space: Space,
+    chain: list[int],
+    *,
+    every_nm: float,
+    radius_fraction: tuple[float, float],
+    max_radius_nm: float,
+) -> None:
     """Elongated mitochondria along a shaft, off-centre, following its axis."""
     rng = space.rng
     j = int(rng.uniform(0, every_nm) // STEP_NM)
@@ -303,8 +316,7 @@ def _add_shaft_mitos(cell: Cell, space: Space, chain: list[int], *, every_nm: fl
         r = min(max_radius_nm, rng.uniform(*radius_fraction) * r_shaft)
         u = space.perpendicular(_tangents(np.array([cell.pos[chain[j]], cell.pos[chain[k]]]))[0])
         off = u * rng.uniform(0, 0.9) * max(r_shaft - r, 0) * 0.7
-        cell.organelles.append(Organelle("mito", chain[j], cell.pos[chain[j]] + off,
-                                         cell.pos[chain[k]] + off, r))
+        cell.organelles.append(Organelle("mito", chain[j], cell.pos[chain[j]] + off, cell.pos[chain[k]] + off, r))
         j = k + 1 + int(rng.exponential(every_nm) // STEP_NM)
 
 
@@ -318,9 +330,18 @@ def _add_lysosomes(cell: Cell, space: Space, nodes: list[int], count: int) -> No
         cell.organelles.append(Organelle("lysosome", n, p, p, r))
 
 
-def _add_soma(cell: Cell, space: Space, centre, radius_nm: float, *, axis=None,
-              elongation_nm: float = 0.0, nucleus_fraction: float = 0.6,
-              n_mitos: int = 6, compartment: int = SOMA) -> int:
+def _add_soma(
+    cell: Cell,
+    space: Space,
+    centre,
+    radius_nm: float,
+    *,
+    axis=None,
+    elongation_nm: float = 0.0,
+    nucleus_fraction: float = 0.6,
+    n_mitos: int = 6,
+    compartment: int = SOMA,
+) -> int:
     """Round (or capsule-shaped) cell body with nucleus and mitochondria; returns its node."""
     rng = space.rng
     centre = np.asarray(centre, float)
@@ -332,12 +353,12 @@ def _add_soma(cell: Cell, space: Space, centre, radius_nm: float, *, axis=None,
     for sign in (-1, 1):
         parent = root
         for k in range(1, int((elongation_nm / 2 + 0.55 * radius_nm) // STEP_NM) + 1):
-            parent = cell.add(centre + sign * axis * k * STEP_NM, radius_nm * 0.5, parent,
-                              compartment, SOMA_NODE)
+            parent = cell.add(centre + sign * axis * k * STEP_NM, radius_nm * 0.5, parent, compartment, SOMA_NODE)
     r_nuc = nucleus_fraction * radius_nm
     nuc_off = space.random_direction() * 0.08 * radius_nm
-    cell.organelles.append(Organelle("nucleus", root, centre - half * 0.8 + nuc_off,
-                                     centre + half * 0.8 + nuc_off, r_nuc))
+    cell.organelles.append(
+        Organelle("nucleus", root, centre - half * 0.8 + nuc_off, centre + half * 0.8 + nuc_off, r_nuc)
+    )
     for _ in range(n_mitos):
         d = space.random_direction()
         shell = radius_nm - r_nuc
@@ -348,8 +369,9 @@ def _add_soma(cell: Cell, space: Space, centre, radius_nm: float, *, axis=None,
     return root
 
 
-def _soma_exit(cell: Cell, root: int, direction, radius_nm: float, r_neurite: float,
-               compartment: int) -> tuple[int, np.ndarray]:
+def _soma_exit(
+    cell: Cell, root: int, direction, radius_nm: float, r_neurite: float, compartment: int
+) -> tuple[int, np.ndarray]:
     """Skeleton nodes from the soma centre to its surface along ``direction``."""
     centre = cell.pos[root]
     parent = root
@@ -359,9 +381,21 @@ def _soma_exit(cell: Cell, root: int, direction, radius_nm: float, r_neurite: fl
     return parent, centre + direction * n * STEP_NM
 
 
-def _grow(cell: Cell, space: Space, parent: int, start, direction, *, r_start: float,
-          r_end: float, taper_nm: float, sigma: float, compartment: int, max_len_nm: float,
-          jitter: float = 0.08) -> list[int]:
+def _grow(
+    cell: Cell,
+    space: Space,
+    parent: int,
+    start,
+    direction,
+    *,
+    r_start: float,
+    r_end: float,
+    taper_nm: float,
+    sigma: float,
+    compartment: int,
+    max_len_nm: float,
+    jitter: float = 0.08,
+) -> list[int]:
     pts = space.walk(start, direction, sigma=sigma, max_steps=int(max_len_nm // STEP_NM) + 1)
     dist = np.arange(1, len(pts) + 1) * STEP_NM
     radii = r_end + (r_start - r_end) * np.exp(-dist / taper_nm)
@@ -378,16 +412,25 @@ def spiny_dendrite(space: Space) -> Cell:
     pts = space.through_path(sigma=0.09)
     r0 = rng.uniform(280, 430)
     chain = cell.add_chain(pts, r0 * space.smooth_noise(len(pts), 0.1), -1, DENDRITE)
-    _add_shaft_mitos(cell, space, chain, every_nm=1500, radius_fraction=(0.25, 0.4),
-                     max_radius_nm=150)
+    _add_shaft_mitos(cell, space, chain, every_nm=1500, radius_fraction=(0.25, 0.4), max_radius_nm=150)
     _add_spines(cell, space, chain, spacing_nm=rng.uniform(480, 750))
     if rng.random() < 0.35 and len(chain) > 6:
         j = int(rng.integers(2, len(chain) - 3))
         t = _tangents(pts)[j]
         d = t + space.perpendicular(t) * 1.2
-        branch = _grow(cell, space, chain[j], cell.pos[chain[j]], d, r_start=0.8 * r0,
-                       r_end=0.7 * r0, taper_nm=3000, sigma=0.1, compartment=DENDRITE,
-                       max_len_nm=20000)
+        branch = _grow(
+            cell,
+            space,
+            chain[j],
+            cell.pos[chain[j]],
+            d,
+            r_start=0.8 * r0,
+            r_end=0.7 * r0,
+            taper_nm=3000,
+            sigma=0.1,
+            compartment=DENDRITE,
+            max_len_nm=20000,
+        )
         _add_spines(cell, space, branch, spacing_nm=rng.uniform(480, 750))
     return cell
 
@@ -398,53 +441,102 @@ def smooth_dendrite(space: Space) -> Cell:
     pts = space.through_path(sigma=0.07)
     r0 = rng.uniform(430, 620)
     chain = cell.add_chain(pts, r0 * space.smooth_noise(len(pts), 0.05), -1, DENDRITE)
-    _add_shaft_mitos(cell, space, chain, every_nm=1300, radius_fraction=(0.22, 0.32),
-                     max_radius_nm=190)
+    _add_shaft_mitos(cell, space, chain, every_nm=1300, radius_fraction=(0.22, 0.32), max_radius_nm=190)
     if rng.random() < 0.3 and len(chain) > 6:
         j = int(rng.integers(2, len(chain) - 3))
         t = _tangents(pts)[j]
-        branch = _grow(cell, space, chain[j], cell.pos[chain[j]], t + space.perpendicular(t),
-                       r_start=0.8 * r0, r_end=0.75 * r0, taper_nm=3000, sigma=0.07,
-                       compartment=DENDRITE, max_len_nm=20000, jitter=0.04)
-        _add_shaft_mitos(cell, space, branch, every_nm=1300, radius_fraction=(0.22, 0.32),
-                         max_radius_nm=190)
+        branch = _grow(
+            cell,
+            space,
+            chain[j],
+            cell.pos[chain[j]],
+            t + space.perpendicular(t),
+            r_start=0.8 * r0,
+            r_end=0.75 * r0,
+            taper_nm=3000,
+            sigma=0.07,
+            compartment=DENDRITE,
+            max_len_nm=20000,
+            jitter=0.04,
+        )
+        _add_shaft_mitos(cell, space, branch, every_nm=1300, radius_fraction=(0.22, 0.32), max_radius_nm=190)
     return cell
 
 
-def _axon(space: Space, cell_type: str, cell: Cell | None, parent: int, pts: np.ndarray | None, *,
-          path_sigma: float, radius_nm: tuple[float, float], radius_noise: float,
-          bouton_interval_nm: tuple[float, float], bouton_radius_nm: tuple[float, float],
-          bouton_length_nodes: int, mito_probability: float, mito_radius_nm: float) -> Cell:
+def _axon(
+    space: Space,
+    cell_type: str,
+    cell: Cell | None,
+    parent: int,
+    pts: np.ndarray | None,
+    *,
+    path_sigma: float,
+    radius_nm: tuple[float, float],
+    radius_noise: float,
+    bouton_interval_nm: tuple[float, float],
+    bouton_radius_nm: tuple[float, float],
+    bouton_length_nodes: int,
+    mito_probability: float,
+    mito_radius_nm: float,
+) -> Cell:
     """An axon through the volume with boutons; the two neuron types differ only in numbers."""
     rng = space.rng
     cell = Cell(cell_type) if cell is None else cell
     pts = space.through_path(sigma=path_sigma) if pts is None else pts
     r = rng.uniform(*radius_nm)
     chain = cell.add_chain(pts, r * space.smooth_noise(len(pts), radius_noise), parent, AXON)
-    _add_boutons(cell, space, chain, interval_nm=bouton_interval_nm, radius_nm=bouton_radius_nm,
-                 length_nodes=bouton_length_nodes, mito_probability=mito_probability,
-                 mito_radius_nm=mito_radius_nm)
+    _add_boutons(
+        cell,
+        space,
+        chain,
+        interval_nm=bouton_interval_nm,
+        radius_nm=bouton_radius_nm,
+        length_nodes=bouton_length_nodes,
+        mito_probability=mito_probability,
+        mito_radius_nm=mito_radius_nm,
+    )
     return cell
 
 
-def excitatory_axon(space: Space, cell: Cell | None = None, parent: int = -1,
-                    pts: np.ndarray | None = None) -> Cell:
+def excitatory_axon(space: Space, cell: Cell | None = None, parent: int = -1, pts: np.ndarray | None = None) -> Cell:
     """Thin axon, small boutons (one node long), few of them with a mitochondrion."""
-    return _axon(space, EXCITATORY, cell, parent, pts, path_sigma=0.1, radius_nm=(75, 135),
-                 radius_noise=0.12, bouton_interval_nm=(2400, 5500), bouton_radius_nm=(220, 330),
-                 bouton_length_nodes=1, mito_probability=0.35, mito_radius_nm=70)
+    return _axon(
+        space,
+        EXCITATORY,
+        cell,
+        parent,
+        pts,
+        path_sigma=0.1,
+        radius_nm=(75, 135),
+        radius_noise=0.12,
+        bouton_interval_nm=(2400, 5500),
+        bouton_radius_nm=(220, 330),
+        bouton_length_nodes=1,
+        mito_probability=0.35,
+        mito_radius_nm=70,
+    )
 
 
-def inhibitory_axon(space: Space, cell: Cell | None = None, parent: int = -1,
-                    pts: np.ndarray | None = None) -> Cell:
+def inhibitory_axon(space: Space, cell: Cell | None = None, parent: int = -1, pts: np.ndarray | None = None) -> Cell:
     """Thicker, more tortuous axon with larger, denser boutons that nearly all hold a mitochondrion."""
-    return _axon(space, INHIBITORY, cell, parent, pts, path_sigma=0.16, radius_nm=(115, 165),
-                 radius_noise=0.08, bouton_interval_nm=(2000, 3800), bouton_radius_nm=(340, 480),
-                 bouton_length_nodes=2, mito_probability=0.95, mito_radius_nm=105)
+    return _axon(
+        space,
+        INHIBITORY,
+        cell,
+        parent,
+        pts,
+        path_sigma=0.16,
+        radius_nm=(115, 165),
+        radius_noise=0.08,
+        bouton_interval_nm=(2000, 3800),
+        bouton_radius_nm=(340, 480),
+        bouton_length_nodes=2,
+        mito_probability=0.95,
+        mito_radius_nm=105,
+    )
 
 
-def _astro_branches(cell: Cell, space: Space, chain: list[int], *, every_nm: float,
-                    depth: int) -> None:
+def _astro_branches(cell: Cell, space: Space, chain: list[int], *, every_nm: float, depth: int) -> None:
     """Fine, short, irregular side branches that branch again (bushy)."""
     rng = space.rng
     pts = np.array([cell.pos[i] for i in chain])
@@ -455,8 +547,20 @@ def _astro_branches(cell: Cell, space: Space, chain: list[int], *, every_nm: flo
         d = space.perpendicular(tangents[j]) + 0.3 * tangents[j]
         length = rng.uniform(500, 1600)
         r = rng.uniform(80, 115)
-        sub = _grow(cell, space, node, cell.pos[node], d, r_start=r, r_end=0.8 * r,
-                    taper_nm=1500, sigma=0.55, compartment=GLIA, max_len_nm=length, jitter=0.15)
+        sub = _grow(
+            cell,
+            space,
+            node,
+            cell.pos[node],
+            d,
+            r_start=r,
+            r_end=0.8 * r,
+            taper_nm=1500,
+            sigma=0.55,
+            compartment=GLIA,
+            max_len_nm=length,
+            jitter=0.15,
+        )
         if depth > 0 and sub:
             _astro_branches(cell, space, sub, every_nm=every_nm * 1.3, depth=depth - 1)
 
@@ -468,8 +572,7 @@ def astrocyte_process(space: Space) -> Cell:
     pts = space.through_path(sigma=0.3)
     r0 = rng.uniform(170, 260)
     chain = cell.add_chain(pts, r0 * space.smooth_noise(len(pts), 0.2), -1, GLIA)
-    _add_shaft_mitos(cell, space, chain, every_nm=3500, radius_fraction=(0.35, 0.5),
-                     max_radius_nm=100)
+    _add_shaft_mitos(cell, space, chain, every_nm=3500, radius_fraction=(0.35, 0.5), max_radius_nm=100)
     _astro_branches(cell, space, chain, every_nm=650, depth=1)
     return cell
 
@@ -514,10 +617,21 @@ def pyramidal_cell(space: Space) -> Cell:
     root = _add_soma(cell, space, _soma_centre(space, R), R, nucleus_fraction=0.62, n_mitos=10)
     apical = space.random_direction()
     node, p = _soma_exit(cell, root, apical, R, 650, DENDRITE)
-    chain = _grow(cell, space, node, p, apical, r_start=800, r_end=520, taper_nm=5000,
-                  sigma=0.04, compartment=DENDRITE, max_len_nm=20000, jitter=0.04)
-    _add_shaft_mitos(cell, space, chain, every_nm=1000, radius_fraction=(0.2, 0.3),
-                     max_radius_nm=170)
+    chain = _grow(
+        cell,
+        space,
+        node,
+        p,
+        apical,
+        r_start=800,
+        r_end=520,
+        taper_nm=5000,
+        sigma=0.04,
+        compartment=DENDRITE,
+        max_len_nm=20000,
+        jitter=0.04,
+    )
+    _add_shaft_mitos(cell, space, chain, every_nm=1000, radius_fraction=(0.2, 0.3), max_radius_nm=170)
     _add_spines(cell, space, chain, spacing_nm=700, skip_first=3)
     for _ in range(int(rng.integers(3, 6))):
         d = space.random_direction()
@@ -525,16 +639,38 @@ def pyramidal_cell(space: Space) -> Cell:
             d = d - 1.2 * np.dot(d, apical) * apical
             d /= np.linalg.norm(d)
         node, p = _soma_exit(cell, root, d, R, 450, DENDRITE)
-        chain = _grow(cell, space, node, p, d, r_start=520, r_end=320, taper_nm=2500,
-                      sigma=0.12, compartment=DENDRITE, max_len_nm=15000)
-        _add_shaft_mitos(cell, space, chain, every_nm=1500, radius_fraction=(0.25, 0.4),
-                         max_radius_nm=140)
+        chain = _grow(
+            cell,
+            space,
+            node,
+            p,
+            d,
+            r_start=520,
+            r_end=320,
+            taper_nm=2500,
+            sigma=0.12,
+            compartment=DENDRITE,
+            max_len_nm=15000,
+        )
+        _add_shaft_mitos(cell, space, chain, every_nm=1500, radius_fraction=(0.25, 0.4), max_radius_nm=140)
         _add_spines(cell, space, chain, spacing_nm=600, skip_first=2)
     d = -apical + 0.3 * space.random_direction()
     d /= np.linalg.norm(d)
     node, p = _soma_exit(cell, root, d, R, 300, AXON)
-    ais = _grow(cell, space, node, p, d, r_start=300, r_end=150, taper_nm=1500, sigma=0.05,
-                compartment=AXON, max_len_nm=2400, jitter=0.03)
+    ais = _grow(
+        cell,
+        space,
+        node,
+        p,
+        d,
+        r_start=300,
+        r_end=150,
+        taper_nm=1500,
+        sigma=0.05,
+        compartment=AXON,
+        max_len_nm=2400,
+        jitter=0.03,
+    )
     if ais:
         rest = space.walk(cell.pos[ais[-1]], d, sigma=0.1, max_steps=80)
         excitatory_axon(space, cell, ais[-1], rest)
@@ -549,14 +685,37 @@ def basket_cell(space: Space) -> Cell:
     for _ in range(int(rng.integers(4, 7))):
         d = space.random_direction()
         node, p = _soma_exit(cell, root, d, R, 520, DENDRITE)
-        chain = _grow(cell, space, node, p, d, r_start=620, r_end=470, taper_nm=3000,
-                      sigma=0.08, compartment=DENDRITE, max_len_nm=15000, jitter=0.04)
-        _add_shaft_mitos(cell, space, chain, every_nm=1300, radius_fraction=(0.22, 0.32),
-                         max_radius_nm=180)
+        chain = _grow(
+            cell,
+            space,
+            node,
+            p,
+            d,
+            r_start=620,
+            r_end=470,
+            taper_nm=3000,
+            sigma=0.08,
+            compartment=DENDRITE,
+            max_len_nm=15000,
+            jitter=0.04,
+        )
+        _add_shaft_mitos(cell, space, chain, every_nm=1300, radius_fraction=(0.22, 0.32), max_radius_nm=180)
     d = space.random_direction()
     node, p = _soma_exit(cell, root, d, R, 250, AXON)
-    ais = _grow(cell, space, node, p, d, r_start=250, r_end=140, taper_nm=1200, sigma=0.1,
-                compartment=AXON, max_len_nm=1600, jitter=0.03)
+    ais = _grow(
+        cell,
+        space,
+        node,
+        p,
+        d,
+        r_start=250,
+        r_end=140,
+        taper_nm=1200,
+        sigma=0.1,
+        compartment=AXON,
+        max_len_nm=1600,
+        jitter=0.03,
+    )
     if ais:
         rest = space.walk(cell.pos[ais[-1]], d, sigma=0.16, max_steps=80)
         inhibitory_axon(space, cell, ais[-1], rest)
@@ -567,14 +726,25 @@ def protoplasmic_astrocyte(space: Space) -> Cell:
     rng = space.rng
     cell = Cell(ASTROCYTE)
     R = rng.uniform(1400, 1800)
-    root = _add_soma(cell, space, _soma_centre(space, R), R, nucleus_fraction=0.68, n_mitos=5,
-                     compartment=GLIA)
+    root = _add_soma(cell, space, _soma_centre(space, R), R, nucleus_fraction=0.68, n_mitos=5, compartment=GLIA)
     for _ in range(int(rng.integers(5, 8))):
         d = space.random_direction()
         node, p = _soma_exit(cell, root, d, R, 380, GLIA)
         cell.compartment[node] = GLIA
-        chain = _grow(cell, space, node, p, d, r_start=420, r_end=160, taper_nm=1800,
-                      sigma=0.3, compartment=GLIA, max_len_nm=9000, jitter=0.2)
+        chain = _grow(
+            cell,
+            space,
+            node,
+            p,
+            d,
+            r_start=420,
+            r_end=160,
+            taper_nm=1800,
+            sigma=0.3,
+            compartment=GLIA,
+            max_len_nm=9000,
+            jitter=0.2,
+        )
         _astro_branches(cell, space, chain, every_nm=550, depth=1)
     # Glial soma nodes are "glia", not "soma": the soma class is for neurons' bodies here.
     cell.compartment = [GLIA] * len(cell.compartment)
@@ -590,8 +760,9 @@ def microglia(space: Space, with_soma: bool = True) -> Cell:
         R = rng.uniform(1000, 1200)
         axis = space.random_direction()
         centre = _free_point(space, R + 650, border_fraction=0.3)
-        root = _add_soma(cell, space, centre, R, axis=axis, elongation_nm=1300,
-                         nucleus_fraction=0.7, n_mitos=3, compartment=GLIA)
+        root = _add_soma(
+            cell, space, centre, R, axis=axis, elongation_nm=1300, nucleus_fraction=0.7, n_mitos=3, compartment=GLIA
+        )
         _add_lysosomes(cell, space, [root], int(rng.integers(2, 5)))
         starts = []
         for _ in range(int(rng.integers(3, 5))):
@@ -604,20 +775,41 @@ def microglia(space: Space, with_soma: bool = True) -> Cell:
         root = cell.add(p, 380, -1, GLIA)
         starts = [(root, p, d), (root, p, -d)]
     for node, p, d in starts:
-        chain = _grow(cell, space, node, p, d, r_start=420, r_end=320, taper_nm=3000,
-                      sigma=0.45, compartment=GLIA, max_len_nm=rng.uniform(2400, 5600),
-                      jitter=0.12)
+        chain = _grow(
+            cell,
+            space,
+            node,
+            p,
+            d,
+            r_start=420,
+            r_end=320,
+            taper_nm=3000,
+            sigma=0.45,
+            compartment=GLIA,
+            max_len_nm=rng.uniform(2400, 5600),
+            jitter=0.12,
+        )
         if not chain:
             continue
         _add_lysosomes(cell, space, chain, int(rng.integers(0, 2)))
-        _add_shaft_mitos(cell, space, chain, every_nm=3000, radius_fraction=(0.3, 0.4),
-                         max_radius_nm=120)
+        _add_shaft_mitos(cell, space, chain, every_nm=3000, radius_fraction=(0.3, 0.4), max_radius_nm=120)
         tips.append(chain[-1])
         if rng.random() < 0.5 and len(chain) > 3:
             j = chain[int(rng.integers(1, len(chain) - 1))]
-            sub = _grow(cell, space, j, cell.pos[j], space.random_direction(), r_start=340,
-                        r_end=300, taper_nm=3000, sigma=0.45, compartment=GLIA,
-                        max_len_nm=rng.uniform(1200, 2800), jitter=0.12)
+            sub = _grow(
+                cell,
+                space,
+                j,
+                cell.pos[j],
+                space.random_direction(),
+                r_start=340,
+                r_end=300,
+                taper_nm=3000,
+                sigma=0.45,
+                compartment=GLIA,
+                max_len_nm=rng.uniform(1200, 2800),
+                jitter=0.12,
+            )
             if sub:
                 tips.append(sub[-1])
     for t in tips:

@@ -39,8 +39,7 @@ def boundary_mask(labels: np.ndarray) -> np.ndarray:
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma) -> np.ndarray:
-    field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma,
-                                    truncate=2.5)
+    field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, truncate=2.5)
     field /= max(float(field.std()), 1e-6)
     return field
 
@@ -49,9 +48,9 @@ def _smooth_noise(rng: np.random.Generator, shape, sigma) -> np.ndarray:
 ORGANELLE_CODES = {"mito": 1, "vesicles": 2, "nucleus": 3, "lysosome": 4, "psd": 5, "glycogen": 6}
 
 
-def render(labels: np.ndarray, cells: list[Cell], frags: Fragments, voxel_size_nm: np.ndarray,
-           rng: np.random.Generator
-           ) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray]]:
+def render(
+    labels: np.ndarray, cells: list[Cell], frags: Fragments, voxel_size_nm: np.ndarray, rng: np.random.Generator
+) -> Generator[Progress, None, tuple[np.ndarray, np.ndarray]]:
     """Render an int32 label volume [x, y, z] (0 = extracellular) as EM.
 
     Returns the uint8 image [x, y, z] and a uint8 organelle map [x, y, z]
@@ -65,8 +64,9 @@ def render(labels: np.ndarray, cells: list[Cell], frags: Fragments, voxel_size_n
     per_cell[0] = 0.0
     texture = _smooth_noise(rng, shape, 1.3)
     inside = labels > 0
-    img = np.where(inside, CYTOPLASM + per_cell[labels] + 7.0 * texture,
-                   EXTRACELLULAR + 5.0 * texture).astype(np.float32)
+    img = np.where(inside, CYTOPLASM + per_cell[labels] + 7.0 * texture, EXTRACELLULAR + 5.0 * texture).astype(
+        np.float32
+    )
     del texture
     yield Progress(1, steps, "steps", "rendering cytoplasm")
 

@@ -134,8 +134,7 @@ def capsule_box(p0, p1, rmax, voxel_size_nm, shape) -> tuple[np.ndarray, np.ndar
 def capsule_fields(p0, p1, r0, r1, lo, hi, voxel_size_nm):
     """Distance of each voxel centre in box [lo, hi) to the capsule axis (nm), the
     interpolated radius there (nm) and the axial parameter t in [0, 1]; arrays [x, y, z]."""
-    axes = [((np.arange(lo[a], hi[a]) + 0.5) * voxel_size_nm[a] - p0[a]).astype(np.float32)
-            for a in range(3)]
+    axes = [((np.arange(lo[a], hi[a]) + 0.5) * voxel_size_nm[a] - p0[a]).astype(np.float32) for a in range(3)]
     dx, dy, dz = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
     d = (p1 - p0).astype(np.float32)
     length2 = float(np.dot(d, d))
@@ -151,8 +150,7 @@ def capsule_fields(p0, p1, r0, r1, lo, hi, voxel_size_nm):
     return dist, radius, t
 
 
-def paint(cells: list[Cell], frags: Fragments, shape, voxel_size_nm
-          ) -> Generator[Progress, None, np.ndarray]:
+def paint(cells: list[Cell], frags: Fragments, shape, voxel_size_nm) -> Generator[Progress, None, np.ndarray]:
     """Paint all cells into an int32 label volume [x, y, z] (0 = free, f + 1 = fragment f)."""
     p0, p1, r0, r1, lab = _primitives(cells, frags)
     shape = np.asarray(shape)

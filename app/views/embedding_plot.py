@@ -39,7 +39,14 @@ from PyQt6.QtWidgets import (
 )
 
 from segscope.app.views.invoker import MainThreadInvoker
-from segscope.app.plot_controller import COLOUR_MODES, LayoutChange, PlotController, PointInfo, ProjectionScheduler, Selection
+from segscope.app.plot_controller import (
+    COLOUR_MODES,
+    LayoutChange,
+    PlotController,
+    PointInfo,
+    ProjectionScheduler,
+    Selection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +63,9 @@ LABEL_LAYER_DELAY_MS = 150
 MAX_LABEL_POINTS_3D = 20_000
 
 
-def rasterise_points(px: np.ndarray, py: np.ndarray, index: np.ndarray, width: int, height: int,
-                     size_px: int, *, method: str = "auto") -> np.ndarray:
+def rasterise_points(
+    px: np.ndarray, py: np.ndarray, index: np.ndarray, width: int, height: int, size_px: int, *, method: str = "auto"
+) -> np.ndarray:
     """Rasterise points into a uint8 ``[height, width]`` image of palette index + 1 (0: empty).
 
     Parameters
@@ -98,8 +106,8 @@ def rasterise_points(px: np.ndarray, py: np.ndarray, index: np.ndarray, width: i
     centres = centres.reshape(height, width)
     grown = centres.copy()
     for oy, ox in offsets:
-        source = centres[max(0, -oy):height - max(0, oy), max(0, -ox):width - max(0, ox)]
-        target = grown[max(0, oy):height - max(0, -oy), max(0, ox):width - max(0, -ox)]
+        source = centres[max(0, -oy) : height - max(0, oy), max(0, -ox) : width - max(0, ox)]
+        target = grown[max(0, oy) : height - max(0, -oy), max(0, ox) : width - max(0, -ox)]
         empty = target == 0
         target[empty] = source[empty]
     return grown
@@ -150,8 +158,12 @@ class PointCloudItem(pg.GraphicsObject):
     def set_colours(self, index: np.ndarray, palette: np.ndarray) -> None:
         rgba = np.asarray(palette, dtype=np.uint32).reshape(-1, 4)
         alpha = rgba[:, 3]
-        premultiplied = ((alpha << 24) | ((rgba[:, 0] * alpha // 255) << 16)
-                         | ((rgba[:, 1] * alpha // 255) << 8) | (rgba[:, 2] * alpha // 255))
+        premultiplied = (
+            (alpha << 24)
+            | ((rgba[:, 0] * alpha // 255) << 16)
+            | ((rgba[:, 1] * alpha // 255) << 8)
+            | (rgba[:, 2] * alpha // 255)
+        )
         self._lut = np.concatenate([[0], premultiplied]).astype(np.uint32)
         self._index = np.asarray(index, dtype=np.uint8)
         self.update()
@@ -199,8 +211,14 @@ class PointCloudItem(pg.GraphicsObject):
         px = np.floor(self._xy[:, 0] * m11 + dx)
         py = np.floor(self._xy[:, 1] * m22 + dy)
         visible = np.flatnonzero((px >= 0) & (px < width) & (py >= 0) & (py < height))
-        grown = rasterise_points(px[visible].astype(np.int64), py[visible].astype(np.int64),
-                                 self._index[visible], width, height, self.size_px)
+        grown = rasterise_points(
+            px[visible].astype(np.int64),
+            py[visible].astype(np.int64),
+            self._index[visible],
+            width,
+            height,
+            self.size_px,
+        )
         self._image_buffer = np.ascontiguousarray(self._lut[grown])  # kept alive while Qt reads it
         image = QImage(self._image_buffer.data, width, height, width * 4, QImage.Format.Format_ARGB32_Premultiplied)
         image.setDevicePixelRatio(ratio)
@@ -271,8 +289,14 @@ class EmbeddingPlotWidget(QWidget):
     pointActivated = pyqtSignal(object)
     selectionChanged = pyqtSignal(object)
 
-    def __init__(self, controller: PlotController | None = None, *, scheduler_options: dict | None = None,
-                 point_size_px: int = 3, parent: QWidget | None = None):
+    def __init__(
+        self,
+        controller: PlotController | None = None,
+        *,
+        scheduler_options: dict | None = None,
+        point_size_px: int = 3,
+        parent: QWidget | None = None,
+    ):
         super().__init__(parent)
         self.controller = controller or PlotController()
         self.invoker = MainThreadInvoker(self)
@@ -301,8 +325,9 @@ class EmbeddingPlotWidget(QWidget):
         for item in (self.points, self.selection_item):
             self.view_box.addItem(item)
         self.view_box.addItem(self.hover_item, ignoreBounds=True)
-        self.colour_bar = pg.ColorBarItem(values=(0, 1), colorMap=pg.colormap.get("viridis"),
-                                          interactive=False, width=14, label="OOD score")
+        self.colour_bar = pg.ColorBarItem(
+            values=(0, 1), colorMap=pg.colormap.get("viridis"), interactive=False, width=14, label="OOD score"
+        )
         self.graphics.addItem(self.colour_bar, row=0, col=1)
         self.colour_bar.hide()
 
@@ -314,9 +339,11 @@ class EmbeddingPlotWidget(QWidget):
         tools.addWidget(QLabel("Colour:"))
         tools.addWidget(self.mode_box)
         tools.addStretch(1)
-        for mode, text, tip in (("pan", "Pan", "Drag to pan, wheel to zoom"),
-                                ("rectangle", "Rect", "Drag a rectangle to select nodes and their segments"),
-                                ("lasso", "Lasso", "Draw around points to select nodes and their segments")):
+        for mode, text, tip in (
+            ("pan", "Pan", "Drag to pan, wheel to zoom"),
+            ("rectangle", "Rect", "Drag a rectangle to select nodes and their segments"),
+            ("lasso", "Lasso", "Draw around points to select nodes and their segments"),
+        ):
             # Tool buttons, not push buttons: the dock is narrow and push buttons are wide.
             button = QToolButton()
             button.setText(text)
@@ -408,8 +435,9 @@ class EmbeddingPlotWidget(QWidget):
         # Frame the points when they first appear, while they are few (a streaming segment),
         # and after a refit; never while the user explores a large plot.
         placed = bool(np.isfinite(self._displayed).all(axis=1).any()) if len(self._displayed) else False
-        if placed and ("autorange" in dirty or not self._ranged
-                       or ("points" in dirty and self.points.n_points <= 5000)):
+        if placed and (
+            "autorange" in dirty or not self._ranged or ("points" in dirty and self.points.n_points <= 5000)
+        ):
             self.view_box.autoRange(padding=0.05)
             self._ranged = True
 
@@ -422,8 +450,10 @@ class EmbeddingPlotWidget(QWidget):
         else:
             self.colour_bar.hide()
         if self.controller.colour_mode in ("subcompartment", "cell type", "manual label"):
-            swatches = [f'<span style="color: rgb({r},{g},{b})">&#9632;</span> {label}'
-                        for (r, g, b, _a), label in zip(colours.palette, colours.labels)]
+            swatches = [
+                f'<span style="color: rgb({r},{g},{b})">&#9632;</span> {label}'
+                for (r, g, b, _a), label in zip(colours.palette, colours.labels)
+            ]
             self.legend_label.setText("&nbsp;&nbsp;".join(swatches))
         elif colours.value_range is not None:
             self.legend_label.setText(f"OOD score {colours.value_range[0]:.3g} to {colours.value_range[1]:.3g}")
@@ -462,7 +492,7 @@ class EmbeddingPlotWidget(QWidget):
         target = self.controller.layout
         start = self._animation_from
         if start is None or len(start) != len(target):
-            start = target if start is None else np.vstack([start, target[len(start):]])[: len(target)]
+            start = target if start is None else np.vstack([start, target[len(start) :]])[: len(target)]
         frame = start + (target - start) * eased
         frame = np.where(np.isfinite(frame), frame, target)
         self._displayed = frame.astype(np.float32)
@@ -574,9 +604,12 @@ class EmbeddingPlotWidget(QWidget):
         ``view_range`` is ``[[x0, x1], [y0, y1]]`` in layout units.
         """
         (x0, x1), (y0, y1) = self.view_box.viewRange()
-        return {"colour_mode": self.controller.colour_mode, "tool": self.view_box.mode,
-                "view_range": [[float(x0), float(x1)], [float(y0), float(y1)]],
-                "hidden_segments": sorted(self.controller.hidden_segments)}
+        return {
+            "colour_mode": self.controller.colour_mode,
+            "tool": self.view_box.mode,
+            "view_range": [[float(x0), float(x1)], [float(y0), float(y1)]],
+            "hidden_segments": sorted(self.controller.hidden_segments),
+        }
 
     def apply_settings(self, settings: dict) -> None:
         """Restore :meth:`settings` (unknown or bad entries are logged and skipped)."""
@@ -613,16 +646,24 @@ class EmbeddingPlotWidget(QWidget):
         """Add precomputed embeddings (an :class:`segscope.analysis.projection.EmbeddingTable`) as
         context, with the predictions the table carries; returns the rows added."""
         controller = self.controller
-        rows = controller.add_points(table.segment_ids, table.node_ids, table.xyz_nm, table.embeddings,
-                                     compartments=table.compartments, background=True)
+        rows = controller.add_points(
+            table.segment_ids,
+            table.node_ids,
+            table.xyz_nm,
+            table.embeddings,
+            compartments=table.compartments,
+            background=True,
+        )
         # Only rows that are new take the table's labels (add_points returns those).
         cell_types, ood_scores = table.cell_types, table.ood_scores
         if len(rows) and (cell_types is not None or ood_scores is not None):
             where = controller.rows_of(table.segment_ids, table.node_ids)
             picked = np.isin(where, rows)
             controller.set_point_predictions(
-                where[picked], cell_types=None if cell_types is None else cell_types[picked],
-                ood_scores=None if ood_scores is None else ood_scores[picked])
+                where[picked],
+                cell_types=None if cell_types is None else cell_types[picked],
+                ood_scores=None if ood_scores is None else ood_scores[picked],
+            )
         return rows
 
     def shutdown(self) -> None:
@@ -651,8 +692,9 @@ class EmbeddingPlotDock(QDockWidget):
         self._layout.setContentsMargins(0, 0, 0, 0)
         self._layout.addWidget(self.plot, 1)
         self.setWidget(self._body)
-        self.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
-                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        self.setFeatures(
+            QDockWidget.DockWidgetFeature.DockWidgetMovable | QDockWidget.DockWidgetFeature.DockWidgetFloatable
+        )
         if start_warm_up:
             self.plot.scheduler.start()
 
@@ -660,8 +702,7 @@ class EmbeddingPlotDock(QDockWidget):
     def controller(self) -> PlotController:
         return self.plot.controller
 
-    def attach_labels(self, labels, *, bridge=None, current_segment=lambda: None,
-                      report=lambda message: None) -> None:
+    def attach_labels(self, labels, *, bridge=None, current_segment=lambda: None, report=lambda message: None) -> None:
         """Show ``labels`` (an :class:`segscope.app.labels.LabelStore`) in the plot and, through
         ``bridge.show_labels``, in 3-D; add the label bar that edits them."""
         from segscope.app.views.label_bar import LabelBar
@@ -680,9 +721,15 @@ class EmbeddingPlotDock(QDockWidget):
             if bridge is None:
                 return
             rows = np.flatnonzero(controller.manual_labels != "")[:MAX_LABEL_POINTS_3D]
-            points = [(int(controller.segment_ids[r]), int(controller.node_ids[r]),
-                       tuple(float(v) for v in controller.xyz_nm[r]), str(controller.manual_labels[r]))
-                      for r in rows]
+            points = [
+                (
+                    int(controller.segment_ids[r]),
+                    int(controller.node_ids[r]),
+                    tuple(float(v) for v in controller.xyz_nm[r]),
+                    str(controller.manual_labels[r]),
+                )
+                for r in rows
+            ]
             bridge.show_labels(points, controller.manual_label_names())
 
         def on_labels(_change) -> None:
@@ -708,8 +755,9 @@ class EmbeddingPlotDock(QDockWidget):
         self.plot.shutdown()
 
 
-def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool = True,
-                          **plot_kwargs: Any) -> EmbeddingPlotDock:
+def attach_embedding_plot(
+    main_window, *, background=None, start_warm_up: bool = True, **plot_kwargs: Any
+) -> EmbeddingPlotDock:
     """Add the embedding plot dock to SegScope's main window and link it both ways.
 
     What it needs from the window: ``main_window.state`` (:class:`segscope.app.state.SessionState`,
@@ -745,14 +793,18 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
     labels = getattr(main_window, "labels", None)
 
     def on_batch(batch) -> None:
-        controller.add_points(batch.segment_id, batch.node_ids, batch.positions_nm, batch.embeddings,
-                              compartments=batch.predicted)
+        controller.add_points(
+            batch.segment_id, batch.node_ids, batch.positions_nm, batch.embeddings, compartments=batch.predicted
+        )
 
     def on_predictions(record) -> None:
         if record is None:
             return
-        controller.set_segment_labels(record.segment_id, cell_type=getattr(record, "cell_type", None),
-                                      ood_score=getattr(record, "ood_score", None))
+        controller.set_segment_labels(
+            record.segment_id,
+            cell_type=getattr(record, "cell_type", None),
+            ood_score=getattr(record, "ood_score", None),
+        )
         predicted, embedded = getattr(record, "predicted", None), getattr(record, "embedded", None)
         if predicted is not None and embedded is not None and record.node_ids is not None:
             # Compartments may be revised for nodes already plotted (smoothing over a segment).
@@ -780,9 +832,12 @@ def attach_embedding_plot(main_window, *, background=None, start_warm_up: bool =
     if bridge is not None:
         _link_plot_to_bridge(plot, bridge)
     if labels is not None:
-        dock.attach_labels(labels, bridge=bridge, current_segment=lambda: (
-            None if state.segment is None else state.segment.segment_id),
-            report=_status_reporter(main_window))
+        dock.attach_labels(
+            labels,
+            bridge=bridge,
+            current_segment=lambda: None if state.segment is None else state.segment.segment_id,
+            report=_status_reporter(main_window),
+        )
     if background is not None:
         if not hasattr(background, "embeddings"):
             from segscope.analysis.projection import read_embedding_table
@@ -814,8 +869,12 @@ def _link_plot_to_bridge(plot: EmbeddingPlotWidget, bridge) -> None:
         rows = selection.rows if selection.origin == PLOT_ORIGIN else np.zeros(0, np.int64)
         if len(rows) > MAX_SELECTED_NODES:  # the bridge's subsample, taken before building tuples
             rows = rows[np.linspace(0, len(rows) - 1, MAX_SELECTED_NODES).astype(np.int64)]
-        bridge.show_selected_nodes([(int(controller.segment_ids[r]), int(controller.node_ids[r]),
-                                     tuple(map(float, controller.xyz_nm[r]))) for r in rows])
+        bridge.show_selected_nodes(
+            [
+                (int(controller.segment_ids[r]), int(controller.node_ids[r]), tuple(map(float, controller.xyz_nm[r])))
+                for r in rows
+            ]
+        )
 
     controller.subscribe("selection", ring_selected_nodes)
 
@@ -824,5 +883,6 @@ def _link_plot_to_bridge(plot: EmbeddingPlotWidget, bridge) -> None:
 
     plot.pointHovered.connect(lambda info: bridge.highlight_node(node(info)))
     plot.pointActivated.connect(lambda info: bridge.highlight_node(node(info), move=True))
-    bridge.on_segments_changed(lambda segments: plot.invoker.post(
-        lambda: plot.select_segments(segments, origin=VIEW_3D_ORIGIN)))
+    bridge.on_segments_changed(
+        lambda segments: plot.invoker.post(lambda: plot.select_segments(segments, origin=VIEW_3D_ORIGIN))
+    )

@@ -88,8 +88,9 @@ class ExportDialog(QDialog):
             box.setChecked(True)
             self.part_boxes[part] = box
             parts_layout.addWidget(box)
-        self.format_boxes = {fmt: QCheckBox(fmt.upper() if fmt == "csv" else fmt.capitalize())
-                             for fmt in ("parquet", "csv")}
+        self.format_boxes = {
+            fmt: QCheckBox(fmt.upper() if fmt == "csv" else fmt.capitalize()) for fmt in ("parquet", "csv")
+        }
         formats_row = QHBoxLayout()
         for box in self.format_boxes.values():
             box.setChecked(True)
@@ -110,8 +111,7 @@ class ExportDialog(QDialog):
         form.addRow(self.force_box)
         form.addRow(self.layer_box)
         form.addRow(self.error_label)
-        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Save
-                                        | QDialogButtonBox.StandardButton.Cancel)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Save | QDialogButtonBox.StandardButton.Cancel)
         self.buttons.button(QDialogButtonBox.StandardButton.Save).setText("Export")
         self.buttons.accepted.connect(self._accept_if_valid)
         self.buttons.rejected.connect(self.reject)
@@ -143,8 +143,13 @@ class ExportDialog(QDialog):
         folder = Path(text).expanduser()
         if folder.exists() and not self.force_box.isChecked():
             raise ValueError(f"{folder} exists; tick 'Replace the folder' or choose another")
-        return ExportRequest(folder, parts, formats or ("parquet",), self.force_box.isChecked(),
-                             self.layer_box.isChecked() and "annotations" in parts)
+        return ExportRequest(
+            folder,
+            parts,
+            formats or ("parquet",),
+            self.force_box.isChecked(),
+            self.layer_box.isChecked() and "annotations" in parts,
+        )
 
     def _accept_if_valid(self) -> None:
         try:

@@ -40,8 +40,14 @@ class LabelBar(QWidget):
         Shows a one-line message (the status bar); errors go there too.
     """
 
-    def __init__(self, labels, controller, current_segment: Callable[[], int | None],
-                 report: Callable[[str], None], parent: QWidget | None = None):
+    def __init__(
+        self,
+        labels,
+        controller,
+        current_segment: Callable[[], int | None],
+        report: Callable[[str], None],
+        parent: QWidget | None = None,
+    ):
         super().__init__(parent)
         self.labels = labels
         self.controller = controller
@@ -55,8 +61,9 @@ class LabelBar(QWidget):
         self.nodes_button = QPushButton("Label nodes")
         self.nodes_button.setToolTip("Give the label to the points selected in the plot")
         self.segments_button = QPushButton("Label segments")
-        self.segments_button.setToolTip("Give the label to the segments of the selected points "
-                                        "(or to the segment selected in 3-D)")
+        self.segments_button.setToolTip(
+            "Give the label to the segments of the selected points (or to the segment selected in 3-D)"
+        )
         self.remove_button = QPushButton("Remove")
         self.remove_button.setToolTip("Remove manual labels from the selected points and their segments")
         self.nodes_button.clicked.connect(self.label_nodes)
@@ -111,8 +118,11 @@ class LabelBar(QWidget):
             return False
         changed = self._assign(lambda: self.labels.assign_nodes(name, segments, nodes))
         if changed is not None:
-            self.report(f'Labelled {len(nodes)} nodes "{name}" (Ctrl+Z undoes).' if changed
-                        else f'Those {len(nodes)} nodes already carry "{name}".')
+            self.report(
+                f'Labelled {len(nodes)} nodes "{name}" (Ctrl+Z undoes).'
+                if changed
+                else f'Those {len(nodes)} nodes already carry "{name}".'
+            )
         return bool(changed)
 
     def label_segments(self) -> bool:
@@ -123,8 +133,11 @@ class LabelBar(QWidget):
             return False
         changed = self._assign(lambda: self.labels.assign_segments(name, segments))
         if changed is not None:
-            self.report(f'Labelled {len(segments)} segments "{name}" (Ctrl+Z undoes).' if changed
-                        else f'Those {len(segments)} segments already carry "{name}".')
+            self.report(
+                f'Labelled {len(segments)} segments "{name}" (Ctrl+Z undoes).'
+                if changed
+                else f'Those {len(segments)} segments already carry "{name}".'
+            )
         return bool(changed)
 
     def remove_labels(self) -> bool:

@@ -182,8 +182,14 @@ class MainWindow(QMainWindow):
         bridge calls.
     """
 
-    def __init__(self, state: SessionState, controller: AppController, bridge: NeuroglancerBridge,
-                 invoker: MainThreadInvoker, relay: ClickRelay):
+    def __init__(
+        self,
+        state: SessionState,
+        controller: AppController,
+        bridge: NeuroglancerBridge,
+        invoker: MainThreadInvoker,
+        relay: ClickRelay,
+    ):
         super().__init__()
         self.state = state
         self.controller = controller
@@ -242,8 +248,14 @@ class MainWindow(QMainWindow):
         self._show_model(state.model)
         self._show_classifiers(state.classifiers)
 
-    def add_dock(self, title: str, widget: QWidget, area: Qt.DockWidgetArea = Qt.DockWidgetArea.RightDockWidgetArea,
-                 *, object_name: str | None = None) -> QDockWidget:
+    def add_dock(
+        self,
+        title: str,
+        widget: QWidget,
+        area: Qt.DockWidgetArea = Qt.DockWidgetArea.RightDockWidgetArea,
+        *,
+        object_name: str | None = None,
+    ) -> QDockWidget:
         """Add ``widget`` as a movable dock (for example the embedding plot) and return it.
 
         Docks added on the right stack under the segment panel; pass another ``area`` to
@@ -252,8 +264,9 @@ class MainWindow(QMainWindow):
         dock = QDockWidget(title, self)
         dock.setObjectName(object_name or f"{title.lower().replace(' ', '_')}Dock")
         dock.setWidget(widget)
-        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
-                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
+        dock.setFeatures(
+            QDockWidget.DockWidgetFeature.DockWidgetMovable | QDockWidget.DockWidgetFeature.DockWidgetFloatable
+        )
         self.addDockWidget(area, dock)
         return dock
 
@@ -263,8 +276,11 @@ class MainWindow(QMainWindow):
         from segscope.app.views.embedding_plot import attach_embedding_plot
 
         self.plot_dock = attach_embedding_plot(self, background=background, **plot_kwargs)
-        self.resizeDocks([self.segment_dock, self.plot_dock], [self.height() * 2 // 5, self.height() * 3 // 5],
-                         Qt.Orientation.Vertical)
+        self.resizeDocks(
+            [self.segment_dock, self.plot_dock],
+            [self.height() * 2 // 5, self.height() * 3 // 5],
+            Qt.Orientation.Vertical,
+        )
         self.resizeDocks([self.segment_dock], [560], Qt.Orientation.Horizontal)
         return self.plot_dock
 
@@ -299,8 +315,13 @@ class MainWindow(QMainWindow):
         self.quit_action = QAction("&Quit", self)
         self.quit_action.setShortcut(QKeySequence.StandardKey.Quit)
         self.quit_action.triggered.connect(self.close)
-        for action in (self.open_action, self.open_session_action, self.save_session_action,
-                       self.save_session_as_action, self.export_action):
+        for action in (
+            self.open_action,
+            self.open_session_action,
+            self.save_session_action,
+            self.save_session_as_action,
+            self.export_action,
+        ):
             file_menu.addAction(action)
         file_menu.addSeparator()
         file_menu.addAction(self.quit_action)
@@ -332,25 +353,40 @@ class MainWindow(QMainWindow):
         shortcuts.triggered.connect(self._show_shortcuts)
         help_menu.addAction(shortcuts)
         # Shortcuts must work while the web view has focus, so they live on the window.
-        for action in (self.open_action, self.open_session_action, self.save_session_action,
-                       self.save_session_as_action, self.export_action, self.quit_action, self.undo_action,
-                       self.redo_action, self.cancel_action, self.reembed_action, shortcuts):
+        for action in (
+            self.open_action,
+            self.open_session_action,
+            self.save_session_action,
+            self.save_session_as_action,
+            self.export_action,
+            self.quit_action,
+            self.undo_action,
+            self.redo_action,
+            self.cancel_action,
+            self.reembed_action,
+            shortcuts,
+        ):
             action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
             self.addAction(action)
 
     def _show_shortcuts(self) -> None:
-        QMessageBox.information(self, "Keyboard shortcuts", (
-            "Double-click a segment: select it and embed its nodes\n"
-            "Esc: cancel the embedding job\n"
-            "Ctrl+R: embed the selected segment again\n"
-            "Rect / Lasso in the plot: select nodes and their segments (shown in 3-D)\n"
-            "Delete in the plot: hide the selected segments' points (Hide menu: show them again)\n"
-            "Ctrl+Z / Ctrl+Shift+Z: undo / redo a manual label\n"
-            "Ctrl+S: save the session; Ctrl+Shift+O: open one\n"
-            "Ctrl+E: export the session\n"
-            "Ctrl+O: open data\n"
-            "Ctrl+Q: quit\n"
-            "Neuroglancer's own keys work in the view (press h there for its help)."))
+        QMessageBox.information(
+            self,
+            "Keyboard shortcuts",
+            (
+                "Double-click a segment: select it and embed its nodes\n"
+                "Esc: cancel the embedding job\n"
+                "Ctrl+R: embed the selected segment again\n"
+                "Rect / Lasso in the plot: select nodes and their segments (shown in 3-D)\n"
+                "Delete in the plot: hide the selected segments' points (Hide menu: show them again)\n"
+                "Ctrl+Z / Ctrl+Shift+Z: undo / redo a manual label\n"
+                "Ctrl+S: save the session; Ctrl+Shift+O: open one\n"
+                "Ctrl+E: export the session\n"
+                "Ctrl+O: open data\n"
+                "Ctrl+Q: quit\n"
+                "Neuroglancer's own keys work in the view (press h there for its help)."
+            ),
+        )
 
     # -- state -> widgets ------------------------------------------------------------------------
 
@@ -373,8 +409,11 @@ class MainWindow(QMainWindow):
             self.classifier_label.setText("Classifiers: loading…" if loading else "Classifiers: none")
             self.classifier_label.setToolTip(self.state.classifiers_message)
         else:
-            tasks = [name for name, info in (("compartments", summary.compartment),
-                                             ("cell types", summary.cell_type)) if info is not None]
+            tasks = [
+                name
+                for name, info in (("compartments", summary.compartment), ("cell types", summary.cell_type))
+                if info is not None
+            ]
             self.classifier_label.setText(f"Classifiers: {', '.join(tasks)}")
             self.classifier_label.setToolTip(summary.folder)
 
@@ -404,19 +443,35 @@ class MainWindow(QMainWindow):
             return
         self.open_sources(image, segmentation, skeletons)
 
-    def open_sources(self, image_url: str, segmentation_url: str, skeletons_url: str | None = None, *,
-                     name: str | None = None, precomputed=None, then: Callable[[], None] | None = None) -> None:
+    def open_sources(
+        self,
+        image_url: str,
+        segmentation_url: str,
+        skeletons_url: str | None = None,
+        *,
+        name: str | None = None,
+        precomputed=None,
+        then: Callable[[], None] | None = None,
+    ) -> None:
         """Open data on the worker thread and show it; errors appear in the banner.
 
         ``precomputed`` describes an embedding store to open with it (an
         :class:`segscope.app.session_file.PrecomputedRef`); ``then`` runs once the data is shown.
         """
+
         def make():
             yield Progress(0, 1, "steps", f"opening {segmentation_url}")
             source = DataSource.open(image_url, segmentation_url, skeletons_url, name=name)
-            store = None if precomputed is None else PrecomputedEmbeddings.open(
-                precomputed.location, coordinates=precomputed.coordinates, num_shards=precomputed.num_shards,
-                bytewidth=precomputed.bytewidth)
+            store = (
+                None
+                if precomputed is None
+                else PrecomputedEmbeddings.open(
+                    precomputed.location,
+                    coordinates=precomputed.coordinates,
+                    num_shards=precomputed.num_shards,
+                    bytewidth=precomputed.bytewidth,
+                )
+            )
             return source, store
 
         def on_update(update: JobUpdate) -> None:
@@ -475,8 +530,10 @@ class MainWindow(QMainWindow):
             self.state.show_error("Nothing to export yet: double-click a segment to embed it first.")
             return None
         nodes = sum(record.n_embedded for record in records)
-        summary = (f"{len(records)} segments, {nodes} embedded nodes; manual labels on "
-                   f"{self.labels.n_labelled_nodes} nodes and {self.labels.n_labelled_segments} segments.")
+        summary = (
+            f"{len(records)} segments, {nodes} embedded nodes; manual labels on "
+            f"{self.labels.n_labelled_nodes} nodes and {self.labels.n_labelled_segments} segments."
+        )
         base = self.session_path.parent if self.session_path is not None else Path.home()
         name = f"segscope-export-{self.state.dataset.name if self.state.dataset else 'session'}"
         dialog = ExportDialog(base / name, summary, self)
@@ -493,16 +550,29 @@ class MainWindow(QMainWindow):
         from types import SimpleNamespace
 
         records = self._records_snapshot()
-        snapshot = SimpleNamespace(records=records, dataset=self.state.dataset, model=self.state.model,
-                                   classifiers=self.state.classifiers, segment=None)
+        snapshot = SimpleNamespace(
+            records=records,
+            dataset=self.state.dataset,
+            model=self.state.model,
+            classifiers=self.state.classifiers,
+            segment=None,
+        )
         labels = LabelStore.from_dict(self.labels.to_dict())
         source = self.controller.source
 
         def make():
             skeletons = skeleton_edges(source, records) if "swc" in request.parts else None
-            return (yield from export_session(request.folder, snapshot, labels, parts=request.parts,
-                                              table_formats=request.table_formats, skeletons=skeletons,
-                                              force=request.force))
+            return (
+                yield from export_session(
+                    request.folder,
+                    snapshot,
+                    labels,
+                    parts=request.parts,
+                    table_formats=request.table_formats,
+                    skeletons=skeletons,
+                    force=request.force,
+                )
+            )
 
         def on_update(update: JobUpdate) -> None:
             if update.event == "progress" and update.progress is not None:
@@ -546,16 +616,23 @@ class MainWindow(QMainWindow):
             rows = controller.selected_rows
             segments = controller.selected_segments
             nodes = zip(controller.segment_ids[rows].tolist(), controller.node_ids[rows].tolist())
-        return build_document(self.state, self.controller, self.labels, plot_settings=plot_settings,
-                              selected_segments=segments, selected_nodes=nodes)
+        return build_document(
+            self.state,
+            self.controller,
+            self.labels,
+            plot_settings=plot_settings,
+            selected_segments=segments,
+            selected_nodes=nodes,
+        )
 
     def save_session(self, path: str | Path | None = None) -> bool:
         """Save the session to ``path`` (None: ask for one) on the session worker."""
         from segscope.app.session_file import save_session
 
         if path is None:
-            chosen, _ = QFileDialog.getSaveFileName(self, "Save session", str(Path.home() / f"session{JSON_SUFFIX}"),
-                                                    f"SegScope sessions (*{JSON_SUFFIX})")
+            chosen, _ = QFileDialog.getSaveFileName(
+                self, "Save session", str(Path.home() / f"session{JSON_SUFFIX}"), f"SegScope sessions (*{JSON_SUFFIX})"
+            )
             if not chosen:
                 return False
             path = chosen
@@ -582,8 +659,9 @@ class MainWindow(QMainWindow):
         return True
 
     def _open_session_dialog(self) -> None:
-        chosen, _ = QFileDialog.getOpenFileName(self, "Open session", str(Path.home()),
-                                                f"SegScope sessions (*{JSON_SUFFIX});;All files (*)")
+        chosen, _ = QFileDialog.getOpenFileName(
+            self, "Open session", str(Path.home()), f"SegScope sessions (*{JSON_SUFFIX});;All files (*)"
+        )
         if chosen:
             self.open_session(chosen)
 
@@ -618,8 +696,14 @@ class MainWindow(QMainWindow):
             self._restore_loaded(document, records)
             return
         dataset = document.dataset
-        self.open_sources(dataset.image_url, dataset.segmentation_url, dataset.skeletons_url, name=dataset.name,
-                          precomputed=document.precomputed, then=lambda: self._restore_loaded(document, records))
+        self.open_sources(
+            dataset.image_url,
+            dataset.segmentation_url,
+            dataset.skeletons_url,
+            name=dataset.name,
+            precomputed=document.precomputed,
+            then=lambda: self._restore_loaded(document, records),
+        )
 
     def _restore_loaded(self, document, records) -> None:
         from segscope.app.controller import read_classifier_folder
@@ -658,9 +742,11 @@ class MainWindow(QMainWindow):
                 plot.controller.select_segments(document.selected_segments, origin="session")
         if document.selected_segments:
             self.bridge.highlight_segments(document.selected_segments)
-        self.state.show_status(f"Restored the session: {len(restored)} segments, "
-                               f"{self.labels.n_labelled_nodes} labelled nodes, "
-                               f"{self.labels.n_labelled_segments} labelled segments.")
+        self.state.show_status(
+            f"Restored the session: {len(restored)} segments, "
+            f"{self.labels.n_labelled_nodes} labelled nodes, "
+            f"{self.labels.n_labelled_segments} labelled segments."
+        )
 
     # -- autosave and recovery -------------------------------------------------------------------
 
@@ -778,4 +864,3 @@ class MainWindow(QMainWindow):
         self.shutdown()
         if not sip.isdeleted(self):
             sip.delete(self)
-

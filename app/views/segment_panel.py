@@ -96,14 +96,15 @@ class SegmentPanel(QWidget):
         legend.addWidget(_swatch_label(EMBEDDED_COLOUR, "embedded, no compartment classifier"))
         for name in COMPARTMENTS:
             legend.addWidget(_swatch_label(COMPARTMENT_COLOURS[name], f"predicted {name}"))
-        legend.addWidget(_swatch_label(OOD_COLOUR, "segment out of distribution (and a box "
-                                                   "with its own layer)"))
+        legend.addWidget(_swatch_label(OOD_COLOUR, "segment out of distribution (and a box with its own layer)"))
         self.cell_type_legend = QLabel("")
         self.cell_type_legend.setTextFormat(Qt.TextFormat.RichText)
         self.cell_type_legend.setWordWrap(True)
         legend.addWidget(self.cell_type_legend)
-        hint = QLabel("Double-click a segment in the 2-D or 3-D view to embed it. The layer "
-                      "'ground truth compartments (dataset)' shows the dataset's labels.")
+        hint = QLabel(
+            "Double-click a segment in the 2-D or 3-D view to embed it. The layer "
+            "'ground truth compartments (dataset)' shows the dataset's labels."
+        )
         hint.setWordWrap(True)
         legend.addWidget(hint)
         layout.addWidget(legend_box)
@@ -123,7 +124,8 @@ class SegmentPanel(QWidget):
         if cell_types:
             swatches = "&nbsp; ".join(
                 f'<span style="color:{cell_type_colour(name, cell_types)}; font-size:14px">■</span>&nbsp;{name}'
-                for name in cell_types)
+                for name in cell_types
+            )
             self.cell_type_legend.setText(f"Segment colour = predicted cell type: {swatches}")
         else:
             self.cell_type_legend.setText("")
@@ -144,8 +146,11 @@ class SegmentPanel(QWidget):
             skeleton = f"{record.skeleton_node_count} in the skeleton, " if record.skeleton_node_count else ""
             self.nodes_label.setText(f"{skeleton}{record.n_centres} precomputed nodes")
         else:
-            skeleton = (f"{record.skeleton_node_count} ({record.n_centres} embedding centres)"
-                        if record.skeleton_node_count else f"no skeleton ({record.n_centres} centres from the mask)")
+            skeleton = (
+                f"{record.skeleton_node_count} ({record.n_centres} embedding centres)"
+                if record.skeleton_node_count
+                else f"no skeleton ({record.n_centres} centres from the mask)"
+            )
             self.nodes_label.setText(skeleton)
         self._refresh_progress(record)
         self._show_truth(record)
@@ -172,12 +177,16 @@ class SegmentPanel(QWidget):
         if record is None:
             self.truth_note.setText("—")
         elif counts is None:
-            self.truth_note.setText("This dataset has no compartment labels."
-                                    if dataset is None or not dataset.has_ground_truth else "—")
+            self.truth_note.setText(
+                "This dataset has no compartment labels." if dataset is None or not dataset.has_ground_truth else "—"
+            )
         else:
             unlabelled = counts.get("unlabelled", 0)
-            self.truth_note.setText("Centres per compartment as labelled in the dataset"
-                                    + (f" ({unlabelled} unlabelled)" if unlabelled else "") + ":")
+            self.truth_note.setText(
+                "Centres per compartment as labelled in the dataset"
+                + (f" ({unlabelled} unlabelled)" if unlabelled else "")
+                + ":"
+            )
         for name in COMPARTMENTS:
             self.truth_labels[name].setText("—" if counts is None else str(counts[name]))
 
@@ -192,17 +201,16 @@ class SegmentPanel(QWidget):
         else:
             missing = "—"  # a classifier is there; this segment has no output yet
         if record is None or record.cell_type is None:
-            self.cell_type_label.setText(missing if has_cell_type or missing == _NO_CLASSIFIER
-                                         else _NO_CELL_TYPE_CLASSIFIER)
+            self.cell_type_label.setText(
+                missing if has_cell_type or missing == _NO_CLASSIFIER else _NO_CELL_TYPE_CLASSIFIER
+            )
         else:
-            probability = ("" if record.cell_type_probability is None
-                           else f" (p = {record.cell_type_probability:.2f})")
+            probability = "" if record.cell_type_probability is None else f" (p = {record.cell_type_probability:.2f})"
             names = () if not has_cell_type else summary.cell_type.class_names
             swatch = f'<span style="color:{cell_type_colour(record.cell_type, names)}; font-size:14px">■</span>&nbsp;'
             self.cell_type_label.setText(f"{swatch}{record.cell_type}{probability}")
         if record is None or record.ood_score is None:
-            self.ood_label.setText(missing if has_cell_type or missing == _NO_CLASSIFIER
-                                   else _NO_CELL_TYPE_CLASSIFIER)
+            self.ood_label.setText(missing if has_cell_type or missing == _NO_CLASSIFIER else _NO_CELL_TYPE_CLASSIFIER)
             self.ood_label.setStyleSheet("")
         else:
             threshold = "" if record.ood_threshold is None else f" vs threshold {record.ood_threshold:.2f}"
@@ -212,8 +220,9 @@ class SegmentPanel(QWidget):
         counts = None if record is None else record.compartment_counts("predicted")
         if counts is not None:
             pending = counts.get("unlabelled", 0)
-            self.predicted_note.setText("centres per predicted compartment"
-                                        + (f" ({pending} not yet)" if pending else "") + ":")
+            self.predicted_note.setText(
+                "centres per predicted compartment" + (f" ({pending} not yet)" if pending else "") + ":"
+            )
         elif record is not None and self.state.classifiers_loaded and not has_compartment:
             self.predicted_note.setText(_NO_COMPARTMENT_CLASSIFIER)
         else:
