@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+from psygnal import Signal, SignalGroup
+from segscope.app.events import connect
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +177,13 @@ class _Command:
     new: int
 
 
+class LabelEvents(SignalGroup):
+    """Events of :class:`LabelStore`."""
+
+    #: (LabelChange) after every edit, undo, redo, load or reset.
+    changed = Signal(object)
+
+
 class LabelStore:
     """Manual labels of nodes and segments with an undo/redo history.
 
@@ -198,26 +207,16 @@ class LabelStore:
         self._sorted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._undo: list[_Command] = []
         self._redo: list[_Command] = []
-        self._subscribers: list[Callable[[LabelChange], Any]] = []
+        self.events = LabelEvents()
 
     # -- events ------------------------------------------------------------------------
 
     def subscribe(self, callback: Callable[[LabelChange], Any]) -> Callable[[], None]:
         """Call ``callback(change)`` after every change; returns a function that unsubscribes."""
-        self._subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            if callback in self._subscribers:
-                self._subscribers.remove(callback)
-
-        return unsubscribe
+        return connect(self.events.changed, callback)
 
     def _emit(self, change: LabelChange) -> None:
-        for callback in list(self._subscribers):
-            try:
-                callback(change)
-            except Exception:  # one broken view must not stop the others
-                log.exception("label subscriber %r failed", callback)
+        self.events.changed.emit(change)
 
     # -- codes -------------------------------------------------------------------------
 

@@ -49,7 +49,6 @@ bundle's precomputed annotations, served from the local file server.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -60,17 +59,18 @@ from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
-
-from segscope.analysis import COMPARTMENTS
-from segscope.app.state import (
+from psygnal import Signal, SignalGroup
+from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
+from segscope.app.colours import (
     COMPARTMENT_COLOURS,
     EMBEDDED_COLOUR,
     OOD_COLOUR,
     PENDING_COLOUR,
-    UNKNOWN_COMPARTMENT,
-    SegmentRecord,
-    SessionState,
+    cell_type_colour,
+    label_colour,
 )
+from segscope.app.events import connect
+from segscope.app.state import SegmentRecord, SessionState
 
 log = logging.getLogger(__name__)
 
@@ -125,42 +125,6 @@ _DRIVER_PREFIX = {
     "n5": "n5://",
 }
 
-#: Colours for cell types (picked by a hash of the name, so stable across runs). No
-#: magenta or violet: magenta means "out of distribution" and must stay unambiguous.
-_CELL_TYPE_PALETTE = (
-    "#e6194b",
-    "#3cb44b",
-    "#ffe119",
-    "#4363d8",
-    "#f58231",
-    "#46f0f0",
-    "#bcf60c",
-    "#fabebe",
-    "#008080",
-    "#9a6324",
-    "#aaffc3",
-    "#808000",
-)
-
-#: Colours of manual labels that are not compartment names, by position. Picked so that
-#: every pair, and each against the compartment colours, magenta (OOD), the pending grey,
-#: the embedded yellow, white and black, is at least 75 apart in RGB (0-255), and none is
-#: too dark to see on the black 3-D view or the plot's dark background.
-_LABEL_PALETTE = (
-    "#46f0f0",
-    "#bcf60c",
-    "#fabebe",
-    "#008080",
-    "#9a6324",
-    "#aaffc3",
-    "#ffa500",
-    "#00ff00",
-    "#dc143c",
-    "#e9967a",
-    "#00ced1",
-    "#2ca02c",
-)
-
 _NM_PER_UNIT = {"m": 1e9, "mm": 1e6, "um": 1e3, "µm": 1e3, "nm": 1.0, "pm": 1e-3}
 
 
@@ -178,49 +142,6 @@ class ClickEvent:
 
     segment_id: int | None
     position_nm: np.ndarray | None
-
-
-def cell_type_colour(name: str, class_names: Sequence[str] = ()) -> str:
-    """A stable display colour for a cell-type name.
-
-    With the classifier's ``class_names``, classes get distinct colours by their position
-    (the palette has 12); otherwise a hash of the name picks one (same name, same colour,
-    every run, but two names may share one).
-    """
-    return _palette_colour(name, list(class_names), _CELL_TYPE_PALETTE)
-
-
-def label_colour(label: str, labels_in_order: Sequence[str] = ()) -> str:
-    """The display colour (``"#rrggbb"``) of a manual label, in 3-D and in the plot alike.
-
-    A label named like a subcompartment (``"axon"``...) takes that compartment's colour, so
-    a manual "axon" looks like a predicted one. Other labels take the colours of
-    :data:`_LABEL_PALETTE` by their position among the non-compartment labels of
-    ``labels_in_order`` (distinct for up to 12 such labels, then repeating); a label not in
-    ``labels_in_order`` gets one picked by a hash of its text (stable across runs, but it may
-    share a colour). Never magenta, which means out of distribution.
-
-    Parameters
-    ----------
-    label
-        The label text.
-    labels_in_order
-        Every label in use, in the order that assigns colours (the plot passes its sorted
-        label names; pass the same list to both views so they agree).
-    """
-    if label in COMPARTMENT_COLOURS:
-        return COMPARTMENT_COLOURS[label]
-    others = [name for name in dict.fromkeys(labels_in_order) if name not in COMPARTMENT_COLOURS]
-    return _palette_colour(label, others, _LABEL_PALETTE)
-
-
-def _palette_colour(name: str, ordered: list[str], palette: Sequence[str]) -> str:
-    """``palette``'s colour for ``name``'s position in ``ordered`` (repeating past its end),
-    or, for a name not in ``ordered``, the one an md5 of the name picks: the same every run."""
-    if name in ordered:
-        return palette[ordered.index(name) % len(palette)]
-    digest = hashlib.md5(name.encode("utf-8")).digest()
-    return palette[digest[0] % len(palette)]
 
 
 def _dimension_scales_nm(dimensions) -> np.ndarray:
@@ -331,6 +252,13 @@ class _KeyedWriter:
                     self._condition.notify_all()
 
 
+class BridgeEvents(SignalGroup):
+    """Events of :class:`NeuroglancerBridge` (emitted on the thread that committed the change)."""
+
+    #: (frozenset of int) the user changed the segmentation layer's selected segments.
+    segments_changed = Signal(object)
+
+
 class NeuroglancerBridge:
     """A neuroglancer viewer bound to 127.0.0.1, wired to SegScope's session state.
 
@@ -345,7 +273,6 @@ class NeuroglancerBridge:
 
     def __init__(self, on_click: Callable[[ClickEvent], None], *, bind_address: str = "127.0.0.1"):
         import neuroglancer
-
         from segscope.app.viewer_sync import merging_viewer
 
         self._neuroglancer = neuroglancer
@@ -366,7 +293,7 @@ class NeuroglancerBridge:
         self._property_sources: dict[str, str] = {}
         # Selected-segments listeners: replaced as a whole (read without a lock on
         # neuroglancer's thread).
-        self._segment_listeners: tuple[Callable[[frozenset[int]], None], ...] = ()
+        self.events = BridgeEvents()
         self._listener_lock = threading.Lock()
         self._listening = False
         self._seen_segments_json: tuple | None = None
@@ -698,17 +625,13 @@ class NeuroglancerBridge:
             Call it to stop listening.
         """
         with self._listener_lock:
-            self._segment_listeners = self._segment_listeners + (callback,)
+            unsubscribe = connect(self.events.segments_changed, callback)
             if not self._listening:
                 raw = self.viewer.shared_state.raw_state
                 self._seen_segments_json = _raw_segments(raw)
                 self._seen_segments = _visible_ids(self._seen_segments_json)
                 self.viewer.shared_state.add_changed_callback(self._on_viewer_state_changed)
                 self._listening = True
-
-        def unsubscribe() -> None:
-            with self._listener_lock:
-                self._segment_listeners = tuple(c for c in self._segment_listeners if c is not callback)
 
         return unsubscribe
 
@@ -724,11 +647,7 @@ class NeuroglancerBridge:
         self._seen_segments = current
         if getattr(self._own_write, "active", False):
             return  # this bridge's own write: reporting it would echo it back
-        for callback in self._segment_listeners:
-            try:
-                callback(current)
-            except Exception:
-                log.exception("selected-segments listener %r failed", callback)
+        self.events.segments_changed.emit(current)
 
     # -- following the session state -------------------------------------------------------
 
@@ -959,7 +878,7 @@ class NeuroglancerBridge:
         self._unsubscribe.clear()
         self._writer.close()
         with self._listener_lock:
-            self._segment_listeners = ()
+            self.events.segments_changed.disconnect()
             if self._listening:
                 self.viewer.shared_state.remove_changed_callback(self._on_viewer_state_changed)
                 self._listening = False

@@ -33,65 +33,55 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import numpy as np
+from psygnal import Signal, SignalGroup
 from scipy.spatial import cKDTree
-
 from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
 from segscope.analysis.arrays import group_rows
 from segscope.analysis.progress import Progress
 from segscope.analysis.projection import PcaModel, Similarity, UmapModel, UmapSettings, fit_pca, prepare_blas_control
+from segscope.app.colours import (
+    CATEGORY_COLOURS,
+    COMPARTMENT_COLOURS,
+    OOD_BINS,
+    UNKNOWN_RGBA,
+    cell_type_colour,
+    hex_rgba,
+    label_colour,
+    ood_bin_colours,
+)
+from segscope.app.events import connect, emitting_from
 from segscope.app.jobs import JobRunner, JobUpdate, Post
-from segscope.app.state import COMPARTMENT_COLOURS
 
 log = logging.getLogger(__name__)
 
 COLOUR_MODES: tuple[str, ...] = ("subcompartment", "cell type", "OOD score", "segment", "manual label")
-PLOT_EVENTS = ("points", "layout", "colours", "selection", "hover", "activate", "cleared", "visibility")
-UNKNOWN_RGBA = (128, 128, 128, 200)
-#: Distinct colours for categories (cell types, segments); with "unknown" at most 20
-#: colours. No magenta: in the 3-D view it means out of distribution.
-CATEGORY_COLOURS = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#637939",
-    "#bcbd22",
-    "#17becf",
-    "#aec7e8",
-    "#ffbb78",
-    "#98df8a",
-    "#ff9896",
-    "#c5b0d5",
-    "#c49c94",
-    "#f7b6d2",
-    "#dbdb8d",
-    "#9edae5",
-    "#393b79",
-)
-#: Viridis anchors; OOD scores are binned into ``OOD_BINS`` colours interpolated between them.
-_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
-OOD_BINS = 16
+class PlotEvents(SignalGroup):
+    """Events of :class:`PlotController` (each may carry the change's origin, see
+    :func:`segscope.app.events.emitting_from`)."""
+
+    #: (rows int64 [k]) new points were added.
+    points = Signal(object)
+    #: (LayoutChange) points moved.
+    layout = Signal(object)
+    #: () colours or the colour mode changed.
+    colours = Signal()
+    #: (Selection) the selection changed.
+    selection = Signal(object)
+    #: (PointInfo or None) the hovered point changed.
+    hover = Signal(object)
+    #: (PointInfo) a point was clicked.
+    activate = Signal(object)
+    #: () every point was dropped.
+    cleared = Signal()
+    #: (frozenset of int) the hidden segments changed.
+    visibility = Signal(object)
 
 
-def _hex_rgba(colour: str, alpha: int = 230) -> tuple[int, int, int, int]:
-    colour = colour.lstrip("#")
-    return int(colour[0:2], 16), int(colour[2:4], 16), int(colour[4:6], 16), alpha
-
-
-def ood_bin_colours(n_bins: int = OOD_BINS) -> np.ndarray:
-    """uint8 ``[n_bins, 4]`` RGBA of the OOD colour scale, low score first (viridis)."""
-    t = np.linspace(0, 1, n_bins) * (len(_VIRIDIS) - 1)
-    low = np.minimum(t.astype(int), len(_VIRIDIS) - 2)
-    frac = (t - low)[:, None]
-    rgb = _VIRIDIS[low] * (1 - frac) + _VIRIDIS[low + 1] * frac
-    return np.concatenate([np.round(rgb), np.full((n_bins, 1), 230)], axis=1).astype(np.uint8)
+PLOT_EVENTS: tuple[str, ...] = tuple(PlotEvents().signals)
 
 
 @dataclass(frozen=True)
@@ -172,14 +162,11 @@ class PlotController:
         #: ``(segment_ids uint64 [k], node_ids int64 [k]) -> object [k] str``: the manual
         #: label each point shows (the session's LabelStore); new points ask it too.
         self.label_lookup: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
-        #: ``(label, labels in use) -> "#rrggbb"``: a manual label's colour (the 3-D view's
-        #: rule, :func:`segscope.app.neuroglancer_bridge.label_colour`, so both agree).
-        self.label_colour: Callable[[str, list[str]], str] | None = None
-        #: Hex colour of a cell-type name; set it to the 3-D view's rule so both agree
-        #: (default: the category palette by order of first appearance).
-        self.cell_type_colour: Callable[[str], str] | None = None
+        #: The cell-type classifier's class names: colours follow their order, as in 3-D
+        #: (:func:`segscope.app.colours.cell_type_colour`).
+        self.cell_type_class_names: tuple[str, ...] = ()
         self.colour_mode = COLOUR_MODES[0]
-        self._subscribers: dict[str, list[tuple[str | None, Callable[..., Any]]]] = defaultdict(list)
+        self.events = PlotEvents()
 
     def _reset_points(self) -> None:
         self.segment_ids = np.zeros(0, np.uint64)
@@ -226,23 +213,11 @@ class PlotController:
         """
         if event not in PLOT_EVENTS:
             raise KeyError(f"unknown plot event {event!r}; known: {', '.join(PLOT_EVENTS)}")
-        entry = (name, callback)
-        self._subscribers[event].append(entry)
-
-        def unsubscribe() -> None:
-            if entry in self._subscribers[event]:
-                self._subscribers[event].remove(entry)
-
-        return unsubscribe
+        return connect(self.events[event], callback, name=name)
 
     def _emit(self, event: str, *args: Any, origin: str | None = None) -> None:
-        for name, callback in list(self._subscribers[event]):
-            if origin is not None and name == origin:
-                continue  # never echo a change back to where it came from
-            try:
-                callback(*args)
-            except Exception:  # one broken subscriber must not stop the others
-                log.exception("plot subscriber %r of %r failed", callback, event)
+        with emitting_from(origin):  # never echo a change back to where it came from
+            self.events[event].emit(*args)
 
     # -- points ----------------------------------------------------------------------------
 
@@ -520,7 +495,7 @@ class PlotController:
         unknown = np.array([UNKNOWN_RGBA], np.uint8)
         if self.colour_mode == "subcompartment":
             palette = np.array(
-                [_hex_rgba(COMPARTMENT_COLOURS[name]) for name in COMPARTMENTS] + [UNKNOWN_RGBA], np.uint8
+                [hex_rgba(COMPARTMENT_COLOURS[name]) for name in COMPARTMENTS] + [UNKNOWN_RGBA], np.uint8
             )
             index = np.where(self.compartments < len(COMPARTMENTS), self.compartments, len(COMPARTMENTS))
             return PointColours(index.astype(np.uint8), palette, [*COMPARTMENTS, "unknown"])
@@ -530,12 +505,8 @@ class PlotController:
             # Beyond the palette, types share the last colour rather than adding brushes.
             codes = np.where(codes >= len(names), len(names) - 1, codes)
             index = np.where(codes < 0, len(names), codes)
-            colours = (
-                [self.cell_type_colour(name) for name in names]
-                if self.cell_type_colour is not None
-                else CATEGORY_COLOURS[: len(names)]
-            )
-            palette = np.array([_hex_rgba(c) for c in colours] + [UNKNOWN_RGBA], np.uint8)
+            colours = [cell_type_colour(name, self.cell_type_class_names) for name in names]
+            palette = np.array([hex_rgba(c) for c in colours] + [UNKNOWN_RGBA], np.uint8)
             return PointColours(index.astype(np.uint8), palette, [*names, "unknown"])
         if self.colour_mode == "OOD score":
             scores = self.ood_scores
@@ -559,15 +530,11 @@ class PlotController:
                 np.int64,
                 n,
             )
-            colours = (
-                [self.label_colour(name, in_use) for name in names]
-                if self.label_colour is not None
-                else CATEGORY_COLOURS[: len(names)]
-            )
-            palette = np.array([_hex_rgba(c) for c in colours] + [(90, 90, 90, 110)], np.uint8)
+            colours = [label_colour(name, in_use) for name in names]
+            palette = np.array([hex_rgba(c) for c in colours] + [(90, 90, 90, 110)], np.uint8)
             return PointColours(index.astype(np.uint8), palette, [*names, "unlabelled"])
         # Segment mode: a stable colour per id (Knuth's multiplicative hash), shared palette.
-        palette = np.array([_hex_rgba(c) for c in CATEGORY_COLOURS], np.uint8)
+        palette = np.array([hex_rgba(c) for c in CATEGORY_COLOURS], np.uint8)
         hashed = (self.segment_ids * np.uint64(2654435761)) >> np.uint64(7)
         index = (hashed % np.uint64(len(CATEGORY_COLOURS))).astype(np.uint8)
         return PointColours(index, palette, ["segment"] * len(CATEGORY_COLOURS))
@@ -750,6 +717,12 @@ class PlotController:
 # -- keeping the layout current ----------------------------------------------------------------
 
 
+class SchedulerEvents(SignalGroup):
+    """Events of :class:`ProjectionScheduler`."""
+
+    status = Signal(str)
+
+
 class ProjectionScheduler:
     """Keeps a :class:`PlotController`'s layout current: PCA now, UMAP when ready.
 
@@ -807,7 +780,8 @@ class ProjectionScheduler:
         self.warm_up_result: dict[str, float] | None = None
         self.last_fit_seconds: float | None = None
         self.status = "PCA"
-        self._listeners: list[Callable[[str], None]] = []
+        #: ``status`` (str) when the projection status changes.
+        self.events = SchedulerEvents()
         unsubscribe = [
             controller.subscribe("points", self._on_points, name="projection"),
             controller.subscribe("cleared", self._on_cleared, name="projection"),
@@ -825,12 +799,11 @@ class ProjectionScheduler:
 
     def on_status(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(text)`` when the projection status changes ("UMAP (fitting)"...)."""
-        self._listeners.append(callback)
+        connect(self.events.status, callback)
 
     def _set_status(self, text: str) -> None:
         self.status = text
-        for callback in list(self._listeners):
-            callback(text)
+        self.events.status.emit(text)
 
     def start(self) -> None:
         """Queue the numba warm-up on the fit worker (call at launch)."""

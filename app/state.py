@@ -27,50 +27,39 @@ Events and their callback arguments
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
-
+from psygnal import Signal, SignalGroup
 from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
+from segscope.app.events import connect
 
 log = logging.getLogger(__name__)
 
-#: Display colour of each subcompartment (indexes ``analysis.COMPARTMENTS``), hex sRGB.
-COMPARTMENT_COLOURS: dict[str, str] = {
-    "axon": "#3b8bff",
-    "dendrite": "#ff5a36",
-    "soma": "#2fd16b",
-    "glia": "#c061ff",
-}
-#: Colour of a node whose embedding has not arrived yet.
-PENDING_COLOUR = "#808080"
-#: Colour of an embedded node when no subcompartment classifier is loaded.
-EMBEDDED_COLOUR = "#ffe14d"
-#: Colour of an out-of-distribution segment in 3-D.
-OOD_COLOUR = "#ff00ff"
+class SessionStateEvents(SignalGroup):
+    """Typed events of :class:`SessionState` (arguments as in the module docstring)."""
 
-EVENTS = (
-    "dataset",
-    "model",
-    "classifiers",
-    "segment",
-    "centres",
-    "embeddings",
-    "predictions",
-    "node_batch",
-    "job",
-    "status",
-    "error",
-)
+    dataset = Signal(object)
+    model = Signal(object)
+    classifiers = Signal(object)
+    segment = Signal(object)
+    centres = Signal(object)
+    embeddings = Signal(object, object)
+    predictions = Signal(object)
+    node_batch = Signal(object)
+    job = Signal(object)
+    status = Signal(str)
+    error = Signal(str)
+
+
+EVENTS: tuple[str, ...] = tuple(SessionStateEvents().signals)
 
 
 class Observable:
-    """Named events with plain callbacks, called synchronously in subscription order."""
+    """A model whose events are a psygnal group on ``.events`` (see :mod:`segscope.app.events`)."""
 
-    def __init__(self) -> None:
-        self._subscribers: dict[str, list[Callable[..., Any]]] = defaultdict(list)
+    events: SessionStateEvents
 
     def subscribe(self, event: str, callback: Callable[..., Any]) -> Callable[[], None]:
         """Call ``callback(*args)`` on every ``event``; returns a function that unsubscribes.
@@ -82,20 +71,10 @@ class Observable:
         """
         if event not in EVENTS:
             raise KeyError(f"unknown event {event!r}; known: {', '.join(EVENTS)}")
-        self._subscribers[event].append(callback)
-
-        def unsubscribe() -> None:
-            if callback in self._subscribers[event]:
-                self._subscribers[event].remove(callback)
-
-        return unsubscribe
+        return connect(self.events[event], callback)
 
     def _emit(self, event: str, *args: Any) -> None:
-        for callback in list(self._subscribers[event]):
-            try:
-                callback(*args)
-            except Exception:  # one broken view must not stop the others
-                log.exception("subscriber %r of %r failed", callback, event)
+        self.events[event].emit(*args)
 
 
 @dataclass(frozen=True)
@@ -367,7 +346,7 @@ class SessionState(Observable):
     job: JobStatus | None = None
     status_message: str = ""
     last_error: str | None = None
-    _subscribers: dict = field(default_factory=lambda: defaultdict(list), repr=False)
+    events: SessionStateEvents = field(default_factory=SessionStateEvents, repr=False, compare=False)
 
     # -- what is open ------------------------------------------------------------------
 

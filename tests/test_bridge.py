@@ -17,7 +17,8 @@ from segscope.app.neuroglancer_bridge import (
     NeuroglancerBridge,
     cell_type_colour,
 )
-from segscope.app.state import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR, SessionState
+from segscope.app.colours import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR
+from segscope.app.state import SessionState
 
 VOXEL = np.array([32.0, 32.0, 40.0])
 
@@ -371,7 +372,7 @@ FREE_LABEL_COLOURS = ["#aaffc3", "#ffa500", "#fabebe"]
 
 
 def test_label_colours_are_deterministic_distinct_and_never_the_ood_magenta():
-    from segscope.app.neuroglancer_bridge import label_colour
+    from segscope.app.colours import label_colour
 
     def rgb(colour):
         return np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)

@@ -192,7 +192,7 @@ def test_window_opens_on_the_demo_and_renders(qtbot, window, demo_dir):
 def test_double_click_selects_streams_predicts_and_flags_ood(qtbot, window, demo_dir, tmp_path):
     from segscope.analysis import COMPARTMENTS
     from segscope.app.neuroglancer_bridge import NODES_LAYER, OOD_LAYER_PREFIX, SEGMENTATION_LAYER
-    from segscope.app.state import COMPARTMENT_COLOURS, OOD_COLOUR
+    from segscope.app.colours import COMPARTMENT_COLOURS, OOD_COLOUR
 
     segment_id, node_nm = _largest_segment(demo_dir)
     window.bridge.set_layout("xy")
@@ -281,7 +281,8 @@ def _save_screenshot(qtbot, window, tmp_path: Path) -> None:
 
 def test_precomputed_embeddings_are_used_when_the_store_has_the_segment(qtbot, window, demo_dir, store_dir):
     from segscope.analysis.csvzip import CsvZipStore
-    from segscope.app.neuroglancer_bridge import OOD_LAYER_PREFIX, SEGMENTATION_LAYER, cell_type_colour
+    from segscope.app.colours import cell_type_colour
+    from segscope.app.neuroglancer_bridge import OOD_LAYER_PREFIX, SEGMENTATION_LAYER
 
     segment_id, node_nm = _largest_segment(demo_dir, rank=1)
     node_ids, xyz, embeddings = CsvZipStore(store_dir, coordinates="nm").read(segment_id)

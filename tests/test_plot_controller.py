@@ -69,8 +69,9 @@ def test_colour_modes_give_shared_palettes():
     assert set(colours.index[controller.segment_rows([102])]) == {1}
     assert set(colours.index[controller.segment_rows([100, 103])]) == {2}
 
-    controller.cell_type_colour = {"pyramidal": "#e6194b", "microglia": "#3cb44b"}.get  # e.g. the 3-D view's
-    np.testing.assert_array_equal(controller.colours().palette[:2, :3], [[0xE6, 0x19, 0x4B], [0x3C, 0xB4, 0x4B]])
+    # Colours follow the classifier's class order, as in the 3-D view (segscope.app.colours).
+    controller.cell_type_class_names = ("microglia", "pyramidal")
+    np.testing.assert_array_equal(controller.colours().palette[:2, :3], [[0x3C, 0xB4, 0x4B], [0xE6, 0x19, 0x4B]])
 
     controller.set_colour_mode("OOD score")
     colours = controller.colours()

@@ -10,14 +10,9 @@ from PyQt6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-
 from segscope.analysis import COMPARTMENTS
-from segscope.app.neuroglancer_bridge import cell_type_colour
+from segscope.app.colours import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR, cell_type_colour
 from segscope.app.state import (
-    COMPARTMENT_COLOURS,
-    EMBEDDED_COLOUR,
-    OOD_COLOUR,
-    PENDING_COLOUR,
     ClassifierSummary,
     SegmentRecord,
     SessionState,
