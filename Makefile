@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.segscope-installed
 
-.PHONY: setup run test test-all bench clean
+.PHONY: setup run test test-all bench clean docs
 
 setup: $(STAMP)
 
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml scripts/install_system_deps.sh
 	bash scripts/install_system_deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,docs]'
 	touch $(STAMP)
 
 run: setup
@@ -22,12 +22,18 @@ run: setup
 # Two pytest sessions: TensorFlow and QtWebEngine's WebGL (Mesa) cannot share a process.
 # Tests marked slow are left out here; test-all runs them too.
 test: setup
+	$(MAKE) --no-print-directory docs
 	$(BIN)/python -m pytest -m "not qt and not slow"
 	$(BIN)/python -m pytest -m "qt and not slow"
 
 test-all: setup
 	$(BIN)/python -m pytest -m "not qt"
 	$(BIN)/python -m pytest -m "qt"
+
+# The documentation site (mkdocs.yml, docs/) into build/site; any warning fails it.
+# NO_MKDOCS_2_WARNING silences mkdocs-material's end-of-life banner, printed on every build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d build/site
 
 bench: setup
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
