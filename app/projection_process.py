@@ -11,12 +11,12 @@ only pickles embeddings to it and layouts back.
 
 Protocol
 --------
-One pipe. The parent sends ``(kind, token, *args)`` under a lock; a receiver thread in the
-parent reads ``("ok", token, result)`` or ``("error", token, type_name, message)`` and
-resolves the :class:`concurrent.futures.Future` of that token. In the child the main
-thread only reads requests and hands each to a worker thread: fits and warm-ups on one,
-transforms on another, so a minute-long refit never holds back the placement of new
-points. Where numba's threading layer is not thread-safe
+:class:`segscope.app.child_process.ChildProcessRunner` owns the child, its pipe, the
+futures, the watchdog and restarts; this module adds the requests (frozen dataclasses:
+:class:`WarmUp`, :class:`Fit`, :class:`Transform`, :class:`Drop`) and the child's handlers.
+In the child the main thread only reads requests and hands each to a worker thread: fits
+and warm-ups on one, transforms on another, so a minute-long refit never holds back the
+placement of new points. Where numba's threading layer is not thread-safe
 (:func:`segscope.analysis.projection.numba_threadsafe`) both kinds share one worker instead.
 
 The child keeps fitted models by id, the newest ``keep_models`` of them (older ones are
@@ -24,13 +24,13 @@ dropped: the scheduler only ever places points with the newest model, and with t
 before while a placement started before a refit finished).
 
 If the child dies, every pending future fails with :class:`ProjectionProcessError`
-("the projection process exited (code N)"), and the next request starts a new child.
-A child that hangs without dying is caught by a watchdog thread: while requests wait, it
-pings the child every ``ping_interval_s``; a child silent for ``hang_timeout_s`` (no reply
-of any kind, pings included) is killed, and its futures fail the same way ("stopped
-answering"). The child's main thread answers pings between requests, and numba compiles
-and runs UMAP's kernels in stretches of seconds, so only a frozen child stays silent that
-long.
+("the projection process died (exit code -9); it restarts on the next request"), and the
+next request starts a new child. A child that hangs without dying is caught by the
+runner's watchdog: while requests wait, it pings the child every ``ping_interval_s``; a
+child silent for ``hang_timeout_s`` (no reply of any kind, pings included) is killed, and
+its futures fail the same way ("stopped answering for 120 s and was killed"). The child's
+main thread answers pings between requests, and numba compiles and runs UMAP's kernels
+in stretches of seconds, so only a frozen child stays silent that long.
 Models do not survive that: asking a new child about an old model raises
 :class:`ModelNotFoundError` (a ``KeyError``), and the caller refits.
 
@@ -44,36 +44,34 @@ Arrays: embeddings float32 ``[N, D]``; layouts float32 ``[N, 2]`` (x, y) in proj
 
 from __future__ import annotations
 
-import atexit
 import collections
 import itertools
 import logging
-import multiprocessing
 import os
-import queue
 import threading
 import time
-import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-
 from segscope.analysis.projection import UmapSettings
+from segscope.app.child_process import (
+    HANG_TIMEOUT_S,
+    PING_INTERVAL_S,
+    ChildProcessFailure,
+    ChildProcessRunner,
+    serve,
+)
 
 log = logging.getLogger(__name__)
 
 #: Fitted models the child keeps by default (the newest ones).
 KEEP_MODELS = 3
-#: Seconds between pings while requests wait, and of silence after which the child is
-#: taken for hung and killed. Cold numba compiles and 100k-point fits on a loaded 2-core
-#: machine still answer pings within a second or two.
-PING_INTERVAL_S = 10.0
-HANG_TIMEOUT_S = 120.0
 
 
-class ProjectionProcessError(RuntimeError):
+class ProjectionProcessError(ChildProcessFailure):
     """The projection process died, was shut down, or failed in an unexpected way."""
 
 
@@ -82,18 +80,6 @@ class ModelNotFoundError(KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; this one is a sentence
         return str(self.args[0]) if self.args else ""
-
-
-def _rebuild_error(type_name: str, message: str) -> Exception:
-    """The child's exception as the nearest built-in type, its message kept."""
-    from segscope.app.compute_process import rebuild_error  # the same mapping as the TensorFlow child
-
-    return rebuild_error(
-        type_name,
-        message,
-        own={"ModelNotFoundError": ModelNotFoundError},
-        unknown=lambda text: ProjectionProcessError(f"{text} (in the projection process)"),
-    )
 
 
 class FitResult(NamedTuple):
@@ -110,6 +96,41 @@ class FitResult(NamedTuple):
     dim: int
 
 
+# -- requests ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """Compile (or load from numba's cache) the kernels fits with ``settings`` use."""
+
+    settings: UmapSettings
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Fit float32 ``[N, D]`` ``embeddings``, optionally from float64 ``[N, 2]`` ``init``; keep it as ``model_id``."""
+
+    model_id: int
+    embeddings: np.ndarray
+    settings: UmapSettings
+    init: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Place float32 ``[M, D]`` ``embeddings`` with model ``model_id``."""
+
+    model_id: int
+    embeddings: np.ndarray
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Forget model ``model_id``."""
+
+    model_id: int
+
+
 # -- the child -------------------------------------------------------------------------------
 
 
@@ -118,104 +139,54 @@ def _child_main(conn, numba_cache_dir: str | None, keep_models: int) -> None:  #
     if numba_cache_dir:
         os.environ["NUMBA_CACHE_DIR"] = numba_cache_dir  # before numba is imported
     logging.basicConfig(level=logging.WARNING, format="projection process: %(levelname)s %(name)s: %(message)s")
-    _ChildServer(conn, keep_models).serve()
+    child = _ProjectionChild(keep_models)
+    serve(conn, child.handle, lane_of=child.lane_of)
 
 
-class _Lane:  # pragma: no cover - runs in the child
-    """One daemon worker thread running queued calls in order."""
-
-    def __init__(self, name: str):
-        self.queue: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self.thread.start()
-
-    @property
-    def busy(self) -> bool:
-        return self.queue.unfinished_tasks > 0
-
-    def submit(self, fn: Callable[[], None]) -> None:
-        self.queue.put(fn)
-
-    def _work(self) -> None:
-        while True:
-            fn = self.queue.get()
-            try:
-                fn()
-            except Exception:  # a bug here must not kill the lane and strand later requests
-                logging.getLogger(__name__).exception("projection request failed outside its handler")
-            finally:
-                self.queue.task_done()
-
-
-class _ChildServer:  # pragma: no cover - runs in the child process
-    def __init__(self, conn, keep_models: int):
-        self.conn = conn
+class _ProjectionChild:  # pragma: no cover - runs in the child process
+    def __init__(self, keep_models: int):
         self.keep_models = max(1, int(keep_models))
         self.models: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self.models_lock = threading.Lock()
-        self.send_lock = threading.Lock()
         from segscope.analysis.projection import configure_numba_cache, numba_threadsafe
 
         configure_numba_cache()
-        fit_lane = _Lane("projection-fit")
         # With numba's workqueue layer two parallel kernels at once abort the process.
-        self.lanes = {"fit": fit_lane, "place": _Lane("projection-place") if numba_threadsafe() else fit_lane}
+        self.threadsafe = numba_threadsafe()
 
-    def send(self, message) -> None:
-        with self.send_lock:
-            try:
-                self.conn.send(message)
-            except (OSError, BrokenPipeError, EOFError):
-                pass  # the parent is gone; the main loop sees EOF and exits
+    def lane_of(self, payload) -> str | None:
+        """Fits and warm-ups on one worker, transforms on another; drops at once."""
+        if isinstance(payload, Drop):
+            return None
+        if isinstance(payload, Transform) and self.threadsafe:
+            return "place"
+        return "fit"
 
-    def serve(self) -> None:
-        handlers = {"warm_up": ("fit", self.warm_up), "fit": ("fit", self.fit), "transform": ("place", self.transform)}
-        while True:
-            try:
-                message = self.conn.recv()
-            except (EOFError, OSError):
-                break
-            kind, token, args = message[0], message[1] if len(message) > 1 else None, message[2:]
-            if kind == "stop":
-                break
-            if kind == "ping":
-                self.send(("ok", token, os.getpid()))
-            elif kind == "drop":
-                with self.models_lock:
-                    self.models.pop(args[0], None)
-                self.send(("ok", token, None))
-            elif kind in handlers:
-                lane, handler = handlers[kind]
-                self.lanes[lane].submit(lambda handler=handler, token=token, args=args: self.run(handler, token, args))
-            else:
-                self.send(("error", token, "ValueError", f"unknown projection request {kind!r}"))
-        if any(lane.busy for lane in self.lanes.values()):
-            # A fit in numba cannot be interrupted; do not wait a minute to exit.
-            os._exit(0)
+    def handle(self, payload, context):
+        if isinstance(payload, WarmUp):
+            from segscope.analysis.projection import warm_up
 
-    def run(self, handler, token, args) -> None:
-        try:
-            result = handler(*args)
-            self.send(("ok", token, result))
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
-            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-            self.send(("error", token, type(exc).__name__, message))
+            return warm_up(settings=payload.settings)
+        if isinstance(payload, Fit):
+            return self.fit(payload)
+        if isinstance(payload, Transform):
+            return self.transform(payload.model_id, payload.embeddings)
+        if isinstance(payload, Drop):
+            with self.models_lock:
+                self.models.pop(payload.model_id, None)
+            return None
+        raise ValueError(f"unknown projection request {type(payload).__name__}")
 
-    def warm_up(self, settings: UmapSettings) -> dict:
-        from segscope.analysis.projection import warm_up
-
-        return warm_up(settings=settings)
-
-    def fit(self, model_id: int, embeddings: np.ndarray, settings: UmapSettings, init) -> FitResult:
+    def fit(self, request: Fit) -> FitResult:
         from segscope.analysis.progress import drive
         from segscope.analysis.projection import fit_umap
 
-        model = drive(fit_umap(embeddings, settings, init=init))
+        model = drive(fit_umap(request.embeddings, request.settings, init=request.init))
         with self.models_lock:
-            self.models[model_id] = model
+            self.models[request.model_id] = model
             while len(self.models) > self.keep_models:
                 self.models.popitem(last=False)
-        return FitResult(model_id, model.layout, model.n_points, float(model.fit_seconds), model.dim)
+        return FitResult(request.model_id, model.layout, model.n_points, float(model.fit_seconds), model.dim)
 
     def transform(self, model_id: int, embeddings: np.ndarray) -> np.ndarray:
         with self.models_lock:
@@ -231,39 +202,13 @@ class _ChildServer:  # pragma: no cover - runs in the child process
 # -- the parent ----------------------------------------------------------------------------
 
 
-_live_processes: "weakref.WeakSet[ProjectionProcess]" = weakref.WeakSet()
-
-
-@atexit.register
-def _shutdown_all() -> None:
-    for process in list(_live_processes):
-        process.shutdown(timeout=2.0)
-
-
-class _Child:
-    """One incarnation of the child: its process, pipe end and pending futures."""
-
-    def __init__(self, process, conn, incarnation: int):
-        self.process = process
-        self.conn = conn
-        self.incarnation = incarnation
-        self.pending: dict[int, Future] = {}
-        self.closed = False  # no new requests: it exited or is being stopped
-        self.stopping = False
-        self.hung_for: float | None = None  # seconds of silence, when the watchdog killed it
-        # When the child last answered, or when requests started waiting on an idle child
-        # (time.monotonic); the watchdog measures silence from here.
-        self.heard = time.monotonic()
-        self.pinged = 0.0  # when the watchdog last pinged it (time.monotonic)
-
-
 class ProjectionProcess:
     """A ``spawn``-ed child process that fits UMAP and places points with ``transform``.
 
     Thread-safe: any thread may send requests; each returns a
-    :class:`concurrent.futures.Future` at once, resolved by a receiver thread when the
-    child answers. A dead child fails its pending futures with
-    :class:`ProjectionProcessError`, and the next request starts a new one.
+    :class:`concurrent.futures.Future` at once, resolved when the child answers. A dead
+    or hung child fails its pending futures with :class:`ProjectionProcessError`, and the
+    next request starts a new one (see :class:`segscope.app.child_process.ChildProcessRunner`).
 
     Parameters
     ----------
@@ -278,6 +223,9 @@ class ProjectionProcess:
     ping_interval_s, hang_timeout_s
         The watchdog's ping period and the silence (seconds) after which a child with
         requests waiting is killed as hung; ``hang_timeout_s=None`` turns the watchdog off.
+    on_event
+        Called with a one-line message when the child died or hung and when a new one
+        started; from a reader thread (post it to the GUI thread).
     """
 
     def __init__(
@@ -288,71 +236,50 @@ class ProjectionProcess:
         start: bool = True,
         ping_interval_s: float = PING_INTERVAL_S,
         hang_timeout_s: float | None = HANG_TIMEOUT_S,
+        on_event: Callable[[str], None] | None = None,
     ):
         self.keep_models = int(keep_models)
-        self.ping_interval_s = float(ping_interval_s)
-        self.hang_timeout_s = None if hang_timeout_s is None else float(hang_timeout_s)
         self.numba_cache_dir = None if numba_cache_dir is None else os.fspath(numba_cache_dir)
-        self._lock = threading.Lock()  # the child, its pending futures, the counters
-        self._send_lock = threading.Lock()  # one writer on the pipe at a time
-        self._tokens = itertools.count(1)
-        self._incarnations = itertools.count(1)
-        self._child: _Child | None = None
-        self._shut = False
-        self.restarts = 0  # children started after the first one
-        _live_processes.add(self)
-        if start:
-            with self._lock:
-                self._ensure_child()
-
-    # -- life cycle ------------------------------------------------------------------------
-
-    def _ensure_child(self) -> _Child:
-        """The running child, started if there is none (call with the lock held)."""
-        if self._shut:
-            raise ProjectionProcessError("the projection process was shut down")
-        child = self._child
-        if child is not None and not child.closed:
-            return child
-        if child is not None:
-            self.restarts += 1
-            log.warning("restarting the projection process (the last one exited with code %s)", child.process.exitcode)
-        context = multiprocessing.get_context("spawn")
-        parent_conn, child_conn = context.Pipe()
-        process = context.Process(
-            target=_child_main,
-            args=(child_conn, self.numba_cache_dir, self.keep_models),
-            name="segscope-projection",
-            daemon=True,
+        self._model_ids = itertools.count(1)  # unique across restarts: an old id never aliases
+        self._runner = ChildProcessRunner(
+            "projection",
+            _child_main,
+            (self.numba_cache_dir, self.keep_models),
+            start=start,
+            ping_interval_s=ping_interval_s,
+            hang_timeout_s=hang_timeout_s,
+            on_event=on_event,
+            error_type=ProjectionProcessError,
+            own_errors={"ModelNotFoundError": ModelNotFoundError},
         )
-        process.start()
-        child_conn.close()  # so the parent's recv sees EOF when the child dies
-        child = _Child(process, parent_conn, next(self._incarnations))
-        threading.Thread(target=self._receive, args=(child,), name="segscope-projection-receiver", daemon=True).start()
-        if self.hang_timeout_s is not None:
-            threading.Thread(
-                target=self._watch, args=(child,), name="segscope-projection-watchdog", daemon=True
-            ).start()
-        self._child = child
-        return child
+
+    @property
+    def ping_interval_s(self) -> float:
+        return self._runner.ping_interval_s
+
+    @property
+    def hang_timeout_s(self) -> float | None:
+        return self._runner.hang_timeout_s
 
     @property
     def alive(self) -> bool:
         """True while a child runs (False before the first request with ``start=False``)."""
-        child = self._child
-        return child is not None and not child.closed and child.process.is_alive()
+        return self._runner.alive
 
     @property
     def pid(self) -> int | None:
         """The current child's process id (None when there is none)."""
-        child = self._child
-        return None if child is None else child.process.pid
+        return self._runner.pid
 
     @property
     def incarnation(self) -> int:
         """Which child this is (1 for the first; each restart adds one); 0 before any."""
-        child = self._child
-        return 0 if child is None else child.incarnation
+        return self._runner.incarnation
+
+    @property
+    def restarts(self) -> int:
+        """Children started after the first one."""
+        return self._runner.restarts
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the child (terminate it if it does not exit within ``timeout`` s).
@@ -360,67 +287,18 @@ class ProjectionProcess:
         Idempotent; also runs at interpreter exit. Pending futures fail, and later
         requests raise :class:`ProjectionProcessError`.
         """
-        with self._lock:
-            if self._shut:
-                return
-            self._shut = True
-            child = self._child
-            if child is None:
-                _live_processes.discard(self)
-                return
-            child.stopping = True
-            closed = child.closed
-        # A sender stuck on a hung child holds the send lock: then just terminate.
-        if not closed:
-            self._send_quietly(child, ("stop", None), timeout)
-        child.process.join(timeout)
-        if child.process.is_alive():
-            log.warning("projection process did not stop in %.0f s; terminating it", timeout)
-            child.process.terminate()
-            child.process.join(2.0)
-        with self._lock:
-            self._fail_pending(child, ProjectionProcessError("the projection process was shut down"))
-        try:
-            child.conn.close()
-        except OSError:
-            pass
-        _live_processes.discard(self)
-
-    # -- requests --------------------------------------------------------------------------
-
-    def _request(self, kind: str, *args) -> Future:
-        future: Future = Future()
-        with self._lock:
-            child = self._ensure_child()
-            token = next(self._tokens)
-            if not child.pending:
-                child.heard = time.monotonic()  # an idle child's silence does not count
-            child.pending[token] = future
-        try:
-            # Not under self._lock: a big send waits for the child to read it, and the
-            # receiver must still be able to resolve other futures meanwhile.
-            with self._send_lock:
-                child.conn.send((kind, token, *args))
-        except (OSError, BrokenPipeError, ValueError) as exc:
-            # The child is gone (or was stopped); the receiver fails the others. This one
-            # fails here in case the receiver has already finished.
-            with self._lock:
-                mine = child.pending.pop(token, None)
-                child.closed = True
-            if mine is not None and mine.set_running_or_notify_cancel():
-                mine.set_exception(ProjectionProcessError(f"the projection process is gone ({exc})"))
-        return future
+        self._runner.shutdown(timeout)
 
     def ping(self) -> Future:
         """Future of the child's process id (a cheap liveness check)."""
-        return self._request("ping")
+        return self._runner.ping()
 
     def warm_up(self, settings: UmapSettings = UmapSettings(seed=None)) -> Future:
         """Compile (or load from numba's disk cache) the kernels ``settings`` fits use.
 
         Future of :func:`segscope.analysis.projection.warm_up`'s timings dict (seconds).
         """
-        return self._request("warm_up", settings)
+        return self._runner.request(WarmUp(settings))
 
     def fit(self, embeddings: Any, settings: UmapSettings = UmapSettings(), init: Any = None) -> Future:
         """Fit UMAP on float32 ``[N, D]`` embeddings, optionally from float64 ``[N, 2]`` ``init``.
@@ -430,9 +308,7 @@ class ProjectionProcess:
         """
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         init = None if init is None else np.ascontiguousarray(init, dtype=np.float64)
-        with self._lock:
-            model_id = next(self._tokens)  # unique across restarts: an old id never aliases
-        return self._request("fit", model_id, embeddings, settings, init)
+        return self._runner.request(Fit(next(self._model_ids), embeddings, settings, init))
 
     def transform(self, model_id: int, embeddings: Any) -> Future:
         """Place float32 ``[M, D]`` embeddings with model ``model_id``: future of float32 ``[M, 2]``.
@@ -440,102 +316,11 @@ class ProjectionProcess:
         Fails with :class:`ModelNotFoundError` for a model the child does not hold, and
         ValueError for embeddings of the wrong width.
         """
-        return self._request("transform", int(model_id), np.ascontiguousarray(embeddings, dtype=np.float32))
+        return self._runner.request(Transform(int(model_id), np.ascontiguousarray(embeddings, dtype=np.float32)))
 
     def drop(self, model_id: int) -> Future:
         """Forget model ``model_id`` in the child (no error if it is not there)."""
-        return self._request("drop", int(model_id))
-
-    # -- the receiver --------------------------------------------------------------------
-
-    def _receive(self, child: _Child) -> None:
-        """Resolve ``child``'s futures from its replies until its pipe closes."""
-        while True:
-            try:
-                message = child.conn.recv()
-            except (EOFError, OSError):
-                break
-            except Exception as exc:  # an unpicklable reply: that request fails, the rest go on
-                log.exception("unreadable reply from the projection process")
-                message = ("error", None, type(exc).__name__, str(exc))
-            kind, token = message[0], message[1]
-            with self._lock:
-                child.heard = time.monotonic()
-                future = child.pending.pop(token, None)
-            if future is None or not future.set_running_or_notify_cancel():
-                continue
-            if kind == "ok":
-                future.set_result(message[2])
-            else:
-                future.set_exception(_rebuild_error(message[2], message[3]))
-        child.process.join(1.0)  # the pipe closes just before the process ends: read its code
-        if child.stopping:
-            error = ProjectionProcessError("the projection process was shut down")
-        elif child.hung_for is not None:
-            error = ProjectionProcessError(
-                f"the projection process stopped answering for "
-                f"{child.hung_for:.0f} s and was stopped; the next request "
-                "starts a new one"
-            )
-        else:
-            code = child.process.exitcode
-            error = ProjectionProcessError(f"the projection process exited (code {code})")
-            log.warning("%s", error)
-        with self._lock:
-            self._fail_pending(child, error)
-
-    def _watch(self, child: _Child) -> None:
-        """Ping ``child`` while requests wait on it; kill it after ``hang_timeout_s`` of silence."""
-        while True:
-            time.sleep(min(self.ping_interval_s, self.hang_timeout_s) / 2)
-            with self._lock:
-                if child.closed or child.stopping:
-                    return
-                if not child.pending:
-                    continue
-                silent = time.monotonic() - child.heard
-                hung = silent >= self.hang_timeout_s
-                if hung:
-                    child.hung_for = silent
-                    child.closed = True  # new requests start a new child
-                now = time.monotonic()
-                ping = not hung and silent >= self.ping_interval_s and now - child.pinged >= self.ping_interval_s
-                if ping:
-                    token = next(self._tokens)
-                    child.pending[token] = Future()  # its reply only refreshes child.heard
-                    child.pinged = now
-            if hung:
-                log.warning(
-                    "the projection process (pid %s) has not answered for %.0f s; killing it", child.process.pid, silent
-                )
-                child.process.kill()  # SIGKILL: a stopped or deadlocked child ignores SIGTERM
-                return  # the receiver sees the pipe close and fails the pending futures
-            if ping:
-                # Unsent (the pipe is gone, or a send is stuck on the child) changes nothing:
-                # the receiver closes a gone child, and a stuck one stays silent until killed.
-                self._send_quietly(child, ("ping", token), self.ping_interval_s)
-
-    def _send_quietly(self, child: _Child, message: tuple, timeout: float) -> bool:
-        """Send a control message unless the send lock stays taken for ``timeout`` s or
-        the pipe is gone; True if it was sent."""
-        if not self._send_lock.acquire(timeout=timeout):
-            return False
-        try:
-            child.conn.send(message)
-            return True
-        except (OSError, BrokenPipeError, ValueError):
-            return False
-        finally:
-            self._send_lock.release()
-
-    @staticmethod
-    def _fail_pending(child: _Child, error: Exception) -> None:
-        """Fail every pending future of ``child`` (call with the lock held)."""
-        child.closed = True
-        pending, child.pending = child.pending, {}
-        for future in pending.values():
-            if future.set_running_or_notify_cancel():
-                future.set_exception(error)
+        return self._runner.request(Drop(int(model_id)))
 
 
 # -- backends for the scheduler -----------------------------------------------------------

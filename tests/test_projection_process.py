@@ -206,11 +206,13 @@ def test_a_child_dying_mid_transform_reads_as_a_lost_model():
     class DyingProcess:
         def transform(self, model_id, embeddings):
             future = Future()
-            future.set_exception(ProjectionProcessError("the projection process exited (code -9)"))
+            future.set_exception(
+                ProjectionProcessError("the projection process died (exit code -9); it restarts on the next request")
+            )
             return future
 
     model = RemoteUmapModel(DyingProcess(), 7, np.zeros((3, 2), np.float32), 0.1, 4, SETTINGS)
-    with pytest.raises(ModelNotFoundError, match="model 7 was lost: the projection process exited"):
+    with pytest.raises(ModelNotFoundError, match="model 7 was lost: the projection process died"):
         model.transform(np.zeros((2, 4), np.float32))
 
 
@@ -220,7 +222,10 @@ def test_a_killed_child_fails_pending_requests_and_the_next_request_restarts_it(
         first = child.ping().result(timeout=60)
         pending = child.warm_up(SETTINGS)  # importing umap alone takes seconds: still pending
         os.kill(first, signal.SIGKILL)
-        with pytest.raises(ProjectionProcessError, match=r"the projection process exited \(code -9\)"):
+        with pytest.raises(
+            ProjectionProcessError,
+            match=r"the projection process died \(exit code -9\); it restarts on the next request",
+        ):
             pending.result(timeout=60)
         second = child.ping().result(timeout=60)
         assert second != first and child.restarts == 1 and child.alive
@@ -289,7 +294,7 @@ def test_a_frozen_child_is_killed_by_the_watchdog_and_the_next_request_restarts_
         os.kill(first, signal.SIGSTOP)
         started = time.monotonic()
         pending = child.ping()
-        with pytest.raises(ProjectionProcessError, match=r"stopped answering for \d+ s and was stopped"):
+        with pytest.raises(ProjectionProcessError, match=r"stopped answering for \d+ s and was killed"):
             pending.result(timeout=60)
         assert time.monotonic() - started >= 1.5
         assert not _running(first)
