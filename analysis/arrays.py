@@ -6,9 +6,9 @@ import numpy as np
 
 
 def group_rows(keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """``[(key, rows with that key)]`` for integer ``keys`` ``[N]`` (segment ids...), in one
-    stable sort rather than one pass per key (thousands of segments).
+    """``[(key, rows with that key)]`` for integer ``keys`` ``[N]`` (segment ids...).
 
+    One stable sort rather than one pass per key (thousands of segments).
     Keys come out ascending; each key's rows (int64) keep their order in ``keys``.
     """
     keys = np.asarray(keys).reshape(-1)

@@ -9,8 +9,8 @@ user clicked. Positions are nm, ``[N, 3]`` in x, y, z order.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -46,7 +46,7 @@ class Centres:
     def __len__(self) -> int:
         return len(self.node_ids)
 
-    def ordered_from(self, point_nm: Sequence[float] | None) -> "Centres":
+    def ordered_from(self, point_nm: Sequence[float] | None) -> Centres:
         """The same centres sorted by distance from ``point_nm`` (nearest first)."""
         if point_nm is None:
             return self

@@ -17,8 +17,9 @@ import logging
 import queue
 import threading
 import weakref
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -114,12 +115,13 @@ def default_batch_size(encoder, device: str = "auto") -> int:
 
 
 # Reduced-precision copies, built once per (encoder, policy); weights are refreshed on use.
-_TWINS: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
+_TWINS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def mixed_precision_twin(encoder, policy: str = "mixed_float16"):
-    """A copy of ``encoder`` computing in reduced precision (``mixed_float16`` or
-    ``mixed_bfloat16``), holding the encoder's current weights. Worth it on GPUs only.
+    """A copy of ``encoder`` computing in reduced precision (``mixed_float16`` or ``mixed_bfloat16``).
+
+    It holds the encoder's current weights. Worth it on GPUs only.
 
     The copy is cached per encoder and policy (building the full model takes seconds);
     its weights are copied again on every call so it never runs stale weights.
@@ -180,8 +182,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class _Predictor:
-    """Runs forward calls on the chosen device; pads ragged batches on JAX, whose jit
-    would otherwise compile the model again for every new batch size."""
+    """Runs forward calls on the chosen device.
+
+    Ragged batches are padded on JAX, whose jit would otherwise compile the model again
+    for every new batch size.
+    """
 
     def __init__(self, encoder, device: str, predict: Callable[[np.ndarray], np.ndarray] | None):
         import keras
@@ -487,7 +492,7 @@ class NodeEmbeddings:
     def __len__(self) -> int:
         return len(self.segment_ids)
 
-    def subset(self, rows: np.ndarray) -> "NodeEmbeddings":
+    def subset(self, rows: np.ndarray) -> NodeEmbeddings:
         """The rows selected by a boolean mask or index array."""
         return NodeEmbeddings(self.segment_ids[rows], self.node_ids[rows], self.xyz_nm[rows], self.embeddings[rows])
 
@@ -497,7 +502,7 @@ class NodeEmbeddings:
 
         out = np.empty_like(self.embeddings)
         order = np.argsort(self.segment_ids, kind="stable")
-        ids, starts = np.unique(self.segment_ids[order], return_index=True)
+        _ids, starts = np.unique(self.segment_ids[order], return_index=True)
         ends = np.append(starts[1:], len(order))
         for start, end in zip(starts, ends):
             rows = order[start:end]

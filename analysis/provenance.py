@@ -47,8 +47,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def model_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of an encoder: a ``.keras`` file's bytes, or a TensorFlow checkpoint's
-    files (``PREFIX.*`` in name order, concatenated; ``ckpt-1`` never takes in ``ckpt-10``'s).
+    """Hex sha256 of an encoder: a ``.keras`` file's bytes, or a TensorFlow checkpoint's files.
+
+    A checkpoint's files are ``PREFIX.*`` in name order, concatenated (``ckpt-1`` never takes
+    in ``ckpt-10``'s).
 
     Raises
     ------

@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 

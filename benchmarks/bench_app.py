@@ -35,6 +35,7 @@ import time
 PROCESS_START = time.perf_counter()  # before the heavy imports: launch time counts them
 
 import argparse  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -128,8 +129,7 @@ def launch(assets: dict):
     import PyQt6.QtWebEngineWidgets  # noqa: F401  (before the QApplication)
     from PyQt6.QtWidgets import QApplication
 
-    from segscope.app.controller import read_classifier_folder
-    from segscope.app.controller import DataSource
+    from segscope.app.controller import DataSource, read_classifier_folder
     from segscope.app.main import _demo_folder, build_window
 
     app = QApplication.instance() or QApplication(["segscope-bench"])
@@ -152,7 +152,7 @@ def launch(assets: dict):
     state = window.state
     if not _run_until(
         app,
-        lambda: state.model is not None and state.classifiers is not None or state.last_error is not None,
+        lambda: (state.model is not None and state.classifiers is not None) or state.last_error is not None,
         300,
         poll_ms=10,
     ):
@@ -409,7 +409,7 @@ def main() -> int:
         f"{statistics.median(big_all):.2f} s over {len(big_all)} clicks ({', '.join(f'{v:.2f}' for v in big_all)}); "
         f"{_verdict(statistics.median(big_all), TARGETS_S['segment_100'])}"
     )
-    gaps_ms = [1000 * (b - a) for a, b in zip(beats, beats[1:])]
+    gaps_ms = [1000 * (b - a) for a, b in itertools.pairwise(beats)]
     if gaps_ms:
         ordered = sorted(gaps_ms)
         p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]

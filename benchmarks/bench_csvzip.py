@@ -184,7 +184,7 @@ def bench_aggregate(args: argparse.Namespace) -> None:
         (random_walk(rng, 100, persistence), rng.normal(size=(100, args.dim)).astype(np.float32)) for _ in range(1000)
     ]
     for radius in (10_000.0, 25_000.0):
-        timing = median_time(lambda: [aggregate_embeddings(xyz, emb, radius) for xyz, emb in many])
+        timing = median_time(lambda radius=radius: [aggregate_embeddings(xyz, emb, radius) for xyz, emb in many])
         neighbours = np.mean([mean_neighbours(xyz, radius) for xyz, _ in many[:50]])
         print(
             f"aggregate 1000 segments x 100 nodes at {radius / 1000:g} um: {timing} "
@@ -198,7 +198,7 @@ def bench_aggregate(args: argparse.Namespace) -> None:
     ]
     for name, walk_persistence, radius in cases:
         xyz = random_walk(rng, 100_000, walk_persistence)
-        timing = median_time(lambda: aggregate_embeddings(xyz, emb, radius))
+        timing = median_time(lambda xyz=xyz, radius=radius: aggregate_embeddings(xyz, emb, radius))
         print(
             f"aggregate one {name} segment x 100,000 nodes at {radius / 1000:g} um: {timing} "
             f"({mean_neighbours(xyz, radius):.0f} neighbours per node)"

@@ -22,6 +22,7 @@ Set ``KERAS_BACKEND=jax`` to measure Keras on JAX (e.g. on a GPU machine).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -49,7 +50,7 @@ def bench_model(label: str, encoder, batch_sizes, repeats: int, *, jit: bool = F
     for batch in batch_sizes:
         cutouts = rng.integers(0, 256, (batch, *config.input_size_vox), dtype=np.uint8)
         cutouts[:, : config.input_size_vox[0] // 3] = 0  # masked EM is partly zero
-        seconds = _median_time(lambda: encoder.embed(cutouts), repeats)
+        seconds = _median_time(lambda cutouts=cutouts: encoder.embed(cutouts), repeats)
         rate = batch / seconds
         print(
             f"  {label:10s} jit={'on ' if jit else 'off'} batch {batch:3d}: {rate:8.2f} cutouts/s"
@@ -116,7 +117,7 @@ def bench_end_to_end(encoder, args) -> None:
         start = time.perf_counter()
         outputs[label] = run(image, segmentation)
         cold = time.perf_counter() - start
-        seconds = _median_time(lambda: run(image, segmentation), args.e2e_repeats)
+        seconds = _median_time(functools.partial(run, image, segmentation), args.e2e_repeats)
         results[label] = seconds
         print(
             f"  {label:10s}: cold {n / cold:8.1f} nodes/s   warm median {n / seconds:8.1f} nodes/s "

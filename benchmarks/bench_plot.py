@@ -254,9 +254,8 @@ def bench_latency(n_points: int, batch: int, limit_s: float, backend_name: str =
     from PyQt6.QtCore import QTimer
     from PyQt6.QtWidgets import QApplication
 
-    from segscope.app.views.embedding_plot import EmbeddingPlotWidget
-
     from segscope.app.projection_process import LocalProjectionBackend, ProcessProjectionBackend
+    from segscope.app.views.embedding_plot import EmbeddingPlotWidget
 
     app = QApplication.instance() or QApplication([])
     backend = ProcessProjectionBackend() if backend_name == "process" else LocalProjectionBackend()
@@ -370,7 +369,7 @@ def _stall_run(backend_name: str, n_points: int, new_points: int, placements: in
         g = gaps[mask]
         return (
             {
-                "ticks": int(len(g)),
+                "ticks": len(g),
                 "median_ms": float(np.median(g)),
                 "p99_ms": float(np.percentile(g, 99)),
                 "max_ms": float(g.max()),

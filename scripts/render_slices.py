@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from segscope.analysis.synthetic.preview import render_slices_png  # noqa: E402
+from segscope.analysis.synthetic.preview import render_slices_png
 
 
 def main(argv: list[str] | None = None) -> int:

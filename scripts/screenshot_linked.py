@@ -38,7 +38,7 @@ def main() -> int:
     import os
 
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    from segscope.app.main import configure_qt_environment, plan_launch, add_open_arguments, build_window
+    from segscope.app.main import add_open_arguments, build_window, configure_qt_environment, plan_launch
 
     configure_qt_environment()
     import PyQt6.QtWebEngineWidgets  # noqa: F401

@@ -29,8 +29,9 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ class NeuroglancerPage:
 
     # -- lifetime -----------------------------------------------------------------------
 
-    def open(self, timeout_s: float = 60.0) -> "NeuroglancerPage":
+    def open(self, timeout_s: float = 60.0) -> NeuroglancerPage:
         """Load the viewer page and wait until the client's ``window.viewer`` exists."""
         from PyQt6.QtCore import QUrl
         from PyQt6.QtWebEngineWidgets import QWebEngineView
@@ -167,7 +168,7 @@ class NeuroglancerPage:
             QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete.value)
             self._view = None
 
-    def __enter__(self) -> "NeuroglancerPage":
+    def __enter__(self) -> NeuroglancerPage:
         return self.open() if self._view is None else self
 
     def __exit__(self, *exc) -> None:

@@ -125,7 +125,7 @@ def test_aggregate_store_nm_coordinates_and_selected_shards(tmp_path):
     expected_ids = [s for s in segments if src.shard_of(s) == chosen]
     assert summary.segments == len(expected_ids)
     assert sorted(dst.segment_ids()) == sorted(expected_ids)
-    node_ids, xyz, embeddings = segments[expected_ids[0]]
+    _node_ids, xyz, embeddings = segments[expected_ids[0]]
     np.testing.assert_allclose(
         dst.read(expected_ids[0])[2], brute_force_means(xyz, embeddings, 25.0), rtol=1e-5, atol=1e-5
     )

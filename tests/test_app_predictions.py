@@ -152,7 +152,7 @@ def test_classifier_folder_is_read_from_its_manifest(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "manifest, problem",
+    ("manifest", "problem"),
     [
         (None, "has no classifiers.json"),
         ("not json", "not readable JSON"),
@@ -255,7 +255,7 @@ def test_launch_plan_accepts_classifiers_and_embeddings(demo, tmp_path):
     from segscope.analysis.csvzip import CsvZipStore
     from segscope.app.main import LaunchError, add_open_arguments, plan_launch
 
-    folder, (segment_id, _), skeletons = demo
+    folder, (segment_id, _), _skeletons = demo
     meta = json.loads((folder / "dataset.json").read_text())
     _fake_classifier_file(tmp_path / "types.npz", ("pyramidal", "basket"))
     (tmp_path / "classifiers.json").write_text(json.dumps({"cell_type": {"file": "types.npz", "radius_nm": 10000}}))
@@ -289,7 +289,7 @@ def test_launch_plan_accepts_classifiers_and_embeddings(demo, tmp_path):
             str(tmp_path / "store"),
         ]
     )
-    with pytest.raises(LaunchError, match="--classifiers: .*has no classifiers.json"):
+    with pytest.raises(LaunchError, match=r"--classifiers: .*has no classifiers\.json"):
         plan_launch(bad)
 
 

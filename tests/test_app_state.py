@@ -53,7 +53,7 @@ def test_data_for_another_segment_is_ignored(state):
 
 
 @pytest.mark.parametrize(
-    "indices, values, message",
+    ("indices", "values", "message"),
     [
         ([3], np.ones((1, 2)), "centre indices"),
         ([0, 1], np.ones((1, 2)), "must be"),

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from segscope.app.colours import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR
 from segscope.app.neuroglancer_bridge import (
     GROUND_TRUTH_LAYER,
     NODES_LAYER,
@@ -17,7 +18,6 @@ from segscope.app.neuroglancer_bridge import (
     NeuroglancerBridge,
     cell_type_colour,
 )
-from segscope.app.colours import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR
 from segscope.app.state import SessionState
 
 VOXEL = np.array([32.0, 32.0, 40.0])
@@ -353,7 +353,7 @@ def test_manual_labels_layer_colours_describes_and_links_each_node(bridge):
 
 
 @pytest.mark.parametrize(
-    "points, message",
+    ("points", "message"),
     [
         ([(1, 2, (0.0, 0.0, 0.0), "")], "no label"),
         ([(1, 2, (0.0, 0.0), "axon")], "position"),
@@ -573,10 +573,10 @@ def web_qapp(request):
 @pytest.mark.qt
 @pytest.mark.timeout(180)
 def test_the_page_draws_the_new_layers_and_reports_only_the_users_selection(web_qapp, bridge, tmp_path):
+    from segscope.app.neuroglancer_bridge import EXPORTED_LAYER, HOVER_LAYER, LABELS_LAYER
+
     from ngclient import NeuroglancerPage
     from test_export_ngclient import SPATIAL_IDS_SCRIPT
-
-    from segscope.app.neuroglancer_bridge import EXPORTED_LAYER, HOVER_LAYER, LABELS_LAYER
 
     reports = []
     bridge.on_segments_changed(reports.append)

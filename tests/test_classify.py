@@ -453,7 +453,7 @@ def test_load_errors(tmp_path, trained):
     np.savez(mismatched, **arrays)
     with pytest.raises(ClassifierFileError, match="shape"):
         load_classifier(mismatched)
-    with pytest.raises(ValueError, match=".npz"):
+    with pytest.raises(ValueError, match=r"\.npz"):
         classifier.save(tmp_path / "wrong.keras")
     assert zipfile.is_zipfile(good)
 
@@ -501,16 +501,19 @@ def test_train_rejects_bad_input():
 
 def test_named_configs_match_segclr():
     assert set(CLASSIFIER_CONFIGS) == {"BERT_SNGP_v1", "BERT_SMALL_SNGP_v1", "WRN_SNGP_v1", "linear_v1"}
-    as_tuple = lambda c: (
-        c.num_hidden,
-        c.num_layers,
-        c.spec_norm_bound,
-        c.num_inducing,  # noqa: E731
-        c.gp_cov_momentum,
-        c.gp_cov_ridge_penalty,
-        c.l2_reg,
-        c.batch_size,
-    )
+
+    def as_tuple(c):
+        return (
+            c.num_hidden,
+            c.num_layers,
+            c.spec_norm_bound,
+            c.num_inducing,
+            c.gp_cov_momentum,
+            c.gp_cov_ridge_penalty,
+            c.l2_reg,
+            c.batch_size,
+        )
+
     assert as_tuple(BERT_SNGP_V1) == (128, 2, 0.95, 2048, 0.999, 1e-3, 1e-3, 128)
     assert as_tuple(BERT_SMALL_SNGP_V1) == (64, 2, 0.95, 256, 0.999, 1e-3, 1e-3, 128)
     assert as_tuple(WRN_SNGP_V1) == (128, 2, 6.0, 1024, 0.999, 1e-3, 1e-4, 128)

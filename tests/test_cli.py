@@ -39,7 +39,7 @@ def test_info_prints_shape_and_voxel_size(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    ("argv", "message"),
     [
         (["info", "/nonexistent/volume"], "does not exist"),
         (["info", "ftp://host/x"], "unsupported URL scheme"),

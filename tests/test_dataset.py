@@ -62,7 +62,7 @@ def test_missing_folder(tmp_path):
 
 
 def test_folder_without_dataset_json(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dataset.json"):
+    with pytest.raises(FileNotFoundError, match=r"dataset\.json"):
         open_dataset(tmp_path)
 
 

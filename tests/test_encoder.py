@@ -311,7 +311,7 @@ def test_checkpoint_missing_variable_is_named(tiny_encoder, tmp_path):
     no_head = rename_checkpoint(
         good,
         tmp_path / "nohead" / "model.ckpt",
-        drop=[n for n in info.value.missing] + ["projection_head_0_0/nl_0/dense/kernel"],
+        drop=[*info.value.missing, "projection_head_0_0/nl_0/dense/kernel"],
     )
     with pytest.raises(CheckpointMismatchError):
         load_checkpoint(no_head, TINY)  # still misses the BN variance
@@ -395,7 +395,7 @@ def test_load_encoder_rejects_foreign_files(tmp_path):
     plain.save(tmp_path / "plain.keras")
     with pytest.raises(ValueError, match="not a SegScope encoder"):
         load_encoder(tmp_path / "plain.keras")
-    with pytest.raises(ValueError, match=".keras"):
+    with pytest.raises(ValueError, match=r"\.keras"):
         save_encoder(build_encoder(TINY), tmp_path / "model.h5")
 
 

@@ -15,7 +15,6 @@ from segscope.analysis.export import (
     Provenance,
     SegmentTable,
     SkeletonEdges,
-    skeletons_from_edges_table,
     build_viewer_state,
     cave_cell_type_table,
     export_bundle,
@@ -28,6 +27,7 @@ from segscope.analysis.export import (
     read_table,
     segment_arrow_table,
     segment_table_from_arrow,
+    skeletons_from_edges_table,
     swc_text,
     tables_from_ground_truth,
     write_node_annotations,
@@ -208,7 +208,7 @@ def test_node_table_fills_defaults_and_counts_compartments():
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, match",
+    ("kwargs", "error", "match"),
     [
         (dict(node_id=[0, 1]), ValueError, "node_id has 2 entries"),
         (dict(xyz_nm=[[0, 0, 0], [np.nan, 0, 0], [1, 1, 1]]), ValueError, "NaN or infinite"),
@@ -279,7 +279,7 @@ def test_tables_from_ground_truth(tmp_path):
     assert nodes.compartment_probability[0, SOMA] == 1 and np.isnan(nodes.compartment_probability[2]).all()
     assert segments.cell_type.tolist() == ["pyr", ""] and segments.cell_type_names == ("pyr",)
     assert segments.compartment_node_counts[0, SOMA] == 1 and segments.compartment_node_counts[1].sum() == 0
-    with pytest.raises(FileNotFoundError, match="missing.parquet"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.parquet"):
         tables_from_ground_truth(tmp_path / "missing.parquet", tmp_path / "segments.parquet")
     _, ordered = tables_from_ground_truth(tmp_path / "nodes.parquet", tmp_path / "segments.parquet", ("inh", "pyr"))
     assert ordered.cell_type_names == ("inh", "pyr") and ordered.cell_type_probability[0].tolist() == [0, 1]
@@ -609,7 +609,7 @@ def test_swc_forest_cycles_and_bad_edges(tmp_path):
     roots = rows[rows[:, 6] == -1, 0].astype(int).tolist()
     assert roots == [11, 21]  # node 10 and node 20 (+1)
     assert (rows[:, 1] == 0).all()  # no compartments: undefined
-    with pytest.raises(FileExistsError, match="s.swc"):
+    with pytest.raises(FileExistsError, match=r"s\.swc"):
         write_swc(tmp_path / "s.swc", node_ids, xyz, edges)
     with pytest.raises(ValueError, match="node id 99"):
         swc_text(node_ids, xyz, np.array([[10, 99]]))
@@ -627,17 +627,16 @@ def test_atomic_writes_refuse_to_overwrite_and_leave_nothing_on_failure(tmp_path
     with pytest.raises(FileExistsError, match=str(target)):
         write_segment_properties(target, segments)
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_folder(target, force=True) as work:
-            (work / "info").write_text("half")
-            raise RuntimeError("boom")
+    # PT012 is waived below: the failure under test has to be raised inside the atomic block.
+    with pytest.raises(RuntimeError, match="boom"), atomic_folder(target, force=True) as work:  # noqa: PT012
+        (work / "info").write_text("half")
+        raise RuntimeError("boom")
     assert (target / "info").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["props"]
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_file(tmp_path / "file.txt") as temporary:
-            temporary.write_text("x")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_file(tmp_path / "file.txt") as temporary:  # noqa: PT012
+        temporary.write_text("x")
+        raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["props"]
 
     smaller = SegmentTable(segments.segment_id[:1])

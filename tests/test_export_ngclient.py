@@ -17,17 +17,17 @@ import pytest
 pytest.importorskip("PyQt6.QtWebEngineWidgets")
 pytest.importorskip("pytestqt")
 
-from segscope.analysis import COMPARTMENTS  # noqa: E402
-from segscope.analysis.export import (  # noqa: E402
+from segscope.analysis import COMPARTMENTS
+from segscope.analysis.export import (
     NodeTable,
     SegmentTable,
     build_viewer_state,
     write_node_annotations,
     write_segment_properties,
 )
-from segscope.analysis.progress import drive  # noqa: E402
+from segscope.analysis.progress import drive
 
-from ngclient import (  # noqa: E402
+from ngclient import (
     NeuroglancerPage,
     annotation_by_id_script,
     annotation_count_script,

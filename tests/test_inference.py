@@ -223,7 +223,7 @@ def volumes(tmp_path_factory):
     rng = np.random.default_rng(3)
     em = rng.integers(30, 220, (48, 48, 40), dtype=np.uint8)
     seg = np.ones((48, 48, 40), dtype=np.uint64)
-    x, y, z = np.meshgrid(np.arange(48), np.arange(48), np.arange(40), indexing="ij")
+    x, y, _z = np.meshgrid(np.arange(48), np.arange(48), np.arange(40), indexing="ij")
     seg[(x - 24) ** 2 + (y - 20) ** 2 < 64] = 7
     write_volume(root / "em", em, (32, 32, 40))
     write_volume(root / "seg", seg, (32, 32, 40), segmentation=True)

@@ -117,10 +117,16 @@ def test_labels_are_stripped_and_validated(store):
     assert validate_label(None) == "" and validate_label("") == ""
     store.assign_nodes(" axon ", 1, [1])
     assert store.node_labels(1, [1]).tolist() == ["axon"]
-    for bad in ("   ", "x" * (MAX_LABEL_LENGTH + 1), "ax\non", "tab\there", 3):
-        with pytest.raises(ValueError):
+    for bad, why in (
+        ("   ", "only whitespace"),
+        ("x" * (MAX_LABEL_LENGTH + 1), "at most"),
+        ("ax\non", "control characters"),
+        ("tab\there", "control characters"),
+        (3, "must be a string"),
+    ):
+        with pytest.raises(ValueError, match=why):
             store.assign_nodes(bad, 1, [2])
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=why):
             store.assign_segments(bad, 1)
     assert store.n_labelled_nodes == 1 and store.n_labelled_segments == 0
 
@@ -138,7 +144,7 @@ def test_bad_ids_are_refused(store):
         store.assign_segments("axon", [2**64])
     with pytest.raises(ValueError, match="int64"):
         store.assign_nodes("axon", 1, np.array([2**63], dtype=np.uint64))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="nonzero"):
         store.node_labels([0], [1])
     assert not store.can_undo
 
@@ -217,7 +223,7 @@ def test_to_dict_round_trip(store):
 
 
 @pytest.mark.parametrize(
-    "data, message",
+    ("data", "message"),
     [
         ([], "JSON object"),
         ({"version": 2}, "version"),

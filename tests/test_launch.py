@@ -33,7 +33,7 @@ def test_a_saved_session_names_the_data_and_the_command_line_wins(demo96_dir, tm
     gone = save_session(
         tmp_path / "gone.segscope.json", SessionDocument(dataset=dataset, model_path=str(tmp_path / "missing.keras"))
     )
-    with pytest.raises(LaunchError, match="missing.keras"):  # the session's own model is checked
+    with pytest.raises(LaunchError, match=r"missing\.keras"):  # the session's own model is checked
         plan_launch(parse("--session", str(gone)))
 
 
@@ -42,5 +42,5 @@ def test_a_missing_or_broken_session_is_a_launch_error(tmp_path):
         plan_launch(parse("--session", str(tmp_path / "none.segscope.json")))
     bad = tmp_path / "bad.segscope.json"
     bad.write_text("{not json")
-    with pytest.raises(LaunchError, match="bad.segscope.json"):
+    with pytest.raises(LaunchError, match=r"bad\.segscope\.json"):
         plan_launch(parse("--session", str(bad)))

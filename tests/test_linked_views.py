@@ -113,7 +113,10 @@ def embed_all(qtbot, window, segments) -> None:
     plot = window.plot_dock.plot
     for segment_id, node_ids, nodes_nm in segments:
         window.controller.handle_click(segment_id, nodes_nm[len(nodes_nm) // 2])
-        qtbot.waitUntil(lambda: len(plot.controller.segment_rows([segment_id])) == len(node_ids), timeout=30_000)
+        n = len(node_ids)
+        qtbot.waitUntil(
+            lambda segment_id=segment_id, n=n: len(plot.controller.segment_rows([segment_id])) == n, timeout=30_000
+        )
     qtbot.waitUntil(
         lambda: plot.points.n_points == plot.controller.n_points and np.isfinite(plot.points._xy).all(), timeout=5_000
     )

@@ -191,8 +191,8 @@ def test_window_opens_on_the_demo_and_renders(qtbot, window, demo_dir):
 
 def test_double_click_selects_streams_predicts_and_flags_ood(qtbot, window, demo_dir, tmp_path):
     from segscope.analysis import COMPARTMENTS
-    from segscope.app.neuroglancer_bridge import NODES_LAYER, OOD_LAYER_PREFIX, SEGMENTATION_LAYER
     from segscope.app.colours import COMPARTMENT_COLOURS, OOD_COLOUR
+    from segscope.app.neuroglancer_bridge import NODES_LAYER, OOD_LAYER_PREFIX, SEGMENTATION_LAYER
 
     segment_id, node_nm = _largest_segment(demo_dir)
     window.bridge.set_layout("xy")

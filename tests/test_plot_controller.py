@@ -160,7 +160,7 @@ def test_hit_test_returns_the_nearest_point_within_the_radius():
     others = np.linalg.norm(controller.layout - old, axis=1)
     assert controller.hit_test(*old, radius=100.0) == int(others.argmin()) != 7
     # Many small moves, checked against brute force each time.
-    for step in range(30):
+    for _ in range(30):
         rows = rng.choice(controller.n_points, 5, replace=False)
         controller.set_layout(rows, rng.uniform(-10, 10, (5, 2)))
         x, y = rng.uniform(-10, 10, 2)

@@ -74,7 +74,7 @@ def test_align_layout_undoes_rotation_reflection_scale_and_shift():
     # The fitted mapping carries later points (placed by transform) into the same frame.
     similarity = Similarity.fit(moved[:150], reference[:150])
     np.testing.assert_allclose(similarity.apply(moved[150:]), reference[150:], atol=1e-4)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must both be \[N, 2\]"):
         align_layout(moved[:10], reference)
 
 

@@ -56,7 +56,7 @@ def test_committed_asset_fits_the_default_demo_and_shipped_models(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "changes, words",
+    ("changes", "words"),
     [
         ({"seed": 1}, "seed 0"),
         ({"generator_version": 3}, "generator_version"),
@@ -158,7 +158,7 @@ def test_read_embedding_table_names_missing_columns_and_bad_files(tmp_path):
     with pytest.raises(KeyError, match=r"noz\.parquet.*z_nm"):
         read_embedding_table(tmp_path / "noz.parquet")
     (tmp_path / "junk.parquet").write_text("segment_id,node_id\n")
-    with pytest.raises(ValueError, match="junk.parquet"):
+    with pytest.raises(ValueError, match=r"junk\.parquet"):
         read_embedding_table(tmp_path / "junk.parquet")
 
 
@@ -260,7 +260,7 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    ("argv", "message"),
     [
         (["--segments", "all", "--out", "{tmp}/e.parquet"], "--segments all needs"),
         (["--segments", "7", "--classifiers", str(CLASSIFIERS), "--out", "{tmp}/store"], "only a .parquet"),

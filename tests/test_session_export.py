@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from segscope.analysis import COMPARTMENTS
+from segscope.analysis.centres import contract_skeleton
 from segscope.analysis.export import NOT_PREDICTED, SkeletonEdges, read_node_table, read_segment_table
 from segscope.analysis.progress import drive
 from segscope.app.labels import LabelStore
-from segscope.analysis.centres import contract_skeleton
 from segscope.app.session_export import NOTHING_TO_EXPORT, export_session, session_tables
 from segscope.app.state import (
     UNKNOWN_COMPARTMENT,

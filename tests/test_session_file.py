@@ -138,7 +138,7 @@ def test_document_accepts_numpy_values_from_the_app():
 
 
 @pytest.mark.parametrize(
-    "change, field, words",
+    ("change", "field", "words"),
     [
         (lambda d: d.update(format="something-else"), "format", "not a SegScope session"),
         (lambda d: d.update(version=2), "version", "newer SegScope"),
@@ -173,7 +173,7 @@ def test_invalid_documents_name_the_file_and_the_field(change, field, words):
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", "", "\xff\xfe"])
 def test_text_that_is_not_a_session_object_is_refused(text):
-    with pytest.raises(SessionFileError, match="bad.json"):
+    with pytest.raises(SessionFileError, match=r"bad\.json"):
         SessionDocument.from_json(text, "bad.json")
 
 
@@ -278,7 +278,7 @@ def test_corrupt_or_foreign_records_files_name_the_file(tmp_path):
         with pytest.raises(SessionFileError) as caught:
             load_records(tmp_path / name)
         assert name in str(caught.value)
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.npz"):
         load_records(tmp_path / "missing.npz")
 
 
@@ -321,12 +321,12 @@ def test_session_without_records_has_no_sidecar_and_removes_a_stale_one(tmp_path
 def test_session_paths():
     for given in ("a/b", "a/b.json", "a/b.segscope.json"):
         assert session_paths(given) == (Path("a/b.segscope.json"), Path("a/b.records.npz"))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="has no name before its suffix"):
         session_paths("a/.segscope.json")
 
 
 def test_missing_or_broken_session_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing.segscope.json"):
+    with pytest.raises(FileNotFoundError, match=r"nothing\.segscope\.json"):
         load_session(tmp_path / "nothing.segscope.json")
 
     path = save_session(tmp_path / "s", make_document(), [full_record()])
@@ -335,19 +335,19 @@ def test_missing_or_broken_session_files_are_named(tmp_path):
         load_session(path)
 
     path.write_text('{"format": "segscope-session", "version": 1,')  # cut off mid-write
-    with pytest.raises(SessionFileError, match="s.segscope.json.*not valid JSON"):
+    with pytest.raises(SessionFileError, match=r"s\.segscope\.json.*not valid JSON"):
         load_session(path)
 
     data = make_document().to_dict()
     data["version"] = 7
     path.write_text(json.dumps(data))
-    with pytest.raises(SessionFileError, match="s.segscope.json.*'version'.*version 7"):
+    with pytest.raises(SessionFileError, match=r"s\.segscope\.json.*'version'.*version 7"):
         load_session(path)
 
     save_session(tmp_path / "c", make_document(), [full_record()])
     sidecar = tmp_path / "c.records.npz"
     sidecar.write_bytes(sidecar.read_bytes()[:100])
-    with pytest.raises(SessionFileError, match="c.records.npz"):
+    with pytest.raises(SessionFileError, match=r"c\.records\.npz"):
         load_session(tmp_path / "c.segscope.json")
 
 
@@ -487,7 +487,7 @@ def test_an_autosave_whose_marker_vanished_is_offered_newest_first(tmp_path):
 
 
 def test_discard_removes_the_autosave_and_its_marker(tmp_path):
-    crashed = crashed_session(tmp_path, {})
+    crashed_session(tmp_path, {})
     me = AutosaveManager(tmp_path)
     [candidate] = me.recoverable()
     me.discard(candidate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -77,7 +78,7 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     config = TrainingConfig(steps=100, warmup_steps=10, learning_rate=1e-3)
     rates = [learning_rate_at(s, config) for s in range(100)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
-    assert all(x >= y for x, y in zip(rates[10:], rates[11:]))
+    assert all(x >= y for x, y in itertools.pairwise(rates[10:]))
     assert rates[-1] < 1e-6
 
 

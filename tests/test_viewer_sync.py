@@ -116,7 +116,7 @@ def viewer():
     neuroglancer.set_server_bind_address("127.0.0.1", 0)
     viewer = merging_viewer()
     viewer.set_state(base_state())
-    yield viewer
+    return viewer
 
 
 def post_state(viewer, state: dict, client_generation: int, previous: str) -> tuple[int, str | None]:

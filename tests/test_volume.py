@@ -94,7 +94,7 @@ def test_downsampled_cutout_masks_block_centres(pair):
 
 
 def test_iter_batches_cover_all_centres_in_order(pair):
-    image, seg_volume, em, seg = pair
+    image, seg_volume, _em, _seg = pair
     centres = (np.array([[10, 20, 10], [30, 40, 20], [12, 22, 12], [35, 45, 25], [8, 15, 5]]) + 0.5) * VOXEL
     whole = cut_masked(image, seg_volume, SEG_ID, centres, (9, 9, 9))
     seen = []
@@ -128,7 +128,7 @@ def test_missing_and_unsupported_sources(tmp_path):
 
 
 def test_mismatched_voxel_sizes_are_refused(pair, tmp_path):
-    image, _, em, seg = pair
+    image, _, _em, seg = pair
     write_volume(tmp_path / "seg", seg, (16, 16, 40), segmentation=True)
     other = open_volume(tmp_path / "seg")
     with pytest.raises(VolumeError, match="differs from segmentation"):
@@ -179,7 +179,7 @@ def test_zarr2_needs_a_voxel_size(tmp_path):
 def test_em_and_mask_parts_compose_to_the_masked_cutout(pair):
     from segscope.analysis.volume import cut_em_and_mask
 
-    image, seg_volume, em, seg = pair
+    image, seg_volume, em, _seg = pair
     centres = (np.array([[6, 11, 4], [20, 30, 15]]) + 0.5) * VOXEL
     em_cut, mask = cut_em_and_mask(image, seg_volume, SEG_ID, centres, (11, 11, 11))
     assert mask.dtype == bool and em_cut.dtype == np.uint8
@@ -188,7 +188,7 @@ def test_em_and_mask_parts_compose_to_the_masked_cutout(pair):
 
 
 def test_in_memory_copy_reads_the_same(pair):
-    image, _, em, _ = pair
+    image, _, _em, _ = pair
     copy = image.in_memory()
     assert copy.shape == image.shape and np.allclose(copy.voxel_size_nm, VOXEL)
     assert np.array_equal(copy.read((-4, 50, 40), (10, 70, 60)), image.read((-4, 50, 40), (10, 70, 60)))

@@ -67,21 +67,23 @@ def test_wheel_installs_outside_the_checkout_and_opens_the_demo_model(tmp_path):
     assert REPO.as_posix() not in " ".join(where)
 
     cli = [str(fresh_python), "-m", "segscope.app.cli"]
-    assert "segscope" in _run(cli + ["--version"], cwd=tmp_path, env=env)
-    _run(cli + ["demo-data", "--out", str(tmp_path / "demo"), "--size", "64", "--seed", "2"], cwd=tmp_path, env=env)
-    info = _run(cli + ["info", str(tmp_path / "demo" / "image")], cwd=tmp_path, env=env)
+    assert "segscope" in _run([*cli, "--version"], cwd=tmp_path, env=env)
+    _run([*cli, "demo-data", "--out", str(tmp_path / "demo"), "--size", "64", "--seed", "2"], cwd=tmp_path, env=env)
+    info = _run([*cli, "info", str(tmp_path / "demo" / "image")], cwd=tmp_path, env=env)
     assert "voxel" in info.lower()
     opened = _run(
         [
             str(fresh_python),
             "-c",
-            "from segscope.analysis.paths import assets_dir\n"
-            "from segscope.analysis.encoder import load_encoder\n"
-            "import numpy as np\n"
-            "enc = load_encoder(assets_dir() / 'demo_encoder.keras')\n"
-            "cfg = enc.encoder_config\n"
-            "out = np.asarray(enc(np.zeros((1, *cfg.input_size_vox, 1), np.float32)))\n"
-            "print(out.shape[-1], cfg.embedding_dim, np.isfinite(out).all())\n",
+            (
+                "from segscope.analysis.paths import assets_dir\n"
+                "from segscope.analysis.encoder import load_encoder\n"
+                "import numpy as np\n"
+                "enc = load_encoder(assets_dir() / 'demo_encoder.keras')\n"
+                "cfg = enc.encoder_config\n"
+                "out = np.asarray(enc(np.zeros((1, *cfg.input_size_vox, 1), np.float32)))\n"
+                "print(out.shape[-1], cfg.embedding_dim, np.isfinite(out).all())\n"
+            ),
         ],
         cwd=tmp_path,
         env=env,

@@ -92,7 +92,7 @@ class ClassifierConfig:
         """Whether the residual-block Dense layers are spectrally normalised."""
         return self.spec_norm_bound > 0 and self.num_layers > 0
 
-    def with_updates(self, **changes: Any) -> "ClassifierConfig":
+    def with_updates(self, **changes: Any) -> ClassifierConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
@@ -101,7 +101,7 @@ class ClassifierConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ClassifierConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ClassifierConfig:
         """Inverse of :meth:`to_dict`; unknown or missing keys are a ``ValueError``."""
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names

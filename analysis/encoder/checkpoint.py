@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -160,8 +160,7 @@ class CheckpointContents:
 
 
 def match_variables(contents: CheckpointContents, expected: dict[str, tuple]) -> None:
-    """Raise :class:`CheckpointMismatchError` unless every expected variable is present
-    with the expected shape."""
+    """Raise :class:`CheckpointMismatchError` unless every expected variable is present with the expected shape."""
     missing = sorted(n for n in expected if n not in contents.shapes)
     misshaped = sorted(
         (n, contents.shapes[n], tuple(shape))

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 #: Version of the config schema written into saved SegScope models.
 CONFIG_FORMAT_VERSION = 1
@@ -176,7 +177,7 @@ class EncoderConfig:
         """SegCLR block names of residual stage ``stage_index`` (0-based): a, b, c..."""
         return [f"block_{string.ascii_lowercase[i]}" for i in range(self.stage_blocks[stage_index])]
 
-    def with_updates(self, **changes: Any) -> "EncoderConfig":
+    def with_updates(self, **changes: Any) -> EncoderConfig:
         """A copy with some fields replaced (validated)."""
         return dataclasses.replace(self, **changes)
 
@@ -187,7 +188,7 @@ class EncoderConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EncoderConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> EncoderConfig:
         """Inverse of :meth:`to_dict`; rejects unknown keys and newer format versions."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)

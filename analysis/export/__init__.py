@@ -51,12 +51,12 @@ from segscope.analysis.export.tables import (
 
 __all__ = [
     "ALL_PARTS",
+    "NOT_PREDICTED",
+    "SWC_TYPE_OF_COMPARTMENT",
     "AnnotationProperty",
     "ExportResult",
-    "NOT_PREDICTED",
     "NodeTable",
     "Provenance",
-    "SWC_TYPE_OF_COMPARTMENT",
     "SegmentTable",
     "SkeletonEdges",
     "atomic_file",

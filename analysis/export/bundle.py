@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generator, Mapping, Sequence
 
 import numpy as np
 
@@ -97,8 +97,10 @@ def _bundle_url(base_url: str | None, folder: Path, name: str) -> str:
 
 
 def check_export_options(parts: Sequence[str], table_formats: Sequence[str]) -> None:
-    """Raise ValueError naming any part not in :data:`ALL_PARTS` or table format not in
-    :data:`TABLE_FORMATS` (before any work starts)."""
+    """Raise ValueError naming any unknown part or table format (before any work starts).
+
+    Parts must be in :data:`ALL_PARTS`, table formats in :data:`TABLE_FORMATS`.
+    """
     unknown = sorted(set(parts) - set(ALL_PARTS))
     if unknown:
         raise ValueError(f"unknown export parts {unknown}; choose from {ALL_PARTS}")

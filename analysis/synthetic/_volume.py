@@ -17,8 +17,8 @@ two segments of one cell, as in a real cutout).
 from __future__ import annotations
 
 import logging
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Generator
 
 import numpy as np
 from scipy import ndimage
@@ -132,8 +132,11 @@ def capsule_box(p0, p1, rmax, voxel_size_nm, shape) -> tuple[np.ndarray, np.ndar
 
 
 def capsule_fields(p0, p1, r0, r1, lo, hi, voxel_size_nm):
-    """Distance of each voxel centre in box [lo, hi) to the capsule axis (nm), the
-    interpolated radius there (nm) and the axial parameter t in [0, 1]; arrays [x, y, z]."""
+    """Distance, radius and axial parameter of each voxel centre in box [lo, hi) of a capsule.
+
+    Returns the distance to the capsule axis (nm), the interpolated radius there (nm) and
+    the axial parameter t in [0, 1]; arrays [x, y, z].
+    """
     axes = [((np.arange(lo[a], hi[a]) + 0.5) * voxel_size_nm[a] - p0[a]).astype(np.float32) for a in range(3)]
     dx, dy, dz = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
     d = (p1 - p0).astype(np.float32)
@@ -235,6 +238,6 @@ def close_cracks(labels: np.ndarray) -> int:
 
 
 def astro_lookup(frags: Fragments, cells: list[Cell]) -> np.ndarray:
-    """bool [F + 1] indexed by label: is the segment a fragment of an astrocyte."""
+    """A bool [F + 1] array indexed by label: is the segment a fragment of an astrocyte."""
     types = np.array([c.cell_type for c in cells])
     return np.concatenate([[False], types[frags.fragment_cell] == ASTROCYTE])
