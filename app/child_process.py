@@ -680,6 +680,11 @@ class ChildProcessRunner:
                 event = f"the {self.name} process died (exit code {'unknown' if code is None else code})"
             error = self._error(f"{event}; {self._again()}")
             log.warning("%s", error)
+        with self._lock:
+            child.closed = True  # before on_event: a request made from it starts a new child
+        if event is not None:
+            # Told before the calls fail, so a UI shows why before it shows the failed job.
+            self._emit(f"{event}; {self._again()}")
         self._fail_pending(child, error)
         if child.send_lock.acquire(timeout=1.0):
             try:
@@ -688,8 +693,6 @@ class ChildProcessRunner:
                 pass
             finally:
                 child.send_lock.release()
-        if event is not None:
-            self._emit(f"{event}; {self._again()}")
 
     def _rebuild(self, type_name: str, message: str) -> Exception:
         return rebuild_error(
