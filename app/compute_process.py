@@ -20,69 +20,47 @@ each embedding batch the child's :class:`SegmentPredictor` labels the new nodes 
 their predicted subcompartment and re-estimates the segment's cell type and
 out-of-distribution score, and the batch travels back with its predictions
 (:class:`PredictedBatch`), so a node gets its colour the moment its embedding exists.
+
+The pipe, the watchdog and restarts are :class:`segscope.app.child_process.ChildProcessRunner`'s.
+A restarted child gets the last encoder and classifiers loaded before anything else (the
+runner replays those requests), so the job after a crash runs without the user reloading.
 """
 
 from __future__ import annotations
 
-import collections
-import itertools
 import logging
-import multiprocessing
 import os
+import queue
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Sequence
+from typing import Any
 
 import numpy as np
-
 from segscope.analysis import COMPARTMENTS
 from segscope.analysis.progress import Progress
+from segscope.app.child_process import (
+    HANG_TIMEOUT_S,
+    PING_INTERVAL_S,
+    ChildProcessFailure,
+    ChildProcessRunner,
+    serve,
+)
+from segscope.app.child_process import (
+    rebuild_error as rebuild_error,  # moved there; importable here too
+)
 
 log = logging.getLogger(__name__)
 
-#: Seconds to wait for the child between checks of the cancel flag and its liveness.
+#: Seconds between checks of the cancel flag while an embedding job waits for batches.
 _POLL_S = 0.02
 
 
-class ComputeProcessError(RuntimeError):
-    """The compute process died or answered out of protocol."""
+class ComputeProcessError(ChildProcessFailure):
+    """The compute process died, stopped answering, was shut down, or failed unexpectedly."""
 
 
 class JobCancelledError(RuntimeError):
     """The compute process stopped a job because it was asked to."""
-
-
-_ERROR_TYPES: dict[str, type[Exception]] = {
-    "ValueError": ValueError,
-    "KeyError": KeyError,
-    "FileNotFoundError": FileNotFoundError,
-    "PermissionError": PermissionError,
-    "MemoryError": MemoryError,
-    # SegScope's own errors subclass ValueError / KeyError; keep their meaning.
-    "VolumeError": ValueError,
-    "DatasetError": ValueError,
-    "CheckpointMismatchError": ValueError,
-    "SegmentNotFoundError": KeyError,
-}
-
-
-def rebuild_error(
-    type_name: str,
-    message: str,
-    *,
-    own: dict[str, type[Exception]] | None = None,
-    unknown: Callable[[str], Exception] | None = None,
-) -> Exception:
-    """A child process's exception (sent as type name and message) as the nearest built-in
-    type, its message kept; shared by every SegScope child process.
-
-    ``own`` maps a child's own exception names to classes; ``unknown(text)`` makes the
-    error for any other type (default :class:`ComputeProcessError`).
-    """
-    if own and type_name in own:
-        return own[type_name](message)
-    if type_name in _ERROR_TYPES:
-        return _ERROR_TYPES[type_name](message)
-    return (unknown or ComputeProcessError)(f"{type_name}: {message}")
 
 
 # -- predictions ---------------------------------------------------------------------------
@@ -357,65 +335,98 @@ def _predict_safely(predictor: SegmentPredictor, indices, embeddings) -> Predict
         return Predictions(None, None, f"prediction failed: {type(exc).__name__}: {exc}")
 
 
+# -- requests ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadEncoder:
+    """Load the encoder at ``path`` (``.keras`` or SegCLR checkpoint), run it on blank batches."""
+
+    path: str
+    warm_up_batches: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LoadClassifiers:
+    """Load classifiers: ``entries`` of ``{"task", "path", "radius_nm"}``."""
+
+    entries: tuple[dict, ...]
+
+
+@dataclass(frozen=True)
+class Embed:
+    """Embed cutouts of segment ``segment_id`` around float64 ``[N, 3]`` ``centres_nm``."""
+
+    image_url: str
+    segmentation_url: str
+    segment_id: int
+    centres_nm: np.ndarray
+    first_batch: int
+
+
+@dataclass(frozen=True)
+class Predict:
+    """Classifier outputs for one segment's precomputed embeddings at once."""
+
+    positions_nm: np.ndarray
+    embeddings: np.ndarray
+
+
+@dataclass(frozen=True)
+class EmbedBatch:
+    """Progress of an :class:`Embed`: one forward call's embeddings and predictions.
+
+    ``indices`` int64 ``[b]`` into the centres, ``embeddings`` float32 ``[b, D]``; ``done``
+    of ``total`` centres so far at ``rate`` cutouts per second.
+    """
+
+    indices: np.ndarray
+    embeddings: np.ndarray
+    done: int
+    total: int
+    rate: float | None
+    predictions: Predictions | None
+
+
 # -- the child -------------------------------------------------------------------------------
 
 
 def _child_main(conn) -> None:  # pragma: no cover - runs in the child process
     """Serve requests until told to stop or the parent goes away."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    server = _ChildServer(conn)
-    server.serve()
+    # One lane (the default): TensorFlow work runs in order, and the reading thread stays
+    # free to answer pings and take cancels while a batch runs.
+    serve(conn, _ComputeChild().handle)
 
 
-class _ChildServer:  # pragma: no cover - runs in the child process
-    def __init__(self, conn):
-        self.conn = conn
+class _ComputeChild:  # pragma: no cover - runs in the child process
+    def __init__(self):
         self.encoder = None
         self.predictor: SegmentPredictor | None = None
         self.volumes: dict[str, Any] = {}
-        self.backlog: collections.deque = collections.deque()
 
-    def receive(self):
-        return self.backlog.popleft() if self.backlog else self.conn.recv()
-
-    def serve(self) -> None:
-        while True:
-            try:
-                message = self.receive()
-            except (EOFError, OSError):
-                return
-            kind = message[0]
-            if kind == "stop":
-                return
-            if kind == "cancel":
-                continue  # a cancel for a job that already ended
-            try:
-                if kind == "load":
-                    self.conn.send(("loaded", self.load(*message[1:])))
-                elif kind == "load_classifiers":
-                    self.conn.send(("classifiers_loaded", self.load_classifiers(*message[1:])))
-                elif kind == "embed":
-                    self.embed(*message[1:])
-                elif kind == "predict":
-                    self.predict(*message[1:])
-                else:
-                    self.conn.send(("error", None, "ValueError", f"unknown request {kind!r}"))
-            except (EOFError, OSError, BrokenPipeError):
-                return
+    def handle(self, payload, context):
+        if isinstance(payload, LoadEncoder):
+            return self.load(payload.path, payload.warm_up_batches)
+        if isinstance(payload, LoadClassifiers):
+            return self.load_classifiers(payload.entries)
+        if isinstance(payload, Embed):
+            return self.embed(payload, context)
+        if isinstance(payload, Predict):
+            if self.predictor is None:
+                return None
+            return predict_segment(self.predictor, payload.positions_nm, payload.embeddings)
+        raise ValueError(f"unknown request {type(payload).__name__}")
 
     def load(self, path: str, warm_up_batches: Sequence[int]) -> dict:
-        try:
-            from segscope.analysis.encoder import open_encoder
+        from segscope.analysis.encoder import open_encoder
+        from segscope.analysis.inference import default_batch_size
 
-            encoder = open_encoder(path)
-            config = encoder.encoder_config
-            from segscope.analysis.inference import default_batch_size
-
-            for batch in sorted(set(warm_up_batches) | {default_batch_size(encoder)}):
-                encoder.embed(np.zeros((batch, *config.input_size_vox), dtype=np.uint8))
-        except Exception as exc:
-            return {"error": (type(exc).__name__, str(exc))}
-        self.encoder = encoder
+        encoder = open_encoder(path)
+        config = encoder.encoder_config
+        for batch in sorted(set(warm_up_batches) | {default_batch_size(encoder)}):
+            encoder.embed(np.zeros((batch, *config.input_size_vox), dtype=np.uint8))
+        self.encoder = encoder  # only once it works: a failed load keeps the last encoder
         return {
             "name": config.name,
             "embedding_dim": int(encoder.embedding_dim),
@@ -424,11 +435,7 @@ class _ChildServer:  # pragma: no cover - runs in the child process
         }
 
     def load_classifiers(self, entries: Sequence[dict]) -> dict:
-        """Load classifiers: ``entries`` of ``{"task", "path", "radius_nm"}``."""
-        try:
-            predictor, loaded = load_segment_predictor(entries)
-        except Exception as exc:
-            return {"error": (type(exc).__name__, str(exc))}
+        predictor, loaded = load_segment_predictor(entries)
         self.predictor = predictor if predictor.active else None
         return {
             task: {
@@ -440,18 +447,6 @@ class _ChildServer:  # pragma: no cover - runs in the child process
             for task, c in loaded.items()
         }
 
-    def predict(self, token: int, positions_nm: np.ndarray, embeddings: np.ndarray) -> None:
-        """Predictions for a whole segment's embeddings at once (precomputed ones)."""
-        if self.predictor is None:
-            self.conn.send(("predicted", token, None))
-            return
-        try:
-            predictions = predict_segment(self.predictor, positions_nm, embeddings)
-        except Exception as exc:
-            self.conn.send(("error", token, type(exc).__name__, str(exc)))
-            return
-        self.conn.send(("predicted", token, predictions))
-
     def volume(self, url: str):
         from segscope.analysis.volume import open_volume
 
@@ -459,49 +454,24 @@ class _ChildServer:  # pragma: no cover - runs in the child process
             self.volumes[url] = open_volume(url)
         return self.volumes[url]
 
-    def cancelled(self, token: int) -> bool:
-        """Read pending messages; True once a cancel for ``token`` arrived."""
-        found = False
-        while self.conn.poll():
-            message = self.conn.recv()
-            if message[0] == "cancel" and message[1] == token:
-                found = True
-            elif message[0] != "cancel":
-                self.backlog.append(message)
-        return found
-
-    def embed(
-        self,
-        token: int,
-        image_url: str,
-        segmentation_url: str,
-        segment_id: int,
-        centres_nm: np.ndarray,
-        first_batch: int,
-    ) -> None:
+    def embed(self, request: Embed, context) -> int:
+        """Stream the segment's embeddings as progress; the number embedded."""
         from segscope.analysis.inference import stream_segment_embeddings
         from segscope.analysis.progress import RateMeter
 
         if self.encoder is None:
-            self.conn.send(("error", token, "ValueError", "no model is loaded"))
-            return
+            raise ValueError("no model is loaded")
+        centres_nm = request.centres_nm
         done = 0
-        cancelled = [False]
-
-        def is_cancelled() -> bool:
-            if not cancelled[0] and self.cancelled(token):
-                cancelled[0] = True
-            return cancelled[0]
-
         try:
-            image = self.volume(image_url)
-            segmentation = self.volume(segmentation_url)
+            image = self.volume(request.image_url)
+            segmentation = self.volume(request.segmentation_url)
             total = len(centres_nm)
             meter = RateMeter()
             predictor = self.predictor
             if predictor is not None:
                 predictor.start(centres_nm)
-            first = min(max(1, first_batch), total)
+            first = min(max(1, request.first_batch), total)
             # A small first call puts the nearest node on screen quickly; the rest run at
             # the engine's efficient batch size.
             for start, stop, batch_size in ((0, first, first), (first, total, None)):
@@ -511,79 +481,94 @@ class _ChildServer:  # pragma: no cover - runs in the child process
                     self.encoder,
                     image,
                     segmentation,
-                    segment_id,
+                    request.segment_id,
                     centres_nm[start:stop],
                     batch_size=batch_size,
-                    cancel=is_cancelled,
+                    cancel=context.cancelled,
                 )
                 for report in part:
                     batch = report.payload
                     done += len(batch.indices)
                     indices = batch.indices + start
                     predictions = None if predictor is None else _predict_safely(predictor, indices, batch.embeddings)
-                    self.conn.send(
-                        ("batch", token, indices, batch.embeddings, done, total, meter.rate(done), predictions)
-                    )
-                    if is_cancelled():
+                    context.progress(EmbedBatch(indices, batch.embeddings, done, total, meter.rate(done), predictions))
+                    if context.cancelled():
                         part.close()
-                        self.conn.send(("cancelled", token, done))
-                        return
+                        raise JobCancelledError(f"cancelled after {done} cutouts")
+        except JobCancelledError:
+            raise
         except Exception as exc:
-            if cancelled[0]:
-                self.conn.send(("cancelled", token, done))
-            else:
-                self.conn.send(("error", token, type(exc).__name__, str(exc)))
-            return
-        self.conn.send(("done", token, done))
+            if context.cancelled():  # the engine noticed the cancel first
+                raise JobCancelledError(f"cancelled after {done} cutouts") from exc
+            raise
+        return done
 
 
 # -- the parent ----------------------------------------------------------------------------
 
+_DONE = object()  # ends an embed's queue of batches
+
 
 class ComputeProcess:
-    """A child process that holds the encoder.
+    """A child process that holds the encoder and the classifiers.
 
-    Not thread-safe: drive it from one thread (the app's job worker), one generator at a
-    time, and close or exhaust each generator before starting the next.
+    Drive it from one thread (the app's job worker), one generator at a time, and close or
+    exhaust each generator before starting the next.
 
     The process starts at construction (``spawn``: a fresh interpreter that imports
-    TensorFlow itself), so its start-up overlaps the GUI's.
+    TensorFlow itself), so its start-up overlaps the GUI's. If it dies or hangs, the
+    request in flight fails with :class:`ComputeProcessError` ("the compute process died
+    (exit code -9); it restarts on the next request"), and the next request starts a new
+    child into which the last encoder and classifiers loaded are loaded again first, so
+    the next click embeds without the user doing anything.
+
+    Parameters
+    ----------
+    start
+        Start the child now rather than at the first request.
+    ping_interval_s, hang_timeout_s
+        The watchdog's ping period and the silence (seconds) after which a child with a
+        request waiting is killed as hung; ``hang_timeout_s=None`` turns the watchdog off.
+    on_event
+        Called with a one-line message when the child died or hung, when a new one
+        started, and when reloading the model into it failed; from a reader thread (post
+        it to the GUI thread).
     """
 
-    def __init__(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_child_main, args=(child_conn,), name="segscope-compute", daemon=True)
-        self._process.start()
-        child_conn.close()
-        self._tokens = itertools.count(1)
+    def __init__(
+        self,
+        *,
+        start: bool = True,
+        ping_interval_s: float = PING_INTERVAL_S,
+        hang_timeout_s: float | None = HANG_TIMEOUT_S,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self._runner = ChildProcessRunner(
+            "compute",
+            _child_main,
+            start=start,
+            ping_interval_s=ping_interval_s,
+            hang_timeout_s=hang_timeout_s,
+            on_event=on_event,
+            error_type=ComputeProcessError,
+            own_errors={"JobCancelledError": JobCancelledError},
+        )
         self.loaded = False
         self.classifiers_loaded = False
 
     @property
     def alive(self) -> bool:
-        return self._process.is_alive()
+        return self._runner.alive
 
-    def _send(self, message) -> None:
-        try:
-            self._conn.send(message)
-        except (OSError, BrokenPipeError) as exc:
-            raise ComputeProcessError(f"the compute process is gone ({exc})") from exc
+    @property
+    def pid(self) -> int | None:
+        """The current child's process id (None when there is none)."""
+        return self._runner.pid
 
-    def _receive(self, cancel: Callable[[], bool] | None = None, on_cancel: Callable[[], None] | None = None):
-        """Wait for the next message, checking the child's liveness and the cancel flag."""
-        while not self._conn.poll(_POLL_S):
-            if cancel is not None and on_cancel is not None and cancel():
-                on_cancel()
-                on_cancel = None
-            if not self._process.is_alive():
-                raise ComputeProcessError(
-                    f"the compute process exited unexpectedly (exit code {self._process.exitcode})"
-                )
-        try:
-            return self._conn.recv()
-        except (EOFError, OSError) as exc:
-            raise ComputeProcessError(f"the compute process is gone ({exc})") from exc
+    @property
+    def restarts(self) -> int:
+        """Children started after the first one."""
+        return self._runner.restarts
 
     def load(
         self, path: str | os.PathLike, *, warm_up_batches: Sequence[int] = (1, 2)
@@ -592,35 +577,28 @@ class ComputeProcess:
 
         Returns a dict with ``name``, ``embedding_dim``, ``input_size_vox`` and
         ``voxel_size_nm``. Raises the child's error (ValueError, FileNotFoundError...).
+        A child started after a crash loads it again before anything else.
         """
         yield Progress(0, 1, "steps", f"loading {os.fspath(path)}")
-        self._send(("load", os.fspath(path), list(warm_up_batches)))
-        summary = self._await("loaded")
-        if "error" in summary:
-            raise rebuild_error(*summary["error"])
+        request = LoadEncoder(os.fspath(path), tuple(int(b) for b in warm_up_batches))
+        summary = self._runner.request(request).result()
+        self._runner.set_init("the encoder", request)
         self.loaded = True
         yield Progress(1, 1, "steps", "model ready")
         return summary
-
-    def _await(self, kind: str):
-        """The payload of the next ``kind`` reply (late messages of abandoned jobs skipped)."""
-        reply = self._receive()
-        while reply[0] != kind:
-            reply = self._receive()
-        return reply[1]
 
     def load_classifiers(self, entries: Sequence[dict]) -> Generator[Progress, None, dict]:
         """Load classifiers in the child: ``entries`` of ``{"task": "compartment" or
         "cell_type", "path": .npz file, "radius_nm": aggregation radius}``.
 
         Returns ``{task: {"class_names", "num_features", "ood_threshold", "config"}}``.
-        Raises the child's error (FileNotFoundError, ValueError...).
+        Raises the child's error (FileNotFoundError, ValueError...). A child started after
+        a crash loads them again before anything else.
         """
         yield Progress(0, 1, "steps", f"loading {len(entries)} classifiers")
-        self._send(("load_classifiers", [dict(entry) for entry in entries]))
-        summary = self._await("classifiers_loaded")
-        if "error" in summary:
-            raise rebuild_error(*summary["error"])
+        request = LoadClassifiers(tuple(dict(entry) for entry in entries))
+        summary = self._runner.request(request).result()
+        self._runner.set_init("the classifiers", request)
         self.classifiers_loaded = bool(summary)
         yield Progress(1, 1, "steps", "classifiers ready")
         return summary
@@ -631,18 +609,8 @@ class ComputeProcess:
         Blocks until the child answers (call from the worker thread); None when no
         classifier is loaded.
         """
-        token = next(self._tokens)
-        self._send(
-            ("predict", token, np.asarray(positions_nm, dtype=np.float64), np.asarray(embeddings, dtype=np.float32))
-        )
-        while True:
-            message = self._receive()
-            if len(message) < 2 or message[1] != token:
-                continue
-            if message[0] == "predicted":
-                return message[2]
-            if message[0] == "error":
-                raise rebuild_error(message[2], message[3])
+        request = Predict(np.asarray(positions_nm, dtype=np.float64), np.asarray(embeddings, dtype=np.float32))
+        return self._runner.request(request).result()
 
     def embed(
         self,
@@ -659,60 +627,46 @@ class ComputeProcess:
         Yields a Progress per forward call whose payload is a :class:`PredictedBatch`
         (indices into ``centres_nm``, with predictions when classifiers are loaded);
         returns the number embedded. Raises :class:`JobCancelledError` when ``cancel`` fired
-        before the end, or the child's error.
+        before the end, :class:`ComputeProcessError` when the child died or hung, or the
+        child's error.
         """
         centres = np.asarray(centres_nm, dtype=np.float64).reshape(-1, 3)
-        token = next(self._tokens)
-        finished = False
-
-        def send_cancel() -> None:
-            self._send(("cancel", token))
-
-        self._send(("embed", token, image_url, segmentation_url, int(segment_id), centres, int(first_batch)))
+        # Batches arrive on the runner's reader thread; this generator hands them on in
+        # order, on the caller's thread, and ends with the call.
+        updates: queue.Queue = queue.Queue()
+        call = self._runner.request(
+            Embed(image_url, segmentation_url, int(segment_id), centres, int(first_batch)), on_progress=updates.put
+        )
+        call.add_done_callback(lambda _: updates.put(_DONE))
+        cancelled = finished = False
         try:
             while True:
-                message = self._receive(cancel, send_cancel)
-                if len(message) < 2 or message[1] != token:
-                    continue  # a late message of an abandoned job
-                kind = message[0]
-                if kind == "batch":
-                    _, _, indices, embeddings, done, total, rate, predictions = message
-                    yield Progress(
-                        done,
-                        total,
-                        "cutouts",
-                        f"segment {segment_id}",
-                        rate=rate,
-                        payload=PredictedBatch(np.asarray(indices), np.asarray(embeddings), predictions),
-                    )
-                elif kind == "done":
+                try:
+                    batch = updates.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if not cancelled and cancel is not None and cancel():
+                        self._runner.cancel(call)
+                        cancelled = True
+                    continue
+                if batch is _DONE:
                     finished = True
-                    return int(message[2])
-                elif kind == "cancelled":
-                    finished = True
-                    raise JobCancelledError(f"cancelled after {message[2]} cutouts")
-                elif kind == "error":
-                    finished = True
-                    raise rebuild_error(message[2], message[3])
+                    return int(call.result())
+                yield Progress(
+                    batch.done,
+                    batch.total,
+                    "cutouts",
+                    f"segment {segment_id}",
+                    rate=batch.rate,
+                    payload=PredictedBatch(np.asarray(batch.indices), np.asarray(batch.embeddings), batch.predictions),
+                )
         finally:
             if not finished:
                 # Closed early (the job runner cancels between batches): tell the child to
-                # stop; its remaining messages carry this token and are skipped.
-                try:
-                    send_cancel()
-                except ComputeProcessError:
-                    pass
+                # stop; what it still sends goes to a call nobody reads.
+                self._runner.cancel(call)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the child to exit; terminate it if it does not within ``timeout`` s."""
-        if self._process.is_alive():
-            try:
-                self._conn.send(("stop",))
-            except (OSError, BrokenPipeError):
-                pass
-            self._process.join(timeout)
-            if self._process.is_alive():
-                log.warning("compute process did not stop in %.0f s; terminating it", timeout)
-                self._process.terminate()
-                self._process.join(2.0)
-        self._conn.close()
+        self._runner.shutdown(timeout)
+
+    shutdown = stop
