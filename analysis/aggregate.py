@@ -1,5 +1,4 @@
-"""Radius aggregation of node embeddings, as in SegCLR's ``aggregated_10um`` and
-``aggregated_25um`` releases.
+"""Radius aggregation of node embeddings, as in SegCLR's ``aggregated_10um`` and ``aggregated_25um`` releases.
 
 Each node's aggregated embedding is the mean of the embeddings of all nodes of the same
 segment within ``radius_nm`` of it (Euclidean distance in nanometres, the node itself
@@ -10,8 +9,9 @@ number of neighbour pairs); the means are one sparse matrix product.
 from __future__ import annotations
 
 import logging
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
-from typing import Any, Generator, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -157,7 +157,9 @@ def aggregate_store(
         if voxel_size_nm is not None:
             raise ValueError("src already has nm coordinates: leave voxel_size_nm as None")
         scale = None
-    same_folder = not src.is_remote and not dst.is_remote and src.local_dir.resolve() == dst.local_dir.resolve()
+    same_folder = (
+        src.local_dir is not None and dst.local_dir is not None and src.local_dir.resolve() == dst.local_dir.resolve()
+    )
     if same_folder:
         raise ValueError(f"src and dst are the same store ({src.location}); write elsewhere")
     shard_list = sorted(set(src.shards() if shards is None else (int(s) for s in shards)))

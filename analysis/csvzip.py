@@ -35,9 +35,10 @@ import time
 import zipfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping
+from typing import Any, Literal
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -249,9 +250,9 @@ def _parse_member_slowly(data: bytes, path: str, member: str) -> SegmentArrays:
 
 
 def parse_member(data: bytes, *, path: str = "<bytes>", member: str = "<member>") -> SegmentArrays:
-    """Parse one member's CSV rows.
+    r"""Parse one member's CSV rows.
 
-    Blank lines (empty or whitespace only, anywhere) are skipped; ``\\r\\n`` line ends are
+    Blank lines (empty or whitespace only, anywhere) are skipped; ``\r\n`` line ends are
     accepted. Integer and decimal coordinates are both accepted.
 
     Returns
@@ -386,8 +387,10 @@ class _ShardReader:
         raise NotImplementedError
 
     def fetch_tail(self, length: int) -> tuple[bytes, int | None]:
-        """Return the last ``length`` bytes (fewer if the file is shorter) and, when
-        known, the absolute offset of the first returned byte."""
+        """Return the last ``length`` bytes (fewer if the file is shorter) and their absolute offset.
+
+        The offset is None when it is not known.
+        """
         raise NotImplementedError
 
     def close(self) -> None:
@@ -395,6 +398,8 @@ class _ShardReader:
 
 
 class _LocalShardReader(_ShardReader):
+    size: int  # a local file's size is always known
+
     def __init__(self, path: Path) -> None:
         self.where = str(path)
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -533,8 +538,10 @@ def _read_directory(reader: _ShardReader) -> _Directory:
 
 
 def _find_eocd(tail: bytes) -> int | None:
-    """Index in ``tail`` of the end-of-central-directory record whose comment reaches the
-    end of the file exactly, or None."""
+    """Index in ``tail`` of the end-of-central-directory record, or None.
+
+    Only a record whose comment reaches the end of the file exactly counts.
+    """
     at = len(tail)
     while True:
         at = tail.rfind(_EOCD_SIG, 0, at)
@@ -550,8 +557,10 @@ def _find_eocd(tail: bytes) -> int | None:
 def _zip64_record(
     reader: _ShardReader, tail: bytes, tail_start: int | None, locator_at: int, record_offset: int
 ) -> tuple:
-    """Return the unpacked zip64 end-of-central-directory record, from the tail if it is
-    there, else fetched at ``record_offset``."""
+    """Return the unpacked zip64 end-of-central-directory record.
+
+    It is taken from the tail if it is there, else fetched at ``record_offset``.
+    """
     if tail_start is not None:
         index = record_offset - tail_start
         found = 0 <= index <= len(tail) - _ZIP64_EOCD.size
@@ -609,13 +618,13 @@ def _parse_central_directory(central: bytes, count: int, data_end: int, token: A
         )
     ids: list[int] = []
     members: list[int] = []
-    for index, name in enumerate(names):
+    for member, name in enumerate(names):
         stem = name[:-4]
         if name.endswith(b".csv") and stem.isdigit() and (stem[:1] != b"0" or stem == b"0"):
             segment_id = int(stem)
             if segment_id <= MAX_SEGMENT_ID:
                 ids.append(segment_id)
-                members.append(index)
+                members.append(member)
     keep = np.array(members, dtype=np.intp)
     segment_ids = np.array(ids, dtype=np.uint64)
     order = keep[np.argsort(segment_ids, kind="stable")]
@@ -732,7 +741,7 @@ class _ShardLock:
         self._fd = fd
         self._shard = shard
 
-    def __enter__(self) -> "_ShardLock":
+    def __enter__(self) -> _ShardLock:
         self._thread_lock.acquire()
         if self._fd is not None:
             try:
@@ -873,7 +882,7 @@ class CsvZipStore:
 
     def shard_location(self, shard: int) -> str:
         """Path or URL of shard file ``shard``."""
-        if self.url is not None:
+        if self.local_dir is None:
             return f"{self.url}{shard}.zip"
         return str(self.local_dir / f"{shard}.zip")
 
@@ -889,7 +898,7 @@ class CsvZipStore:
 
     def _open_reader(self, shard: int) -> _ShardReader | None:
         """A reader for the shard's file, or None when the shard does not exist."""
-        if self.url is None:
+        if self.local_dir is not None:
             try:
                 return _LocalShardReader(self.local_dir / f"{shard}.zip")
             except FileNotFoundError:
@@ -924,10 +933,10 @@ class CsvZipStore:
             self._cache.pop(shard, None)
 
     def _with_directory(self, shard: int, action: Any, *, use_cache: bool = True) -> Any:
-        """Run ``action(reader, directory)`` on the shard, reloading the directory once if
-        a remote shard turns out to have changed since it was cached.
+        """Run ``action(reader, directory)`` on the shard.
 
-        Returns None when the shard does not exist.
+        The directory is reloaded once if a remote shard turns out to have changed since
+        it was cached. Returns None when the shard does not exist.
         """
         for attempt in (0, 1):
             reader = self._open_reader(shard)
@@ -1016,7 +1025,7 @@ class CsvZipStore:
             The remote store cannot list its keys (plain HTTP servers).
         """
         pattern = re.compile(r"(0|[1-9][0-9]*)\.zip")
-        if self.url is None:
+        if self.local_dir is not None:
             names = os.listdir(self.local_dir)
         else:
             try:
@@ -1109,17 +1118,17 @@ class CsvZipStore:
         shard intact. Shards are written one after another, so an error part-way leaves the
         shards before it written.
         """
-        if self.url is not None:
+        folder = self.local_dir
+        if folder is None:
             raise io.UnsupportedOperation(f"{self.url} is a remote store; only local stores are writable")
-        items = segments.items() if isinstance(segments, Mapping) else segments
+        items: Iterable[tuple[int, Any, Any, Any]]
+        if isinstance(segments, Mapping):
+            items = ((segment_id, *arrays) for segment_id, arrays in segments.items())
+        else:
+            items = segments
         by_shard: dict[int, list[tuple[str, bytes]]] = {}
         seen: set[int] = set()
-        for item in items:
-            if isinstance(segments, Mapping):
-                segment_id, arrays = item
-                node_ids, xyz, embeddings = arrays
-            else:
-                segment_id, node_ids, xyz, embeddings = item
+        for segment_id, node_ids, xyz, embeddings in items:
             segment_id = _check_segment_id(segment_id)
             if segment_id in seen:
                 raise ValueError(f"segment {segment_id} is given twice")
@@ -1134,26 +1143,26 @@ class CsvZipStore:
                 ids = [int(name[:-4]) for name, _ in members]
                 found = self._with_directory(
                     shard,
-                    lambda reader, directory: [s for s in ids if directory.find(s) is not None],
+                    lambda reader, directory, ids=ids: [s for s in ids if directory.find(s) is not None],
                 )
                 existing.extend(found or [])
             if existing:
                 raise FileExistsError(_exists_message(existing, self))
-        self.local_dir.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         try:
             for shard in sorted(by_shard):
-                with _ShardLock(self.local_dir, shard):
-                    self._rewrite_shard(shard, by_shard[shard], overwrite)
+                with _ShardLock(folder, shard):
+                    self._rewrite_shard(folder, shard, by_shard[shard], overwrite)
                 self._forget_directory(shard)
         finally:
             if self.durable:
                 # One folder fsync persists every rename of this call.
-                _fsync_directory(self.local_dir)
+                _fsync_directory(folder)
         return len(seen)
 
-    def _rewrite_shard(self, shard: int, members: list[tuple[str, bytes]], overwrite: bool) -> None:
-        path = self.local_dir / f"{shard}.zip"
-        temp = self.local_dir / f".{shard}.zip.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    def _rewrite_shard(self, folder: Path, shard: int, members: list[tuple[str, bytes]], overwrite: bool) -> None:
+        path = folder / f"{shard}.zip"
+        temp = folder / f".{shard}.zip.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         new_names = {name for name, _ in members}
         compression = zipfile.ZIP_DEFLATED if self.compression == "deflate" else zipfile.ZIP_STORED
         try:
@@ -1178,7 +1187,7 @@ class CsvZipStore:
                     # Byte copy (no recompression); zipfile then appends over the copy's
                     # central directory and writes a new one.
                     shutil.copyfile(path, temp)
-                mode = "a"
+                mode: Literal["a", "w"] = "a"
             else:
                 mode = "w"
             now = time.localtime()[:6]

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def write_dataset_metadata(
     *,
     name: str,
     size_vox: Sequence[int],
-    voxel_size_nm: Sequence[float],
+    voxel_size_nm: Sequence[float] | np.ndarray,
     cell_types: Sequence[str],
     seed: int | None = None,
     generator_version: int | None = None,
@@ -105,7 +105,7 @@ def write_ground_truth(directory: Path, skeletons: Sequence[Skeleton], segments:
         raise ValueError(f"segments without a skeleton: {missing[:5]}")
     write_precomputed_skeletons(directory / "segmentation" / "skeletons", skeletons)
 
-    names = np.array(list(COMPARTMENTS) + ["unknown"], dtype=object)
+    names = np.array([*COMPARTMENTS, "unknown"], dtype=object)
     seg_col, node_col, pos_col, comp_col = [], [], [], []
     e_seg, e_a, e_b = [], [], []
     for s in skeletons:

@@ -28,9 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Generator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Generator
 
 import numpy as np
 
@@ -69,7 +69,7 @@ class CentreTable:
     def segments(self) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """``(segment_id, node_ids, centres_nm)`` per segment, in table order."""
         out = []
-        ids, starts = np.unique(self.segment_ids, return_index=True)
+        _ids, starts = np.unique(self.segment_ids, return_index=True)
         for start in np.sort(starts):
             rows = np.flatnonzero(self.segment_ids == self.segment_ids[start])
             out.append((int(self.segment_ids[start]), self.node_ids[rows], self.xyz_nm[rows]))
@@ -368,7 +368,7 @@ def _plot(out: Path, metrics: dict, curves: dict) -> None:
 
     unc, held_out = trained["cell_type"]["_segment_uncertainty"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    bins = np.linspace(0, 1, 31)
+    bins = np.linspace(0, 1, 31).tolist()
     ax.hist(unc[~held_out], bins=bins, alpha=0.6, label="known types", density=True)
     if held_out.any():
         ax.hist(unc[held_out], bins=bins, alpha=0.6, label="held-out type(s)", density=True)

@@ -29,9 +29,10 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Generator
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def configure_numba_cache() -> Path:
     path = Path(configured) if configured else user_cache_dir() / "numba"
     path.mkdir(parents=True, exist_ok=True)
     os.environ["NUMBA_CACHE_DIR"] = str(path)
-    numba_config = sys.modules.get("numba.core.config")
+    numba_config: Any = sys.modules.get("numba.core.config")  # a module whose attributes we set
     if numba_config is not None and getattr(numba_config, "CACHE_DIR", None) != str(path):
         # numba read its config at import; caching decorators consult CACHE_DIR when they
         # first compile, so updating it here still moves every later cache write.
@@ -177,7 +178,8 @@ def _as_embeddings(embeddings: Any, name: str = "embeddings") -> np.ndarray:
     return values
 
 
-_blas_controller = None
+# None until probed, then a threadpoolctl.ThreadpoolController, or False without threadpoolctl.
+_blas_controller: Any = None
 _blas_controller_lock = threading.Lock()
 
 
@@ -402,11 +404,11 @@ class Similarity:
     target_mean: np.ndarray
 
     @classmethod
-    def identity(cls) -> "Similarity":
+    def identity(cls) -> Similarity:
         return cls(np.eye(2), 1.0, np.zeros(2), np.zeros(2))
 
     @classmethod
-    def fit(cls, layout: np.ndarray, reference: np.ndarray) -> "Similarity":
+    def fit(cls, layout: np.ndarray, reference: np.ndarray) -> Similarity:
         """The similarity that best maps ``layout`` onto ``reference`` (Procrustes).
 
         Both are float ``[N, 2]`` with rows in the same order.
@@ -541,7 +543,7 @@ class EmbeddingTable:
 
 
 def _strings(column) -> np.ndarray:
-    """object ``[N]`` str of a (possibly dictionary-encoded) string column, nulls as ``""``."""
+    """An object ``[N]`` array of the str of a (possibly dictionary-encoded) string column, nulls as ``""``."""
     import pyarrow as pa
 
     if pa.types.is_dictionary(column.type):
@@ -585,7 +587,7 @@ def read_embedding_table(path: str | os.PathLike, *, max_rows: int | None = None
     missing = [name for name in ("segment_id", "node_id", "x_nm", "y_nm", "z_nm", "e0") if name not in names]
     if missing:
         raise KeyError(f"{path} lacks columns {missing} (expected segscope embed's Parquet)")
-    dims = sorted((int(name[1:]) for name in names if name[:1] == "e" and name[1:].isdigit()))
+    dims = sorted(int(name[1:]) for name in names if name[:1] == "e" and name[1:].isdigit())
     if dims != list(range(len(dims))):
         raise KeyError(f"{path}: embedding columns are not e0..e{len(dims) - 1}")
     rows = np.arange(table.num_rows)

@@ -32,9 +32,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Generator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Generator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -218,7 +219,7 @@ def augment_cutouts(em: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
         if config.flip_axes:
             flips = [axis for axis in range(3) if rng.random() < 0.5]
             if flips:
-                x = np.flip(x, axis=flips)
+                x = np.flip(x, axis=tuple(flips))
         if config.permute_axes and cubic:
             x = np.transpose(x, rng.permutation(3))
         out[i] = np.rint(x * 255.0).astype(np.uint8)
@@ -308,7 +309,8 @@ def _load_checkpoint(directory: Path, encoder, optimizer, config: TrainingConfig
     state = json.loads((directory / "state.json").read_text())
     if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise ValueError(
-            f"training checkpoint {directory} has format {state.get('format_version')}, expected {CHECKPOINT_FORMAT_VERSION}"
+            f"training checkpoint {directory} has format {state.get('format_version')}, "
+            f"expected {CHECKPOINT_FORMAT_VERSION}"
         )
     saved = {k: v for k, v in state["config"].items() if k not in ("steps", "checkpoint_every")}
     wanted = {k: v for k, v in asdict(config).items() if k not in ("steps", "checkpoint_every")}
@@ -336,6 +338,7 @@ def _prefetch(make, start_step: int, stop_step: int, depth: int = 2):
         for step in range(start_step, stop_step):
             if stop.is_set():
                 return
+            item: tuple[int, Any, Exception | None]
             try:
                 item = (step, make(step), None)
             except Exception as exc:  # hand the failure to the training loop
@@ -428,7 +431,8 @@ def train_contrastive(
     # Build optimiser slots so a checkpoint's variables can be assigned before step 0.
     optimizer.build(trainer.trainable_variables if trainer.built else encoder.trainable_variables)
 
-    start_step, losses = 0, []
+    start_step = 0
+    losses: list[float] = []
     if resume and (checkpoint_dir / "state.json").exists():
         start_step, losses = _load_checkpoint(checkpoint_dir, encoder, optimizer, config)
         log.info("resuming contrastive training at step %d from %s", start_step, checkpoint_dir)
@@ -479,12 +483,12 @@ def _copy_weights_by_name(source, target) -> None:
         variable.assign(np.asarray(src[name]))
 
 
-def split_cells(cell_ids: Sequence[int], eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_cells(cell_ids: Sequence[int] | np.ndarray, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split cells into (train, eval) id arrays, deterministic in ``seed``."""
     cells = np.unique(np.asarray(cell_ids))
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(cells)
-    n_eval = int(round(eval_fraction * len(cells)))
+    n_eval = round(eval_fraction * len(cells))
     return np.sort(shuffled[n_eval:]), np.sort(shuffled[:n_eval])
 
 
@@ -515,7 +519,7 @@ class CellSplit:
     @classmethod
     def for_dataset(
         cls, dataset, eval_fraction: float = 0.25, holdout_types: Sequence[str] = (), seed: int = 0
-    ) -> "CellSplit":
+    ) -> CellSplit:
         """Split a dataset's cells: ``eval_fraction`` of each known type, all held-out types."""
         cells = np.asarray(dataset.segments["cell_id"], dtype=np.int64)
         types = np.asarray(dataset.segments["cell_type"].to_numpy(zero_copy_only=False)).astype(str)
@@ -540,7 +544,7 @@ class CellSplit:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CellSplit":
+    def load(cls, path: str | os.PathLike) -> CellSplit:
         data = json.loads(Path(path).read_text())
         return cls(
             tuple(data["train_cells"]), tuple(data["eval_cells"]), tuple(data["holdout_types"]), int(data["seed"])

@@ -16,9 +16,10 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TypeGuard
 from urllib.parse import urlparse
 
 import numpy as np
@@ -106,7 +107,7 @@ def kvstore_spec(url: str) -> dict | str:
     raise VolumeError(f"unsupported URL scheme {scheme!r} in {url!r} (use a path, file://, gs://, s3:// or http(s)://)")
 
 
-def _is_local(kvstore: dict | str) -> bool:
+def _is_local(kvstore: dict | str) -> TypeGuard[dict]:
     return isinstance(kvstore, dict) and kvstore.get("driver") == "file"
 
 
@@ -194,7 +195,7 @@ class Volume:
             f"voxel_size_nm={self.voxel_size_nm.tolist()}, dtype={self.dtype})"
         )
 
-    def read(self, lo_vox: Sequence[int], hi_vox: Sequence[int]) -> np.ndarray:
+    def read(self, lo_vox: Sequence[int] | np.ndarray, hi_vox: Sequence[int] | np.ndarray) -> np.ndarray:
         """Read the box ``[lo, hi)`` (absolute voxels, xyz); zeros outside the volume.
 
         Returns
@@ -221,7 +222,7 @@ class Volume:
         """Read a box that lies entirely inside the volume (absolute voxels)."""
         return self._store[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].read().result()
 
-    def in_memory(self) -> "Volume":
+    def in_memory(self) -> Volume:
         """A copy of this volume held in RAM (same metadata), for fast random access in training."""
         return _ArrayVolume(self.read_all(), self.info)
 
@@ -251,7 +252,7 @@ class _ArrayVolume(Volume):
         a, b = lo - self.info.origin_vox, hi - self.info.origin_vox
         return self._array[a[0] : b[0], a[1] : b[1], a[2] : b[2]].copy()
 
-    def in_memory(self) -> "Volume":
+    def in_memory(self) -> Volume:
         return self
 
 
@@ -351,7 +352,7 @@ def _to_xyz(store, axes: str | None, url: str):
 
 
 def _voxel_size_from_units(units) -> np.ndarray | None:
-    """nm per voxel from TensorStore units, or None where any axis lacks a length unit."""
+    """Voxel size (nm per voxel) from TensorStore units, or None where any axis lacks a length unit."""
     scale_to_nm = {"nm": 1.0, "um": 1e3, "µm": 1e3, "m": 1e9, "mm": 1e6, "pm": 1e-3}
     sizes = []
     for unit in units:
@@ -364,7 +365,7 @@ def _voxel_size_from_units(units) -> np.ndarray | None:
 def write_volume(
     path: str | os.PathLike,
     array_xyz: np.ndarray,
-    voxel_size_nm: Sequence[float],
+    voxel_size_nm: Sequence[float] | np.ndarray,
     *,
     segmentation: bool = False,
     chunk_size: Sequence[int] = (64, 64, 64),
@@ -447,8 +448,8 @@ def _check_pair(image: Volume, segmentation: Volume) -> None:
 def cutout_origins(
     volume: Volume,
     centres_nm: np.ndarray,
-    size_vox: Sequence[int],
-    downsample: Sequence[int] = (1, 1, 1),
+    size_vox: Sequence[int] | np.ndarray,
+    downsample: Sequence[int] | np.ndarray = (1, 1, 1),
 ) -> np.ndarray:
     """Native-voxel corner ``[N, 3]`` of each centre's cutout box.
 
@@ -523,7 +524,7 @@ def _block_mean_uint8(block: np.ndarray, factor: np.ndarray) -> np.ndarray:
     for axis, f in enumerate(int(v) for v in factor):
         if f > 1:
             lead = (slice(None),) * axis
-            acc = sum(acc[lead + (slice(k, None, f),)] for k in range(f))
+            acc = sum((acc[(*lead, slice(k, None, f))] for k in range(1, f)), start=acc[(*lead, slice(0, None, f))])
     return ((acc + n // 2) // n).astype(np.uint8)
 
 

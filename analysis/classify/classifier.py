@@ -22,9 +22,10 @@ import logging
 import math
 import os
 import zipfile
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from .uncertainty import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .layers import ClassifierNet
+    from .layers import ClassifierNet, RandomFeatureGP
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class Classifier:
 
     def __init__(
         self,
-        model: "ClassifierNet",
+        model: ClassifierNet,
         class_names: Sequence[str],
         *,
         ood_threshold: float,
@@ -171,10 +172,9 @@ class Classifier:
             f"classes={list(self.class_names)}, ood_threshold={self.ood_threshold:.4g})"
         )
 
-    def _posterior_covariance(self) -> np.ndarray:
+    def _posterior_covariance(self, gp: RandomFeatureGP) -> np.ndarray:
         # P is frozen once training is over, so invert once and reuse for every prediction.
         if self._covariance is None:
-            gp = self.model.gp_layer
             self._covariance = posterior_covariance(gp.precision.numpy(), gp.ridge).astype(np.float32)
         return self._covariance
 
@@ -201,7 +201,7 @@ class Classifier:
             if gp is None:
                 variance_parts.append(np.zeros(logits_parts[-1].shape[0], np.float32))
             else:
-                variance_parts.append(predictive_variance(np.asarray(features), self._posterior_covariance()))
+                variance_parts.append(predictive_variance(np.asarray(features), self._posterior_covariance(gp)))
         if logits_parts:
             logits = np.concatenate(logits_parts)
             variance = np.concatenate(variance_parts)
@@ -221,8 +221,7 @@ class Classifier:
         )
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the classifier to one ``.npz`` file (no pickle; loads with
-        ``allow_pickle=False``).
+        """Write the classifier to one ``.npz`` file (no pickle; loads with ``allow_pickle=False``).
 
         The file holds every weight (standardisation statistics, frozen random features,
         precision matrix and power-iteration vectors included) and a JSON metadata record:
@@ -255,7 +254,7 @@ class Classifier:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         with open(partial, "wb") as handle:  # a file object stops numpy appending ".npz"
-            np.savez(handle, **arrays)
+            np.savez(handle, allow_pickle=False, **arrays)
         os.replace(partial, path)
         return path
 
@@ -410,12 +409,12 @@ def stratified_split(codes: np.ndarray, fraction: float, rng: np.random.Generato
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
-    validation = []
+    held_out = []
     for code in np.unique(codes):
         members = rng.permutation(np.flatnonzero(codes == code))
-        count = min(int(round(fraction * members.size)), members.size - 1)
-        validation.append(members[:count])
-    validation = np.sort(np.concatenate(validation)).astype(np.int64)
+        count = min(round(fraction * members.size), members.size - 1)
+        held_out.append(members[:count])
+    validation = np.sort(np.concatenate(held_out)).astype(np.int64)
     train = np.setdiff1d(np.arange(codes.size), validation).astype(np.int64)
     return train, validation
 
@@ -435,7 +434,7 @@ def _epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 def validation_loss(
-    model: "ClassifierNet", embeddings: np.ndarray, codes: np.ndarray, weights: np.ndarray, *, batch_size: int = 8192
+    model: ClassifierNet, embeddings: np.ndarray, codes: np.ndarray, weights: np.ndarray, *, batch_size: int = 8192
 ) -> float:
     """Weighted mean cross-entropy of the logits plus the L2 penalty, in inference mode.
 

@@ -222,7 +222,7 @@ class RandomFeatureGP(layers.Layer):
             raise ValueError(f"relative_lengthscale must be positive, got {relative_lengthscale}")
         self.units = int(units)
         self.relative_lengthscale = float(relative_lengthscale)
-        self.lengthscale = None  # relative_lengthscale * sqrt(H), known once built
+        self.lengthscale: float | None = None  # relative_lengthscale * sqrt(H), known once built
         self.num_inducing = int(num_inducing)
         self.momentum = float(momentum)
         self.ridge = float(ridge)
@@ -258,6 +258,7 @@ class RandomFeatureGP(layers.Layer):
 
     def random_features(self, inputs):
         """``phi`` ``[B, M]`` of hidden activations ``[B, H]``."""
+        assert self.lengthscale is not None, "build() sets the lengthscale"
         normalized = self.input_norm(inputs) * (1.0 / self.lengthscale)
         projected = ops.matmul(normalized, self.random_kernel) + self.random_bias
         return math.sqrt(2.0 / self.num_inducing) * ops.cos(projected)
@@ -338,6 +339,7 @@ class ClassifierNet(keras.Model):
 
         self.first_dense = [block_dense(f"block_{i}_dense_0") for i in range(config.num_layers)]
         self.second_dense = [block_dense(f"block_{i}_dense_1") for i in range(config.num_layers)]
+        self.output_layer: RandomFeatureGP | layers.Dense
         if config.uses_gp:
             self.output_layer = RandomFeatureGP(
                 num_classes,

@@ -20,8 +20,9 @@ import json
 import logging
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -46,26 +47,26 @@ __all__ = [
     "CONFIG_FORMAT_VERSION",
     "SEGCLR_FULL",
     "SEGCLR_LITE",
+    "CheckpointMismatchError",
     "EncoderConfig",
     "LayerCost",
-    "CheckpointMismatchError",
     "build_encoder",
-    "load_checkpoint",
-    "save_checkpoint",
-    "save_encoder",
-    "load_encoder",
-    "read_encoder_config",
     "flops_per_cutout",
     "layer_costs",
-    "parameter_count",
-    "resolve_checkpoint_prefix",
+    "load_checkpoint",
+    "load_encoder",
     "open_encoder",
+    "parameter_count",
+    "read_encoder_config",
+    "resolve_checkpoint_prefix",
+    "save_checkpoint",
+    "save_encoder",
 ]
 
 
 def build_encoder(
     config: EncoderConfig = SEGCLR_LITE, *, include_projection: bool = False, seed: int | None = None, dtype=None
-) -> "SegClrEncoder":
+) -> SegClrEncoder:
     """A freshly initialised (random) encoder of ``config``.
 
     ``seed`` seeds Keras' global RNG first, for reproducible weights; ``dtype`` is a
@@ -83,7 +84,7 @@ def load_checkpoint(
     voxel_size_nm: Sequence[float] | None = None,
     include_projection: bool = False,
     model_version: str | None = None,
-) -> "SegClrEncoder":
+) -> SegClrEncoder:
     """Load a SegCLR TensorFlow checkpoint into a Keras encoder.
 
     Parameters
@@ -121,7 +122,9 @@ def load_checkpoint(
 
     contents = CheckpointContents(path)
     config = config or SEGCLR_FULL
-    updates = {"model_version": model_version if model_version is not None else Path(contents.prefix).name}
+    updates: dict[str, object] = {
+        "model_version": model_version if model_version is not None else Path(contents.prefix).name
+    }
     if voxel_size_nm is not None:
         updates["voxel_size_nm"] = tuple(voxel_size_nm)
     config = config.with_updates(**updates)
@@ -131,7 +134,7 @@ def load_checkpoint(
     return encoder
 
 
-def save_checkpoint(encoder: "SegClrEncoder", prefix: str | os.PathLike, *, layout: str = "name") -> str:
+def save_checkpoint(encoder: SegClrEncoder, prefix: str | os.PathLike, *, layout: str = "name") -> str:
     """Write an encoder's weights as a SegCLR-compatible TensorFlow checkpoint.
 
     ``layout`` is ``"name"`` (TF1 Saver keys) or ``"object"`` (the published
@@ -144,7 +147,7 @@ def save_checkpoint(encoder: "SegClrEncoder", prefix: str | os.PathLike, *, layo
     return write_checkpoint(values, prefix, layout=layout)
 
 
-def save_encoder(encoder: "SegClrEncoder", path: str | os.PathLike) -> Path:
+def save_encoder(encoder: SegClrEncoder, path: str | os.PathLike) -> Path:
     """Save a SegScope encoder as a Keras-native ``.keras`` zip (config JSON + weights).
 
     The config carries input size, voxel size (nm), axis order, format version and model
@@ -174,7 +177,7 @@ def read_encoder_config(path: str | os.PathLike) -> EncoderConfig:
     return EncoderConfig.from_dict(config["encoder_config"])
 
 
-def load_encoder(path: str | os.PathLike) -> "SegClrEncoder":
+def load_encoder(path: str | os.PathLike) -> SegClrEncoder:
     """Load an encoder written by :func:`save_encoder` (``safe_mode=True``: no code runs)."""
     read_encoder_config(path)  # clear errors for missing/foreign files before Keras sees them
     import keras
@@ -187,7 +190,7 @@ def load_encoder(path: str | os.PathLike) -> "SegClrEncoder":
     return model
 
 
-def open_encoder(path: str | os.PathLike, **checkpoint_options) -> "SegClrEncoder":
+def open_encoder(path: str | os.PathLike, **checkpoint_options) -> SegClrEncoder:
     """Open a SegScope ``.keras`` encoder or a SegCLR TensorFlow checkpoint.
 
     A ``.keras`` file (or a folder holding exactly one ``*.keras`` and no checkpoint) goes

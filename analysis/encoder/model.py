@@ -18,6 +18,7 @@ backends. Layer names are TF1 scopes with ``/`` written ``.``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -67,7 +68,7 @@ def build_graph(config: EncoderConfig, *, include_projection: bool = False, dtyp
     if config.input_dtype == "uint8":
         x = UnitScale(name="unit_scale", dtype=dtype)(x)
     if config.axis_order != "xyz":
-        perm = tuple("xyz".index(a) + 1 for a in config.axis_order) + (4,)
+        perm = (*("xyz".index(a) + 1 for a in config.axis_order), 4)
         x = layers.Permute(perm, name="axis_order", dtype=dtype)(x)
 
     def conv(filters, kernel, stride, name):
@@ -144,7 +145,7 @@ class SegClrEncoder(keras.Model):
         super().__init__(inputs=inputs, outputs=outputs, name=name or config.name, **kwargs)
         self.encoder_config = config
         self.include_projection = bool(include_projection)
-        self._inference_fn = None
+        self._inference_fn: Callable[[Any], Any] | None = None
         self._jit_compile = False
 
     def get_config(self) -> dict:
@@ -155,7 +156,7 @@ class SegClrEncoder(keras.Model):
         }
 
     @classmethod
-    def from_config(cls, config: dict, custom_objects=None) -> "SegClrEncoder":
+    def from_config(cls, config: dict, custom_objects=None) -> SegClrEncoder:
         return cls(**config)
 
     # -- inference -------------------------------------------------------------------

@@ -26,9 +26,10 @@ import math
 import os
 import re
 import struct
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -153,7 +154,9 @@ def record_dtype(properties: Sequence[AnnotationProperty], rank: int = 3) -> np.
 
     ``properties`` must already be in :func:`ordered_properties` order.
     """
-    names, formats, offsets = ["geometry"], [("<f4", (rank,))], [0]
+    names: list[str] = ["geometry"]
+    formats: list[str | tuple[str, tuple[int]]] = [("<f4", (rank,))]
+    offsets = [0]
     offset = 4 * rank
     for i, prop in enumerate(properties):
         fmt, alignment = PROPERTY_TYPES[prop.type]
@@ -233,7 +236,7 @@ def build_spatial_index(
         rank_in_cell = np.arange(len(order)) - np.repeat(starts, counts)
         emitted = rank_in_cell < np.repeat(take, counts)
         cells = []
-        for start, count, n_take in zip(starts, counts, take):
+        for start, n_take in zip(starts, take):
             if n_take:
                 rows = remaining[order[start : start + n_take]]
                 cells.append((tuple(int(c) for c in cell[order[start]]), rows))
@@ -337,7 +340,7 @@ def write_point_annotations(
     if sharded:
         by_id_entry["sharding"] = sharding_spec(n)
     for name, groups in relationship_entries.items():
-        entry = {"id": name, "key": f"rel_{name}"}
+        entry: dict[str, Any] = {"id": name, "key": f"rel_{name}"}
         if sharded:
             entry["sharding"] = sharding_spec(len(groups))
         relationship_info.append(entry)
@@ -387,9 +390,9 @@ def write_point_annotations(
         # Single-annotation encoding: the record, then per relationship a uint32 count and
         # the related uint64 ids; built for all rows at once, then cut into entries.
         tail_fields = []
-        for r, related in enumerate(related_ids.values()):
+        for r in range(len(related_ids)):
             tail_fields += [(f"count{r}", "<u4"), (f"id{r}", "<u8")]
-        single = np.zeros(n, dtype=np.dtype([("record", "u1", (dtype.itemsize,))] + tail_fields))  # packed
+        single = np.zeros(n, dtype=np.dtype([("record", "u1", (dtype.itemsize,)), *tail_fields]))  # packed
         single["record"] = record_bytes
         for r, related in enumerate(related_ids.values()):
             single[f"count{r}"] = (related != 0).astype(np.uint32)
@@ -462,7 +465,7 @@ class _Uint64Index:
         self._sharding = sharding
         folder.mkdir()
 
-    def __enter__(self) -> "_Uint64Index":
+    def __enter__(self) -> _Uint64Index:
         if self._sharding is not None:
             import tensorstore as ts
 

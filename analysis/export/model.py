@@ -10,11 +10,13 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from segscope.analysis import COMPARTMENTS
 
@@ -31,7 +33,7 @@ def _segscope_version() -> str:
 
 
 def _utc_now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _integer_array(name: str, values: Any, dtype: type, n: int | None) -> np.ndarray:
@@ -87,7 +89,7 @@ def _check_unique(name: str, keys: np.ndarray) -> None:
         raise ValueError(f"{name} must be unique; repeated: {repeated.tolist()}")
 
 
-@dataclass
+@dataclass(init=False)
 class NodeTable:
     """Per-node results of one or more segments.
 
@@ -113,40 +115,51 @@ class NodeTable:
     segment_id: np.ndarray
     node_id: np.ndarray
     xyz_nm: np.ndarray
-    compartment: np.ndarray | None = None
-    compartment_probability: np.ndarray | None = None
-    ood_score: np.ndarray | None = None
-    manual_label: np.ndarray | None = None
+    compartment: np.ndarray
+    compartment_probability: np.ndarray
+    ood_score: np.ndarray
+    manual_label: np.ndarray
 
-    def __post_init__(self) -> None:
-        self.segment_id = _integer_array("segment_id", self.segment_id, np.uint64, None)
+    # Written out (not generated) so that an optional column may be given as None while the
+    # attribute is always an array, which is what the type says to every reader.
+    def __init__(
+        self,
+        segment_id: ArrayLike,
+        node_id: ArrayLike,
+        xyz_nm: ArrayLike,
+        compartment: ArrayLike | None = None,
+        compartment_probability: ArrayLike | None = None,
+        ood_score: ArrayLike | None = None,
+        manual_label: ArrayLike | None = None,
+    ) -> None:
+        self.segment_id = _integer_array("segment_id", segment_id, np.uint64, None)
         n = len(self.segment_id)
-        self.node_id = _integer_array("node_id", self.node_id, np.int64, n)
-        self.xyz_nm = _float_array("xyz_nm", self.xyz_nm, (n, 3), np.float64)
+        self.node_id = _integer_array("node_id", node_id, np.int64, n)
+        self.xyz_nm = _float_array("xyz_nm", xyz_nm, (n, 3), np.float64)
         if not np.isfinite(self.xyz_nm).all():
             bad = np.flatnonzero(~np.isfinite(self.xyz_nm).all(axis=1))
             raise ValueError(f"xyz_nm has NaN or infinite coordinates at rows {bad[:10].tolist()}")
         k = len(COMPARTMENTS)
-        if self.compartment is None:
+        if compartment is None:
             self.compartment = np.full(n, NOT_PREDICTED, dtype=np.int16)
         else:
-            self.compartment = _integer_array("compartment", self.compartment, np.int16, n)
+            self.compartment = _integer_array("compartment", compartment, np.int16, n)
             if n and (self.compartment.min() < NOT_PREDICTED or self.compartment.max() >= k):
                 raise ValueError(
                     f"compartment codes must lie in [-1, {k - 1}] (index into {COMPARTMENTS}), "
                     f"got [{self.compartment.min()}, {self.compartment.max()}]"
                 )
-        if self.compartment_probability is None:
+        if compartment_probability is None:
             self.compartment_probability = np.full((n, k), np.nan, dtype=np.float32)
         else:
             self.compartment_probability = _float_array(
-                "compartment_probability", self.compartment_probability, (n, k), np.float32
+                "compartment_probability", compartment_probability, (n, k), np.float32
             )
-        if self.ood_score is None:
+        if ood_score is None:
             self.ood_score = np.full(n, np.nan, dtype=np.float32)
         else:
-            self.ood_score = _float_array("ood_score", self.ood_score, (n,), np.float32)
-        self.manual_label = _string_array("manual_label", self.manual_label, n)
+            self.ood_score = _float_array("ood_score", ood_score, (n,), np.float32)
+        self.manual_label = _string_array("manual_label", manual_label, n)
         # Bit-cast to int64 so both columns share one dtype; uniqueness is unaffected.
         pairs = np.stack([self.segment_id.view(np.int64), self.node_id], axis=1)
         _check_unique("(segment_id, node_id) pairs", pairs)
@@ -176,7 +189,7 @@ class NodeTable:
         return counts
 
 
-@dataclass
+@dataclass(init=False)
 class SegmentTable:
     """Per-segment results.
 
@@ -201,61 +214,72 @@ class SegmentTable:
     """
 
     segment_id: np.ndarray
-    cell_type_names: tuple[str, ...] = ()
-    cell_type: np.ndarray | None = None
-    cell_type_probability: np.ndarray | None = None
-    ood_score: np.ndarray | None = None
-    ood: np.ndarray | None = None
-    compartment_node_counts: np.ndarray | None = None
-    manual_label: np.ndarray | None = None
+    cell_type_names: tuple[str, ...]
+    cell_type: np.ndarray
+    cell_type_probability: np.ndarray
+    ood_score: np.ndarray
+    ood: np.ndarray
+    compartment_node_counts: np.ndarray
+    manual_label: np.ndarray
 
-    def __post_init__(self) -> None:
-        self.segment_id = _integer_array("segment_id", self.segment_id, np.uint64, None)
+    # Written out for the same reason as NodeTable's: optional columns given as None.
+    def __init__(
+        self,
+        segment_id: ArrayLike,
+        cell_type_names: Sequence[str] = (),
+        cell_type: ArrayLike | None = None,
+        cell_type_probability: ArrayLike | None = None,
+        ood_score: ArrayLike | None = None,
+        ood: ArrayLike | None = None,
+        compartment_node_counts: ArrayLike | None = None,
+        manual_label: ArrayLike | None = None,
+    ) -> None:
+        self.segment_id = _integer_array("segment_id", segment_id, np.uint64, None)
         _check_unique("segment_id", self.segment_id)
         s = len(self.segment_id)
-        self.cell_type_names = tuple(str(name) for name in self.cell_type_names)
+        self.cell_type_names = tuple(str(name) for name in cell_type_names)
         if len(set(self.cell_type_names)) != len(self.cell_type_names):
             raise ValueError(f"cell_type_names must be distinct, got {self.cell_type_names}")
         t = len(self.cell_type_names)
-        self.cell_type = _string_array("cell_type", self.cell_type, s)
+        self.cell_type = _string_array("cell_type", cell_type, s)
         unknown = sorted({c for c in self.cell_type if c and c not in self.cell_type_names})
         if unknown and t:
             raise ValueError(f"cell_type values {unknown} are not in cell_type_names {self.cell_type_names}")
-        if self.cell_type_probability is None:
+        if cell_type_probability is None:
             self.cell_type_probability = np.full((s, t), np.nan, dtype=np.float32)
         else:
             self.cell_type_probability = _float_array(
-                "cell_type_probability", self.cell_type_probability, (s, t), np.float32
+                "cell_type_probability", cell_type_probability, (s, t), np.float32
             )
-        if self.ood_score is None:
+        if ood_score is None:
             self.ood_score = np.full(s, np.nan, dtype=np.float32)
         else:
-            self.ood_score = _float_array("ood_score", self.ood_score, (s,), np.float32)
-        if self.ood is None:
+            self.ood_score = _float_array("ood_score", ood_score, (s,), np.float32)
+        if ood is None:
             self.ood = np.zeros(s, dtype=bool)
         else:
-            ood = np.asarray(self.ood)
-            if ood.shape != (s,) or ood.dtype.kind not in "biu":
-                raise ValueError(f"ood must be a bool array of shape ({s},), got {ood.dtype} {ood.shape}")
-            self.ood = ood.astype(bool)
+            flags = np.asarray(ood)
+            if flags.shape != (s,) or flags.dtype.kind not in "biu":
+                raise ValueError(f"ood must be a bool array of shape ({s},), got {flags.dtype} {flags.shape}")
+            self.ood = flags.astype(bool)
         k = len(COMPARTMENTS)
-        if self.compartment_node_counts is None:
+        if compartment_node_counts is None:
             self.compartment_node_counts = np.zeros((s, k), dtype=np.int64)
         else:
-            counts = np.asarray(self.compartment_node_counts)
+            counts = np.asarray(compartment_node_counts)
             if counts.shape != (s, k) or counts.dtype.kind not in "iu" or (counts.size and counts.min() < 0):
                 raise ValueError(
                     f"compartment_node_counts must be non-negative integers of shape ({s}, {k}), "
                     f"got {counts.dtype} {counts.shape}"
                 )
             self.compartment_node_counts = counts.astype(np.int64)
-        self.manual_label = _string_array("manual_label", self.manual_label, s)
+        self.manual_label = _string_array("manual_label", manual_label, s)
 
     def __len__(self) -> int:
         return len(self.segment_id)
 
     @classmethod
-    def from_nodes(cls, nodes: NodeTable, **columns: Any) -> "SegmentTable":
+    def from_nodes(cls, nodes: NodeTable, **columns: Any) -> SegmentTable:
         """One row per segment of ``nodes`` with node counts filled in; other columns as given."""
         segment_ids = nodes.segment_ids()
         return cls(segment_id=segment_ids, compartment_node_counts=nodes.compartment_counts(segment_ids), **columns)
@@ -306,7 +330,7 @@ class Provenance:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Provenance":
+    def from_dict(cls, data: dict[str, Any]) -> Provenance:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -314,7 +338,7 @@ class Provenance:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Provenance":
+    def from_json(cls, text: str | bytes) -> Provenance:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:

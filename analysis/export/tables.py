@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -35,13 +35,14 @@ def _nullable_float(values: np.ndarray):
     return pa.array(values, mask=~np.isfinite(values), type=pa.float32())
 
 
-def _nullable_string(values: Sequence[str]):
+def _nullable_string(values: Sequence[str] | np.ndarray):
     import pyarrow as pa
 
     return pa.array([v if v else None for v in values], type=pa.string())
 
 
 def probability_column(prefix: str, name: str) -> str:
+    """Column name of the probability of class ``name`` (``prefix`` + ``name``, e.g. ``p_axon``)."""
     return f"{prefix}{name}"
 
 

@@ -101,8 +101,10 @@ class Space:
         self.bodies: list[tuple[np.ndarray, np.ndarray, float]] = []
 
     def body_clearance(self, p: np.ndarray) -> tuple[float, np.ndarray]:
-        """Smallest (distance - radius) from ``p`` to a registered body, and the outward
-        unit normal of that body at ``p`` (nm)."""
+        """Smallest (distance - radius) from ``p`` to a registered body, and that body's normal.
+
+        The normal is the outward unit normal of the nearest body at ``p`` (nm).
+        """
         best, normal = np.inf, np.zeros(3)
         for a, b, r in self.bodies:
             ab = b - a
@@ -113,7 +115,7 @@ class Space:
                 best, normal = dist - r, v / max(dist, 1e-9)
         return best, normal
 
-    def register(self, cell: "Cell") -> None:
+    def register(self, cell: Cell) -> None:
         """Add a cell's rough volume to the occupancy grid (fraction of each grid cell)."""
         pos = np.array(cell.pos).reshape(-1, 3)
         if len(pos) == 0:
@@ -129,7 +131,7 @@ class Space:
             hi = np.minimum(np.ceil((np.maximum(a, b) + r) / self.GRID_NM).astype(int), self.grid_shape)
             if np.any(hi <= lo):
                 continue
-            g = np.stack(np.meshgrid(*[np.arange(l, h) for l, h in zip(lo, hi)], indexing="ij"), -1)
+            g = np.stack(np.meshgrid(*[np.arange(start, stop) for start, stop in zip(lo, hi)], indexing="ij"), -1)
             centres = (g + 0.5) * self.GRID_NM
             ab = b - a
             t = np.clip(((centres - a) @ ab) / max(float(ab @ ab), 1e-9), 0, 1)
@@ -284,9 +286,9 @@ def _add_boutons(
         for n in core:
             cell.radius[n] = max(cell.radius[n], r_b)
             cell.kind[n] = BOUTON
-        for n in (chain[j - 1] if j > 0 else None, chain[min(j + length_nodes, len(chain) - 1)]):
-            if n is not None and cell.kind[n] != BOUTON:
-                cell.radius[n] = max(cell.radius[n], 0.5 * r_b)
+        for end in (chain[j - 1] if j > 0 else None, chain[min(j + length_nodes, len(chain) - 1)]):
+            if end is not None and cell.kind[end] != BOUTON:
+                cell.radius[end] = max(cell.radius[end], 0.5 * r_b)
         a, b = cell.pos[core[0]], cell.pos[core[-1]]
         centre = 0.5 * (a + b)
         cell.organelles.append(Organelle("vesicles", core[0], a, b, 0.65 * r_b))
@@ -465,7 +467,7 @@ def smooth_dendrite(space: Space) -> Cell:
 
 def _axon(
     space: Space,
-    cell_type: str,
+    cell_type: int,
     cell: Cell | None,
     parent: int,
     pts: np.ndarray | None,
@@ -581,8 +583,10 @@ def astrocyte_process(space: Space) -> Cell:
 
 
 def _soma_centre(space: Space, radius_nm: float, tries: int = 20) -> np.ndarray:
-    """A soma centre inside the volume but near a face, so the body is cut by the border,
-    away from the bodies placed before (best of a few tries)."""
+    """A soma centre inside the volume but near a face, so the body is cut by the border.
+
+    It keeps away from the bodies placed before (best of a few tries).
+    """
     rng = space.rng
     best, best_gap = None, -np.inf
     for _ in range(tries):
@@ -595,6 +599,8 @@ def _soma_centre(space: Space, radius_nm: float, tries: int = 20) -> np.ndarray:
             best, best_gap = c, gap
         if gap > 300.0:
             break
+    if best is None:
+        raise ValueError(f"no soma centre found in {tries} tries")
     return best
 
 
@@ -607,6 +613,8 @@ def _free_point(space: Space, radius_nm: float, border_fraction: float, tries: i
             best, best_gap = c, gap
         if gap > 300.0:
             break
+    if best is None:
+        raise ValueError(f"no free point found in {tries} tries")
     return best
 
 

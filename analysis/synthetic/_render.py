@@ -12,7 +12,7 @@ jitter. Organelles are drawn only inside the segment that owns them.
 
 from __future__ import annotations
 
-from typing import Generator
+from collections.abc import Generator
 
 import numpy as np
 from scipy import ndimage
@@ -141,7 +141,7 @@ def render(
     img = ndimage.gaussian_filter(img, sigma=(0.75, 0.75, 0.95), truncate=2.5)
     yield Progress(4, steps, "steps", "blurring")
     img += rng.standard_normal(shape, dtype=np.float32) * 5.0
-    img += rng.normal(0.0, 2.5, shape[2]).astype(np.float32)[None, None, :]
+    img += rng.normal(0.0, 2.5, size=(shape[2],)).astype(np.float32)[None, None, :]
     out = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     yield Progress(5, steps, "steps", "rendering done")
     return out, organelle
