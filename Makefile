@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.segscope-installed
 
-.PHONY: setup run test test-all bench clean docs
+.PHONY: setup run test test-all bench clean docs lint
 
 setup: $(STAMP)
 
@@ -22,6 +22,7 @@ run: setup
 # Two pytest sessions: TensorFlow and QtWebEngine's WebGL (Mesa) cannot share a process.
 # Tests marked slow are left out here; test-all runs them too.
 test: setup
+	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory docs
 	$(BIN)/python -m pytest -m "not qt and not slow"
 	$(BIN)/python -m pytest -m "qt and not slow"
@@ -34,6 +35,20 @@ test-all: setup
 # NO_MKDOCS_2_WARNING silences mkdocs-material's end-of-life banner, printed on every build.
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d build/site
+
+# Lint and type gates (make test runs them first): ruff's rules, ruff's formatting, mypy.
+# MYPY_MODULES is what mypy checks: packages or single modules by their installed names,
+# e.g. append segscope.app.session. mypy reads the folders through relative links
+# build/mypy/segscope/{analysis,app} (they install under other names; see [tool.mypy]).
+MYPY_MODULES = segscope.analysis
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	mkdir -p build/mypy/segscope
+	ln -sfn ../../../analysis build/mypy/segscope/analysis
+	ln -sfn ../../../app build/mypy/segscope/app
+	$(BIN)/mypy $(addprefix -p ,$(MYPY_MODULES))
 
 bench: setup
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
