@@ -241,7 +241,7 @@ def find_demo_context(
         return DemoContext(None, reason)
 
     if encoder_path is _SHIPPED or classifiers_folder is _SHIPPED:
-        from segscope.app.controller import find_demo_classifiers, find_demo_model
+        from segscope.analysis.artefacts import find_demo_classifiers, find_demo_model
 
         if encoder_path is _SHIPPED:
             encoder_path = find_demo_model()

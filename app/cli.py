@@ -158,7 +158,7 @@ def _cmd_open(args: argparse.Namespace) -> int:
 
 def _resolve_encoder_path(checkpoint: str | None) -> Path:
     """The encoder named on the command line, or the shipped demo model."""
-    from segscope.app.controller import check_checkpoint, find_demo_model
+    from segscope.analysis.artefacts import check_checkpoint, find_demo_model
 
     if checkpoint:
         return check_checkpoint(checkpoint)
@@ -190,9 +190,9 @@ def _parse_segments(text: str) -> list[int] | str:
 
 def _local_dir(url: str) -> Path | None:
     """The local folder a volume argument names (plain path or file://), else None."""
-    from segscope.app.controller import _local_folder
+    from segscope.analysis.artefacts import local_folder
 
-    path = _local_folder(url)
+    path = local_folder(url)
     return path if path is not None and path.is_dir() else None
 
 
@@ -232,13 +232,12 @@ def _all_segment_ids(dataset: dict | None, skeletons_dir: Path | None) -> list[i
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    import numpy as np
 
+    from segscope.analysis.artefacts import named_skeleton_folder
     from segscope.analysis.centres import segment_centres
     from segscope.analysis.encoder import open_encoder
     from segscope.analysis.inference import stream_node_embeddings
     from segscope.analysis.volume import open_volume
-    from segscope.app.controller import _named_skeletons  # the segmentation's own skeleton folder
 
     out = Path(args.out)
     parquet = out.suffix == ".parquet"
@@ -248,7 +247,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         raise CliError("--classifiers writes prediction columns, which only a .parquet output holds")
     classifiers = None
     if args.classifiers:
-        from segscope.app.controller import read_classifier_folder
+        from segscope.analysis.artefacts import read_classifier_folder
 
         classifiers = read_classifier_folder(args.classifiers)  # checked before the long part
     image = open_volume(args.image)
@@ -256,7 +255,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     segmentation_dir = _local_dir(args.segmentation)
     skeletons_dir = Path(args.skeletons) if args.skeletons else None
     if skeletons_dir is None and segmentation_dir is not None:
-        skeletons_dir = _named_skeletons(segmentation_dir)
+        skeletons_dir = named_skeleton_folder(segmentation_dir)
     dataset = _dataset_of(segmentation_dir)
     segment_ids = _all_segment_ids(dataset, skeletons_dir) if args.segments == "all" else args.segments
     encoder_path = _resolve_encoder_path(args.checkpoint)
@@ -309,7 +308,6 @@ def _predict_nodes(classifiers, result):
     ``cell_type_probability``, ``ood_score`` (float32, NaN when not predicted).
     """
     import numpy as np
-
     from segscope.analysis import COMPARTMENTS
     from segscope.analysis.progress import Progress
     from segscope.app.compute_process import load_segment_predictor, predict_segment
@@ -370,9 +368,8 @@ def _write_embeddings_parquet(
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from segscope.analysis.export.atomic import atomic_file
-    from segscope.app.demo_context import DATASET_KEYS, PROVENANCE_KEY, classifier_hashes, model_sha256
+    from segscope.analysis.provenance import DATASET_KEYS, PROVENANCE_KEY, classifier_hashes, model_sha256
 
     columns = {
         "segment_id": pa.array(result.segment_ids, pa.uint64()),

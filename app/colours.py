@@ -108,7 +108,6 @@ def ood_bin_colours(n_bins: int = OOD_BINS) -> np.ndarray:
     return np.concatenate([np.round(rgb), np.full((n_bins, 1), 230)], axis=1).astype(np.uint8)
 
 
-
 def cell_type_colour(name: str, class_names: Sequence[str] = ()) -> str:
     """A stable display colour for a cell-type name.
 

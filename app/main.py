@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
+    from segscope.analysis.artefacts import ClassifierSummary
     from segscope.app.controller import DataSource, PrecomputedEmbeddings
-    from segscope.app.state import ClassifierSummary
     from segscope.app.views.main_window import MainWindow
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,6 @@ class LaunchPlan:
 
 def _demo_folder() -> Path:
     from segscope.analysis.synthetic import demo_dataset
-    from segscope.app.controller import DataSource
 
     last = [-1]
 
@@ -158,14 +157,13 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
     LaunchError
         With a one-line message naming the problem.
     """
-    from segscope.app.controller import (
-        PrecomputedEmbeddings,
-        SourceError,
+    from segscope.analysis.artefacts import (
         check_checkpoint,
         find_demo_classifiers,
         find_demo_model,
         read_classifier_folder,
     )
+    from segscope.app.controller import PrecomputedEmbeddings, SourceError
 
     session = None
     if getattr(args, "session", None):
@@ -228,7 +226,7 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
             folder = _demo_folder()
             source = DataSource.open_dataset_folder(folder)
         if folder is not None and (folder / "dataset.json").is_file():
-            from segscope.app.demo_context import find_demo_context
+            from segscope.analysis.provenance import find_demo_context
 
             context = find_demo_context(
                 folder, encoder_path=model_path, classifiers_folder=None if classifiers is None else classifiers.folder
@@ -274,7 +272,7 @@ def build_window(
     projection_backend=None,
     plot_options: dict | None = None,
 ) -> "MainWindow":
-    """Create the window, its controller, job runner, neuroglancer bridge and plot.
+    """Create the session, its service, the neuroglancer bridge, the window and the plot.
 
     A QApplication must exist. The model, then the classifiers, load on the worker
     thread after the window is built; without a model, segments can be selected but not
@@ -283,30 +281,28 @@ def build_window(
     and so does UMAP (:mod:`segscope.app.projection_process`: numba's compiler holds the GIL), unless
     ``projection_backend`` says otherwise. ``background`` is a context embedding table for
     the plot (the demo's); ``plot=False`` leaves the plot out; ``plot_options`` go to
-    :func:`segscope.app.views.embedding_plot.attach_embedding_plot` (``start_warm_up``...).
+    :meth:`~segscope.app.views.main_window.MainWindow.attach_plot` (``start_warm_up``...).
     """
-    from segscope.app.controller import AppController
-    from segscope.app.jobs import JobRunner
     from segscope.app.neuroglancer_bridge import NeuroglancerBridge
-    from segscope.app.state import SessionState
+    from segscope.app.service import SessionService
+    from segscope.app.session import Session
     from segscope.app.views.main_window import ClickRelay, MainThreadInvoker, MainWindow
 
-    state = SessionState()
+    session = Session()
     invoker = MainThreadInvoker()
-    runner = JobRunner(post=invoker.post)
-    controller = AppController(state, runner, spacing_nm=spacing_nm)
     relay = ClickRelay()
     bridge = NeuroglancerBridge(relay.forward)
-    bridge.attach(state)
-    window = MainWindow(state, controller, bridge, invoker, relay)
+    bridge.attach(session.state)
+    service = SessionService(session, post=invoker.post, viewer=bridge, spacing_nm=spacing_nm)
+    window = MainWindow(session, service, bridge, invoker, relay)
     invoker.setParent(window)
     relay.setParent(window)
-    window.show_source(source, precomputed=precomputed)
+    service.open_source(source, precomputed=precomputed)
     if plot:
         if projection_backend is None:
             from segscope.app.projection_process import ProcessProjectionBackend
 
-            projection_backend = ProcessProjectionBackend()
+            projection_backend = ProcessProjectionBackend(on_event=service.report_child_event)
             window.owns_projection_backend = True
         options = dict(plot_options or {})
         options["scheduler_options"] = {**options.get("scheduler_options", {}), "backend": projection_backend}
@@ -315,8 +311,8 @@ def build_window(
         except (OSError, ValueError, KeyError) as exc:  # an unreadable context table
             log.warning("context embeddings %s not shown: %s", background, exc)
             window.attach_plot(**options)
-    controller.load_model(model_path, trained=model_trained)
-    controller.load_classifiers(
+    service.load_model(model_path, trained=model_trained)
+    service.load_classifiers(
         classifiers,
         ""
         if classifiers is not None
@@ -362,7 +358,7 @@ def run_app(args: argparse.Namespace) -> int:
         window.state.show_error(f"Autosave is off: {exc}")
     window.show()
     if plan.session is not None:
-        window.open_session(plan.session)
+        window.service.open_session(plan.session)
     else:
         window.offer_recovery()
     status = app.exec()

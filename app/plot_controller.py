@@ -58,7 +58,14 @@ from segscope.app.jobs import JobRunner, JobUpdate, Post
 
 log = logging.getLogger(__name__)
 
+#: Origins of selection, hover and activation changes ("no echo", see the module docstring).
+PLOT_ORIGIN = "plot"
+VIEW_3D_ORIGIN = "3d"
+SESSION_ORIGIN = "session"
+
 COLOUR_MODES: tuple[str, ...] = ("subcompartment", "cell type", "OOD score", "segment", "manual label")
+
+
 class PlotEvents(SignalGroup):
     """Events of :class:`PlotController` (each may carry the change's origin, see
     :func:`segscope.app.events.emitting_from`)."""

@@ -407,11 +407,14 @@ class ProcessProjectionBackend:
     process
         The :class:`ProjectionProcess` to use (shared; the caller shuts it down). None
         starts one that :meth:`close` shuts down.
+    on_event
+        For the process this backend starts: called with a one-line message when the child
+        dies, hangs or is restarted (on the runner's reader thread).
     """
 
-    def __init__(self, process: ProjectionProcess | None = None):
+    def __init__(self, process: ProjectionProcess | None = None, *, on_event: Callable[[str], None] | None = None):
         self._owned = process is None
-        self.process = ProjectionProcess() if process is None else process
+        self.process = ProjectionProcess(on_event=on_event) if process is None else process
 
     @property
     def concurrent_transforms(self) -> bool:

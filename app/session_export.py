@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Generator, Iterable, Mapping, Sequence
 
 import numpy as np
-
-from segscope.analysis import COMPARTMENTS
+from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
+from segscope.analysis.artefacts import ClassifierSummary
 from segscope.analysis.export import ALL_PARTS, NOT_PREDICTED, ExportResult, NodeTable, Provenance, SegmentTable
 from segscope.analysis.export.bundle import TABLE_FORMATS, SkeletonEdges, check_export_options, export_bundle
 from segscope.analysis.progress import Progress
 from segscope.app.labels import LabelStore
-from segscope.app.state import UNKNOWN_COMPARTMENT, SegmentRecord, SessionState
+from segscope.app.state import DatasetSummary, ModelSummary, SegmentRecord
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def _usable_skeletons(skeletons: Mapping[int, SkeletonEdges], nodes: NodeTable) 
 
 def _checkpoint_sha256(source: str) -> str:
     """SHA-256 of the encoder's weights when ``source`` names local files, else ``""``."""
-    from segscope.app.demo_context import model_sha256
+    from segscope.analysis.provenance import model_sha256
 
     if not source:
         return ""
@@ -272,9 +272,12 @@ def _checkpoint_sha256(source: str) -> str:
 
 def export_session(
     folder: str | Path,
-    state: SessionState,
+    records: Mapping[int, SegmentRecord] | Iterable[SegmentRecord],
     labels: LabelStore,
     *,
+    dataset: DatasetSummary | None,
+    model: ModelSummary | None = None,
+    classifiers: ClassifierSummary | None = None,
     parts: Sequence[str] = ALL_PARTS,
     table_formats: Sequence[str] = TABLE_FORMATS,
     skeletons: Mapping[int, SkeletonEdges] | None = None,
@@ -292,11 +295,14 @@ def export_session(
     ----------
     folder
         Bundle folder to create (replaced only with ``force``).
-    state
-        The session: its dataset (voxel size nm ``(x, y, z)``, image and segmentation
-        URLs, name), model, classifiers and :attr:`~segscope.app.state.SessionState.records`.
+    records
+        The session's segment records (:attr:`~segscope.app.state.SessionState.records`, or
+        a snapshot of them, :meth:`segscope.app.session.Session.records_snapshot`).
     labels
         The session's manual labels.
+    dataset, model, classifiers
+        What is open: the dataset (voxel size nm ``(x, y, z)``, image and segmentation
+        URLs, name; None: nothing to export), the encoder and the classifiers.
     parts, table_formats, skeletons, serve_url, force
         As in :func:`segscope.analysis.export.export_bundle`. A skeleton is written only when its
         edges join exported nodes (node ids of the records' embedded centres); others are
@@ -310,24 +316,22 @@ def export_session(
     FileExistsError
         From the generator: ``folder`` exists and ``force`` is False.
     """
-    dataset = state.dataset
     if dataset is None:
         raise ValueError("nothing to export: no dataset is open")
     check_export_options(parts, table_formats)
-    records = dict(state.records)  # select_segment archives the selected segment there too
-    cell_type = state.classifiers.cell_type if state.classifiers is not None else None
+    cell_type = classifiers.cell_type if classifiers is not None else None
     nodes, segments, provenance = session_tables(
         records,
         labels,
         dataset_name=dataset.name,
-        model_name=state.model.name if state.model is not None else "",
+        model_name=model.name if model is not None else "",
         aggregation_radius_nm=None if cell_type is None else cell_type.radius_nm,
         ood_threshold=None if cell_type is None else cell_type.ood_threshold,
         cell_type_names=None if cell_type is None else cell_type.class_names,
     )
     if skeletons:
         skeletons = _usable_skeletons(skeletons, nodes)
-    model_source = state.model.source if state.model is not None else ""
+    model_source = model.source if model is not None else ""
     return _write(
         folder,
         nodes,

@@ -33,9 +33,11 @@ from typing import Any, Callable
 import numpy as np
 from psygnal import Signal, SignalGroup
 from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
+from segscope.analysis.artefacts import ClassifierSummary
 from segscope.app.events import connect
 
 log = logging.getLogger(__name__)
+
 
 class SessionStateEvents(SignalGroup):
     """Typed events of :class:`SessionState` (arguments as in the module docstring)."""
@@ -128,51 +130,6 @@ class ModelSummary:
     embedding_dim: int
     input_size_vox: tuple[int, int, int]
     voxel_size_nm: tuple[float, float, float]
-
-
-@dataclass(frozen=True)
-class ClassifierInfo:
-    """One loaded classifier, as ``classifiers.json`` and the file's metadata describe it.
-
-    Attributes
-    ----------
-    task : str
-        ``"compartment"`` (per node) or ``"cell_type"`` (per segment).
-    path : str
-        The ``.npz`` file.
-    class_names : tuple of str
-    radius_nm : float
-        Aggregation radius (nm) of the embeddings it takes: 0 for node embeddings,
-        10,000 for SegCLR's ``aggregated_10um``.
-    ood_threshold : float
-        Dempster-Shafer uncertainty above which a prediction is out of distribution.
-    num_features : int
-        Embedding width ``D`` it takes.
-    config : str
-        Classifier config name (``"BERT_SMALL_SNGP_v1"``...).
-    """
-
-    task: str
-    path: str
-    class_names: tuple[str, ...]
-    radius_nm: float
-    ood_threshold: float
-    num_features: int
-    config: str
-
-
-@dataclass(frozen=True)
-class ClassifierSummary:
-    """The classifiers in use (either may be None when the folder holds only one).
-
-    ``encoder`` is the file name of the encoder whose embeddings they were trained on,
-    when ``classifiers.json`` records it.
-    """
-
-    folder: str
-    compartment: ClassifierInfo | None = None
-    cell_type: ClassifierInfo | None = None
-    encoder: str | None = None
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def _qt_environment() -> None:
 
 def prepare_assets(work: Path) -> dict:
     """Model and classifiers: the shipped ones, else stand-ins written by subprocesses."""
-    from segscope.app.controller import find_demo_classifiers, find_demo_model
+    from segscope.analysis.artefacts import find_demo_classifiers, find_demo_model
 
     model = find_demo_model()
     if model is not None:
@@ -129,7 +129,8 @@ def launch(assets: dict):
     import PyQt6.QtWebEngineWidgets  # noqa: F401  (before the QApplication)
     from PyQt6.QtWidgets import QApplication
 
-    from segscope.app.controller import DataSource, read_classifier_folder
+    from segscope.app.controller import DataSource
+    from segscope.analysis.artefacts import read_classifier_folder
     from segscope.app.main import _demo_folder, build_window
 
     app = QApplication.instance() or QApplication(["segscope-bench"])
@@ -350,7 +351,7 @@ def main() -> int:
         for segment_id, position, _ in segments:
             first, _all, _n = click(app, window, watch, segment_id, position)
             firsts.append(first)
-        window.controller.spacing_nm = 0.0  # every skeleton node is a centre
+        window.service.spacing_nm = 0.0  # every skeleton node is a centre
         big_first, big_all = [], []
         centres = 0
         # A 20 ms Qt timer on the Qt thread while the big segment streams in: its gaps are

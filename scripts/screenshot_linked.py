@@ -74,7 +74,7 @@ def main() -> int:
     segment_id = int(dataset.segment_ids[pick])
     skeleton = dataset.skeleton(segment_id)
     click = time.perf_counter()
-    window.controller.handle_click(segment_id, skeleton.nodes_nm[len(skeleton.nodes_nm) // 2])
+    window.service.handle_click(segment_id, skeleton.nodes_nm[len(skeleton.nodes_nm) // 2])
     if not run_until(
         app,
         lambda: (
@@ -115,7 +115,7 @@ def main() -> int:
     if not window.grab().save(str(args.out)):
         raise SystemExit(f"could not save {args.out}")
     print(f"screenshot: {args.out}")
-    window.autosave = None
+    window.service.autosave = None
     window.dispose()
     return 0
 

@@ -18,14 +18,8 @@ import pytest
 from segscope.analysis.classify import Prediction
 from segscope.analysis.progress import drive
 from segscope.app.compute_process import PredictedBatch, Predictions, SegmentPredictor
-from segscope.app.controller import (
-    DataSource,
-    PrecomputedEmbeddings,
-    SegmentCentres,
-    SourceError,
-    embed_segment_job,
-    read_classifier_folder,
-)
+from segscope.app.controller import DataSource, PrecomputedEmbeddings, SegmentCentres, SourceError, embed_segment_job
+from segscope.analysis.artefacts import read_classifier_folder
 
 
 class StandIn:
@@ -321,9 +315,9 @@ def test_cell_type_is_estimated_in_geometric_steps_and_on_the_last_batch():
 
 
 def test_classifiers_trained_on_another_encoder_are_pointed_out(tmp_path):
-    from segscope.app.controller import AppController
-    from segscope.app.jobs import JobRunner
-    from segscope.app.state import ModelSummary, SessionState
+    from segscope.app.service import SessionService
+    from segscope.app.session import Session
+    from segscope.app.state import ModelSummary
 
     _fake_classifier_file(tmp_path / "types.npz", ("pyramidal", "basket"))
     (tmp_path / "classifiers.json").write_text(
@@ -331,8 +325,8 @@ def test_classifiers_trained_on_another_encoder_are_pointed_out(tmp_path):
     )
     summary = read_classifier_folder(tmp_path)
     assert summary.encoder == "demo_encoder.keras"
-    state = SessionState()
-    controller = AppController(state, JobRunner())
+    controller = SessionService(Session())
+    state = controller.state
     try:
         state.set_classifiers(summary)
         state.set_model(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from segscope.app.state import JobStatus, SessionState
 
 
@@ -152,7 +151,7 @@ def test_batch_predictions_fill_only_their_rows_and_node_batches_carry_them():
 
 
 def test_classifiers_loaded_follows_the_summary():
-    from segscope.app.state import ClassifierInfo, ClassifierSummary
+    from segscope.analysis.artefacts import ClassifierInfo, ClassifierSummary
 
     state = SessionState()
     seen = []

@@ -17,11 +17,13 @@ pytest.importorskip("pytestqt")
 
 @pytest.fixture
 def window(qtbot):
-    """A main window stand-in with a real SessionState, the plot attached (PCA only, no UMAP)."""
+    """A main window stand-in with a real Session, the plot dock linked to it (PCA only, no UMAP)."""
+    from PyQt6.QtCore import Qt
     from PyQt6.QtWidgets import QMainWindow, QWidget
 
-    from segscope.app.state import SessionState
-    from segscope.app.views.embedding_plot import attach_embedding_plot
+    from segscope.app.session import Session
+    from segscope.app.views.embedding_plot import EmbeddingPlotDock
+    from segscope.app.wiring import link_plot_dock
 
     class Bridge:
         """Records what the plot asks of the 3-D view (the real bridge: tests/test_linked_views.py)."""
@@ -42,16 +44,28 @@ def window(qtbot):
 
         def on_segments_changed(self, callback):
             self.listeners.append(callback)
+            return lambda: self.listeners.remove(callback)
 
         def show_selected_nodes(self, points):
             self.rings = list(points)
 
+        def show_labels(self, points, label_names):
+            self.labels = (list(points), list(label_names))
+
     main = QMainWindow()
     main.setCentralWidget(QWidget())
-    main.state = SessionState()
+    main.session = Session()
+    main.state = main.session.state
     main.bridge = Bridge()
     main.resize(900, 700)
-    dock = attach_embedding_plot(main, start_warm_up=False, scheduler_options={"min_points": 10**9, "warm_up": False})
+    dock = EmbeddingPlotDock(
+        main,
+        controller=main.session.plot,
+        start_warm_up=False,
+        scheduler_options={"min_points": 10**9, "warm_up": False},
+    )
+    main.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
+    link_plot_dock(main.session, dock, viewer=main.bridge)
     qtbot.addWidget(main)
     main.show()
     qtbot.waitExposed(main)
@@ -288,13 +302,13 @@ def test_hiding_selected_segments_removes_their_points_from_screen_and_3d(window
     assert len(window.bridge.highlighted) > highlighted_before and window.bridge.highlighted[-1] == []
     assert "1 segment hidden" in plot.status_label.text()
     assert plot.show_hidden_action.text() == "Show hidden segments (1)"
-    # Saved with the session's plot settings, restored by apply_settings.
-    settings = plot.settings()
-    assert settings["hidden_segments"] == [22]
+    # Saved with the session's plot settings, restored by apply_plot_settings.
+    settings = window.session.plot_settings()
+    assert settings["hidden_segments"] == [22] and settings["tool"] in ("pan", "rectangle", "lasso")
 
     plot.show_hidden_action.trigger()
     assert np.isfinite(plot.points._xy).all(axis=1).sum() == 60
     assert not plot.show_hidden_action.isEnabled() and "hidden" not in plot.status_label.text()
-    plot.apply_settings(settings)
+    window.session.apply_plot_settings(settings)
     assert plot.controller.hidden_segments == frozenset({22})
     assert np.isfinite(plot.points._xy).all(axis=1).sum() == 30

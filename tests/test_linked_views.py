@@ -112,7 +112,7 @@ def embed_all(qtbot, window, segments) -> None:
     """Select each segment as a double click would; wait until its points are plotted."""
     plot = window.plot_dock.plot
     for segment_id, node_ids, nodes_nm in segments:
-        window.controller.handle_click(segment_id, nodes_nm[len(nodes_nm) // 2])
+        window.service.handle_click(segment_id, nodes_nm[len(nodes_nm) // 2])
         n = len(node_ids)
         qtbot.waitUntil(
             lambda segment_id=segment_id, n=n: len(plot.controller.segment_rows([segment_id])) == n, timeout=30_000
@@ -189,7 +189,7 @@ def test_label_undo_redo_show_in_plot_and_3d(qtbot, window, segments):
     # A segment label on the first segment (selected in 3-D, nothing selected in the plot).
     plot.controller.clear_selection("plot")
     window.state.clear_segment()
-    window.controller.handle_click(segments[0][0], segments[0][2][0])
+    window.service.handle_click(segments[0][0], segments[0][2][0])
     qtbot.waitUntil(lambda: window.state.segment is not None and window.state.segment.complete, timeout=30_000)
     plot.controller.clear_selection("plot")
     bar.name_box.setEditText("glia")
@@ -269,7 +269,7 @@ def test_save_close_reopen_restores_the_session(qtbot, window, segments, demo96_
     plot.mode_box.setCurrentText("manual label")
     path = tmp_path / "linked.segscope.json"
     assert window.save_session(path)
-    qtbot.waitUntil(lambda: window.session_path is not None and Path(window.session_path).is_file(), timeout=30_000)
+    qtbot.waitUntil(lambda: window.session.path is not None and Path(window.session.path).is_file(), timeout=30_000)
     saved = {
         "points": plot.controller.n_points,
         "labels": window.labels.to_dict(),
@@ -280,7 +280,7 @@ def test_save_close_reopen_restores_the_session(qtbot, window, segments, demo96_
     # A second window, as after a restart, opens the file.
     second = open_window(qtbot, demo96_dir, store_dir)
     try:
-        second.open_session(path)
+        second.service.open_session(path)
         plot2 = second.plot_dock.plot
         qtbot.waitUntil(lambda: plot2.controller.n_points == saved["points"], timeout=30_000)
         assert second.labels.to_dict() == saved["labels"]
@@ -321,7 +321,7 @@ def test_a_crash_leaves_an_autosave_that_the_next_launch_offers(
     window.start_autosave(crashed, interval_ms=3_600_000)
     assert window.autosave_now()
     qtbot.waitUntil(lambda: crashed.autosave_path.is_file(), timeout=30_000)
-    window.autosave = None  # the crashed instance never calls finish()
+    window.service.autosave = None  # the crashed instance never calls finish()
 
     second = open_window(qtbot, demo96_dir, store_dir)
     try:
@@ -358,8 +358,8 @@ def test_opening_data_clears_the_plot_and_labels(qtbot, window, segments, demo96
     if plot.controller.n_points == 0:
         embed_all(qtbot, window, segments)
     window.labels.assign_segments("glia", [segments[0][0]])
-    store = window.controller.precomputed
-    window.show_source(DataSource.open_dataset_folder(demo96_dir), precomputed=store)  # as File > Open does
+    store = window.session.precomputed
+    window.service.open_source(DataSource.open_dataset_folder(demo96_dir), precomputed=store)  # as File > Open does
     assert plot.controller.n_points == 0 and window.labels.n_labelled_segments == 0
     assert window.state.records == {} and window.state.segment is None
     qtbot.waitUntil(lambda: plot.points.n_points == 0 and plot.selection_item.n_points == 0, timeout=2_000)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tiny_classifiers import cell_type_cluster, write_in_subprocess
 
 # QtWebEngine must be imported before pytest-qt creates the QApplication.
@@ -103,7 +102,8 @@ def _run_until(predicate, timeout_s: float) -> bool:
 
 @pytest.fixture(scope="module")
 def window(demo_dir, random_model, classifiers_dir, store_dir, qapp):
-    from segscope.app.controller import DataSource, PrecomputedEmbeddings, read_classifier_folder
+    from segscope.analysis.artefacts import read_classifier_folder
+    from segscope.app.controller import DataSource, PrecomputedEmbeddings
     from segscope.app.main import build_window
 
     # Dense centres (300 nm apart) so a segment has enough batches to cancel mid-job.
@@ -289,7 +289,7 @@ def test_precomputed_embeddings_are_used_when_the_store_has_the_segment(qtbot, w
     node_batches = []
     unsubscribe = window.state.subscribe("node_batch", node_batches.append)
     try:
-        window.controller.select_segment(segment_id, node_nm)
+        window.service.select_segment(segment_id, node_nm)
         qtbot.waitUntil(
             lambda: (
                 window.state.job is not None
@@ -340,12 +340,11 @@ def test_embedding_runs_off_the_qt_thread_which_keeps_turning(qtbot, window, dem
     """
     import threading
 
+    import segscope.app.service as service_module
     from PyQt6.QtCore import QTimer
 
-    import segscope.app.controller as controller_module
-
     step_threads: list[int] = []
-    original = controller_module.embed_segment_job
+    original = service_module.embed_segment_job
 
     def recording_job(*args, **kwargs):
         inner = original(*args, **kwargs)
@@ -360,7 +359,7 @@ def test_embedding_runs_off_the_qt_thread_which_keeps_turning(qtbot, window, dem
         finally:
             inner.close()
 
-    monkeypatch.setattr(controller_module, "embed_segment_job", recording_job)
+    monkeypatch.setattr(service_module, "embed_segment_job", recording_job)
     segment_id, node_nm = _largest_segment(demo_dir)
     beats: list[float] = []
     timer = QTimer()
@@ -368,7 +367,7 @@ def test_embedding_runs_off_the_qt_thread_which_keeps_turning(qtbot, window, dem
     timer.timeout.connect(lambda: beats.append(time.perf_counter()))
     timer.start()
     try:
-        window.controller.select_segment(segment_id, node_nm)
+        window.service.select_segment(segment_id, node_nm)
         qtbot.waitUntil(lambda: window.state.job is not None and window.state.job.state == "finished", timeout=60_000)
     finally:
         timer.stop()
@@ -394,7 +393,7 @@ def test_cancel_mid_job_leaves_a_consistent_state(qtbot, window, demo_dir):
 
     unsubscribe = window.state.subscribe("embeddings", cancel_on_first_batch)
     try:
-        window.controller.select_segment(segment_id, node_nm)
+        window.service.select_segment(segment_id, node_nm)
         qtbot.waitUntil(
             lambda: window.state.job is not None and window.state.job.state in ("cancelled", "finished"), timeout=60_000
         )
@@ -409,16 +408,16 @@ def test_cancel_mid_job_leaves_a_consistent_state(qtbot, window, demo_dir):
     assert window.panel.embedded_label.text() == f"{segment.n_embedded} of {segment.n_centres}"
     assert not window.job_bar.cancel_button.isEnabled()
     # The worker is free again: the next click runs to the end.
-    window.controller.select_segment(segment_id, node_nm)
+    window.service.select_segment(segment_id, node_nm)
     qtbot.waitUntil(lambda: window.state.job.state == "finished" and window.state.segment.complete, timeout=60_000)
 
 
 def test_bad_url_shows_an_error_in_the_window(qtbot, window, tmp_path):
-    before = window.controller.source
-    window.open_sources(str(tmp_path / "no-image"), str(tmp_path / "no-segmentation"))
+    before = window.session.source
+    window.service.open_sources(str(tmp_path / "no-image"), str(tmp_path / "no-segmentation"))
     qtbot.waitUntil(lambda: window.banner.isVisible(), timeout=10_000)
     assert "Could not open" in window.banner.message and "no-image" in window.banner.message
-    assert window.controller.source is before  # still showing the previous data
+    assert window.session.source is before  # still showing the previous data
 
 
 def test_bad_inputs_fail_on_the_console_before_any_window(tmp_path, capsys):
@@ -443,7 +442,8 @@ def test_bad_inputs_fail_on_the_console_before_any_window(tmp_path, capsys):
 
 
 def test_panel_is_honest_about_missing_classifiers(qtbot):
-    from segscope.app.state import ClassifierInfo, ClassifierSummary, SessionState
+    from segscope.analysis.artefacts import ClassifierInfo, ClassifierSummary
+    from segscope.app.state import SessionState
     from segscope.app.views.segment_panel import SegmentPanel
 
     state = SessionState()

@@ -11,7 +11,7 @@ import pytest
 
 from segscope.analysis import COMPARTMENTS
 from segscope.analysis.projection import read_embedding_table
-from segscope.app.demo_context import (
+from segscope.analysis.provenance import (
     DEMO_CONTEXT_NAME,
     PROVENANCE_KEY,
     classifier_hashes,
@@ -65,7 +65,7 @@ def test_committed_asset_fits_the_default_demo_and_shipped_models(tmp_path):
     ],
 )
 def test_other_demo_parameters_are_rejected_with_the_reason(tmp_path, caplog, changes, words):
-    caplog.set_level("INFO", logger="segscope.app.demo_context")
+    caplog.set_level("INFO", logger="segscope.analysis.provenance")
     found = find_demo_context(write_demo_metadata(tmp_path / "other", **changes))
     assert not found and found.path is None
     assert words in found.reason and words in caplog.text
@@ -220,7 +220,7 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
     # The app streams a segment's nodes in small batches; its last word on each node must be
     # what the file says.
     from segscope.app.compute_process import load_segment_predictor
-    from segscope.app.controller import read_classifier_folder
+    from segscope.analysis.artefacts import read_classifier_folder
 
     summary = read_classifier_folder(CLASSIFIERS)
     predictor, _ = load_segment_predictor(
@@ -287,7 +287,7 @@ def test_embed_bad_arguments_give_one_line_errors(tmp_path, capsys, argv, messag
 
 
 def test_model_sha256_hashes_exactly_one_checkpoints_files(tmp_path):
-    from segscope.app.demo_context import model_sha256
+    from segscope.analysis.provenance import model_sha256
 
     for name, data in (
         ("ckpt-1.index", b"a"),

@@ -37,23 +37,20 @@ from PyQt6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-
-from segscope.app.views.invoker import MainThreadInvoker
 from segscope.app.plot_controller import (
     COLOUR_MODES,
+    PLOT_ORIGIN,
+    VIEW_3D_ORIGIN,
     LayoutChange,
     PlotController,
     PointInfo,
     ProjectionScheduler,
     Selection,
 )
+from segscope.app.views.invoker import MainThreadInvoker
 
 log = logging.getLogger(__name__)
 
-#: Origin tag of changes made in this plot (see segscope.app.plot_controller, "no echo").
-PLOT_ORIGIN = "plot"
-#: Origin tag of selections that come from the 3-D view / session.
-VIEW_3D_ORIGIN = "3d"
 HOVER_RADIUS_PX = 6.0
 ANIMATION_MS = 600
 ANIMATION_FRAME_MS = 16
@@ -288,6 +285,7 @@ class EmbeddingPlotWidget(QWidget):
     pointHovered = pyqtSignal(object)
     pointActivated = pyqtSignal(object)
     selectionChanged = pyqtSignal(object)
+    viewChanged = pyqtSignal(dict)
 
     def __init__(
         self,
@@ -396,7 +394,7 @@ class EmbeddingPlotWidget(QWidget):
         self._unsubscribe = [
             controller.subscribe("points", lambda rows: self._mark("points")),
             controller.subscribe("layout", self._on_layout),
-            controller.subscribe("colours", lambda: self._mark("colours")),
+            controller.subscribe("colours", self._on_colours),
             controller.subscribe("selection", self._on_selection),
             controller.subscribe("hover", self._on_hover),
             controller.subscribe("activate", self.pointActivated.emit),
@@ -404,8 +402,17 @@ class EmbeddingPlotWidget(QWidget):
             controller.subscribe("visibility", self._on_visibility),
         ]
         self.scheduler.on_status(self._show_status)
+        self.view_box.sigRangeChanged.connect(self._emit_view)
 
     # -- controller -> screen --------------------------------------------------------------
+
+    def _on_colours(self) -> None:
+        mode = self.controller.colour_mode
+        if self.mode_box.currentText() != mode:  # set by the model (a restored session)
+            self.mode_box.blockSignals(True)
+            self.mode_box.setCurrentText(mode)
+            self.mode_box.blockSignals(False)
+        self._mark("colours")
 
     def _mark(self, what: str) -> None:
         self._dirty.add(what)
@@ -565,6 +572,7 @@ class EmbeddingPlotWidget(QWidget):
         self.view_box.mode = mode
         for button in self.tool_buttons.buttons():
             button.setChecked(button.text().lower().startswith(mode[:4]))
+        self._emit_view()
 
     def _hit(self, scene_pos: QPointF) -> int | None:
         if not self.view_box.sceneBoundingRect().contains(scene_pos):
@@ -597,36 +605,25 @@ class EmbeddingPlotWidget(QWidget):
 
     # -- session settings -------------------------------------------------------------------
 
-    def settings(self) -> dict:
-        """JSON-safe plot settings for a saved session: colour mode, tool, view range,
-        hidden segments.
-
-        ``view_range`` is ``[[x0, x1], [y0, y1]]`` in layout units.
+    def view_settings(self) -> dict:
+        """The view's JSON-safe part of a saved session's plot settings: ``tool`` and
+        ``view_range`` (``[[x0, x1], [y0, y1]]`` in layout units). The colour mode and the
+        hidden segments are the model's (:meth:`segscope.app.session.Session.plot_settings`).
         """
         (x0, x1), (y0, y1) = self.view_box.viewRange()
-        return {
-            "colour_mode": self.controller.colour_mode,
-            "tool": self.view_box.mode,
-            "view_range": [[float(x0), float(x1)], [float(y0), float(y1)]],
-            "hidden_segments": sorted(self.controller.hidden_segments),
-        }
+        return {"tool": self.view_box.mode, "view_range": [[float(x0), float(x1)], [float(y0), float(y1)]]}
 
-    def apply_settings(self, settings: dict) -> None:
-        """Restore :meth:`settings` (unknown or bad entries are logged and skipped)."""
-        mode = settings.get("colour_mode")
-        if mode in COLOUR_MODES:
-            self.mode_box.setCurrentText(mode)
-        elif mode is not None:
-            log.warning("session plot settings: unknown colour mode %r ignored", mode)
+    def _emit_view(self, *_args: Any) -> None:
+        self.viewChanged.emit(self.view_settings())
+
+    def apply_view_settings(self, settings: dict) -> None:
+        """Restore :meth:`view_settings` (from a saved session's plot settings; other keys are
+        the model's and ignored here; bad entries are logged and skipped)."""
         tool = settings.get("tool")
         if tool in ("pan", "rectangle", "lasso"):
             self.set_tool(tool)
-        hidden = settings.get("hidden_segments")
-        if hidden is not None:
-            try:
-                self.controller.hide_segments(int(s) for s in hidden)
-            except (TypeError, ValueError):
-                log.warning("session plot settings: bad hidden segment list %r ignored", hidden)
+        elif tool is not None:
+            log.warning("session plot settings: unknown tool %r ignored", tool)
         view = settings.get("view_range")
         try:
             (x0, x1), (y0, y1) = view
@@ -702,14 +699,15 @@ class EmbeddingPlotDock(QDockWidget):
     def controller(self) -> PlotController:
         return self.plot.controller
 
-    def attach_labels(self, labels, *, bridge=None, current_segment=lambda: None, report=lambda message: None) -> None:
-        """Show ``labels`` (an :class:`segscope.app.labels.LabelStore`) in the plot and, through
-        ``bridge.show_labels``, in 3-D; add the label bar that edits them."""
+    def attach_labels(
+        self, labels, *, show_labels=None, current_segment=lambda: None, report=lambda message: None
+    ) -> None:
+        """Add the label bar that edits ``labels`` (an :class:`segscope.app.labels.LabelStore`,
+        the session's: the plot's points already show them) and show labelled points in 3-D
+        through ``show_labels(points, label_names)`` (the bridge's), debounced."""
         from segscope.app.views.label_bar import LabelBar
 
         controller = self.controller
-        controller.label_lookup = labels.effective_node_labels
-        controller.refresh_manual_labels()
         self.label_bar = LabelBar(labels, controller, current_segment, report)
         self._layout.addWidget(self.label_bar)
         layer_timer = QTimer(self)
@@ -718,7 +716,7 @@ class EmbeddingPlotDock(QDockWidget):
         self._label_layer_timer = layer_timer
 
         def write_layer() -> None:
-            if bridge is None:
+            if show_labels is None:
                 return
             rows = np.flatnonzero(controller.manual_labels != "")[:MAX_LABEL_POINTS_3D]
             points = [
@@ -730,10 +728,9 @@ class EmbeddingPlotDock(QDockWidget):
                 )
                 for r in rows
             ]
-            bridge.show_labels(points, controller.manual_label_names())
+            show_labels(points, controller.manual_label_names())
 
         def on_labels(_change) -> None:
-            controller.refresh_manual_labels()
             layer_timer.start()
 
         def on_points(rows) -> None:
@@ -753,136 +750,3 @@ class EmbeddingPlotDock(QDockWidget):
         if self.label_bar is not None:
             self.label_bar.shutdown()
         self.plot.shutdown()
-
-
-def attach_embedding_plot(
-    main_window, *, background=None, start_warm_up: bool = True, **plot_kwargs: Any
-) -> EmbeddingPlotDock:
-    """Add the embedding plot dock to SegScope's main window and link it both ways.
-
-    What it needs from the window: ``main_window.state`` (:class:`segscope.app.state.SessionState`,
-    events ``"node_batch"``, ``"predictions"``, ``"segment"``) and ``addDockWidget``
-    (QMainWindow); optionally ``main_window.bridge`` (:class:`segscope.app.neuroglancer_bridge.
-    NeuroglancerBridge`), ``main_window.labels`` (:class:`segscope.app.labels.LabelStore`) and
-    ``main_window.statusBar()``.
-
-    Wiring
-    ------
-    * session ``"node_batch"`` -> the batch's points (with predicted compartments);
-    * session ``"predictions"`` -> the segment's cell type, OOD score and (revised)
-      node compartments;
-    * session ``"segment"`` (a double click in 3-D) and segments selected in
-      Neuroglancer's own layer controls -> their points are highlighted (origin ``"3d"``,
-      never sent back);
-    * a rectangle or lasso in the plot -> its segments become the segmentation layer's
-      selected segments and its nodes are ringed; the hovered point -> a marker on its node in 3-D; a clicked
-      point -> the marker, and the 3-D view moves to the node;
-    * manual labels -> the plot's ``"manual label"`` colours and the 3-D "manual labels"
-      layer, refreshed after every label edit, undo or redo and as labelled segments
-      stream in; a :class:`~segscope.app.views.label_bar.LabelBar` under the plot edits them.
-
-    ``background`` is an :class:`segscope.analysis.projection.EmbeddingTable` or a path to a
-    ``segscope embed`` Parquet, plotted as context from the start. ``start_warm_up``
-    compiles UMAP's numba kernels in the background right away.
-    """
-    dock = EmbeddingPlotDock(main_window, start_warm_up=start_warm_up, **plot_kwargs)
-    main_window.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
-    plot, controller = dock.plot, dock.controller
-    state = main_window.state
-    bridge = getattr(main_window, "bridge", None)
-    labels = getattr(main_window, "labels", None)
-
-    def on_batch(batch) -> None:
-        controller.add_points(
-            batch.segment_id, batch.node_ids, batch.positions_nm, batch.embeddings, compartments=batch.predicted
-        )
-
-    def on_predictions(record) -> None:
-        if record is None:
-            return
-        controller.set_segment_labels(
-            record.segment_id,
-            cell_type=getattr(record, "cell_type", None),
-            ood_score=getattr(record, "ood_score", None),
-        )
-        predicted, embedded = getattr(record, "predicted", None), getattr(record, "embedded", None)
-        if predicted is not None and embedded is not None and record.node_ids is not None:
-            # Compartments may be revised for nodes already plotted (smoothing over a segment).
-            controller.set_compartments(record.segment_id, record.node_ids[embedded], predicted[embedded])
-
-    def on_segment(record) -> None:
-        plot.select_segments(() if record is None else (record.segment_id,), origin=VIEW_3D_ORIGIN)
-
-    try:  # the 3-D view's colours, so a cell type or a label looks the same in both
-        from segscope.app.neuroglancer_bridge import cell_type_colour, label_colour
-
-        def class_names() -> tuple[str, ...]:
-            summary = getattr(state, "classifiers", None)
-            info = getattr(summary, "cell_type", None)
-            return tuple(getattr(info, "class_names", ()) or ())
-
-        controller.cell_type_colour = lambda name: cell_type_colour(name, class_names())
-        controller.label_colour = label_colour
-    except ImportError:
-        log.debug("no neuroglancer bridge: the plot uses its own colours")
-
-    state.subscribe("node_batch", on_batch)
-    state.subscribe("predictions", on_predictions)
-    state.subscribe("segment", on_segment)
-    if bridge is not None:
-        _link_plot_to_bridge(plot, bridge)
-    if labels is not None:
-        dock.attach_labels(
-            labels,
-            bridge=bridge,
-            current_segment=lambda: None if state.segment is None else state.segment.segment_id,
-            report=_status_reporter(main_window),
-        )
-    if background is not None:
-        if not hasattr(background, "embeddings"):
-            from segscope.analysis.projection import read_embedding_table
-
-            background = read_embedding_table(background)
-        plot.add_background(background)
-    return dock
-
-
-def _status_reporter(main_window):
-    status_bar = getattr(main_window, "statusBar", None)
-    if status_bar is None:
-        return lambda message: log.info("%s", message)
-    return lambda message: status_bar().showMessage(message, 8000)
-
-
-def _link_plot_to_bridge(plot: EmbeddingPlotWidget, bridge) -> None:
-    """Plot -> 3-D: selected segments, hovered and clicked nodes; 3-D -> plot: segments
-    selected in Neuroglancer's own controls (their callback arrives on neuroglancer's
-    thread and is posted to the Qt thread)."""
-    from segscope.app.neuroglancer_bridge import MAX_SELECTED_NODES
-
-    controller = plot.controller
-    plot.selectionChanged.connect(lambda selection: bridge.highlight_segments(sorted(selection.segment_ids)))
-
-    def ring_selected_nodes(selection) -> None:
-        # The plot's own node selections are ringed in 3-D; a selection made elsewhere (3-D)
-        # is whole segments, already shown there, so the rings go.
-        rows = selection.rows if selection.origin == PLOT_ORIGIN else np.zeros(0, np.int64)
-        if len(rows) > MAX_SELECTED_NODES:  # the bridge's subsample, taken before building tuples
-            rows = rows[np.linspace(0, len(rows) - 1, MAX_SELECTED_NODES).astype(np.int64)]
-        bridge.show_selected_nodes(
-            [
-                (int(controller.segment_ids[r]), int(controller.node_ids[r]), tuple(map(float, controller.xyz_nm[r])))
-                for r in rows
-            ]
-        )
-
-    controller.subscribe("selection", ring_selected_nodes)
-
-    def node(info: PointInfo | None):
-        return None if info is None else (info.segment_id, info.node_id, info.xyz_nm)
-
-    plot.pointHovered.connect(lambda info: bridge.highlight_node(node(info)))
-    plot.pointActivated.connect(lambda info: bridge.highlight_node(node(info), move=True))
-    bridge.on_segments_changed(
-        lambda segments: plot.invoker.post(lambda: plot.select_segments(segments, origin=VIEW_3D_ORIGIN))
-    )

@@ -1,13 +1,12 @@
 """The Export dialog: which parts of the session to write, and where.
 
-The dialog only collects an :class:`ExportRequest`; the main window runs the export on
-the job worker (:func:`segscope.app.session_export.export_session`, the same code ``segscope
-export`` drives) and, when asked, adds the exported annotation layer to the viewer.
+The dialog only collects an :class:`~segscope.app.service.ExportRequest`; the session service
+runs the export on its I/O worker (:func:`segscope.app.session_export.export_session`) and,
+when asked, adds the exported annotation layer to the viewer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from PyQt6.QtWidgets import (
@@ -24,8 +23,8 @@ from PyQt6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-
 from segscope.analysis.export import ALL_PARTS
+from segscope.app.service import ExportRequest
 
 #: What each part is called in the dialog.
 PART_TITLES = {
@@ -36,31 +35,6 @@ PART_TITLES = {
     "cave": "CAVE-style cell-type table",
     "swc": "SWC skeletons (segments with a skeleton)",
 }
-
-
-@dataclass(frozen=True)
-class ExportRequest:
-    """What the user asked to export.
-
-    Attributes
-    ----------
-    folder : pathlib.Path
-        The bundle folder to create.
-    parts : tuple of str
-        Subset of :data:`segscope.analysis.export.ALL_PARTS`.
-    table_formats : tuple of str
-        Subset of ``("parquet", "csv")``.
-    force : bool
-        Replace an existing folder.
-    add_layer : bool
-        Add the exported annotation layer to the running viewer afterwards.
-    """
-
-    folder: Path
-    parts: tuple[str, ...]
-    table_formats: tuple[str, ...]
-    force: bool
-    add_layer: bool
 
 
 class ExportDialog(QDialog):

@@ -1,25 +1,21 @@
 """SegScope's main window: Neuroglancer in the centre, the segment panel, the job bar.
 
+Layout and menus only. The window shows a :class:`~segscope.app.session.Session` (it and
+its panels subscribe to the model) and asks a :class:`~segscope.app.service.SessionService`
+for everything that changes it (open, embed, save, restore, autosave, export). The Qt-free
+parts are linked to each other in :mod:`segscope.app.wiring`.
+
 Threads: the window lives on the Qt main thread and never waits on TensorFlow, disk or
 neuroglancer. Neuroglancer's click callbacks arrive on its server thread and come here
 through :class:`ClickRelay`'s signal (a queued connection, as the emitter is another
-thread); job updates arrive through :class:`MainThreadInvoker`, the ``post`` function of
-the :class:`~segscope.app.jobs.JobRunner`. Opening data runs on the job worker too.
-
-Adding views
-------------
-Other panels (the embedding plot) plug in with :meth:`MainWindow.add_dock` and subscribe
-to the session state, for example ``window.state.subscribe("node_batch", on_batch)``: each
-:class:`segscope.app.state.NodeBatch` carries the segment id, node ids, positions (nm), embeddings
-and predicted compartments of the nodes that just arrived, on the Qt main thread.
+thread); job updates arrive through :class:`MainThreadInvoker`, the service's ``post``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
-
 from pathlib import Path
+from typing import Callable
 
 from PyQt6.QtCore import QObject, Qt, QTimer, QUrl, pyqtSignal
 from PyQt6.QtGui import QAction, QKeySequence
@@ -42,24 +38,17 @@ from PyQt6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-
-from segscope.analysis.progress import Progress
-from segscope.app.controller import AppController, DataSource, PrecomputedEmbeddings
-from segscope.app.jobs import JobRunner, JobUpdate
 from segscope.app.labels import LabelStore
-from segscope.app.session_file import JSON_SUFFIX
 from segscope.app.neuroglancer_bridge import ClickEvent, NeuroglancerBridge
+from segscope.app.service import SessionService
+from segscope.app.session import Session
+from segscope.app.session_file import JSON_SUFFIX
 from segscope.app.state import JobStatus, ModelSummary, SessionState
-from segscope.app.views.segment_panel import SegmentPanel
 from segscope.app.views.invoker import MainThreadInvoker
+from segscope.app.views.segment_panel import SegmentPanel
 
 log = logging.getLogger(__name__)
 
-OPEN_LANE = "open"
-#: Session I/O runs on its own worker so an export or autosave never delays embedding.
-EXPORT_LANE = "export"
-SESSION_LANE = "session"
-AUTOSAVE_LANE = "autosave"
 AUTOSAVE_INTERVAL_MS = 60_000
 
 
@@ -174,39 +163,34 @@ class MainWindow(QMainWindow):
 
     Parameters
     ----------
-    state, controller, bridge
-        The session state, its controller, and the neuroglancer bridge (already attached
-        to the state).
+    session, service
+        The session model it shows and the service it asks for changes.
+    bridge
+        The neuroglancer bridge (already attached to the session state).
     invoker, relay
-        The main-thread invoker the job runner posts through, and the click relay the
+        The main-thread invoker the service posts through, and the click relay the
         bridge calls.
     """
 
     def __init__(
         self,
-        state: SessionState,
-        controller: AppController,
+        session: Session,
+        service: SessionService,
         bridge: NeuroglancerBridge,
         invoker: MainThreadInvoker,
         relay: ClickRelay,
     ):
         super().__init__()
-        self.state = state
-        self.controller = controller
+        self.session = session
+        self.service = service
         self.bridge = bridge
         self.invoker = invoker
         self.relay = relay
         self._closed = False
-        #: Manual labels of this session (undo/redo in the Edit menu).
-        self.labels = LabelStore()
         self.plot_dock = None  # the embedding plot (attach_plot)
         #: Whether the plot's projection backend (its UMAP process) ends with this window.
         self.owns_projection_backend = False
         self.export_dialog = None
-        self.last_export = None  # segscope.analysis.export.ExportResult of the last finished export
-        self.session_path: Path | None = None
-        self.autosave = None  # segscope.app.session_file.AutosaveManager (start_autosave)
-        self.io_runner = JobRunner(post=invoker.post, name="segscope-session-io")
         self._autosave_timer = QTimer(self)
         self._autosave_timer.timeout.connect(self.autosave_now)
         self.setWindowTitle("SegScope")
@@ -215,6 +199,7 @@ class MainWindow(QMainWindow):
         self.web_view = QWebEngineView()
         self.web_view.setUrl(QUrl(bridge.url))
         self.banner = ErrorBanner()
+        state = session.state
         self.job_bar = JobBar(state, self.cancel_job)
         central = QWidget()
         layout = QVBoxLayout(central)
@@ -248,6 +233,16 @@ class MainWindow(QMainWindow):
         self._show_model(state.model)
         self._show_classifiers(state.classifiers)
 
+    @property
+    def state(self) -> SessionState:
+        """The session's state (``session.state``)."""
+        return self.session.state
+
+    @property
+    def labels(self) -> LabelStore:
+        """The session's manual labels (``session.labels``)."""
+        return self.session.labels
+
     def add_dock(
         self,
         title: str,
@@ -271,11 +266,33 @@ class MainWindow(QMainWindow):
         return dock
 
     def attach_plot(self, *, background=None, **plot_kwargs):
-        """Add the embedding plot dock, linked to the 3-D view, labels and session
-        (see :func:`segscope.app.views.embedding_plot.attach_embedding_plot`); returns the dock."""
-        from segscope.app.views.embedding_plot import attach_embedding_plot
+        """Add the embedding plot dock on the session's plot model, linked to the 3-D view
+        and labels (:func:`segscope.app.wiring.link_plot_dock`); returns the dock.
 
-        self.plot_dock = attach_embedding_plot(self, background=background, **plot_kwargs)
+        ``background`` is an :class:`segscope.analysis.projection.EmbeddingTable` or a path to
+        a ``segscope embed`` Parquet, plotted as context from the start (an unreadable one
+        raises OSError, ValueError or KeyError before the dock is added). ``plot_kwargs`` go
+        to :class:`~segscope.app.views.embedding_plot.EmbeddingPlotDock` (``start_warm_up``,
+        ``scheduler_options``...).
+        """
+        from segscope.app.views.embedding_plot import EmbeddingPlotDock
+        from segscope.app.wiring import link_plot_dock
+
+        if background is not None and not hasattr(background, "embeddings"):
+            from segscope.analysis.projection import read_embedding_table
+
+            background = read_embedding_table(background)
+        self.plot_dock = EmbeddingPlotDock(self, controller=self.session.plot, **plot_kwargs)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.plot_dock)
+        link_plot_dock(
+            self.session,
+            self.plot_dock,
+            viewer=self.bridge,
+            post=self.invoker.post,
+            report=lambda message: self.statusBar().showMessage(message, 8000),
+        )
+        if background is not None:
+            self.plot_dock.plot.add_background(background)
         self.resizeDocks(
             [self.segment_dock, self.plot_dock],
             [self.height() * 2 // 5, self.height() * 3 // 5],
@@ -286,11 +303,7 @@ class MainWindow(QMainWindow):
 
     def _on_dataset(self, summary) -> None:
         self.setWindowTitle(f"SegScope: {summary.name}")
-        # Segment ids mean nothing in other data: labels and plotted points of the old
-        # data go (not undoable).
-        self.labels.reset()
-        if self.plot_dock is not None:
-            self.plot_dock.controller.clear()
+        self.banner.hide()
         self._update_undo_actions()
 
     # -- menus and shortcuts -------------------------------------------------------------------
@@ -305,7 +318,7 @@ class MainWindow(QMainWindow):
         self.open_session_action.triggered.connect(self._open_session_dialog)
         self.save_session_action = QAction("&Save session", self)
         self.save_session_action.setShortcut(QKeySequence.StandardKey.Save)
-        self.save_session_action.triggered.connect(lambda: self.save_session(self.session_path))
+        self.save_session_action.triggered.connect(lambda: self.save_session(self.session.path))
         self.save_session_as_action = QAction("Save session &as…", self)
         self.save_session_as_action.setShortcut(QKeySequence("Ctrl+Shift+S"))
         self.save_session_as_action.triggered.connect(lambda: self.save_session(None))
@@ -420,18 +433,14 @@ class MainWindow(QMainWindow):
     # -- user actions ------------------------------------------------------------------------------
 
     def _on_click(self, event: ClickEvent) -> None:
-        self.controller.handle_click(event.segment_id, event.position_nm)
+        self.service.handle_click(event.segment_id, event.position_nm)
 
     def cancel_job(self) -> None:
-        if not self.controller.cancel():
+        if not self.service.cancel():
             self.statusBar().showMessage("No embedding job to cancel.")
 
     def _reembed(self) -> None:
-        segment = self.state.segment
-        if segment is None:
-            self.statusBar().showMessage("No segment selected.")
-            return
-        self.controller.select_segment(segment.segment_id, segment.click_nm)
+        self.service.reembed()
 
     def _open_dialog(self) -> None:
         dialog = OpenDialog(self)
@@ -441,61 +450,7 @@ class MainWindow(QMainWindow):
         if not image or not segmentation:
             self.state.show_error("Open: both an image and a segmentation are needed.")
             return
-        self.open_sources(image, segmentation, skeletons)
-
-    def open_sources(
-        self,
-        image_url: str,
-        segmentation_url: str,
-        skeletons_url: str | None = None,
-        *,
-        name: str | None = None,
-        precomputed=None,
-        then: Callable[[], None] | None = None,
-    ) -> None:
-        """Open data on the worker thread and show it; errors appear in the banner.
-
-        ``precomputed`` describes an embedding store to open with it (an
-        :class:`segscope.app.session_file.PrecomputedRef`); ``then`` runs once the data is shown.
-        """
-
-        def make():
-            yield Progress(0, 1, "steps", f"opening {segmentation_url}")
-            source = DataSource.open(image_url, segmentation_url, skeletons_url, name=name)
-            store = (
-                None
-                if precomputed is None
-                else PrecomputedEmbeddings.open(
-                    precomputed.location,
-                    coordinates=precomputed.coordinates,
-                    num_shards=precomputed.num_shards,
-                    bytewidth=precomputed.bytewidth,
-                )
-            )
-            return source, store
-
-        def on_update(update: JobUpdate) -> None:
-            if update.event == "finished":
-                source, store = update.result
-                self.show_source(source, precomputed=store)
-                if then is not None and self.controller.source is source:
-                    then()
-            elif update.event == "failed":
-                self.state.show_error(f"Could not open the data: {update.error}")
-
-        self.state.show_status(f"Opening {segmentation_url}…")
-        self.controller.runner.submit(f"opening {segmentation_url}", make, on_update, kind=OPEN_LANE)
-
-    def show_source(self, source: DataSource, *, precomputed: PrecomputedEmbeddings | None = None) -> None:
-        """Show an opened data source in the viewer and make it the controller's
-        (``precomputed``: a CSV ZIP store of its embeddings)."""
-        try:
-            self.bridge.show_source(source)
-        except (ValueError, OSError) as exc:
-            self.state.show_error(f"Neuroglancer cannot show {source.name}: {exc}")
-            return
-        self.banner.hide()
-        self.controller.open_source(source, precomputed=precomputed)
+        self.service.open_sources(image, segmentation, skeletons)
 
     # -- manual labels -------------------------------------------------------------------------------
 
@@ -521,114 +476,24 @@ class MainWindow(QMainWindow):
     # -- export ---------------------------------------------------------------------------------------
 
     def show_export_dialog(self):
-        """Open the Export dialog (non-modal); its Export button starts :meth:`start_export`."""
-        from segscope.app.session_controller import session_records
+        """Open the Export dialog (non-modal); its Export button asks the service to export."""
         from segscope.app.views.export_dialog import ExportDialog
 
-        records = session_records(self.state)
-        if not records:
-            self.state.show_error("Nothing to export yet: double-click a segment to embed it first.")
+        summary = self.service.export_summary()
+        if summary is None:
             return None
-        nodes = sum(record.n_embedded for record in records)
-        summary = (
-            f"{len(records)} segments, {nodes} embedded nodes; manual labels on "
-            f"{self.labels.n_labelled_nodes} nodes and {self.labels.n_labelled_segments} segments."
-        )
-        base = self.session_path.parent if self.session_path is not None else Path.home()
+        base = self.session.path.parent if self.session.path is not None else Path.home()
         name = f"segscope-export-{self.state.dataset.name if self.state.dataset else 'session'}"
         dialog = ExportDialog(base / name, summary, self)
-        dialog.accepted.connect(lambda: self.start_export(dialog.request()))
+        dialog.accepted.connect(lambda: self.service.export(dialog.request()))
         self.export_dialog = dialog
         dialog.open()
         return dialog
 
-    def start_export(self, request) -> None:
-        """Write the export bundle ``request`` (:class:`~segscope.app.views.export_dialog.ExportRequest`)
-        on the session worker; on success optionally add its annotation layer to the viewer."""
-        from segscope.app.session_export import export_session, skeleton_edges
-
-        from types import SimpleNamespace
-
-        records = self._records_snapshot()
-        snapshot = SimpleNamespace(
-            records=records,
-            dataset=self.state.dataset,
-            model=self.state.model,
-            classifiers=self.state.classifiers,
-            segment=None,
-        )
-        labels = LabelStore.from_dict(self.labels.to_dict())
-        source = self.controller.source
-
-        def make():
-            skeletons = skeleton_edges(source, records) if "swc" in request.parts else None
-            return (
-                yield from export_session(
-                    request.folder,
-                    snapshot,
-                    labels,
-                    parts=request.parts,
-                    table_formats=request.table_formats,
-                    skeletons=skeletons,
-                    force=request.force,
-                )
-            )
-
-        def on_update(update: JobUpdate) -> None:
-            if update.event == "progress" and update.progress is not None:
-                self.statusBar().showMessage(f"Exporting: {update.progress.message}")
-            elif update.event == "finished":
-                message = f"Exported to {request.folder}"
-                if request.add_layer:
-                    try:
-                        self.bridge.add_exported_layer(request.folder)
-                        message += " (its annotation layer is in the viewer)"
-                    except (OSError, ValueError) as exc:
-                        message += f"; the layer could not be added: {exc}"
-                self.last_export = update.result
-                self.state.show_status(message + ".")
-            elif update.event == "failed":
-                self.state.show_error(f"Export to {request.folder} failed: {update.error}")
-
-        self.state.show_status(f"Exporting to {request.folder}…")
-        self.io_runner.submit(f"exporting to {request.folder}", make, on_update, kind=EXPORT_LANE, supersede=False)
-
-    def _records_snapshot(self) -> dict:
-        """Copies of the session's analysed records (segment id -> record), which a worker
-        can read while the session goes on changing on this thread (numpy copies: ms)."""
-        import copy
-
-        from segscope.app.session_controller import session_records
-
-        return {record.segment_id: copy.deepcopy(record) for record in session_records(self.state)}
-
     # -- sessions -------------------------------------------------------------------------------------
-
-    def session_document(self):
-        """The live session as an :class:`segscope.app.session_file.SessionDocument`."""
-        from segscope.app.session_controller import build_document
-
-        plot_settings, segments, nodes = {}, (), ()
-        if self.plot_dock is not None:
-            plot = self.plot_dock.plot
-            plot_settings = plot.settings()
-            controller = plot.controller
-            rows = controller.selected_rows
-            segments = controller.selected_segments
-            nodes = zip(controller.segment_ids[rows].tolist(), controller.node_ids[rows].tolist())
-        return build_document(
-            self.state,
-            self.controller,
-            self.labels,
-            plot_settings=plot_settings,
-            selected_segments=segments,
-            selected_nodes=nodes,
-        )
 
     def save_session(self, path: str | Path | None = None) -> bool:
         """Save the session to ``path`` (None: ask for one) on the session worker."""
-        from segscope.app.session_file import save_session
-
         if path is None:
             chosen, _ = QFileDialog.getSaveFileName(
                 self, "Save session", str(Path.home() / f"session{JSON_SUFFIX}"), f"SegScope sessions (*{JSON_SUFFIX})"
@@ -636,185 +501,33 @@ class MainWindow(QMainWindow):
             if not chosen:
                 return False
             path = chosen
-        try:
-            document = self.session_document()
-        except ValueError as exc:
-            self.state.show_error(f"Cannot save the session: {exc}")
-            return False
-        records = list(self._records_snapshot().values())
-        target = Path(path)
-
-        def make():
-            yield Progress(0, 1, "files", f"saving {target.name}")
-            return save_session(target, document, records)
-
-        def on_update(update: JobUpdate) -> None:
-            if update.event == "finished":
-                self.session_path = Path(update.result)
-                self.state.show_status(f"Session saved to {update.result}.")
-            elif update.event == "failed":
-                self.state.show_error(f"Could not save the session to {target}: {update.error}")
-
-        self.io_runner.submit(f"saving {target}", make, on_update, kind=SESSION_LANE, supersede=False)
-        return True
+        return self.service.save(path) is not None
 
     def _open_session_dialog(self) -> None:
         chosen, _ = QFileDialog.getOpenFileName(
             self, "Open session", str(Path.home()), f"SegScope sessions (*{JSON_SUFFIX});;All files (*)"
         )
         if chosen:
-            self.open_session(chosen)
-
-    def open_session(self, path: str | Path) -> None:
-        """Load a saved session on the session worker and restore it (errors in the banner)."""
-        from segscope.app.session_file import load_session
-
-        target = Path(path)
-
-        def make():
-            yield Progress(0, 1, "files", f"reading {target.name}")
-            return load_session(target)
-
-        def on_update(update: JobUpdate) -> None:
-            if update.event == "finished":
-                document, records = update.result
-                self.session_path = target
-                self.restore_session(document, records)
-            elif update.event == "failed":
-                self.state.show_error(f"Could not open the session {target}: {update.error}")
-
-        self.state.show_status(f"Opening session {target}…")
-        self.io_runner.submit(f"opening {target}", make, on_update, kind=SESSION_LANE, supersede=False)
-
-    def restore_session(self, document, records) -> None:
-        """Show a loaded session: its data (opened first when it differs from what is
-        open), model, classifiers, segments with their embeddings and predictions, labels,
-        selections and plot settings."""
-        from segscope.app.session_controller import same_data
-
-        if same_data(document, self.controller):
-            self._restore_loaded(document, records)
-            return
-        dataset = document.dataset
-        self.open_sources(
-            dataset.image_url,
-            dataset.segmentation_url,
-            dataset.skeletons_url,
-            name=dataset.name,
-            precomputed=document.precomputed,
-            then=lambda: self._restore_loaded(document, records),
-        )
-
-    def _restore_loaded(self, document, records) -> None:
-        from segscope.app.controller import read_classifier_folder
-        from segscope.app.session_controller import replay_into_plot, restore_records
-
-        controller = self.controller
-        if document.model_path and str(controller.model_path) != document.model_path:
-            if Path(document.model_path).exists():
-                controller.load_model(Path(document.model_path))
-            else:
-                self.state.show_error(f"The session's model {document.model_path} is missing; keeping the current one.")
-        current = self.state.classifiers.folder if self.state.classifiers is not None else None
-        if document.classifiers_folder and document.classifiers_folder != current:
-            try:
-                controller.load_classifiers(read_classifier_folder(document.classifiers_folder))
-            except (OSError, ValueError) as exc:
-                self.state.show_error(f"The session's classifiers cannot be read: {exc}")
-        restored = restore_records(self.state, records)
-        try:
-            self.labels.load_dict(document.labels)
-        except ValueError as exc:
-            self.state.show_error(f"The session's labels are unreadable ({exc}); restored without them.")
-        by_id = {record.segment_id: record for record in restored}
-        if document.current_segment in by_id:
-            self.state.show_record(by_id[document.current_segment])
-        if self.plot_dock is not None:
-            plot = self.plot_dock.plot
-            replay_into_plot(plot.controller, restored)
-            plot.apply_settings(document.plot)
-            nodes = document.selected_nodes
-            if nodes:
-                pairs = list(zip(*nodes))
-                rows = plot.controller.rows_of(pairs[0], pairs[1])
-                plot.controller.select_rows(rows[rows >= 0], origin="session")
-            elif document.selected_segments:
-                plot.controller.select_segments(document.selected_segments, origin="session")
-        if document.selected_segments:
-            self.bridge.highlight_segments(document.selected_segments)
-        self.state.show_status(
-            f"Restored the session: {len(restored)} segments, "
-            f"{self.labels.n_labelled_nodes} labelled nodes, "
-            f"{self.labels.n_labelled_segments} labelled segments."
-        )
+            self.service.open_session(chosen)
 
     # -- autosave and recovery -------------------------------------------------------------------
 
     def start_autosave(self, manager, interval_ms: int = AUTOSAVE_INTERVAL_MS) -> None:
         """Autosave every ``interval_ms`` with ``manager`` (an
         :class:`segscope.app.session_file.AutosaveManager`, already started)."""
-        self.autosave = manager
+        self.service.start_autosave(manager)
         self._autosave_timer.start(interval_ms)
 
     def autosave_now(self) -> bool:
         """Write an autosave now (on the session worker); False when there is nothing to save."""
-        if self.autosave is None or self.controller.source is None:
-            return False
-        try:
-            document = self.session_document()
-        except ValueError:
-            return False
-        records = list(self._records_snapshot().values())
-        manager = self.autosave
-
-        def make():
-            yield Progress(0, 1, "files", "autosaving")
-            return manager.autosave(document, records)
-
-        def on_update(update: JobUpdate) -> None:
-            if update.event == "failed":
-                log.warning("autosave failed: %s", update.error)
-                self.statusBar().showMessage(f"Autosave failed: {update.error}", 8000)
-
-        self.io_runner.submit("autosave", make, on_update, kind=AUTOSAVE_LANE)
-        return True
+        return self.service.autosave_now() is not None
 
     def offer_recovery(self, ask: Callable | None = None) -> bool:
         """After a crash, offer the last autosave; True if a session is being restored.
 
         ``ask(candidate) -> "restore" | "discard" | "later"`` (default: a message box).
         """
-        if self.autosave is None:
-            return False
-        manager = self.autosave
-        # The newest autosave no other SegScope is offering or restoring right now.
-        candidate = next((c for c in manager.recoverable() if manager.claim(c)), None)
-        if candidate is None:
-            return False
-        choice = (ask or self._ask_recovery)(candidate)
-        if choice == "discard":
-            manager.discard(candidate)
-            manager.release(candidate)
-            return False
-        if choice != "restore":
-            manager.release(candidate)
-            return False
-
-        def make():
-            yield Progress(0, 1, "files", "reading the autosave")
-            return manager.adopt(candidate)
-
-        def on_update(update: JobUpdate) -> None:
-            if update.terminal:
-                manager.release(candidate)
-            if update.event == "finished":
-                document, records = update.result
-                self.restore_session(document, records)
-            elif update.event == "failed":
-                self.state.show_error(f"Could not restore the autosave {candidate.path}: {update.error}")
-
-        self.io_runner.submit("restoring the autosave", make, on_update, kind=SESSION_LANE, supersede=False)
-        return True
+        return self.service.offer_recovery(ask or self._ask_recovery)
 
     def _ask_recovery(self, candidate) -> str:
         box = QMessageBox(self)
@@ -844,10 +557,7 @@ class MainWindow(QMainWindow):
             self.plot_dock.shutdown()
             if self.owns_projection_backend:
                 self.plot_dock.plot.scheduler.backend.close()  # stops its UMAP process
-        self.controller.shutdown()
-        self.io_runner.shutdown(wait=True, timeout=30.0)  # a save in flight completes
-        if self.autosave is not None:
-            self.autosave.finish()  # a clean exit: nothing to recover next time
+        self.service.shutdown()  # a save in flight completes; a clean exit leaves no autosave
         self.bridge.close()
         self.web_view.stop()
 

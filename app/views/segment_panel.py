@@ -11,12 +11,9 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 from segscope.analysis import COMPARTMENTS
+from segscope.analysis.artefacts import ClassifierSummary
 from segscope.app.colours import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR, cell_type_colour
-from segscope.app.state import (
-    ClassifierSummary,
-    SegmentRecord,
-    SessionState,
-)
+from segscope.app.state import SegmentRecord, SessionState
 
 _NO_CLASSIFIER = "— (no classifier loaded)"
 _NO_CELL_TYPE_CLASSIFIER = "— (no cell-type classifier loaded)"

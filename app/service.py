@@ -1,0 +1,718 @@
+"""The application service: everything a SegScope session *does*, without Qt.
+
+:class:`SessionService` turns user intents into jobs and puts their results into the
+:class:`~segscope.app.session.Session` model: opening data, loading the encoder and
+classifiers, click-to-embed, saving, opening and restoring sessions, autosave and crash
+recovery, and exports. Views call it and subscribe to the model; the CLI, tests and scripts
+drive it the same way with no Qt (``post`` decides on which thread results land: the Qt
+main thread in the app, the worker itself when None).
+
+Threads
+-------
+Embedding jobs and model loads run on one worker (``runner``, lanes ``"model"``, ``"open"``
+and ``"embed"``): one encoder, one GPU. Session I/O (save, open, autosave, export) runs on
+a second worker (``io_runner``) so that writing a large export never delays a click. Every
+job's results are posted back and applied to the model on the one thread that owns it.
+TensorFlow itself runs in the compute child process (:mod:`segscope.app.compute_process`).
+
+Superseding policy
+------------------
+Clicking another segment **supersedes** the running embedding job instead of queueing
+behind it: the user wants the segment they just clicked, and a queue of stale segments
+would delay that answer by the full cost of every earlier click. The superseded job stops
+before its next batch, and its late updates are dropped (the runner's generation
+counter), so the panel and the 3-D view only ever show the segment now selected.
+
+Predictions and precomputed embeddings
+--------------------------------------
+Classifiers (a folder with ``classifiers.json``, see
+:func:`~segscope.app.controller.read_classifier_folder`) load into the compute process after
+the encoder; every embedding batch then comes back with its nodes' predicted
+subcompartments and the segment's updated cell-type call. With a CSV ZIP store
+(:class:`~segscope.app.controller.PrecomputedEmbeddings`), a clicked segment found in the
+store uses the store's nodes and embeddings instead of computing (only the classifiers run).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from segscope.analysis.artefacts import ClassifierSummary, read_classifier_folder
+from segscope.analysis.progress import Progress
+from segscope.app.controller import (
+    EMBED_LANE,
+    MODEL_LANE,
+    DataSource,
+    PrecomputedEmbeddings,
+    SegmentCentres,
+    embed_segment_job,
+    load_classifiers_job,
+    load_encoder_job,
+)
+from segscope.app.jobs import Job, JobRunner, JobUpdate, Post
+from segscope.app.session import Session
+from segscope.app.state import JobStatus, ModelSummary, SegmentRecord, SessionState
+
+if TYPE_CHECKING:
+    from segscope.app.session_file import AutosaveManager, PrecomputedRef, SessionDocument
+
+log = logging.getLogger(__name__)
+
+OPEN_LANE = "open"
+#: Session I/O lanes on the I/O worker: an export or autosave never delays embedding.
+EXPORT_LANE = "export"
+SESSION_LANE = "session"
+AUTOSAVE_LANE = "autosave"
+
+RecoveryChoice = Literal["restore", "discard", "later"]
+
+
+class Viewer(Protocol):
+    """What the service needs of the 3-D view (the Neuroglancer bridge); None headless."""
+
+    def show_source(self, source: DataSource) -> None: ...
+
+    def add_exported_layer(self, folder: str | Path) -> Any: ...
+
+    def highlight_segments(self, segment_ids: Iterable[int]) -> None: ...
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to export and where (the Export dialog's answer, or a script's).
+
+    Attributes
+    ----------
+    folder : Path
+        The bundle folder to write (replaced atomically with ``force``).
+    parts : tuple of str
+        Subset of :data:`segscope.analysis.export.ALL_PARTS`.
+    table_formats : tuple of str
+        ``"parquet"`` and/or ``"csv"``.
+    force : bool
+        Replace an existing bundle.
+    add_layer : bool
+        Add the exported annotation layer to the 3-D view when done.
+    """
+
+    folder: Path
+    parts: tuple[str, ...]
+    table_formats: tuple[str, ...] = ("parquet",)
+    force: bool = False
+    add_layer: bool = False
+
+
+class SessionService:
+    """Does what the user asks of a :class:`Session` (call from the thread that owns it).
+
+    Parameters
+    ----------
+    session
+        The model it mutates.
+    post
+        Where job updates run (``post(fn)``): the Qt invoker in the app; None runs them on
+        the worker thread (scripts, headless tests that then wait on the jobs).
+    viewer
+        The 3-D view (:class:`Viewer`), or None headless.
+    spacing_nm
+        Distance between embedding centres along a skeleton (nm); SegCLR's 1500 when None.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        post: Post | None = None,
+        viewer: Viewer | None = None,
+        spacing_nm: float | None = None,
+    ):
+        self.session = session
+        self.viewer = viewer
+        self.spacing_nm = spacing_nm
+        self._post: Post = post or (lambda fn: fn())
+        self.runner = JobRunner(post=post)
+        self.io_runner = JobRunner(post=post, name="segscope-session-io")
+        self.engine = None  # ComputeProcess, started by load_model or load_classifiers
+        #: The autosave manager (:meth:`start_autosave`); None: no autosave.
+        self.autosave: AutosaveManager | None = None
+        #: The :class:`~segscope.analysis.export.ExportResult` of the last finished export.
+        self.last_export = None
+        self._model_job: Job | None = None
+        self._classifier_job: Job | None = None
+        self._embed_job: Job | None = None
+        self._click_times: dict[int, float] = {}
+        self._closed = False
+
+    @property
+    def state(self) -> SessionState:
+        """The session's :class:`SessionState` (short for ``service.session.state``)."""
+        return self.session.state
+
+    # -- data ------------------------------------------------------------------------------
+
+    def open_sources(
+        self,
+        image_url: str,
+        segmentation_url: str,
+        skeletons_url: str | None = None,
+        *,
+        name: str | None = None,
+        precomputed: PrecomputedRef | None = None,
+        then: Callable[[], None] | None = None,
+    ) -> Job:
+        """Open data on the worker, then adopt it (:meth:`open_source`); errors are reported
+        on ``state.events.error``. ``precomputed`` describes a CSV ZIP store to open with it;
+        ``then`` runs once the data is adopted."""
+
+        def make():
+            yield Progress(0, 1, "steps", f"opening {segmentation_url}")
+            source = DataSource.open(image_url, segmentation_url, skeletons_url, name=name)
+            store = (
+                None
+                if precomputed is None
+                else PrecomputedEmbeddings.open(
+                    precomputed.location,
+                    coordinates=precomputed.coordinates,
+                    num_shards=precomputed.num_shards,
+                    bytewidth=precomputed.bytewidth,
+                )
+            )
+            return source, store
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "finished":
+                source, store = update.result
+                if self.open_source(source, precomputed=store) and then is not None:
+                    then()
+            elif update.event == "failed":
+                self.state.show_error(f"Could not open the data: {update.error}")
+
+        self.state.show_status(f"Opening {segmentation_url}…")
+        return self.runner.submit(f"opening {segmentation_url}", make, on_update, kind=OPEN_LANE)
+
+    def open_source(self, source: DataSource, *, precomputed: PrecomputedEmbeddings | None = None) -> bool:
+        """Adopt opened data: show it in the 3-D view, then make it the session's (cancels
+        work on the previous data). False (and an error) when the view cannot show it.
+
+        ``precomputed`` is a CSV ZIP store of this data's embeddings.
+        """
+        if self.viewer is not None:
+            try:
+                self.viewer.show_source(source)
+            except (ValueError, OSError) as exc:
+                self.state.show_error(f"Neuroglancer cannot show {source.name}: {exc}")
+                return False
+        self.runner.cancel(EMBED_LANE)
+        self.session.set_source(source, precomputed)
+        store = f" Precomputed embeddings: {precomputed.location}." if precomputed is not None else ""
+        self.state.show_status(f"Opened {source.name}. Double-click a segment to embed it.{store}")
+        return True
+
+    def reembed(self) -> bool:
+        """Embed the selected segment again; False when none is selected."""
+        segment = self.state.segment
+        if segment is None:
+            self.state.show_status("No segment selected.")
+            return False
+        self.select_segment(segment.segment_id, segment.click_nm)
+        return True
+
+    # -- export ----------------------------------------------------------------------------
+
+    def export_summary(self) -> str | None:
+        """One line on what an export would hold; None (and an error) when nothing would."""
+        records = self.session.records()
+        if not records:
+            self.state.show_error("Nothing to export yet: double-click a segment to embed it first.")
+            return None
+        labels = self.session.labels
+        nodes = sum(record.n_embedded for record in records)
+        return (
+            f"{len(records)} segments, {nodes} embedded nodes; manual labels on "
+            f"{labels.n_labelled_nodes} nodes and {labels.n_labelled_segments} segments."
+        )
+
+    def export(self, request: ExportRequest) -> Job:
+        """Write the export bundle ``request`` on the I/O worker (a snapshot of the session
+        now: later edits do not leak into it); on success emits ``session.events.exported``
+        and, with ``add_layer``, adds its annotation layer to the 3-D view."""
+        from segscope.app.labels import LabelStore
+        from segscope.app.session_export import export_session, skeleton_edges
+
+        session = self.session
+        records = session.records_snapshot()
+        labels = LabelStore.from_dict(session.labels.to_dict())
+        state, source = session.state, session.source
+
+        def make():
+            skeletons = skeleton_edges(source, records) if "swc" in request.parts else None
+            return (
+                yield from export_session(
+                    request.folder,
+                    records,
+                    labels,
+                    dataset=state.dataset,
+                    model=state.model,
+                    classifiers=state.classifiers,
+                    parts=request.parts,
+                    table_formats=request.table_formats,
+                    skeletons=skeletons,
+                    force=request.force,
+                )
+            )
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "progress" and update.progress is not None:
+                self.state.show_status(f"Exporting: {update.progress.message}")
+            elif update.event == "finished":
+                message = f"Exported to {request.folder}"
+                if request.add_layer and self.viewer is not None:
+                    try:
+                        self.viewer.add_exported_layer(request.folder)
+                        message += " (its annotation layer is in the viewer)"
+                    except (OSError, ValueError) as exc:
+                        message += f"; the layer could not be added: {exc}"
+                self.last_export = update.result
+                session.events.exported.emit(Path(request.folder), update.result)
+                self.state.show_status(message + ".")
+            elif update.event == "failed":
+                self.state.show_error(f"Export to {request.folder} failed: {update.error}")
+
+        self.state.show_status(f"Exporting to {request.folder}…")
+        return self.io_runner.submit(
+            f"exporting to {request.folder}", make, on_update, kind=EXPORT_LANE, supersede=False
+        )
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Job | None:
+        """Save the session to ``path`` on the I/O worker; None (and an error) when there
+        is nothing to save."""
+        from segscope.app.session_file import save_session
+
+        try:
+            document = self.session.document()
+        except ValueError as exc:
+            self.state.show_error(f"Cannot save the session: {exc}")
+            return None
+        records = list(self.session.records_snapshot().values())
+        target = Path(path)
+
+        def make():
+            yield Progress(0, 1, "files", f"saving {target.name}")
+            return save_session(target, document, records)
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "finished":
+                self.session.set_path(update.result)
+                self.state.show_status(f"Session saved to {update.result}.")
+            elif update.event == "failed":
+                self.state.show_error(f"Could not save the session to {target}: {update.error}")
+
+        return self.io_runner.submit(f"saving {target}", make, on_update, kind=SESSION_LANE, supersede=False)
+
+    def open_session(self, path: str | Path) -> Job:
+        """Load a saved session on the I/O worker and restore it (errors reported)."""
+        from segscope.app.session_file import load_session
+
+        target = Path(path)
+
+        def make():
+            yield Progress(0, 1, "files", f"reading {target.name}")
+            return load_session(target)
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "finished":
+                document, records = update.result
+                self.session.set_path(target)
+                self.restore(document, records)
+            elif update.event == "failed":
+                self.state.show_error(f"Could not open the session {target}: {update.error}")
+
+        self.state.show_status(f"Opening session {target}…")
+        return self.io_runner.submit(f"opening {target}", make, on_update, kind=SESSION_LANE, supersede=False)
+
+    def restore(self, document: SessionDocument, records: list[SegmentRecord]) -> None:
+        """Show a loaded session: its data (opened first when it differs from what is
+        open), model, classifiers, then its records, labels, selection and plot settings."""
+        if self.session.has_same_data(document):
+            self._restore_loaded(document, records)
+            return
+        dataset = document.dataset
+        self.open_sources(
+            dataset.image_url,
+            dataset.segmentation_url,
+            dataset.skeletons_url,
+            name=dataset.name,
+            precomputed=document.precomputed,
+            then=lambda: self._restore_loaded(document, records),
+        )
+
+    def _restore_loaded(self, document: SessionDocument, records: list[SegmentRecord]) -> None:
+        session = self.session
+        if document.model_path and str(session.model_path) != document.model_path:
+            if Path(document.model_path).exists():
+                self.load_model(Path(document.model_path))
+            else:
+                self.state.show_error(f"The session's model {document.model_path} is missing; keeping the current one.")
+        current = self.state.classifiers.folder if self.state.classifiers is not None else None
+        if document.classifiers_folder and document.classifiers_folder != current:
+            try:
+                self.load_classifiers(read_classifier_folder(document.classifiers_folder))
+            except (OSError, ValueError) as exc:
+                self.state.show_error(f"The session's classifiers cannot be read: {exc}")
+        restored = session.restore(document, records)
+        if document.selected_segments and self.viewer is not None:
+            self.viewer.highlight_segments(document.selected_segments)
+        labels = session.labels
+        self.state.show_status(
+            f"Restored the session: {len(restored)} segments, "
+            f"{labels.n_labelled_nodes} labelled nodes, "
+            f"{labels.n_labelled_segments} labelled segments."
+        )
+
+    # -- autosave and recovery -------------------------------------------------------------
+
+    def start_autosave(self, manager: AutosaveManager) -> None:
+        """Autosave with ``manager`` (an :class:`~segscope.app.session_file.AutosaveManager`,
+        already started) whenever :meth:`autosave_now` is called (the window's timer)."""
+        self.autosave = manager
+
+    def autosave_now(self) -> Job | None:
+        """Write an autosave on the I/O worker; None when there is nothing to save."""
+        if self.autosave is None or self.session.source is None:
+            return None
+        try:
+            document = self.session.document()
+        except ValueError:
+            return None
+        records = list(self.session.records_snapshot().values())
+        manager = self.autosave
+
+        def make():
+            yield Progress(0, 1, "files", "autosaving")
+            return manager.autosave(document, records)
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "failed":
+                log.warning("autosave failed: %s", update.error)
+                self.state.show_status(f"Autosave failed: {update.error}")
+
+        return self.io_runner.submit("autosave", make, on_update, kind=AUTOSAVE_LANE)
+
+    def offer_recovery(self, ask: Callable[[Any], RecoveryChoice]) -> bool:
+        """After a crash, offer the newest autosave no other SegScope is offering; True if a
+        session is being restored.
+
+        ``ask(candidate)`` answers ``"restore"``, ``"discard"`` or ``"later"`` (the window
+        asks with a message box).
+        """
+        if self.autosave is None:
+            return False
+        manager = self.autosave
+        candidate = next((c for c in manager.recoverable() if manager.claim(c)), None)
+        if candidate is None:
+            return False
+        choice = ask(candidate)
+        if choice == "discard":
+            manager.discard(candidate)
+            manager.release(candidate)
+            return False
+        if choice != "restore":
+            manager.release(candidate)
+            return False
+
+        def make():
+            yield Progress(0, 1, "files", "reading the autosave")
+            return manager.adopt(candidate)
+
+        def on_update(update: JobUpdate) -> None:
+            if update.terminal:
+                manager.release(candidate)
+            if update.event == "finished":
+                document, records = update.result
+                self.restore(document, records)
+            elif update.event == "failed":
+                self.state.show_error(f"Could not restore the autosave {candidate.path}: {update.error}")
+
+        self.io_runner.submit("restoring the autosave", make, on_update, kind=SESSION_LANE, supersede=False)
+        return True
+
+    # -- encoder, classifiers and embedding jobs -------------------------------------------
+
+    def _ensure_engine(self):
+        from segscope.app.compute_process import ComputeProcess
+
+        if self.engine is None:
+            self.engine = ComputeProcess(on_event=self.report_child_event)
+        return self.engine
+
+    def report_child_event(self, message: str) -> None:
+        """Tell the user that a child process died, hung or was restarted (safe on any
+        thread: the runner's reader thread calls it). The job that was running fails with
+        its own error; this line says what happens next."""
+        log.warning("%s", message)
+        self._post(lambda: self.state.show_status(message[:1].upper() + message[1:] + "."))
+
+    def load_model(self, path: Path | None, *, trained: bool = True) -> None:
+        """Load the encoder at ``path`` on the worker; None: embedding unavailable."""
+        self.session.model_path = path
+        if path is None:
+            self.state.set_model(
+                None,
+                "No trained model found in assets/ and no --checkpoint given: "
+                "segments can be selected but not embedded.",
+            )
+            self.state.show_status(self.state.model_message)
+            return
+        self.state.set_model(None, f"Loading model {path.name}…")
+        self.state.show_status(self.state.model_message)
+        engine = self._ensure_engine()
+        self._model_job = self.runner.submit(
+            f"loading model {path.name}",
+            lambda: load_encoder_job(path, engine, trained=trained),
+            self._on_model_update,
+            kind=MODEL_LANE,
+            supersede=False,
+        )
+
+    def load_classifiers(self, summary: ClassifierSummary | None, message: str = "") -> None:
+        """Load the classifiers ``summary`` describes (see :func:`read_classifier_folder`)
+        into the compute process on the worker; None: no predictions, ``message`` says why.
+
+        Loading queues behind the model on the same worker, so clicks made meanwhile wait
+        for both and their first batch already carries predictions.
+        """
+        if summary is None:
+            self.state.set_classifiers(None, message or "No classifiers loaded: nodes are not labelled.")
+            return
+        self.state.set_classifiers(None, f"Loading classifiers from {summary.folder}…")
+        engine = self._ensure_engine()
+        self._classifier_job = self.runner.submit(
+            "loading classifiers",
+            lambda: load_classifiers_job(summary, engine),
+            self._on_classifier_update,
+            kind=MODEL_LANE,
+            supersede=False,
+        )
+
+    def _on_classifier_update(self, update: JobUpdate) -> None:
+        if update.event == "finished":
+            summary: ClassifierSummary = update.result
+            tasks = [
+                name
+                for name, info in (("subcompartments", summary.compartment), ("cell types", summary.cell_type))
+                if info is not None
+            ]
+            self.state.set_classifiers(summary, f"Classifiers: {' and '.join(tasks)} from {summary.folder}")
+            self.state.show_status(f"Classifiers ready: {' and '.join(tasks)}.{self._encoder_mismatch()}")
+        elif update.event == "failed":
+            message = f"Could not load the classifiers: {update.error}"
+            self.state.set_classifiers(None, message)
+            self.state.show_error(message)
+
+    def _encoder_mismatch(self) -> str:
+        """A warning when the classifiers were trained on another encoder's embeddings."""
+        summary, model = self.state.classifiers, self.state.model
+        if summary is None or summary.encoder is None or model is None:
+            return ""
+        if Path(model.source).name == summary.encoder:
+            return ""
+        return (
+            f" Note: the classifiers were trained on embeddings of {summary.encoder}, not of "
+            f"{Path(model.source).name}; their predictions may mean little."
+        )
+
+    def _on_model_update(self, update: JobUpdate) -> None:
+        if update.event == "finished":
+            summary: ModelSummary = update.result
+            note = "" if summary.trained else " (untrained weights: embeddings are not meaningful)"
+            self.state.set_model(summary, f"Model {summary.name} from {Path(summary.source).name}{note}")
+            self.state.show_status(f"Model ready: {summary.name}{note}.")
+        elif update.event == "failed":
+            message = f"Could not load the model: {update.error}"
+            self.state.set_model(None, message)
+            self.state.show_error(message)
+
+    # -- clicks and jobs -------------------------------------------------------------------
+
+    def handle_click(self, segment_id: int | None, position_nm=None) -> None:
+        """A double click in the viewer: select and embed the segment under the cursor."""
+        if segment_id is None:
+            self.state.show_status("No segment under the cursor.")
+            return
+        self.select_segment(segment_id, position_nm)
+
+    def select_segment(self, segment_id: int, click_nm=None) -> None:
+        """Select ``segment_id`` and start embedding it (superseding any running job)."""
+        if self.session.source is None:
+            self.state.show_error("Open a dataset first.")
+            return
+        record = self.state.select_segment(segment_id, click_nm)
+        source = self.session.source
+        engine = self.engine
+        click = None if record.click_nm is None else record.click_nm.copy()
+        name = f"segment {record.segment_id}"
+        holder: dict[str, Any] = {}
+
+        precomputed = self.session.precomputed
+
+        def make():
+            job = holder["job"]
+            return embed_segment_job(
+                source,
+                engine,
+                record.segment_id,
+                click,
+                cancel=lambda: job.cancel_requested,
+                spacing_nm=self.spacing_nm,
+                precomputed=precomputed,
+            )
+
+        job = self.runner.submit(name, make, self._on_embed_update, kind=EMBED_LANE, supersede=True)
+        holder["job"] = job
+        self._embed_job = job
+        self._click_times[job.id] = time.perf_counter()
+        waiting = any(j is not None and not j.done for j in (self._model_job, self._classifier_job))
+        self.state.set_job(
+            JobStatus(
+                job.id,
+                name,
+                "queued",
+                unit="cutouts",
+                message="waiting for the model and classifiers to load" if waiting else "",
+            )
+        )
+
+    def cancel(self) -> bool:
+        """Cancel the running embedding job; False when none is running."""
+        if self._embed_job is None or self._embed_job.done or self.state.job is None or not self.state.job.active:
+            return False
+        self._embed_job.cancel()
+        self.state.update_job(self._embed_job.id, state="cancelling", message="cancelling…")
+        return True
+
+    def _on_embed_update(self, update: JobUpdate) -> None:
+        job = update.job
+        segment = self.state.segment
+        segment_id = None if segment is None else segment.segment_id
+        if update.event == "started":
+            self.state.update_job(
+                job.id, state="cancelling" if job.cancel_requested else "running", message="finding centres"
+            )
+        elif update.event == "progress":
+            report = update.progress
+            payload = report.payload
+            if isinstance(payload, SegmentCentres):
+                self.state.set_centres(
+                    payload.segment_id,
+                    payload.node_ids,
+                    payload.positions_nm,
+                    skeleton_node_count=payload.skeleton_node_count,
+                    ground_truth=payload.ground_truth,
+                    embedding_source=payload.embedding_source,
+                )
+                if payload.note:
+                    self.state.show_status(f"Segment {payload.segment_id}: {payload.note}.")
+            elif payload is not None and segment_id is not None:
+                self._store_batch(segment_id, payload)
+            state = "cancelling" if job.cancel_requested else "running"
+            self.state.update_job(
+                job.id,
+                state=state,
+                done=report.done,
+                total=report.total,
+                unit=report.unit,
+                rate=report.rate,
+                message=report.message,
+            )
+        elif update.event == "finished":
+            elapsed = time.perf_counter() - self._click_times.pop(job.id, time.perf_counter())
+            total = segment.n_centres if segment is not None else 0
+            if segment is not None and segment.embedding_source == "precomputed":
+                self.state.update_job(
+                    job.id, state="finished", done=update.result, total=total, message=f"precomputed, {elapsed:.1f} s"
+                )
+                self.state.show_status(
+                    f"Segment {segment_id}: {update.result} precomputed embeddings "
+                    f"in {elapsed:.1f} s.{self._prediction_summary(segment)}"
+                )
+            elif self.state.model is None:
+                self.state.update_job(job.id, state="finished", done=0, total=total, message="no model: centres only")
+                self.state.show_status(
+                    f"Segment {segment_id}: {total} centres. {self.state.model_message or 'No model loaded.'}"
+                )
+            else:
+                self.state.update_job(
+                    job.id, state="finished", done=update.result, total=total, message=f"done in {elapsed:.1f} s"
+                )
+                self.state.show_status(
+                    f"Embedded {update.result} centres of segment {segment_id} "
+                    f"in {elapsed:.1f} s.{self._prediction_summary(segment)}"
+                )
+        elif update.event == "cancelled":
+            self._click_times.pop(job.id, None)
+            done = segment.n_embedded if segment is not None else 0
+            self.state.update_job(job.id, state="cancelled", done=done, message=f"cancelled after {done} cutouts")
+            self.state.show_status(
+                f"Cancelled: {done} of {segment.n_centres if segment else 0} centres of segment {segment_id} embedded."
+            )
+        elif update.event == "failed":
+            self._click_times.pop(job.id, None)
+            self.state.update_job(job.id, state="failed", message=str(update.error))
+            self.state.show_error(f"Embedding segment {segment_id} failed: {update.error}")
+
+    def _store_batch(self, segment_id: int, batch) -> None:
+        """Put one :class:`~segscope.app.compute_process.PredictedBatch` into the state."""
+        if not self.state.add_embeddings(segment_id, batch.indices, batch.embeddings):
+            return
+        predictions = batch.predictions
+        if predictions is not None:
+            calls, cell = predictions.compartments, predictions.cell_type
+            changes: dict[str, Any] = {"note": predictions.note}
+            if calls is not None:
+                changes.update(
+                    predicted=calls.codes,
+                    indices=calls.indices,
+                    probability=calls.probability,
+                    uncertainty=calls.uncertainty,
+                )
+            if cell is not None:
+                changes.update(
+                    cell_type=cell.name,
+                    cell_type_probability=min(max(cell.probability, 0.0), 1.0),
+                    cell_type_probabilities=cell.probabilities,
+                    ood_score=cell.ood_score,
+                    ood_flagged=cell.ood_flagged,
+                    ood_threshold=cell.threshold,
+                )
+            self.state.set_predictions(segment_id, **changes)
+        self.state.announce_batch(segment_id, batch.indices)
+
+    @staticmethod
+    def _prediction_summary(segment) -> str:
+        if segment is None or segment.cell_type is None:
+            return ""
+        text = f" Cell type {segment.cell_type} (p = {segment.cell_type_probability:.2f})"
+        if segment.ood_flagged:
+            text += f", OUT OF DISTRIBUTION (uncertainty {segment.ood_score:.2f})"
+        return text + "."
+
+    def shutdown(self) -> None:
+        """Stop the workers and the compute process; a save in flight completes and a
+        clean exit leaves no autosave to recover (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.runner.shutdown(wait=True, timeout=5.0)
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine = None
+        self.io_runner.shutdown(wait=True, timeout=30.0)
+        if self.autosave is not None:
+            self.autosave.finish()
