@@ -301,7 +301,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 def _predict_nodes(classifiers, result):
     """Label every node of ``result`` (``segscope.analysis.inference.NodeEmbeddings``) as the app does.
 
-    Each segment's nodes go through :func:`segscope.app.compute_process.predict_segment`, the code
+    Each segment's nodes go through :func:`segscope.analysis.classify.segments.predict_segment`, the code
     the app runs on a segment's embeddings; yields a Progress per segment and returns the
     prediction columns (one entry per row of ``result``): ``compartment`` (object, name or
     None), ``compartment_probability``, ``cell_type`` (object, name or None),
@@ -309,8 +309,8 @@ def _predict_nodes(classifiers, result):
     """
     import numpy as np
     from segscope.analysis import COMPARTMENTS
+    from segscope.analysis.classify.segments import load_segment_predictor, predict_segment
     from segscope.analysis.progress import Progress
-    from segscope.app.compute_process import load_segment_predictor, predict_segment
 
     entries = [
         {"task": info.task, "path": info.path, "radius_nm": info.radius_nm}

@@ -1,6 +1,6 @@
 """Predictions and precomputed embeddings in the app, headless and without TensorFlow.
 
-The classifier logic of the compute process (:class:`segscope.app.compute_process.SegmentPredictor`)
+The classifier logic of the compute process (:class:`segscope.analysis.classify.segments.SegmentPredictor`)
 runs here on stand-in classifiers whose outputs are known; the classifier folder reader,
 the CSV ZIP path of the embedding job and the launch checks run on real files. The real
 classifiers in the real child process are exercised by ``tests/test_main_window.py``.
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from segscope.analysis.classify import Prediction
-from segscope.analysis.progress import drive
-from segscope.app.compute_process import PredictedBatch, Predictions, SegmentPredictor
-from segscope.app.controller import DataSource, PrecomputedEmbeddings, SegmentCentres, SourceError, embed_segment_job
 from segscope.analysis.artefacts import read_classifier_folder
+from segscope.analysis.classify import Prediction
+from segscope.analysis.classify.segments import Predictions, SegmentPredictor
+from segscope.analysis.progress import drive
+from segscope.app.compute_process import PredictedBatch
+from segscope.app.controller import DataSource, PrecomputedEmbeddings, SegmentCentres, SourceError, embed_segment_job
 
 
 class StandIn:
@@ -288,7 +288,7 @@ def test_launch_plan_accepts_classifiers_and_embeddings(demo, tmp_path):
 
 
 def test_a_failing_classifier_becomes_a_note_not_a_lost_batch():
-    from segscope.app.compute_process import _predict_safely
+    from segscope.analysis.classify.segments import predict_safely
 
     class Broken(StandIn):
         def predict(self, embeddings):
@@ -296,7 +296,7 @@ def test_a_failing_classifier_becomes_a_note_not_a_lost_batch():
 
     predictor = SegmentPredictor(None, Broken(("a", "b")))
     predictor.start(np.zeros((1, 3)))
-    result = _predict_safely(predictor, [0], np.zeros((1, 6), np.float32))
+    result = predict_safely(predictor, [0], np.zeros((1, 6), np.float32))
     assert result.compartments is None and result.cell_type is None
     assert result.note == "prediction failed: FloatingPointError: NaN logits"
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from segscope.analysis import COMPARTMENTS
 from segscope.analysis.projection import read_embedding_table
 from segscope.analysis.provenance import (
@@ -196,7 +195,6 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
         == 0
     )
     import pyarrow.parquet as pq
-
     from segscope.analysis.dataset import open_dataset
 
     dataset = open_dataset(demo)
@@ -219,8 +217,8 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
 
     # The app streams a segment's nodes in small batches; its last word on each node must be
     # what the file says.
-    from segscope.app.compute_process import load_segment_predictor
     from segscope.analysis.artefacts import read_classifier_folder
+    from segscope.analysis.classify.segments import load_segment_predictor
 
     summary = read_classifier_folder(CLASSIFIERS)
     predictor, _ = load_segment_predictor(
