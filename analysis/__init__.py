@@ -18,10 +18,29 @@ COMPARTMENTS: tuple[str, ...] = ("axon", "dendrite", "soma", "glia")
 #: Compartment code of a node with no known subcompartment (unlabelled, not predicted).
 UNKNOWN_COMPARTMENT = 255
 
+
+def compartment_codes(class_names, source: str = "the compartment classifier"):
+    """uint8 codes into :data:`COMPARTMENTS` of a compartment classifier's ``class_names``.
+
+    Raises
+    ------
+    ValueError
+        When a class is not a subcompartment SegScope knows (the message names ``source``).
+    """
+    import numpy as np
+
+    unknown = [name for name in class_names if name not in COMPARTMENTS]
+    if unknown:
+        raise ValueError(
+            f"{source} predicts {unknown}, which are not subcompartments SegScope knows ({', '.join(COMPARTMENTS)})"
+        )
+    return np.asarray([COMPARTMENTS.index(name) for name in class_names], dtype=np.uint8)
+
+
 try:
     #: SegScope's version; pyproject.toml is the one place it is written.
     __version__ = _version("segscope")
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "unknown"
 
-__all__ = ["COMPARTMENTS", "UNKNOWN_COMPARTMENT", "__version__"]
+__all__ = ["COMPARTMENTS", "UNKNOWN_COMPARTMENT", "__version__", "compartment_codes"]

@@ -119,14 +119,9 @@ def read_classifier_folder(folder: str | os.PathLike) -> ClassifierSummary:
         )
     compartment = infos.get("compartment")
     if compartment is not None:
-        from segscope.analysis import COMPARTMENTS
+        from segscope.analysis import compartment_codes
 
-        unknown = [name for name in compartment.class_names if name not in COMPARTMENTS]
-        if unknown:
-            raise ValueError(
-                f"{compartment.path}: the compartment classifier predicts {unknown}, "
-                f"not subcompartments SegScope knows ({', '.join(COMPARTMENTS)})"
-            )
+        compartment_codes(compartment.class_names, f"{compartment.path}: the compartment classifier")
     encoders = {str(manifest[task]["encoder"]) for task in infos if manifest[task].get("encoder")}
     return ClassifierSummary(
         str(folder), compartment, infos.get("cell_type"), encoder=encoders.pop() if len(encoders) == 1 else None

@@ -415,8 +415,8 @@ def stream_segment_embeddings(
         (nearest to the user's click first).
     read_batch_size
         Cutouts per read (default: ``batch_size``); the reader thread stays one read ahead.
-
-    Other parameters are those of :func:`stream_embeddings`.
+    encoder, batch_size, cancel, prefetch, device, mixed_precision, predict
+        As in :func:`stream_embeddings`.
 
     Returns
     -------

@@ -286,17 +286,15 @@ def build_window(
     from segscope.app.neuroglancer_bridge import NeuroglancerBridge
     from segscope.app.service import SessionService
     from segscope.app.session import Session
-    from segscope.app.views.main_window import ClickRelay, MainThreadInvoker, MainWindow
+    from segscope.app.views.main_window import MainThreadInvoker, MainWindow
 
     session = Session()
     invoker = MainThreadInvoker()
-    relay = ClickRelay()
-    bridge = NeuroglancerBridge(relay.forward)
+    bridge = NeuroglancerBridge()
     bridge.attach(session.state)
     service = SessionService(session, post=invoker.post, viewer=bridge, spacing_nm=spacing_nm)
-    window = MainWindow(session, service, bridge, invoker, relay)
+    window = MainWindow(session, service, bridge, invoker)
     invoker.setParent(window)
-    relay.setParent(window)
     service.open_source(source, precomputed=precomputed)
     if plot:
         if projection_backend is None:

@@ -61,7 +61,7 @@ from urllib.parse import urlparse
 import numpy as np
 from psygnal import Signal, SignalGroup
 from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
-from segscope.app.colours import (
+from segscope.analysis.colours import (
     COMPARTMENT_COLOURS,
     EMBEDDED_COLOUR,
     OOD_COLOUR,
@@ -257,6 +257,8 @@ class BridgeEvents(SignalGroup):
 
     #: (frozenset of int) the user changed the segmentation layer's selected segments.
     segments_changed = Signal(object)
+    #: (ClickEvent) the user double-clicked in a data panel.
+    clicked = Signal(object)
 
 
 class NeuroglancerBridge:
@@ -265,13 +267,14 @@ class NeuroglancerBridge:
     Parameters
     ----------
     on_click
-        Called with a :class:`ClickEvent` on neuroglancer's server thread whenever the
-        user double-clicks in a 2-D or 3-D panel. It must return quickly.
+        Connected to ``events.clicked``: called with a :class:`ClickEvent` on neuroglancer's
+        server thread whenever the user double-clicks in a 2-D or 3-D panel. It must return
+        quickly (post the work to the thread that owns the session).
     bind_address
         Address of neuroglancer's server and of the local file servers.
     """
 
-    def __init__(self, on_click: Callable[[ClickEvent], None], *, bind_address: str = "127.0.0.1"):
+    def __init__(self, on_click: Callable[[ClickEvent], None] | None = None, *, bind_address: str = "127.0.0.1"):
         import neuroglancer
         from segscope.app.viewer_sync import merging_viewer
 
@@ -280,7 +283,6 @@ class NeuroglancerBridge:
         neuroglancer.set_server_bind_address(bind_address, 0)
         # Page changes that cross the bridge's writes are merged, not dropped (segscope.app.viewer_sync).
         self.viewer = merging_viewer()
-        self._on_click = on_click
         self._file_servers: dict[str, Any] = {}
         self._writer = _KeyedWriter("segscope-neuroglancer-writer")
         self._unsubscribe: list[Callable[[], None]] = []
@@ -291,9 +293,9 @@ class NeuroglancerBridge:
         self._bundle_servers: dict[str, tuple[tuple[int, int], Any]] = {}
         # Segment-property sources this bridge added to the segmentation layer, by layer name.
         self._property_sources: dict[str, str] = {}
-        # Selected-segments listeners: replaced as a whole (read without a lock on
-        # neuroglancer's thread).
         self.events = BridgeEvents()
+        if on_click is not None:
+            connect(self.events.clicked, on_click)
         self._listener_lock = threading.Lock()
         self._listening = False
         self._seen_segments_json: tuple | None = None
@@ -318,7 +320,7 @@ class NeuroglancerBridge:
         # Server thread: snapshot and hand over; the consumer decides what to do.
         event = click_event_from_action(action_state, SEGMENTATION_LAYER)
         log.debug("double click: segment %s at %s nm", event.segment_id, event.position_nm)
-        self._on_click(event)
+        self.events.clicked.emit(event)
 
     # -- data sources ----------------------------------------------------------------------
 

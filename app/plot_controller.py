@@ -41,9 +41,7 @@ from psygnal import Signal, SignalGroup
 from scipy.spatial import cKDTree
 from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
 from segscope.analysis.arrays import group_rows
-from segscope.analysis.progress import Progress
-from segscope.analysis.projection import PcaModel, Similarity, UmapModel, UmapSettings, fit_pca, prepare_blas_control
-from segscope.app.colours import (
+from segscope.analysis.colours import (
     CATEGORY_COLOURS,
     COMPARTMENT_COLOURS,
     OOD_BINS,
@@ -53,6 +51,8 @@ from segscope.app.colours import (
     label_colour,
     ood_bin_colours,
 )
+from segscope.analysis.progress import Progress
+from segscope.analysis.projection import PcaModel, Similarity, UmapModel, UmapSettings, fit_pca, prepare_blas_control
 from segscope.app.events import connect, emitting_from
 from segscope.app.jobs import JobRunner, JobUpdate, Post
 
@@ -170,7 +170,7 @@ class PlotController:
         #: label each point shows (the session's LabelStore); new points ask it too.
         self.label_lookup: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
         #: The cell-type classifier's class names: colours follow their order, as in 3-D
-        #: (:func:`segscope.app.colours.cell_type_colour`).
+        #: (:func:`segscope.analysis.colours.cell_type_colour`).
         self.cell_type_class_names: tuple[str, ...] = ()
         self.colour_mode = COLOUR_MODES[0]
         self.events = PlotEvents()
@@ -244,6 +244,9 @@ class PlotController:
     ) -> np.ndarray:
         """Add (or update) points; returns int64 ``[k]`` rows of the new points only.
 
+        A (segment, node) pair already plotted gets its embedding and position replaced
+        (and keeps its row and layout until the next placement).
+
         Parameters
         ----------
         segment_ids : array_like
@@ -258,9 +261,6 @@ class PlotController:
             uint8 ``[k]`` compartment codes (255 unknown).
         background : bool
             Context points (precomputed embeddings) rather than the session's own.
-
-        A (segment, node) pair already plotted gets its embedding and position replaced
-        (and keeps its row and layout until the next placement).
 
         Raises
         ------

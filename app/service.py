@@ -512,9 +512,7 @@ class SessionService:
             self.state.set_classifiers(summary, f"Classifiers: {' and '.join(tasks)} from {summary.folder}")
             self.state.show_status(f"Classifiers ready: {' and '.join(tasks)}.{self._encoder_mismatch()}")
         elif update.event == "failed":
-            message = f"Could not load the classifiers: {update.error}"
-            self.state.set_classifiers(None, message)
-            self.state.show_error(message)
+            self._load_failed("classifiers", update.error, self.state.set_classifiers)
 
     def _encoder_mismatch(self) -> str:
         """A warning when the classifiers were trained on another encoder's embeddings."""
@@ -535,9 +533,13 @@ class SessionService:
             self.state.set_model(summary, f"Model {summary.name} from {Path(summary.source).name}{note}")
             self.state.show_status(f"Model ready: {summary.name}{note}.")
         elif update.event == "failed":
-            message = f"Could not load the model: {update.error}"
-            self.state.set_model(None, message)
-            self.state.show_error(message)
+            self._load_failed("model", update.error, self.state.set_model)
+
+    def _load_failed(self, what: str, error: BaseException | None, clear: Callable[[None, str], None]) -> None:
+        """A model or classifier load failed: none is in use, and the user reads why."""
+        message = f"Could not load the {what}: {error}"
+        clear(None, message)
+        self.state.show_error(message)
 
     # -- clicks and jobs -------------------------------------------------------------------
 

@@ -6,8 +6,7 @@ import time
 
 import numpy as np
 import pytest
-
-from segscope.app.colours import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR
+from segscope.analysis.colours import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR
 from segscope.app.neuroglancer_bridge import (
     GROUND_TRUTH_LAYER,
     NODES_LAYER,
@@ -372,7 +371,7 @@ FREE_LABEL_COLOURS = ["#aaffc3", "#ffa500", "#fabebe"]
 
 
 def test_label_colours_are_deterministic_distinct_and_never_the_ood_magenta():
-    from segscope.app.colours import label_colour
+    from segscope.analysis.colours import label_colour
 
     def rgb(colour):
         return np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)
@@ -573,9 +572,8 @@ def web_qapp(request):
 @pytest.mark.qt
 @pytest.mark.timeout(180)
 def test_the_page_draws_the_new_layers_and_reports_only_the_users_selection(web_qapp, bridge, tmp_path):
-    from segscope.app.neuroglancer_bridge import EXPORTED_LAYER, HOVER_LAYER, LABELS_LAYER
-
     from ngclient import NeuroglancerPage
+    from segscope.app.neuroglancer_bridge import EXPORTED_LAYER, HOVER_LAYER, LABELS_LAYER
     from test_export_ngclient import SPATIAL_IDS_SCRIPT
 
     reports = []

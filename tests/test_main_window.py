@@ -191,7 +191,7 @@ def test_window_opens_on_the_demo_and_renders(qtbot, window, demo_dir):
 
 def test_double_click_selects_streams_predicts_and_flags_ood(qtbot, window, demo_dir, tmp_path):
     from segscope.analysis import COMPARTMENTS
-    from segscope.app.colours import COMPARTMENT_COLOURS, OOD_COLOUR
+    from segscope.analysis.colours import COMPARTMENT_COLOURS, OOD_COLOUR
     from segscope.app.neuroglancer_bridge import NODES_LAYER, OOD_LAYER_PREFIX, SEGMENTATION_LAYER
 
     segment_id, node_nm = _largest_segment(demo_dir)
@@ -204,7 +204,7 @@ def test_double_click_selects_streams_predicts_and_flags_ood(qtbot, window, demo
     node_batches = []
     window.state.subscribe("node_batch", node_batches.append)
     clicks = []
-    window.relay.clicked.connect(clicks.append)
+    window.bridge.events.clicked.connect(clicks.append)  # on neuroglancer's thread
     for _ in range(3):  # a click can land before the page has picked the hovered segment
         _double_click_view_centre(qtbot, window)
         try:
@@ -280,8 +280,8 @@ def _save_screenshot(qtbot, window, tmp_path: Path) -> None:
 
 
 def test_precomputed_embeddings_are_used_when_the_store_has_the_segment(qtbot, window, demo_dir, store_dir):
+    from segscope.analysis.colours import cell_type_colour
     from segscope.analysis.csvzip import CsvZipStore
-    from segscope.app.colours import cell_type_colour
     from segscope.app.neuroglancer_bridge import OOD_LAYER_PREFIX, SEGMENTATION_LAYER
 
     segment_id, node_nm = _largest_segment(demo_dir, rank=1)

@@ -6,7 +6,6 @@ import queue
 
 import numpy as np
 import pytest
-
 from segscope.analysis.projection import UmapSettings
 from segscope.app.plot_controller import (
     CATEGORY_COLOURS,
@@ -69,7 +68,7 @@ def test_colour_modes_give_shared_palettes():
     assert set(colours.index[controller.segment_rows([102])]) == {1}
     assert set(colours.index[controller.segment_rows([100, 103])]) == {2}
 
-    # Colours follow the classifier's class order, as in the 3-D view (segscope.app.colours).
+    # Colours follow the classifier's class order, as in the 3-D view (segscope.analysis.colours).
     controller.cell_type_class_names = ("microglia", "pyramidal")
     np.testing.assert_array_equal(controller.colours().palette[:2, :3], [[0x3C, 0xB4, 0x4B], [0xE6, 0x19, 0x4B]])
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from segscope.analysis import COMPARTMENTS
+from segscope.analysis import compartment_codes
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +106,7 @@ class SegmentPredictor:
         self.cell_type_radius_nm = float(cell_type_radius_nm)
         self._codes = None
         if compartment is not None:
-            unknown = [name for name in compartment.class_names if name not in COMPARTMENTS]
-            if unknown:
-                raise ValueError(
-                    f"the compartment classifier predicts {unknown}, which are not "
-                    f"subcompartments SegScope knows ({', '.join(COMPARTMENTS)})"
-                )
-            self._codes = np.asarray([COMPARTMENTS.index(name) for name in compartment.class_names], dtype=np.uint8)
+            self._codes = compartment_codes(compartment.class_names)
         self.start(np.zeros((0, 3)))
 
     @property

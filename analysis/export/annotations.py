@@ -288,8 +288,15 @@ def write_point_annotations(
     force
         Replace an existing folder.
 
-    Yields :class:`~segscope.analysis.progress.Progress` (unit "entries": index entries written);
-    returns the ``info`` dict.
+    Yields
+    ------
+    Progress
+        :class:`~segscope.analysis.progress.Progress` (unit "entries": index entries written).
+
+    Returns
+    -------
+    dict
+        The layer's ``info``.
     """
     points = np.asarray(points_nm, dtype=np.float64)
     if points.ndim != 2 or points.shape[1] != 3:

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-
-from segscope.analysis import COMPARTMENTS
+from segscope.analysis import COMPARTMENTS, colours
+from segscope.analysis.colours import hex_rgb01
 from segscope.analysis.export.atomic import atomic_folder
 from segscope.analysis.export.model import SegmentTable
 
@@ -23,14 +23,11 @@ log = logging.getLogger(__name__)
 
 #: Tag given to segments flagged out of distribution.
 OOD_TAG = "ood"
-#: Colours (RGB 0-1) of the compartments in the annotation shader; grey = not predicted.
-COMPARTMENT_COLOURS = {
-    "axon": (0.25, 0.55, 1.0),
-    "dendrite": (0.95, 0.35, 0.25),
-    "soma": (1.0, 0.85, 0.2),
-    "glia": (0.3, 0.85, 0.4),
-}
-_UNPREDICTED_COLOUR = (0.6, 0.6, 0.6)
+#: Colours (RGB 0-1) of the compartments in the annotation shader: the app's
+#: (:mod:`segscope.analysis.colours`), so an exported layer looks like the live one.
+COMPARTMENT_COLOURS = {name: hex_rgb01(colour) for name, colour in colours.COMPARTMENT_COLOURS.items()}
+#: Nodes with no prediction: the app's pending grey.
+_UNPREDICTED_COLOUR = hex_rgb01(colours.PENDING_COLOUR)
 #: Stands for a missing OOD score in numeric segment properties: JSON has no NaN, and scores
 #: lie in [0, 1], so -1 cannot be mistaken for a score.
 MISSING_SCORE = -1.0

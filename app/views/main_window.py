@@ -6,9 +6,8 @@ for everything that changes it (open, embed, save, restore, autosave, export). T
 parts are linked to each other in :mod:`segscope.app.wiring`.
 
 Threads: the window lives on the Qt main thread and never waits on TensorFlow, disk or
-neuroglancer. Neuroglancer's click callbacks arrive on its server thread and come here
-through :class:`ClickRelay`'s signal (a queued connection, as the emitter is another
-thread); job updates arrive through :class:`MainThreadInvoker`, the service's ``post``.
+neuroglancer. Neuroglancer's clicks (its server thread) and job updates (the workers) both
+arrive through :class:`MainThreadInvoker`, the service's ``post`` (a queued signal).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from PyQt6.QtCore import QObject, Qt, QTimer, QUrl, pyqtSignal
+from PyQt6.QtCore import Qt, QTimer, QUrl
 from PyQt6.QtGui import QAction, QKeySequence
 from PyQt6.QtWebEngineWidgets import QWebEngineView
 from PyQt6.QtWidgets import (
@@ -38,6 +37,7 @@ from PyQt6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from segscope.app.events import connect
 from segscope.app.labels import LabelStore
 from segscope.app.neuroglancer_bridge import ClickEvent, NeuroglancerBridge
 from segscope.app.service import SessionService
@@ -50,16 +50,6 @@ from segscope.app.views.segment_panel import SegmentPanel
 log = logging.getLogger(__name__)
 
 AUTOSAVE_INTERVAL_MS = 60_000
-
-
-class ClickRelay(QObject):
-    """Carries neuroglancer clicks (server thread) to the main thread as a signal."""
-
-    clicked = pyqtSignal(object)  # ClickEvent
-
-    def forward(self, event: ClickEvent) -> None:
-        """Callback for :class:`NeuroglancerBridge`; safe on any thread."""
-        self.clicked.emit(event)
 
 
 class JobBar(QWidget):
@@ -167,9 +157,8 @@ class MainWindow(QMainWindow):
         The session model it shows and the service it asks for changes.
     bridge
         The neuroglancer bridge (already attached to the session state).
-    invoker, relay
-        The main-thread invoker the service posts through, and the click relay the
-        bridge calls.
+    invoker
+        The main-thread invoker the service posts through.
     """
 
     def __init__(
@@ -178,14 +167,12 @@ class MainWindow(QMainWindow):
         service: SessionService,
         bridge: NeuroglancerBridge,
         invoker: MainThreadInvoker,
-        relay: ClickRelay,
     ):
         super().__init__()
         self.session = session
         self.service = service
         self.bridge = bridge
         self.invoker = invoker
-        self.relay = relay
         self._closed = False
         self.plot_dock = None  # the embedding plot (attach_plot)
         #: Whether the plot's projection backend (its UMAP process) ends with this window.
@@ -229,7 +216,8 @@ class MainWindow(QMainWindow):
         state.subscribe("classifiers", self._show_classifiers)
         state.subscribe("dataset", self._on_dataset)
         self.labels.subscribe(lambda change: self._update_undo_actions())
-        relay.clicked.connect(self._on_click)
+        # Clicks arrive on neuroglancer's server thread: handled on this one.
+        connect(bridge.events.clicked, lambda event: invoker.post(lambda: self._on_click(event)))
         self._show_model(state.model)
         self._show_classifiers(state.classifiers)
 
@@ -308,79 +296,45 @@ class MainWindow(QMainWindow):
 
     # -- menus and shortcuts -------------------------------------------------------------------
 
+    def _action(self, menu, text: str, shortcuts, slot) -> QAction:
+        """An action in ``menu`` whose shortcuts work while the web view has focus (so it
+        lives on the window too)."""
+        action = QAction(text, self)
+        action.setShortcuts([QKeySequence(s) for s in (shortcuts if isinstance(shortcuts, list) else [shortcuts])])
+        action.triggered.connect(slot)
+        action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
+        menu.addAction(action)
+        self.addAction(action)
+        return action
+
     def _build_menus(self) -> None:
+        keys = QKeySequence.StandardKey
         file_menu = self.menuBar().addMenu("&File")
-        self.open_action = QAction("&Open…", self)
-        self.open_action.setShortcut(QKeySequence.StandardKey.Open)
-        self.open_action.triggered.connect(self._open_dialog)
-        self.open_session_action = QAction("Open &session…", self)
-        self.open_session_action.setShortcut(QKeySequence("Ctrl+Shift+O"))
-        self.open_session_action.triggered.connect(self._open_session_dialog)
-        self.save_session_action = QAction("&Save session", self)
-        self.save_session_action.setShortcut(QKeySequence.StandardKey.Save)
-        self.save_session_action.triggered.connect(lambda: self.save_session(self.session.path))
-        self.save_session_as_action = QAction("Save session &as…", self)
-        self.save_session_as_action.setShortcut(QKeySequence("Ctrl+Shift+S"))
-        self.save_session_as_action.triggered.connect(lambda: self.save_session(None))
-        self.export_action = QAction("&Export…", self)
-        self.export_action.setShortcut(QKeySequence("Ctrl+E"))
-        self.export_action.triggered.connect(self.show_export_dialog)
-        self.quit_action = QAction("&Quit", self)
-        self.quit_action.setShortcut(QKeySequence.StandardKey.Quit)
-        self.quit_action.triggered.connect(self.close)
-        for action in (
-            self.open_action,
-            self.open_session_action,
-            self.save_session_action,
-            self.save_session_as_action,
-            self.export_action,
-        ):
-            file_menu.addAction(action)
+        self.open_action = self._action(file_menu, "&Open…", keys.Open, self._open_dialog)
+        self.open_session_action = self._action(file_menu, "Open &session…", "Ctrl+Shift+O", self._open_session_dialog)
+        self.save_session_action = self._action(
+            file_menu, "&Save session", keys.Save, lambda: self.save_session(self.session.path)
+        )
+        self.save_session_as_action = self._action(
+            file_menu, "Save session &as…", "Ctrl+Shift+S", lambda: self.save_session(None)
+        )
+        self.export_action = self._action(file_menu, "&Export…", "Ctrl+E", self.show_export_dialog)
         file_menu.addSeparator()
-        file_menu.addAction(self.quit_action)
+        self.quit_action = self._action(file_menu, "&Quit", keys.Quit, self.close)
 
         edit_menu = self.menuBar().addMenu("&Edit")
-        self.undo_action = QAction("&Undo", self)
-        self.undo_action.setShortcut(QKeySequence.StandardKey.Undo)
-        self.undo_action.triggered.connect(self.undo_label)
-        self.redo_action = QAction("&Redo", self)
-        self.redo_action.setShortcuts([QKeySequence.StandardKey.Redo, QKeySequence("Ctrl+Shift+Z")])
-        self.redo_action.triggered.connect(self.redo_label)
-        edit_menu.addAction(self.undo_action)
-        edit_menu.addAction(self.redo_action)
+        self.undo_action = self._action(edit_menu, "&Undo", keys.Undo, self.undo_label)
+        self.redo_action = self._action(edit_menu, "&Redo", [keys.Redo, "Ctrl+Shift+Z"], self.redo_label)
         self._update_undo_actions()
 
         segment_menu = self.menuBar().addMenu("&Segment")
-        self.cancel_action = QAction("&Cancel embedding", self)
-        self.cancel_action.setShortcut(QKeySequence(Qt.Key.Key_Escape))
-        self.cancel_action.triggered.connect(self.cancel_job)
-        self.reembed_action = QAction("&Embed selected segment again", self)
-        self.reembed_action.setShortcut(QKeySequence("Ctrl+R"))
-        self.reembed_action.triggered.connect(self._reembed)
-        segment_menu.addAction(self.cancel_action)
-        segment_menu.addAction(self.reembed_action)
+        self.cancel_action = self._action(segment_menu, "&Cancel embedding", Qt.Key.Key_Escape, self.cancel_job)
+        self.reembed_action = self._action(
+            segment_menu, "&Embed selected segment again", "Ctrl+R", self.service.reembed
+        )
 
         help_menu = self.menuBar().addMenu("&Help")
-        shortcuts = QAction("&Keyboard shortcuts", self)
-        shortcuts.setShortcut(QKeySequence.StandardKey.HelpContents)
-        shortcuts.triggered.connect(self._show_shortcuts)
-        help_menu.addAction(shortcuts)
-        # Shortcuts must work while the web view has focus, so they live on the window.
-        for action in (
-            self.open_action,
-            self.open_session_action,
-            self.save_session_action,
-            self.save_session_as_action,
-            self.export_action,
-            self.quit_action,
-            self.undo_action,
-            self.redo_action,
-            self.cancel_action,
-            self.reembed_action,
-            shortcuts,
-        ):
-            action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
-            self.addAction(action)
+        self._action(help_menu, "&Keyboard shortcuts", keys.HelpContents, self._show_shortcuts)
 
     def _show_shortcuts(self) -> None:
         QMessageBox.information(
@@ -438,9 +392,6 @@ class MainWindow(QMainWindow):
     def cancel_job(self) -> None:
         if not self.service.cancel():
             self.statusBar().showMessage("No embedding job to cancel.")
-
-    def _reembed(self) -> None:
-        self.service.reembed()
 
     def _open_dialog(self) -> None:
         dialog = OpenDialog(self)

@@ -12,7 +12,7 @@ from PyQt6.QtWidgets import (
 )
 from segscope.analysis import COMPARTMENTS
 from segscope.analysis.artefacts import ClassifierSummary
-from segscope.app.colours import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR, cell_type_colour
+from segscope.analysis.colours import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR, cell_type_colour
 from segscope.app.state import SegmentRecord, SessionState
 
 _NO_CLASSIFIER = "— (no classifier loaded)"

@@ -1,4 +1,5 @@
-"""SegScope's colour policy, in one place: what the 3-D view, the plot and the panels show.
+"""SegScope's colour policy, in one place: what the 3-D view, the plot, the panels and the
+exported Neuroglancer layers show.
 
 Hex sRGB strings (``"#rrggbb"``) for the views; uint8 RGBA for the plot's palettes. Magenta
 is reserved for "out of distribution" everywhere, so no palette here contains it.
@@ -97,6 +98,12 @@ def hex_rgba(colour: str, alpha: int = 230) -> tuple[int, int, int, int]:
     """``"#rrggbb"`` as an RGBA tuple of 0-255 ints with ``alpha``."""
     colour = colour.lstrip("#")
     return int(colour[0:2], 16), int(colour[2:4], 16), int(colour[4:6], 16), alpha
+
+
+def hex_rgb01(colour: str) -> tuple[float, float, float]:
+    """``"#rrggbb"`` as an RGB tuple of floats in [0, 1] (shaders), rounded to 3 decimals."""
+    r, g, b, _ = hex_rgba(colour)
+    return round(r / 255, 3), round(g / 255, 3), round(b / 255, 3)
 
 
 def ood_bin_colours(n_bins: int = OOD_BINS) -> np.ndarray:
