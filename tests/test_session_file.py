@@ -587,18 +587,18 @@ def test_a_claim_dies_with_the_process_that_held_it(tmp_path):
         "os._exit(1)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    holder = subprocess.Popen(
+    # The with block closes the pipes (left open they are a ResourceWarning) and reaps the child.
+    with subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        assert holder.stdout.readline().strip() == "claimed"
-        me = AutosaveManager(tmp_path)
-        [candidate] = me.recoverable()
-        assert candidate.pid == crashed.pid and not me.claim(candidate)
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        assert holder.wait(timeout=30) == 1
-        assert me.claim(candidate)
-    finally:
-        holder.kill()
-        holder.wait()
+    ) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "claimed"
+            me = AutosaveManager(tmp_path)
+            [candidate] = me.recoverable()
+            assert candidate.pid == crashed.pid and not me.claim(candidate)
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert holder.wait(timeout=30) == 1
+            assert me.claim(candidate)
+        finally:
+            holder.kill()

@@ -279,7 +279,9 @@ def _read_classifier_file(path, *, with_weights: bool):
     if not path.is_file():
         raise FileNotFoundError(f"no classifier file {path}")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        # np.load is given an open file because, given a path, it leaves the file open when
+        # the zip turns out to be damaged (numpy 2.4); this `with` closes it either way.
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
             if _METADATA_KEY not in archive.files:
                 raise ClassifierFileError(f"{path} is not a SegScope classifier (no metadata)")
             metadata = json.loads(str(archive[_METADATA_KEY]))
