@@ -174,8 +174,9 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def local_folder(url: str) -> Path | None:
-    """The local folder a path or ``file://`` URL (optionally ``precomputed://``-prefixed)
-    names; None for a remote URL (``gs://``, ``https://``...).
+    """The local folder a path or ``file://`` URL names; None for a remote URL (``gs://``, ``https://``...).
+
+    The URL may carry a ``precomputed://`` prefix.
     """
     from urllib.parse import urlparse
 

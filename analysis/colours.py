@@ -1,6 +1,6 @@
-"""SegScope's colour policy, in one place: what the 3-D view, the plot, the panels and the
-exported Neuroglancer layers show.
+"""SegScope's colour policy, in one place.
 
+What the 3-D view, the plot, the panels and the exported Neuroglancer layers show.
 Hex sRGB strings (``"#rrggbb"``) for the views; uint8 RGBA for the plot's palettes. Magenta
 is reserved for "out of distribution" everywhere, so no palette here contains it.
 """
@@ -150,8 +150,10 @@ def label_colour(label: str, labels_in_order: Sequence[str] = ()) -> str:
 
 
 def _palette_colour(name: str, ordered: list[str], palette: Sequence[str]) -> str:
-    """``palette``'s colour for ``name``'s position in ``ordered`` (repeating past its end),
-    or, for a name not in ``ordered``, the one an md5 of the name picks: the same every run."""
+    """``palette``'s colour for ``name``'s position in ``ordered`` (repeating past its end).
+
+    A name not in ``ordered`` gets the colour an md5 of the name picks: the same every run.
+    """
     if name in ordered:
         return palette[ordered.index(name) % len(palette)]
     digest = hashlib.md5(name.encode("utf-8")).digest()

@@ -129,8 +129,8 @@ def launch(assets: dict):
     import PyQt6.QtWebEngineWidgets  # noqa: F401  (before the QApplication)
     from PyQt6.QtWidgets import QApplication
 
-    from segscope.app.controller import DataSource
     from segscope.analysis.artefacts import read_classifier_folder
+    from segscope.app.controller import DataSource
     from segscope.app.main import _demo_folder, build_window
 
     app = QApplication.instance() or QApplication(["segscope-bench"])

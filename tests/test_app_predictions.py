@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from segscope.analysis.artefacts import read_classifier_folder
 from segscope.analysis.classify import Prediction
 from segscope.analysis.classify.segments import Predictions, SegmentPredictor

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+
 from segscope.analysis.colours import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR
 from segscope.app.neuroglancer_bridge import (
     GROUND_TRUTH_LAYER,
@@ -572,8 +573,9 @@ def web_qapp(request):
 @pytest.mark.qt
 @pytest.mark.timeout(180)
 def test_the_page_draws_the_new_layers_and_reports_only_the_users_selection(web_qapp, bridge, tmp_path):
-    from ngclient import NeuroglancerPage
     from segscope.app.neuroglancer_bridge import EXPORTED_LAYER, HOVER_LAYER, LABELS_LAYER
+
+    from ngclient import NeuroglancerPage
     from test_export_ngclient import SPATIAL_IDS_SCRIPT
 
     reports = []

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tiny_classifiers import cell_type_cluster, write_in_subprocess
 
 # QtWebEngine must be imported before pytest-qt creates the QApplication.
@@ -340,8 +341,9 @@ def test_embedding_runs_off_the_qt_thread_which_keeps_turning(qtbot, window, dem
     """
     import threading
 
-    import segscope.app.service as service_module
     from PyQt6.QtCore import QTimer
+
+    import segscope.app.service as service_module
 
     step_threads: list[int] = []
     original = service_module.embed_segment_job

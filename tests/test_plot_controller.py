@@ -6,6 +6,7 @@ import queue
 
 import numpy as np
 import pytest
+
 from segscope.analysis.projection import UmapSettings
 from segscope.app.plot_controller import (
     CATEGORY_COLOURS,

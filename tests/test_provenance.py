@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from segscope.analysis import COMPARTMENTS
 from segscope.analysis.projection import read_embedding_table
 from segscope.analysis.provenance import (
@@ -195,6 +196,7 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
         == 0
     )
     import pyarrow.parquet as pq
+
     from segscope.analysis.dataset import open_dataset
 
     dataset = open_dataset(demo)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from segscope.analysis.artefacts import find_demo_classifiers, find_demo_model, read_classifier_folder
 from segscope.app.controller import DataSource
 from segscope.app.service import ExportRequest, SessionService
@@ -76,7 +77,7 @@ def test_open_embed_label_save_restore_export_without_qt(demo96_dir, tmp_path):
 
         segment_id, click_nm = _largest_segment(demo96_dir)
         service.handle_click(segment_id, click_nm)
-        loop.run_until(lambda: session.state.job is not None and session.state.job.state == "finished" or errors)
+        loop.run_until(lambda: (session.state.job is not None and session.state.job.state == "finished") or errors)
         assert not errors
         record = session.state.records[segment_id]
         assert record.complete and record.n_embedded > 0
@@ -140,7 +141,7 @@ def test_a_killed_compute_child_fails_its_job_and_the_next_click_succeeds(demo96
         segment_id, click_nm = _largest_segment(demo96_dir)
 
         service.handle_click(segment_id, click_nm)
-        loop.run_until(lambda: session.state.segment is not None and session.state.segment.n_embedded > 0 or errors)
+        loop.run_until(lambda: (session.state.segment is not None and session.state.segment.n_embedded > 0) or errors)
         os.kill(service.engine.pid, signal.SIGKILL)
         loop.run_until(lambda: session.state.job.state in ("failed", "finished"))
         assert session.state.job.state == "failed", "the kill landed after the job ended"

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from segscope.analysis.artefacts import ClassifierInfo, ClassifierSummary
 from segscope.app.session import Session
 from segscope.app.session_file import load_session, save_session

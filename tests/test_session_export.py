@@ -7,14 +7,14 @@ import json
 
 import numpy as np
 import pytest
+
 from segscope.analysis import COMPARTMENTS
 from segscope.analysis.artefacts import ClassifierInfo, ClassifierSummary
 from segscope.analysis.centres import contract_skeleton
 from segscope.analysis.export import NOT_PREDICTED, SkeletonEdges, read_node_table, read_segment_table
 from segscope.analysis.progress import drive
 from segscope.app.labels import LabelStore
-from segscope.app.session_export import NOTHING_TO_EXPORT, session_tables
-from segscope.app.session_export import export_session as _export_session
+from segscope.app.session_export import NOTHING_TO_EXPORT, export_session as _export_session, session_tables
 from segscope.app.state import UNKNOWN_COMPARTMENT, DatasetSummary, ModelSummary, SegmentRecord, SessionState
 
 AXON, DENDRITE, SOMA = (COMPARTMENTS.index(n) for n in ("axon", "dendrite", "soma"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from segscope.analysis import compartment_codes
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class SegmentPredictor:
         self.cell_type = cell_type
         self.compartment_radius_nm = float(compartment_radius_nm)
         self.cell_type_radius_nm = float(cell_type_radius_nm)
-        self._codes = None
+        # COMPARTMENTS code of each compartment class (none without a compartment classifier).
+        self._codes: np.ndarray = np.zeros(0, dtype=np.uint8)
         if compartment is not None:
             self._codes = compartment_codes(compartment.class_names)
         self.start(np.zeros((0, 3)))
@@ -134,10 +136,15 @@ class SegmentPredictor:
             return False
         return True
 
-    def _changed_aggregates(self, new: np.ndarray, done: np.ndarray, radius_nm: float) -> tuple[np.ndarray, np.ndarray]:
-        """Centres whose radius aggregate changed with the ``new`` ones (int ``[m]``), and
-        their aggregates over the embedded centres ``done`` (float32 ``[m, D]``), as
-        :func:`segscope.analysis.aggregate.aggregate_embeddings` would give them."""
+    def _changed_aggregates(
+        self, embeddings: np.ndarray, new: np.ndarray, done: np.ndarray, radius_nm: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Centres whose radius aggregate changed with the ``new`` ones, and their aggregates.
+
+        Returns the centres (int ``[m]``) and their aggregates over the embedded centres
+        ``done`` (float32 ``[m, D]``; ``embeddings`` holds every centre's row), as
+        :func:`segscope.analysis.aggregate.aggregate_embeddings` would give them.
+        """
         from scipy.sparse import csr_matrix
         from scipy.spatial import cKDTree
 
@@ -150,12 +157,13 @@ class SegmentPredictor:
         matrix = csr_matrix(
             (np.ones(len(columns)), (np.repeat(np.arange(len(rows)), counts), columns)), shape=(len(rows), len(done))
         )
-        sums = matrix @ self._embeddings[done].astype(np.float64)
+        sums = matrix @ embeddings[done].astype(np.float64)
         return rows, (sums / counts[:, None]).astype(np.float32)
 
     def add(self, indices: np.ndarray, embeddings: np.ndarray, *, final: bool | None = None) -> Predictions:
-        """Record embeddings of centres ``indices`` (int ``[b]``, float ``[b, D]``) and
-        return the predictions they change.
+        """Record embeddings of centres ``indices`` and return the predictions they change.
+
+        ``indices`` is int ``[b]``, ``embeddings`` float ``[b, D]``.
 
         The cell type comes back (not None) on the first batch, whenever the embedded nodes
         grew by :attr:`CELL_TYPE_GROWTH` since the last estimate, and on the ``final``
@@ -167,7 +175,8 @@ class SegmentPredictor:
         values = np.asarray(embeddings, dtype=np.float32)
         if self._embeddings is None:
             self._embeddings = np.zeros((len(self._positions), values.shape[1]), dtype=np.float32)
-        self._embeddings[indices] = values
+        table = self._embeddings
+        table[indices] = values
         self._embedded[indices] = True
         notes: list[str] = []
         compartments = cell_type = None
@@ -175,7 +184,7 @@ class SegmentPredictor:
         if self._usable(self.compartment, values.shape[1], "compartment", notes):
             if self.compartment_radius_nm > 0:
                 # Only nodes within the radius of a new node have new aggregates.
-                rows, features = self._changed_aggregates(indices, done, self.compartment_radius_nm)
+                rows, features = self._changed_aggregates(table, indices, done, self.compartment_radius_nm)
             else:
                 rows, features = indices, values
             prediction = self.compartment.predict(features)
@@ -191,7 +200,7 @@ class SegmentPredictor:
         due = final or self._typed_at == 0 or len(done) >= self.CELL_TYPE_GROWTH * self._typed_at
         if self._usable(self.cell_type, values.shape[1], "cell-type", notes) and len(done) and due:
             self._typed_at = len(done)
-            features = self._embeddings[done]
+            features = table[done]
             if self.cell_type_radius_nm > 0:
                 features = aggregate_embeddings(self._positions[done], features, self.cell_type_radius_nm)
             prediction = self.cell_type.predict(features)
@@ -206,7 +215,7 @@ class SegmentPredictor:
                 ood_score=score,
                 ood_flagged=score > threshold,
                 threshold=threshold,
-                n_nodes=int(len(done)),
+                n_nodes=len(done),
             )
         return Predictions(compartments, cell_type, "; ".join(notes))
 
@@ -262,10 +271,9 @@ def predict_segment(predictor: SegmentPredictor, positions_nm: np.ndarray, embed
 
 
 def predict_safely(predictor: SegmentPredictor, indices, embeddings) -> Predictions:
-    """Predictions for a batch; a classifier failure becomes a note, and the embeddings
-    still reach the user."""
+    """Predictions for a batch; a classifier failure becomes a note, and the embeddings still reach the user."""
     try:
         return predictor.add(indices, embeddings)
-    except Exception as exc:  # noqa: BLE001 - any classifier bug must not lose the embeddings
+    except Exception as exc:  # any classifier bug must not lose the embeddings
         log.exception("prediction failed")
         return Predictions(None, None, f"prediction failed: {type(exc).__name__}: {exc}")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from segscope.analysis import COMPARTMENTS, colours
 from segscope.analysis.colours import hex_rgb01
 from segscope.analysis.export.atomic import atomic_folder
