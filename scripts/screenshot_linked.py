@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def run_until(app, predicate, timeout_s: float) -> bool:
