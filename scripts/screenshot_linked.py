@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 def run_until(app, predicate, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while not predicate() and time.monotonic() < deadline:
