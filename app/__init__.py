@@ -1,0 +1,1 @@
+"""SegScope's desktop app and ``segscope`` command line (installed as ``segscope.app``)."""

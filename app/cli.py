@@ -320,7 +320,7 @@ def _predict_nodes(classifiers, result):
     yield Progress(0, None, "segments", "loading classifiers")
     predictor, _ = load_segment_predictor(entries)
     n = len(result)
-    names = np.array(list(COMPARTMENTS) + [None], dtype=object)
+    names = np.array([*COMPARTMENTS, None], dtype=object)
     codes = np.full(n, len(COMPARTMENTS), np.intp)  # "None" until predicted
     columns = {
         "compartment_probability": np.full(n, np.nan, np.float32),
@@ -360,10 +360,13 @@ def _write_embeddings_parquet(
     dataset: dict | None = None,
     spacing_nm: float | None = None,
 ) -> None:
-    """One row per node: segment_id, node_id, x_nm, y_nm, z_nm, e0..e{D-1} (float32), then
+    """Write the embeddings table as Parquet, one row per node.
+
+    Columns: segment_id, node_id, x_nm, y_nm, z_nm, e0..e{D-1} (float32), then
     with ``predictions`` compartment, compartment_probability, cell_type,
     cell_type_probability, ood_score; zstd-compressed, provenance in the schema metadata
-    (``segscope_provenance``: encoder and classifier sha256, the dataset it came from)."""
+    (``segscope_provenance``: encoder and classifier sha256, the dataset it came from).
+    """
     import json
 
     import pyarrow as pa
@@ -518,6 +521,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Return the ``segscope`` argument parser with all its subcommands."""
     parser = argparse.ArgumentParser(
         prog="segscope",
         description="SegScope: compute, classify and explore SegCLR embeddings of EM segments. "
@@ -645,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``segscope`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

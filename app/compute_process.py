@@ -338,8 +338,10 @@ class ComputeProcess:
         return summary
 
     def load_classifiers(self, entries: Sequence[dict]) -> Generator[Progress, None, dict]:
-        """Load classifiers in the child: ``entries`` of ``{"task": "compartment" or
-        "cell_type", "path": .npz file, "radius_nm": aggregation radius}``.
+        """Load classifiers in the child process.
+
+        ``entries`` are ``{"task": "compartment" or "cell_type", "path": .npz file,
+        "radius_nm": aggregation radius}``.
 
         Returns ``{task: {"class_names", "num_features", "ood_threshold", "config"}}``.
         Raises the child's error (FileNotFoundError, ValueError...). A child started after

@@ -273,8 +273,11 @@ class PrecomputedEmbeddings:
         return embeddings
 
     def read(self, segment_id: int, voxel_size_nm) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """``(node_ids int64 [N], xyz_nm float64 [N, 3], embeddings float32 [N, D])`` of a
-        segment, or None when the store does not hold it."""
+        """Read a segment's nodes and embeddings from the store.
+
+        Returns ``(node_ids int64 [N], xyz_nm float64 [N, 3], embeddings float32 [N, D])``
+        of the segment, or None when the store does not hold it.
+        """
         try:
             node_ids, xyz, embeddings = self.store.read(segment_id)
         except KeyError:
@@ -428,8 +431,11 @@ def embed_segment_job(
 
 
 def _store_ground_truth(skeleton, node_ids: np.ndarray, positions_nm: np.ndarray) -> np.ndarray | None:
-    """The dataset's compartment labels of a store's nodes, when its node ids are the
-    skeleton's (in range, and at the same places within 1 nm); otherwise None."""
+    """The dataset's compartment labels of a store's nodes, or None when its node ids are not the skeleton's.
+
+    The node ids count as the skeleton's when they are in range and the nodes sit at the
+    same places within 1 nm.
+    """
     if skeleton is None or skeleton.compartment is None or not len(node_ids):
         return None
     if node_ids.min() < 0 or node_ids.max() >= skeleton.n_nodes:

@@ -383,8 +383,11 @@ class NeuroglancerBridge:
         return server.url
 
     def show_dataset(self, sources: LayerSources, *, layout: str = "xy-3d") -> None:
-        """Replace the viewer's layers with image, segmentation (and skeletons) and the
-        annotation layers, centred on ``sources.centre_nm``."""
+        """Replace the viewer's layers with those of a dataset, centred on ``sources.centre_nm``.
+
+        The new layers are the image, the segmentation (and skeletons) and the annotation
+        layers.
+        """
         neuroglancer = self._neuroglancer
         voxel = np.asarray(sources.voxel_size_nm, dtype=np.float64)
         dimensions = neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=voxel.tolist())
@@ -461,8 +464,9 @@ class NeuroglancerBridge:
     # -- links with the embedding plot -----------------------------------------------------
 
     def highlight_segments(self, segment_ids: Iterable[int]) -> None:
-        """Make exactly ``segment_ids`` the selected (visible) segments of the segmentation
-        layer (e.g. the segments of a plot lasso); an empty iterable selects none.
+        """Make exactly ``segment_ids`` the selected (visible) segments of the segmentation layer.
+
+        For example the segments of a plot lasso; an empty iterable selects none.
 
         Shares its writer key with the session's ``"segment"`` event: whichever of the two
         was requested last is what the viewer ends up showing.
@@ -500,8 +504,9 @@ class NeuroglancerBridge:
             self.set_view(annotations[0]["point"])
 
     def show_selected_nodes(self, points: Sequence[tuple[int, int, Sequence[float]]]) -> None:
-        """Ring the nodes selected in the plot in :data:`SELECTION_LAYER` (an empty list
-        clears it); beyond :data:`MAX_SELECTED_NODES` an even subsample is drawn.
+        """Ring the nodes selected in the plot in :data:`SELECTION_LAYER`; an empty list clears it.
+
+        Beyond :data:`MAX_SELECTED_NODES` an even subsample is drawn.
 
         Parameters
         ----------
@@ -606,8 +611,9 @@ class NeuroglancerBridge:
         return source
 
     def on_segments_changed(self, callback: Callable[[frozenset[int]], None]) -> Callable[[], None]:
-        """Call ``callback(segment_ids)`` when the user changes the segmentation layer's
-        selected segments in the page (layer panel, ctrl+click, ...).
+        """Call ``callback(segment_ids)`` when the user changes the segmentation layer's selected segments.
+
+        The changes are those made in the page (layer panel, ctrl+click, ...).
 
         ``segment_ids`` is the new frozenset of selected (visible) ids. It is called on the
         thread that committed the change (neuroglancer's server thread for the page's
@@ -951,8 +957,10 @@ def _visible_ids(segments_json: tuple | None) -> frozenset[int]:
 
 
 def _ring_shader(size_px: float, border_px: float, alpha: float) -> str:
-    """A white ring with a transparent centre, so a node's own colour (its compartment)
-    stays visible inside it."""
+    """Annotation shader code that draws each point as a white ring with a transparent centre.
+
+    The centre is transparent so a node's own colour (its compartment) stays visible inside it.
+    """
     return f"""
 void main() {{
   setPointMarkerSize({size_px:.1f});
@@ -1044,8 +1052,8 @@ def _node_properties() -> list:
             id="compartment",
             type="uint8",
             default=UNKNOWN_COMPARTMENT,
-            enum_values=list(range(len(COMPARTMENTS))) + [UNKNOWN_COMPARTMENT],
-            enum_labels=list(COMPARTMENTS) + ["unknown"],
+            enum_values=[*range(len(COMPARTMENTS)), UNKNOWN_COMPARTMENT],
+            enum_labels=[*COMPARTMENTS, "unknown"],
         ),
     ]
 
@@ -1064,8 +1072,11 @@ def _flag_properties() -> list:
 
 
 def ood_flag(record: SegmentRecord) -> tuple[str, dict] | None:
-    """The flag layer of an out-of-distribution segment: its name and a box annotation
-    (neuroglancer JSON, nm) around the segment's centres; None when not flagged."""
+    """The flag layer of an out-of-distribution segment; None when the segment is not flagged.
+
+    The layer is its name and a box annotation (neuroglancer JSON, nm) around the segment's
+    centres.
+    """
     if not record.ood_flagged or record.positions_nm is None or not len(record.positions_nm):
         return None
     lo = record.positions_nm.min(axis=0) - OOD_BOX_MARGIN_NM

@@ -67,8 +67,10 @@ COLOUR_MODES: tuple[str, ...] = ("subcompartment", "cell type", "OOD score", "se
 
 
 class PlotEvents(SignalGroup):
-    """Events of :class:`PlotController` (each may carry the change's origin, see
-    :func:`segscope.app.events.emitting_from`)."""
+    """Events of :class:`PlotController`.
+
+    Each may carry the change's origin, see :func:`segscope.app.events.emitting_from`.
+    """
 
     #: (rows int64 [k]) new points were added.
     points = Signal(object)
@@ -201,8 +203,10 @@ class PlotController:
         self._tree_extra = np.zeros(0, np.int64)  # those rows, searched directly
 
     def clear(self) -> None:
-        """Drop every point, its layout and the selection (other data was opened: segment
-        ids of the old data mean nothing there); emits ``"cleared"``."""
+        """Drop every point, its layout and the selection; emits ``"cleared"``.
+
+        Called when other data was opened: segment ids of the old data mean nothing there.
+        """
         self._reset_points()
         self._emit("cleared")
 
@@ -366,8 +370,9 @@ class PlotController:
         return frozenset(self._hidden_segments)
 
     def hide_segments(self, segment_ids: Iterable[int]) -> int:
-        """Hide the points of ``segment_ids`` (plotted or not yet) and drop them from the
-        selection; returns how many segments became hidden. Emits ``"visibility"``.
+        """Hide the points of ``segment_ids`` and drop them from the selection; emits ``"visibility"``.
+
+        The segments may be plotted or not yet. Returns how many segments became hidden.
 
         Hidden points are not drawn, hit, or selected by a rectangle, lasso or a 3-D
         selection. They stay in the plot's data: UMAP keeps fitting on them (the layout
@@ -445,8 +450,11 @@ class PlotController:
         self._emit("colours")
 
     def set_point_predictions(self, rows: Any, *, cell_types: Any = None, ood_scores: Any = None) -> None:
-        """Set per-point cell types (str, ``""`` unknown) and/or OOD scores (NaN unknown)
-        of ``rows`` at once (a context table's thousands of segments in one call)."""
+        """Set per-point cell types and/or OOD scores of ``rows`` at once.
+
+        Cell types are str (``""`` unknown), OOD scores NaN when unknown; one call sets a
+        context table's thousands of segments.
+        """
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if cell_types is not None:
             names = np.asarray(cell_types, dtype=object).reshape(-1)
@@ -467,8 +475,10 @@ class PlotController:
         self._emit("colours")
 
     def refresh_manual_labels(self) -> None:
-        """Ask :attr:`label_lookup` again for every point's manual label (after an edit,
-        undo or redo); emits ``"colours"`` when any label changed."""
+        """Ask :attr:`label_lookup` again for every point's manual label; emits ``"colours"`` when any changed.
+
+        Called after an edit, undo or redo.
+        """
         if self.label_lookup is None or not self.n_points:
             return
         labels = np.asarray(self.label_lookup(self.segment_ids, self.node_ids), dtype=object)
@@ -671,8 +681,7 @@ class PlotController:
         return Selection(rows, self._selected_segments, self.node_ids[rows].copy(), origin)
 
     def select_rows(self, rows: Any, origin: str) -> bool:
-        """Select exactly ``rows`` (and their segments), hidden rows left out; False when
-        nothing changed."""
+        """Select exactly ``rows`` (and their segments), hidden rows left out; False when nothing changed."""
         rows = np.unique(np.asarray(rows, dtype=np.int64).reshape(-1))
         if len(rows) and (rows[0] < 0 or rows[-1] >= self.n_points):
             raise IndexError(f"rows must lie in [0, {self.n_points})")
@@ -760,7 +769,7 @@ class ProjectionScheduler:
         controller: PlotController,
         post: Post | None = None,
         *,
-        settings: UmapSettings = UmapSettings(seed=None),
+        settings: UmapSettings = UmapSettings(seed=None),  # noqa: B008 - frozen dataclass, immutable
         min_points: int = 60,
         refit_growth: float = 1.5,
         warm_up: bool = True,
@@ -843,8 +852,10 @@ class ProjectionScheduler:
         self._place_runner.shutdown(wait=False)
 
     def _on_cleared(self) -> None:
-        """The controller dropped its points: forget the models; fits and placements in
-        flight finish but are ignored (their generations are stale)."""
+        """The controller dropped its points: forget the models.
+
+        Fits and placements in flight finish but are ignored (their generations are stale).
+        """
         self._model_generation += 1
         self.pca, self._pca_points, self.umap = None, 0, None
         self._alignment = Similarity.identity()

@@ -293,14 +293,22 @@ class ProjectionProcess:
         """Future of the child's process id (a cheap liveness check)."""
         return self._runner.ping()
 
-    def warm_up(self, settings: UmapSettings = UmapSettings(seed=None)) -> Future:
+    def warm_up(
+        self,
+        settings: UmapSettings = UmapSettings(seed=None),  # noqa: B008 - frozen dataclass, immutable
+    ) -> Future:
         """Compile (or load from numba's disk cache) the kernels ``settings`` fits use.
 
         Future of :func:`segscope.analysis.projection.warm_up`'s timings dict (seconds).
         """
         return self._runner.request(WarmUp(settings))
 
-    def fit(self, embeddings: Any, settings: UmapSettings = UmapSettings(), init: Any = None) -> Future:
+    def fit(
+        self,
+        embeddings: Any,
+        settings: UmapSettings = UmapSettings(),  # noqa: B008 - frozen dataclass, immutable
+        init: Any = None,
+    ) -> Future:
         """Fit UMAP on float32 ``[N, D]`` embeddings, optionally from float64 ``[N, 2]`` ``init``.
 
         Future of a :class:`FitResult`; the model stays in the child under its
@@ -359,8 +367,9 @@ class LocalProjectionBackend:
 
 @dataclass
 class RemoteUmapModel:
-    """A UMAP model living in a :class:`ProjectionProcess`: what the scheduler uses of
-    :class:`segscope.analysis.projection.UmapModel`.
+    """A UMAP model living in a :class:`ProjectionProcess`.
+
+    It offers what the scheduler uses of :class:`segscope.analysis.projection.UmapModel`.
 
     Attributes
     ----------

@@ -112,8 +112,10 @@ def _node_arrays(record: SegmentRecord, rows: np.ndarray) -> dict[str, np.ndarra
 
 
 def _cell_type_names(records: Sequence[SegmentRecord], given: Sequence[str] | None) -> tuple[str, ...]:
-    """Cell-type classes: ``given`` (the classifier's order) plus any others the records
-    name, in first-seen order, so every record's cell type has a column."""
+    """Cell-type classes: ``given`` (the classifier's order) plus any others the records name.
+
+    The others follow in first-seen order, so every record's cell type has a column.
+    """
     names = list(given or ())
     for record in records:
         for name in [*(record.cell_type_probabilities or {}), *([record.cell_type] if record.cell_type else [])]:
@@ -232,8 +234,10 @@ def session_tables(
 
 
 def _usable_skeletons(skeletons: Mapping[int, SkeletonEdges], nodes: NodeTable) -> dict[int, SkeletonEdges]:
-    """The skeletons whose edges join exported nodes only; the others are left out with a
-    log line (SWC needs every node an edge names, and a segment may be half embedded)."""
+    """The skeletons whose edges join exported nodes only; the others are left out with a log line.
+
+    SWC needs every node an edge names, and a segment may be half embedded.
+    """
     usable = {}
     for segment_id, skeleton in skeletons.items():
         segment_id = int(segment_id)
@@ -387,8 +391,10 @@ def _write(
 
 
 def skeleton_edges(source, records: Mapping[int, SegmentRecord]) -> dict[int, SkeletonEdges]:
-    """Segment id -> :class:`segscope.analysis.export.SkeletonEdges` joining each record's embedded
-    nodes along its skeleton (for SWC); segments without a skeleton are left out.
+    """Segment id -> skeleton edges joining each record's embedded nodes, for SWC.
+
+    The values are :class:`segscope.analysis.export.SkeletonEdges` along each segment's
+    skeleton; segments without a skeleton are left out.
 
     ``source`` is the open :class:`segscope.app.controller.DataSource` (reads skeleton files: call
     it on a worker).

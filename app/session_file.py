@@ -274,8 +274,10 @@ class DatasetRef:
 
     @classmethod
     def from_summary(cls, summary: Any) -> "DatasetRef":
-        """Build from anything with ``name``, ``image_url``, ``segmentation_url`` and
-        ``skeletons_url`` attributes (:class:`segscope.app.state.DatasetSummary`)."""
+        """Build from anything with ``name``, ``image_url``, ``segmentation_url`` and ``skeletons_url`` attributes.
+
+        Such as :class:`segscope.app.state.DatasetSummary`.
+        """
         return cls(
             name=summary.name,
             image_url=summary.image_url,
@@ -929,10 +931,10 @@ class AutosaveManager:
     """Autosave this process's session and offer the autosaves of crashed ones.
 
     Files live in ``directory``: ``running-<pid>.json`` (a marker: pid, started_at, host and,
-    on Linux, the process's boot id and start time) while a SegScope runs, ``autosave-<pid>.segscope.json`` and ``autosave-<pid>.records.npz``
-    once it autosaved. A clean exit (:meth:`finish`) removes all three, so an autosave is
-    recoverable when its marker names a dead process on this host, or when its marker is
-    gone.
+    on Linux, the process's boot id and start time) while a SegScope runs,
+    ``autosave-<pid>.segscope.json`` and ``autosave-<pid>.records.npz`` once it autosaved.
+    A clean exit (:meth:`finish`) removes all three, so an autosave is recoverable when its
+    marker names a dead process on this host, or when its marker is gone.
 
     Parameters
     ----------
@@ -1030,8 +1032,9 @@ class AutosaveManager:
         return found
 
     def claim(self, candidate: RecoveryCandidate) -> bool:
-        """Reserve a crashed session's autosave for this process; False when another
-        SegScope holds it (it is offering or restoring it now).
+        """Reserve a crashed session's autosave for this process; False when another SegScope holds it.
+
+        Another SegScope holds it while it is offering or restoring it.
 
         The claim is an exclusive, non-blocking ``flock`` held until :meth:`release` (or
         :meth:`finish`, or this process's end, crash included).
@@ -1063,8 +1066,7 @@ class AutosaveManager:
         return self.directory / f"claim-{pid}.lock"
 
     def discard(self, candidate: RecoveryCandidate) -> None:
-        """Delete a crashed session's autosave, its marker and (if this process holds it)
-        its claim file."""
+        """Delete a crashed session's autosave, its marker and (if this process holds it) its claim file."""
         if candidate.pid == self.pid:
             raise ValueError(f"{candidate.path} is this process's own autosave; use finish()")
         self._remove_session_files(candidate.path)

@@ -61,8 +61,10 @@ def _named_layers(layers: Any) -> dict[str, dict] | None:
 
 
 def share_unchanged(state: dict, previous: dict | None) -> dict:
-    """``state`` (a raw viewer state, JSON dict) with every top-level value and every
-    layer's value that equals ``previous``'s replaced by ``previous``'s object.
+    """``state`` with every value that equals ``previous``'s replaced by ``previous``'s object.
+
+    ``state`` is a raw viewer state (JSON dict); the values compared are every top-level
+    value and every layer's value.
 
     Equal content, so merging sees no difference; but a history of states then holds
     each unchanged (possibly huge) annotation list once.
@@ -96,9 +98,12 @@ SET_KEYS = frozenset({"segments"})
 
 
 def _merge_keys(base: dict, server: dict, client: dict, set_keys: frozenset[str] = frozenset()) -> dict:
-    """Key by key: the client's value where only the client changed it, else the server's;
+    """Three-way merge of ``base``, ``server`` and ``client``, key by key.
+
+    Each key gets the client's value where only the client changed it, else the server's;
     for ``set_keys`` changed on both sides, the server's set plus the client's additions
-    minus its removals."""
+    minus its removals.
+    """
     merged = {}
     for key in list(server) + [k for k in client if k not in server]:
         b_value = base.get(key, _MISSING)
@@ -194,8 +199,9 @@ def merge_client_state(base: dict, server: dict, client: dict) -> dict:
 
 
 def merging_viewer(history: int = HISTORY):
-    """A ``neuroglancer.Viewer`` whose page posts merge with the server's changes (see
-    the module notes) instead of being refused.
+    """A ``neuroglancer.Viewer`` whose page posts merge with the server's changes instead of being refused.
+
+    See the module notes.
 
     Attributes on the viewer: ``merges`` (posts merged so far) and ``resyncs`` (posts
     refused because their base was forgotten, after which the page was sent the state).

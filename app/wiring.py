@@ -75,8 +75,7 @@ def link_plot_dock(
     post: Post | None = None,
     report: Callable[[str], Any] | None = None,
 ) -> None:
-    """Link an embedding plot dock (built on ``session.plot``) to the session and, when
-    given, the 3-D ``viewer``.
+    """Link an embedding plot dock (built on ``session.plot``) to the session and, when given, the 3-D ``viewer``.
 
     Parameters
     ----------

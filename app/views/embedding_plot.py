@@ -198,7 +198,7 @@ class PointCloudItem(pg.GraphicsObject):
         # every point; the world transform and the viewport's size hold in both cases.
         surface = widget if widget is not None else painter.device()
         ratio = surface.devicePixelRatioF() if hasattr(surface, "devicePixelRatioF") else 1.0
-        width, height = int(round(surface.width() * ratio)), int(round(surface.height() * ratio))
+        width, height = round(surface.width() * ratio), round(surface.height() * ratio)
         if width <= 0 or height <= 0:
             return
         transform = painter.worldTransform()
@@ -606,9 +606,11 @@ class EmbeddingPlotWidget(QWidget):
     # -- session settings -------------------------------------------------------------------
 
     def view_settings(self) -> dict:
-        """The view's JSON-safe part of a saved session's plot settings: ``tool`` and
-        ``view_range`` (``[[x0, x1], [y0, y1]]`` in layout units). The colour mode and the
-        hidden segments are the model's (:meth:`segscope.app.session.Session.plot_settings`).
+        """The view's JSON-safe part of a saved session's plot settings.
+
+        That is ``tool`` and ``view_range`` (``[[x0, x1], [y0, y1]]`` in layout units). The
+        colour mode and the hidden segments are the model's
+        (:meth:`segscope.app.session.Session.plot_settings`).
         """
         (x0, x1), (y0, y1) = self.view_box.viewRange()
         return {"tool": self.view_box.mode, "view_range": [[float(x0), float(x1)], [float(y0), float(y1)]]}
@@ -617,8 +619,10 @@ class EmbeddingPlotWidget(QWidget):
         self.viewChanged.emit(self.view_settings())
 
     def apply_view_settings(self, settings: dict) -> None:
-        """Restore :meth:`view_settings` (from a saved session's plot settings; other keys are
-        the model's and ignored here; bad entries are logged and skipped)."""
+        """Restore :meth:`view_settings` from a saved session's plot settings.
+
+        Other keys are the model's and ignored here; bad entries are logged and skipped.
+        """
         tool = settings.get("tool")
         if tool in ("pan", "rectangle", "lasso"):
             self.set_tool(tool)
@@ -640,8 +644,10 @@ class EmbeddingPlotWidget(QWidget):
         return self.controller.select_segments(segment_ids, origin)
 
     def add_background(self, table) -> np.ndarray:
-        """Add precomputed embeddings (an :class:`segscope.analysis.projection.EmbeddingTable`) as
-        context, with the predictions the table carries; returns the rows added."""
+        """Add precomputed embeddings as context, with the predictions the table carries; returns the rows added.
+
+        ``table`` is an :class:`segscope.analysis.projection.EmbeddingTable`.
+        """
         controller = self.controller
         rows = controller.add_points(
             table.segment_ids,
@@ -675,8 +681,11 @@ class EmbeddingPlotWidget(QWidget):
 
 
 class EmbeddingPlotDock(QDockWidget):
-    """A dock holding an :class:`EmbeddingPlotWidget` (``.plot``) and, once
-    :meth:`attach_labels` ran, a :class:`~segscope.app.views.label_bar.LabelBar` (``.label_bar``)."""
+    """A dock holding an :class:`EmbeddingPlotWidget` (``.plot``) and, later, a label bar.
+
+    The label bar, a :class:`~segscope.app.views.label_bar.LabelBar` (``.label_bar``), is
+    added once :meth:`attach_labels` ran.
+    """
 
     def __init__(self, parent: QWidget | None = None, *, start_warm_up: bool = True, **plot_kwargs: Any):
         super().__init__("Embeddings", parent)
@@ -702,9 +711,12 @@ class EmbeddingPlotDock(QDockWidget):
     def attach_labels(
         self, labels, *, show_labels=None, current_segment=lambda: None, report=lambda message: None
     ) -> None:
-        """Add the label bar that edits ``labels`` (an :class:`segscope.app.labels.LabelStore`,
-        the session's: the plot's points already show them) and show labelled points in 3-D
-        through ``show_labels(points, label_names)`` (the bridge's), debounced."""
+        """Add the label bar that edits ``labels`` and show labelled points in 3-D, debounced.
+
+        ``labels`` is the session's :class:`segscope.app.labels.LabelStore` (the plot's points
+        already show them); labelled points are shown through ``show_labels(points,
+        label_names)`` (the bridge's).
+        """
         from segscope.app.views.label_bar import LabelBar
 
         controller = self.controller

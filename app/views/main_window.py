@@ -254,8 +254,9 @@ class MainWindow(QMainWindow):
         return dock
 
     def attach_plot(self, *, background=None, **plot_kwargs):
-        """Add the embedding plot dock on the session's plot model, linked to the 3-D view
-        and labels (:func:`segscope.app.wiring.link_plot_dock`); returns the dock.
+        """Add the embedding plot dock on the session's plot model, linked to the 3-D view and labels.
+
+        The links are :func:`segscope.app.wiring.link_plot_dock`'s. Returns the dock.
 
         ``background`` is an :class:`segscope.analysis.projection.EmbeddingTable` or a path to
         a ``segscope embed`` Parquet, plotted as context from the start (an unreadable one
@@ -297,8 +298,10 @@ class MainWindow(QMainWindow):
     # -- menus and shortcuts -------------------------------------------------------------------
 
     def _action(self, menu, text: str, shortcuts, slot) -> QAction:
-        """An action in ``menu`` whose shortcuts work while the web view has focus (so it
-        lives on the window too)."""
+        """An action in ``menu`` whose shortcuts work while the web view has focus.
+
+        For that the action lives on the window too.
+        """
         action = QAction(text, self)
         action.setShortcuts([QKeySequence(s) for s in (shortcuts if isinstance(shortcuts, list) else [shortcuts])])
         action.triggered.connect(slot)
@@ -464,8 +467,10 @@ class MainWindow(QMainWindow):
     # -- autosave and recovery -------------------------------------------------------------------
 
     def start_autosave(self, manager, interval_ms: int = AUTOSAVE_INTERVAL_MS) -> None:
-        """Autosave every ``interval_ms`` with ``manager`` (an
-        :class:`segscope.app.session_file.AutosaveManager`, already started)."""
+        """Autosave every ``interval_ms`` milliseconds with ``manager``.
+
+        ``manager`` is a :class:`segscope.app.session_file.AutosaveManager`, already started.
+        """
         self.service.start_autosave(manager)
         self._autosave_timer.start(interval_ms)
 
