@@ -46,7 +46,7 @@ class Centres:
     def __len__(self) -> int:
         return len(self.node_ids)
 
-    def ordered_from(self, point_nm: Sequence[float] | None) -> Centres:
+    def ordered_from(self, point_nm: Sequence[float] | np.ndarray | None) -> Centres:
         """The same centres sorted by distance from ``point_nm`` (nearest first)."""
         if point_nm is None:
             return self
@@ -54,7 +54,7 @@ class Centres:
         return Centres(self.segment_id, self.node_ids[order], self.positions_nm[order])
 
 
-def order_by_distance(points_nm: np.ndarray, origin_nm: Sequence[float]) -> np.ndarray:
+def order_by_distance(points_nm: np.ndarray, origin_nm: Sequence[float] | np.ndarray) -> np.ndarray:
     """Indices that sort ``points_nm [N, 3]`` by Euclidean distance from ``origin_nm`` (stable)."""
     points = np.asarray(points_nm, dtype=np.float64).reshape(-1, 3)
     distance = np.linalg.norm(points - np.asarray(origin_nm, dtype=np.float64), axis=1)
@@ -263,7 +263,7 @@ def segment_centres(
     skeleton_nodes_nm: np.ndarray | None = None,
     skeleton_edges: np.ndarray | None = None,
     spacing_nm: float = SEGCLR_SPACING_NM,
-    click_nm: Sequence[float] | None = None,
+    click_nm: Sequence[float] | np.ndarray | None = None,
 ) -> Centres:
     """Centres of one segment, nearest to ``click_nm`` first.
 

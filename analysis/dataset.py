@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -281,7 +282,7 @@ class Dataset:
         )
 
 
-def open_dataset(path: str | Path) -> Dataset:
+def open_dataset(path: str | os.PathLike) -> Dataset:
     """Open a SegScope dataset folder.
 
     Raises

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -287,7 +288,7 @@ class _Server:  # pragma: no cover - runs in the child
                 else:
                     if lane not in self.lanes:
                         self.lanes[lane] = Lane(f"child-{lane}")
-                    self.lanes[lane].submit(lambda message=message: self.run(message))
+                    self.lanes[lane].submit(functools.partial(self.run, message))
             else:
                 log.warning("unknown message %r", type(message).__name__)
         if any(lane.busy for lane in self.lanes.values()):
@@ -511,7 +512,7 @@ class ChildProcessRunner:
         for key, payload in self._init.items():
             request_id = next(self._ids)
             call = Call(request_id)
-            call.add_done_callback(lambda done, key=key: self._init_done(key, done))
+            call.add_done_callback(functools.partial(self._init_done, key))
             child.pending[request_id] = _Pending(call)
             try:
                 with child.send_lock:  # a fresh child's lock: never contended for long
@@ -599,7 +600,7 @@ class ChildProcessRunner:
         with self._lock:
             child = self._child
             live = child is not None and not child.closed and call.request_id in child.pending
-        if live:
+        if live and child is not None:
             self._send_quietly(child, Cancel(call.request_id), 1.0)
 
     def _submit(self, make: Callable[[int], Any], on_progress) -> Call:
@@ -651,7 +652,7 @@ class ChildProcessRunner:
                 elif isinstance(message, Update):
                     entry = child.pending.get(message.request_id)
                 else:
-                    entry = child.pending.pop(getattr(message, "request_id", None), None)
+                    entry = child.pending.pop(getattr(message, "request_id", -1), None)
             if isinstance(message, Ready) and child.incarnation > 1:
                 restored = f"; replaying {child.restored} set-up requests" if child.restored else ""
                 self._emit(f"the {self.name} process was restarted (pid {message.pid}){restored}")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 from segscope.analysis import __version__
 
@@ -308,6 +309,7 @@ def _predict_nodes(classifiers, result):
     ``cell_type_probability``, ``ood_score`` (float32, NaN when not predicted).
     """
     import numpy as np
+
     from segscope.analysis import COMPARTMENTS
     from segscope.analysis.classify.segments import load_segment_predictor, predict_segment
     from segscope.analysis.progress import Progress
@@ -317,7 +319,7 @@ def _predict_nodes(classifiers, result):
         for info in (classifiers.compartment, classifiers.cell_type)
         if info is not None
     ]
-    yield Progress(0, None, "segments", "loading classifiers")
+    yield Progress(0, 0, "segments", "loading classifiers")  # total 0: unknown
     predictor, _ = load_segment_predictor(entries)
     n = len(result)
     names = np.array([*COMPARTMENTS, None], dtype=object)
@@ -371,6 +373,7 @@ def _write_embeddings_parquet(
 
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from segscope.analysis.export.atomic import atomic_file
     from segscope.analysis.provenance import DATASET_KEYS, PROVENANCE_KEY, classifier_hashes, model_sha256
 
@@ -389,21 +392,22 @@ def _write_embeddings_parquet(
         columns["cell_type"] = pa.array(predictions["cell_type"], pa.string()).dictionary_encode()
         columns["cell_type_probability"] = pa.array(predictions["cell_type_probability"], pa.float32())
         columns["ood_score"] = pa.array(predictions["ood_score"], pa.float32())
-    provenance = {
+    provenance: dict[str, Any] = {
         "model": str(encoder_path),
         "model_sha256": model_sha256(encoder_path),
         "coordinates": "nm",
         "segscope_version": __version__,
-        "segments": int(len(set(result.segment_ids.tolist()))),
+        "segments": len(set(result.segment_ids.tolist())),
         "spacing_nm": spacing_nm,
     }
     if dataset is not None:
         provenance["dataset"] = {key: dataset.get(key) for key in DATASET_KEYS}
     if classifiers is not None:
-        provenance["classifiers"] = {"folder": str(classifiers.folder), "files": classifier_hashes(classifiers.folder)}
+        labelled: dict[str, Any] = {"folder": str(classifiers.folder), "files": classifier_hashes(classifiers.folder)}
+        provenance["classifiers"] = labelled
         for info in (classifiers.compartment, classifiers.cell_type):
             if info is not None:
-                provenance["classifiers"][info.task] = {
+                labelled[info.task] = {
                     "classes": list(info.class_names),
                     "radius_nm": info.radius_nm,
                     "ood_threshold": info.ood_threshold,

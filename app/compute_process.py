@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from segscope.analysis.classify.segments import (
     Predictions,
     SegmentPredictor,
@@ -49,10 +50,8 @@ from segscope.app.child_process import (
     PING_INTERVAL_S,
     ChildProcessFailure,
     ChildProcessRunner,
-    serve,
-)
-from segscope.app.child_process import (
     rebuild_error as rebuild_error,  # moved there; importable here too
+    serve,
 )
 
 log = logging.getLogger(__name__)

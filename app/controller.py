@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Generator
+from typing import Literal
 
 import numpy as np
+
 from segscope.analysis.artefacts import ClassifierSummary, local_folder, named_skeleton_folder
 from segscope.analysis.progress import Progress
 from segscope.app.state import DatasetSummary, ModelSummary
@@ -28,6 +30,12 @@ EMBED_LANE = "embed"
 MODEL_LANE = "model"
 #: Centres embedded in the first forward call, so the nearest node is labelled at once.
 FIRST_BATCH = 2
+
+
+def _xyz(values) -> tuple:
+    """Three values as an (x, y, z) tuple (ValueError for any other count)."""
+    x, y, z = values
+    return (x, y, z)
 
 
 class SourceError(ValueError):
@@ -68,7 +76,7 @@ class DataSource:
     @classmethod
     def open(
         cls, image_url: str, segmentation_url: str, skeletons_url: str | None = None, *, name: str | None = None
-    ) -> "DataSource":
+    ) -> DataSource:
         """Open and check the sources (reads metadata only).
 
         Skeletons default to the folder the segmentation's ``info`` names (``"skeletons"``)
@@ -130,7 +138,7 @@ class DataSource:
         )
 
     @classmethod
-    def open_dataset_folder(cls, path: str | os.PathLike) -> "DataSource":
+    def open_dataset_folder(cls, path: str | os.PathLike) -> DataSource:
         """Open a SegScope dataset folder (``dataset.json``, image, segmentation, skeletons).
 
         Raises
@@ -166,8 +174,8 @@ class DataSource:
             image_url=self.image_url,
             segmentation_url=self.segmentation_url,
             skeletons_url=None if self.skeletons_dir is None else str(self.skeletons_dir),
-            voxel_size_nm=tuple(float(v) for v in self.segmentation.voxel_size_nm),
-            shape_vox=tuple(int(v) for v in self.segmentation.shape),
+            voxel_size_nm=_xyz(float(v) for v in self.segmentation.voxel_size_nm),
+            shape_vox=_xyz(int(v) for v in self.segmentation.shape),
             has_ground_truth=self.has_ground_truth,
         )
 
@@ -243,7 +251,12 @@ class PrecomputedEmbeddings:
     """
 
     def __init__(
-        self, location: str | os.PathLike, *, coordinates: str = "nm", num_shards: int = 10_000, bytewidth: int = 64
+        self,
+        location: str | os.PathLike,
+        *,
+        coordinates: Literal["voxels", "nm"] = "nm",
+        num_shards: int = 10_000,
+        bytewidth: int = 64,
     ):
         from segscope.analysis.csvzip import CsvZipStore
 
@@ -251,7 +264,7 @@ class PrecomputedEmbeddings:
         self.location = self.store.location
 
     @classmethod
-    def open(cls, location: str | os.PathLike, **options) -> "PrecomputedEmbeddings":
+    def open(cls, location: str | os.PathLike, **options) -> PrecomputedEmbeddings:
         """Open and check a store.
 
         Raises
@@ -329,7 +342,7 @@ def embed_segment_job(
     cancel: Callable[[], bool] | None = None,
     first_batch: int = FIRST_BATCH,
     spacing_nm: float | None = None,
-    precomputed: "PrecomputedEmbeddings | None" = None,
+    precomputed: PrecomputedEmbeddings | None = None,
 ) -> Generator[Progress, None, int]:
     """Centres of a segment, then their embeddings, nearest to the click first.
 
@@ -347,6 +360,7 @@ def embed_segment_job(
     skeleton = source.skeleton(segment_id)
     note = ""
     stored = None
+    store_location = None if precomputed is None else precomputed.location
     if precomputed is not None:
         try:
             stored = precomputed.read(segment_id, source.segmentation.voxel_size_nm)
@@ -373,7 +387,7 @@ def embed_segment_job(
                 0 if skeleton is None else skeleton.n_nodes,
                 truth,
                 embedding_source="precomputed",
-                note=f"precomputed ({precomputed.location})",
+                note=f"precomputed ({store_location})",
             ),
         )
         predictions = None

@@ -22,8 +22,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, Callable, Generator
+from typing import Any
 
 from segscope.analysis.progress import Progress
 
@@ -57,7 +58,7 @@ class JobUpdate:
         What the generator raised (``"failed"``).
     """
 
-    job: "Job"
+    job: Job
     event: str
     progress: Progress | None = None
     result: Any = None

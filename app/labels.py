@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import logging
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from psygnal import Signal, SignalGroup
+
 from segscope.app.events import connect
 
 log = logging.getLogger(__name__)
@@ -235,7 +237,7 @@ class LabelStore:
 
     def _decode(self, codes: np.ndarray) -> np.ndarray:
         """Label strings of ``codes`` (object array, ``""`` for no label)."""
-        table = np.array(self._vocab + [""], dtype=object)  # code -1 picks the last entry
+        table = np.array([*self._vocab, ""], dtype=object)  # code -1 picks the last entry
         return table[codes]
 
     # -- assigning ---------------------------------------------------------------------
@@ -391,7 +393,7 @@ class LabelStore:
         self._emit(self._change("redo", command))
         return True
 
-    def _everything(self, action: str, text: str, also: "LabelChange | None" = None) -> "LabelChange":
+    def _everything(self, action: str, text: str, also: LabelChange | None = None) -> LabelChange:
         """A change naming every labelled segment and node (plus ``also``'s)."""
         segments = tuple(self._segments) + (also.segment_ids if also else ())
         node_segments = [s for s, d in self._nodes.items() for _ in d]
@@ -523,7 +525,7 @@ class LabelStore:
         return {"version": FORMAT_VERSION, "labels": self.labels(), "segments": segments, "nodes": nodes}
 
     @classmethod
-    def from_dict(cls, data: Any, undo_limit: int = DEFAULT_UNDO_LIMIT) -> "LabelStore":
+    def from_dict(cls, data: Any, undo_limit: int = DEFAULT_UNDO_LIMIT) -> LabelStore:
         """A store holding the labels of :meth:`to_dict`'s output, with an empty history.
 
         Raises
@@ -565,8 +567,9 @@ class LabelStore:
         return store
 
     def load_dict(self, data: Any) -> None:
-        """Replace every label with those of :meth:`to_dict`'s output, in place (a saved
-        session reopening into this window); the undo history is dropped.
+        """Replace every label with those of :meth:`to_dict`'s output, in place.
+
+        For a saved session reopening into this window; the undo history is dropped.
 
         Subscribers hear one ``"load"`` change naming the old and the new labels' keys.
 

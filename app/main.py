@@ -93,11 +93,11 @@ def add_open_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 class LaunchPlan:
     """What the window opens with, after checking the arguments."""
 
-    source: "DataSource"
+    source: DataSource
     model_path: Path | None
     model_trained: bool
-    classifiers: "ClassifierSummary | None" = None
-    precomputed: "PrecomputedEmbeddings | None" = None
+    classifiers: ClassifierSummary | None = None
+    precomputed: PrecomputedEmbeddings | None = None
     #: Context embeddings for the plot (the demo's), and why there are none otherwise.
     background: Path | None = None
     background_note: str = ""
@@ -183,6 +183,7 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
         raise LaunchError("--skeletons needs --image and --segmentation")
 
     checkpoint = getattr(args, "checkpoint", None)
+    model_path: Path | None
     if checkpoint:
         try:
             model_path = check_checkpoint(checkpoint)
@@ -219,7 +220,7 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
     background, note = None, ""
     try:
         if image:
-            source = DataSource.open(image, segmentation, getattr(args, "skeletons", None))
+            source = DataSource.open(image, str(segmentation), getattr(args, "skeletons", None))
             # A SegScope dataset folder (the demo's, reopened from a session) keeps its context.
             folder = Path(str(segmentation)).parent if "://" not in str(segmentation) else None
         else:
@@ -260,18 +261,18 @@ def configure_qt_environment() -> None:
 
 
 def build_window(
-    source: "DataSource",
+    source: DataSource,
     model_path: Path | None,
     *,
     model_trained: bool = True,
     spacing_nm: float | None = None,
-    classifiers: "ClassifierSummary | None" = None,
-    precomputed: "PrecomputedEmbeddings | None" = None,
+    classifiers: ClassifierSummary | None = None,
+    precomputed: PrecomputedEmbeddings | None = None,
     background: Path | None = None,
     plot: bool = True,
     projection_backend=None,
     plot_options: dict | None = None,
-) -> "MainWindow":
+) -> MainWindow:
     """Create the session, its service, the neuroglancer bridge, the window and the plot.
 
     A QApplication must exist. The model, then the classifiers, load on the worker
@@ -345,7 +346,9 @@ def run_app(args: argparse.Namespace) -> int:
         background=plan.background,
     )
     if plan.background_note:
-        window.statusBar().showMessage(f"No context embeddings in the plot: {plan.background_note}", 15000)
+        status_bar = window.statusBar()
+        if status_bar is not None:
+            status_bar.showMessage(f"No context embeddings in the plot: {plan.background_note}", 15000)
     from segscope.app.session_file import AutosaveManager
 
     autosave = AutosaveManager()

@@ -53,13 +53,15 @@ import json
 import logging
 import math
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 from psygnal import Signal, SignalGroup
+
 from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
 from segscope.analysis.colours import (
     COMPARTMENT_COLOURS,
@@ -145,7 +147,7 @@ class ClickEvent:
 
 
 def _dimension_scales_nm(dimensions) -> np.ndarray:
-    """nm per unit of each of the viewer's x, y, z dimensions."""
+    """Nanometres per unit of each of the viewer's x, y, z dimensions."""
     scales = []
     for name in ("x", "y", "z"):
         index = list(dimensions.names).index(name)
@@ -209,14 +211,14 @@ class _KeyedWriter:
     """A thread that runs keyed jobs, newest per key only, in first-request order."""
 
     def __init__(self, name: str):
-        self._pending: dict[str, Callable[[], None]] = {}
+        self._pending: dict[str, Callable[[], object]] = {}
         self._condition = threading.Condition()
         self._closed = False
         self._busy = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, key: str, fn: Callable[[], None]) -> None:
+    def submit(self, key: str, fn: Callable[[], object]) -> None:
         with self._condition:
             if self._closed:
                 return
@@ -276,6 +278,7 @@ class NeuroglancerBridge:
 
     def __init__(self, on_click: Callable[[ClickEvent], None] | None = None, *, bind_address: str = "127.0.0.1"):
         import neuroglancer
+
         from segscope.app.viewer_sync import merging_viewer
 
         self._neuroglancer = neuroglancer
@@ -763,6 +766,8 @@ class NeuroglancerBridge:
 
         def apply(s) -> None:
             if name not in s.layers:
+                if make_layer is None:
+                    return  # is_current said so already: nothing to create
                 s.layers[name] = make_layer(annotations)
             elif drop_when_empty and not annotations:
                 del s.layers[name]
@@ -787,7 +792,7 @@ class NeuroglancerBridge:
         self, name: str, source: str, relationships: list[str], compartment_shader: bool, properties_source: str | None
     ) -> None:
         neuroglancer = self._neuroglancer
-        links = {relationship: SEGMENTATION_LAYER for relationship in relationships}
+        links = dict.fromkeys(relationships, SEGMENTATION_LAYER)
         shader = None
         if compartment_shader:
             from segscope.analysis.export.neuroglancer_layers import annotation_shader
@@ -1016,7 +1021,9 @@ def label_annotations(
     ValueError
         For a malformed point, an empty label, or two points with the same node.
     """
-    annotations, seen, colours = [], set(), {}
+    annotations: list[dict] = []
+    seen: set = set()
+    colours: dict[str, str] = {}
     for point in points:
         try:
             segment_id, node_id, xyz_nm, label = point
@@ -1131,7 +1138,7 @@ def node_annotations(record: SegmentRecord) -> list[dict]:
 
 def ground_truth_annotations(record: SegmentRecord) -> list[dict]:
     """Point annotations of the dataset's own compartment labels at the centres."""
-    if record.ground_truth is None or record.positions_nm is None:
+    if record.ground_truth is None or record.positions_nm is None or record.node_ids is None:
         return []
     points = []
     for node_id, position, code in zip(record.node_ids, record.positions_nm, record.ground_truth):

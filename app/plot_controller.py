@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 from psygnal import Signal, SignalGroup
 from scipy.spatial import cKDTree
+
 from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
 from segscope.analysis.arrays import group_rows
 from segscope.analysis.colours import (
@@ -181,7 +183,8 @@ class PlotController:
         self.segment_ids = np.zeros(0, np.uint64)
         self.node_ids = np.zeros(0, np.int64)
         self.xyz_nm = np.zeros((0, 3), np.float64)
-        self.embeddings: np.ndarray | None = None  # float32 [N, D], D fixed by the first batch
+        # float32 [N, D]; D is fixed by the first points (0 while there are none).
+        self.embeddings = np.zeros((0, 0), np.float32)
         self.compartments = np.zeros(0, np.uint8)
         self.ood_scores = np.zeros(0, np.float32)
         self.cell_type_codes = np.zeros(0, np.int16)  # -1: unknown; else index in cell_type_names
@@ -280,7 +283,7 @@ class PlotController:
             raise ValueError(f"embeddings must be [{k}, D], got {values.shape}")
         if not np.isfinite(values).all():
             raise ValueError("embeddings contain NaN or infinite values")
-        if self.embeddings is not None and values.shape[1] != self.embeddings.shape[1]:
+        if self.n_points and values.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"embeddings are {values.shape[1]}-d, the plot holds {self.embeddings.shape[1]}-d")
         codes = (
             np.full(k, UNKNOWN_COMPARTMENT, np.uint8)
@@ -309,9 +312,7 @@ class PlotController:
             self.segment_ids = np.concatenate([self.segment_ids, segments[new]])
             self.node_ids = np.concatenate([self.node_ids, node_ids[new]])
             self.xyz_nm = np.concatenate([self.xyz_nm, xyz[new]])
-            self.embeddings = (
-                values[new].copy() if self.embeddings is None else np.concatenate([self.embeddings, values[new]])
-            )
+            self.embeddings = values[new].copy() if not start else np.concatenate([self.embeddings, values[new]])
             self.compartments = np.concatenate([self.compartments, codes[new]])
             self.ood_scores = np.concatenate([self.ood_scores, np.full(n_new, np.nan, np.float32)])
             self.cell_type_codes = np.concatenate([self.cell_type_codes, np.full(n_new, -1, np.int16)])
@@ -582,6 +583,7 @@ class PlotController:
             self._tree = cKDTree(self.layout[placed]) if len(placed) else None
             self._tree_stale = np.zeros(self.n_points, bool)
             self._tree_extra = np.zeros(0, np.int64)
+        assert self._tree_rows is not None  # set with the tree
         return self._tree, self._tree_rows
 
     def _layout_changed(self, rows: np.ndarray | None) -> None:
@@ -888,8 +890,8 @@ class ProjectionScheduler:
         if not force and self.umap is not None and n < self.refit_growth * self.umap.n_points:
             return False
         embeddings = controller.embeddings[:n].copy()
-        init = controller.layout[:n].astype(np.float64)
-        init = init if np.isfinite(init).all() and np.ptp(init, axis=0).min() > 0 else None
+        layout = controller.layout[:n].astype(np.float64)
+        init = layout if np.isfinite(layout).all() and np.ptp(layout, axis=0).min() > 0 else None
         settings, backend = self.settings, self.backend
         if settings.n_epochs is None:
             # A refit starts from the current layout, so fewer epochs suffice; on 2 cores

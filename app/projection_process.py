@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+
 from segscope.analysis.projection import UmapSettings
 from segscope.app.child_process import (
     HANG_TIMEOUT_S,

@@ -59,6 +59,7 @@ from segscope.app.session import Session
 from segscope.app.state import JobStatus, ModelSummary, SegmentRecord, SessionState
 
 if TYPE_CHECKING:
+    from segscope.app.compute_process import ComputeProcess
     from segscope.app.session_file import AutosaveManager, PrecomputedRef, SessionDocument
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ class SessionService:
         self._post: Post = post or (lambda fn: fn())
         self.runner = JobRunner(post=post)
         self.io_runner = JobRunner(post=post, name="segscope-session-io")
-        self.engine = None  # ComputeProcess, started by load_model or load_classifiers
+        #: The compute child (TensorFlow), started by load_model or load_classifiers.
+        self.engine: ComputeProcess | None = None
         #: The autosave manager (:meth:`start_autosave`); None: no autosave.
         self.autosave: AutosaveManager | None = None
         #: The :class:`~segscope.analysis.export.ExportResult` of the last finished export.
@@ -165,9 +167,11 @@ class SessionService:
         precomputed: PrecomputedRef | None = None,
         then: Callable[[], None] | None = None,
     ) -> Job:
-        """Open data on the worker, then adopt it (:meth:`open_source`); errors are reported
-        on ``state.events.error``. ``precomputed`` describes a CSV ZIP store to open with it;
-        ``then`` runs once the data is adopted."""
+        """Open data on the worker, then adopt it (:meth:`open_source`).
+
+        Errors are reported on ``state.events.error``. ``precomputed`` describes a CSV ZIP
+        store to open with it; ``then`` runs once the data is adopted.
+        """
 
         def make():
             yield Progress(0, 1, "steps", f"opening {segmentation_url}")
@@ -196,8 +200,9 @@ class SessionService:
         return self.runner.submit(f"opening {segmentation_url}", make, on_update, kind=OPEN_LANE)
 
     def open_source(self, source: DataSource, *, precomputed: PrecomputedEmbeddings | None = None) -> bool:
-        """Adopt opened data: show it in the 3-D view, then make it the session's (cancels
-        work on the previous data). False (and an error) when the view cannot show it.
+        """Adopt opened data: show it in the 3-D view, then make it the session's.
+
+        Cancels work on the previous data. False (and an error) when the view cannot show it.
 
         ``precomputed`` is a CSV ZIP store of this data's embeddings.
         """
@@ -238,9 +243,12 @@ class SessionService:
         )
 
     def export(self, request: ExportRequest) -> Job:
-        """Write the export bundle ``request`` on the I/O worker (a snapshot of the session
-        now: later edits do not leak into it); on success emits ``session.events.exported``
-        and, with ``add_layer``, adds its annotation layer to the 3-D view."""
+        """Write the export bundle ``request`` on the I/O worker.
+
+        It exports a snapshot of the session now (later edits do not leak into it). On
+        success it emits ``session.events.exported`` and, with ``add_layer``, adds its
+        annotation layer to the 3-D view.
+        """
         from segscope.app.labels import LabelStore
         from segscope.app.session_export import export_session, skeleton_edges
 
@@ -291,8 +299,7 @@ class SessionService:
     # -- sessions --------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Job | None:
-        """Save the session to ``path`` on the I/O worker; None (and an error) when there
-        is nothing to save."""
+        """Save the session to ``path`` on the I/O worker; None (and an error) if nothing is open."""
         from segscope.app.session_file import save_session
 
         try:
@@ -338,8 +345,10 @@ class SessionService:
         return self.io_runner.submit(f"opening {target}", make, on_update, kind=SESSION_LANE, supersede=False)
 
     def restore(self, document: SessionDocument, records: list[SegmentRecord]) -> None:
-        """Show a loaded session: its data (opened first when it differs from what is
-        open), model, classifiers, then its records, labels, selection and plot settings."""
+        """Show a loaded session: its data, model, classifiers, records, labels and plot.
+
+        The data is opened first when it differs from what is open.
+        """
         if self.session.has_same_data(document):
             self._restore_loaded(document, records)
             return
@@ -379,8 +388,10 @@ class SessionService:
     # -- autosave and recovery -------------------------------------------------------------
 
     def start_autosave(self, manager: AutosaveManager) -> None:
-        """Autosave with ``manager`` (an :class:`~segscope.app.session_file.AutosaveManager`,
-        already started) whenever :meth:`autosave_now` is called (the window's timer)."""
+        """Autosave with ``manager`` whenever :meth:`autosave_now` is called (the window's timer).
+
+        ``manager`` is an :class:`~segscope.app.session_file.AutosaveManager`, already started.
+        """
         self.autosave = manager
 
     def autosave_now(self) -> Job | None:
@@ -406,8 +417,9 @@ class SessionService:
         return self.io_runner.submit("autosave", make, on_update, kind=AUTOSAVE_LANE)
 
     def offer_recovery(self, ask: Callable[[Any], RecoveryChoice]) -> bool:
-        """After a crash, offer the newest autosave no other SegScope is offering; True if a
-        session is being restored.
+        """After a crash, offer the newest autosave; True if a session is being restored.
+
+        Autosaves another SegScope is offering or restoring are skipped.
 
         ``ask(candidate)`` answers ``"restore"``, ``"discard"`` or ``"later"`` (the window
         asks with a message box).
@@ -453,9 +465,11 @@ class SessionService:
         return self.engine
 
     def report_child_event(self, message: str) -> None:
-        """Tell the user that a child process died, hung or was restarted (safe on any
-        thread: the runner's reader thread calls it). The job that was running fails with
-        its own error; this line says what happens next."""
+        """Tell the user that a child process died, hung or was restarted.
+
+        Safe on any thread (the runner's reader thread calls it). The job that was running
+        fails with its own error; this line says what happens next.
+        """
         log.warning("%s", message)
         self._post(lambda: self.state.show_status(message[:1].upper() + message[1:] + "."))
 
@@ -482,8 +496,10 @@ class SessionService:
         )
 
     def load_classifiers(self, summary: ClassifierSummary | None, message: str = "") -> None:
-        """Load the classifiers ``summary`` describes (see :func:`read_classifier_folder`)
-        into the compute process on the worker; None: no predictions, ``message`` says why.
+        """Load the classifiers ``summary`` describes into the compute process, on the worker.
+
+        ``summary`` comes from :func:`~segscope.analysis.artefacts.read_classifier_folder`;
+        None: no predictions, and ``message`` says why.
 
         Loading queues behind the model on the same worker, so clicks made meanwhile wait
         for both and their first batch already carries predictions.
@@ -607,7 +623,7 @@ class SessionService:
             self.state.update_job(
                 job.id, state="cancelling" if job.cancel_requested else "running", message="finding centres"
             )
-        elif update.event == "progress":
+        elif update.event == "progress" and update.progress is not None:
             report = update.progress
             payload = report.payload
             if isinstance(payload, SegmentCentres):
@@ -706,8 +722,10 @@ class SessionService:
         return text + "."
 
     def shutdown(self) -> None:
-        """Stop the workers and the compute process; a save in flight completes and a
-        clean exit leaves no autosave to recover (idempotent)."""
+        """Stop the workers and the compute process (idempotent).
+
+        A save in flight completes, and a clean exit leaves no autosave to recover.
+        """
         if self._closed:
             return
         self._closed = True

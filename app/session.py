@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from psygnal import Signal, SignalGroup
+
 from segscope.app.events import connect
 from segscope.app.labels import LabelStore
 from segscope.app.plot_controller import SESSION_ORIGIN, VIEW_3D_ORIGIN, PlotController
@@ -67,8 +68,9 @@ def _local_or_url(text: str | None) -> str | None:
 
 
 class Session:
-    """Everything one SegScope session holds (see the module docstring). Not thread-safe:
-    mutate from one thread.
+    """Everything one SegScope session holds (see the module docstring).
+
+    Not thread-safe: mutate from one thread.
 
     Parameters
     ----------
@@ -166,8 +168,10 @@ class Session:
         return [record for _, record in sorted(self.state.records.items()) if record.n_embedded]
 
     def records_snapshot(self) -> dict[int, SegmentRecord]:
-        """Copies of :meth:`records` (segment id -> record) that a worker can read while the
-        session goes on changing on this thread (numpy copies: milliseconds)."""
+        """Copies of :meth:`records` (segment id -> record) for a worker to read.
+
+        The session goes on changing on this thread meanwhile (numpy copies: milliseconds).
+        """
         return {record.segment_id: copy.deepcopy(record) for record in self.records()}
 
     # -- saved sessions --------------------------------------------------------------------
@@ -181,7 +185,7 @@ class Session:
         }
 
     def document(self) -> SessionDocument:
-        """This session as a :class:`segscope.app.session_file.SessionDocument`.
+        """Describe the session as a :class:`segscope.app.session_file.SessionDocument`.
 
         Raises
         ------
@@ -219,8 +223,10 @@ class Session:
         ) == _local_or_url(self.source.segmentation_url)
 
     def restore(self, document: SessionDocument, records: list[SegmentRecord]) -> list[SegmentRecord]:
-        """Show a loaded session on the data open now: its records (plotted with their
-        predictions), labels, current segment, selection and plot settings.
+        """Show a loaded session on the data open now.
+
+        Its records (plotted with their predictions), labels, current segment, selection
+        and plot settings.
 
         The model and classifiers are the service's business (they load on a worker).
         Unreadable labels are reported on ``state.events.error`` and skipped. Returns the
@@ -252,9 +258,12 @@ class Session:
         return restored
 
     def apply_plot_settings(self, settings: dict[str, Any]) -> None:
-        """Apply saved plot settings (:meth:`plot_settings`): the colour mode and hidden
-        segments to the plot model, the tool and view range to ``plot_view``; emits
-        ``events.plot_settings`` for the plot view. Bad entries are logged and skipped."""
+        """Apply saved plot settings (:meth:`plot_settings`).
+
+        The colour mode and hidden segments go to the plot model, the tool and view range
+        to ``plot_view``; emits ``events.plot_settings`` for the plot view. Bad entries are
+        logged and skipped.
+        """
         from segscope.app.plot_controller import COLOUR_MODES
 
         mode = settings.get("colour_mode")
@@ -275,7 +284,9 @@ class Session:
         """Plot the embedded nodes of ``records`` with their predictions; returns points added."""
         added = 0
         for record in records:
-            if record.embedded is None or record.node_ids is None or not record.embedded.any():
+            if record.embedded is None or not record.embedded.any():
+                continue
+            if record.node_ids is None or record.positions_nm is None or record.embeddings is None:
                 continue
             rows = np.flatnonzero(record.embedded)
             compartments = None if record.predicted is None else record.predicted[rows]

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Generator, Iterable, Mapping, Sequence
 
 import numpy as np
+
 from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
 from segscope.analysis.artefacts import ClassifierSummary
 from segscope.analysis.export import ALL_PARTS, NOT_PREDICTED, ExportResult, NodeTable, Provenance, SegmentTable
@@ -101,6 +102,8 @@ def _node_arrays(record: SegmentRecord, rows: np.ndarray) -> dict[str, np.ndarra
         # The compartment classifier's Dempster-Shafer uncertainty is the node's OOD score.
         if record.predicted_uncertainty is not None:
             ood[known] = record.predicted_uncertainty[rows][known]
+    if record.node_ids is None or record.positions_nm is None:
+        raise ValueError(f"segment {record.segment_id} has no centres")  # callers pass embedded records
     return {
         "segment_id": np.full(n, record.segment_id, dtype=np.uint64),
         "node_id": record.node_ids[rows],
@@ -404,7 +407,7 @@ def skeleton_edges(source, records: Mapping[int, SegmentRecord]) -> dict[int, Sk
     edges = {}
     for segment_id, record in records.items():
         skeleton = source.skeleton(segment_id) if source is not None else None
-        if skeleton is None or record.node_ids is None or record.embedded is None:
+        if skeleton is None or record.node_ids is None or record.embedded is None or record.positions_nm is None:
             continue
         node_ids = record.node_ids[record.embedded]
         # Store node ids (a precomputed CSV ZIP's) need not be skeleton indices: use them

@@ -64,9 +64,10 @@ import re
 import socket
 import zipfile
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -159,7 +160,7 @@ class SessionFileError(ValueError):
 def _utc_now() -> str:
     # Microseconds so that two saves within one second still get distinct stamps (the
     # sidecar's copy of the stamp is how a JSON/sidecar mismatch is noticed).
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
 
 
 def _is_int(value: Any) -> bool:
@@ -273,7 +274,7 @@ class DatasetRef:
             object.__setattr__(self, key, value)
 
     @classmethod
-    def from_summary(cls, summary: Any) -> "DatasetRef":
+    def from_summary(cls, summary: Any) -> DatasetRef:
         """Build from anything with ``name``, ``image_url``, ``segmentation_url`` and ``skeletons_url`` attributes.
 
         Such as :class:`segscope.app.state.DatasetSummary`.
@@ -311,7 +312,7 @@ class PrecomputedRef:
             object.__setattr__(self, key, value)
 
     @classmethod
-    def from_embeddings(cls, embeddings: Any) -> "PrecomputedRef":
+    def from_embeddings(cls, embeddings: Any) -> PrecomputedRef:
         """Build from an open :class:`segscope.app.controller.PrecomputedEmbeddings`."""
         store = embeddings.store
         return cls(
@@ -371,7 +372,7 @@ def _document_fields(value: Mapping, source: str) -> dict:
         )
     saved_at = _string(value["saved_at"], source, "saved_at")
     try:
-        stamp = datetime.datetime.fromisoformat(saved_at)
+        stamp = datetime.datetime.fromisoformat(saved_at or "")  # none or bad: no stamp
     except ValueError:
         stamp = None
     if stamp is None or stamp.tzinfo is None:
@@ -503,7 +504,7 @@ class SessionDocument:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
 
     @classmethod
-    def from_dict(cls, data: Any, source: str | os.PathLike = "session document") -> "SessionDocument":
+    def from_dict(cls, data: Any, source: str | os.PathLike = "session document") -> SessionDocument:
         """Validate parsed JSON data; errors name ``source`` and the bad field."""
         source = os.fspath(source)
         if not isinstance(data, Mapping):
@@ -515,7 +516,7 @@ class SessionDocument:
         return cls(**checked)
 
     @classmethod
-    def from_json(cls, text: str | bytes, source: str | os.PathLike = "<string>") -> "SessionDocument":
+    def from_json(cls, text: str | bytes, source: str | os.PathLike = "<string>") -> SessionDocument:
         """Parse and validate session JSON.
 
         Raises
@@ -547,7 +548,7 @@ def _cast(value: Any, dtype: type, ndim: int, segment_id: int, name: str) -> np.
         raise ValueError(f"segment {segment_id}: {name} must have {ndim} dimension(s), got shape {array.shape}")
     if array.dtype == dtype:
         return array
-    cast = array.astype(dtype)
+    cast: np.ndarray = array.astype(dtype)
     # Refuse silent changes (float64 -> float32 rounding, 300 -> uint8): the promise is an
     # exact round trip, and the state keeps these dtypes anyway.
     if not np.array_equal(cast, array, equal_nan=array.dtype.kind in "fc" and cast.dtype.kind in "fc"):
@@ -610,17 +611,19 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     # 0.08 s stored; an autosave must not freeze the window. Zip CRCs still catch corruption.
     # A file object, not a name: np.savez would append ".npz" to atomic_file's temporary.
     with open(path, "wb") as file:  # atomic_file fsyncs it before the rename
-        np.savez(file, **arrays)
+        np.savez(file, allow_pickle=False, **arrays)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy array
-            raise SessionFileError(path, None, "not a records archive (.npz)")
-        with archive:
-            # Read every member now: NpzFile is lazy, and a truncated member must fail here.
-            return {key: archive[key] for key in archive.files}
+        # An open file, not a name: np.load(path) leaves the file open when the zip is bad.
+        with open(path, "rb") as file:
+            archive = np.load(file, allow_pickle=False)
+            if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy array
+                raise SessionFileError(path, None, "not a records archive (.npz)")
+            with archive:
+                # Read every member now: NpzFile is lazy, and a truncated member must fail here.
+                return {key: archive[key] for key in archive.files}
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"records file {path} does not exist") from exc
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
@@ -1127,7 +1130,7 @@ class AutosaveManager:
         except (OSError, ValueError) as exc:
             log.warning("autosave %s cannot be read (%s); offering it by its file time", path, exc)
             mtime = path.stat().st_mtime if path.exists() else 0.0
-            return datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).isoformat()
+            return datetime.datetime.fromtimestamp(mtime, datetime.UTC).isoformat()
 
     def _remove_stale_markers(self) -> None:
         for marker in self.directory.glob("running-*.json"):

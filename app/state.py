@@ -27,11 +27,13 @@ Events and their callback arguments
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from psygnal import Signal, SignalGroup
+
 from segscope.analysis import COMPARTMENTS, UNKNOWN_COMPARTMENT
 from segscope.analysis.artefacts import ClassifierSummary
 from segscope.app.events import connect
@@ -373,9 +375,11 @@ class SessionState(Observable):
         self.records[segment_id] = record
 
     def show_record(self, record: SegmentRecord) -> None:
-        """Make a finished record (a restored session's) the selected segment, without
-        embedding anything: emits ``"segment"``, then ``"centres"``, ``"embeddings"`` (all
-        embedded rows) and ``"predictions"`` as a live job would have."""
+        """Make a finished record (a restored session's) the selected segment.
+
+        Nothing is embedded: emits ``"segment"``, then ``"centres"``, ``"embeddings"`` (all
+        embedded rows) and ``"predictions"`` as a live job would have.
+        """
         if not isinstance(record, SegmentRecord):
             raise TypeError(f"show_record takes a SegmentRecord, got {type(record).__name__}")
         self.segment = record
@@ -576,6 +580,8 @@ class SessionState(Observable):
         record = self._current(segment_id)
         if record is None or record.embeddings is None or record.embedded is None:
             return False
+        if record.node_ids is None or record.positions_nm is None:
+            return False  # embeddings arrive only after the centres; never true here
         rows = np.asarray(indices, dtype=np.int64).reshape(-1)
         rows = rows[record.embedded[rows]]
         if not len(rows):

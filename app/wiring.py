@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from segscope.app.events import connect
 from segscope.app.jobs import Post
 from segscope.app.plot_controller import PLOT_ORIGIN, VIEW_3D_ORIGIN, PlotController, PointInfo, Selection
@@ -58,13 +59,24 @@ def link_plot_to_viewer(plot: PlotController, viewer: NeuroglancerBridge, post: 
     def node(info: PointInfo | None):
         return None if info is None else (info.segment_id, info.node_id, info.xyz_nm)
 
+    def select_from_3d(segments: frozenset[int]) -> None:
+        def select() -> None:
+            plot.select_segments(segments, VIEW_3D_ORIGIN)
+
+        post(select)  # called on neuroglancer's server thread: the model changes on its own
+
     undo = [
         connect(plot.events.selection, on_selection),  # every origin: 3-D and session ones clear the rings
         connect(plot.events.hover, lambda info: viewer.highlight_node(node(info)), name=VIEW_3D_ORIGIN),
         connect(plot.events.activate, lambda info: viewer.highlight_node(node(info), move=True), name=VIEW_3D_ORIGIN),
-        viewer.on_segments_changed(lambda segments: post(lambda: plot.select_segments(segments, VIEW_3D_ORIGIN))),
+        viewer.on_segments_changed(select_from_3d),
     ]
-    return lambda: [u() for u in undo if u is not None]
+
+    def unlink() -> None:
+        for u in undo:
+            u()
+
+    return unlink
 
 
 def link_plot_dock(

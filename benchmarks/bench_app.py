@@ -227,7 +227,7 @@ def click(app, window, watch: LabelWatch, segment_id: int, position_nm) -> tuple
     state = window.state
     previous_job = None if state.job is None else state.job.job_id
     watch.arm(segment_id)
-    window.relay.forward(ClickEvent(int(segment_id), np.asarray(position_nm, dtype=np.float64)))
+    window.bridge.events.clicked.emit(ClickEvent(int(segment_id), np.asarray(position_nm, dtype=np.float64)))
 
     def finished() -> bool:
         # The click reaches the window through a queued signal: until its job exists, the

@@ -20,7 +20,8 @@ cost one repaint.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
@@ -37,6 +38,7 @@ from PyQt6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
 from segscope.app.plot_controller import (
     COLOUR_MODES,
     PLOT_ORIGIN,
@@ -169,7 +171,7 @@ class PointCloudItem(pg.GraphicsObject):
     def n_colours(self) -> int:
         return len(self._lut) - 1
 
-    def boundingRect(self) -> QRectF:  # noqa: N802 (Qt name)
+    def boundingRect(self) -> QRectF:
         if self._bounds.isNull() and not len(self._xy):
             return QRectF()
         # Pad by the point size in view units so edge points are not clipped.
@@ -178,14 +180,14 @@ class PointCloudItem(pg.GraphicsObject):
         pad = self.size_px
         return self._bounds.adjusted(-px * pad, -py * pad, px * pad, py * pad)
 
-    def dataBounds(self, ax: int, frac: float = 1.0, orthoRange=None):  # noqa: N802 (pyqtgraph name)
+    def dataBounds(self, ax: int, frac: float = 1.0, orthoRange=None):
         if self._bounds.isNull() and not len(self._xy):
             return None, None
         if ax == 0:
             return self._bounds.left(), self._bounds.right()
         return self._bounds.top(), self._bounds.bottom()
 
-    def pixelPadding(self) -> float:  # noqa: N802 (pyqtgraph name)
+    def pixelPadding(self) -> float:
         return float(self.size_px)
 
     def paint(self, painter: QPainter, option, widget=None) -> None:
@@ -238,7 +240,7 @@ class SelectionViewBox(pg.ViewBox):
         self._outline.setZValue(100)
         self.addItem(self._outline, ignoreBounds=True)
 
-    def mouseDragEvent(self, ev, axis=None):  # noqa: N802 (pyqtgraph name)
+    def mouseDragEvent(self, ev, axis=None):
         if self.mode == "pan" or ev.button() != Qt.MouseButton.LeftButton:
             super().mouseDragEvent(ev, axis)
             return

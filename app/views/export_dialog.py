@@ -23,6 +23,7 @@ from PyQt6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
 from segscope.analysis.export import ALL_PARTS
 from segscope.app.service import ExportRequest
 

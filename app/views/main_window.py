@@ -13,8 +13,8 @@ arrive through :class:`MainThreadInvoker`, the service's ``post`` (a queued sign
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from PyQt6.QtCore import Qt, QTimer, QUrl
 from PyQt6.QtGui import QAction, QKeySequence
@@ -37,6 +37,7 @@ from PyQt6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
 from segscope.app.events import connect
 from segscope.app.labels import LabelStore
 from segscope.app.neuroglancer_bridge import ClickEvent, NeuroglancerBridge
@@ -499,7 +500,7 @@ class MainWindow(QMainWindow):
 
     # -- shutdown ------------------------------------------------------------------------------------
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+    def closeEvent(self, event) -> None:
         self.shutdown()
         super().closeEvent(event)
 

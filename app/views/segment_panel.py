@@ -10,6 +10,7 @@ from PyQt6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
 from segscope.analysis import COMPARTMENTS
 from segscope.analysis.artefacts import ClassifierSummary
 from segscope.analysis.colours import COMPARTMENT_COLOURS, EMBEDDED_COLOUR, OOD_COLOUR, PENDING_COLOUR, cell_type_colour
