@@ -328,7 +328,14 @@ class MainWindow(QMainWindow):
 
         edit_menu = self.menuBar().addMenu("&Edit")
         self.undo_action = self._action(edit_menu, "&Undo", keys.Undo, self.undo_label)
-        self.redo_action = self._action(edit_menu, "&Redo", [keys.Redo, "Ctrl+Shift+Z"], self.redo_label)
+        # Ctrl+Y and Ctrl+Shift+Z both redo, each once: the platform's Redo binding is one of
+        # them (Ctrl+Shift+Z on Linux desktops), and a key listed twice is an "ambiguous
+        # shortcut overload" that Qt ignores.
+        redo_keys: list[QKeySequence] = []
+        for key in (*QKeySequence.keyBindings(keys.Redo), QKeySequence("Ctrl+Y"), QKeySequence("Ctrl+Shift+Z")):
+            if not key.isEmpty() and key not in redo_keys:
+                redo_keys.append(key)
+        self.redo_action = self._action(edit_menu, "&Redo", redo_keys, self.redo_label)
         self._update_undo_actions()
 
         segment_menu = self.menuBar().addMenu("&Segment")
