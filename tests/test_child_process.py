@@ -311,3 +311,31 @@ def test_a_failing_on_event_callback_does_not_break_the_runner():
         assert runner.request(Echo(9)).result(timeout=30) == ("hello", 9)
     finally:
         runner.shutdown()
+
+
+def _slow_exit_child(conn) -> None:  # pragma: no cover - runs in the child
+    """The tiny child with a slow interpreter teardown (like numba's and TensorFlow's modules)."""
+    import atexit
+
+    atexit.register(time.sleep, 60)
+    _tiny_child(conn, "slow exit")
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+def test_shutdown_is_prompt_for_an_idle_and_a_busy_child(busy, caplog):
+    """Quitting the app waited for each child's teardown ("did not stop in 5 s"): a child
+    told to stop now exits at once, without running its exit hooks."""
+    runner = ChildProcessRunner("slow", _slow_exit_child)
+    pid = runner.ping().result(timeout=30)
+    pending = runner.request(Sleep(60)) if busy else None
+    time.sleep(0.2)  # the request has reached its lane
+    started = time.perf_counter()
+    runner.shutdown(timeout=30.0)  # before: 30 s and a warning, then SIGTERM
+    seconds = time.perf_counter() - started
+    print(f"{'busy' if busy else 'idle'} child stopped in {seconds:.3f} s")
+    assert not runner.alive and not _running(pid)
+    assert seconds < 10.0
+    assert "did not stop" not in caplog.text
+    if pending is not None:
+        with pytest.raises(ChildProcessFailure, match="shut down"):
+            pending.result(timeout=5)

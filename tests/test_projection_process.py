@@ -319,3 +319,31 @@ def test_a_busy_child_that_answers_pings_is_not_taken_for_hung():
         assert child.restarts == 0 and child.alive
     finally:
         child.shutdown()
+
+
+def test_shutdown_is_prompt_for_an_idle_and_a_busy_child(request, caplog):
+    """Quitting the app logged "projection process did not stop in 5 s": an idle child with
+    umap and numba loaded took 1-2 s to tear its interpreter down (longer under load). A
+    child told to stop now exits at once, idle or in the middle of a compile."""
+    cache = request.config.cache.mkdir("segscope-numba")
+    idle = ProjectionProcess(numba_cache_dir=cache)
+    idle.warm_up(SETTINGS).result(timeout=900)  # umap imported, kernels compiled: idle now
+    pid = idle.pid
+    started = time.perf_counter()
+    idle.shutdown(timeout=30.0)
+    idle_s = time.perf_counter() - started
+
+    busy = ProjectionProcess(numba_cache_dir=cache)
+    busy.ping().result(timeout=60)
+    pending = busy.warm_up(SETTINGS)  # importing umap and compiling
+    time.sleep(1.0)
+    busy_pid = busy.pid
+    started = time.perf_counter()
+    busy.shutdown(timeout=30.0)
+    busy_s = time.perf_counter() - started
+    print(f"projection child stopped in {idle_s:.3f} s idle, {busy_s:.3f} s busy")
+    assert not _running(pid) and not _running(busy_pid)
+    assert idle_s < 10.0 and busy_s < 10.0
+    assert "did not stop" not in caplog.text
+    with pytest.raises(ProjectionProcessError, match="shut down"):
+        pending.result(timeout=5)
