@@ -262,7 +262,9 @@ def test_full_model_reproduces_segclr_reference_from_both_layouts(tmp_path):
     cutouts = np.load(REFERENCE / "cutouts.npz")["cutouts"]
     expected = np.load(REFERENCE / "embeddings.npy")
 
-    encoder = load_checkpoint(REFERENCE / "ckpt_object")
+    # float32 is what reproduces SegCLR to 1e-3; tests/test_precision.py bounds bfloat16.
+    encoder = load_checkpoint(REFERENCE / "ckpt_object", precision="float32")
+    assert encoder.precision == "float32"
     np.testing.assert_allclose(encoder.embed(cutouts), expected, rtol=0, atol=1e-3)
     assert encoder.encoder_config.model_version == "model.ckpt-0.training_tf2resaved-1"
 
@@ -270,7 +272,7 @@ def test_full_model_reproduces_segclr_reference_from_both_layouts(tmp_path):
     keys = dict(tf.train.list_variables(prefix))
     assert keys["base_model_0/resnet18/stage_1/conv1/kernel"] == [7, 7, 7, 1, 64]
     assert not any(k.startswith("_tf1_style_var_store") for k in keys)
-    from_names = load_checkpoint(tmp_path / "tf1")  # the folder, via its 'checkpoint' file
+    from_names = load_checkpoint(tmp_path / "tf1", precision="float32")  # the folder, via its 'checkpoint' file
     np.testing.assert_allclose(from_names.embed(cutouts, batch_size=2), expected, rtol=0, atol=1e-3)
 
 
@@ -288,7 +290,7 @@ def test_checkpoint_round_trip_in_both_layouts(tiny_encoder, tmp_path, layout):
         )
     else:
         assert conv in keys
-    loaded = load_checkpoint(prefix, TINY, include_projection=True)
+    loaded = load_checkpoint(prefix, TINY, include_projection=True, precision="float32")
     cutouts = _random_cutouts(TINY, 2)
     np.testing.assert_array_equal(loaded.embed(cutouts), tiny_encoder.embed(cutouts))
     # The training head comes along when asked for.
@@ -374,7 +376,7 @@ def test_keras_file_round_trip_keeps_config_and_weights(tiny_encoder, tmp_path):
     assert saved["config"]["encoder_config"]["voxel_size_nm"] == [64.0, 64.0, 80.0]
     assert read_encoder_config(path) == config
 
-    loaded = load_encoder(path)
+    loaded = load_encoder(path, precision="float32")
     assert loaded.encoder_config == config
     assert loaded.encoder_config.input_size_vox == (11, 14, 18)
     assert loaded.encoder_config.format_version == 1
@@ -410,6 +412,6 @@ def test_open_encoder_dispatches_on_file_kind(tiny_encoder, tmp_path):
         (prefix, {"config": TINY}),
         (tmp_path / "ckpt", {"config": TINY}),
     ):
-        np.testing.assert_array_equal(open_encoder(source, **options).embed(cutouts), expected)
+        np.testing.assert_array_equal(open_encoder(source, precision="float32", **options).embed(cutouts), expected)
     with pytest.raises(FileNotFoundError):
         open_encoder(tmp_path / "missing")

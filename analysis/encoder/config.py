@@ -18,6 +18,28 @@ CONFIG_FORMAT_VERSION = 1
 _AXIS_ORDERS = ("xyz", "xzy", "yxz", "yzx", "zxy", "zyx")
 
 
+#: Precisions an encoder can compute in, and the Keras dtype policy of its backbone.
+PRECISION_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def normalise_precision(precision: str | None) -> str:
+    """``"float32"``, ``"bfloat16"`` or ``"float16"`` for a precision or Keras policy name.
+
+    Accepts the Keras policy names ``"mixed_bfloat16"`` and ``"mixed_float16"`` too (and
+    None for float32). ``"auto"`` is resolved elsewhere
+    (:func:`segscope.analysis.inference.resolve_precision`); here it is an error.
+
+    Raises
+    ------
+    ValueError
+        Any other name.
+    """
+    name = "float32" if precision is None else str(precision).lower().removeprefix("mixed_")
+    if name not in PRECISION_POLICIES:
+        raise ValueError(f"precision must be one of {sorted(PRECISION_POLICIES)}, got {precision!r}")
+    return name
+
+
 def _same_out(size: int, stride: int) -> int:
     """Output length of a TensorFlow ``SAME`` convolution or pooling: ceil(size / stride)."""
     return -(-size // stride)

@@ -13,6 +13,11 @@ Architecture (SegCLR ``resnet18_stack`` + heads; see ``shared/docs/segclr-refere
 All convolutions and the pool use ``padding="same"``: TensorFlow's SAME rule (the odd
 extra pad goes at the end), which Keras implements identically on the TensorFlow and JAX
 backends. Layer names are TF1 scopes with ``/`` written ``.``.
+
+Precision: ``"float32"``, or ``"bfloat16"``/``"float16"`` for the backbone (convolutions,
+ReLU, pooling, residual adds) with float32 master weights, batch-norm arithmetic in
+float32 (Keras upcasts it), and the global pool and the head in float32, so the embedding
+is float32 whatever the precision. See :func:`segscope.analysis.inference.resolve_precision`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from .config import EncoderConfig
+from .config import PRECISION_POLICIES, EncoderConfig, normalise_precision
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +48,53 @@ class UnitScale(layers.Layer):
         return input_shape
 
 
+def column_conv3d(inputs, kernel, strides: tuple[int, int, int], dilation_rate=1, data_format=None):
+    """A one-channel ``padding="same"`` 3-D convolution as an x-tap gather plus a ``(1, ky, kz)`` convolution.
+
+    ``inputs`` ``[B, x, y, z, 1]``, ``kernel`` ``[kx, ky, kz, 1, F]``; returns what
+    ``ops.conv(inputs, kernel, strides, padding="same")`` does, ``[B, ceil(x/sx), ceil(y/sy),
+    ceil(z/sz), F]``, up to the order of summation. The ``kx`` taps along x become input
+    channels (``[B, x_out, y, z, kx]``), which reduced-precision kernels need: oneDNN's
+    bfloat16 convolutions pair input channels, so a one-channel input leaves them mostly
+    idle.
+    """
+    kx = int(kernel.shape[0])
+    stride = int(strides[0])
+    # TensorFlow's SAME rule along x (the odd pad at the end); y and z keep the original
+    # kernel and stride, so the (1, ky, kz) convolution pads them by the same rule itself.
+    n = int(inputs.shape[1])
+    n_out = -(-n // stride)
+    total = max((n_out - 1) * stride + kx - n, 0)
+    x = ops.pad(ops.squeeze(inputs, -1), [(0, 0), (total // 2, total - total // 2), (0, 0), (0, 0)])
+    # One gather instead of kx strided slices: TensorFlow's strided slice of a 5-D bfloat16
+    # tensor took ~170 ms for the 129^3 stem on the 2-core CPU, the gather ~10 ms.
+    taps = (np.arange(n_out)[:, None] * stride + np.arange(kx)[None]).astype("int32")
+    columns = ops.transpose(ops.take(x, taps, axis=1), (0, 1, 3, 4, 2))  # [B, x_out, y, z, kx]
+    # kernel [kx, ky, kz, 1, F] -> [1, ky, kz, kx, F]: the x taps are now input channels.
+    folded = ops.reshape(ops.transpose(kernel, (1, 2, 0, 3, 4)), (1, *kernel.shape[1:3], kx, kernel.shape[-1]))
+    return ops.conv(
+        columns, folded, strides=(1, *strides[1:]), padding="same", dilation_rate=dilation_rate, data_format=data_format
+    )
+
+
+class ColumnStemConv3D(layers.Conv3D):
+    """The one-channel strided stem convolution, computed by :func:`column_conv3d` in reduced precision.
+
+    Same weights, names and (up to summation order) results as :class:`keras.layers.Conv3D`
+    with ``padding="same"``, which it is in float32. In bfloat16 the 7^3 stride-2 stem of
+    the exact encoder ran at ~100 GFLOP/s against ~220 for its 64-channel layers; as a
+    gather plus a 7-channel convolution the whole encoder got ~15 % faster on the 2-core
+    CPU (``benchmarks/bench_encoder.py``).
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if self.compute_dtype == "float32" or int(kernel.shape[3]) != 1 or int(self.strides[0]) == 1:
+            return super().convolution_op(inputs, kernel)
+        return column_conv3d(
+            inputs, kernel, tuple(self.strides), dilation_rate=self.dilation_rate, data_format=self.data_format
+        )
+
+
 def _scope(*parts: str) -> str:
     return ".".join(p.replace("/", ".") for p in parts)
 
@@ -51,8 +103,12 @@ def _batch_norm(config: EncoderConfig, name: str, dtype) -> layers.BatchNormaliz
     return layers.BatchNormalization(momentum=config.bn_momentum, epsilon=config.bn_epsilon, name=name, dtype=dtype)
 
 
-def build_graph(config: EncoderConfig, *, include_projection: bool = False, dtype=None):
-    """Build the functional graph of ``config``.
+def build_graph(config: EncoderConfig, *, include_projection: bool = False, precision: str = "float32"):
+    """Build the functional graph of ``config`` computing in ``precision``.
+
+    The backbone runs in ``precision`` (a Keras mixed policy: float32 variables); the
+    global average pool and the heads always run in float32: they cost nothing and the
+    embedding keeps float32 resolution.
 
     Returns
     -------
@@ -63,6 +119,7 @@ def build_graph(config: EncoderConfig, *, include_projection: bool = False, dtyp
         and ``"projection"`` (``[B, P]``, not normalised).
     """
     backbone = config.backbone_scope
+    dtype = PRECISION_POLICIES[normalise_precision(precision)]
     inputs = keras.Input(shape=(*config.input_size_vox, 1), dtype=config.input_dtype, name="cutouts")
     x = inputs
     if config.input_dtype == "uint8":
@@ -71,10 +128,13 @@ def build_graph(config: EncoderConfig, *, include_projection: bool = False, dtyp
         perm = (*("xyz".index(a) + 1 for a in config.axis_order), 4)
         x = layers.Permute(perm, name="axis_order", dtype=dtype)(x)
 
-    def conv(filters, kernel, stride, name):
-        return layers.Conv3D(filters, kernel, strides=stride, padding="same", use_bias=True, name=name, dtype=dtype)
+    def conv(filters, kernel, stride, name, kind=layers.Conv3D):
+        return kind(filters, kernel, strides=stride, padding="same", use_bias=True, name=name, dtype=dtype)
 
-    x = conv(config.stem_filters, config.stem_kernel, config.stem_stride, _scope(backbone, "stage_1", "conv1"))(x)
+    # The stem class only differs from Conv3D in reduced precision; float32 graphs (the
+    # ones written to .keras files) keep plain Conv3D layers.
+    stem = ColumnStemConv3D if dtype != "float32" else layers.Conv3D
+    x = conv(config.stem_filters, config.stem_kernel, config.stem_stride, _scope(backbone, "stage_1", "conv1"), stem)(x)
     x = _batch_norm(config, _scope(backbone, "stage_1", "bn1"), dtype)(x)
     if config.stem_pool:
         x = layers.MaxPooling3D(3, strides=2, padding="same", name=_scope(backbone, "stage_1", "pool1"), dtype=dtype)(x)
@@ -97,14 +157,16 @@ def build_graph(config: EncoderConfig, *, include_projection: bool = False, dtyp
                 shortcut = block_in
             x = layers.Add(name=f"{prefix}.add", dtype=dtype)([x, shortcut])
             x = layers.ReLU(name=f"{prefix}.relu", dtype=dtype)(x)
-    x = layers.GlobalAveragePooling3D(name=_scope(backbone, "avg_pool"), dtype=dtype)(x)
+    # Averaging 5^3 (or more) values and the dense head run in float32 (the layer casts
+    # its input up): they are cheap, and the head's BNs amplify small differences.
+    x = layers.GlobalAveragePooling3D(name=_scope(backbone, "avg_pool"), dtype="float32")(x)
 
     def head(x, scope, widths):
         for i, width in enumerate(widths):
-            x = layers.Dense(width, use_bias=False, name=_scope(scope, f"nl_{i}", "dense"), dtype=dtype)(x)
-            x = _batch_norm(config, _scope(scope, f"nl_{i}", f"nl_{i}_bn"), dtype)(x)
+            x = layers.Dense(width, use_bias=False, name=_scope(scope, f"nl_{i}", "dense"), dtype="float32")(x)
+            x = _batch_norm(config, _scope(scope, f"nl_{i}", f"nl_{i}_bn"), "float32")(x)
             if i < len(widths) - 1:
-                x = layers.ReLU(name=_scope(scope, f"nl_{i}", "relu"), dtype=dtype)(x)
+                x = layers.ReLU(name=_scope(scope, f"nl_{i}", "relu"), dtype="float32")(x)
         return x
 
     embedding = head(x, config.bottleneck_scope, config.bottleneck_widths)
@@ -128,6 +190,10 @@ class SegClrEncoder(keras.Model):
         An :class:`EncoderConfig` or its dict form.
     include_projection
         Also output the training-only projection head (outputs become a dict).
+    precision
+        ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` (or the Keras policy names
+        ``"mixed_bfloat16"``, ``"mixed_float16"``): what the backbone computes in; see
+        :func:`build_graph`. Weights are float32 in every precision.
     """
 
     def __init__(
@@ -135,29 +201,67 @@ class SegClrEncoder(keras.Model):
         encoder_config: EncoderConfig | dict,
         include_projection: bool = False,
         name: str | None = None,
-        dtype=None,
+        precision: str = "float32",
         **kwargs: Any,
     ):
         config = (
             encoder_config if isinstance(encoder_config, EncoderConfig) else EncoderConfig.from_dict(encoder_config)
         )
-        inputs, outputs = build_graph(config, include_projection=include_projection, dtype=dtype)
+        precision = normalise_precision(precision)
+        inputs, outputs = build_graph(config, include_projection=include_projection, precision=precision)
         super().__init__(inputs=inputs, outputs=outputs, name=name or config.name, **kwargs)
         self.encoder_config = config
         self.include_projection = bool(include_projection)
+        self._precision = precision
         self._inference_fn: Callable[[Any], Any] | None = None
         self._jit_compile = False
+        self._freeze = True
 
     def get_config(self) -> dict:
-        return {
+        config = {
             "encoder_config": self.encoder_config.to_dict(),
             "include_projection": self.include_projection,
             "name": self.name,
         }
+        # Only reduced precision is recorded, so float32 files stay readable by SegScope
+        # versions that predate the option (save_encoder always writes float32).
+        if self._precision != "float32":
+            config["precision"] = self._precision
+        return config
 
     @classmethod
     def from_config(cls, config: dict, custom_objects=None) -> SegClrEncoder:
         return cls(**config)
+
+    # -- precision -------------------------------------------------------------------
+
+    @property
+    def precision(self) -> str:
+        """What the backbone computes in: ``"float32"``, ``"bfloat16"`` or ``"float16"``."""
+        return self._precision
+
+    def with_precision(self, precision: str) -> SegClrEncoder:
+        """The same encoder computing in ``precision``.
+
+        ``self`` when it already does, else a copy holding the current weights (building
+        the full model takes a few seconds).
+        """
+        precision = normalise_precision(precision)
+        if precision == self._precision:
+            return self
+        copy = SegClrEncoder(
+            self.encoder_config, include_projection=self.include_projection, name=self.name, precision=precision
+        )
+        copy.set_weights(self.get_weights())
+        return copy
+
+    def set_weights(self, weights) -> None:
+        super().set_weights(weights)
+        self._inference_fn = None  # a frozen reduced-precision graph holds the old weights
+
+    def load_weights(self, filepath, skip_mismatch: bool = False, **kwargs) -> None:
+        super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+        self._inference_fn = None
 
     # -- inference -------------------------------------------------------------------
 
@@ -169,7 +273,8 @@ class SegClrEncoder(keras.Model):
         """Use XLA for :meth:`embed` on the TensorFlow backend.
 
         Off by default: on the 2-core CPU machine XLA ran the lite model 6-8x slower and
-        the full model about 2x slower (``benchmarks/bench_encoder.py``).
+        the full model about 2x slower (float32, TF 2.21). A reduced-precision encoder with
+        XLA on runs unfrozen (see :meth:`embed`).
         """
         self._jit_compile = bool(enabled)
         self._inference_fn = None
@@ -177,19 +282,7 @@ class SegClrEncoder(keras.Model):
     def _forward_fn(self):
         if self._inference_fn is None:
             if keras.backend.backend() == "tensorflow":
-                import tensorflow as tf
-
-                model = self
-
-                # A tf.function around the call avoids predict()'s per-call setup cost;
-                # reduce_retracing keeps a ragged last batch from compiling a new graph
-                # every time.
-                @tf.function(jit_compile=self._jit_compile, reduce_retracing=True)
-                def forward(x):
-                    out = model(x, training=False)
-                    return out["embedding"] if isinstance(out, dict) else out
-
-                self._inference_fn = lambda x: forward(x).numpy()
+                self._inference_fn = self._tensorflow_forward()
             else:
 
                 def forward_other(x):
@@ -198,6 +291,35 @@ class SegClrEncoder(keras.Model):
 
                 self._inference_fn = forward_other
         return self._inference_fn
+
+    def _tensorflow_forward(self) -> Callable[[np.ndarray], np.ndarray]:
+        import tensorflow as tf
+
+        model = self
+
+        # A tf.function around the call avoids predict()'s per-call setup cost;
+        # reduce_retracing keeps a ragged last batch from compiling a new graph every time.
+        @tf.function(jit_compile=self._jit_compile, reduce_retracing=True)
+        def forward(x):
+            out = model(x, training=False)
+            return out["embedding"] if isinstance(out, dict) else out
+
+        if self._precision == "float32" or self._jit_compile or not self._freeze:
+            return lambda x: forward(x).numpy()
+        # Reduced precision: freeze the weights into the graph. Grappler then casts them to
+        # bfloat16 once instead of on every call, and oneDNN keeps constant filters in its
+        # blocked layout instead of reordering them per call: 12-15 % faster for the full
+        # encoder on the 2-core CPU, at a few seconds of extra set-up on the first call.
+        # set_weights/load_weights drop the frozen graph; see embed() for assign().
+        try:
+            from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+            spec = tf.TensorSpec((None, *self.encoder_config.input_size_vox, 1), self.encoder_config.input_dtype)
+            frozen = convert_variables_to_constants_v2(forward.get_concrete_function(spec))
+        except Exception as exc:  # a TensorFlow without this private helper: run unfrozen
+            logger.warning("could not freeze the %s encoder graph (%s); running it unfrozen", self._precision, exc)
+            return lambda x: forward(x).numpy()
+        return lambda x: frozen(tf.constant(x))[0].numpy()
 
     def prepare_input(self, cutouts: np.ndarray) -> np.ndarray:
         """Validate cutouts and give them the model's ``[B, x, y, z, 1]`` layout.
@@ -241,7 +363,13 @@ class SegClrEncoder(keras.Model):
         Returns
         -------
         numpy.ndarray
-            float32 ``[B, D]`` embeddings (not normalised).
+            float32 ``[B, D]`` embeddings (not normalised), whatever :attr:`precision`.
+
+        Notes
+        -----
+        In reduced precision on TensorFlow the first call freezes the current weights into
+        the graph; :meth:`set_weights` and :meth:`load_weights` unfreeze it, assigning to
+        variables directly does not (call ``set_weights(get_weights())`` after that).
         """
         arr = self.prepare_input(cutouts)
         if len(arr) == 0:
@@ -253,12 +381,12 @@ class SegClrEncoder(keras.Model):
 
 
 def build_encoder(
-    config: EncoderConfig, *, include_projection: bool = False, seed: int | None = None, dtype=None
+    config: EncoderConfig, *, include_projection: bool = False, seed: int | None = None, precision: str = "float32"
 ) -> SegClrEncoder:
-    """A freshly initialised encoder of ``config`` (random weights)."""
+    """A freshly initialised encoder of ``config`` (random weights) computing in ``precision``."""
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    return SegClrEncoder(config, include_projection=include_projection, dtype=dtype)
+    return SegClrEncoder(config, include_projection=include_projection, precision=precision)
 
 
 def weight_names(model: keras.Model) -> dict[str, Any]:
