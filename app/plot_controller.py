@@ -27,6 +27,7 @@ Events (callback arguments)
 ``"hover"``      (PointInfo or None)  the point under the cursor changed
 ``"activate"``   (PointInfo)          a point was clicked
 ``"cleared"``    ()                   every point was dropped (:meth:`PlotController.clear`)
+``"visibility"`` (frozenset of int)   hidden segments or hidden legend classes changed
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ VIEW_3D_ORIGIN = "3d"
 SESSION_ORIGIN = "session"
 
 COLOUR_MODES: tuple[str, ...] = ("subcompartment", "cell type", "OOD score", "segment", "manual label")
+#: Colour modes whose legend lists classes (with counts; a click hides a class).
+LEGEND_MODES: tuple[str, ...] = ("subcompartment", "cell type", "manual label")
 
 
 class PlotEvents(SignalGroup):
@@ -140,6 +143,16 @@ class LayoutChange:
 
 
 @dataclass(frozen=True)
+class LegendEntry:
+    """One legend class: its text, colour (uint8 RGBA), point count and whether it is hidden."""
+
+    label: str
+    rgba: tuple[int, int, int, int]
+    count: int
+    hidden: bool
+
+
+@dataclass(frozen=True)
 class PointColours:
     """Per-point colours as indices into a small shared palette.
 
@@ -194,8 +207,12 @@ class PlotController:
         self.layout = np.zeros((0, 2), np.float32)  # NaN until placed
         self.layout_kind = "none"
         self.selected = np.zeros(0, bool)
-        self.hidden = np.zeros(0, bool)  # rows of hidden segments: not drawn, hit or selected
+        # Rows not drawn, hit or selected: those of hidden segments or of hidden legend classes.
+        self.hidden = np.zeros(0, bool)
+        self._segment_hidden = np.zeros(0, bool)  # rows of hidden segments only
         self._hidden_segments: set[int] = set()
+        self._hide_history: list[frozenset[int]] = []  # each hide, for undo_hide
+        self._hidden_classes: dict[str, set[str]] = {}  # colour mode -> legend labels hidden
         self.hovered: int | None = None
         self._selected_segments: frozenset[int] = frozenset()
         self._selection_origin = ""
@@ -323,6 +340,7 @@ class PlotController:
             self.manual_labels = np.concatenate([self.manual_labels, labels])
             self.layout = np.concatenate([self.layout, np.full((n_new, 2), np.nan, np.float32)])
             hidden = np.isin(segments[new], np.fromiter(self._hidden_segments, np.uint64, len(self._hidden_segments)))
+            self._segment_hidden = np.concatenate([self._segment_hidden, hidden])
             self.hidden = np.concatenate([self.hidden, hidden])
             grows_selection = (
                 np.isin(segments[new], np.fromiter(self._selected_segments, np.uint64, len(self._selected_segments)))
@@ -340,6 +358,8 @@ class PlotController:
                 # Points streaming in for a segment selected elsewhere join its selection;
                 # the change keeps that selection's origin, so it is not sent back there.
                 self._emit("selection", self._selection(self._selection_origin), origin=self._selection_origin)
+            if self.hidden_classes:
+                self._update_hidden()  # new points of a hidden legend class stay hidden
         return new_rows
 
     def rows_of(self, segment_ids: Any, node_ids: Any) -> np.ndarray:
@@ -370,10 +390,11 @@ class PlotController:
         """Segments whose points are hidden (kept, and still part of every UMAP fit)."""
         return frozenset(self._hidden_segments)
 
-    def hide_segments(self, segment_ids: Iterable[int]) -> int:
+    def hide_segments(self, segment_ids: Iterable[int], *, undoable: bool = True) -> int:
         """Hide the points of ``segment_ids`` and drop them from the selection; emits ``"visibility"``.
 
         The segments may be plotted or not yet. Returns how many segments became hidden.
+        An ``undoable`` hide is remembered: :meth:`undo_hide` shows its segments again.
 
         Hidden points are not drawn, hit, or selected by a rectangle, lasso or a 3-D
         selection. They stay in the plot's data: UMAP keeps fitting on them (the layout
@@ -384,6 +405,8 @@ class PlotController:
         if not segments:
             return 0
         self._hidden_segments |= segments
+        if undoable:
+            self._hide_history.append(frozenset(segments))
         self._set_visibility(segments, True)
         if self._selected_segments & segments or self.selected[self.hidden].any():
             # A change made in the plot: the 3-D view follows (deselects those segments).
@@ -408,10 +431,138 @@ class PlotController:
         self._set_visibility(segments, False)
         return len(segments)
 
+    def hide_selection(self) -> tuple[int, int]:
+        """Hide the selected segments (undoable); returns (segments, points) that became hidden."""
+        segments = set(self._selected_segments) - self._hidden_segments
+        rows = self.segment_rows(segments)
+        points = int((~self.hidden[rows]).sum())
+        return self.hide_segments(segments), points
+
+    @property
+    def can_undo_hide(self) -> bool:
+        """Whether :meth:`undo_hide` would show anything."""
+        return any(hide & self._hidden_segments for hide in self._hide_history)
+
+    def undo_hide(self) -> tuple[int, int]:
+        """Show the segments of the last hide that are still hidden; returns (segments, points) shown.
+
+        Hides whose segments were all shown since (:meth:`show_segments`) are skipped.
+        """
+        while self._hide_history:
+            segments = self._hide_history.pop() & self._hidden_segments
+            if segments:
+                points = len(self.segment_rows(segments))
+                return self.show_segments(segments), points
+        return 0, 0
+
     def _set_visibility(self, segments: set[int], hidden: bool) -> None:
-        self.hidden[self.segment_rows(segments)] = hidden
+        self._segment_hidden[self.segment_rows(segments)] = hidden
+        self.hidden = self._segment_hidden | self._class_mask()
         self._tree = None  # the tree holds visible points only
         self._emit("visibility", frozenset(self._hidden_segments))
+
+    # -- legend classes (cellxgene-style: click a legend entry to hide its points) ---------
+
+    @property
+    def hidden_classes(self) -> frozenset[str]:
+        """Legend labels of the current colour mode whose points are hidden."""
+        return frozenset(self._hidden_classes.get(self.colour_mode, ()))
+
+    def legend(self, colours: PointColours | None = None) -> list[LegendEntry]:
+        """The current colour mode's legend: one entry per class with its count and visibility.
+
+        Only categorical modes (:data:`LEGEND_MODES`) have entries. ``count`` is the class's
+        points outside hidden segments (its hidden points included, so a hidden class still
+        says how many it holds). ``colours`` is :meth:`colours`, when the caller has it.
+        """
+        if self.colour_mode not in LEGEND_MODES:
+            return []
+        colours = self.colours() if colours is None else colours
+        counts = np.bincount(colours.index[~self._segment_hidden], minlength=len(colours.palette))
+        hidden = self.hidden_classes
+        entries = []
+        for label, rgba, count in zip(colours.labels, colours.palette, counts):
+            r, g, b, a = (int(v) for v in rgba)
+            entries.append(LegendEntry(label, (r, g, b, a), int(count), label in hidden))
+        return entries
+
+    def legend_rows(self, label: str, colours: PointColours | None = None) -> np.ndarray:
+        """int64 rows of the legend class ``label`` in the current colour mode (empty: no such class)."""
+        if self.colour_mode not in LEGEND_MODES:
+            return np.zeros(0, np.int64)
+        colours = self.colours() if colours is None else colours
+        entries = [i for i, name in enumerate(colours.labels) if name == label]
+        return np.flatnonzero(np.isin(colours.index, entries))
+
+    def set_class_hidden(self, label: str, hidden: bool = True) -> bool:
+        """Hide (or show) the points of the legend class ``label`` of the current colour mode.
+
+        Hidden classes belong to their colour mode: in another mode every class shows, and
+        coming back hides them again. They are not hit or selected, like hidden segments.
+        Emits ``"visibility"``; False when nothing changed.
+
+        Raises
+        ------
+        ValueError
+            In a colour mode without a categorical legend (OOD score, segment).
+        """
+        if self.colour_mode not in LEGEND_MODES:
+            raise ValueError(f"colour mode {self.colour_mode!r} has no legend classes to hide")
+        classes = self._hidden_classes.setdefault(self.colour_mode, set())
+        if (label in classes) == hidden:
+            return False
+        if hidden:
+            classes.add(label)
+        else:
+            classes.discard(label)
+        self._update_hidden(always_emit=True)
+        return True
+
+    def toggle_class(self, label: str) -> bool:
+        """Hide a shown legend class or show a hidden one; returns whether it is hidden now."""
+        hidden = label not in self.hidden_classes
+        self.set_class_hidden(label, hidden)
+        return hidden
+
+    def show_classes(self) -> int:
+        """Show every hidden legend class of the current colour mode; returns how many."""
+        classes = self._hidden_classes.pop(self.colour_mode, set())
+        if classes:
+            self._update_hidden(always_emit=True)
+        return len(classes)
+
+    def _class_mask(self) -> np.ndarray:
+        hidden = self.hidden_classes
+        if not hidden or not self.n_points:
+            return np.zeros(self.n_points, bool)
+        colours = self.colours()
+        entries = [i for i, name in enumerate(colours.labels) if name in hidden]
+        return np.isin(colours.index, entries)
+
+    def _update_hidden(self, *, always_emit: bool = False) -> None:
+        """Recompute the hidden rows (segments and classes); newly hidden ones leave the selection and hover."""
+        hidden = self._segment_hidden | self._class_mask()
+        if np.array_equal(hidden, self.hidden) and not always_emit:
+            return
+        self.hidden = hidden
+        self._tree = None
+        lost = self.selected & hidden
+        if lost.any():
+            self.selected = self.selected & ~hidden
+            still = {int(s) for s in np.unique(self.segment_ids[self.selected])}
+            gone = {int(s) for s in np.unique(self.segment_ids[lost])} - still
+            self._selected_segments = self._selected_segments - gone
+            self._selection_origin = PLOT_ORIGIN
+            self._emit("selection", self._selection(PLOT_ORIGIN))
+        if self.hovered is not None and self.hovered < len(hidden) and hidden[self.hovered]:
+            self.hover(None)
+        self._emit("visibility", frozenset(self._hidden_segments))
+
+    def _colours_changed(self) -> None:
+        """Colours changed: classes hidden in the legend follow their points' new classes."""
+        if self._hidden_classes:
+            self._update_hidden()
+        self._emit("colours")
 
     def point(self, row: int) -> PointInfo:
         """The point at ``row``.
@@ -426,6 +577,34 @@ class PlotController:
         x, y, z = (float(v) for v in self.xyz_nm[row])
         return PointInfo(int(row), int(self.segment_ids[row]), int(self.node_ids[row]), (x, y, z))
 
+    def describe_point(self, row: int) -> str:
+        """A hover tooltip's text: segment and node ids, predictions and the manual label of ``row``."""
+        info = self.point(row)
+        code = int(self.compartments[row])
+        compartment = COMPARTMENTS[code] if code < len(COMPARTMENTS) else "unknown"
+        type_code = int(self.cell_type_codes[row])
+        cell_type = self.cell_type_names[type_code] if 0 <= type_code < len(self.cell_type_names) else "unknown"
+        ood = float(self.ood_scores[row])
+        label = str(self.manual_labels[row]) if self.manual_labels[row] else "none"
+        lines = [
+            f"segment {info.segment_id} · node {info.node_id}" + (" (context)" if self.background[row] else ""),
+            f"compartment: {compartment}",
+            f"cell type: {cell_type}",
+            f"OOD score: {ood:.3f}" if np.isfinite(ood) else "OOD score: unknown",
+            f"manual label: {label}",
+        ]
+        return "\n".join(lines)
+
+    def describe_selection(self) -> str:
+        """Say what is selected ("1,234 points of 5 segments selected"); "" when nothing is."""
+        n_points, n_segments = len(self.selected_rows), len(self._selected_segments)
+        if not n_points and not n_segments:
+            return ""
+        return (
+            f"{n_points:,} point{'s' if n_points != 1 else ''} of "
+            f"{n_segments:,} segment{'s' if n_segments != 1 else ''} selected"
+        )
+
     # -- labels and colours ----------------------------------------------------------------
 
     def set_compartments(self, segment_id: int, node_ids: Any, codes: Any) -> None:
@@ -435,7 +614,7 @@ class PlotController:
         if len(codes) != len(rows):
             raise ValueError(f"{len(codes)} codes for {len(rows)} nodes")
         self.compartments[rows[rows >= 0]] = codes[rows >= 0]
-        self._emit("colours")
+        self._colours_changed()
 
     def set_segment_labels(
         self, segment_id: int, *, cell_type: str | None = None, ood_score: float | None = None
@@ -448,7 +627,7 @@ class PlotController:
             self.cell_type_codes[rows] = self.cell_type_names.index(cell_type)
         if ood_score is not None:
             self.ood_scores[rows] = float(ood_score)
-        self._emit("colours")
+        self._colours_changed()
 
     def set_point_predictions(self, rows: Any, *, cell_types: Any = None, ood_scores: Any = None) -> None:
         """Set per-point cell types and/or OOD scores of ``rows`` at once.
@@ -473,7 +652,7 @@ class PlotController:
             if len(scores) != len(rows):
                 raise ValueError(f"{len(scores)} OOD scores for {len(rows)} rows")
             self.ood_scores[rows] = scores
-        self._emit("colours")
+        self._colours_changed()
 
     def refresh_manual_labels(self) -> None:
         """Ask :attr:`label_lookup` again for every point's manual label; emits ``"colours"`` when any changed.
@@ -487,7 +666,7 @@ class PlotController:
             raise ValueError(f"label lookup returned {len(labels)} labels for {self.n_points} points")
         if not np.array_equal(labels, self.manual_labels):
             self.manual_labels = labels
-            self._emit("colours")
+            self._colours_changed()
 
     def manual_label_names(self) -> list[str]:
         """Manual labels in use, sorted (the legend's order)."""
@@ -505,7 +684,7 @@ class PlotController:
             raise ValueError(f"unknown colour mode {mode!r}; choose from {', '.join(COLOUR_MODES)}")
         if mode != self.colour_mode:
             self.colour_mode = mode
-            self._emit("colours")
+            self._colours_changed()
 
     def colours(self) -> PointColours:
         """Per-point palette indices for the current colour mode (at most 20 colours)."""
@@ -677,6 +856,11 @@ class PlotController:
     @property
     def selected_segments(self) -> frozenset[int]:
         return self._selected_segments
+
+    @property
+    def selection_origin(self) -> str:
+        """Who made the current selection: ``"plot"``, or ``"3d"`` for the segment clicked in 3-D..."""
+        return self._selection_origin
 
     def _selection(self, origin: str) -> Selection:
         rows = self.selected_rows

@@ -394,3 +394,102 @@ def test_clear_drops_points_and_the_scheduler_forgets_its_models():
     controller.add_points(7, [1, 2, 3], np.zeros((3, 3)), np.random.default_rng(0).normal(size=(3, 5)))
     assert controller.embeddings.shape == (3, 5) and np.isfinite(controller.layout).all()
     scheduler.shutdown()
+
+
+def test_legend_counts_classes_and_a_hidden_class_is_not_drawn_hit_or_selected():
+    controller = make_controller()  # 4 segments of 25 points, compartments unknown
+    controller.set_compartments(100, np.arange(25) * 3, np.zeros(25, np.uint8))  # segment 100: axon (code 0)
+    controller.set_compartments(101, np.arange(10) * 3, np.full(10, 1, np.uint8))
+    legend = {entry.label: entry for entry in controller.legend()}
+    from segscope.analysis import COMPARTMENTS
+
+    first, second = COMPARTMENTS[0], COMPARTMENTS[1]
+    assert legend[first].count == 25 and legend[second].count == 10 and legend["unknown"].count == 65
+    assert sum(entry.count for entry in legend.values()) == controller.n_points
+    assert not any(entry.hidden for entry in legend.values())
+    np.testing.assert_array_equal(controller.legend_rows(first), controller.segment_rows([100]))
+
+    visibility, selections = [], []
+    controller.subscribe("visibility", visibility.append)
+    controller.subscribe("selection", selections.append)
+    controller.select_segments([100, 101], origin="3d")
+    assert controller.toggle_class(first) is True  # hidden now
+    assert controller.hidden_classes == frozenset({first}) and len(visibility) == 1
+    rows = controller.segment_rows([100])
+    assert controller.hidden[rows].all() and controller.hidden.sum() == 25
+    # Out of the selection (a plot change: 3-D follows), not hit, not in a rectangle.
+    assert selections[-1].origin == "plot" and selections[-1].segment_ids == frozenset({101})
+    assert not controller.selected[rows].any() and controller.selected[controller.segment_rows([101])].all()
+    x, y = controller.layout[rows[0]]
+    hit = controller.hit_test(x, y, 1e-6)
+    assert hit is None or controller.segment_ids[hit] != 100
+    assert not np.isin(rows, controller.rows_in_rectangle(-100, -100, 100, 100)).any()
+    legend = {entry.label: entry for entry in controller.legend()}
+    assert legend[first].hidden and legend[first].count == 25  # a hidden class still says how many
+
+    # Points that change class follow: segment 101's other nodes become axon, so they hide.
+    controller.set_compartments(101, [30, 33], [0, 0])
+    assert controller.hidden[controller.rows_of(101, [30, 33])].all()
+    # Another colour mode shows every class; coming back hides them again.
+    controller.set_colour_mode("segment")
+    assert not controller.hidden.any() and controller.legend() == []
+    with pytest.raises(ValueError, match="no legend"):
+        controller.set_class_hidden("segment")
+    controller.set_colour_mode("subcompartment")
+    assert controller.hidden.sum() == 27
+    # Hidden segments and hidden classes combine; showing one keeps the other.
+    controller.hide_segments([102])
+    assert controller.hidden.sum() == 52
+    assert controller.show_classes() == 1
+    np.testing.assert_array_equal(np.flatnonzero(controller.hidden), controller.segment_rows([102]))
+    assert controller.legend()[0].count == 27  # the hidden segment's points are not counted
+    assert controller.toggle_class(first) is True and controller.toggle_class(first) is False
+    # New points of a hidden class arrive hidden.
+    controller.set_class_hidden("unknown")
+    new = controller.add_points(200, [1, 2], np.zeros((2, 3)), np.ones((2, 8)))
+    assert controller.hidden[new].all()
+
+
+def test_hides_can_be_undone_last_first():
+    controller = make_controller()
+    controller.select_segments([100, 101], origin="plot")
+    assert controller.hide_selection() == (2, 50)
+    assert controller.can_undo_hide
+    controller.hide_segments([102])
+    controller.select_segments([103], origin="plot")
+    assert controller.hide_selection() == (1, 25)
+    assert controller.undo_hide() == (1, 25) and controller.hidden_segments == frozenset({100, 101, 102})
+    controller.show_segments([102])  # shown by hand: its hide has nothing left to undo
+    assert controller.undo_hide() == (2, 50) and controller.hidden_segments == frozenset()
+    assert not controller.can_undo_hide and controller.undo_hide() == (0, 0)
+    # A hide restored from a saved session is not an undoable step.
+    controller.hide_segments([101], undoable=False)
+    assert not controller.can_undo_hide
+    controller.clear()
+    assert not controller.can_undo_hide
+
+
+def test_describe_point_and_selection_for_tooltips_and_counts():
+    controller = make_controller()
+    controller.label_lookup = lambda segments, nodes: np.where(segments == 101, "bouton", "").astype(object)
+    controller.refresh_manual_labels()
+    controller.set_compartments(101, [0], [1])
+    controller.set_segment_labels(101, cell_type="pyramidal", ood_score=0.25)
+    row = int(controller.rows_of(101, [0])[0])
+    from segscope.analysis import COMPARTMENTS
+
+    text = controller.describe_point(row)
+    assert text.splitlines() == [
+        "segment 101 · node 0",
+        f"compartment: {COMPARTMENTS[1]}",
+        "cell type: pyramidal",
+        "OOD score: 0.250",
+        "manual label: bouton",
+    ]
+    other = controller.describe_point(int(controller.segment_rows([100])[0]))
+    assert "cell type: unknown" in other and "OOD score: unknown" in other and "manual label: none" in other
+    assert controller.describe_selection() == ""
+    controller.select_rows(controller.segment_rows([100, 101])[:26], origin="plot")
+    assert controller.describe_selection() == "26 points of 2 segments selected"
+    controller.select_rows([0], origin="plot")
+    assert controller.describe_selection() == "1 point of 1 segment selected"
