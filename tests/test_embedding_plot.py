@@ -312,3 +312,164 @@ def test_hiding_selected_segments_removes_their_points_from_screen_and_3d(window
     window.session.apply_plot_settings(settings)
     assert plot.controller.hidden_segments == frozenset({22})
     assert np.isfinite(plot.points._xy).all(axis=1).sum() == 30
+
+
+def view_to_viewport(plot, xy):
+    from PyQt6.QtCore import QPointF
+
+    return QPointF(plot.graphics.mapFromScene(plot.view_box.mapViewToScene(QPointF(*map(float, xy)))))
+
+
+def test_hovering_a_point_shows_its_tooltip(window, qtbot):
+    from PyQt6.QtCore import QEvent, QPointF, Qt
+    from PyQt6.QtGui import QMouseEvent
+    from PyQt6.QtWidgets import QApplication, QToolTip
+
+    plot = two_segments(window, qtbot)
+    window.state.set_predictions(22, predicted=np.zeros(30, np.uint8), cell_type="basket", ood_score=0.75)
+    window.session.labels.assign_nodes(
+        "bouton", [22] * 30, plot.controller.node_ids[plot.controller.segment_rows([22])]
+    )
+    row = int(plot.controller.segment_rows([22])[3])
+    viewport = plot.graphics.viewport()
+
+    def move_to(pos: QPointF) -> None:  # a real mouse move over the plot, no button held
+        event = QMouseEvent(
+            QEvent.Type.MouseMove,
+            pos,
+            viewport.mapToGlobal(pos),
+            Qt.MouseButton.NoButton,
+            Qt.MouseButton.NoButton,
+            Qt.KeyboardModifier.NoModifier,
+        )
+        QApplication.sendEvent(viewport, event)
+
+    move_to(view_to_viewport(plot, plot.controller.layout[row]))
+    qtbot.waitUntil(lambda: plot.tooltip_text != "", timeout=2000)
+    hovered = plot.controller.hovered
+    assert plot.controller.segment_ids[hovered] == 22
+    lines = plot.tooltip_text.splitlines()
+    assert lines[0] == f"segment 22 · node {plot.controller.node_ids[hovered]}"
+    assert "cell type: basket" in lines and "OOD score: 0.750" in lines and "manual label: bouton" in lines
+    assert any(line.startswith("compartment: ") for line in lines)
+    if QToolTip.isVisible():  # the offscreen platform may not show tooltips
+        assert QToolTip.text() == plot.tooltip_text
+    # Away from every point, the tooltip goes.
+    qtbot.wait(50)  # pyqtgraph drops mouse moves closer than ~16 ms apart
+    move_to(QPointF(2, 2))
+    qtbot.waitUntil(lambda: plot.tooltip_text == "", timeout=2000)
+
+
+def test_the_clicked_segment_stands_out(window, qtbot):
+    from segscope.app.views.embedding_plot import CURRENT_SEGMENT_OUTLINE_RGBA, SELECTION_OUTLINE_RGBA
+
+    plot = two_segments(window, qtbot)
+    window.state.select_segment(21)  # a double click in 3-D
+    left = plot.controller.segment_rows([21])
+    qtbot.waitUntil(lambda: plot.selected_points_item.n_points == 30, timeout=2000)
+    # Bigger than the other points, over them, with a bright outline bigger still.
+    assert plot.selected_points_item.size_px > plot.points.size_px
+    assert plot.selection_item.size_px >= plot.selected_points_item.size_px + 3
+    assert plot.selection_item.zValue() > plot.points.zValue()
+    assert plot.selected_points_item.zValue() > plot.selection_item.zValue()
+    assert tuple(plot.selection_item.palette[0]) == CURRENT_SEGMENT_OUTLINE_RGBA
+    # The selected points keep their own colours.
+    np.testing.assert_array_equal(plot.selected_points_item._index, plot.points._index[left])
+    # On screen, the outline colour covers many pixels (not a 1-px ring).
+    image = plot.graphics.grab().toImage()
+    r, g, b, _a = CURRENT_SEGMENT_OUTLINE_RGBA
+    buffer = np.frombuffer(image.constBits().asarray(image.sizeInBytes()), np.uint8)
+    pixels = buffer.reshape(image.height(), image.bytesPerLine())[:, : image.width() * 4].reshape(
+        image.height(), image.width(), 4
+    )
+    yellow = (pixels[..., 2] == r) & (pixels[..., 1] == g) & (pixels[..., 0] == b)  # BGRA in memory
+    assert yellow.sum() >= 30 * 12
+    # A selection made in the plot gets the white outline.
+    plot.controller.select_rows(plot.controller.segment_rows([22]), origin="plot")
+    qtbot.waitUntil(lambda: tuple(plot.selection_item.palette[0]) == SELECTION_OUTLINE_RGBA, timeout=2000)
+
+
+def test_rectangle_and_lasso_say_how_many_points_and_segments_they_selected(window, qtbot):
+    plot = two_segments(window, qtbot)
+    window.state.clear_segment()
+    assert plot.feedback_label.text() == ""
+    layout = plot.controller.layout
+    right = plot.controller.segment_rows([22])
+    lo, hi = layout[right].min(axis=0), layout[right].max(axis=0)
+    pad = 0.05 * (hi - lo + 1e-3)
+    plot.set_tool("rectangle")
+    with qtbot.waitSignal(plot.selectionChanged, timeout=3000):
+        drag(qtbot, plot, lo - pad, hi + pad)
+    assert plot.feedback_label.text() == "30 points of 1 segment selected"
+    plot.set_tool("lasso")
+    everything = np.arange(plot.controller.n_points)
+    with qtbot.waitSignal(plot.selectionChanged, timeout=3000):
+        drag_through(qtbot, plot, lasso_loop(layout[everything], margin=1.1))
+    assert plot.feedback_label.text() == "60 points of 2 segments selected"
+
+
+def test_legend_counts_classes_and_a_click_hides_one(window, qtbot):
+    from segscope.analysis import COMPARTMENTS
+
+    plot = two_segments(window, qtbot)
+    window.state.set_predictions(22, predicted=np.array([0, 1] * 15, np.uint8))
+    plot.mode_box.setCurrentText("subcompartment")
+    first = COMPARTMENTS[0]
+    qtbot.waitUntil(lambda: f"{first} (15)" in plot.legend_label.text(), timeout=2000)
+    assert "unknown (30)" in plot.legend_label.text()
+    rows = plot.controller.legend_rows(first)
+    assert len(rows) == 15
+    index = plot._legend_labels.index(first)
+    assert f'href="class:{index}"' in plot.legend_label.text()
+    plot.legend_label.linkActivated.emit(f"class:{index}")  # what a click on the entry emits
+    assert plot.controller.hidden_classes == frozenset({first})
+    qtbot.waitUntil(lambda: "<s" in plot.legend_label.text(), timeout=2000)
+    drawn = np.isfinite(plot.points._xy).all(axis=1)
+    assert not drawn[rows].any() and drawn.sum() == 45
+    plot.legend_label.linkActivated.emit(f"class:{index}")  # and again: back
+    assert plot.controller.hidden_classes == frozenset()
+    assert np.isfinite(plot.points._xy).all(axis=1).sum() == 60
+
+
+def test_delete_says_what_it_hid_and_undo_brings_it_back(window, qtbot):
+    from PyQt6.QtCore import Qt
+
+    plot = two_segments(window, qtbot)
+    window.state.clear_segment()
+    messages = []
+    plot.message.connect(messages.append)
+    assert not plot.undo_hide_action.isEnabled()
+    plot.graphics.setFocus()
+    qtbot.keyClick(plot.graphics, Qt.Key.Key_Delete)  # nothing selected: says so
+    assert messages[-1].startswith("Nothing to hide")
+    plot.controller.select_rows(np.arange(plot.controller.n_points), origin="plot")
+    qtbot.keyClick(plot.graphics, Qt.Key.Key_Delete)
+    qtbot.waitUntil(lambda: plot.controller.hidden_segments == frozenset({21, 22}), timeout=2000)
+    assert messages[-1].startswith("Hid 2 segments (60 points)") and "Undo hide" in messages[-1]
+    assert plot.feedback_label.text() == messages[-1]
+    assert plot.undo_hide_action.isEnabled() and plot.undo_hide_action in plot.view_box.menu.actions()
+    plot.undo_hide_action.trigger()
+    assert plot.controller.hidden_segments == frozenset()
+    assert messages[-1] == "Showing 2 segments (60 points) again"
+    assert np.isfinite(plot.points._xy).all(axis=1).sum() == 60 and not plot.undo_hide_action.isEnabled()
+
+
+def test_the_plot_saves_as_png_and_svg(window, qtbot, tmp_path):
+    import xml.etree.ElementTree as ElementTree
+
+    from PyQt6.QtGui import QImage
+
+    plot = two_segments(window, qtbot)
+    window.state.select_segment(21)
+    qtbot.waitUntil(lambda: plot.selected_points_item.n_points == 30, timeout=2000)
+    png = plot.save_image(tmp_path / "plot.png")
+    svg = plot.save_image(tmp_path / "plot.svg")
+    assert png.stat().st_size > 0 and svg.stat().st_size > 0
+    image = QImage(str(png))
+    assert not image.isNull() and image.width() > 50
+    root = ElementTree.parse(svg).getroot()
+    assert root.tag.endswith("svg")
+    # The points are in the SVG as vector paths (one per colour), not left out.
+    paths = [element for element in root.iter() if element.tag.endswith("path")]
+    assert len(paths) >= 3
+    assert plot.save_image_action in plot.view_box.menu.actions()

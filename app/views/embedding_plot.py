@@ -19,22 +19,27 @@ cost one repaint.
 
 from __future__ import annotations
 
+import html
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
+import pyqtgraph.exporters
 from PyQt6.QtCore import QPointF, QRectF, Qt, QTimer, pyqtSignal
-from PyQt6.QtGui import QAction, QImage, QKeySequence, QPainter
+from PyQt6.QtGui import QAction, QColor, QImage, QKeySequence, QPaintEngine, QPainter, QPen
 from PyQt6.QtWidgets import (
     QButtonGroup,
     QComboBox,
     QDockWidget,
+    QFileDialog,
     QHBoxLayout,
     QLabel,
     QMenu,
     QToolButton,
+    QToolTip,
     QVBoxLayout,
     QWidget,
 )
@@ -60,6 +65,13 @@ ANIMATION_FRAME_MS = 16
 LABEL_LAYER_DELAY_MS = 150
 #: Most labelled nodes drawn in 3-D (beyond it Neuroglancer's inline layer gets slow).
 MAX_LABEL_POINTS_3D = 20_000
+#: Outline of points selected in the plot, and of the segment selected in 3-D (the clicked
+#: one): bright, a few pixels wide, so a segment stands out among thousands of points.
+SELECTION_OUTLINE_RGBA = (255, 255, 255, 255)
+CURRENT_SEGMENT_OUTLINE_RGBA = (255, 225, 77, 255)
+#: Selected points are drawn this much bigger than the others, their outline bigger still.
+SELECTED_GROWTH_PX = 2
+OUTLINE_GROWTH_PX = 6
 
 
 def rasterise_points(
@@ -131,6 +143,7 @@ class PointCloudItem(pg.GraphicsObject):
         self._xy = np.zeros((0, 2), np.float32)
         self._index = np.zeros(0, np.uint8)
         self._lut = np.zeros(1, np.uint32)  # premultiplied ARGB per palette entry + 1; 0: empty
+        self.palette = np.zeros((0, 4), np.uint8)  # the RGBA palette given to set_colours
         self._bounds = QRectF()
         self._image_buffer: np.ndarray | None = None
         self.paint_count = 0
@@ -164,6 +177,7 @@ class PointCloudItem(pg.GraphicsObject):
             | (rgba[:, 2] * alpha // 255)
         )
         self._lut = np.concatenate([[0], premultiplied]).astype(np.uint32)
+        self.palette = rgba.astype(np.uint8)
         self._index = np.asarray(index, dtype=np.uint8)
         self.update()
 
@@ -193,6 +207,10 @@ class PointCloudItem(pg.GraphicsObject):
     def paint(self, painter: QPainter, option, widget=None) -> None:
         self.paint_count += 1
         if not len(self._xy) or self.n_colours == 0:
+            return
+        engine = painter.paintEngine()
+        if engine is not None and engine.type() == QPaintEngine.Type.SVG:
+            self._paint_vector(painter)  # an SVG export: the generator has no pixels to rasterise into
             return
         # Rasterise in the viewport's own pixels, from the *world* transform: under
         # QWidget.render / grab of an ancestor (screenshots) the painter is redirected and
@@ -226,6 +244,34 @@ class PointCloudItem(pg.GraphicsObject):
         painter.drawImage(QPointF(0, 0), image)
         painter.restore()
 
+    def _paint_vector(self, painter: QPainter) -> None:
+        """Draw the points in view as vector squares, one path per colour (SVG export).
+
+        Each square is a horizontal stroke one point wide and as thick: pyqtgraph's SVG
+        exporter rewrites path coordinates and cannot read closed subpaths (``Z``).
+        """
+        half_x = 0.5 * self.size_px * (self.pixelLength(pg.Point(1, 0)) or 0.0)
+        view = self.viewRect()
+        x, y = self._xy[:, 0], self._xy[:, 1]
+        shown = np.isfinite(x) & np.isfinite(y)
+        if view is not None:
+            (x0, x1), (y0, y1) = sorted((view.left(), view.right())), sorted((view.top(), view.bottom()))
+            shown &= (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+        painter.save()
+        painter.setBrush(Qt.BrushStyle.NoBrush)
+        for entry in np.unique(self._index[shown]):
+            rows = np.flatnonzero(shown & (self._index == entry))
+            xs = np.stack([x[rows] - half_x, x[rows] + half_x], axis=1).reshape(-1)
+            ys = np.repeat(y[rows], 2)
+            path = pg.arrayToQPath(xs, ys, connect=np.tile(np.array([1, 0], np.int32), len(rows)))
+            pen = QPen(QColor(*(int(v) for v in self.palette[int(entry)])))
+            pen.setWidthF(float(self.size_px))
+            pen.setCosmetic(True)
+            pen.setCapStyle(Qt.PenCapStyle.FlatCap)
+            painter.setPen(pen)
+            painter.drawPath(path)
+        painter.restore()
+
 
 class SelectionViewBox(pg.ViewBox):
     """A ViewBox whose left drag pans, or draws a rectangle or lasso (``mode``)."""
@@ -239,6 +285,12 @@ class SelectionViewBox(pg.ViewBox):
         self._outline = pg.PlotCurveItem(pen=pg.mkPen("#ffffff", width=1, style=Qt.PenStyle.DashLine))
         self._outline.setZValue(100)
         self.addItem(self._outline, ignoreBounds=True)
+
+    def paint(self, p, opt, widget=None):
+        # pyqtgraph draws the border with an invisible pen when there is none: a closed path
+        # whose "Z" its own SVG exporter cannot read, so the plot could not be saved as SVG.
+        if self.border is not None and self.border.style() != Qt.PenStyle.NoPen:
+            super().paint(p, opt, widget)
 
     def mouseDragEvent(self, ev, axis=None):
         if self.mode == "pan" or ev.button() != Qt.MouseButton.LeftButton:
@@ -288,6 +340,8 @@ class EmbeddingPlotWidget(QWidget):
     pointActivated = pyqtSignal(object)
     selectionChanged = pyqtSignal(object)
     viewChanged = pyqtSignal(dict)
+    #: (str) a one-line account of what the plot just did ("Hid 3 segments (120 points)...").
+    message = pyqtSignal(str)
 
     def __init__(
         self,
@@ -316,14 +370,20 @@ class EmbeddingPlotWidget(QWidget):
         self.plot_item.hideAxis("bottom")
         self.view_box.setAspectLocked(True)  # hit radius in pixels is the same along x and y
         self.points = PointCloudItem(point_size_px)
-        self.selection_item = PointCloudItem(point_size_px + 3)
-        self.selection_item.set_colours(np.zeros(0, np.uint8), np.array([[255, 255, 255, 255]], np.uint8))
-        # Under the points: a selected point keeps its colour inside a white halo.
-        self.selection_item.setZValue(-1)
+        # Selected points stand out: a bright outline over the other points (selection_item),
+        # and on it the selected points themselves, bigger, in their own colours.
+        self.selection_item = PointCloudItem(point_size_px + OUTLINE_GROWTH_PX)
+        self.selection_item.set_colours(np.zeros(0, np.uint8), np.array([SELECTION_OUTLINE_RGBA], np.uint8))
+        self.selection_item.setZValue(5)
+        self.selected_points_item = PointCloudItem(point_size_px + SELECTED_GROWTH_PX)
+        self.selected_points_item.setZValue(6)
         self.hover_item = pg.ScatterPlotItem(size=16, pen=pg.mkPen("#ffe14d", width=2), brush=None)
         self.hover_item.setZValue(20)
-        for item in (self.points, self.selection_item):
+        for item in (self.points, self.selection_item, self.selected_points_item):
             self.view_box.addItem(item)
+        #: The last hover tooltip's text ("" when none shows).
+        self.tooltip_text = ""
+        self._legend_labels: list[str] = []
         self.view_box.addItem(self.hover_item, ignoreBounds=True)
         self.colour_bar = pg.ColorBarItem(
             values=(0, 1), colorMap=pg.colormap.get("viridis"), interactive=False, width=14, label="OOD score"
@@ -359,27 +419,49 @@ class EmbeddingPlotWidget(QWidget):
         self.hide_action.setShortcutContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
         self.hide_action.triggered.connect(self.hide_selected_segments)
         self.show_hidden_action = QAction("Show hidden segments", self)
-        self.show_hidden_action.triggered.connect(lambda: self.controller.show_segments())
-        self.addActions([self.hide_action, self.show_hidden_action])
+        self.show_hidden_action.triggered.connect(self.show_hidden_segments)
+        # Undo of a hide lives in the menus, without a key: Ctrl+Z is the window's label undo.
+        self.undo_hide_action = QAction("Undo hide", self)
+        self.undo_hide_action.setToolTip("Show the segments of the last hide again")
+        self.undo_hide_action.triggered.connect(self.undo_hide)
+        self.save_image_action = QAction("Save plot image (PNG, SVG)…", self)
+        self.save_image_action.triggered.connect(self._save_image_dialog)
+        hide_actions = [self.hide_action, self.undo_hide_action, self.show_hidden_action]
+        self.addActions(hide_actions)
         self.hide_button = QToolButton()
         self.hide_button.setText("Hide")
-        self.hide_button.setToolTip("Hide the selected segments' points (Delete), or show hidden ones again")
+        self.hide_button.setToolTip(
+            "Hide the selected segments' points (Delete); undo the last hide, or show hidden ones again"
+        )
         self.hide_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
         hide_menu = QMenu(self.hide_button)
-        hide_menu.addActions([self.hide_action, self.show_hidden_action])
+        hide_menu.addActions(hide_actions)
         self.hide_button.setMenu(hide_menu)
         tools.addWidget(self.hide_button)
+        self.save_button = QToolButton()
+        self.save_button.setText("Save")
+        self.save_button.setToolTip("Save the plot as a PNG or SVG image")
+        self.save_button.clicked.connect(self._save_image_dialog)
+        tools.addWidget(self.save_button)
         self.view_box.menu.addSeparator()
-        self.view_box.menu.addActions([self.hide_action, self.show_hidden_action])
+        self.view_box.menu.addActions([*hide_actions, self.save_image_action])
         self._update_hide_actions()
         self.status_label = QLabel("No embeddings yet")
+        #: What a selection holds, or what a hide did.
+        self.feedback_label = QLabel("")
+        self.feedback_label.setWordWrap(True)
         self.legend_label = QLabel("")
         self.legend_label.setWordWrap(True)
+        self.legend_label.setTextFormat(Qt.TextFormat.RichText)
+        self.legend_label.setTextInteractionFlags(Qt.TextInteractionFlag.LinksAccessibleByMouse)
+        self.legend_label.setToolTip("Click a class to hide or show its points")
+        self.legend_label.linkActivated.connect(self._on_legend_link)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
         layout.addLayout(tools)
         layout.addWidget(self.graphics, 1)
         layout.addWidget(self.legend_label)
+        layout.addWidget(self.feedback_label)
         layout.addWidget(self.status_label)
 
         self._refresh_timer = QTimer(self)
@@ -439,6 +521,9 @@ class EmbeddingPlotWidget(QWidget):
                 self._show_status(self.scheduler.status)
         if "points" in dirty or "colours" in dirty:
             self._apply_colours()
+            self._update_selection_item()  # the selected points' own colours
+        elif "legend" in dirty:
+            self._show_legend()
         if "selection" in dirty:
             self._update_selection_item()
         # Frame the points when they first appear, while they are few (a streaming segment),
@@ -458,16 +543,39 @@ class EmbeddingPlotWidget(QWidget):
             self.colour_bar.show()
         else:
             self.colour_bar.hide()
-        if self.controller.colour_mode in ("subcompartment", "cell type", "manual label"):
-            swatches = [
-                f'<span style="color: rgb({r},{g},{b})">&#9632;</span> {label}'
-                for (r, g, b, _a), label in zip(colours.palette, colours.labels)
-            ]
+        self._show_legend(colours)
+
+    def _show_legend(self, colours=None) -> None:
+        """The legend: per class a swatch, its name and point count, a link that hides or shows it."""
+        colours = self.controller.colours() if colours is None else colours
+        entries = self.controller.legend(colours)
+        self._legend_labels = [entry.label for entry in entries]
+        if entries:
+            swatches = []
+            for i, entry in enumerate(entries):
+                r, g, b, _a = entry.rgba
+                text = f"{html.escape(entry.label)} ({entry.count:,})"
+                if entry.hidden:  # greyed and struck through, as in cellxgene
+                    text = f'<s style="color: #777">{text}</s>'
+                    r, g, b = 90, 90, 90
+                swatches.append(
+                    f'<a href="class:{i}" style="text-decoration: none; color: palette(window-text)">'
+                    f'<span style="color: rgb({r},{g},{b})">&#9632;</span> {text}</a>'
+                )
             self.legend_label.setText("&nbsp;&nbsp;".join(swatches))
         elif colours.value_range is not None:
             self.legend_label.setText(f"OOD score {colours.value_range[0]:.3g} to {colours.value_range[1]:.3g}")
         else:
             self.legend_label.setText("")
+
+    def _on_legend_link(self, href: str) -> None:
+        """A click on a legend entry hides its class's points, or shows them again."""
+        kind, _, index = href.partition(":")
+        if kind != "class" or not index.isdigit() or int(index) >= len(self._legend_labels):
+            return
+        label = self._legend_labels[int(index)]
+        hidden = self.controller.toggle_class(label)
+        self._say(f"{'Hid' if hidden else 'Showing'} {label!r} points in the plot (click it in the legend again)")
 
     def _on_layout(self, change: LayoutChange) -> None:
         if change.animate and len(self._displayed):
@@ -527,27 +635,109 @@ class EmbeddingPlotWidget(QWidget):
         self._draw_positions()
         self._update_hide_actions()
         self._show_status(self.scheduler.status)
+        self._mark("legend")  # counts leave out hidden segments; hidden classes are greyed
 
     def _update_hide_actions(self) -> None:
         n_hidden = len(self.controller.hidden_segments)
         self.show_hidden_action.setText(f"Show hidden segments ({n_hidden})" if n_hidden else "Show hidden segments")
         self.show_hidden_action.setEnabled(bool(n_hidden))
+        self.undo_hide_action.setEnabled(self.controller.can_undo_hide)
+
+    def _say(self, text: str) -> None:
+        self.feedback_label.setText(text)
+        self.message.emit(text)
 
     def hide_selected_segments(self) -> int:
-        """Hide the points of the selected segments; returns how many were hidden."""
-        return self.controller.hide_segments(self.controller.selected_segments)
+        """Hide the points of the selected segments (undoable), saying what went; returns how many segments."""
+        segments, points = self.controller.hide_selection()
+        if not segments:
+            self._say("Nothing to hide: select points (Rect or Lasso) or a segment first.")
+            return 0
+        self._say(
+            f"Hid {segments:,} segment{'s' if segments != 1 else ''} ({points:,} point{'s' if points != 1 else ''})"
+            " — undo: Hide ▸ Undo hide (or right-click the plot), or Show hidden segments"
+        )
+        return segments
+
+    def undo_hide(self) -> int:
+        """Show the segments of the last hide again; returns how many."""
+        segments, points = self.controller.undo_hide()
+        self._say(
+            f"Showing {segments:,} segment{'s' if segments != 1 else ''} ({points:,} points) again"
+            if segments
+            else "No hide to undo."
+        )
+        return segments
+
+    def show_hidden_segments(self) -> int:
+        """Show every hidden segment again; returns how many."""
+        segments = self.controller.show_segments()
+        if segments:
+            self._say(f"Showing {segments:,} hidden segment{'s' if segments != 1 else ''} again")
+        return segments
+
+    # -- saving the picture ----------------------------------------------------------------
+
+    def save_image(self, path: str | Path) -> Path:
+        """Write the plot as it shows now to ``path``: SVG for ``.svg``, otherwise a PNG (or another raster format).
+
+        pyqtgraph's exporters draw the plot item (points, selection, colour bar hidden or not).
+        """
+        path = Path(path)
+        if path.suffix.lower() != ".svg":
+            if not path.suffix:
+                path = path.with_suffix(".png")
+            pyqtgraph.exporters.ImageExporter(self.plot_item).export(str(path))
+        else:
+            # pyqtgraph writes a clipping view box's clip path as a closed path ("Z"), which
+            # its own SVG exporter then cannot read. The points draw only what is in view
+            # (PointCloudItem._paint_vector), so the export goes without the clip.
+            clip = pg.GraphicsObject.GraphicsItemFlag.ItemClipsChildrenToShape
+            clipped = bool(self.view_box.flags() & clip)
+            self.view_box.setFlag(clip, False)
+            try:
+                pyqtgraph.exporters.SVGExporter(self.plot_item).export(str(path))
+            finally:
+                self.view_box.setFlag(clip, clipped)
+        self._say(f"Saved the plot to {path}")
+        return path
+
+    def _save_image_dialog(self) -> None:
+        path, chosen = QFileDialog.getSaveFileName(
+            self, "Save plot image", "embedding_plot.png", "PNG image (*.png);;SVG image (*.svg)"
+        )
+        if not path:
+            return
+        if not Path(path).suffix:
+            path += ".svg" if chosen.startswith("SVG") else ".png"
+        try:
+            self.save_image(path)
+        except OSError as exc:
+            self._say(f"Could not save the plot image: {exc}")
 
     @property
     def animating(self) -> bool:
         return self._animation_timer.isActive()
 
     def _update_selection_item(self) -> None:
-        rows = self.controller.selected_rows
-        self.selection_item.set_positions(self._displayed[rows] if len(rows) else np.zeros((0, 2), np.float32))
-        self.selection_item.set_colours(np.zeros(len(rows), np.uint8), np.array([[255, 255, 255, 255]], np.uint8))
+        controller = self.controller
+        rows = controller.selected_rows
+        rows = rows[rows < len(self._displayed)]
+        positions = self._displayed[rows] if len(rows) else np.zeros((0, 2), np.float32)
+        # The segment clicked in 3-D gets a yellow outline, a selection made here a white one.
+        outline = SELECTION_OUTLINE_RGBA if controller.selection_origin == PLOT_ORIGIN else CURRENT_SEGMENT_OUTLINE_RGBA
+        self.selection_item.set_positions(positions)
+        self.selection_item.set_colours(np.zeros(len(rows), np.uint8), np.array([outline], np.uint8))
+        self.selected_points_item.set_positions(positions)
+        index, palette = self.points._index, self.points.palette
+        if len(index) == len(self._displayed) and len(palette):
+            self.selected_points_item.set_colours(index[rows], palette)
+        else:
+            self.selected_points_item.set_colours(np.zeros(len(rows), np.uint8), np.array([outline], np.uint8))
 
     def _on_selection(self, selection: Selection) -> None:
         self._mark("selection")
+        self.feedback_label.setText(self.controller.describe_selection())
         if selection.origin == PLOT_ORIGIN:
             self.selectionChanged.emit(selection)
 
@@ -584,7 +774,21 @@ class EmbeddingPlotWidget(QWidget):
         return self.controller.hit_test(point.x(), point.y(), HOVER_RADIUS_PX * pixel)
 
     def _on_mouse_moved(self, scene_pos: QPointF) -> None:
-        self.controller.hover(self._hit(scene_pos), origin=PLOT_ORIGIN)
+        row = self._hit(scene_pos)
+        self.controller.hover(row, origin=PLOT_ORIGIN)
+        self._show_tooltip(row, scene_pos)
+
+    def _show_tooltip(self, row: int | None, scene_pos: QPointF) -> None:
+        """The hovered point's segment, node, predictions and manual label, at the cursor."""
+        if row is None:
+            if self.tooltip_text:
+                QToolTip.hideText()
+                self.tooltip_text = ""
+            return
+        self.tooltip_text = self.controller.describe_point(row)
+        viewport = self.graphics.viewport()
+        at = viewport.mapToGlobal(self.graphics.mapFromScene(scene_pos))
+        QToolTip.showText(at, self.tooltip_text, viewport)
 
     def _on_mouse_clicked(self, event) -> None:
         if event.button() != Qt.MouseButton.LeftButton or event.double():
@@ -723,6 +927,7 @@ class EmbeddingPlotDock(QDockWidget):
 
         controller = self.controller
         self.label_bar = LabelBar(labels, controller, current_segment, report)
+        self.plot.message.connect(report)  # hides, undone hides, saved images: the status bar too
         self._layout.addWidget(self.label_bar)
         layer_timer = QTimer(self)
         layer_timer.setSingleShot(True)
