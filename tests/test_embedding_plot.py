@@ -409,6 +409,8 @@ def test_rectangle_and_lasso_say_how_many_points_and_segments_they_selected(wind
 
 
 def test_legend_counts_classes_and_a_click_hides_one(window, qtbot):
+    from PyQt6.QtCore import QPoint, Qt
+
     from segscope.analysis import COMPARTMENTS
 
     plot = two_segments(window, qtbot)
@@ -421,6 +423,15 @@ def test_legend_counts_classes_and_a_click_hides_one(window, qtbot):
     assert len(rows) == 15
     index = plot._legend_labels.index(first)
     assert f'href="class:{index}"' in plot.legend_label.text()
+    # A real click on the first entry: scan its first line for the link (no position API).
+    label = plot.legend_label
+    y = label.contentsRect().top() + label.fontMetrics().height() // 2
+    for x in range(label.contentsRect().left() + 2, label.contentsRect().right(), 4):
+        qtbot.mouseClick(label, Qt.MouseButton.LeftButton, pos=QPoint(x, y))
+        if plot.controller.hidden_classes:
+            break
+    assert plot.controller.hidden_classes == frozenset({plot._legend_labels[0]})
+    plot.controller.show_classes()
     plot.legend_label.linkActivated.emit(f"class:{index}")  # what a click on the entry emits
     assert plot.controller.hidden_classes == frozenset({first})
     qtbot.waitUntil(lambda: "<s" in plot.legend_label.text(), timeout=2000)

@@ -31,6 +31,7 @@ import pyqtgraph.exporters
 from PyQt6.QtCore import QPointF, QRectF, Qt, QTimer, pyqtSignal
 from PyQt6.QtGui import QAction, QColor, QImage, QKeySequence, QPaintEngine, QPainter, QPen
 from PyQt6.QtWidgets import (
+    QApplication,
     QButtonGroup,
     QComboBox,
     QDockWidget,
@@ -780,6 +781,8 @@ class EmbeddingPlotWidget(QWidget):
 
     def _show_tooltip(self, row: int | None, scene_pos: QPointF) -> None:
         """The hovered point's segment, node, predictions and manual label, at the cursor."""
+        if QApplication.mouseButtons() != Qt.MouseButton.NoButton:
+            row = None  # not while dragging a rectangle or lasso, or panning
         if row is None:
             if self.tooltip_text:
                 QToolTip.hideText()
