@@ -576,7 +576,11 @@ class EmbeddingPlotWidget(QWidget):
             return
         label = self._legend_labels[int(index)]
         hidden = self.controller.toggle_class(label)
-        self._say(f"{'Hid' if hidden else 'Showing'} {label!r} points in the plot (click it in the legend again)")
+        self._say(
+            f"Hiding {label} points (click {label} in the legend to show them)"
+            if hidden
+            else f"Showing {label} points again"
+        )
 
     def _on_layout(self, change: LayoutChange) -> None:
         if change.animate and len(self._displayed):
