@@ -231,16 +231,22 @@ class SessionService:
 
     def export_summary(self) -> str | None:
         """One line on what an export would hold; None (and an error) when nothing would."""
+        from segscope.app.session_export import ContextNodes
+
         records = self.session.records()
-        if not records:
+        # Labelled context points (plotted from a context table, in no record) are exported too.
+        context = ContextNodes.from_plot(self.session.plot)
+        record_ids = {int(record.segment_id) for record in records}
+        context_segments = {int(s) for s in context.segment_id.tolist()} - record_ids
+        if not records and not len(context):
             self.state.show_error("Nothing to export yet: double-click a segment to embed it first.")
             return None
         labels = self.session.labels
         nodes = sum(record.n_embedded for record in records)
-        return (
-            f"{len(records)} segments, {nodes} embedded nodes; manual labels on "
-            f"{labels.n_labelled_nodes} nodes and {labels.n_labelled_segments} segments."
-        )
+        text = f"{len(records)} segments, {nodes} embedded nodes"
+        if len(context):
+            text += f", {len(context)} labelled context nodes of {len(context_segments)} more segments"
+        return f"{text}; manual labels on {labels.n_labelled_nodes} nodes and {labels.n_labelled_segments} segments."
 
     def export(self, request: ExportRequest) -> Job:
         """Write the export bundle ``request`` on the I/O worker.
@@ -250,11 +256,13 @@ class SessionService:
         annotation layer to the 3-D view.
         """
         from segscope.app.labels import LabelStore
-        from segscope.app.session_export import export_session, skeleton_edges
+        from segscope.app.session_export import ContextNodes, export_session, skeleton_edges
 
         session = self.session
         records = session.records_snapshot()
         labels = LabelStore.from_dict(session.labels.to_dict())
+        # The plot's labelled context points, copied here on the thread that owns the plot.
+        context = ContextNodes.from_plot(session.plot)
         state, source = session.state, session.source
 
         def make():
@@ -271,6 +279,7 @@ class SessionService:
                     table_formats=request.table_formats,
                     skeletons=skeletons,
                     force=request.force,
+                    context=context,
                 )
             )
 

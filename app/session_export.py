@@ -14,8 +14,15 @@ embedding are left out: they have nothing to say yet), in the record's centre or
 one segment row per record with at least one embedded centre, ascending segment id.
 Records with no embedded centre are skipped with a log line. A node's ``manual_label`` is
 its own label, else its segment's (:meth:`LabelStore.effective_node_labels`); the segment
-row carries the segment's own label. Labels of segments that are not exported are
-reported in the log, never silently dropped from view.
+row carries the segment's own label.
+
+Labelled context nodes: the plot also shows context points (a precomputed table's nodes,
+not in any record), and the user labels them like any other point. Pass them as
+:class:`ContextNodes` (plain arrays, captured where the plot lives): every labelled one
+that no record exports becomes a node row too, with its position and the predictions the
+context carries, and each of their segments a segment row (its context cell type and OOD
+score). Labels of nodes and segments that are still not exported (no embedding anywhere in
+the session) are reported in the log, never silently dropped from view.
 
 SWC skeletons: the records' centres are a thinned subset of skeleton nodes, so pass
 ``skeletons`` whose edges join the embedded centres (:func:`segscope.analysis.centres.contract_skeleton`
@@ -32,8 +39,9 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Generator, Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +57,90 @@ log = logging.getLogger(__name__)
 
 #: The message of the ValueError raised when no record has an embedded node.
 NOTHING_TO_EXPORT = "nothing to export: no segment has embeddings yet"
+
+
+@dataclass(frozen=True)
+class ContextNodes:
+    """Plotted context points (not in any record), as plain arrays of one length ``k``.
+
+    A snapshot of the plot's rows (:class:`~segscope.app.plot_controller.PlotController`
+    arrays) taken on the thread that owns the plot; :meth:`from_plot` takes the labelled
+    ones.
+
+    Attributes
+    ----------
+    segment_id : numpy.ndarray
+        uint64 ``[k]``.
+    node_id : numpy.ndarray
+        int64 ``[k]``.
+    xyz_nm : numpy.ndarray
+        float64 ``[k, 3]`` x, y, z nm.
+    compartment : numpy.ndarray
+        uint8 ``[k]`` codes into :data:`~segscope.analysis.COMPARTMENTS`, 255 unknown.
+    cell_type : numpy.ndarray
+        object ``[k]`` of str, ``""`` unknown (the context table's call for the segment).
+    ood_score : numpy.ndarray
+        float32 ``[k]``, NaN unknown.
+    """
+
+    segment_id: np.ndarray
+    node_id: np.ndarray
+    xyz_nm: np.ndarray
+    compartment: np.ndarray
+    cell_type: np.ndarray
+    ood_score: np.ndarray
+
+    def __post_init__(self) -> None:
+        k = len(np.asarray(self.segment_id).reshape(-1))
+        columns = {
+            "segment_id": (np.uint64, (k,)),
+            "node_id": (np.int64, (k,)),
+            "xyz_nm": (np.float64, (k, 3)),
+            "compartment": (np.uint8, (k,)),
+            "cell_type": (object, (k,)),
+            "ood_score": (np.float32, (k,)),
+        }
+        for name, (dtype, shape) in columns.items():
+            values = np.asarray(getattr(self, name), dtype=dtype)
+            if name == "xyz_nm":
+                values = values.reshape(-1, 3) if values.size or k == 0 else values
+            if values.shape != shape:
+                raise ValueError(f"context {name} has shape {values.shape}, expected {shape}")
+            object.__setattr__(self, name, values)
+
+    def __len__(self) -> int:
+        return len(self.segment_id)
+
+    @classmethod
+    def empty(cls) -> ContextNodes:
+        """No context nodes."""
+        return cls(
+            np.zeros(0, np.uint64),
+            np.zeros(0, np.int64),
+            np.zeros((0, 3)),
+            np.zeros(0, np.uint8),
+            np.zeros(0, object),
+            np.zeros(0, np.float32),
+        )
+
+    @classmethod
+    def from_plot(cls, plot: Any) -> ContextNodes:
+        """The labelled context rows of ``plot`` (a ``PlotController``), copied.
+
+        Context rows are those added as ``background``; labelled means the plot shows a
+        manual label on the point (its own or its segment's). Call it on the plot's thread.
+        """
+        rows = np.flatnonzero(np.asarray(plot.background, bool) & (np.asarray(plot.manual_labels, object) != ""))
+        names = np.asarray([*plot.cell_type_names, ""], dtype=object)
+        codes = np.asarray(plot.cell_type_codes, np.int64)[rows]
+        return cls(
+            np.asarray(plot.segment_ids)[rows].copy(),
+            np.asarray(plot.node_ids)[rows].copy(),
+            np.asarray(plot.xyz_nm)[rows].copy(),
+            np.asarray(plot.compartments)[rows].copy(),
+            names[np.where(codes < 0, len(names) - 1, codes)],
+            np.asarray(plot.ood_scores)[rows].copy(),
+        )
 
 
 def _records_list(records: Mapping[int, SegmentRecord] | Iterable[SegmentRecord]) -> list[SegmentRecord]:
@@ -137,6 +229,7 @@ def session_tables(
     aggregation_radius_nm: float | None = None,
     ood_threshold: float | None = None,
     cell_type_names: Sequence[str] | None = None,
+    context: ContextNodes | None = None,
 ) -> tuple[NodeTable, SegmentTable, Provenance]:
     """Node, segment and provenance tables of the session's archived segments.
 
@@ -154,6 +247,10 @@ def session_tables(
     cell_type_names
         Cell-type class order of the segment table (the cell-type classifier's classes);
         classes the records name beyond these are appended.
+    context
+        Plotted context nodes (:class:`ContextNodes`): those with a manual label (their
+        own or their segment's) that no record exports are exported too, after the
+        records' nodes, with their segments.
 
     Returns
     -------
@@ -164,7 +261,7 @@ def session_tables(
     ------
     ValueError
         ``"nothing to export: no segment has embeddings yet"`` when no record has an
-        embedded centre; records that are not SegmentRecords or repeat a segment id;
+        embedded centre and no context node is labelled; records that are not SegmentRecords or repeat a segment id;
         record arrays that disagree (the NodeTable/SegmentTable checks name the column).
     """
     if not isinstance(labels, LabelStore):
@@ -180,34 +277,52 @@ def session_tables(
             )
             continue
         chosen.append((record, rows))
-    if not chosen:
-        raise ValueError(NOTHING_TO_EXPORT)
-
     parts = [_node_arrays(record, rows) for record, rows in chosen]
+    extra = _labelled_context(context, labels, parts)
+    if not chosen and extra is None:
+        raise ValueError(NOTHING_TO_EXPORT)
+    if extra is not None:
+        parts.append(extra)
     columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     columns["manual_label"] = labels.effective_node_labels(columns["segment_id"], columns["node_id"])
     nodes = NodeTable(**columns)
 
     exported = [record for record, _ in chosen]
-    segment_ids = np.array([r.segment_id for r in exported], dtype=np.uint64)
+    record_ids = {int(r.segment_id) for r in exported}
+    context_ids = sorted({int(s) for s in (extra["segment_id"] if extra is not None else [])} - record_ids)
+    segment_ids = np.array(sorted(record_ids | set(context_ids)), dtype=np.uint64)
+    by_id = {int(r.segment_id): r for r in exported}
     forgotten = sorted(set(labels.labelled_segment_ids) - {int(s) for s in segment_ids})
     if forgotten:
         log.warning(
             "labels of segments %s are not exported: those segments have no embedded nodes in this session",
             forgotten[:20],
         )
+    context_calls = _context_segment_calls(context, context_ids)
     type_names = _cell_type_names(exported, cell_type_names)
-    type_probability = np.full((len(exported), len(type_names)), np.nan, dtype=np.float32)
-    for row, record in enumerate(exported):
-        for name, value in (record.cell_type_probabilities or {}).items():
+    type_names += tuple(dict.fromkeys(c for c, _ in context_calls.values() if c and c not in type_names))
+    type_probability = np.full((len(segment_ids), len(type_names)), np.nan, dtype=np.float32)
+    cell_types, ood_scores = [], []
+    ood = np.zeros(len(segment_ids), bool)
+    for row, segment_id in enumerate(segment_ids.tolist()):
+        segment_record = by_id.get(segment_id)
+        if segment_record is None:  # a context segment: its call from the context table
+            cell_type, score = context_calls[segment_id]
+            cell_types.append(cell_type)
+            ood_scores.append(score)
+            continue
+        for name, value in (segment_record.cell_type_probabilities or {}).items():
             type_probability[row, type_names.index(name)] = value
+        cell_types.append(segment_record.cell_type or "")
+        ood_scores.append(np.nan if segment_record.ood_score is None else segment_record.ood_score)
+        ood[row] = bool(segment_record.ood_flagged)
     segments = SegmentTable(
         segment_id=segment_ids,
         cell_type_names=type_names,
-        cell_type=np.array([r.cell_type or "" for r in exported], dtype=object),
+        cell_type=np.array(cell_types, dtype=object),
         cell_type_probability=type_probability,
-        ood_score=np.array([np.nan if r.ood_score is None else r.ood_score for r in exported], dtype=np.float32),
-        ood=np.array([bool(r.ood_flagged) for r in exported], dtype=bool),
+        ood_score=np.array(ood_scores, dtype=np.float32),
+        ood=ood,
         compartment_node_counts=nodes.compartment_counts(segment_ids),
         manual_label=np.array([labels.segment_label(int(s)) for s in segment_ids], dtype=object),
     )
@@ -228,12 +343,69 @@ def session_tables(
         dataset=dataset_name,
     )
     log.info(
-        "session export: %d nodes (%d labelled) of %d segments",
+        "session export: %d nodes (%d labelled, %d of them context nodes) of %d segments",
         len(nodes),
         int(np.count_nonzero(nodes.manual_label != "")),
+        0 if extra is None else len(extra["segment_id"]),
         len(segments),
     )
     return nodes, segments, provenance
+
+
+def _labelled_context(
+    context: ContextNodes | None, labels: LabelStore, parts: list[dict[str, np.ndarray]]
+) -> dict[str, np.ndarray] | None:
+    """Node columns of ``context``'s labelled nodes that ``parts`` (the records') lack; None if none.
+
+    Sorted by segment id, then node id.
+    """
+    if context is None or not len(context):
+        return None
+    keep = labels.effective_node_labels(context.segment_id, context.node_id) != ""
+    if parts:
+        seen = {
+            (int(s), int(n))
+            for p in parts
+            for s, n in zip(p["segment_id"].tolist(), p["node_id"].tolist(), strict=True)
+        }
+        keep &= np.fromiter(
+            ((s, n) not in seen for s, n in zip(context.segment_id.tolist(), context.node_id.tolist(), strict=True)),
+            bool,
+            len(context),
+        )
+    rows = np.flatnonzero(keep)
+    if not len(rows):
+        return None
+    _, first = np.unique(
+        np.column_stack([context.segment_id[rows].astype(np.int64), context.node_id[rows]]), axis=0, return_index=True
+    )
+    rows = rows[np.sort(first)]  # a pair plotted twice is written once
+    rows = rows[np.lexsort((context.node_id[rows], context.segment_id[rows]))]
+    codes = context.compartment[rows].astype(np.int16)
+    known = codes < len(COMPARTMENTS)
+    return {
+        "segment_id": context.segment_id[rows],
+        "node_id": context.node_id[rows],
+        "xyz_nm": context.xyz_nm[rows],
+        "compartment": np.where(known, codes, NOT_PREDICTED).astype(np.int16),
+        # The context tables carry no class probabilities: NaN (unknown).
+        "compartment_probability": np.full((len(rows), len(COMPARTMENTS)), np.nan, dtype=np.float32),
+        "ood_score": context.ood_score[rows],
+    }
+
+
+def _context_segment_calls(context: ContextNodes | None, segment_ids: Sequence[int]) -> dict[int, tuple[str, float]]:
+    """Segment id -> (cell type, OOD score) from its context nodes: the commonest call, the median score."""
+    calls: dict[int, tuple[str, float]] = {}
+    for segment_id in segment_ids:
+        assert context is not None  # only context segments are asked for
+        rows = context.segment_id == np.uint64(segment_id)
+        names = [str(n) for n in context.cell_type[rows] if n]
+        scores = context.ood_score[rows]
+        scores = scores[np.isfinite(scores)]
+        cell_type = collections.Counter(names).most_common(1)[0][0] if names else ""
+        calls[segment_id] = (cell_type, float(np.median(scores)) if len(scores) else float("nan"))
+    return calls
 
 
 def _usable_skeletons(skeletons: Mapping[int, SkeletonEdges], nodes: NodeTable) -> dict[int, SkeletonEdges]:
@@ -290,6 +462,7 @@ def export_session(
     skeletons: Mapping[int, SkeletonEdges] | None = None,
     serve_url: str | None = None,
     force: bool = False,
+    context: ContextNodes | None = None,
 ) -> Generator[Progress, None, ExportResult]:
     """Export the session's archived segments and labels as one bundle folder.
 
@@ -314,6 +487,9 @@ def export_session(
         As in :func:`segscope.analysis.export.export_bundle`. A skeleton is written only when its
         edges join exported nodes (node ids of the records' embedded centres); others are
         left out with a log line.
+    context
+        The plot's labelled context nodes (:meth:`ContextNodes.from_plot`): exported with
+        their labels, positions and predictions (see :func:`session_tables`).
 
     Raises
     ------
@@ -335,6 +511,7 @@ def export_session(
         aggregation_radius_nm=None if cell_type is None else cell_type.radius_nm,
         ood_threshold=None if cell_type is None else cell_type.ood_threshold,
         cell_type_names=None if cell_type is None else cell_type.class_names,
+        context=context,
     )
     if skeletons:
         skeletons = _usable_skeletons(skeletons, nodes)

@@ -156,3 +156,48 @@ def test_a_killed_compute_child_fails_its_job_and_the_next_click_succeeds(demo96
         assert any("restarted" in s for s in statuses)
     finally:
         service.shutdown()
+
+
+def test_export_writes_the_labels_of_context_points(tmp_path):
+    """Labels made on the plot's context points (no record) are exported, with positions."""
+    from segscope.analysis.export import read_node_table, read_segment_table
+    from segscope.app.state import DatasetSummary
+
+    loop = EventLoop()
+    session, service, errors = _service(loop)
+    try:
+        session.state.set_dataset(
+            DatasetSummary(
+                "demo", "precomputed://file:///i", "precomputed://file:///s", None, (8.0, 8.0, 40.0), (64, 64, 64)
+            )
+        )
+        xyz = np.column_stack([np.arange(4) * 100.0, np.zeros(4), np.zeros(4)])
+        rows = session.plot.add_points(
+            [7, 7, 8, 8], [1, 2, 1, 2], xyz, np.ones((4, 3)), compartments=[0, 1, 2, 255], background=True
+        )
+        session.plot.set_point_predictions(
+            rows, cell_types=["excitatory"] * 2 + ["astrocyte"] * 2, ood_scores=[0.1] * 4
+        )
+        session.labels.assign_nodes("spine", [7], [2])
+        session.labels.assign_segments("glia!", [8])
+        summary = service.export_summary()
+        assert summary is not None and "3 labelled context nodes of 2 more segments" in summary
+
+        folder = tmp_path / "bundle"
+        service.export(ExportRequest(folder, ("tables",), ("csv",)))
+        session.labels.assign_nodes("late", [7], [1])  # after the snapshot: not exported
+        loop.run_until(lambda: service.last_export is not None or errors)
+        assert not errors
+        nodes, _ = read_node_table(folder / "nodes.csv")
+        assert list(zip(nodes.segment_id.tolist(), nodes.node_id.tolist(), nodes.manual_label.tolist())) == [
+            (7, 2, "spine"),
+            (8, 1, "glia!"),
+            (8, 2, "glia!"),
+        ]
+        np.testing.assert_allclose(nodes.xyz_nm[0], [100.0, 0.0, 0.0])
+        assert nodes.compartment.tolist() == [1, 2, -1]
+        segments, _ = read_segment_table(folder / "segments.csv")
+        assert segments.cell_type.tolist() == ["excitatory", "astrocyte"]
+        assert segments.manual_label.tolist() == ["", "glia!"]
+    finally:
+        service.shutdown()

@@ -329,3 +329,119 @@ def test_skeleton_edges_join_embedded_skeleton_nodes_and_skip_store_node_ids():
     edges = skeleton_edges(source, {5: computed, 6: stored, 7: no_skeleton})
     assert list(edges) == [5]
     assert sorted(map(tuple, edges[5].edges.tolist())) == [(3, 0), (5, 0)]
+
+
+# ------------------------------------------------------------- labelled context nodes
+
+
+def _context_plot():
+    """A plot with segment 11's record nodes and context points of segments 11, 55 and 66."""
+    from segscope.app.plot_controller import PlotController
+
+    plot = PlotController()
+    plot.add_points(11, [5, 6, 8], _positions(3, 0.0), np.ones((3, 8)))
+    # Context: 55 (three nodes), 66 (two), and a context copy of 11's node 6 plus its node 9.
+    segments = np.array([55, 55, 55, 66, 66, 11, 11], np.uint64)
+    nodes = np.array([1, 2, 3, 1, 2, 6, 9], np.int64)
+    plot.add_points(
+        segments,
+        nodes,
+        _positions(7, 20_000.0),
+        np.zeros((7, 8)),
+        compartments=[0, 1, 255, 2, 2, 0, 1],
+        background=True,
+    )
+    plot.set_point_predictions(
+        plot.rows_of(segments, nodes),
+        cell_types=["basket"] * 3 + ["astro", "astro"] + [""] * 2,
+        ood_scores=[0.1, 0.2, 0.3, 0.9, 0.7, 0.5, 0.5],
+    )
+    return plot
+
+
+def test_labelled_context_nodes_are_exported_with_positions_and_predictions(session, labels):
+    from segscope.app.session_export import ContextNodes
+
+    plot = _context_plot()
+    plot.label_lookup = labels.effective_node_labels
+    labels.assign_nodes("bouton", 55, [2])
+    labels.assign_nodes("spine", 11, [9])  # a context node of a segment with a record
+    labels.assign_segments("astro!", 66)  # a segment label reaches every context node of 66
+    plot.refresh_manual_labels()
+    context = ContextNodes.from_plot(plot)
+    # Only labelled context rows are captured (11's node 6 is the record's own point).
+    assert sorted(zip(context.segment_id.tolist(), context.node_id.tolist())) == [
+        (11, 9),
+        (55, 2),
+        (66, 1),
+        (66, 2),
+    ]
+
+    nodes, segments, _ = session_tables(
+        session.records,
+        labels,
+        dataset_name="demo",
+        model_name="m",
+        cell_type_names=("basket", "pyramidal"),
+        context=context,
+    )
+    pairs = list(zip(nodes.segment_id.tolist(), nodes.node_id.tolist()))
+    assert pairs == [(11, 5), (11, 6), (11, 8), (22, 1), (22, 2), (11, 9), (55, 2), (66, 1), (66, 2)]
+    labelled = {pair: label for pair, label in zip(pairs, nodes.manual_label.tolist()) if label}
+    assert labelled == {
+        (11, 6): "bouton",
+        (22, 1): "chandelier?",
+        (22, 2): "spine",
+        (11, 9): "spine",
+        (55, 2): "bouton",
+        (66, 1): "astro!",
+        (66, 2): "astro!",
+    }
+    # Every label the user made is in the table, with the node's position and predictions.
+    row = pairs.index((55, 2))
+    np.testing.assert_allclose(nodes.xyz_nm[row], [20_100.0, 2000.0, 400.0])
+    assert nodes.compartment[row] == DENDRITE and nodes.ood_score[row] == pytest.approx(0.2)
+    assert nodes.compartment[pairs.index((66, 1))] == SOMA
+    assert np.isnan(nodes.compartment_probability[row]).all()
+
+    assert segments.segment_id.tolist() == [11, 22, 55, 66]
+    assert segments.cell_type.tolist() == ["pyramidal", "", "basket", "astro"]
+    assert segments.cell_type_names == ("basket", "pyramidal", "astro")
+    np.testing.assert_allclose(segments.ood_score[2:], [0.2, 0.8], rtol=1e-6)
+    assert segments.ood.tolist() == [True, False, False, False]
+    assert segments.manual_label.tolist() == ["", "chandelier?", "", "astro!"]
+    assert segments.compartment_node_counts[2, DENDRITE] == 1 and segments.compartment_node_counts[3, SOMA] == 2
+
+
+def test_labelled_context_nodes_alone_are_enough_to_export(labels, tmp_path):
+    from segscope.app.session_export import ContextNodes
+
+    plot = _context_plot()
+    store = LabelStore()
+    plot.label_lookup = store.effective_node_labels
+    store.assign_nodes("bouton", 55, [1, 3])
+    plot.refresh_manual_labels()
+    state = SessionState()
+    state.set_dataset(_dataset())
+    result = drive(
+        export_session(tmp_path / "b", state, store, table_formats=("csv",), context=ContextNodes.from_plot(plot))
+    )
+    table, _ = read_node_table(tmp_path / "b" / "nodes.csv")
+    assert table.node_id.tolist() == [1, 3] and table.manual_label.tolist() == ["bouton", "bouton"]
+    assert "nodes.csv" in result.files["tables"]
+    with pytest.raises(ValueError, match="nothing to export"):
+        session_tables({}, store, dataset_name="d", model_name="m", context=ContextNodes.empty())
+
+
+def test_context_nodes_refuse_mismatched_arrays():
+    from segscope.app.session_export import ContextNodes
+
+    with pytest.raises(ValueError, match="xyz_nm"):
+        ContextNodes(
+            np.array([1], np.uint64),
+            np.array([1]),
+            np.zeros((2, 3)),
+            np.array([0]),
+            np.array([""], object),
+            np.array([0.0]),
+        )
