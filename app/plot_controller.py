@@ -531,6 +531,27 @@ class PlotController:
             self._update_hidden(always_emit=True)
         return len(classes)
 
+    def hidden_classes_by_mode(self) -> dict[str, list[str]]:
+        """Every colour mode's hidden legend classes (JSON-safe, for saved sessions)."""
+        return {mode: sorted(labels) for mode, labels in self._hidden_classes.items() if labels}
+
+    def restore_hidden_classes(self, by_mode: dict[str, list[str]]) -> None:
+        """Replace the hidden legend classes with :meth:`hidden_classes_by_mode`'s output.
+
+        Modes without a categorical legend are ignored. Emits ``"visibility"``.
+
+        Raises
+        ------
+        ValueError
+            When ``by_mode`` is not a mapping of mode -> list of labels.
+        """
+        if not isinstance(by_mode, dict) or not all(isinstance(v, list) for v in by_mode.values()):
+            raise ValueError(f"hidden classes must map colour modes to label lists, got {by_mode!r}")
+        self._hidden_classes = {
+            mode: {str(label) for label in labels} for mode, labels in by_mode.items() if mode in LEGEND_MODES
+        }
+        self._update_hidden(always_emit=True)
+
     def _class_mask(self) -> np.ndarray:
         hidden = self.hidden_classes
         if not hidden or not self.n_points:

@@ -182,6 +182,7 @@ class Session:
             **self.plot_view,
             "colour_mode": self.plot.colour_mode,
             "hidden_segments": sorted(self.plot.hidden_segments),
+            "hidden_classes": self.plot.hidden_classes_by_mode(),
         }
 
     def document(self) -> SessionDocument:
@@ -274,9 +275,16 @@ class Session:
         hidden = settings.get("hidden_segments")
         if hidden is not None:
             try:
-                self.plot.hide_segments([int(s) for s in hidden])
+                # Restored state, not an edit of the user's: nothing to undo.
+                self.plot.hide_segments([int(s) for s in hidden], undoable=False)
             except (TypeError, ValueError):
                 log.warning("session plot settings: bad hidden segment list %r ignored", hidden)
+        classes = settings.get("hidden_classes")
+        if classes is not None:
+            try:
+                self.plot.restore_hidden_classes(classes)
+            except ValueError as exc:
+                log.warning("session plot settings: %s; ignored", exc)
         self.plot_view = {key: settings[key] for key in ("tool", "view_range") if key in settings}
         self.events.plot_settings.emit(dict(settings))
 

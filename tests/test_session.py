@@ -88,6 +88,7 @@ def test_document_round_trip_restores_records_labels_selection_and_plot(session,
     session.labels.assign_nodes("spine", [7, 7], [0, 2])
     session.labels.assign_segments("glia", [9])
     assert [r.segment_id for r in session.records()] == [7, 9]
+    session.plot.set_class_hidden("glia")  # a legend class hidden in the subcompartment mode
     session.plot.set_colour_mode("cell type")
     session.plot.select_rows(session.plot.rows_of([7], [2]), origin="plot")
     session.plot.hide_segments([9])
@@ -101,6 +102,7 @@ def test_document_round_trip_restores_records_labels_selection_and_plot(session,
         "view_range": [[0.0, 1.0], [2.0, 3.0]],
         "colour_mode": "cell type",
         "hidden_segments": [9],
+        "hidden_classes": {"subcompartment": ["glia"]},
     }
     path = save_session(tmp_path / "a.segscope.json", document, list(session.records_snapshot().values()))
     loaded, records = load_session(path)
@@ -124,6 +126,8 @@ def test_document_round_trip_restores_records_labels_selection_and_plot(session,
     np.testing.assert_array_equal(fresh.state.records[7].embeddings, session.state.records[7].embeddings)
     plot = fresh.plot
     assert plot.n_points == 8 and plot.colour_mode == "cell type" and plot.hidden_segments == frozenset({9})
+    assert plot.hidden_classes_by_mode() == {"subcompartment": ["glia"]}
+    assert not plot.can_undo_hide  # a restored hide is the session's state, not an edit to undo
     rows = plot.segment_rows([7])
     assert list(plot.manual_labels[rows]) == ["spine", "spine", "", "", ""]  # node ids 0 and 2 of 0, 2, 4, 6, 8
     assert (plot.manual_labels[plot.segment_rows([9])] == "glia").all()
