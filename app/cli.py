@@ -267,9 +267,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             segmentation, segment_id, skeleton_nodes_nm=nodes, skeleton_edges=edges, spacing_nm=args.spacing_nm
         )
         segments.append((segment_id, centres.node_ids, centres.positions_nm))
-    encoder = open_encoder(encoder_path)
+    encoder = open_encoder(encoder_path, precision=args.precision)
     result = _run_with_progress(
-        "embed", stream_node_embeddings(encoder, image, segmentation, segments, batch_size=args.batch_size)
+        f"embed ({encoder.precision})",
+        stream_node_embeddings(encoder, image, segmentation, segments, batch_size=args.batch_size),
     )
     if parquet:
         predictions = None
@@ -283,6 +284,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             classifiers=classifiers,
             dataset=dataset,
             spacing_nm=args.spacing_nm,
+            precision=encoder.precision,
         )
     else:
         from segscope.analysis.csvzip import CsvZipStore
@@ -361,13 +363,15 @@ def _write_embeddings_parquet(
     classifiers=None,
     dataset: dict | None = None,
     spacing_nm: float | None = None,
+    precision: str | None = None,
 ) -> None:
     """Write the embeddings table as Parquet, one row per node.
 
     Columns: segment_id, node_id, x_nm, y_nm, z_nm, e0..e{D-1} (float32), then
     with ``predictions`` compartment, compartment_probability, cell_type,
     cell_type_probability, ood_score; zstd-compressed, provenance in the schema metadata
-    (``segscope_provenance``: encoder and classifier sha256, the dataset it came from).
+    (``segscope_provenance``: encoder and classifier sha256, the precision the encoder
+    ran in, the dataset it came from).
     """
     import json
 
@@ -395,6 +399,7 @@ def _write_embeddings_parquet(
     provenance: dict[str, Any] = {
         "model": str(encoder_path),
         "model_sha256": model_sha256(encoder_path),
+        "precision": precision,
         "coordinates": "nm",
         "segscope_version": __version__,
         "segments": len(set(result.segment_ids.tolist())),
@@ -483,8 +488,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise CliError(f"{split_path} not found: evaluate needs the training run's cell split")
     split = CellSplit.load(split_path)
     encoder_path = Path(args.encoder) if args.encoder else run / "encoder.keras"
-    encoder = open_encoder(encoder_path)
-    baseline = build_encoder(encoder.encoder_config, seed=args.seed + 1000)
+    encoder = open_encoder(encoder_path, precision=args.precision)
+    # The random baseline runs in the same precision, so the two differ only in training.
+    baseline = build_encoder(encoder.encoder_config, seed=args.seed + 1000, precision=encoder.precision)
     config = EvaluationConfig(
         label_counts=tuple(args.label_counts),
         repeats=args.repeats,
@@ -568,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     train.set_defaults(handler=_cmd_train)
 
-    from segscope.app.main import add_open_arguments
+    from segscope.app.main import add_open_arguments, add_precision_argument
 
     open_ = sub.add_parser("open", help="open the desktop app on other data")
     add_open_arguments(open_)
@@ -602,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--spacing-nm", type=float, default=1500.0, help="centre spacing along the skeleton (nm)")
     embed.add_argument("--batch-size", type=int, default=None)
+    add_precision_argument(embed)
     embed.add_argument(
         "--out",
         required=True,
@@ -644,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--save-classifiers", metavar="DIR", help="also save the trained classifiers here")
     evaluate.add_argument("--seed", type=int, default=0)
+    add_precision_argument(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     info = sub.add_parser("info", help="print format, shape, voxel size and bounds of a volume")

@@ -89,10 +89,11 @@ class PredictedBatch:
 
 @dataclass(frozen=True)
 class LoadEncoder:
-    """Load the encoder at ``path`` (``.keras`` or SegCLR checkpoint), run it on blank batches."""
+    """Load the encoder at ``path`` (``.keras`` or SegCLR checkpoint) in ``precision``; run it on blank batches."""
 
     path: str
     warm_up_batches: tuple[int, ...]
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ class _ComputeChild:  # pragma: no cover - runs in the child process
 
     def handle(self, payload, context):
         if isinstance(payload, LoadEncoder):
-            return self.load(payload.path, payload.warm_up_batches)
+            return self.load(payload.path, payload.warm_up_batches, payload.precision)
         if isinstance(payload, LoadClassifiers):
             return self.load_classifiers(payload.entries)
         if isinstance(payload, Embed):
@@ -167,11 +168,11 @@ class _ComputeChild:  # pragma: no cover - runs in the child process
             return predict_segment(self.predictor, payload.positions_nm, payload.embeddings)
         raise ValueError(f"unknown request {type(payload).__name__}")
 
-    def load(self, path: str, warm_up_batches: Sequence[int]) -> dict:
+    def load(self, path: str, warm_up_batches: Sequence[int], precision: str = "auto") -> dict:
         from segscope.analysis.encoder import open_encoder
         from segscope.analysis.inference import default_batch_size
 
-        encoder = open_encoder(path)
+        encoder = open_encoder(path, precision=precision)
         config = encoder.encoder_config
         for batch in sorted(set(warm_up_batches) | {default_batch_size(encoder)}):
             encoder.embed(np.zeros((batch, *config.input_size_vox), dtype=np.uint8))
@@ -181,6 +182,7 @@ class _ComputeChild:  # pragma: no cover - runs in the child process
             "embedding_dim": int(encoder.embedding_dim),
             "input_size_vox": [int(v) for v in config.input_size_vox],
             "voxel_size_nm": [float(v) for v in config.voxel_size_nm],
+            "precision": encoder.precision,
         }
 
     def load_classifiers(self, entries: Sequence[dict]) -> dict:
@@ -320,16 +322,18 @@ class ComputeProcess:
         return self._runner.restarts
 
     def load(
-        self, path: str | os.PathLike, *, warm_up_batches: Sequence[int] = (1, 2)
+        self, path: str | os.PathLike, *, warm_up_batches: Sequence[int] = (1, 2), precision: str = "auto"
     ) -> Generator[Progress, None, dict]:
-        """Load an encoder (``.keras`` file or SegCLR checkpoint) and warm it up.
+        """Load an encoder (``.keras`` file or SegCLR checkpoint) in ``precision`` and warm it up.
 
-        Returns a dict with ``name``, ``embedding_dim``, ``input_size_vox`` and
-        ``voxel_size_nm``. Raises the child's error (ValueError, FileNotFoundError...).
-        A child started after a crash loads it again before anything else.
+        ``precision`` is resolved in the child (``"auto"``: bfloat16 where its CPU or GPU
+        has it). Returns a dict with ``name``, ``embedding_dim``, ``input_size_vox``,
+        ``voxel_size_nm`` and ``precision`` (the resolved one). Raises the child's error
+        (ValueError, FileNotFoundError...). A child started after a crash loads it again
+        before anything else.
         """
         yield Progress(0, 1, "steps", f"loading {os.fspath(path)}")
-        request = LoadEncoder(os.fspath(path), tuple(int(b) for b in warm_up_batches))
+        request = LoadEncoder(os.fspath(path), tuple(int(b) for b in warm_up_batches), precision)
         summary = self._runner.request(request).result()
         self._runner.set_init("the encoder", request)
         self.loaded = True

@@ -201,13 +201,17 @@ class DataSource:
 # -- the encoder ---------------------------------------------------------------------------
 
 
-def load_encoder_job(path: Path, engine, *, trained: bool = True) -> Generator[Progress, None, ModelSummary]:
+def load_encoder_job(
+    path: Path, engine, *, trained: bool = True, precision: str = "auto"
+) -> Generator[Progress, None, ModelSummary]:
     """Load an encoder into ``engine`` (a :class:`segscope.app.compute_process.ComputeProcess`).
 
-    The engine also runs the model once on blank cutouts of the batch sizes a click uses,
-    so TensorFlow traces its graphs now rather than on the user's first click.
+    ``precision`` is ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``; the
+    summary says which one the engine resolved it to. The engine also runs the model once
+    on blank cutouts of the batch sizes a click uses, so TensorFlow traces its graphs now
+    rather than on the user's first click.
     """
-    summary = yield from engine.load(path, warm_up_batches=(FIRST_BATCH,))
+    summary = yield from engine.load(path, warm_up_batches=(FIRST_BATCH,), precision=precision)
     return ModelSummary(
         name=summary["name"],
         source=str(path),
@@ -215,6 +219,7 @@ def load_encoder_job(path: Path, engine, *, trained: bool = True) -> Generator[P
         embedding_dim=int(summary["embedding_dim"]),
         input_size_vox=tuple(summary["input_size_vox"]),
         voxel_size_nm=tuple(summary["voxel_size_nm"]),
+        precision=str(summary["precision"]),
     )
 
 

@@ -31,6 +31,20 @@ class LaunchError(Exception):
     """A problem with the launch arguments, reported on the console before the window."""
 
 
+def add_precision_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--precision`` (what the encoder computes in; default ``auto``) to ``parser``."""
+    from segscope.analysis.encoder.config import PRECISION_POLICIES
+
+    parser.add_argument(
+        "--precision",
+        choices=("auto", *PRECISION_POLICIES),
+        default="auto",
+        help="encoder arithmetic: auto (default: bfloat16 on CPUs with AMX or AVX-512 BF16 and on GPUs, "
+        "else float32), float32 (SegCLR's numbers exactly), bfloat16, float16 (GPUs)",
+    )
+    return parser
+
+
 def add_open_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the data options of ``segscope open`` to ``parser`` and return it."""
     parser.add_argument(
@@ -86,7 +100,7 @@ def add_open_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="folder of trained classifiers with a classifiers.json (segscope evaluate "
         "--save-classifiers writes one); default: the demo classifiers in assets/",
     )
-    return parser
+    return add_precision_argument(parser)
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,8 @@ class LaunchPlan:
     background_note: str = ""
     #: A saved session to restore once the window is up.
     session: Path | None = None
+    #: What the encoder computes in (``--precision``; ``"auto"`` is resolved by the compute child).
+    precision: str = "auto"
 
 
 def _demo_folder() -> Path:
@@ -182,6 +198,7 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
     if getattr(args, "skeletons", None) and not image:
         raise LaunchError("--skeletons needs --image and --segmentation")
 
+    precision = getattr(args, "precision", None) or "auto"
     checkpoint = getattr(args, "checkpoint", None)
     model_path: Path | None
     if checkpoint:
@@ -235,7 +252,9 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
             background, note = context.path, context.reason
     except (SourceError, OSError, ValueError) as exc:
         raise LaunchError(str(exc)) from None
-    return LaunchPlan(source, model_path, True, classifiers, precomputed, background, note, session)
+    return LaunchPlan(
+        source, model_path, True, classifiers, precomputed, background, note, session, precision=precision
+    )
 
 
 def _check_display() -> None:
@@ -265,6 +284,7 @@ def build_window(
     model_path: Path | None,
     *,
     model_trained: bool = True,
+    precision: str = "auto",
     spacing_nm: float | None = None,
     classifiers: ClassifierSummary | None = None,
     precomputed: PrecomputedEmbeddings | None = None,
@@ -310,7 +330,7 @@ def build_window(
         except (OSError, ValueError, KeyError) as exc:  # an unreadable context table
             log.warning("context embeddings %s not shown: %s", background, exc)
             window.attach_plot(**options)
-    service.load_model(model_path, trained=model_trained)
+    service.load_model(model_path, trained=model_trained, precision=precision)
     service.load_classifiers(
         classifiers,
         ""
@@ -341,6 +361,7 @@ def run_app(args: argparse.Namespace) -> int:
         plan.source,
         plan.model_path,
         model_trained=plan.model_trained,
+        precision=plan.precision,
         classifiers=plan.classifiers,
         precomputed=plan.precomputed,
         background=plan.background,

@@ -140,6 +140,9 @@ class SessionService:
         self.io_runner = JobRunner(post=post, name="segscope-session-io")
         #: The compute child (TensorFlow), started by load_model or load_classifiers.
         self.engine: ComputeProcess | None = None
+        #: What the encoder computes in (``"auto"``, ``"float32"``, ``"bfloat16"``...), kept
+        #: for later loads (a reopened session's model).
+        self.precision = "auto"
         #: The autosave manager (:meth:`start_autosave`); None: no autosave.
         self.autosave: AutosaveManager | None = None
         #: The :class:`~segscope.analysis.export.ExportResult` of the last finished export.
@@ -482,8 +485,14 @@ class SessionService:
         log.warning("%s", message)
         self._post(lambda: self.state.show_status(message[:1].upper() + message[1:] + "."))
 
-    def load_model(self, path: Path | None, *, trained: bool = True) -> None:
-        """Load the encoder at ``path`` on the worker; None: embedding unavailable."""
+    def load_model(self, path: Path | None, *, trained: bool = True, precision: str | None = None) -> None:
+        """Load the encoder at ``path`` on the worker; None: embedding unavailable.
+
+        ``precision`` None keeps :attr:`precision`; a value replaces it.
+        """
+        if precision is not None:
+            self.precision = precision
+        precision = self.precision
         self.session.model_path = path
         if path is None:
             self.state.set_model(
@@ -498,7 +507,7 @@ class SessionService:
         engine = self._ensure_engine()
         self._model_job = self.runner.submit(
             f"loading model {path.name}",
-            lambda: load_encoder_job(path, engine, trained=trained),
+            lambda: load_encoder_job(path, engine, trained=trained, precision=precision),
             self._on_model_update,
             kind=MODEL_LANE,
             supersede=False,

@@ -124,6 +124,8 @@ class ModelSummary:
         Cutout size ``(x, y, z)`` in model voxels.
     voxel_size_nm : tuple of float
         Model voxel size ``(x, y, z)`` nm.
+    precision : str
+        What the encoder computes in: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
     """
 
     name: str
@@ -132,6 +134,7 @@ class ModelSummary:
     embedding_dim: int
     input_size_vox: tuple[int, int, int]
     voxel_size_nm: tuple[float, float, float]
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)

@@ -383,7 +383,8 @@ class MainWindow(QMainWindow):
         if model is None:
             self.model_label.setText(f"Model: none{'' if not self.state.model_message else ' (see status)'}")
         else:
-            self.model_label.setText(f"Model: {model.name}" + ("" if model.trained else " (untrained)"))
+            notes = [model.precision] + ([] if model.trained else ["untrained"])
+            self.model_label.setText(f"Model: {model.name} ({', '.join(notes)})")
 
     def _show_classifiers(self, summary) -> None:
         if summary is None:
