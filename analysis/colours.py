@@ -12,48 +12,59 @@ from collections.abc import Sequence
 
 import numpy as np
 
-#: Display colour of each subcompartment (indexes ``analysis.COMPARTMENTS``), hex sRGB.
+#: Display colour of each subcompartment (indexes ``analysis.COMPARTMENTS``), hex sRGB: four
+#: of Okabe and Ito's colour-blind-safe colours (sky blue, vermillion, yellow, bluish green),
+#: distinct in normal vision and under deuteranopia and protanopia simulation.
 COMPARTMENT_COLOURS: dict[str, str] = {
-    "axon": "#3b8bff",
-    "dendrite": "#ff5a36",
-    "soma": "#2fd16b",
-    "glia": "#c061ff",
+    "axon": "#56b4e9",
+    "dendrite": "#d55e00",
+    "soma": "#f0e442",
+    "glia": "#009e73",
 }
 #: Colour of a node whose embedding has not arrived yet.
 PENDING_COLOUR = "#808080"
-#: Colour of an embedded node when no subcompartment classifier is loaded.
-EMBEDDED_COLOUR = "#ffe14d"
+#: Colour of an embedded node when no subcompartment classifier is loaded (near white: no
+#: compartment colour, and not the soma yellow).
+EMBEDDED_COLOUR = "#f5f5f5"
 #: Colour of an out-of-distribution segment in 3-D.
 OOD_COLOUR = "#ff00ff"
 
 
-#: Colours for cell types (picked by a hash of the name, so stable across runs). No
-#: magenta or violet: magenta means "out of distribution" and must stay unambiguous.
+#: Colours for cell types, disjoint from the compartment colours: light tints (violet,
+#: pink, light green, olive, then orange, rose, lavender, blue) where the compartments are
+#: saturated, so a segment's cell-type colour never reads as a node's compartment. The
+#: first four are the known cell types' (:data:`CELL_TYPE_COLOURS`), distinct under
+#: deuteranopia simulation too. No magenta: it means "out of distribution".
 CELL_TYPE_PALETTE = (
-    "#e6194b",
-    "#3cb44b",
-    "#ffe119",
-    "#4363d8",
-    "#f58231",
-    "#46f0f0",
-    "#bcf60c",
-    "#fabebe",
-    "#008080",
-    "#9a6324",
-    "#aaffc3",
-    "#808000",
+    "#9988dd",
+    "#ffaabb",
+    "#b2df8a",
+    "#999933",
+    "#e69f00",
+    "#ee6677",
+    "#c5b0d5",
+    "#0072b2",
 )
+#: Fixed colours of the usual cell types (names compared case-insensitively), so a
+#: segment's colour never depends on which classifier (or none yet) is loaded, or on the
+#: order its classes or the segments came in.
+CELL_TYPE_COLOURS: dict[str, str] = {
+    "excitatory": CELL_TYPE_PALETTE[0],
+    "inhibitory": CELL_TYPE_PALETTE[1],
+    "astrocyte": CELL_TYPE_PALETTE[2],
+    "microglia": CELL_TYPE_PALETTE[3],
+}
 
 #: Colours of manual labels that are not compartment names, by position. Picked so that
 #: every pair, and each against the compartment colours, magenta (OOD), the pending grey,
-#: the embedded yellow, white and black, is at least 75 apart in RGB (0-255), and none is
+#: the embedded white, white and black, is at least 75 apart in RGB (0-255), and none is
 #: too dark to see on the black 3-D view or the plot's dark background.
 LABEL_PALETTE = (
-    "#46f0f0",
+    "#0077ff",
     "#bcf60c",
     "#fabebe",
-    "#008080",
-    "#9a6324",
+    "#889900",
+    "#44ff88",
     "#aaffc3",
     "#ffa500",
     "#00ff00",
@@ -118,11 +129,32 @@ def ood_bin_colours(n_bins: int = OOD_BINS) -> np.ndarray:
 def cell_type_colour(name: str, class_names: Sequence[str] = ()) -> str:
     """A stable display colour for a cell-type name.
 
-    With the classifier's ``class_names``, classes get distinct colours by their position
-    (the palette has 12); otherwise a hash of the name picks one (same name, same colour,
-    every run, but two names may share one).
+    The usual cell types have fixed colours (:data:`CELL_TYPE_COLOURS`). Any other name
+    takes the :data:`CELL_TYPE_PALETTE` colour an md5 of the name picks, among those no
+    known cell type uses: the same every run, whatever the order classes or segments came
+    in, and whether or not a classifier is loaded yet (a restored session shows the same
+    colours before and after its classifiers load). With the classifier's ``class_names``,
+    two of its classes that would share a colour are told apart: the later of them in name
+    order moves to the next free colour (only then does ``class_names`` change a colour).
     """
-    return _palette_colour(name, list(class_names), CELL_TYPE_PALETTE)
+    known = CELL_TYPE_COLOURS.get(name.lower())
+    if known is not None:
+        return known
+    classes = sorted({str(c) for c in class_names} | {name})
+    taken = {CELL_TYPE_COLOURS[c.lower()] for c in classes if c.lower() in CELL_TYPE_COLOURS}
+    free = [c for c in CELL_TYPE_PALETTE if c not in CELL_TYPE_COLOURS.values()]
+    chosen = ""
+    for other in classes:
+        if other.lower() in CELL_TYPE_COLOURS:
+            continue
+        start = hashlib.md5(other.encode("utf-8")).digest()[0] % len(free)
+        # Probe the free colours, then the whole palette (more classes than colours).
+        order = [free[(start + i) % len(free)] for i in range(len(free))] + list(CELL_TYPE_PALETTE)
+        chosen = next((c for c in order if c not in taken), free[start])
+        taken.add(chosen)
+        if other == name:
+            break
+    return chosen
 
 
 def label_colour(label: str, labels_in_order: Sequence[str] = ()) -> str:

@@ -129,9 +129,11 @@ def test_unchanged_state_is_not_written_again(bridge):
 def test_cell_type_colours_are_stable():
     assert cell_type_colour("astrocyte") == cell_type_colour("astrocyte")
     assert cell_type_colour("astrocyte").startswith("#")
-    # A classifier's classes get distinct colours, by position.
-    names = [f"type{i}" for i in range(12)]
-    assert len({cell_type_colour(name, names) for name in names}) == 12
+    # The known cell types have fixed colours; a classifier's other classes get distinct
+    # colours (as many as the palette has).
+    assert cell_type_colour("excitatory", ("inhibitory", "excitatory")) == cell_type_colour("excitatory")
+    names = [f"type{i}" for i in range(4)]
+    assert len({cell_type_colour(name, names) for name in names}) == 4
 
 
 def test_local_folders_are_served_on_localhost(bridge, tmp_path):
@@ -332,7 +334,7 @@ def test_manual_labels_layer_colours_describes_and_links_each_node(bridge):
     assert [a["description"] for a in shown] == ["spine", "axon", "bouton"]
     assert [a["segments"] for a in shown] == [[["12"]], [["12"]], [[str(2**40 + 9)]]]
     # "bouton" and "spine" take the first two palette colours in list order; "axon" its compartment's.
-    assert [a["props"][0] for a in shown] == ["#bcf60c", COMPARTMENT_COLOURS["axon"], "#46f0f0"]
+    assert [a["props"][0] for a in shown] == ["#bcf60c", COMPARTMENT_COLOURS["axon"], "#0077ff"]
     assert shown[1]["props"][0] == COMPARTMENT_COLOURS["axon"]
     assert shown[1]["point"] == [400.0, 500.0, 600.0]
 
@@ -379,7 +381,7 @@ def test_label_colours_are_deterministic_distinct_and_never_the_ood_magenta():
 
     names = [f"label {i}" for i in range(12)]
     colours = [label_colour(name, names) for name in names]
-    assert colours[:3] == ["#46f0f0", "#bcf60c", "#fabebe"]  # palette order = list order
+    assert colours[:3] == ["#0077ff", "#bcf60c", "#fabebe"]  # palette order = list order
     assert len(set(colours)) == 12
     assert label_colour("label 0", names[::-1]) == colours[11]  # another order, other colours
     # Compartment names keep their compartment's colour and take no palette slot.

@@ -69,9 +69,14 @@ def test_colour_modes_give_shared_palettes():
     assert set(colours.index[controller.segment_rows([102])]) == {1}
     assert set(colours.index[controller.segment_rows([100, 103])]) == {2}
 
-    # Colours follow the classifier's class order, as in the 3-D view (segscope.analysis.colours).
+    # Colours follow the name, as in the 3-D view (segscope.analysis.colours), whether or not
+    # the classifier's classes are known and whatever order the types came in.
+    from segscope.analysis.colours import cell_type_colour, hex_rgba
+
+    expected = [hex_rgba(cell_type_colour(name))[:3] for name in ("pyramidal", "microglia")]
+    np.testing.assert_array_equal(controller.colours().palette[:2, :3], expected)
     controller.cell_type_class_names = ("microglia", "pyramidal")
-    np.testing.assert_array_equal(controller.colours().palette[:2, :3], [[0x3C, 0xB4, 0x4B], [0xE6, 0x19, 0x4B]])
+    np.testing.assert_array_equal(controller.colours().palette[:2, :3], expected)
 
     controller.set_colour_mode("OOD score")
     colours = controller.colours()

@@ -150,3 +150,49 @@ def test_unreadable_labels_are_reported_and_the_rest_restored(session, tmp_path)
 def test_nothing_open_cannot_be_saved():
     with pytest.raises(ValueError, match="no data is open"):
         Session().document()
+
+
+def test_colours_are_the_same_before_and_after_a_restore(tmp_path):
+    """Cell-type colours follow the name: not the classifier (loaded or not) nor arrival order."""
+    from segscope.analysis.colours import cell_type_colour, hex_rgba
+
+    modes = ("cell type", "subcompartment", "manual label")
+
+    def point_colours(s: Session) -> dict[tuple[str, int, int], tuple[int, ...]]:
+        shown = {}
+        mode = s.plot.colour_mode
+        for each in modes:
+            s.plot.set_colour_mode(each)
+            colours = s.plot.colours()
+            rgba = colours.palette[colours.index]
+            for seg, node, c in zip(s.plot.segment_ids, s.plot.node_ids, rgba, strict=True):
+                shown[each, int(seg), int(node)] = tuple(int(v) for v in c)
+        s.plot.set_colour_mode(mode)
+        return shown
+
+    info = ClassifierInfo("cell_type", "t.npz", ("astrocyte", "excitatory", "inhibitory"), 10_000.0, 0.5, 4, "c")
+    session = Session()
+    session.set_source(_source(_summary(tmp_path)))
+    session.state.set_classifiers(ClassifierSummary("f", cell_type=info))
+    for segment_id, cell_type, offset in ((7, "excitatory", 0.0), (9, "astrocyte", 3.0)):
+        _stream(session, segment_id, 4, offset)
+        session.state.set_predictions(segment_id, cell_type=cell_type)
+    assert session.plot.cell_type_names == ["basket", "excitatory", "astrocyte"]  # first-seen order
+    session.labels.assign_nodes("spine", [7], [0])
+    session.plot.set_colour_mode("cell type")
+    before = point_colours(session)
+    path = save_session(tmp_path / "c.segscope.json", session.document(), list(session.records_snapshot().values()))
+
+    fresh = Session()
+    fresh.set_source(_source(_summary(tmp_path)))
+    # Restored records come back in another order and with no classifier loaded yet.
+    loaded, records = load_session(path)
+    fresh.restore(loaded, records[::-1])
+    assert fresh.plot.cell_type_class_names == () and fresh.plot.colour_mode == "cell type"
+    assert fresh.plot.cell_type_names == ["astrocyte", "excitatory"]  # another first-seen order
+    assert point_colours(fresh) == before
+    fresh.state.set_classifiers(ClassifierSummary("f", cell_type=info))
+    assert point_colours(fresh) == before
+    colours = fresh.plot.colours()
+    excitatory = colours.palette[colours.index[fresh.plot.segment_rows([7])[0]]]
+    assert tuple(excitatory[:3]) == hex_rgba(cell_type_colour("excitatory"))[:3]

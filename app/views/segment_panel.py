@@ -21,11 +21,19 @@ _NO_CELL_TYPE_CLASSIFIER = "— (no cell-type classifier loaded)"
 _NO_COMPARTMENT_CLASSIFIER = "— (no compartment classifier loaded)"
 
 
+def _swatch(colour: str) -> str:
+    """Rich text of a colour square on a dark chip (as on the 3-D view's black), then a space.
+
+    The cell-type colours are light tints: on a light panel they need the dark chip.
+    """
+    return f'<span style="color:{colour}; background-color:#202020; font-size:14px">&nbsp;■&nbsp;</span>&nbsp;'
+
+
 def _swatch_label(colour: str, text: str) -> QWidget:
     """A colour square followed by text, for legends and per-compartment rows."""
     row = QLabel()
     row.setTextFormat(Qt.TextFormat.RichText)
-    row.setText(f'<span style="color:{colour}; font-size:14px">■</span>&nbsp;{text}')
+    row.setText(f"{_swatch(colour)}{text}")
     return row
 
 
@@ -115,10 +123,7 @@ class SegmentPanel(QWidget):
     def _show_classifiers(self, summary: ClassifierSummary | None) -> None:
         cell_types = None if summary is None or summary.cell_type is None else summary.cell_type.class_names
         if cell_types:
-            swatches = "&nbsp; ".join(
-                f'<span style="color:{cell_type_colour(name, cell_types)}; font-size:14px">■</span>&nbsp;{name}'
-                for name in cell_types
-            )
+            swatches = "&nbsp; ".join(f"{_swatch(cell_type_colour(name, cell_types))}{name}" for name in cell_types)
             self.cell_type_legend.setText(f"Segment colour = predicted cell type: {swatches}")
         else:
             self.cell_type_legend.setText("")
@@ -200,7 +205,7 @@ class SegmentPanel(QWidget):
         else:
             probability = "" if record.cell_type_probability is None else f" (p = {record.cell_type_probability:.2f})"
             names = () if not has_cell_type else summary.cell_type.class_names
-            swatch = f'<span style="color:{cell_type_colour(record.cell_type, names)}; font-size:14px">■</span>&nbsp;'
+            swatch = _swatch(cell_type_colour(record.cell_type, names))
             self.cell_type_label.setText(f"{swatch}{record.cell_type}{probability}")
         if record is None or record.ood_score is None:
             self.ood_label.setText(missing if has_cell_type or missing == _NO_CLASSIFIER else _NO_CELL_TYPE_CLASSIFIER)
