@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -536,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="segscope",
         description="SegScope: compute, classify and explore SegCLR embeddings of EM segments. "
         "With no command, opens the desktop app on the built-in demo.",
+        epilog="The demo dataset is generated on first use (about 15 s) and cached in "
+        "$SEGSCOPE_CACHE_DIR/demo, else $XDG_CACHE_HOME/segscope/demo or ~/.cache/segscope/demo; "
+        "delete that folder to regenerate it. -v shows library and browser log lines (TensorFlow, Qt WebEngine).",
     )
     parser.add_argument("--version", action="version", version=f"segscope {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -668,7 +672,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if args.verbose:
+        # Child processes (TensorFlow's, UMAP's) and Qt WebEngine read it: show their chatter too.
+        os.environ["SEGSCOPE_VERBOSE"] = str(args.verbose)
     handler = getattr(args, "handler", None)
+    if getattr(args, "command", None) in ("embed", "train", "evaluate"):
+        # Before the progress bar: TensorFlow's start-up lines stay off the terminal (-v shows them).
+        from segscope.app.compute_process import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
     if handler is None:
         # No command: the desktop app on the built-in demo.
         from segscope.app.main import add_open_arguments, run_app

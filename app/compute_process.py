@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,9 +142,53 @@ class EmbedBatch:
 # -- the child -------------------------------------------------------------------------------
 
 
+def verbose() -> bool:
+    """Whether ``segscope -v`` asked for library chatter (``SEGSCOPE_VERBOSE``, inherited by children)."""
+    return os.environ.get("SEGSCOPE_VERBOSE", "") not in ("", "0")
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow and find its devices without its start-up lines on the terminal.
+
+    TensorFlow 2.21 prints its oneDNN and CUDA notes ("cudart_stub", "failed call to
+    cuInit" on machines without a GPU) through absl before its log level applies, so
+    ``TF_CPP_MIN_LOG_LEVEL`` alone does not silence them: file descriptor 2 goes to
+    ``/dev/null`` while TensorFlow loads and enumerates its devices. Errors raised by the
+    import still propagate. With ``-v`` (``SEGSCOPE_VERBOSE``) nothing is hidden. Sets
+    ``TF_CPP_MIN_LOG_LEVEL`` (3) and absl's verbosity (errors) unless the user chose.
+    """
+    if verbose():
+        return
+    user_level = "TF_CPP_MIN_LOG_LEVEL" in os.environ
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" not in sys.modules:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # cuInit and its complaint happen here
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+    if not user_level:
+        try:
+            from absl import logging as absl_logging
+
+            absl_logging.set_verbosity(absl_logging.ERROR)
+        except ImportError:  # pragma: no cover - absl comes with TensorFlow
+            pass
+
+
 def _child_main(conn) -> None:  # pragma: no cover - runs in the child process
     """Serve requests until told to stop or the parent goes away."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if not verbose() else "0")
+    import_tensorflow_quietly()
     # One lane (the default): TensorFlow work runs in order, and the reading thread stays
     # free to answer pings and take cancels while a batch runs.
     serve(conn, _ComputeChild().handle)

@@ -14,14 +14,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
+import re
 import sys
+import threading
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from segscope.analysis.artefacts import ClassifierSummary
+    from segscope.analysis.progress import Progress
     from segscope.app.controller import DataSource, PrecomputedEmbeddings
+    from segscope.app.jobs import Job
     from segscope.app.views.main_window import MainWindow
 
 log = logging.getLogger(__name__)
@@ -107,7 +113,7 @@ def add_open_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 class LaunchPlan:
     """What the window opens with, after checking the arguments."""
 
-    source: DataSource
+    source: DataSource | None
     model_path: Path | None
     model_trained: bool
     classifiers: ClassifierSummary | None = None
@@ -117,8 +123,105 @@ class LaunchPlan:
     background_note: str = ""
     #: A saved session to restore once the window is up.
     session: Path | None = None
+    #: The demo dataset is not generated yet: the window opens without data (``source``
+    #: None) and :func:`prepare_demo` generates it as a job with progress in the window.
+    demo_pending: bool = False
     #: What the encoder computes in (``--precision``; ``"auto"`` is resolved by the compute child).
     precision: str = "auto"
+
+
+#: Stages of the demo generation as the job bar counts them: synthesize's 5 stages, then
+#: the 3 parts written to disk.
+_DEMO_STAGES = {"stages": 0, "parts": 5}
+_DEMO_STEPS = 8
+
+
+def _demo_child(seed: int, reports) -> None:  # pragma: no cover - runs in a child process
+    """Generate the demo dataset, sending ``("progress", Progress)`` and then the outcome."""
+    from segscope.analysis.synthetic import demo_dataset
+
+    try:
+        folder = demo_dataset(seed, progress=lambda report: reports.put(("progress", report)))
+    except BaseException as exc:
+        reports.put(("failed", f"{type(exc).__name__}: {exc}"))
+    else:
+        reports.put(("finished", str(folder)))
+
+
+def demo_job(seed: int = 0, *, in_process: bool = False) -> Generator[Progress, None, Path]:
+    """A job generator: the demo dataset's folder, generated first when it is not cached.
+
+    :func:`segscope.analysis.synthetic.demo_dataset` runs in a ``spawn``-ed child process
+    (its numpy work then never competes with the Qt thread for the GIL), or with
+    ``in_process`` on a helper thread; its progress reports are yielded as they come,
+    counted over the whole generation (``done`` of ``total`` 8 stages). Closing the job
+    ends the child (the half-written dataset lies in a hidden temporary folder).
+
+    Raises
+    ------
+    RuntimeError
+        When the generation failed or its process died.
+    """
+    from segscope.analysis.progress import Progress
+
+    cached = _cached_demo_folder(seed)
+    if cached is not None:
+        return cached
+    reports: Any
+    process = None
+    if in_process:
+        from segscope.analysis.synthetic import demo_dataset
+
+        reports = queue.Queue()
+
+        def work() -> None:
+            try:
+                folder = demo_dataset(seed, progress=lambda report: reports.put(("progress", report)))
+            except BaseException as exc:  # handed to the job, which raises it
+                reports.put(("failed", f"{type(exc).__name__}: {exc}"))
+            else:
+                reports.put(("finished", str(folder)))
+
+        threading.Thread(target=work, name="segscope-demo-data", daemon=True).start()
+    else:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        reports = context.Queue()
+        process = context.Process(target=_demo_child, args=(seed, reports), name="segscope-demo-data", daemon=True)
+        process.start()
+    done = 0
+    try:
+        yield Progress(done, _DEMO_STEPS, "stages", "building the cells")
+        while True:
+            try:
+                kind, value = reports.get(timeout=0.5)
+            except queue.Empty:
+                if process is not None and not process.is_alive():
+                    raise RuntimeError(f"the demo generation process died (exit code {process.exitcode})") from None
+                continue
+            if kind == "progress":
+                if value.unit in _DEMO_STAGES:
+                    done = min(_DEMO_STAGES[value.unit] + value.done, _DEMO_STEPS)
+                yield Progress(done, _DEMO_STEPS, "stages", value.message)
+            elif kind == "failed":
+                raise RuntimeError(value)
+            else:
+                return Path(value)
+    finally:
+        if process is not None:
+            if process.is_alive():
+                process.terminate()
+            process.join(5.0)
+
+
+def _cached_demo_folder(seed: int = 0) -> Path | None:
+    """The demo dataset's folder when it is already generated, else None (writes nothing)."""
+    from segscope.analysis.paths import user_cache_dir
+    from segscope.analysis.synthetic import GENERATOR_VERSION
+
+    folder = user_cache_dir() / "demo" / f"v{GENERATOR_VERSION}-seed{seed}"
+    return folder if (folder / "dataset.json").is_file() else None
 
 
 def _demo_folder() -> Path:
@@ -165,8 +268,13 @@ def _session_sources(path: str) -> tuple[Path, dict]:
     }
 
 
-def plan_launch(args: argparse.Namespace) -> LaunchPlan:
+def plan_launch(args: argparse.Namespace, *, defer_demo: bool = False) -> LaunchPlan:
     """Check the arguments and open the data's metadata (console side, no Qt).
+
+    For the demo (no data given) whose dataset is not generated yet, ``defer_demo``
+    returns at once a plan with ``demo_pending`` and no ``source`` (the app then
+    generates it in the window, :func:`prepare_demo`); otherwise the dataset is generated
+    here, with progress on the terminal (scripts).
 
     Raises
     ------
@@ -241,7 +349,12 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
             # A SegScope dataset folder (the demo's, reopened from a session) keeps its context.
             folder = Path(str(segmentation)).parent if "://" not in str(segmentation) else None
         else:
-            folder = _demo_folder()
+            folder = _cached_demo_folder()
+            if folder is None and defer_demo:
+                return LaunchPlan(
+                    None, model_path, True, classifiers, precomputed, None, "", session, True, precision=precision
+                )
+            folder = folder or _demo_folder()
             source = DataSource.open_dataset_folder(folder)
         if folder is not None and (folder / "dataset.json").is_file():
             from segscope.analysis.provenance import find_demo_context
@@ -257,6 +370,72 @@ def plan_launch(args: argparse.Namespace) -> LaunchPlan:
     )
 
 
+def prepare_demo(window: MainWindow, plan: LaunchPlan, then: Callable[[], object] | None = None) -> Job:
+    """Generate the demo dataset as a job while the window is up, then open it there.
+
+    Progress shows in the job bar and the status bar; the dataset is opened, and its
+    context table read, on the job's worker thread. Then the service opens the data, the
+    plot gets its context points (PCA at once, UMAP when fitted) and ``then()`` runs (the
+    crash-recovery offer). A failure is shown in the window's error banner. The job runs
+    on a worker of its own, which the window shuts down when it closes.
+    """
+    from segscope.analysis.paths import user_cache_dir
+    from segscope.app.controller import DataSource
+    from segscope.app.jobs import JobRunner, JobUpdate
+
+    def make():
+        folder = yield from demo_job()
+        source = DataSource.open_dataset_folder(folder)
+        background = None
+        from segscope.analysis.provenance import find_demo_context
+
+        classifiers = plan.classifiers
+        context = find_demo_context(
+            folder,
+            encoder_path=plan.model_path,
+            classifiers_folder=None if classifiers is None else classifiers.folder,
+        )
+        if context.path is not None:
+            from segscope.analysis.projection import read_embedding_table
+
+            try:
+                background = read_embedding_table(context.path)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("context embeddings %s not shown: %s", context.path, exc)
+        return source, background, context.reason
+
+    def on_update(update: JobUpdate) -> None:
+        if update.event == "progress" and update.progress is not None:
+            progress = update.progress
+            window.job_bar.show_task(
+                f"Preparing the demo dataset (first run only, about 15 s): {progress.message}",
+                progress.done,
+                progress.total,
+            )
+        elif update.event == "finished":
+            window.job_bar.show_job(window.state.job)
+            source, background, note = update.result
+            window.service.open_source(source, precomputed=plan.precomputed)
+            if background is not None and window.plot_dock is not None:
+                window.plot_dock.plot.add_background(background)
+            status_bar = window.statusBar()
+            if note and status_bar is not None:
+                status_bar.showMessage(f"No context embeddings in the plot: {note}", 15000)
+            if then is not None:
+                then()
+        elif update.event == "failed":
+            window.job_bar.show_job(window.state.job)
+            window.state.show_error(
+                f"Could not prepare the demo dataset in {user_cache_dir() / 'demo'}: {update.error}"
+            )
+
+    runner = JobRunner(post=window.invoker.post, name="segscope-demo")
+    window.extra_runners.append(runner)
+    window.job_bar.show_task("Preparing the demo dataset (first run only, about 15 s)…")
+    window.state.show_status(f"Preparing the demo dataset in {user_cache_dir() / 'demo'} (first run only)…")
+    return runner.submit("demo dataset", make, on_update, kind="demo")
+
+
 def _check_display() -> None:
     """Fail early, with a readable message, where Qt would abort for lack of a display."""
     if sys.platform.startswith("linux") and not os.environ.get("QT_QPA_PLATFORM"):
@@ -270,17 +449,68 @@ def configure_qt_environment() -> None:
     """Environment QtWebEngine needs before the QApplication exists.
 
     Software-rendered (no GPU) machines are blocklisted for WebGL by Chromium, and
-    Neuroglancer needs WebGL, so the blocklist is ignored unless the user set flags.
+    Neuroglancer needs WebGL, so the blocklist is ignored unless the user set flags. Each
+    setting below applies only where the user did not set the variable.
+
+    - ``QTWEBENGINE_FORCE_USE_GBM=0``: under Xvfb, in VMs and over remote X, Chromium's GBM
+      path fails ("Failed to get native pixmap due to dma_buf acquisition failure /
+      Compositor returned null texture") and the 3-D view stays black; without GBM it
+      draws (with a GPU too, at the cost of one copy per frame).
+    - ``--log-level=3`` in ``QTWEBENGINE_CHROMIUM_FLAGS`` and ``QT_LOGGING_RULES`` for Qt
+      WebEngine's own categories: Chromium's Vulkan, D-Bus and GPU notes stay off the
+      terminal, unless ``-v`` (``SEGSCOPE_VERBOSE``).
     """
-    os.environ.setdefault("QTWEBENGINE_CHROMIUM_FLAGS", "--ignore-gpu-blocklist")
+    verbose = os.environ.get("SEGSCOPE_VERBOSE", "") not in ("", "0")
+    os.environ.setdefault("QTWEBENGINE_FORCE_USE_GBM", "0")
+    os.environ.setdefault(
+        "QTWEBENGINE_CHROMIUM_FLAGS", "--ignore-gpu-blocklist" + ("" if verbose else " --log-level=3")
+    )
+    if not verbose:
+        os.environ.setdefault("QT_LOGGING_RULES", "qt.webenginecontext.info=false;qt.webenginecontext.debug=false")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # Chromium refuses to start its sandbox as root (containers, CI); without this
         # the web view stays blank.
         os.environ.setdefault("QTWEBENGINE_DISABLE_SANDBOX", "1")
 
 
+#: Qt WebEngine's notes on machines without a GPU, Vulkan or D-Bus (every launch, harmless):
+#: debug logging rather than the terminal.
+QT_NOISE = re.compile(
+    r"Sandboxing disabled|vulkan|GPU vendor|GBM|GPUInfo|native pixmap|null texture|Compositor returned|READ-usage",
+    re.IGNORECASE,
+)
+_qt_message_handler = None  # kept alive: Qt holds only a pointer to it
+
+
+def install_qt_message_filter() -> None:
+    """Send Qt's messages to Python logging (``segscope.qt``), its known noise at debug level.
+
+    Warnings other than :data:`QT_NOISE` still show (as ``WARNING segscope.qt: ...``).
+    With ``-v`` (``SEGSCOPE_VERBOSE``) Qt prints everything itself, as before.
+    """
+    global _qt_message_handler
+    if os.environ.get("SEGSCOPE_VERBOSE", "") not in ("", "0"):
+        return
+    from PyQt6.QtCore import QtMsgType, qInstallMessageHandler
+
+    qt_log = logging.getLogger("segscope.qt")
+
+    def handler(kind, context, message) -> None:
+        text = str(message)
+        if kind in (QtMsgType.QtDebugMsg, QtMsgType.QtInfoMsg) or QT_NOISE.search(text):
+            level = logging.DEBUG
+        elif kind == QtMsgType.QtWarningMsg:
+            level = logging.WARNING
+        else:
+            level = logging.ERROR
+        qt_log.log(level, "%s", text)
+
+    _qt_message_handler = handler
+    qInstallMessageHandler(handler)
+
+
 def build_window(
-    source: DataSource,
+    source: DataSource | None,
     model_path: Path | None,
     *,
     model_trained: bool = True,
@@ -303,6 +533,7 @@ def build_window(
     ``projection_backend`` says otherwise. ``background`` is a context embedding table for
     the plot (the demo's); ``plot=False`` leaves the plot out; ``plot_options`` go to
     :meth:`~segscope.app.views.main_window.MainWindow.attach_plot` (``start_warm_up``...).
+    ``source`` None opens no data yet (the demo being generated, :func:`prepare_demo`).
     """
     from segscope.app.neuroglancer_bridge import NeuroglancerBridge
     from segscope.app.service import SessionService
@@ -316,7 +547,8 @@ def build_window(
     service = SessionService(session, post=invoker.post, viewer=bridge, spacing_nm=spacing_nm)
     window = MainWindow(session, service, bridge, invoker)
     invoker.setParent(window)
-    service.open_source(source, precomputed=precomputed)
+    if source is not None:
+        service.open_source(source, precomputed=precomputed)
     if plot:
         if projection_backend is None:
             from segscope.app.projection_process import ProcessProjectionBackend
@@ -347,13 +579,15 @@ def run_app(args: argparse.Namespace) -> int:
     """
     try:
         _check_display()
-        plan = plan_launch(args)
+        plan = plan_launch(args, defer_demo=True)  # a first run generates the demo in the window
     except LaunchError as exc:
         print(f"segscope: error: {exc}", file=sys.stderr)
         return 2
     configure_qt_environment()
     import PyQt6.QtWebEngineWidgets  # noqa: F401  (must be imported before the QApplication)
     from PyQt6.QtWidgets import QApplication
+
+    install_qt_message_filter()
 
     app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "segscope"])
     app.setApplicationName("SegScope")
@@ -381,6 +615,8 @@ def run_app(args: argparse.Namespace) -> int:
     window.show()
     if plan.session is not None:
         window.service.open_session(plan.session)
+    elif plan.demo_pending:
+        prepare_demo(window, plan, then=window.offer_recovery)
     else:
         window.offer_recovery()
     status = app.exec()

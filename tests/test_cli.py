@@ -70,3 +70,27 @@ def test_demo_data_then_export_ground_truth(tmp_path, capsys):
     assert nodes.num_rows == truth.num_rows
     assert main(["export", "--dataset", str(tmp_path / "demo"), "--out", str(tmp_path / "bundle")]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_embed_keeps_tensorflow_start_up_lines_off_the_terminal(tmp_path):
+    """TensorFlow 2.21 prints oneDNN, cudart and cuInit lines on import whatever its log
+    level says; ``embed`` hides them (``-v`` shows them) before its progress bar."""
+    import os
+    import re
+
+    from segscope.analysis.dataset import open_dataset
+
+    assert main(["demo-data", "--out", str(tmp_path / "demo"), "--size", "64", "--seed", "0"]) == 0
+    segment_id = int(open_dataset(tmp_path / "demo").segment_ids[0])
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "SEGSCOPE_VERBOSE")}
+    argv = [
+        sys.executable, "-m", "segscope.app.cli", "embed",
+        "--image", str(tmp_path / "demo" / "image"), "--segmentation", str(tmp_path / "demo" / "segmentation"),
+        "--segments", str(segment_id), "--out", str(tmp_path / "e.parquet"),
+    ]  # fmt: skip
+    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr
+    noise = re.compile(r"cuInit|cudart|CUDA|oneDNN|absl|tensorflow|^[IWE]\d{4} ", re.MULTILINE)
+    assert not noise.search(run.stderr), run.stderr
+    assert "embed" in run.stderr  # the progress bar is still there
+    assert (tmp_path / "e.parquet").is_file()

@@ -13,11 +13,14 @@ arrive through :class:`MainThreadInvoker`, the service's ``post`` (a queued sign
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from PyQt6.QtCore import Qt, QTimer, QUrl
 from PyQt6.QtGui import QAction, QKeySequence
+from PyQt6.QtWebEngineCore import QWebEnginePage
 from PyQt6.QtWebEngineWidgets import QWebEngineView
 from PyQt6.QtWidgets import (
     QDialog,
@@ -52,6 +55,79 @@ log = logging.getLogger(__name__)
 
 AUTOSAVE_INTERVAL_MS = 60_000
 
+#: Said under the plot while numba compiles UMAP's kernels for the first time (cold cache).
+UMAP_COMPILE_NOTE = "UMAP: one-off compile, about 2 min, cached afterwards"
+#: After this long the note gives up (a warm-up that failed only logs a warning).
+UMAP_COMPILE_NOTE_MAX_S = 900.0
+
+#: How long after the page loaded the WebGL probe runs (neuroglancer reports a failed
+#: context in its page by then).
+WEBGL_PROBE_DELAY_MS = 2_000
+
+#: Console messages and page text by which Chromium or neuroglancer say WebGL did not start.
+WEBGL_FAILURE = re.compile(
+    r"WebGL\S* (?:is )?not supported|WebGL\S* (?:is )?(?:unavailable|not available|disabled)"
+    r"|(?:error|failed|could not|unable to) (?:creating|to create|create) (?:a )?WebGL",
+    re.IGNORECASE,
+)
+
+#: Run in the page: can a canvas get a WebGL 2 context (neuroglancer needs WebGL 2), a
+#: WebGL 1 one, and does the page say WebGL failed?
+WEBGL_PROBE_JS = """(function () {
+  function can(kind) {
+    try { return !!document.createElement('canvas').getContext(kind); } catch (e) { return false; }
+  }
+  var text = document.body ? (document.body.innerText || '') : '';
+  var line = text.split('\\n').find(function (l) { return /webgl/i.test(l); }) || '';
+  return {webgl2: can('webgl2'), webgl: can('webgl'), message: line.slice(0, 300)};
+})()"""
+
+
+def webgl_problem(probe) -> str | None:
+    """Why WebGL is missing, from :data:`WEBGL_PROBE_JS`'s result; None when it is there.
+
+    A result that is not the probe's (the page was gone, JavaScript failed) says nothing.
+    """
+    if not isinstance(probe, dict):
+        return None
+    message = str(probe.get("message") or "").strip()
+    if message and WEBGL_FAILURE.search(message):
+        return message
+    if probe.get("webgl2") is False:
+        webgl1 = "available" if probe.get("webgl") else "not available either"
+        return f"the page cannot create a WebGL 2 context, which neuroglancer needs; WebGL 1 is {webgl1}"
+    return None
+
+
+def webgl_help(detail: str) -> str:
+    """The banner text for a 3-D view without WebGL: what happened and how to fix it."""
+    return (
+        f"The 3-D view cannot draw: WebGL did not start in Qt WebEngine ({detail}). "
+        "Under Xvfb, in a VM or over remote X, start SegScope with QTWEBENGINE_FORCE_USE_GBM=0 "
+        "(the default unless you set it), install Mesa's OpenGL (libgl1-mesa-dri libegl-mesa0 libgbm1), "
+        "and keep --ignore-gpu-blocklist in QTWEBENGINE_CHROMIUM_FLAGS if you set your own flags. "
+        "README: Known constraints."
+    )
+
+
+class NeuroglancerPage(QWebEnginePage):
+    """The web page of the 3-D view: its console goes to debug logging, WebGL failures to a callback.
+
+    Neuroglancer's page logs dozens of harmless WebGL performance warnings ("READ-usage
+    buffer") per launch; they are logged at debug level (``-vv`` shows them) instead of
+    on the terminal. A console message saying WebGL did not start calls
+    ``on_webgl_problem(message)``.
+    """
+
+    def __init__(self, parent=None, on_webgl_problem: Callable[[str], None] | None = None):
+        super().__init__(parent)
+        self.on_webgl_problem = on_webgl_problem
+
+    def javaScriptConsoleMessage(self, level, message, line, source) -> None:
+        log.debug("neuroglancer console (%s) %s:%s: %s", getattr(level, "name", level), source, line, message)
+        if self.on_webgl_problem is not None and WEBGL_FAILURE.search(message or ""):
+            self.on_webgl_problem(message)
+
 
 class JobBar(QWidget):
     """Name, progress, rate and a cancel button for the current embedding job."""
@@ -62,9 +138,7 @@ class JobBar(QWidget):
         layout.setContentsMargins(6, 2, 6, 2)
         self.name_label = QLabel("No job")
         self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
-        self.progress.setFormat("%v / %m")
+        self._idle_progress()
         self.rate_label = QLabel("")
         self.rate_label.setMinimumWidth(110)
         self.cancel_button = QPushButton("Cancel")
@@ -77,11 +151,16 @@ class JobBar(QWidget):
         layout.addWidget(self.cancel_button)
         state.subscribe("job", self.show_job)
 
+    def _idle_progress(self) -> None:
+        """An empty bar with no text: "No job" beside a "0 / 1" read as a job of one step."""
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setFormat("")
+
     def show_job(self, job: JobStatus | None) -> None:
         if job is None:
             self.name_label.setText("No job")
-            self.progress.setRange(0, 1)
-            self.progress.setValue(0)
+            self._idle_progress()
             self.rate_label.setText("")
             self.cancel_button.setEnabled(False)
             return
@@ -89,10 +168,27 @@ class JobBar(QWidget):
         if job.message:
             text += f" ({job.message})"
         self.name_label.setText(text)
+        self.progress.setFormat("%v / %m")
         self.progress.setRange(0, max(job.total, 1))
         self.progress.setValue(min(job.done, max(job.total, 1)))
         self.rate_label.setText("" if job.rate is None else f"{job.rate:.1f} {job.unit}/s")
         self.cancel_button.setEnabled(job.state in ("queued", "running"))
+
+    def show_task(self, text: str, done: int = 0, total: int = 0) -> None:
+        """Show a job that is not an embedding (preparing the demo data): text and progress.
+
+        ``total`` 0 shows a busy bar. :meth:`show_job` (None: "No job") replaces it.
+        """
+        self.name_label.setText(text)
+        if total > 0:
+            self.progress.setFormat("%v / %m")
+            self.progress.setRange(0, total)
+            self.progress.setValue(min(done, total))
+        else:
+            self.progress.setFormat("")
+            self.progress.setRange(0, 0)  # busy
+        self.rate_label.setText("")
+        self.cancel_button.setEnabled(False)
 
 
 class ErrorBanner(QFrame):
@@ -179,12 +275,20 @@ class MainWindow(QMainWindow):
         #: Whether the plot's projection backend (its UMAP process) ends with this window.
         self.owns_projection_backend = False
         self.export_dialog = None
+        #: Job runners started for the window (the demo generation); shut down with it.
+        self.extra_runners: list = []
+        self._compile_timer: QTimer | None = None
         self._autosave_timer = QTimer(self)
         self._autosave_timer.timeout.connect(self.autosave_now)
         self.setWindowTitle("SegScope")
         self.resize(1400, 860)
 
+        #: Why the 3-D view cannot draw (WebGL did not start), once detected; else None.
+        self.webgl_problem: str | None = None
         self.web_view = QWebEngineView()
+        self.page = NeuroglancerPage(self.web_view, on_webgl_problem=self.report_webgl_problem)
+        self.web_view.setPage(self.page)
+        self.web_view.loadFinished.connect(self._on_page_loaded)
         self.web_view.setUrl(QUrl(bridge.url))
         self.banner = ErrorBanner()
         state = session.state
@@ -283,6 +387,11 @@ class MainWindow(QMainWindow):
         )
         if background is not None:
             self.plot_dock.plot.add_background(background)
+        if plot_kwargs.get("start_warm_up", True) and plot_kwargs.get("scheduler_options", {}).get("warm_up", True):
+            from segscope.analysis.projection import numba_cache_is_warm
+
+            if not numba_cache_is_warm():
+                self.watch_umap_compile()
         self.resizeDocks(
             [self.segment_dock, self.plot_dock],
             [self.height() * 2 // 5, self.height() * 3 // 5],
@@ -291,10 +400,70 @@ class MainWindow(QMainWindow):
         self.resizeDocks([self.segment_dock], [560], Qt.Orientation.Horizontal)
         return self.plot_dock
 
+    def watch_umap_compile(self, interval_ms: int = 1000) -> None:
+        """Say under the plot, with the seconds so far, that UMAP compiles once (cold numba cache).
+
+        The plot shows the PCA meanwhile; the note goes once the warm-up is done, the
+        first UMAP is shown, a fit failed, or after :data:`UMAP_COMPILE_NOTE_MAX_S`.
+        """
+        if self.plot_dock is None:
+            return
+        plot = self.plot_dock.plot
+        scheduler = plot.scheduler
+        started = time.monotonic()
+        timer = QTimer(self)
+        timer.setInterval(interval_ms)
+
+        def tick() -> None:
+            elapsed = time.monotonic() - started
+            if (
+                self._closed
+                or scheduler.warm_up_result is not None
+                or scheduler.umap is not None
+                or "failed" in scheduler.status
+                or elapsed > UMAP_COMPILE_NOTE_MAX_S
+            ):
+                timer.stop()
+                if not self._closed:
+                    plot._show_status(scheduler.status)
+                return
+            plot._show_status(f"{scheduler.status} · {UMAP_COMPILE_NOTE} ({elapsed:.0f} s so far)")
+
+        timer.timeout.connect(tick)
+        timer.start()
+        self._compile_timer = timer
+        tick()
+
     def _on_dataset(self, summary) -> None:
         self.setWindowTitle(f"SegScope: {summary.name}")
-        self.banner.hide()
+        if self.webgl_problem is None:
+            self.banner.hide()
         self._update_undo_actions()
+
+    # -- WebGL ------------------------------------------------------------------------------------
+
+    def _on_page_loaded(self, ok: bool) -> None:
+        if ok and not self._closed:
+            QTimer.singleShot(WEBGL_PROBE_DELAY_MS, self.probe_webgl)
+
+    def probe_webgl(self) -> None:
+        """Ask the page whether WebGL works (asynchronous; the answer goes to :meth:`check_webgl_probe`)."""
+        if not self._closed:
+            self.page.runJavaScript(WEBGL_PROBE_JS, 0, self.check_webgl_probe)
+
+    def check_webgl_probe(self, probe) -> None:
+        """Show the WebGL banner when :data:`WEBGL_PROBE_JS`'s result says WebGL is missing."""
+        problem = webgl_problem(probe)
+        if problem is not None:
+            self.report_webgl_problem(problem)
+
+    def report_webgl_problem(self, detail: str) -> None:
+        """Say in the window, once, that the 3-D view cannot draw, why, and how to fix it."""
+        if self.webgl_problem is not None or self._closed:
+            return
+        self.webgl_problem = webgl_help(detail.strip() or "no details")
+        log.warning("%s", self.webgl_problem)
+        self.banner.show_error(self.webgl_problem)
 
     # -- menus and shortcuts -------------------------------------------------------------------
 
@@ -522,6 +691,10 @@ class MainWindow(QMainWindow):
             return
         self._closed = True
         self._autosave_timer.stop()
+        if self._compile_timer is not None:
+            self._compile_timer.stop()
+        for runner in self.extra_runners:
+            runner.shutdown(wait=False)
         if self.plot_dock is not None:
             self.plot_dock.shutdown()
             if self.owns_projection_backend:
