@@ -30,21 +30,30 @@ requested wins and an older pending one is dropped.
 Annotation layers
 -----------------
 :data:`NODES_LAYER` holds one point per embedding centre of the selected segment: grey
-while its embedding is pending, yellow once embedded, and the colour of its *predicted*
+while its embedding is pending, near white once embedded, and the colour of its *predicted*
 subcompartment when a subcompartment classifier has labelled it. :data:`GROUND_TRUTH_LAYER`
-(hidden by default) shows the dataset's own compartment labels, when it has any, for
-comparison. The selected segment's colour is its predicted cell type's colour, or magenta
+shows the dataset's own compartment labels, when it has any, for comparison; it is
+*archived* (listed in the layer list panel, not in the layer bar, until the user shows
+it). The selected segment's colour is its predicted cell type's colour, or magenta
 (:data:`segscope.app.state.OOD_COLOUR`) when it is flagged out of distribution; a flagged segment
 also gets a layer whose *name* says so in the layer bar (:data:`OOD_LAYER_PREFIX`), holding
 a magenta box around its nodes (2-D and 3-D) with the score in its description.
 
-:data:`HOVER_LAYER` rings the node under the plot's cursor (:meth:`~NeuroglancerBridge.highlight_node`),
-:data:`SELECTION_LAYER` the nodes of a plot rectangle or lasso
-(:meth:`~NeuroglancerBridge.show_selected_nodes`, beside their segments selected by
-:meth:`~NeuroglancerBridge.highlight_segments`);
+:data:`SELECTION_LAYER` (also :data:`HOVER_LAYER`: one layer for both) rings the nodes of a
+plot rectangle or lasso (:meth:`~NeuroglancerBridge.show_selected_nodes`, beside their
+segments selected by :meth:`~NeuroglancerBridge.highlight_segments`) and, bigger, the node
+under the plot's cursor (:meth:`~NeuroglancerBridge.highlight_node`);
 :data:`LABELS_LAYER` shows the manually labelled nodes coloured by :func:`label_colour`
-(the plot uses the same rule); :meth:`~NeuroglancerBridge.add_exported_layer` adds an export
-bundle's precomputed annotations, served from the local file server.
+(the plot uses the same rule), sparsely (:func:`sparse_labels`): every labelled node of the
+segments selected in the viewer, and elsewhere one small disc per segment and label, at
+most :data:`MAX_LABELS_DRAWN` in all; :meth:`~NeuroglancerBridge.add_exported_layer` adds
+an export bundle's precomputed annotations, served from the local file server.
+
+Layer order: the flag layer of an out-of-distribution segment is kept last, so it is drawn
+over the others. A double click over an annotation that hides the segment under it (3-D
+panel) still reaches that segment: :func:`click_event_from_action` falls back to the
+segment the annotation's id names (:func:`segment_of_annotation`); the rings are not
+pickable at all.
 """
 
 from __future__ import annotations
@@ -88,14 +97,21 @@ GROUND_TRUTH_LAYER = "ground truth compartments (dataset)"
 OOD_LAYER_PREFIX = "OUT OF DISTRIBUTION"
 #: Margin (nm) of the flag box around the segment's nodes.
 OOD_BOX_MARGIN_NM = 1000.0
-#: Layer with the ring around the node hovered in the plot.
-HOVER_LAYER = "segscope hover"
-#: Nodes selected in the embedding plot (rectangle or lasso), ringed in white.
+#: Nodes selected in the embedding plot (rectangle or lasso), ringed in white, and the node
+#: under the plot's cursor, with a bigger, thicker ring: one layer for both.
 SELECTION_LAYER = "plot selection"
+#: The hover ring's layer (the selection's: fewer layers in the layer bar).
+HOVER_LAYER = SELECTION_LAYER
 #: Most selected nodes drawn (a lasso over a large plot can take tens of thousands).
 MAX_SELECTED_NODES = 5_000
-#: Layer with one point per manually labelled node.
+#: Layer with the manually labelled nodes (sparse: :func:`sparse_labels`).
 LABELS_LAYER = "manual labels"
+#: Most label discs drawn at once (level of detail: hundreds of discs hide the 3-D view).
+MAX_LABELS_DRAWN = 300
+#: Of those, most discs for segments not selected in the viewer (one per segment and label).
+MAX_LABEL_MARKERS_ELSEWHERE = 100
+#: Disc diameters (screen pixels): labels on selected segments, one-per-label markers elsewhere.
+LABEL_SIZE_SELECTED, LABEL_SIZE_ELSEWHERE = 7.0, 5.0
 #: Default name of the layer of an export bundle's annotations.
 EXPORTED_LAYER = "exported nodes"
 _BRIDGE_LAYERS = (
@@ -103,7 +119,6 @@ _BRIDGE_LAYERS = (
     SEGMENTATION_LAYER,
     NODES_LAYER,
     GROUND_TRUTH_LAYER,
-    HOVER_LAYER,
     SELECTION_LAYER,
     LABELS_LAYER,
 )
@@ -163,6 +178,9 @@ def click_event_from_action(action_state, segmentation_layer: str = SEGMENTATION
 
     The mouse position comes in the viewer's global coordinates (one unit per dimension
     scale); it is converted to nm with the dimensions recorded in the same action state.
+    When the segmentation layer has no segment under the mouse but an annotation of
+    another layer is (the 3-D panel picks the annotation), the segment is the one the
+    annotation's id names (:func:`segment_of_annotation`).
     """
     segment_id = None
     selected = action_state.selected_values.get(segmentation_layer) if action_state.selected_values else None
@@ -173,6 +191,10 @@ def click_event_from_action(action_state, segmentation_layer: str = SEGMENTATION
         raw = value.key if hasattr(value, "key") else value
         if int(raw) != 0:
             segment_id = int(raw)
+    if segment_id is None and action_state.selected_values:
+        # Over an annotation (a label disc, a node) the 3-D panel picks the annotation, not
+        # the segment's mesh behind it: take the segment the annotation belongs to.
+        segment_id = _segment_under_annotation(action_state.selected_values, segmentation_layer)
     position_nm = None
     mouse = action_state.mouse_voxel_coordinates
     viewer_state = action_state.viewer_state
@@ -182,6 +204,38 @@ def click_event_from_action(action_state, segmentation_layer: str = SEGMENTATION
         except (ValueError, IndexError):
             log.warning("cannot convert mouse position %s to nm", mouse)
     return ClickEvent(segment_id, position_nm)
+
+
+def segment_of_annotation(annotation_id: Any) -> int | None:
+    """The segment id an annotation id of this bridge names; None for others.
+
+    Node and ground-truth points are ``"<segment>-<node>"``, labels ``"label-<segment>"`` or
+    ``"label-<segment>-<node>"``, the OOD box ``"ood-<segment>"``.
+    """
+    if not isinstance(annotation_id, str):
+        return None
+    parts = annotation_id.split("-")
+    if parts[0] in ("label", "ood"):
+        parts = parts[1:]
+    elif len(parts) != 2:
+        return None  # exported (numeric) ids, rings ("hover", "selected-i")
+    if not parts or not all(p.isdigit() for p in parts) or len(parts) > 2:
+        return None
+    segment = int(parts[0])
+    return segment if 0 < segment < 2**64 else None
+
+
+def _segment_under_annotation(selected_values: Any, segmentation_layer: str) -> int | None:
+    for name in list(selected_values.keys()):
+        if name == segmentation_layer:
+            continue
+        selection = selected_values.get(name)
+        raw = selection.to_json() if hasattr(selection, "to_json") else selection
+        if isinstance(raw, dict):
+            segment = segment_of_annotation(raw.get("annotationId"))
+            if segment is not None:
+                return segment
+    return None
 
 
 @dataclass(frozen=True)
@@ -306,6 +360,12 @@ class NeuroglancerBridge:
         # Set while this bridge commits a transaction: change callbacks run synchronously on
         # the committing thread, so they can tell the bridge's own writes from the user's.
         self._own_write = threading.local()
+        # What the rings and label layers show, read by their writes on the writer thread.
+        self._layers_lock = threading.Lock()
+        self._hover_ring: list[dict] = []
+        self._selected_rings: list[dict] = []
+        self._labels: list[dict] = []
+        self._shown_segments: frozenset[int] = frozenset()
         self.viewer.actions.add(SELECT_ACTION, self._handle_select_action)
         with self.viewer.config_state.txn() as s:
             s.input_event_bindings.data_view[SELECT_EVENT] = SELECT_ACTION
@@ -415,7 +475,8 @@ class NeuroglancerBridge:
                 annotation_properties=_node_properties(),
                 shader=_NODE_SHADER,
             )
-            s.layers[GROUND_TRUTH_LAYER].visible = False
+            # Rarely used: archived (in the layer list panel, not the layer bar).
+            s.layers[GROUND_TRUTH_LAYER].archived = True
             s.layers[NODES_LAYER] = neuroglancer.LocalAnnotationLayer(
                 dimensions=nm_space,
                 annotation_properties=_node_properties(),
@@ -481,6 +542,16 @@ class NeuroglancerBridge:
         """
         wanted = frozenset(_segment_id(value) for value in segment_ids)
         self._writer.submit("segments", lambda: self._write_selection(wanted))
+        self._show_labels_of(wanted)
+
+    def _show_labels_of(self, segments: frozenset[int]) -> None:
+        """Draw the labels of ``segments`` (now selected in the viewer) in full, others sparsely."""
+        with self._layers_lock:
+            changed = segments != self._shown_segments
+            self._shown_segments = segments
+            labelled = bool(self._labels)
+        if changed and labelled:
+            self._writer.submit("labels", self._write_labels)
 
     def highlight_node(self, point: tuple[int, int, Sequence[float]] | None, *, move: bool = False) -> None:
         """Ring one node in the 3-D and 2-D views (the node under the plot's cursor).
@@ -500,9 +571,9 @@ class NeuroglancerBridge:
             When the segment id or the position is malformed.
         """
         annotations = [] if point is None else [hover_annotation(*point)]
-        self._writer.submit(
-            "hover", lambda: self._write_annotation_layer(HOVER_LAYER, annotations, self._ring_layer(_HOVER_SHADER))
-        )
+        with self._layers_lock:
+            self._hover_ring = annotations
+        self._writer.submit("rings", self._write_rings)
         if move and annotations:
             self.set_view(annotations[0]["point"])
 
@@ -524,16 +595,22 @@ class NeuroglancerBridge:
         points = list(points)
         if len(points) > MAX_SELECTED_NODES:
             points = [points[i] for i in np.linspace(0, len(points) - 1, MAX_SELECTED_NODES).astype(int)]
-        annotations = [dict(hover_annotation(*point), id=f"selected-{i}") for i, point in enumerate(points)]
-        self._writer.submit(
-            "selection nodes",
-            lambda: self._write_annotation_layer(SELECTION_LAYER, annotations, self._ring_layer(_SELECTION_SHADER)),
-        )
+        annotations = [
+            dict(hover_annotation(*point), id=f"selected-{i}", props=list(_SELECTED_RING))
+            for i, point in enumerate(points)
+        ]
+        with self._layers_lock:
+            self._selected_rings = annotations
+        self._writer.submit("rings", self._write_rings)
 
     def show_labels(
         self, points: Sequence[tuple[int, int | None, Sequence[float], str]], labels_in_order: Sequence[str] = ()
     ) -> None:
         """Show the manually labelled nodes in :data:`LABELS_LAYER`, coloured by label.
+
+        Drawn sparsely (:func:`sparse_labels`): all labelled nodes of the segments selected
+        in the viewer, one small disc per segment and label elsewhere, at most
+        :data:`MAX_LABELS_DRAWN`; a change of the selected segments redraws them.
 
         Parameters
         ----------
@@ -553,10 +630,9 @@ class NeuroglancerBridge:
             For a malformed point, an empty label, or two points with the same node.
         """
         annotations = label_annotations(points, labels_in_order)
-        self._writer.submit(
-            "labels",
-            lambda: self._write_annotation_layer(LABELS_LAYER, annotations, self._labels_layer, drop_when_empty=True),
-        )
+        with self._layers_lock:
+            self._labels = annotations
+        self._writer.submit("labels", self._write_labels)
 
     def add_exported_layer(self, bundle_folder: str | Path, name: str = EXPORTED_LAYER) -> str:
         """Show an export bundle's ``annotations/`` as a precomputed annotation layer.
@@ -658,6 +734,7 @@ class NeuroglancerBridge:
         self._seen_segments = current
         if getattr(self._own_write, "active", False):
             return  # this bridge's own write: reporting it would echo it back
+        self._show_labels_of(current)
         self.events.segments_changed.emit(current)
 
     # -- following the session state -------------------------------------------------------
@@ -679,6 +756,7 @@ class NeuroglancerBridge:
     def _on_segment(self, record: SegmentRecord | None) -> None:
         wanted = frozenset() if record is None else frozenset({int(record.segment_id)})
         self._writer.submit("segments", lambda: self._write_selection(wanted))
+        self._show_labels_of(wanted)
         self._writer.submit("nodes", lambda: self._write_annotation_layer(NODES_LAYER, []))
         self._writer.submit("ground_truth", lambda: self._write_annotation_layer(GROUND_TRUTH_LAYER, []))
         self._writer.submit("ood_flag", lambda: self._write_ood_flag(None))
@@ -730,6 +808,17 @@ class NeuroglancerBridge:
 
         self._write_if_changed(is_current, apply)
 
+    def _write_rings(self) -> None:
+        with self._layers_lock:
+            annotations = [*self._selected_rings, *self._hover_ring]
+        self._write_annotation_layer(SELECTION_LAYER, annotations, self._ring_layer)
+
+    def _write_labels(self) -> None:
+        with self._layers_lock:
+            annotations, shown = self._labels, self._shown_segments
+        drawn = sparse_labels(annotations, shown)
+        self._write_annotation_layer(LABELS_LAYER, drawn, self._labels_layer, drop_when_empty=True)
+
     def _nm_annotation_layer(self, **kwargs):
         space = self._neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm", scales=[1, 1, 1])
         return self._neuroglancer.LocalAnnotationLayer(dimensions=space, **kwargs)
@@ -769,6 +858,7 @@ class NeuroglancerBridge:
                 if make_layer is None:
                     return  # is_current said so already: nothing to create
                 s.layers[name] = make_layer(annotations)
+                _keep_flags_last(s)
             elif drop_when_empty and not annotations:
                 del s.layers[name]
             else:
@@ -776,9 +866,11 @@ class NeuroglancerBridge:
 
         self._write_if_changed(is_current, apply)
 
-    def _ring_layer(self, shader: str) -> Callable[[list[dict]], Any]:
+    def _ring_layer(self, annotations: list[dict]):
         # pick=False: rings must not catch the double click meant for the segment.
-        return lambda annotations: self._nm_annotation_layer(shader=shader, annotations=annotations, pick=False)
+        return self._nm_annotation_layer(
+            annotation_properties=_ring_properties(), shader=_RING_SHADER, annotations=annotations, pick=False
+        )
 
     def _labels_layer(self, annotations: list[dict]):
         return self._nm_annotation_layer(
@@ -825,6 +917,7 @@ class NeuroglancerBridge:
             if shader is not None:
                 layer.shader = shader
             s.layers[name] = layer  # replaces a layer of that name in place
+            _keep_flags_last(s)
             urls = segmentation_urls(s)
             if urls is None:
                 return
@@ -905,6 +998,18 @@ class NeuroglancerBridge:
             pass
 
 
+def _keep_flags_last(s) -> None:
+    """Move the out-of-distribution flag layers to the end of the layer list (drawn last, on top)."""
+    names = [layer.name for layer in s.layers]
+    flags = [name for name in names if name.startswith(OOD_LAYER_PREFIX)]
+    if not flags or names[-len(flags) :] == flags:
+        return
+    for name in flags:
+        layer = s.layers[name]
+        del s.layers[name]
+        s.layers.append(layer)
+
+
 def _stop_server(server) -> None:
     try:
         server.request_stop()
@@ -961,31 +1066,36 @@ def _visible_ids(segments_json: tuple | None) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _ring_shader(size_px: float, border_px: float, alpha: float) -> str:
-    """Annotation shader code that draws each point as a white ring with a transparent centre.
-
-    The centre is transparent so a node's own colour (its compartment) stays visible inside it.
-    """
-    return f"""
-void main() {{
-  setPointMarkerSize({size_px:.1f});
+#: White rings with a transparent centre, so a node's own colour (its compartment) stays
+#: visible inside; each ring's size and border width (px) are its properties.
+_RING_SHADER = """
+void main() {
+  setPointMarkerSize(prop_size());
   setPointMarkerColor(vec4(0.0, 0.0, 0.0, 0.0));
-  setPointMarkerBorderWidth({border_px:.1f});
-  setPointMarkerBorderColor(vec4(1.0, 1.0, 1.0, {alpha:.1f}));
-}}
+  setPointMarkerBorderWidth(prop_border());
+  setPointMarkerBorderColor(vec4(1.0, 1.0, 1.0, 1.0));
+}
 """
+#: Ring (size, border) in px: the hovered node's is large and thick, selected nodes' smaller.
+_HOVER_RING, _SELECTED_RING = (18.0, 3.0), (10.0, 2.0)
 
 
-#: The hovered node: a large, thick ring; selected nodes: smaller, thinner rings.
-_HOVER_SHADER = _ring_shader(18.0, 3.0, 1.0)
-_SELECTION_SHADER = _ring_shader(10.0, 2.0, 0.9)
+def _ring_properties() -> list:
+    import neuroglancer
 
-#: Manual labels: the label's colour with a white border (predicted nodes have a black one).
+    return [
+        neuroglancer.AnnotationPropertySpec(id="size", type="float32", default=_SELECTED_RING[0]),
+        neuroglancer.AnnotationPropertySpec(id="border", type="float32", default=_SELECTED_RING[1]),
+    ]
+
+
+#: Manual labels: the label's colour with a thin white border (predicted nodes have a black
+#: one), as big as the disc's ``size`` property (:func:`sparse_labels`).
 _LABEL_SHADER = """
 void main() {
   setColor(prop_color());
-  setPointMarkerSize(11.0);
-  setPointMarkerBorderWidth(2.0);
+  setPointMarkerSize(prop_size());
+  setPointMarkerBorderWidth(1.0);
   setPointMarkerBorderColor(vec4(1.0, 1.0, 1.0, 1.0));
 }
 """
@@ -994,7 +1104,10 @@ void main() {
 def _label_properties() -> list:
     import neuroglancer
 
-    return [neuroglancer.AnnotationPropertySpec(id="color", type="rgb", default="#ffffff")]
+    return [
+        neuroglancer.AnnotationPropertySpec(id="color", type="rgb", default="#ffffff"),
+        neuroglancer.AnnotationPropertySpec(id="size", type="float32", default=LABEL_SIZE_SELECTED),
+    ]
 
 
 def hover_annotation(segment_id: int, node_id: int, xyz_nm: Sequence[float]) -> dict:
@@ -1005,7 +1118,47 @@ def hover_annotation(segment_id: int, node_id: int, xyz_nm: Sequence[float]) -> 
         "id": "hover",
         "point": _position_nm(xyz_nm, f"hovered node {segment}-{node_id}"),
         "segments": [[str(segment)]],
+        "props": list(_HOVER_RING),
     }
+
+
+def sparse_labels(
+    annotations: Sequence[dict],
+    shown_segments: Iterable[int] = (),
+    *,
+    limit: int = MAX_LABELS_DRAWN,
+    elsewhere: int = MAX_LABEL_MARKERS_ELSEWHERE,
+) -> list[dict]:
+    """The label discs worth drawing (level of detail), from :func:`label_annotations`.
+
+    Every labelled node of ``shown_segments`` (the segments selected in the viewer), up to
+    ``limit``, at :data:`LABEL_SIZE_SELECTED`; then, for other segments, one smaller disc
+    (:data:`LABEL_SIZE_ELSEWHERE`) per segment and label, at its first node, described
+    with its node count, up to ``elsewhere`` of them and ``limit`` in all. Input order is
+    kept within each group.
+    """
+    shown = {int(s) for s in shown_segments}
+    near: list[dict] = []
+    far: dict[tuple[int, str], list] = {}
+    for annotation in annotations:
+        segment = int(annotation["segments"][0][0])
+        colour = annotation["props"][0]
+        if segment in shown:
+            if len(near) < limit:
+                near.append(dict(annotation, props=[colour, LABEL_SIZE_SELECTED]))
+            continue
+        key = (segment, annotation["description"])
+        if key in far:
+            far[key][1] += 1
+        else:
+            far[key] = [annotation, 1]
+    markers: list[dict] = []
+    for (_segment, label), (annotation, count) in far.items():
+        if len(markers) >= min(elsewhere, limit - len(near)):
+            break
+        description = label if count == 1 else f"{label} ({count} labelled nodes)"
+        markers.append(dict(annotation, description=description, props=[annotation["props"][0], LABEL_SIZE_ELSEWHERE]))
+    return near + markers
 
 
 def label_annotations(
@@ -1043,7 +1196,10 @@ def label_annotations(
                 "point": _position_nm(xyz_nm, f"labelled node {key[len('label-') :]}"),
                 "description": label,
                 "segments": [[str(segment)]],
-                "props": [colours.get(label) or colours.setdefault(label, label_colour(label, labels_in_order))],
+                "props": [
+                    colours.get(label) or colours.setdefault(label, label_colour(label, labels_in_order)),
+                    LABEL_SIZE_SELECTED,
+                ],
             }
         )
     return annotations

@@ -547,6 +547,144 @@ def test_a_failing_segments_listener_does_not_break_the_viewer(bridge):
     assert reports == [frozenset({8})]
 
 
+# -- clutter: layers, level of detail, the OOD flag on top, clicks through annotations ------
+
+
+def test_a_double_click_on_an_annotation_reaches_the_segment_behind_it(bridge):
+    from segscope.app.neuroglancer_bridge import LABELS_LAYER, SELECTION_LAYER
+
+    def over_annotation(layer, annotation_id, segmentation_value=None):
+        action = fake_action(bridge, segmentation_value, [1, 1, 1])
+        action["selectedValues"][layer] = {"annotationId": annotation_id, "annotationSource": 0}
+        return action
+
+    # Over a label disc in 3-D the segmentation layer has no value: the disc's segment is taken.
+    bridge.viewer.actions.invoke(SELECT_ACTION, over_annotation(LABELS_LAYER, f"label-{2**40 + 9}-4"))
+    bridge.viewer.actions.invoke(SELECT_ACTION, over_annotation(LABELS_LAYER, "label-13"))  # a segment label
+    bridge.viewer.actions.invoke(SELECT_ACTION, over_annotation(NODES_LAYER, "12-8"))
+    bridge.viewer.actions.invoke(SELECT_ACTION, over_annotation("OUT OF DISTRIBUTION: segment 5", "ood-5"))
+    # The segment under the mouse, when there is one, wins; ids of others name no segment.
+    bridge.viewer.actions.invoke(SELECT_ACTION, over_annotation(NODES_LAYER, "12-8", "44"))
+    bridge.viewer.actions.invoke(SELECT_ACTION, over_annotation("exported nodes", "17"))
+    bridge.viewer.actions.invoke(SELECT_ACTION, over_annotation(SELECTION_LAYER, "hover"))
+    assert [c.segment_id for c in bridge.clicks] == [2**40 + 9, 13, 12, 5, 44, None, None]
+
+
+@pytest.mark.parametrize(
+    ("annotation_id", "segment"),
+    [
+        ("12-8", 12),
+        ("label-12-8", 12),
+        ("label-12", 12),
+        ("ood-7", 7),
+        ("hover", None),
+        ("selected-3", None),
+        ("17", None),
+        ("label-x-1", None),
+        ("0-1", None),
+        ("1-2-3", None),
+        (None, None),
+        (f"{2**64}-1", None),
+    ],
+)
+def test_segment_of_annotation_reads_the_bridges_ids(annotation_id, segment):
+    from segscope.app.neuroglancer_bridge import segment_of_annotation
+
+    assert segment_of_annotation(annotation_id) == segment
+
+
+def _layer_bar(bridge) -> list[str]:
+    """The layers the layer bar shows (archived ones are only in the layer list panel)."""
+    return [layer.name for layer in bridge.viewer.state.layers if not layer.archived]
+
+
+def test_one_lasso_label_export_and_ood_click_leave_few_layers_with_the_flag_last(bridge, tmp_path):
+    from segscope.app.neuroglancer_bridge import EXPORTED_LAYER, LABELS_LAYER, SELECTION_LAYER
+
+    state = SessionState()
+    bridge.attach(state)
+    state.select_segment(12, [0.0, 0.0, 0.0])
+    state.set_centres(12, [4, 8], np.array([[100.0, 200.0, 300.0], [400.0, 500.0, 600.0]]), ground_truth=[1, 255])
+    state.add_embeddings(12, [0, 1], np.ones((2, 4)))
+    state.set_predictions(12, predicted=[0, 1], cell_type="excitatory", ood_score=0.9, ood_flagged=True)
+    assert bridge.flush()
+    # A lasso (segments and rings), the hover ring, a label and an export come after the flag.
+    bridge.highlight_segments([12, 13])
+    bridge.show_selected_nodes([(12, 4, (100.0, 200.0, 300.0)), (13, 1, (0.0, 0.0, 0.0))])
+    bridge.highlight_node((12, 4, (100.0, 200.0, 300.0)))
+    bridge.show_labels([(12, 4, (100.0, 200.0, 300.0), "spine")])
+    bridge.add_exported_layer(write_bundle(tmp_path / "bundle"))
+    assert bridge.flush()
+
+    layers = bridge.viewer.state.layers
+    assert _layer_bar(bridge) == [
+        "image",
+        SEGMENTATION_LAYER,
+        NODES_LAYER,
+        SELECTION_LAYER,
+        LABELS_LAYER,
+        EXPORTED_LAYER,
+        "OUT OF DISTRIBUTION: segment 12",  # last: drawn over the others
+    ]
+    assert layers[GROUND_TRUTH_LAYER].archived and len(annotations(bridge, GROUND_TRUTH_LAYER)) == 2
+    # Hover and selection rings share one layer: the hover ring is the bigger one.
+    rings = annotations(bridge, SELECTION_LAYER)
+    assert [r["id"] for r in rings] == ["selected-0", "selected-1", "hover"]
+    assert rings[2]["props"][0] > rings[0]["props"][0]
+    bridge.highlight_node(None)
+    assert bridge.flush()
+    assert [r["id"] for r in annotations(bridge, SELECTION_LAYER)] == ["selected-0", "selected-1"]
+    bridge.show_selected_nodes([])
+    bridge.highlight_node((13, 1, (0.0, 0.0, 0.0)))
+    assert bridge.flush()
+    assert [r["id"] for r in annotations(bridge, SELECTION_LAYER)] == ["hover"]
+
+
+def test_labels_are_drawn_sparsely_and_in_full_on_the_selected_segments(bridge):
+    from segscope.app.neuroglancer_bridge import (
+        LABEL_SIZE_ELSEWHERE,
+        LABEL_SIZE_SELECTED,
+        LABELS_LAYER,
+        MAX_LABEL_MARKERS_ELSEWHERE,
+        MAX_LABELS_DRAWN,
+    )
+
+    # 400 labelled context segments of 3 nodes each (a lasso over the context, labelled),
+    # and segment 5 with 2 x 300 labelled nodes.
+    points = [(1000 + s, n, (float(s), float(n), 0.0), "glia?") for s in range(400) for n in range(3)]
+    points += [(5, n, (float(n), 5.0, 5.0), "spine" if n % 2 else "bouton") for n in range(600)]
+    bridge.show_labels(points)
+    assert bridge.flush()
+    shown = annotations(bridge, LABELS_LAYER)
+    # Nothing selected: one small disc per segment and label, at most so many.
+    assert len(shown) == MAX_LABEL_MARKERS_ELSEWHERE
+    assert len({a["segments"][0][0] for a in shown}) == MAX_LABEL_MARKERS_ELSEWHERE
+    assert shown[0]["description"] == "glia? (3 labelled nodes)" and shown[0]["id"] == "label-1000-0"
+    assert {a["props"][1] for a in shown} == {LABEL_SIZE_ELSEWHERE}
+
+    # Selecting segment 5 (a double click, a lasso, or in the page) draws its labels in full.
+    bridge.highlight_segments([5])
+    assert bridge.flush()
+    shown = annotations(bridge, LABELS_LAYER)
+    assert len(shown) == MAX_LABELS_DRAWN
+    assert all(a["segments"] == [["5"]] and a["props"][1] == LABEL_SIZE_SELECTED for a in shown)
+    assert shown[0]["description"] == "bouton"
+    # A small selected segment leaves room for markers elsewhere.
+    bridge.show_labels([p for p in points if p[0] != 5 or p[1] < 4])
+    assert bridge.flush()
+    shown = annotations(bridge, LABELS_LAYER)
+    assert [a["id"] for a in shown[:4]] == [f"label-5-{n}" for n in range(4)]
+    assert len(shown) == 4 + MAX_LABEL_MARKERS_ELSEWHERE
+
+    state = SessionState()
+    bridge.attach(state)
+    state.select_segment(1001)
+    assert bridge.flush()
+    shown = annotations(bridge, LABELS_LAYER)
+    assert [a["id"] for a in shown[:3]] == ["label-1001-0", "label-1001-1", "label-1001-2"]
+    assert [a["description"] for a in shown[:3]] == ["glia?"] * 3
+
+
 # -- the same, with Neuroglancer's own client in the page ---------------------------------
 
 _VISIBLE_SEGMENTS_JS = (
@@ -626,3 +764,41 @@ def test_the_page_draws_the_new_layers_and_reports_only_the_users_selection(web_
             "the page's camera move to reach Python",
         )
         assert reports == [frozenset({1, 2, 3})]
+
+
+_PAGE_LAYERS_JS = "viewer.layerManager.managedLayers.map(l => [l.name, !!l.archived])"
+
+
+@pytest.mark.qt
+@pytest.mark.timeout(180)
+def test_the_page_keeps_the_flag_last_and_the_ground_truth_out_of_the_layer_bar(web_qapp, bridge):
+    from segscope.app.neuroglancer_bridge import LABELS_LAYER, SELECTION_LAYER
+
+    from ngclient import NeuroglancerPage
+
+    state = SessionState()
+    bridge.attach(state)
+    with NeuroglancerPage(bridge.viewer) as page:
+        state.select_segment(12, [0.0, 0.0, 0.0])
+        state.set_centres(12, [4, 8], np.array([[1000.0, 1000.0, 1000.0], [1100.0, 1000.0, 1000.0]]))
+        state.add_embeddings(12, [0, 1], np.ones((2, 4)))
+        state.set_predictions(12, predicted=[0, 1], ood_score=0.9, ood_flagged=True)
+        assert bridge.flush()
+        bridge.show_labels([(12, 4, (1000.0, 1000.0, 1000.0), "spine")])
+        bridge.show_selected_nodes([(12, 4, (1000.0, 1000.0, 1000.0))])
+        assert bridge.flush()
+        expected = [
+            ["image", False],
+            [SEGMENTATION_LAYER, False],
+            [GROUND_TRUTH_LAYER, True],
+            [NODES_LAYER, False],
+            [LABELS_LAYER, False],
+            [SELECTION_LAYER, False],
+            ["OUT OF DISTRIBUTION: segment 12", False],
+        ]
+        assert page.wait_for(_PAGE_LAYERS_JS, lambda v: v == expected, timeout_s=30) == expected
+        for layer in (LABELS_LAYER, SELECTION_LAYER, "OUT OF DISTRIBUTION: segment 12"):
+            assert (
+                page.wait_for(_shader_error_js(layer), lambda v: v not in ("no layer", "not compiled"), timeout_s=30)
+                is None
+            ), layer
