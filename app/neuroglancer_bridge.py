@@ -173,14 +173,19 @@ def _dimension_scales_nm(dimensions) -> np.ndarray:
     return np.asarray(scales)
 
 
-def click_event_from_action(action_state, segmentation_layer: str = SEGMENTATION_LAYER) -> ClickEvent:
+def click_event_from_action(
+    action_state,
+    segmentation_layer: str = SEGMENTATION_LAYER,
+    annotation_segment: Callable[[str, Any], int | None] | None = None,
+) -> ClickEvent:
     """Read a :class:`ClickEvent` out of a neuroglancer ``ActionState``.
 
     The mouse position comes in the viewer's global coordinates (one unit per dimension
     scale); it is converted to nm with the dimensions recorded in the same action state.
     When the segmentation layer has no segment under the mouse but an annotation of
     another layer is (the 3-D panel picks the annotation), the segment is the one the
-    annotation's id names (:func:`segment_of_annotation`).
+    annotation's id names: ``annotation_segment(layer_name, annotation_id)``, by default
+    :func:`segment_of_annotation` of the id.
     """
     segment_id = None
     selected = action_state.selected_values.get(segmentation_layer) if action_state.selected_values else None
@@ -194,7 +199,11 @@ def click_event_from_action(action_state, segmentation_layer: str = SEGMENTATION
     if segment_id is None and action_state.selected_values:
         # Over an annotation (a label disc, a node) the 3-D panel picks the annotation, not
         # the segment's mesh behind it: take the segment the annotation belongs to.
-        segment_id = _segment_under_annotation(action_state.selected_values, segmentation_layer)
+        segment_id = _segment_under_annotation(
+            action_state.selected_values,
+            segmentation_layer,
+            annotation_segment or (lambda _layer, annotation_id: segment_of_annotation(annotation_id)),
+        )
     position_nm = None
     mouse = action_state.mouse_voxel_coordinates
     viewer_state = action_state.viewer_state
@@ -225,14 +234,16 @@ def segment_of_annotation(annotation_id: Any) -> int | None:
     return segment if 0 < segment < 2**64 else None
 
 
-def _segment_under_annotation(selected_values: Any, segmentation_layer: str) -> int | None:
+def _segment_under_annotation(
+    selected_values: Any, segmentation_layer: str, annotation_segment: Callable[[str, Any], int | None]
+) -> int | None:
     for name in list(selected_values.keys()):
         if name == segmentation_layer:
             continue
         selection = selected_values.get(name)
         raw = selection.to_json() if hasattr(selection, "to_json") else selection
-        if isinstance(raw, dict):
-            segment = segment_of_annotation(raw.get("annotationId"))
+        if isinstance(raw, dict) and raw.get("annotationId") is not None:
+            segment = annotation_segment(name, raw["annotationId"])
             if segment is not None:
                 return segment
     return None
@@ -366,6 +377,8 @@ class NeuroglancerBridge:
         self._selected_rings: list[dict] = []
         self._labels: list[dict] = []
         self._shown_segments: frozenset[int] = frozenset()
+        # Exported layers: name -> segment id of each annotation id (the node table's rows).
+        self._exported_segments: dict[str, np.ndarray] = {}
         self.viewer.actions.add(SELECT_ACTION, self._handle_select_action)
         with self.viewer.config_state.txn() as s:
             s.input_event_bindings.data_view[SELECT_EVENT] = SELECT_ACTION
@@ -381,9 +394,20 @@ class NeuroglancerBridge:
 
     def _handle_select_action(self, action_state) -> None:
         # Server thread: snapshot and hand over; the consumer decides what to do.
-        event = click_event_from_action(action_state, SEGMENTATION_LAYER)
+        event = click_event_from_action(action_state, SEGMENTATION_LAYER, self._annotation_segment)
         log.debug("double click: segment %s at %s nm", event.segment_id, event.position_nm)
         self.events.clicked.emit(event)
+
+    def _annotation_segment(self, layer: str, annotation_id: Any) -> int | None:
+        """The segment of an annotation the page picked: by the id, or an exported layer's table."""
+        exported = self._exported_segments.get(layer)
+        if exported is not None:
+            try:
+                row = int(annotation_id)
+            except (TypeError, ValueError):
+                return None
+            return int(exported[row]) if 0 <= row < len(exported) else None
+        return segment_of_annotation(annotation_id)
 
     # -- data sources ----------------------------------------------------------------------
 
@@ -681,12 +705,18 @@ class NeuroglancerBridge:
         properties_source = (
             f"precomputed://{base}/segment_properties" if (folder / "segment_properties" / "info").is_file() else None
         )
-        self._writer.submit(
-            f"exported:{name}",
-            lambda: self._write_exported_layer(
-                name, source, relationships, "compartment" in property_ids, properties_source
-            ),
-        )
+
+        def write() -> None:
+            self._write_exported_layer(name, source, relationships, "compartment" in property_ids, properties_source)
+            # Its annotation ids are the bundle's node-table rows: their segments let a double
+            # click on an exported node reach the segment behind it.
+            segments = _bundle_node_segments(folder)
+            if segments is None:
+                self._exported_segments.pop(name, None)
+            else:
+                self._exported_segments[name] = segments
+
+        self._writer.submit(f"exported:{name}", write)
         return source
 
     def on_segments_changed(self, callback: Callable[[frozenset[int]], None]) -> Callable[[], None]:
@@ -998,6 +1028,22 @@ class NeuroglancerBridge:
             pass
 
 
+def _bundle_node_segments(folder: Path) -> np.ndarray | None:
+    """uint64 segment id per row of an export bundle's node table; None without a readable one."""
+    from segscope.analysis.export import read_node_table
+
+    for name in ("nodes.parquet", "nodes.csv"):
+        path = folder / name
+        if path.is_file():
+            try:
+                nodes, _ = read_node_table(path)
+            except (OSError, ValueError) as error:
+                log.info("cannot read %s (double clicks on its annotations select nothing): %s", path, error)
+                return None
+            return nodes.segment_id
+    return None
+
+
 def _keep_flags_last(s) -> None:
     """Move the out-of-distribution flag layers to the end of the layer list (drawn last, on top)."""
     names = [layer.name for layer in s.layers]
@@ -1135,9 +1181,22 @@ def sparse_labels(
     ``limit``, at :data:`LABEL_SIZE_SELECTED`; then, for other segments, one smaller disc
     (:data:`LABEL_SIZE_ELSEWHERE`) per segment and label, at its first node, described
     with its node count, up to ``elsewhere`` of them and ``limit`` in all. Input order is
-    kept within each group.
+    kept within each group. No more than ``elsewhere`` labelled nodes in all are drawn
+    each, in input order (the smaller discs off the selected segments): thinning starts
+    where the discs would crowd the view.
     """
     shown = {int(s) for s in shown_segments}
+    if len(annotations) <= elsewhere:
+        return [
+            dict(
+                a,
+                props=[
+                    a["props"][0],
+                    LABEL_SIZE_SELECTED if int(a["segments"][0][0]) in shown else LABEL_SIZE_ELSEWHERE,
+                ],
+            )
+            for a in annotations
+        ]
     near: list[dict] = []
     far: dict[tuple[int, str], list] = {}
     for annotation in annotations:

@@ -570,6 +570,22 @@ def test_a_double_click_on_an_annotation_reaches_the_segment_behind_it(bridge):
     assert [c.segment_id for c in bridge.clicks] == [2**40 + 9, 13, 12, 5, 44, None, None]
 
 
+def test_a_double_click_on_an_exported_node_reaches_its_segment(bridge, tmp_path):
+    from segscope.analysis.export import NodeTable, node_arrow_table, write_table
+
+    folder = write_bundle(tmp_path / "bundle")  # annotation ids are rows of its node table
+    nodes = NodeTable(np.array([7, 7, 9], np.uint64), [0, 1, 0], np.zeros((3, 3)))
+    write_table(folder / "nodes.csv", node_arrow_table(nodes))
+    bridge.add_exported_layer(folder, "mine")
+    bridge.add_exported_layer(write_bundle(tmp_path / "bare"), "no table")
+    assert bridge.flush()
+    for layer, annotation_id in [("mine", "2"), ("mine", "0"), ("mine", "3"), ("no table", "1")]:
+        action = fake_action(bridge, None, [1, 1, 1])
+        action["selectedValues"][layer] = {"annotationId": annotation_id}
+        bridge.viewer.actions.invoke(SELECT_ACTION, action)
+    assert [c.segment_id for c in bridge.clicks] == [9, 7, None, None]
+
+
 @pytest.mark.parametrize(
     ("annotation_id", "segment"),
     [
@@ -683,6 +699,14 @@ def test_labels_are_drawn_sparsely_and_in_full_on_the_selected_segments(bridge):
     shown = annotations(bridge, LABELS_LAYER)
     assert [a["id"] for a in shown[:3]] == ["label-1001-0", "label-1001-1", "label-1001-2"]
     assert [a["description"] for a in shown[:3]] == ["glia?"] * 3
+
+    # A few labels are all drawn, small off the selected segments.
+    few = [(1000 + s, 0, (float(s), 0.0, 0.0), "glia?") for s in range(MAX_LABEL_MARKERS_ELSEWHERE)]
+    bridge.show_labels(few)
+    assert bridge.flush()
+    shown = annotations(bridge, LABELS_LAYER)
+    assert len(shown) == len(few) and [a["description"] for a in shown] == ["glia?"] * len(few)
+    assert [a["props"][1] for a in shown[:3]] == [LABEL_SIZE_ELSEWHERE, LABEL_SIZE_SELECTED, LABEL_SIZE_ELSEWHERE]
 
 
 # -- the same, with Neuroglancer's own client in the page ---------------------------------
