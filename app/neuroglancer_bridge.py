@@ -1331,7 +1331,7 @@ def _point(segment_id: int, node_id: int, position_nm: np.ndarray, colour: str, 
 def node_annotations(record: SegmentRecord) -> list[dict]:
     """Point annotations (neuroglancer JSON, nm) for the centres of ``record``.
 
-    Colour and size say how far each centre has come: pending (grey), embedded (yellow),
+    Colour and size say how far each centre has come: pending (grey), embedded (near white),
     or labelled by a classifier (its predicted compartment's colour).
     """
     if record.node_ids is None or record.positions_nm is None:

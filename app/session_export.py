@@ -298,6 +298,13 @@ def session_tables(
             "labels of segments %s are not exported: those segments have no embedded nodes in this session",
             forgotten[:20],
         )
+    missing = _unexported_node_labels(labels, nodes, {int(s) for s in segment_ids})
+    if missing:
+        log.warning(
+            "%d labelled nodes of exported segments are not exported (not embedded, not plotted): %s",
+            len(missing),
+            missing[:10],
+        )
     context_calls = _context_segment_calls(context, context_ids)
     type_names = _cell_type_names(exported, cell_type_names)
     type_names += tuple(dict.fromkeys(c for c, _ in context_calls.values() if c and c not in type_names))
@@ -392,6 +399,17 @@ def _labelled_context(
         "compartment_probability": np.full((len(rows), len(COMPARTMENTS)), np.nan, dtype=np.float32),
         "ood_score": context.ood_score[rows],
     }
+
+
+def _unexported_node_labels(labels: LabelStore, nodes: NodeTable, segment_ids: set[int]) -> list[tuple[int, int]]:
+    """(segment, node) of the node labels of ``segment_ids`` that ``nodes`` lacks."""
+    missing = []
+    for segment_id in sorted(segment_ids):
+        labelled, _ = labels.segment_node_labels(segment_id)
+        if len(labelled):
+            exported = nodes.node_id[nodes.rows_of(segment_id)]
+            missing += [(segment_id, int(n)) for n in np.setdiff1d(labelled, exported)]
+    return missing
 
 
 def _context_segment_calls(context: ContextNodes | None, segment_ids: Sequence[int]) -> dict[int, tuple[str, float]]:

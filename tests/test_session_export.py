@@ -445,3 +445,13 @@ def test_context_nodes_refuse_mismatched_arrays():
             np.array([""], object),
             np.array([0.0]),
         )
+
+
+def test_labels_left_out_of_the_export_are_reported(session, labels, caplog):
+    labels.assign_nodes("pending?", 11, [7])  # node 7 of segment 11 has no embedding yet
+    labels.assign_segments("gone", 99)  # a segment with nothing embedded
+    with caplog.at_level("WARNING", logger="segscope.app.session_export"):
+        nodes, _, _ = session_tables(session.records, labels, dataset_name="d", model_name="m")
+    assert 7 not in nodes.node_id[nodes.rows_of(11)].tolist()
+    assert "1 labelled nodes of exported segments are not exported" in caplog.text and "(11, 7)" in caplog.text
+    assert "labels of segments [99] are not exported" in caplog.text
