@@ -48,10 +48,11 @@ class UnitScale(layers.Layer):
         return input_shape
 
 
-def column_conv3d(inputs, kernel, strides: tuple[int, int, int], dilation_rate=1, data_format=None):
+def column_conv3d(inputs, kernel, strides: tuple[int, int, int]):
     """A one-channel ``padding="same"`` 3-D convolution as an x-tap gather plus a ``(1, ky, kz)`` convolution.
 
-    ``inputs`` ``[B, x, y, z, 1]``, ``kernel`` ``[kx, ky, kz, 1, F]``; returns what
+    ``inputs`` ``[B, x, y, z, 1]`` (channels last), ``kernel`` ``[kx, ky, kz, 1, F]``, no
+    dilation; returns what
     ``ops.conv(inputs, kernel, strides, padding="same")`` does, ``[B, ceil(x/sx), ceil(y/sy),
     ceil(z/sz), F]``, up to the order of summation. The ``kx`` taps along x become input
     channels (``[B, x_out, y, z, kx]``), which reduced-precision kernels need: oneDNN's
@@ -72,9 +73,7 @@ def column_conv3d(inputs, kernel, strides: tuple[int, int, int], dilation_rate=1
     columns = ops.transpose(ops.take(x, taps, axis=1), (0, 1, 3, 4, 2))  # [B, x_out, y, z, kx]
     # kernel [kx, ky, kz, 1, F] -> [1, ky, kz, kx, F]: the x taps are now input channels.
     folded = ops.reshape(ops.transpose(kernel, (1, 2, 0, 3, 4)), (1, *kernel.shape[1:3], kx, kernel.shape[-1]))
-    return ops.conv(
-        columns, folded, strides=(1, *strides[1:]), padding="same", dilation_rate=dilation_rate, data_format=data_format
-    )
+    return ops.conv(columns, folded, strides=(1, *strides[1:]), padding="same", data_format="channels_last")
 
 
 class ColumnStemConv3D(layers.Conv3D):
@@ -88,11 +87,17 @@ class ColumnStemConv3D(layers.Conv3D):
     """
 
     def convolution_op(self, inputs, kernel):
-        if self.compute_dtype == "float32" or int(kernel.shape[3]) != 1 or int(self.strides[0]) == 1:
-            return super().convolution_op(inputs, kernel)
-        return column_conv3d(
-            inputs, kernel, tuple(self.strides), dilation_rate=self.dilation_rate, data_format=self.data_format
+        plain = (
+            self.compute_dtype == "float32"
+            or int(kernel.shape[3]) != 1
+            or int(self.strides[0]) == 1
+            or tuple(self.dilation_rate) != (1, 1, 1)
+            or self.data_format != "channels_last"
+            or self.padding != "same"
         )
+        if plain:
+            return super().convolution_op(inputs, kernel)
+        return column_conv3d(inputs, kernel, tuple(self.strides))
 
 
 def _scope(*parts: str) -> str:
@@ -215,7 +220,6 @@ class SegClrEncoder(keras.Model):
         self._precision = precision
         self._inference_fn: Callable[[Any], Any] | None = None
         self._jit_compile = False
-        self._freeze = True
 
     def get_config(self) -> dict:
         config = {
@@ -304,7 +308,7 @@ class SegClrEncoder(keras.Model):
             out = model(x, training=False)
             return out["embedding"] if isinstance(out, dict) else out
 
-        if self._precision == "float32" or self._jit_compile or not self._freeze:
+        if self._precision == "float32" or self._jit_compile:
             return lambda x: forward(x).numpy()
         # Reduced precision: freeze the weights into the graph. Grappler then casts them to
         # bfloat16 once instead of on every call, and oneDNN keeps constant filters in its
