@@ -296,7 +296,15 @@ class _Server:  # pragma: no cover - runs in the child
         # cannot be interrupted, and even an idle child took 1-2 s to tear down numba's
         # and TensorFlow's modules (longer on a loaded machine, where the parent's 5 s
         # shutdown timeout then ran out on every quit). The child keeps no state that
-        # needs saving; only its buffered output is flushed.
+        # needs saving; only its buffered output is flushed, and multiprocessing's exit
+        # finalizers run (they unlink the semaphores numba's thread launch creates, which the
+        # resource tracker otherwise reports as leaked when the app quits).
+        try:
+            from multiprocessing import util
+
+            util._run_finalizers(0)  # type: ignore[attr-defined]  # what multiprocessing's exit runs
+        except Exception:  # a finalizer's failure must not keep the child alive
+            pass
         for stream in (sys.stdout, sys.stderr):
             try:
                 if stream is not None:

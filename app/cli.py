@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="segscope",
         description="SegScope: compute, classify and explore SegCLR embeddings of EM segments. "
         "With no command, opens the desktop app on the built-in demo.",
-        epilog="The demo dataset is generated on first use (about 15 s) and cached in "
+        epilog="The demo dataset is generated on first use (under a minute) and cached in "
         "$SEGSCOPE_CACHE_DIR/demo, else $XDG_CACHE_HOME/segscope/demo or ~/.cache/segscope/demo; "
         "delete that folder to regenerate it. -v shows library and browser log lines (TensorFlow, Qt WebEngine).",
     )

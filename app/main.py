@@ -408,7 +408,7 @@ def prepare_demo(window: MainWindow, plan: LaunchPlan, then: Callable[[], object
         if update.event == "progress" and update.progress is not None:
             progress = update.progress
             window.job_bar.show_task(
-                f"Preparing the demo dataset (first run only, about 15 s): {progress.message}",
+                f"Preparing the demo dataset (first run only, under a minute): {progress.message}",
                 progress.done,
                 progress.total,
             )
@@ -431,7 +431,7 @@ def prepare_demo(window: MainWindow, plan: LaunchPlan, then: Callable[[], object
 
     runner = JobRunner(post=window.invoker.post, name="segscope-demo")
     window.extra_runners.append(runner)
-    window.job_bar.show_task("Preparing the demo dataset (first run only, about 15 s)…")
+    window.job_bar.show_task("Preparing the demo dataset (first run only, under a minute)…")
     window.state.show_status(f"Preparing the demo dataset in {user_cache_dir() / 'demo'} (first run only)…")
     return runner.submit("demo dataset", make, on_update, kind="demo")
 

@@ -427,7 +427,8 @@ class MainWindow(QMainWindow):
                 if not self._closed:
                     plot._show_status(scheduler.status)
                 return
-            plot._show_status(f"{scheduler.status} · {UMAP_COMPILE_NOTE} ({elapsed:.0f} s so far)")
+            # Short: the label sets the dock's minimum width.
+            plot._show_status(f"{scheduler.layout_label} · {UMAP_COMPILE_NOTE} ({elapsed:.0f} s)")
 
         timer.timeout.connect(tick)
         timer.start()
