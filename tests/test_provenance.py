@@ -205,6 +205,10 @@ def test_embed_all_segments_with_classifiers_writes_the_apps_predictions(tmp_pat
         raw.column_names
     )
     assert raw.schema.field("e0").type == "float" and PROVENANCE_KEY in raw.schema.metadata
+    from segscope.analysis.inference import resolve_precision
+
+    # --precision defaults to auto; the file says what it resolved to on this machine.
+    assert json.loads(raw.schema.metadata[PROVENANCE_KEY])["precision"] == resolve_precision("auto")
     table = read_embedding_table(out)
     assert set(table.segment_ids.tolist()) == set(dataset.segment_ids.tolist())
     assert (table.compartments < len(COMPARTMENTS)).all()
