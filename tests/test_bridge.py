@@ -826,3 +826,63 @@ def test_the_page_keeps_the_flag_last_and_the_ground_truth_out_of_the_layer_bar(
                 page.wait_for(_shader_error_js(layer), lambda v: v not in ("no layer", "not compiled"), timeout_s=30)
                 is None
             ), layer
+
+
+_PANEL_CENTRE_JS = (
+    "(() => { const e = document.querySelector('.neuroglancer-rendered-data-panel');"
+    " if (!e) return null; const r = e.getBoundingClientRect();"
+    " return [r.left + r.width / 2, r.top + r.height / 2, r.width, r.height]; })()"
+)
+_SELECTED_JS = "viewer.layerSelectedValues.toJSON()"
+
+
+def _mouse(page, kind, x: float, y: float) -> None:
+    """A real mouse event on the web view's render widget (what a user's mouse sends)."""
+    from PyQt6.QtCore import QEvent, QPointF, Qt
+    from PyQt6.QtGui import QMouseEvent
+    from PyQt6.QtWidgets import QApplication
+
+    target = page.view.focusProxy() or page.view
+    point = QPointF(x, y)
+    global_point = QPointF(target.mapToGlobal(point.toPoint()))
+    types = {
+        "move": (QEvent.Type.MouseMove, Qt.MouseButton.NoButton, Qt.MouseButton.NoButton),
+        "press": (QEvent.Type.MouseButtonPress, Qt.MouseButton.LeftButton, Qt.MouseButton.LeftButton),
+        "release": (QEvent.Type.MouseButtonRelease, Qt.MouseButton.LeftButton, Qt.MouseButton.NoButton),
+        "double": (QEvent.Type.MouseButtonDblClick, Qt.MouseButton.LeftButton, Qt.MouseButton.LeftButton),
+    }
+    event_type, button, buttons = types[kind]
+    event = QMouseEvent(event_type, point, global_point, button, buttons, Qt.KeyboardModifier.NoModifier)
+    QApplication.sendEvent(target, event)
+
+
+@pytest.mark.qt
+@pytest.mark.timeout(180)
+def test_a_real_double_click_on_a_label_disc_selects_its_segment(web_qapp, bridge):
+    from segscope.app.neuroglancer_bridge import LABELS_LAYER
+
+    from ngclient import NeuroglancerPage
+
+    centre = [1000.0, 1000.0, 1000.0]  # the view's centre (the fixture's dataset)
+    bridge.show_labels([(77, 3, centre, "spine")])
+    bridge.set_layout("xy")
+    bridge.set_view(centre)
+    assert bridge.flush()
+    with NeuroglancerPage(bridge.viewer) as page:
+        # One panel ("xy" layout), as wide as the page: the disc is drawn at its centre.
+        x, y, _width, _ = page.wait_for(_PANEL_CENTRE_JS, lambda v: v is not None and v[2] > 600, timeout_s=30)
+        # Hover until the page picks the disc (its selection state names the annotation).
+        picked = None
+        deadline = time.monotonic() + 30
+        while picked is None and time.monotonic() < deadline:
+            _mouse(page, "move", x, y)
+            values = page.evaluate(_SELECTED_JS) or {}
+            picked = (values.get(LABELS_LAYER) or {}).get("annotationId")
+            page._run_until(lambda: False, time.monotonic() + 0.2, None)
+        mouse = page.evaluate("Array.from(viewer.mouseState.position)")
+        assert picked == "label-77-3", (values, mouse)
+        # The segmentation has no data here (its source does not load): only the disc is under the mouse.
+        for kind in ("press", "release", "double", "release"):
+            _mouse(page, kind, x, y)
+        page._run_until(lambda: bool(bridge.clicks), time.monotonic() + 20, "the double click to reach Python")
+        assert bridge.clicks[-1].segment_id == 77
