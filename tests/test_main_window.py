@@ -185,6 +185,8 @@ def test_window_opens_on_the_demo_and_renders(qtbot, window, demo_dir):
     assert not rendered["replied"] or rendered["width"] > 100
     assert window.panel.segment_id_label.text() == "none selected"
     assert "untrained" in window.model_label.text()
+    # The label names the precision the compute child resolved --precision auto to.
+    assert any(f"({p}, untrained)" in window.model_label.text() for p in ("float32", "bfloat16", "float16"))
     assert window.classifier_label.text() == "Classifiers: compartments, cell types"
     assert "pyramidal" in window.panel.cell_type_legend.text()
     assert window.export_action.isEnabled()
