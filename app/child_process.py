@@ -381,6 +381,10 @@ class _Child:
         self.incarnation = incarnation
         self.restored = restored  # set-up requests replayed into it
         self.send_lock = threading.Lock()  # per child: a send stuck on a dead one blocks no other
+        # Joins (waitpid) one thread at a time: when the reader and shutdown both joined the
+        # exiting child, the one that lost the reap saw ECHILD, took the dead child for alive
+        # and logged "did not stop in 5 s" (then signalled a reaped pid) at random quits.
+        self.reap_lock = threading.Lock()
         self.pending: dict[int, _Pending] = {}
         self.ready = False  # sent Ready
         self.closed = False  # no new requests: it exited, hung or is being stopped
@@ -472,7 +476,14 @@ class ChildProcessRunner:
     def alive(self) -> bool:
         """True while a child runs (False before the first request with ``start=False``)."""
         child = self._child
-        return child is not None and not child.closed and child.process.is_alive()
+        if child is None or child.closed:
+            return False
+        if not child.reap_lock.acquire(blocking=False):
+            return True  # being joined right now: not gone yet
+        try:
+            return child.process.is_alive()
+        finally:
+            child.reap_lock.release()
 
     @property
     def pid(self) -> int | None:
@@ -566,14 +577,18 @@ class ChildProcessRunner:
             closed = child.closed
         if not closed:
             self._send_quietly(child, Stop(), timeout)
-        child.process.join(timeout)
-        if child.process.is_alive():
-            log.warning("the %s process did not stop in %.0f s; terminating it", self.name, timeout)
-            child.process.terminate()
-            child.process.join(2.0)
-            if child.process.is_alive():  # a stopped (SIGSTOP) child ignores SIGTERM
-                child.process.kill()
+        with child.reap_lock:
+            started = time.monotonic()
+            child.process.join(timeout)
+            if child.process.is_alive():
+                log.warning(
+                    "the %s process did not stop in %.1f s; terminating it", self.name, time.monotonic() - started
+                )
+                child.process.terminate()
                 child.process.join(2.0)
+                if child.process.is_alive():  # a stopped (SIGSTOP) child ignores SIGTERM
+                    child.process.kill()
+                    child.process.join(2.0)
         self._fail_pending(child, self._error(f"the {self.name} process was shut down"))
         try:
             child.conn.close()
@@ -691,7 +706,8 @@ class ChildProcessRunner:
                 self._settle(entry.call, value=message.pid)
             elif isinstance(message, Failure):
                 self._settle(entry.call, error=self._rebuild(message.type_name, message.message))
-        child.process.join(1.0)  # the pipe closes just before the process ends: read its code
+        with child.reap_lock:
+            child.process.join(1.0)  # the pipe closes just before the process ends: read its code
         if child.stopping:
             error, event = self._error(f"the {self.name} process was shut down"), None
         else:

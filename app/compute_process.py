@@ -32,6 +32,7 @@ import logging
 import os
 import queue
 import sys
+import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -188,10 +189,29 @@ def import_tensorflow_quietly() -> None:
 def _child_main(conn) -> None:  # pragma: no cover - runs in the child process
     """Serve requests until told to stop or the parent goes away."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3" if not verbose() else "0")
-    import_tensorflow_quietly()
+    # TensorFlow is imported (quietly) on a thread of its own, so the reading thread serves
+    # at once and a Stop at quit is not held up by the import. Requests wait for it: two
+    # threads importing TensorFlow and Keras at once can deadlock on the import locks.
+    imported = threading.Event()
+
+    def import_quietly() -> None:
+        try:
+            import_tensorflow_quietly()
+        except Exception:  # the first request that needs TensorFlow reports it
+            log.debug("importing TensorFlow failed", exc_info=True)
+        finally:
+            imported.set()
+
+    threading.Thread(target=import_quietly, name="segscope-tf-import", daemon=True).start()
+    child = _ComputeChild()
+
+    def handle(payload, context):
+        imported.wait()
+        return child.handle(payload, context)
+
     # One lane (the default): TensorFlow work runs in order, and the reading thread stays
     # free to answer pings and take cancels while a batch runs.
-    serve(conn, _ComputeChild().handle)
+    serve(conn, handle)
 
 
 class _ComputeChild:  # pragma: no cover - runs in the child process

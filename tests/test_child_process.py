@@ -3,6 +3,7 @@ errors, progress and cancel, a killed child, a frozen child, replayed set-up, sh
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -339,3 +340,19 @@ def test_shutdown_is_prompt_for_an_idle_and_a_busy_child(busy, caplog):
     if pending is not None:
         with pytest.raises(ChildProcessFailure, match="shut down"):
             pending.result(timeout=5)
+
+
+def test_shutdown_never_takes_the_exited_child_for_a_running_one(caplog):
+    """The reader thread and shutdown both joined the exiting child; the one that lost the
+    reap saw ECHILD and took the dead child for a live one: "did not stop in 5 s" at random
+    quits (2 of 30 shutdowns here), and a SIGTERM to a reaped pid."""
+    warned = 0
+    for _ in range(30):
+        runner = _runner(None)
+        runner.ping().result(timeout=30)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            runner.shutdown(timeout=5.0)
+        warned += "did not stop" in caplog.text
+        assert not runner.alive
+    assert warned == 0

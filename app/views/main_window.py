@@ -700,6 +700,11 @@ class MainWindow(QMainWindow):
             self.plot_dock.shutdown()
             if self.owns_projection_backend:
                 self.plot_dock.plot.scheduler.backend.close()  # stops its UMAP process
+        # The compute child first: a model load or an embedding waiting on it then fails at
+        # once, instead of holding the quit for the service's 5 s wait on its worker.
+        self.service.runner.cancel()
+        if self.service.engine is not None:
+            self.service.engine.stop()
         self.service.shutdown()  # a save in flight completes; a clean exit leaves no autosave
         self.bridge.close()
         self.web_view.stop()
