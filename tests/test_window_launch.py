@@ -133,3 +133,27 @@ def test_a_cold_umap_compile_is_announced_under_the_plot(qtbot, window):
     assert UMAP_COMPILE_NOTE in label.text()
     scheduler.warm_up_result = {"fit_s": 1.0}  # the warm-up finished
     qtbot.waitUntil(lambda: UMAP_COMPILE_NOTE not in label.text(), timeout=5_000)
+
+
+def test_a_view_that_stays_black_is_reported(qtbot, window, monkeypatch):
+    """WebGL may come up while the compositor shows nothing (Qt WebEngine's GBM path under
+    Xvfb: every pixel black, the page's DOM included); the probe cannot see that, a grab can."""
+    from PyQt6.QtGui import QColor, QImage, QPixmap
+
+    from segscope.app.views.main_window import view_is_black
+
+    black, grey = QImage(40, 30, QImage.Format.Format_ARGB32), QImage(40, 30, QImage.Format.Format_ARGB32)
+    black.fill(QColor(0, 0, 0))
+    grey.fill(QColor(0, 0, 0))
+    grey.setPixelColor(5, 5, QColor(200, 200, 200))  # one drawn pixel: it draws
+    assert view_is_black(black) and not view_is_black(grey) and not view_is_black(QImage())
+
+    window.check_black_view(0)  # the real page, offscreen: drawn (or still white), not black
+    assert window.webgl_problem is None
+
+    monkeypatch.setattr(window.web_view, "grab", lambda *args: QPixmap.fromImage(black))
+    window.check_black_view(1)  # black once: checked again before it says anything
+    assert window.webgl_problem is None
+    qtbot.waitUntil(lambda: window.webgl_problem is not None, timeout=10_000)
+    text = window.banner.message
+    assert "stayed black" in text and "QTWEBENGINE_FORCE_USE_GBM=0" in text

@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from PyQt6.QtCore import Qt, QTimer, QUrl
-from PyQt6.QtGui import QAction, QKeySequence
+from PyQt6.QtGui import QAction, QImage, QKeySequence
 from PyQt6.QtWebEngineCore import QWebEnginePage
 from PyQt6.QtWebEngineWidgets import QWebEngineView
 from PyQt6.QtWidgets import (
@@ -99,10 +100,31 @@ def webgl_problem(probe) -> str | None:
     return None
 
 
+#: The view is checked for a black frame this often after the page loaded, and the
+#: problem is reported when it is still black after this many checks (20 s): a healthy
+#: neuroglancer page draws its (DOM) top bar at once, while a failing compositor (the GBM
+#: path under Xvfb or in a VM) leaves every pixel black, the page's DOM included.
+BLACK_VIEW_CHECK_MS = 2_000
+BLACK_VIEW_CHECKS = 10
+
+
+def view_is_black(image: QImage) -> bool:
+    """True when every pixel of ``image`` is (near) black; an empty image is not."""
+    if image.isNull() or image.width() == 0 or image.height() == 0:
+        return False
+    rgb = image.convertToFormat(QImage.Format.Format_RGB888)
+    bits = rgb.constBits()
+    if bits is None:
+        return False
+    bits.setsize(rgb.sizeInBytes())
+    rows = np.frombuffer(bits, np.uint8).reshape(rgb.height(), rgb.bytesPerLine())[:, : rgb.width() * 3]
+    return int(rows.max()) < 8
+
+
 def webgl_help(detail: str) -> str:
-    """The banner text for a 3-D view without WebGL: what happened and how to fix it."""
+    """The banner text for a 3-D view that cannot draw: what happened and how to fix it."""
     return (
-        f"The 3-D view cannot draw: WebGL did not start in Qt WebEngine ({detail}). "
+        f"The 3-D view cannot draw: {detail}. "
         "Under Xvfb, in a VM or over remote X, start SegScope with QTWEBENGINE_FORCE_USE_GBM=0 "
         "(the default unless you set it), install Mesa's OpenGL (libgl1-mesa-dri libegl-mesa0 libgbm1), "
         "and keep --ignore-gpu-blocklist in QTWEBENGINE_CHROMIUM_FLAGS if you set your own flags. "
@@ -126,7 +148,7 @@ class NeuroglancerPage(QWebEnginePage):
     def javaScriptConsoleMessage(self, level, message, line, source) -> None:
         log.debug("neuroglancer console (%s) %s:%s: %s", getattr(level, "name", level), source, line, message)
         if self.on_webgl_problem is not None and WEBGL_FAILURE.search(message or ""):
-            self.on_webgl_problem(message)
+            self.on_webgl_problem(f"WebGL did not start in Qt WebEngine ({message})")
 
 
 class JobBar(QWidget):
@@ -446,6 +468,21 @@ class MainWindow(QMainWindow):
     def _on_page_loaded(self, ok: bool) -> None:
         if ok and not self._closed:
             QTimer.singleShot(WEBGL_PROBE_DELAY_MS, self.probe_webgl)
+            QTimer.singleShot(BLACK_VIEW_CHECK_MS, lambda: self.check_black_view(BLACK_VIEW_CHECKS - 1))
+
+    def check_black_view(self, remaining: int = 0) -> None:
+        """Report a view that stays entirely black (checked again ``remaining`` more times)."""
+        if self._closed or self.webgl_problem is not None or not self.web_view.isVisible():
+            return
+        if not view_is_black(self.web_view.grab().toImage()):
+            return  # it draws
+        if remaining > 0:
+            QTimer.singleShot(BLACK_VIEW_CHECK_MS, lambda: self.check_black_view(remaining - 1))
+            return
+        self.report_webgl_problem(
+            f"the view stayed black for {BLACK_VIEW_CHECKS * BLACK_VIEW_CHECK_MS // 1000} s after the page "
+            "loaded (Qt WebEngine's compositor returns no picture, as on its GBM path under Xvfb or in a VM)"
+        )
 
     def probe_webgl(self) -> None:
         """Ask the page whether WebGL works (asynchronous; the answer goes to :meth:`check_webgl_probe`)."""
@@ -456,7 +493,7 @@ class MainWindow(QMainWindow):
         """Show the WebGL banner when :data:`WEBGL_PROBE_JS`'s result says WebGL is missing."""
         problem = webgl_problem(probe)
         if problem is not None:
-            self.report_webgl_problem(problem)
+            self.report_webgl_problem(f"WebGL did not start in Qt WebEngine ({problem})")
 
     def report_webgl_problem(self, detail: str) -> None:
         """Say in the window, once, that the 3-D view cannot draw, why, and how to fix it."""
