@@ -21,6 +21,8 @@ from segscope.app.child_process import (
     serve,
 )
 
+from process_checks import pid_running
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -135,15 +137,6 @@ def runner(events):
     child = _runner(events)
     yield child
     child.shutdown()
-
-
-def _running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_request_and_reply(runner):
@@ -263,7 +256,7 @@ def test_a_frozen_child_is_killed_by_the_watchdog_and_the_next_request_restarts_
         assert time.monotonic() - started >= 1.5
         assert "stopped answering" in events.wait_for("the tiny process stopped answering")
         deadline = time.monotonic() + 10
-        while _running(first):
+        while pid_running(first):
             assert time.monotonic() < deadline, "the frozen child was not killed"
             time.sleep(0.02)
         assert runner.request(Echo(7)).result(timeout=30) == ("hello", 7)
@@ -295,7 +288,7 @@ def test_shutdown_fails_pending_and_later_requests_and_is_idempotent():
         pending.result(timeout=30)
     with pytest.raises(ChildProcessFailure, match="shut down"):
         runner.request(Echo(8))
-    assert not _running(pid)
+    assert not pid_running(pid)
 
 
 def test_a_failing_on_event_callback_does_not_break_the_runner():
@@ -334,7 +327,7 @@ def test_shutdown_is_prompt_for_an_idle_and_a_busy_child(busy, caplog):
     runner.shutdown(timeout=30.0)  # before: 30 s and a warning, then SIGTERM
     seconds = time.perf_counter() - started
     print(f"{'busy' if busy else 'idle'} child stopped in {seconds:.3f} s")
-    assert not runner.alive and not _running(pid)
+    assert not runner.alive and not pid_running(pid)
     assert seconds < 10.0
     assert "did not stop" not in caplog.text
     if pending is not None:

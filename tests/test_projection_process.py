@@ -28,6 +28,8 @@ from segscope.app.projection_process import (
     RemoteUmapModel,
 )
 
+from process_checks import pid_running
+
 pytestmark = pytest.mark.timeout(900)  # a cold numba cache compiles for minutes on the first run
 
 #: Parallel kernels, like the app's fits; few epochs keep the fits short.
@@ -271,18 +273,9 @@ def test_the_child_ends_when_the_parent_exits_without_shutdown(tmp_path, ending)
     assert run.returncode == 0, run.stderr
     pid = int(run.stdout.split()[-1])
     deadline = time.monotonic() + 30
-    while _running(pid):
+    while pid_running(pid):
         assert time.monotonic() < deadline, f"child {pid} outlived its parent"
         time.sleep(0.05)
-
-
-def _running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (a container's init may not reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_a_frozen_child_is_killed_by_the_watchdog_and_the_next_request_restarts_it():
@@ -297,7 +290,7 @@ def test_a_frozen_child_is_killed_by_the_watchdog_and_the_next_request_restarts_
         with pytest.raises(ProjectionProcessError, match=r"stopped answering for \d+ s and was killed"):
             pending.result(timeout=60)
         assert time.monotonic() - started >= 1.5
-        assert not _running(first)
+        assert not pid_running(first)
         second = child.ping().result(timeout=60)
         assert second != first and child.restarts == 1 and child.alive
     finally:
@@ -342,7 +335,7 @@ def test_shutdown_is_prompt_for_an_idle_and_a_busy_child(request, caplog):
     busy.shutdown(timeout=30.0)
     busy_s = time.perf_counter() - started
     print(f"projection child stopped in {idle_s:.3f} s idle, {busy_s:.3f} s busy")
-    assert not _running(pid) and not _running(busy_pid)
+    assert not pid_running(pid) and not pid_running(busy_pid)
     assert idle_s < 10.0 and busy_s < 10.0
     assert "did not stop" not in caplog.text
     with pytest.raises(ProjectionProcessError, match="shut down"):
