@@ -28,6 +28,11 @@ PENDING_COLOUR = "#808080"
 EMBEDDED_COLOUR = "#f5f5f5"
 #: Colour of an out-of-distribution segment in 3-D.
 OOD_COLOUR = "#ff00ff"
+#: The plot's outline of a selection made in the plot.
+SELECTION_OUTLINE = "#ffffff"
+#: The plot's outline of the segment chosen in 3-D, and its hover ring: cyan, at least
+#: 17 CIE76 units from every palette colour (the yellow it replaced had come to mean soma).
+CURRENT_SEGMENT_OUTLINE = "#00ffff"
 
 
 #: Colours for cell types, disjoint from the compartment colours: light tints (violet,

@@ -111,3 +111,10 @@ def test_cell_type_colours_do_not_depend_on_class_order_or_a_loaded_classifier()
     colours = [cell_type_colour(name, classes) for name in classes]
     assert len(set(colours)) == len(classes)
     assert colours == [cell_type_colour(name, classes[::-1]) for name in classes]
+
+
+def test_the_plots_current_segment_outline_stands_apart_from_every_palette_colour():
+    from segscope.analysis.colours import CURRENT_SEGMENT_OUTLINE
+
+    palette = [*COMPARTMENTS, *KNOWN_CELL_TYPES, *CELL_TYPE_PALETTE, *LABEL_PALETTE, OOD_COLOUR]
+    assert min(delta_e(CURRENT_SEGMENT_OUTLINE, colour) for colour in palette) > 15

@@ -382,8 +382,8 @@ def test_the_clicked_segment_stands_out(window, qtbot):
     pixels = buffer.reshape(image.height(), image.bytesPerLine())[:, : image.width() * 4].reshape(
         image.height(), image.width(), 4
     )
-    yellow = (pixels[..., 2] == r) & (pixels[..., 1] == g) & (pixels[..., 0] == b)  # BGRA in memory
-    assert yellow.sum() >= 30 * 12
+    outlined = (pixels[..., 2] == r) & (pixels[..., 1] == g) & (pixels[..., 0] == b)  # BGRA in memory
+    assert outlined.sum() >= 30 * 12
     # A selection made in the plot gets the white outline.
     plot.controller.select_rows(plot.controller.segment_rows([22]), origin="plot")
     qtbot.waitUntil(lambda: tuple(plot.selection_item.palette[0]) == SELECTION_OUTLINE_RGBA, timeout=2000)

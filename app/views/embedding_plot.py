@@ -45,6 +45,7 @@ from PyQt6.QtWidgets import (
     QWidget,
 )
 
+from segscope.analysis.colours import CURRENT_SEGMENT_OUTLINE, SELECTION_OUTLINE, hex_rgba
 from segscope.app.plot_controller import (
     COLOUR_MODES,
     PLOT_ORIGIN,
@@ -68,8 +69,8 @@ LABEL_LAYER_DELAY_MS = 150
 MAX_LABEL_POINTS_3D = 20_000
 #: Outline of points selected in the plot, and of the segment selected in 3-D (the clicked
 #: one): bright, a few pixels wide, so a segment stands out among thousands of points.
-SELECTION_OUTLINE_RGBA = (255, 255, 255, 255)
-CURRENT_SEGMENT_OUTLINE_RGBA = (255, 225, 77, 255)
+SELECTION_OUTLINE_RGBA = hex_rgba(SELECTION_OUTLINE, 255)
+CURRENT_SEGMENT_OUTLINE_RGBA = hex_rgba(CURRENT_SEGMENT_OUTLINE, 255)
 #: Selected points are drawn this much bigger than the others, their outline bigger still.
 SELECTED_GROWTH_PX = 2
 OUTLINE_GROWTH_PX = 6
@@ -378,7 +379,7 @@ class EmbeddingPlotWidget(QWidget):
         self.selection_item.setZValue(5)
         self.selected_points_item = PointCloudItem(point_size_px + SELECTED_GROWTH_PX)
         self.selected_points_item.setZValue(6)
-        self.hover_item = pg.ScatterPlotItem(size=16, pen=pg.mkPen("#ffe14d", width=2), brush=None)
+        self.hover_item = pg.ScatterPlotItem(size=16, pen=pg.mkPen(CURRENT_SEGMENT_OUTLINE, width=2), brush=None)
         self.hover_item.setZValue(20)
         for item in (self.points, self.selection_item, self.selected_points_item):
             self.view_box.addItem(item)
@@ -729,7 +730,7 @@ class EmbeddingPlotWidget(QWidget):
         rows = controller.selected_rows
         rows = rows[rows < len(self._displayed)]
         positions = self._displayed[rows] if len(rows) else np.zeros((0, 2), np.float32)
-        # The segment clicked in 3-D gets a yellow outline, a selection made here a white one.
+        # The segment clicked in 3-D gets a cyan outline, a selection made here a white one.
         outline = SELECTION_OUTLINE_RGBA if controller.selection_origin == PLOT_ORIGIN else CURRENT_SEGMENT_OUTLINE_RGBA
         self.selection_item.set_positions(positions)
         self.selection_item.set_colours(np.zeros(len(rows), np.uint8), np.array([outline], np.uint8))
