@@ -487,7 +487,7 @@ class EmbeddingPlotWidget(QWidget):
             controller.subscribe("cleared", self._on_cleared),
             controller.subscribe("visibility", self._on_visibility),
         ]
-        self.scheduler.on_status(self._show_status)
+        self.scheduler.on_status(self.show_status)
         self.view_box.sigRangeChanged.connect(self._emit_view)
 
     # -- controller -> screen --------------------------------------------------------------
@@ -520,7 +520,7 @@ class EmbeddingPlotWidget(QWidget):
                 self._draw_positions()
                 self._update_selection_item()
             if controller.n_points and controller.layout_kind != "none":
-                self._show_status(self.scheduler.status)
+                self.show_status(self.scheduler.status)
         if "points" in dirty or "colours" in dirty:
             self._apply_colours()
             self._update_selection_item()  # the selected points' own colours
@@ -640,7 +640,7 @@ class EmbeddingPlotWidget(QWidget):
     def _on_visibility(self, hidden_segments: frozenset[int]) -> None:
         self._draw_positions()
         self._update_hide_actions()
-        self._show_status(self.scheduler.status)
+        self.show_status(self.scheduler.status)
         self._mark("legend")  # counts leave out hidden segments; hidden classes are greyed
 
     def _update_hide_actions(self) -> None:
@@ -755,7 +755,8 @@ class EmbeddingPlotWidget(QWidget):
             self.hover_item.setData([float(x)], [float(y)])
         self.pointHovered.emit(info)
 
-    def _show_status(self, text: str) -> None:
+    def show_status(self, text: str) -> None:
+        """Show ``text`` after the point count under the plot (the projection's status)."""
         n = self.controller.n_points
         hidden = len(self.controller.hidden_segments)
         suffix = f" · {hidden} segment{'s' if hidden != 1 else ''} hidden" if hidden else ""

@@ -447,10 +447,10 @@ class MainWindow(QMainWindow):
             ):
                 timer.stop()
                 if not self._closed:
-                    plot._show_status(scheduler.status)
+                    plot.show_status(scheduler.status)
                 return
             # Short: the label sets the dock's minimum width.
-            plot._show_status(f"{scheduler.layout_label} · {UMAP_COMPILE_NOTE} ({elapsed:.0f} s)")
+            plot.show_status(f"{scheduler.layout_label} · {UMAP_COMPILE_NOTE} ({elapsed:.0f} s)")
 
         timer.timeout.connect(tick)
         timer.start()
