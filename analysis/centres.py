@@ -9,6 +9,7 @@ user clicked. Positions are nm, ``[N, 3]`` in x, y, z order.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,18 @@ log = logging.getLogger(__name__)
 SEGCLR_SPACING_NM = 1500.0
 #: Largest region (voxels) scanned for a segment's mask when no box is given.
 _MAX_SCAN_VOXELS = 512**3
+
+
+def _voxel_count(extent_vox) -> int:
+    """Voxels in a box of ``extent_vox`` ``(x, y, z)``, as an exact Python int.
+
+    numpy's int64 product overflows for declared sizes such as 1e9^3 (wrapping to a small or
+    negative number that passed the size guard, then an allocation aborted the process); a
+    negative extent counts as empty.
+    """
+    return math.prod(max(int(v), 0) for v in np.asarray(extent_vox).reshape(-1))
+
+
 #: Half-width (nm) of the region searched around a click when no box is given.
 _CLICK_SEARCH_HALF_WIDTH_NM = 10_000.0
 
@@ -214,7 +227,7 @@ def mask_centres(
         hi = lo + np.asarray(segmentation.shape)
     else:
         lo, hi = (np.asarray(v, dtype=np.int64) for v in box_vox)
-    if np.prod(hi - lo) > _MAX_SCAN_VOXELS:
+    if _voxel_count(hi - lo) > _MAX_SCAN_VOXELS:
         raise ValueError(
             f"scanning {tuple((hi - lo).tolist())} voxels for segment {segment_id} is too large; "
             "give a skeleton or a smaller box"
@@ -277,7 +290,7 @@ def segment_centres(
         positions = np.asarray(skeleton_nodes_nm, dtype=np.float64)[node_ids]
     else:
         box = None
-        if click_nm is not None and np.prod(segmentation.shape) > _MAX_SCAN_VOXELS:
+        if click_nm is not None and _voxel_count(segmentation.shape) > _MAX_SCAN_VOXELS:
             half = np.ceil(_CLICK_SEARCH_HALF_WIDTH_NM / segmentation.voxel_size_nm).astype(np.int64)
             centre = segmentation.nm_to_voxel(np.asarray(click_nm))
             box = (centre - half, centre + half)

@@ -347,6 +347,11 @@ _LONGEST_TAIL = _EOCD.size + _MAX_COMMENT + _ZIP64_LOCATOR.size + _ZIP64_EOCD.si
 # Local headers repeat the name and may carry a different extra field than the central
 # directory; read this much beyond the expected header so one request usually suffices.
 _LOCAL_SLACK = 64
+#: Largest member a reader inflates (bytes): a segment's CSV of 10^6 nodes x 64 values.
+MAX_MEMBER_BYTES = 2 * 1024**3
+#: Largest inflated/compressed ratio of a member: CSV text of floats deflates about 2-4x,
+#: while a few KiB of repeated bytes can claim gigabytes (a zip bomb).
+MAX_DEFLATE_RATIO = 64
 _METHODS = {0: "stored", 8: "deflated"}
 
 
@@ -681,6 +686,13 @@ def _read_member_bytes(reader: _ShardReader, directory: _Directory, index: int, 
     if method not in _METHODS:
         raise CsvZipError(
             f"compression method {method} is not supported (only stored and deflated)",
+            path=where,
+            member=member,
+        )
+    if size > MAX_MEMBER_BYTES or (method == 8 and size > MAX_DEFLATE_RATIO * max(csize, 1024)):
+        raise CsvZipError(
+            f"member claims {size} bytes from {csize} compressed (limits: {MAX_MEMBER_BYTES} bytes, "
+            f"{MAX_DEFLATE_RATIO}x deflate ratio); refusing to inflate it",
             path=where,
             member=member,
         )

@@ -79,3 +79,17 @@ def test_contract_skeleton_joins_kept_nodes_to_their_nearest_kept_ancestor():
     assert contract_skeleton(8, edges, keep=[]).shape == (0, 2)
     with pytest.raises(ValueError, match="outside"):
         contract_skeleton(8, edges, keep=[9])
+
+
+def test_a_declared_giant_volume_is_refused_not_allocated():
+    """1e9^3 voxels: numpy's int64 product wrapped past the size guard and the process aborted."""
+    from types import SimpleNamespace
+
+    from segscope.analysis.centres import mask_centres
+
+    giant = SimpleNamespace(origin_vox=np.zeros(3, np.int64), shape=(10**9, 10**9, 10**9), dtype=np.uint64)
+    assert int(np.prod(np.asarray(giant.shape, np.int64))) < 512**3  # what the old guard saw
+    with pytest.raises(ValueError, match="too large"):
+        mask_centres(giant, 5, 1500.0)
+    with pytest.raises(ValueError, match="too large"):
+        mask_centres(giant, 5, 1500.0, box_vox=((0, 0, 0), (10**9, 10**9, 10**9)))

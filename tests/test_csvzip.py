@@ -747,3 +747,26 @@ def test_remote_store_over_a_listing_kvstore(tmp_path):
     assert sorted(remote.segment_ids()) == sorted(segments)
     assert_segment_equal(remote.read(12), segments[12])
     assert remote.shard_location(3) == "gs://example-bucket/embeddings/3.zip"
+
+
+def test_a_deflate_bomb_member_is_refused_before_it_is_inflated(tmp_path):
+    shard = shard_for_segment(21, 4)
+    with zipfile.ZipFile(tmp_path / f"{shard}.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("21.csv", b"\n" * (64 * 1024 * 1024))  # 64 MiB of newlines, ~64 KiB deflated
+    assert (tmp_path / f"{shard}.zip").stat().st_size < 1024 * 1024
+    with pytest.raises(CsvZipError, match="refusing to inflate") as caught:
+        CsvZipStore(tmp_path, num_shards=4).read(21)
+    assert caught.value.path == str(tmp_path / f"{shard}.zip") and caught.value.member == "21.csv"
+
+
+def test_real_members_stay_well_inside_the_inflate_limits(tmp_path):
+    from segscope.analysis.csvzip import MAX_DEFLATE_RATIO
+
+    rng = np.random.default_rng(0)
+    store = CsvZipStore(tmp_path, num_shards=1)
+    store.write(3, np.arange(200), rng.normal(size=(200, 3)) * 1e4, rng.normal(size=(200, 64)).astype(np.float32))
+    with zipfile.ZipFile(tmp_path / "0.zip") as archive:
+        (info,) = archive.infolist()
+    assert info.file_size < MAX_DEFLATE_RATIO / 8 * info.compress_size  # real CSV deflates ~2-4x
+    node_ids, _xyz, embeddings = store.read(3)
+    assert len(node_ids) == 200 and embeddings.shape == (200, 64)
