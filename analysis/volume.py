@@ -107,6 +107,36 @@ def kvstore_spec(url: str) -> dict | str:
     raise VolumeError(f"unsupported URL scheme {scheme!r} in {url!r} (use a path, file://, gs://, s3:// or http(s)://)")
 
 
+#: Seconds a remote store may take to answer one metadata read or open (``$SEGSCOPE_REMOTE_TIMEOUT_S``).
+REMOTE_TIMEOUT_S = 30.0
+
+
+def remote_timeout_s() -> float:
+    """The deadline (s) for one remote metadata read or open: ``$SEGSCOPE_REMOTE_TIMEOUT_S`` or 30."""
+    try:
+        value = float(os.environ.get("SEGSCOPE_REMOTE_TIMEOUT_S", REMOTE_TIMEOUT_S))
+    except ValueError:
+        return REMOTE_TIMEOUT_S
+    return value if value > 0 else REMOTE_TIMEOUT_S
+
+
+def _wait(future, kvstore: dict | str, what: str):
+    """``future.result()``, with :func:`remote_timeout_s` as the deadline for a remote store.
+
+    TensorStore retries a refused or silent server with back-off for minutes; a user should
+    read one line instead (local files get no deadline: a large local read may be slow).
+    """
+    if _is_local(kvstore):
+        return future.result()
+    timeout = remote_timeout_s()
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        raise VolumeError(
+            f"{what}: no answer within {timeout:g} s (is the server up? set SEGSCOPE_REMOTE_TIMEOUT_S to wait longer)"
+        ) from None
+
+
 def _is_local(kvstore: dict | str) -> TypeGuard[dict]:
     return isinstance(kvstore, dict) and kvstore.get("driver") == "file"
 
@@ -118,8 +148,9 @@ def _read_key(kvstore: dict | str, key: str) -> bytes | None:
         return path.read_bytes() if path.is_file() else None
     import tensorstore as ts
 
-    store = ts.KvStore.open(kvstore, context=_context()).result()
-    result = store.read(key).result()
+    where = kvstore.get("base_url", kvstore) if isinstance(kvstore, dict) else kvstore
+    store = _wait(ts.KvStore.open(kvstore, context=_context()), kvstore, f"opening {where}")
+    result = _wait(store.read(key), kvstore, f"reading {where}{key}")
     return bytes(result.value) if result.state == "value" else None
 
 
@@ -130,6 +161,8 @@ def _detect_driver(url: str, kvstore: dict | str) -> str:
         try:
             if _read_key(kvstore, marker) is not None:
                 return driver
+        except VolumeError:
+            raise
         except Exception as exc:  # network errors: report them with the URL
             raise VolumeError(f"cannot read {marker!r} of volume {url!r}: {exc}") from exc
     raise VolumeError(
@@ -296,7 +329,9 @@ def open_volume(
     if driver == "neuroglancer_precomputed":
         spec["scale_index"] = _precomputed_scale_index(kvstore, resolution_nm, url)
     try:
-        store = ts.open(spec, read=True, context=_context()).result()
+        store = _wait(ts.open(spec, read=True, context=_context()), kvstore, f"opening volume {url!r}")
+    except VolumeError:
+        raise
     except Exception as exc:
         raise VolumeError(f"cannot open volume {url!r} as {driver}: {exc}") from exc
 

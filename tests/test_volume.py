@@ -192,3 +192,28 @@ def test_in_memory_copy_reads_the_same(pair):
     copy = image.in_memory()
     assert copy.shape == image.shape and np.allclose(copy.voxel_size_nm, VOXEL)
     assert np.array_equal(copy.read((-4, 50, 40), (10, 70, 60)), image.read((-4, 50, 40), (10, 70, 60)))
+
+
+def test_a_silent_or_absent_server_gives_one_line_within_the_deadline(monkeypatch):
+    """A server that accepts and never answers, and a closed port: a clear error, no hang."""
+    import socket
+    import time
+
+    from segscope.analysis.volume import VolumeError, open_volume
+
+    monkeypatch.setenv("SEGSCOPE_REMOTE_TIMEOUT_S", "2")
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(8)  # accepts connections (the kernel's backlog) and never answers
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    try:
+        for url in (f"http://127.0.0.1:{black_hole.getsockname()[1]}/vol", f"http://127.0.0.1:{closed_port}/vol"):
+            started = time.monotonic()
+            with pytest.raises(VolumeError, match=r"no answer within 2 s|cannot read"):
+                open_volume(url)
+            assert time.monotonic() - started < 20
+    finally:
+        black_hole.close()
