@@ -675,6 +675,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         # Child processes (TensorFlow's, UMAP's) and Qt WebEngine read it: show their chatter too.
         os.environ["SEGSCOPE_VERBOSE"] = str(args.verbose)
+    else:
+        # The local file servers log every request the page makes; a 404 for a chunk that was
+        # never written (all background) is how precomputed volumes say "empty", not a problem.
+        logging.getLogger("tornado.access").setLevel(logging.ERROR)
     handler = getattr(args, "handler", None)
     if getattr(args, "command", None) in ("embed", "train", "evaluate"):
         # Before the progress bar: TensorFlow's start-up lines stay off the terminal (-v shows them).

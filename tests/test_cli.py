@@ -38,6 +38,23 @@ def test_info_prints_shape_and_voxel_size(tmp_path, capsys):
     assert "20 x 30 x 40 voxels" in out and "32 x 32 x 40 nm" in out and "neuroglancer_precomputed" in out
 
 
+def test_file_server_request_lines_stay_off_the_terminal_unless_verbose(tmp_path, monkeypatch):
+    """The page's 404s for never-written (empty) chunks are logged by tornado at WARNING."""
+    import logging
+
+    from segscope.analysis.volume import write_volume
+
+    write_volume(tmp_path / "img", np.zeros((4, 4, 4), np.uint8), (32, 32, 40))
+    access = logging.getLogger("tornado.access")
+    monkeypatch.setattr(access, "level", logging.NOTSET)
+    monkeypatch.setenv("SEGSCOPE_VERBOSE", "0")  # restored afterwards: -v below sets it
+    assert main(["info", str(tmp_path / "img")]) == 0
+    assert not access.isEnabledFor(logging.WARNING)
+    access.setLevel(logging.NOTSET)
+    assert main(["-v", "info", str(tmp_path / "img")]) == 0
+    assert access.isEnabledFor(logging.WARNING)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
