@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from psygnal import Signal, SignalGroup
 
+from segscope.analysis.artefacts import local_folder
 from segscope.app.events import connect
 from segscope.app.labels import LabelStore
 from segscope.app.plot_controller import SESSION_ORIGIN, VIEW_3D_ORIGIN, PlotController
@@ -60,11 +61,15 @@ class SessionEvents(SignalGroup):
 
 
 def _local_or_url(text: str | None) -> str | None:
-    """Absolute path for a local path; URLs (``scheme://``) as given."""
+    """Absolute path for a local path or ``file://`` URL; other URLs as given.
+
+    Local sources are read as :func:`~segscope.analysis.artefacts.local_folder` reads them
+    (a ``precomputed://`` prefix dropped), so one folder named two ways compares equal.
+    """
     if text is None:
         return None
-    text = str(text)
-    return text if "://" in text else str(Path(text).expanduser().resolve())
+    folder = local_folder(str(text))
+    return str(text) if folder is None else str(folder.resolve())
 
 
 class Session:

@@ -110,6 +110,15 @@ def test_document_round_trip_restores_records_labels_selection_and_plot(session,
     fresh = Session()
     fresh.set_source(_source(_summary(tmp_path)))
     assert fresh.has_same_data(loaded)
+    as_urls = Session()  # the same folders named as file:// URLs with a Neuroglancer prefix
+    as_urls.set_source(
+        SimpleNamespace(
+            image_url=f"precomputed://file://{tmp_path / 'image'}",
+            segmentation_url=f"file://{tmp_path / 'segmentation'}",
+            summary=lambda: session.state.dataset,
+        )
+    )
+    assert as_urls.has_same_data(loaded)
     other = Session()
     other.set_source(
         SimpleNamespace(image_url="gs://o/i", segmentation_url="gs://o/s", summary=lambda: session.state.dataset)
