@@ -7,6 +7,7 @@ answers at once; each subcommand imports what it needs.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -17,6 +18,11 @@ from typing import Any
 from segscope.analysis import __version__
 
 log = logging.getLogger(__name__)
+
+
+# Subcommands kept in their own modules; each defines ``register(subparsers)``, which adds
+# its parser(s) and sets ``handler``. Keeps this file from growing with every command.
+_COMMAND_MODULES: tuple[str, ...] = ()
 
 
 class CliError(Exception):
@@ -661,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print format, shape, voxel size and bounds of a volume")
     info.add_argument("url", help="path or URL (file://, gs://, http(s)://; precomputed, zarr, n5)")
     info.set_defaults(handler=_cmd_info)
+    for module_name in _COMMAND_MODULES:
+        # Each imports only the standard library at module level, so --help stays instant.
+        importlib.import_module(module_name).register(sub)
     return parser
 
 
