@@ -7,6 +7,7 @@ Layout (``DIR`` is the dataset folder)::
                              "size_vox": [x, y, z], "voxel_size_nm": [x, y, z],
                              "image": "image", "segmentation": "segmentation",
                              "skeletons": "segmentation/skeletons",
+                             ["meshes": "segmentation/mesh",]
                              "cell_types": [str, ...], "compartments": [str, ...]}
     DIR/image/              Neuroglancer precomputed uint8 image (raw encoding)
     DIR/segmentation/       Neuroglancer precomputed uint64 segmentation
@@ -16,6 +17,9 @@ Layout (``DIR`` is the dataset folder)::
                             Neuroglancer precomputed skeletons (unsharded, positions in nm,
                             vertex attributes "radius" float32 nm and "compartment" uint8
                             indexing "compartments"); see ``segscope.analysis.skeletons``
+    DIR/segmentation/mesh/  Neuroglancer precomputed legacy meshes (nm), named by the info's
+                            ``"mesh": "mesh"``; see ``segscope.analysis.meshes`` (recorded as
+                            ``"meshes"`` in dataset.json when present)
     DIR/nodes.parquet       segment_id uint64, node_id int64 (the vertex index, unique within
                             a segment), x_nm, y_nm, z_nm float64, compartment string
     DIR/edges.parquet       segment_id uint64, node_a int64, node_b int64 (node ids)
@@ -46,6 +50,8 @@ log = logging.getLogger(__name__)
 
 FORMAT = "segscope-dataset"
 FORMAT_VERSION = 1
+#: Where a dataset's meshes live, relative to its folder (named in the segmentation's info too).
+_MESHES = "segmentation/mesh"
 
 
 class DatasetError(ValueError):
@@ -72,7 +78,11 @@ def write_dataset_metadata(
     seed: int | None = None,
     generator_version: int | None = None,
 ) -> None:
-    """Write ``dataset.json`` (the parts it names are written separately)."""
+    """Write ``dataset.json`` (the parts it names are written separately).
+
+    ``"meshes"`` is recorded when ``DIR/segmentation/mesh`` holds a mesh ``info``: write the
+    meshes first.
+    """
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -87,6 +97,8 @@ def write_dataset_metadata(
         "cell_types": list(cell_types),
         "compartments": list(COMPARTMENTS),
     }
+    if (Path(directory) / _MESHES / "info").is_file():
+        meta["meshes"] = _MESHES
     (Path(directory) / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -172,6 +184,12 @@ class Dataset:
 
     def _part(self, key: str) -> Path:
         return self.path / self.meta[key]
+
+    @property
+    def meshes(self) -> Path | None:
+        """The dataset's precomputed mesh folder, or None when it has none (older datasets)."""
+        name = self.meta.get("meshes")
+        return self.path / name if isinstance(name, str) and (self.path / name / "info").is_file() else None
 
     @cached_property
     def image(self):

@@ -49,6 +49,19 @@ segments selected in the viewer, and elsewhere one small disc per segment and la
 most :data:`MAX_LABELS_DRAWN` in all; :meth:`~NeuroglancerBridge.add_exported_layer` adds
 an export bundle's precomputed annotations, served from the local file server.
 
+Meshes
+------
+The selected segment is drawn in 3-D as its surface mesh, semi-transparent
+(:data:`MESH_OBJECT_ALPHA`), so its coloured nodes show through it. A segmentation whose
+``info`` names meshes (``"mesh"``, as the demo's does) brings them itself. For one that
+does not, the bridge meshes the selected segment on its own mesher thread
+(:func:`segscope.analysis.meshes.cached_segment_mesh`: zmesh in a box around the click,
+grown while the segment touches its faces, up to :attr:`NeuroglancerBridge.mesh_max_box_vox`),
+caches it in the user cache, serves the cache folder from the local file server and adds
+the segment's mesh folder as an extra source of the segmentation layer (replacing the
+previous segment's). ``events.mesh_status`` reports each result (:class:`MeshStatus`,
+with the time it took).
+
 Layer order: the flag layer of an out-of-distribution segment is kept last, so it is drawn
 over the others. A double click over an annotation that hides the segment under it (3-D
 panel) still reaches that segment: :func:`click_event_from_action` falls back to the
@@ -122,6 +135,9 @@ _BRIDGE_LAYERS = (
     SELECTION_LAYER,
     LABELS_LAYER,
 )
+
+#: Opacity of the selected segments' meshes in 3-D: the nodes inside stay visible.
+MESH_OBJECT_ALPHA = 0.45
 
 #: Marker diameters (screen pixels) of pending, embedded and labelled nodes.
 PENDING_SIZE, EMBEDDED_SIZE, LABELLED_SIZE = 5.0, 7.0, 9.0
@@ -319,6 +335,42 @@ class _KeyedWriter:
                     self._condition.notify_all()
 
 
+@dataclass(frozen=True)
+class MeshStatus:
+    """The outcome of meshing a selected segment on the fly (``events.mesh_status``).
+
+    Attributes
+    ----------
+    segment_id : int
+    source : str or None
+        The mesh source added to the segmentation layer; None when meshing failed.
+    seconds : float
+        Time to read the box and mesh it (0 when the mesh came from the cache).
+    cached : bool
+        The mesh was made earlier (this session or a previous one).
+    truncated : bool
+        The segment goes on beyond the box limit: the mesh shows the part inside the box.
+    error : str
+        Why there is no mesh (empty on success).
+    """
+
+    segment_id: int
+    source: str | None
+    seconds: float = 0.0
+    cached: bool = False
+    truncated: bool = False
+    error: str = ""
+
+
+@dataclass
+class _MeshTarget:
+    """The shown segmentation, for meshing on the fly (None ``volume``: nothing to mesh from)."""
+
+    volume: Any
+    own_meshes: bool
+    cache_dir: Path | None
+
+
 class BridgeEvents(SignalGroup):
     """Events of :class:`NeuroglancerBridge` (emitted on the thread that committed the change)."""
 
@@ -326,6 +378,8 @@ class BridgeEvents(SignalGroup):
     segments_changed = Signal(object)
     #: (ClickEvent) the user double-clicked in a data panel.
     clicked = Signal(object)
+    #: (MeshStatus) a selected segment was meshed on the fly, or could not be (mesher thread).
+    mesh_status = Signal(object)
 
 
 class NeuroglancerBridge:
@@ -339,11 +393,20 @@ class NeuroglancerBridge:
         quickly (post the work to the thread that owns the session).
     bind_address
         Address of neuroglancer's server and of the local file servers.
+    mesh_cache_root
+        Where meshes made on the fly are cached (default ``<user cache>/meshes``).
     """
 
-    def __init__(self, on_click: Callable[[ClickEvent], None] | None = None, *, bind_address: str = "127.0.0.1"):
+    def __init__(
+        self,
+        on_click: Callable[[ClickEvent], None] | None = None,
+        *,
+        bind_address: str = "127.0.0.1",
+        mesh_cache_root: str | Path | None = None,
+    ):
         import neuroglancer
 
+        from segscope.analysis.meshes import DEFAULT_MAX_BOX_VOX
         from segscope.app.viewer_sync import merging_viewer
 
         self._neuroglancer = neuroglancer
@@ -353,6 +416,15 @@ class NeuroglancerBridge:
         self.viewer = merging_viewer()
         self._file_servers: dict[str, Any] = {}
         self._writer = _KeyedWriter("segscope-neuroglancer-writer")
+        # Meshing on the fly runs here, off the Qt thread and off the writer (it takes seconds).
+        self._mesher = _KeyedWriter("segscope-mesher")
+        self._mesh_cache_root = mesh_cache_root
+        self._mesh_target: _MeshTarget | None = None  # set and read on the mesher thread
+        self._mesh_wanted: int | None = None  # the selected segment (latest request wins)
+        self._mesh_pending_centres: int | None = None  # selected without a click: mesh at a centre
+        self._mesh_sources: set[str] = set()  # on-the-fly sources this bridge added
+        #: Largest box (voxels, x, y, z) a segment is meshed in when its volume has no meshes.
+        self.mesh_max_box_vox: tuple[int, int, int] = tuple(int(v) for v in DEFAULT_MAX_BOX_VOX)
         self._unsubscribe: list[Callable[[], None]] = []
         self._state: SessionState | None = None
         self.writes = 0  # transactions actually committed (skipped no-op writes excluded)
@@ -493,6 +565,7 @@ class NeuroglancerBridge:
                 selected_alpha=0.35,
                 not_selected_alpha=0.05,
                 hide_segment_zero=True,
+                object_alpha=MESH_OBJECT_ALPHA,
             )
             s.layers[GROUND_TRUTH_LAYER] = neuroglancer.LocalAnnotationLayer(
                 dimensions=nm_space,
@@ -509,6 +582,7 @@ class NeuroglancerBridge:
             s.selected_layer.layer = SEGMENTATION_LAYER
             s.layout = layout
             self._property_sources.clear()  # the segmentation layer was replaced
+            self._mesh_sources.clear()
 
         self._write(apply)
 
@@ -530,6 +604,9 @@ class NeuroglancerBridge:
             centre_nm=np.asarray(source.centre_nm, dtype=np.float64),
         )
         self._writer.submit("dataset", lambda: self.show_dataset(sources, layout=layout))
+        segmentation, url = source.segmentation, source.segmentation_url
+        # Reading the info may wait on a remote store: on the mesher thread, before any mesh.
+        self._mesher.submit("target", lambda: self._set_mesh_target(segmentation, url))
 
     def set_layout(self, layout: str) -> None:
         """Change the panel layout (``"xy"``, ``"3d"``, ``"xy-3d"``, ``"4panel"``...)."""
@@ -785,6 +862,7 @@ class NeuroglancerBridge:
 
     def _on_segment(self, record: SegmentRecord | None) -> None:
         wanted = frozenset() if record is None else frozenset({int(record.segment_id)})
+        self._request_mesh(record)
         self._writer.submit("segments", lambda: self._write_selection(wanted))
         self._show_labels_of(wanted)
         self._writer.submit("nodes", lambda: self._write_annotation_layer(NODES_LAYER, []))
@@ -793,6 +871,10 @@ class NeuroglancerBridge:
 
     def _on_centres(self, record: SegmentRecord) -> None:
         self._on_nodes_changed(record)
+        if self._mesh_pending_centres == record.segment_id and record.positions_nm is not None:
+            if len(record.positions_nm):
+                self._mesh_pending_centres = None
+                self._submit_mesh(record.segment_id, np.asarray(record.positions_nm[0], dtype=np.float64))
         truth = ground_truth_annotations(record)
         self._writer.submit("ground_truth", lambda: self._write_annotation_layer(GROUND_TRUTH_LAYER, truth))
 
@@ -809,6 +891,96 @@ class NeuroglancerBridge:
         self._writer.submit("segment_colour", lambda: self._write_segment_colour(segment_id, colour))
         flag = ood_flag(record)
         self._writer.submit("ood_flag", lambda: self._write_ood_flag(flag))
+
+    # -- meshes made on the fly (mesher thread) --------------------------------------------
+
+    def _set_mesh_target(self, segmentation, url: str) -> None:
+        from segscope.analysis.meshes import mesh_cache_dir, named_mesh
+
+        own = named_mesh(url) is not None
+        cache = None if own else mesh_cache_dir(segmentation, self._mesh_cache_root)
+        self._mesh_target = _MeshTarget(segmentation, own, cache)
+        log.debug("segmentation %s: %s", url, "its own meshes" if own else f"meshes made on the fly in {cache}")
+
+    def _request_mesh(self, record: SegmentRecord | None) -> None:
+        """Mesh the newly selected segment (at its click, or at its first centre once known)."""
+        self._mesh_pending_centres = None
+        if record is None:
+            self._mesh_wanted = None
+            self._writer.submit("mesh_source", lambda: self._write_mesh_source(None))
+            return
+        segment_id = int(record.segment_id)
+        self._mesh_wanted = segment_id
+        if record.click_nm is not None:
+            self._submit_mesh(segment_id, np.asarray(record.click_nm, dtype=np.float64))
+        elif record.positions_nm is not None and len(record.positions_nm):
+            self._submit_mesh(segment_id, np.asarray(record.positions_nm[0], dtype=np.float64))
+        else:
+            self._mesh_pending_centres = segment_id
+
+    def _submit_mesh(self, segment_id: int, position_nm: np.ndarray) -> None:
+        self._mesher.submit("mesh", lambda: self._make_mesh(segment_id, position_nm))
+
+    def _make_mesh(self, segment_id: int, position_nm: np.ndarray) -> None:
+        from segscope.analysis.meshes import cached_segment_mesh
+        from segscope.analysis.progress import drive
+
+        target = self._mesh_target
+        if target is None or target.own_meshes or target.cache_dir is None or self._mesh_wanted != segment_id:
+            return  # the volume brings its meshes, none is shown, or another segment was selected since
+        try:
+            folder, result = drive(
+                cached_segment_mesh(
+                    target.volume, segment_id, position_nm, target.cache_dir, max_box_vox=self.mesh_max_box_vox
+                )
+            )
+            source = "precomputed://" + self._serve_folder(target.cache_dir) + "/" + folder.name
+        except (OSError, ValueError, KeyError) as error:  # KeyError: SegmentNotFoundError
+            log.warning("cannot mesh segment %d: %s", segment_id, error)
+            self.events.mesh_status.emit(MeshStatus(segment_id, None, error=str(error)))
+            return
+        if result is None:
+            status = MeshStatus(segment_id, source, cached=True)
+        else:
+            status = MeshStatus(segment_id, source, seconds=result.seconds, truncated=result.truncated)
+            log.info(
+                "meshed segment %d in %.2f s (box %s voxels read in %.2f s, %d triangles%s)",
+                segment_id,
+                result.seconds,
+                (result.hi_vox - result.lo_vox).tolist(),
+                result.read_seconds,
+                result.mesh.n_faces,
+                ", cut at the box limit" if result.truncated else "",
+            )
+        if self._mesh_wanted == segment_id:
+            self._writer.submit("mesh_source", lambda: self._write_mesh_source(source))
+        self.events.mesh_status.emit(status)
+
+    def _write_mesh_source(self, source: str | None) -> None:
+        """Make ``source`` the one on-the-fly mesh source of the segmentation layer (None: none)."""
+
+        def urls(s) -> list[str] | None:
+            if SEGMENTATION_LAYER not in s.layers:
+                return None
+            return [data_source.url for data_source in s.layers[SEGMENTATION_LAYER].source]
+
+        def is_current(s) -> bool:
+            current = urls(s)
+            if current is None:
+                return True
+            ours = [url for url in current if url in self._mesh_sources]
+            return ours == ([] if source is None else [source]) and (source is None or source in current)
+
+        def apply(s) -> None:
+            sources = s.layers[SEGMENTATION_LAYER].source
+            for url in [u for u in urls(s) or [] if u in self._mesh_sources and u != source]:
+                del sources[[data_source.url for data_source in sources].index(url)]
+            if source is not None and source not in (urls(s) or []):
+                sources.append(source)
+
+        if source is not None:
+            self._mesh_sources.add(source)
+        self._write_if_changed(is_current, apply)
 
     # -- writes (writer thread) ------------------------------------------------------------
 
@@ -1013,6 +1185,7 @@ class NeuroglancerBridge:
             unsubscribe()
         self._unsubscribe.clear()
         self._writer.close()
+        self._mesher.close()
         with self._listener_lock:
             self.events.segments_changed.disconnect()
             if self._listening:
