@@ -8,11 +8,14 @@ only (no Keras, no TensorFlow), so the CLI and the app can check their inputs at
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 CLASSIFIER_MANIFEST = "classifiers.json"
 CLASSIFIER_TASKS = ("compartment", "cell_type")
@@ -53,14 +56,17 @@ class ClassifierInfo:
 class ClassifierSummary:
     """The classifiers in use (either may be None when the folder holds only one).
 
-    ``encoder`` is the file name of the encoder whose embeddings they were trained on,
-    when ``classifiers.json`` records it.
+    ``encoder`` is the file name and ``encoder_sha256`` the hash
+    (:func:`segscope.analysis.provenance.model_sha256`) of the encoder whose embeddings they
+    were trained on, when ``classifiers.json`` records them; see
+    :func:`classifier_encoder_mismatch`.
     """
 
     folder: str
     compartment: ClassifierInfo | None = None
     cell_type: ClassifierInfo | None = None
     encoder: str | None = None
+    encoder_sha256: str | None = None
 
 
 def read_classifier_folder(folder: str | os.PathLike) -> ClassifierSummary:
@@ -123,9 +129,55 @@ def read_classifier_folder(folder: str | os.PathLike) -> ClassifierSummary:
 
         compartment_codes(compartment.class_names, f"{compartment.path}: the compartment classifier")
     encoders = {str(manifest[task]["encoder"]) for task in infos if manifest[task].get("encoder")}
+    hashes = {str(manifest[task]["encoder_sha256"]) for task in infos if manifest[task].get("encoder_sha256")}
+    if len(hashes) > 1:
+        raise ValueError(f"{manifest_path}: its classifiers were trained on different encoders ({sorted(hashes)})")
     return ClassifierSummary(
-        str(folder), compartment, infos.get("cell_type"), encoder=encoders.pop() if len(encoders) == 1 else None
+        str(folder),
+        compartment,
+        infos.get("cell_type"),
+        encoder=encoders.pop() if len(encoders) == 1 else None,
+        encoder_sha256=hashes.pop() if hashes else None,
     )
+
+
+def classifier_encoder_mismatch(summary: ClassifierSummary, encoder_path: str | os.PathLike) -> str | None:
+    """Why ``summary``'s classifiers do not fit the encoder at ``encoder_path``, or None when they do.
+
+    Classifiers read embeddings of the encoder they were trained on; another encoder's
+    embeddings give plausible-looking but meaningless predictions. The manifest's
+    ``encoder_sha256`` is compared with the encoder's hash; a manifest without one cannot
+    be checked (None, logged).
+    """
+    from segscope.analysis.provenance import model_sha256
+
+    if not summary.encoder_sha256:
+        log.info("%s records no encoder_sha256: cannot check which encoder it was trained on", summary.folder)
+        return None
+    actual = _cached_model_sha256(str(Path(encoder_path).resolve()), model_sha256)
+    if actual == summary.encoder_sha256:
+        return None
+    trained_on = f"{summary.encoder} " if summary.encoder else ""
+    return (
+        f"the classifiers in {summary.folder} were trained on encoder {trained_on}(sha256 "
+        f"{summary.encoder_sha256[:12]}...), not on {Path(encoder_path).name} (sha256 {actual[:12]}...): "
+        "their predictions would be meaningless"
+    )
+
+
+_MODEL_HASHES: dict[tuple[str, float, int], str] = {}
+
+
+def _cached_model_sha256(path: str, hasher) -> str:
+    """``hasher(path)`` remembered per path, modification time and size (models are large)."""
+    try:
+        stat = os.stat(path)
+        key = (path, stat.st_mtime, stat.st_size)
+    except OSError:  # a checkpoint prefix, not a file
+        key = (path, 0.0, -1)
+    if key not in _MODEL_HASHES:
+        _MODEL_HASHES[key] = hasher(path)
+    return _MODEL_HASHES[key]
 
 
 def find_demo_classifiers() -> Path | None:

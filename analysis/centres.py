@@ -1,42 +1,26 @@
-"""Cutout centres for a segment: skeleton nodes at SegCLR's spacing, or mask samples.
+"""Cutout centres for a segment: skeleton nodes at SegCLR's spacing.
 
 SegCLR embeds cutouts centred on skeleton nodes about 1.5 um apart. This module thins a
-skeleton to that spacing (measured along the skeleton path), samples centres from the
-segment's mask when no skeleton exists, and orders centres nearest-first from the point the
-user clicked. Positions are nm, ``[N, 3]`` in x, y, z order.
+skeleton to that spacing (measured along the skeleton path; by straight distance for a
+skeleton without edges) and orders centres nearest-first from the point the user clicked.
+A segment without a skeleton is skeletonised first (kimimaro, in a bounded box:
+:mod:`segscope.analysis.skeletonise`). Positions are nm, ``[N, 3]`` in x, y, z order.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from segscope.analysis.volume import SegmentNotFoundError, Volume
+from segscope.analysis.volume import Volume
 
 log = logging.getLogger(__name__)
 
 #: SegCLR's centre spacing (nm).
 SEGCLR_SPACING_NM = 1500.0
-#: Largest region (voxels) scanned for a segment's mask when no box is given.
-_MAX_SCAN_VOXELS = 512**3
-
-
-def _voxel_count(extent_vox) -> int:
-    """Voxels in a box of ``extent_vox`` ``(x, y, z)``, as an exact Python int.
-
-    numpy's int64 product overflows for declared sizes such as 1e9^3 (wrapping to a small or
-    negative number that passed the size guard, then an allocation aborted the process); a
-    negative extent counts as empty.
-    """
-    return math.prod(max(int(v), 0) for v in np.asarray(extent_vox).reshape(-1))
-
-
-#: Half-width (nm) of the region searched around a click when no box is given.
-_CLICK_SEARCH_HALF_WIDTH_NM = 10_000.0
 
 
 @dataclass(frozen=True)
@@ -50,11 +34,15 @@ class Centres:
         int64 ``[N]``: the skeleton node each centre is (index into the skeleton's nodes).
     positions_nm : numpy.ndarray
         float64 ``[N, 3]`` x, y, z nm.
+    thinned_by : str
+        ``"path"`` (distance along the skeleton's edges) or ``"distance"`` (a skeleton
+        without edges: straight-line distance between kept nodes).
     """
 
     segment_id: int
     node_ids: np.ndarray
     positions_nm: np.ndarray
+    thinned_by: str = "path"
 
     def __len__(self) -> int:
         return len(self.node_ids)
@@ -64,7 +52,7 @@ class Centres:
         if point_nm is None:
             return self
         order = order_by_distance(self.positions_nm, point_nm)
-        return Centres(self.segment_id, self.node_ids[order], self.positions_nm[order])
+        return Centres(self.segment_id, self.node_ids[order], self.positions_nm[order], self.thinned_by)
 
 
 def order_by_distance(points_nm: np.ndarray, origin_nm: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -79,7 +67,9 @@ def thin_skeleton(nodes_nm: np.ndarray, edges: np.ndarray, spacing_nm: float = S
 
     Walks each connected component breadth-first from its first node and keeps a node once
     the path length since the last kept node on its way to the root reaches ``spacing_nm``,
-    so every node lies within ``spacing_nm`` (path) of a kept ancestor.
+    so every node lies within ``spacing_nm`` (path) of a kept ancestor. A skeleton of more
+    than one node with no edges at all (a point cloud: an SWC or table without parents) is
+    thinned by straight-line distance instead (:func:`thin_points`), never left unthinned.
 
     Parameters
     ----------
@@ -107,6 +97,8 @@ def thin_skeleton(nodes_nm: np.ndarray, edges: np.ndarray, spacing_nm: float = S
         raise ValueError(f"skeleton edges refer to nodes outside 0..{n - 1}")
     if spacing_nm <= 0:
         return np.arange(n, dtype=np.int64)
+    if len(edges) == 0 and n > 1:
+        return thin_points(nodes, spacing_nm)
     lengths = np.linalg.norm(nodes[edges[:, 0]] - nodes[edges[:, 1]], axis=1)
     graph = coo_matrix((lengths + 1e-9, (edges[:, 0], edges[:, 1])), shape=(n, n)).tocsr()
     n_components, component = connected_components(graph, directed=False)
@@ -124,6 +116,28 @@ def thin_skeleton(nodes_nm: np.ndarray, edges: np.ndarray, spacing_nm: float = S
                 keep[node] = True
                 since_kept[node] = 0.0
     return np.flatnonzero(keep)
+
+
+def thin_points(points_nm: np.ndarray, spacing_nm: float = SEGCLR_SPACING_NM) -> np.ndarray:
+    """Pick points at least ``spacing_nm`` apart so every point lies within ``spacing_nm`` of one picked.
+
+    Greedy in the given order (the first point is always kept). For nodes without edges,
+    where no path length exists. Returns sorted int64 indices.
+    """
+    from scipy.spatial import cKDTree
+
+    points = np.asarray(points_nm, dtype=np.float64).reshape(-1, 3)
+    if len(points) == 0:
+        return np.zeros(0, dtype=np.int64)
+    tree = cKDTree(points)
+    covered = np.zeros(len(points), dtype=bool)
+    keep = []
+    for index in range(len(points)):
+        if covered[index]:
+            continue
+        keep.append(index)
+        covered[tree.query_ball_point(points[index], spacing_nm * (1 - 1e-9))] = True
+    return np.asarray(keep, dtype=np.int64)
 
 
 def contract_skeleton(n_nodes: int, edges: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -185,90 +199,6 @@ def contract_skeleton(n_nodes: int, edges: np.ndarray, keep: np.ndarray) -> np.n
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)
 
 
-def mask_centres(
-    segmentation: Volume,
-    segment_id: int,
-    spacing_nm: float = SEGCLR_SPACING_NM,
-    *,
-    box_vox: tuple[Sequence[int], Sequence[int]] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sample centres from a segment's mask when it has no skeleton.
-
-    The mask is binned into cubes of ``spacing_nm``; each occupied cube contributes the
-    mask voxel closest to the cube's mask centroid (so every centre lies inside the
-    segment), and a Euclidean minimum spanning tree links the centres into a skeleton.
-
-    Parameters
-    ----------
-    segmentation
-        The segmentation volume.
-    segment_id
-        Segment to sample.
-    spacing_nm
-        Cube size (nm), about the distance between centres.
-    box_vox
-        ``(lo, hi)`` absolute voxel box to scan; the whole volume when None (refused above
-        512^3 voxels, pass a box around the region of interest instead).
-
-    Returns
-    -------
-    nodes_nm : numpy.ndarray
-        float64 ``[K, 3]`` voxel-centre positions (nm).
-    edges : numpy.ndarray
-        int64 ``[K - 1, 2]`` minimum-spanning-tree edges.
-
-    Raises
-    ------
-    SegmentNotFoundError
-        When the segment has no voxel in the scanned region.
-    """
-    if box_vox is None:
-        lo = segmentation.origin_vox
-        hi = lo + np.asarray(segmentation.shape)
-    else:
-        lo, hi = (np.asarray(v, dtype=np.int64) for v in box_vox)
-    if _voxel_count(hi - lo) > _MAX_SCAN_VOXELS:
-        raise ValueError(
-            f"scanning {tuple((hi - lo).tolist())} voxels for segment {segment_id} is too large; "
-            "give a skeleton or a smaller box"
-        )
-    value = np.asarray(int(segment_id)).astype(segmentation.dtype)
-    voxels = np.argwhere(segmentation.read(lo, hi) == value) + lo
-    if len(voxels) == 0:
-        raise SegmentNotFoundError(
-            f"segment {segment_id} has no voxels in {segmentation.url!r} between voxels "
-            f"{np.asarray(lo).tolist()} and {np.asarray(hi).tolist()}"
-        )
-    positions = (voxels + 0.5) * segmentation.voxel_size_nm
-    cells = np.floor(positions / spacing_nm).astype(np.int64)
-    _, cell_index = np.unique(cells, axis=0, return_inverse=True)
-    cell_index = cell_index.ravel()
-    n_cells = int(cell_index.max()) + 1
-    counts = np.bincount(cell_index, minlength=n_cells).astype(np.float64)
-    centroids = np.stack(
-        [np.bincount(cell_index, weights=positions[:, a], minlength=n_cells) / counts for a in range(3)], axis=1
-    )
-    distance = np.linalg.norm(positions - centroids[cell_index], axis=1)
-    # For each cell, the voxel nearest its centroid: sort by (cell, distance), take firsts.
-    order = np.lexsort((distance, cell_index))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = cell_index[order][1:] != cell_index[order][:-1]
-    nodes = positions[order[first]]
-    return nodes, _spanning_tree_edges(nodes)
-
-
-def _spanning_tree_edges(nodes_nm: np.ndarray) -> np.ndarray:
-    """Edges ``[K - 1, 2]`` of the Euclidean minimum spanning tree of ``nodes_nm [K, 3]``."""
-    from scipy.sparse.csgraph import minimum_spanning_tree
-    from scipy.spatial import distance_matrix
-
-    if len(nodes_nm) < 2:
-        return np.zeros((0, 2), dtype=np.int64)
-    # Tiny offset keeps coincident points connected (zero weights mean "no edge").
-    tree = minimum_spanning_tree(distance_matrix(nodes_nm, nodes_nm) + 1e-6).tocoo()
-    return np.stack([tree.row, tree.col], axis=1).astype(np.int64)
-
-
 def segment_centres(
     segmentation: Volume,
     segment_id: int,
@@ -280,21 +210,35 @@ def segment_centres(
 ) -> Centres:
     """Centres of one segment, nearest to ``click_nm`` first.
 
-    Uses the skeleton (thinned to ``spacing_nm``) when given; otherwise samples the
-    segment's mask in the volume, or within 10 um of the click on volumes too large to
-    scan. ``node_ids`` index the skeleton's nodes (or the sampled nodes).
+    Thins the skeleton to ``spacing_nm``. Without a skeleton the segment is skeletonised
+    first (in a bounded box around the click, or around the first voxel of it a scan finds;
+    see :class:`segscope.analysis.skeleton_sources.SegmentSkeletons`, which callers that
+    show progress or cache use directly). ``node_ids`` index the skeleton's nodes.
     """
-    if skeleton_nodes_nm is not None and len(skeleton_nodes_nm):
-        edges = np.zeros((0, 2), np.int64) if skeleton_edges is None else skeleton_edges
-        node_ids = thin_skeleton(skeleton_nodes_nm, edges, spacing_nm)
-        positions = np.asarray(skeleton_nodes_nm, dtype=np.float64)[node_ids]
-    else:
-        box = None
-        if click_nm is not None and _voxel_count(segmentation.shape) > _MAX_SCAN_VOXELS:
-            half = np.ceil(_CLICK_SEARCH_HALF_WIDTH_NM / segmentation.voxel_size_nm).astype(np.int64)
-            centre = segmentation.nm_to_voxel(np.asarray(click_nm))
-            box = (centre - half, centre + half)
-        positions, _ = mask_centres(segmentation, segment_id, spacing_nm, box_vox=box)
-        node_ids = np.arange(len(positions), dtype=np.int64)
-        log.info("segment %d has no skeleton: sampled %d centres from its mask", segment_id, len(positions))
-    return Centres(int(segment_id), node_ids.astype(np.int64), positions).ordered_from(click_nm)
+    if skeleton_nodes_nm is None or not len(skeleton_nodes_nm):
+        from segscope.analysis.progress import drive
+        from segscope.analysis.skeleton_sources import SegmentSkeletons
+
+        found = drive(SegmentSkeletons(segmentation).resolve(segment_id, click_nm=click_nm))
+        log.info("segment %d had no skeleton: %s", segment_id, found.note or found.origin)
+        skeleton_nodes_nm, skeleton_edges = found.skeleton.nodes_nm, found.skeleton.edges
+    return skeleton_centres(segment_id, skeleton_nodes_nm, skeleton_edges, spacing_nm=spacing_nm, click_nm=click_nm)
+
+
+def skeleton_centres(
+    segment_id: int,
+    nodes_nm: np.ndarray,
+    edges: np.ndarray | None,
+    *,
+    spacing_nm: float = SEGCLR_SPACING_NM,
+    click_nm: Sequence[float] | np.ndarray | None = None,
+) -> Centres:
+    """Centres of a skeleton thinned to ``spacing_nm``, nearest ``click_nm`` first.
+
+    ``nodes_nm`` float ``[N, 3]`` nm; ``edges`` int ``[E, 2]`` node indices (None: no edges).
+    """
+    nodes = np.asarray(nodes_nm, dtype=np.float64).reshape(-1, 3)
+    edges = np.zeros((0, 2), np.int64) if edges is None else np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    node_ids = thin_skeleton(nodes, edges, spacing_nm)
+    thinned_by = "distance" if len(edges) == 0 and len(nodes) > 1 else "path"
+    return Centres(int(segment_id), node_ids.astype(np.int64), nodes[node_ids], thinned_by).ordered_from(click_nm)

@@ -589,7 +589,8 @@ def stream_node_embeddings(
     """Embed the nodes of many segments, batching cutouts across segments.
 
     Small segments (a few nodes each) fill shared batches instead of each paying a forward
-    call of its own.
+    call of its own. Cutouts are cut batch by batch on the reader thread, so peak memory
+    depends on the batch size, not on the number of nodes.
 
     Parameters
     ----------
@@ -622,35 +623,32 @@ def stream_node_embeddings(
     )
     total = len(node_col)
 
+    size = tuple(int(v) for v in config.input_size_vox)
+
     def batches():
-        pending_idx: list[np.ndarray] = []
-        pending: list[np.ndarray] = []
-        count = 0
-        row = 0
-        for segment_id, node_ids, centres in segments:
-            n = len(node_ids)
-            if n:
-                pending.append(
-                    cut_masked(
-                        image,
-                        segmentation,
-                        int(segment_id),
-                        np.asarray(centres).reshape(-1, 3),
-                        config.input_size_vox,
-                        downsample=downsample,
-                    )
+        # Cut one forward call's cutouts at a time (the reader thread stays `prefetch` calls
+        # ahead), so memory does not grow with the number of centres. Rows are grouped by
+        # segment, so each batch is a few runs of one segment; nearby centres of a run
+        # share reads.
+        for start in range(0, total, compute_batch):
+            stop = min(start + compute_batch, total)
+            cutouts = np.empty((stop - start, *size), dtype=np.uint8)
+            run_start = start
+            while run_start < stop:
+                segment_id = seg_col[run_start]
+                run_stop = run_start + 1
+                while run_stop < stop and seg_col[run_stop] == segment_id:
+                    run_stop += 1
+                cutouts[run_start - start : run_stop - start] = cut_masked(
+                    image,
+                    segmentation,
+                    int(segment_id),
+                    xyz[run_start:run_stop],
+                    size,
+                    downsample=downsample,
                 )
-                pending_idx.append(np.arange(row, row + n))
-                count += n
-                row += n
-            while count >= compute_batch:
-                cut = np.concatenate(pending)
-                idx = np.concatenate(pending_idx)
-                yield idx[:compute_batch], cut[:compute_batch]
-                pending, pending_idx = [cut[compute_batch:]], [idx[compute_batch:]]
-                count -= compute_batch
-        if count:
-            yield np.concatenate(pending_idx), np.concatenate(pending)
+                run_start = run_stop
+            yield np.arange(start, stop), cutouts
 
     embeddings = yield from stream_embeddings(
         encoder,

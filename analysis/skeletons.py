@@ -255,3 +255,34 @@ def read_precomputed_skeleton(directory: str | Path, segment_id: int, info: dict
     if not path.is_file():
         raise KeyError(f"no skeleton for segment {int(segment_id)} in {directory}")
     return decode_skeleton(int(segment_id), path.read_bytes(), info)
+
+
+def write_precomputed_skeleton(directory: str | Path, skeleton: Skeleton) -> None:
+    """Add one skeleton to a precomputed skeleton folder, creating it and its ``info`` when new.
+
+    The skeleton is encoded with the folder's ``info`` (a new folder gets the attributes the
+    skeleton carries); each file is replaced atomically, so a reader never sees half of one.
+
+    Raises
+    ------
+    ValueError
+        When the folder's ``info`` lists an attribute the skeleton lacks.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    info_path = directory / "info"
+    if info_path.is_file():
+        info = read_skeleton_info(directory)
+    else:
+        info = skeleton_info(
+            with_radius=skeleton.radius_nm is not None, with_compartment=skeleton.compartment is not None
+        )
+        _write_atomically(info_path, (json.dumps(info, indent=2) + "\n").encode())
+    _write_atomically(directory / str(skeleton.segment_id), encode_skeleton(skeleton, info))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    from segscope.analysis.export.atomic import atomic_file
+
+    with atomic_file(path, force=True) as temporary:
+        temporary.write_bytes(data)

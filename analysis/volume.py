@@ -273,6 +273,36 @@ class Volume:
         lo = self.info.origin_vox
         return np.all((voxels >= lo) & (voxels < lo + self.info.shape), axis=-1)
 
+    @property
+    def chunk_shape(self) -> tuple[int, int, int] | None:
+        """Shape (xyz voxels) of the storage's read chunks, or None when unknown (in-memory volumes)."""
+        try:
+            shape = self._store.chunk_layout.read_chunk.shape
+        except (AttributeError, ValueError):
+            return None
+        if shape is None or len(shape) < 3 or any(v is None or v < 1 for v in shape[:3]):
+            return None
+        return (int(shape[0]), int(shape[1]), int(shape[2]))
+
+    def is_stored(self, lo_vox: Sequence[int] | np.ndarray, hi_vox: Sequence[int] | np.ndarray) -> bool | None:
+        """Whether any chunk of the box ``[lo, hi)`` (absolute voxels) is stored; None when the driver cannot say.
+
+        A box with nothing stored reads as the fill value (background), so scans skip it.
+        """
+        lo = np.maximum(np.asarray(lo_vox, dtype=np.int64), self.info.origin_vox)
+        hi = np.minimum(np.asarray(hi_vox, dtype=np.int64), self.info.origin_vox + self.info.shape)
+        if np.any(hi <= lo):
+            return False
+        if self._store is None:
+            return None
+        try:
+            region = self._store[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            statistics = region.storage_statistics(query_not_stored=True).result()
+        except Exception as exc:  # some drivers and versions cannot list chunks
+            log.debug("storage statistics unavailable for %s: %s", self.url, exc)
+            return None
+        return not statistics.not_stored
+
 
 class _ArrayVolume(Volume):
     """A volume held as a numpy ``[x, y, z]`` array; reads are plain slicing."""

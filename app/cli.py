@@ -176,19 +176,6 @@ def _resolve_encoder_path(checkpoint: str | None) -> Path:
     return found
 
 
-def _segment_skeleton(skeletons_dir: Path | None, segment_id: int):
-    """``(nodes_nm, edges)`` of a segment from a precomputed skeleton folder, or (None, None)."""
-    if skeletons_dir is None:
-        return None, None
-    from segscope.analysis.skeletons import read_precomputed_skeleton
-
-    try:
-        skeleton = read_precomputed_skeleton(skeletons_dir, segment_id)
-    except KeyError:
-        return None, None
-    return skeleton.nodes_nm, skeleton.edges
-
-
 def _parse_segments(text: str) -> list[int] | str:
     """``all`` or comma-separated segment ids."""
     if text.strip().lower() == "all":
@@ -223,66 +210,135 @@ def _dataset_of(segmentation_dir: Path | None) -> dict | None:
     return dict(meta, path=str(meta_path.parent))
 
 
-def _all_segment_ids(dataset: dict | None, skeletons_dir: Path | None) -> list[int]:
-    """Every segment of the dataset's segments table, or of the skeleton folder."""
-    if dataset is not None and (Path(dataset["path"]) / "segments.parquet").is_file():
-        from segscope.analysis.dataset import open_dataset
+def _parse_xyz_nm(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y,Z in nm, got {text!r}") from None
+    if len(values) != 3 or not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected three positive numbers X,Y,Z (nm), got {text!r}")
+    return values  # type: ignore[return-value]
 
-        return [int(s) for s in open_dataset(dataset["path"]).segment_ids]
-    if skeletons_dir is not None and skeletons_dir.is_dir():
-        ids = sorted(int(p.name) for p in skeletons_dir.iterdir() if p.name.isdigit() and p.is_file())
-        if ids:
-            return ids
-    raise CliError(
-        "--segments all needs a SegScope dataset's segmentation (segments.parquet beside it) "
-        "or a skeleton folder with skeletons in it (--skeletons)"
-    )
+
+def _all_segment_ids(segmentation, box_vox, min_voxels: int):
+    """Every segment of the segmentation (in ``box_vox``, with at least ``min_voxels``): a chunked scan.
+
+    Returns the :class:`segscope.analysis.segment_list.SegmentList` (ids and a voxel of each).
+    """
+    from segscope.analysis.segment_list import enumerate_segments
+
+    scan = enumerate_segments(segmentation, box_vox=box_vox, min_voxels=min_voxels)
+    found = _run_with_progress("listing segments", scan)
+    if not len(found):
+        where = "" if box_vox is None else f" in the box {box_vox[0].tolist()}..{box_vox[1].tolist()}"
+        raise CliError(f"no segment with at least {min_voxels} voxels{where} of {segmentation.url}")
+    return found
+
+
+def _segment_skeleton(skeletons, segment_ids, listed, box_vox, spacing_nm: float):
+    """Centres of every segment from its skeleton: given, cached, or made now (kimimaro, bounded box).
+
+    A generator (one Progress per segment and per skeleton box read) returning
+    ``(segments, origins, edgeless)``: ``(id, node_ids, centres_nm)`` per segment, where each
+    skeleton came from, and the segments whose skeleton has no edges.
+    """
+    from segscope.analysis.centres import skeleton_centres
+    from segscope.analysis.progress import Progress
+
+    segments, origins, edgeless = [], {}, []
+    total = len(segment_ids)
+    for done, segment_id in enumerate(segment_ids):
+        seed = None if listed is None else listed.seed_of(segment_id)
+        yield Progress(done, total, "segments", f"skeleton of {segment_id}")
+        found = yield from skeletons.resolve(segment_id, seed_vox=seed, search_box_vox=box_vox)
+        if found.origin == "truncated":
+            log.warning("segment %d: %s", segment_id, found.note)
+        origins[segment_id] = found.origin
+        centres = skeleton_centres(segment_id, found.skeleton.nodes_nm, found.skeleton.edges, spacing_nm=spacing_nm)
+        if centres.thinned_by == "distance":
+            edgeless.append(segment_id)
+        segments.append((segment_id, centres.node_ids, centres.positions_nm))
+    yield Progress(total, total, "segments", "skeletons ready")
+    return segments, origins, edgeless
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
 
     from segscope.analysis.artefacts import named_skeleton_folder
-    from segscope.analysis.centres import segment_centres
     from segscope.analysis.encoder import open_encoder
     from segscope.analysis.inference import stream_node_embeddings
+    from segscope.analysis.segment_list import parse_bbox, read_segment_ids_file
+    from segscope.analysis.skeleton_sources import SegmentSkeletons, open_skeleton_source
     from segscope.analysis.volume import open_volume
 
     out = Path(args.out)
     parquet = out.suffix == ".parquet"
     if out.exists() and parquet and not args.force:
         raise CliError(f"{out} exists; pass --force to replace it")
+    table_path = _segment_table_path(out)
+    if table_path.exists() and not args.force:
+        raise CliError(f"{table_path} (the segment table) exists; pass --force to replace it")
     if args.classifiers and not parquet:
         raise CliError("--classifiers writes prediction columns, which only a .parquet output holds")
+    encoder_path = _resolve_encoder_path(args.checkpoint)
     classifiers = None
     if args.classifiers:
-        from segscope.analysis.artefacts import read_classifier_folder
+        from segscope.analysis.artefacts import classifier_encoder_mismatch, read_classifier_folder
 
         classifiers = read_classifier_folder(args.classifiers)  # checked before the long part
-    image = open_volume(args.image)
-    segmentation = open_volume(args.segmentation)
+        mismatch = classifier_encoder_mismatch(classifiers, encoder_path)
+        if mismatch:
+            raise CliError(f"refusing --classifiers: {mismatch}")
+    voxel = args.voxel_size_nm
+    image = open_volume(args.image, voxel_size_nm=voxel)
+    segmentation = open_volume(args.segmentation, voxel_size_nm=voxel)
     segmentation_dir = _local_dir(args.segmentation)
-    skeletons_dir = Path(args.skeletons) if args.skeletons else None
-    if skeletons_dir is None and segmentation_dir is not None:
-        skeletons_dir = named_skeleton_folder(segmentation_dir)
+    skeleton_location = args.skeletons
+    if skeleton_location is None and segmentation_dir is not None:
+        named = named_skeleton_folder(segmentation_dir)
+        skeleton_location = str(named) if named is not None and named.is_dir() else None
+    given = open_skeleton_source(skeleton_location) if skeleton_location else None
+    skeletons = SegmentSkeletons(
+        segmentation, given, max_box_vox=args.skeleton_box_vox, cache_root=False if args.no_skeleton_cache else None
+    )
     dataset = _dataset_of(segmentation_dir)
-    segment_ids = _all_segment_ids(dataset, skeletons_dir) if args.segments == "all" else args.segments
-    encoder_path = _resolve_encoder_path(args.checkpoint)
-    segments = []
-    for segment_id in segment_ids:
-        nodes, edges = _segment_skeleton(skeletons_dir, segment_id)
-        centres = segment_centres(
-            segmentation, segment_id, skeleton_nodes_nm=nodes, skeleton_edges=edges, spacing_nm=args.spacing_nm
+    box = None if args.bbox is None else parse_bbox(args.bbox, segmentation.voxel_size_nm)
+    listed = None
+    if args.segments_file:
+        segment_ids = read_segment_ids_file(args.segments_file)
+    elif args.segments == "all":
+        listed = _all_segment_ids(segmentation, box, args.min_voxels)
+        segment_ids = [int(i) for i in listed.ids]
+    else:
+        segment_ids = args.segments
+    segments, origins, edgeless = _run_with_progress(
+        "skeletons", _segment_skeleton(skeletons, segment_ids, listed, box, args.spacing_nm)
+    )
+    if edgeless:
+        log.warning(
+            "%d skeleton(s) have no edges (e.g. segment %d): thinned by straight-line distance",
+            len(edgeless),
+            edgeless[0],
         )
-        segments.append((segment_id, centres.node_ids, centres.positions_nm))
     encoder = open_encoder(encoder_path, precision=args.precision)
     result = _run_with_progress(
         f"embed ({encoder.precision})",
         stream_node_embeddings(encoder, image, segmentation, segments, batch_size=args.batch_size),
     )
+    predictions = None
+    calls: dict[int, Any] = {}
+    if classifiers is not None:
+        predictions, calls = _run_with_progress("classify", _predict_nodes(classifiers, result))
+    centres_record = {
+        "spacing_nm": args.spacing_nm,
+        "thinned_by_path": len(segments) - len(edgeless),
+        "thinned_by_distance": len(edgeless),
+        "skeletons": {
+            origin: sum(1 for v in origins.values() if v == origin) for origin in sorted(set(origins.values()))
+        },
+    }
     if parquet:
-        predictions = None
-        if classifiers is not None:
-            predictions = _run_with_progress("classify", _predict_nodes(classifiers, result))
         _write_embeddings_parquet(
             out,
             result,
@@ -292,6 +348,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             dataset=dataset,
             spacing_nm=args.spacing_nm,
             precision=encoder.precision,
+            centres=centres_record,
         )
     else:
         from segscope.analysis.csvzip import CsvZipStore
@@ -304,8 +361,78 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             for segment_id, pick in group_rows(result.segment_ids)
         }
         store.write_many(rows, overwrite=args.force)
-    print(f"wrote {len(result)} node embeddings of {len(segment_ids)} segments to {out}")
+    _write_segment_table(
+        table_path,
+        np.array(segment_ids, dtype=np.uint64),
+        result,
+        calls,
+        origins,
+        encoder_path=encoder_path,
+        classifiers=classifiers,
+        dataset=str(dataset["path"]) if dataset else str(args.segmentation),
+    )
+    print(f"wrote {len(result)} node embeddings of {len(segment_ids)} segments to {out}, segment table {table_path}")
     return 0
+
+
+def _segment_table_path(out: Path) -> Path:
+    """Where ``embed`` writes its segment table: ``NAME.segments.parquet`` beside the output."""
+    stem = out.name[: -len(".parquet")] if out.name.endswith(".parquet") else out.name
+    return out.with_name(f"{stem}.segments.parquet")
+
+
+def _write_segment_table(path: Path, segment_ids, result, calls: dict, origins: dict, **provenance) -> None:
+    """One row per segment (the export's segment table, plus ``n_nodes`` and ``skeleton``).
+
+    ``calls`` maps segment id to its :class:`segscope.analysis.classify.segments.CellTypeCall`
+    (absent: no cell type); compartment counts come from the node predictions there.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from segscope.analysis import COMPARTMENTS
+    from segscope.analysis.export import SegmentTable, write_table
+    from segscope.analysis.export.model import Provenance
+    from segscope.analysis.export.tables import segment_arrow_table
+    from segscope.analysis.provenance import model_sha256
+
+    classifiers = provenance["classifiers"]
+    names: tuple[str, ...] = ()
+    threshold = None
+    if classifiers is not None and classifiers.cell_type is not None:
+        names = tuple(classifiers.cell_type.class_names)
+        threshold = classifiers.cell_type.ood_threshold
+    n = len(segment_ids)
+    cell_type = np.full(n, "", dtype=object)
+    probability = np.full((n, len(names)), np.nan, dtype=np.float32)
+    ood_score = np.full(n, np.nan, dtype=np.float32)
+    ood = np.zeros(n, dtype=bool)
+    counts = np.zeros((n, len(COMPARTMENTS)), dtype=np.int64)
+    n_nodes = np.zeros(n, dtype=np.int64)
+    for row, segment_id in enumerate(segment_ids.tolist()):
+        n_nodes[row] = int(np.count_nonzero(result.segment_ids == np.uint64(segment_id)))
+        call = calls.get(segment_id)
+        if call is None:
+            continue
+        cell_type[row] = call["cell_type"] or ""
+        for column, name in enumerate(names):
+            probability[row, column] = call["probabilities"].get(name, np.nan)
+        ood_score[row] = call["ood_score"]
+        ood[row] = bool(call["ood"])
+        counts[row] = call["compartment_counts"]
+    table = segment_arrow_table(
+        SegmentTable(segment_ids, names, cell_type, probability, ood_score, ood, counts),
+        Provenance(
+            model_name=Path(provenance["encoder_path"]).name,
+            checkpoint_sha256=model_sha256(provenance["encoder_path"]),
+            aggregation_radius_nm=None if not names else classifiers.cell_type.radius_nm,
+            ood_threshold=threshold,
+            dataset=provenance["dataset"],
+        ),
+    )
+    table = table.append_column("n_nodes", pa.array(n_nodes, pa.int64()))
+    table = table.append_column("skeleton", pa.array([origins.get(int(s), "") for s in segment_ids], pa.string()))
+    write_table(path, table, force=True)
 
 
 def _predict_nodes(classifiers, result):
@@ -315,7 +442,9 @@ def _predict_nodes(classifiers, result):
     the app runs on a segment's embeddings; yields a Progress per segment and returns the
     prediction columns (one entry per row of ``result``): ``compartment`` (object, name or
     None), ``compartment_probability``, ``cell_type`` (object, name or None),
-    ``cell_type_probability``, ``ood_score`` (float32, NaN when not predicted).
+    ``cell_type_probability``, ``ood_score`` (float32, NaN when not predicted), ``ood``
+    (object, the segment's out-of-distribution flag or None), and the per-segment calls
+    ``{segment id: {"cell_type", "probabilities", "ood_score", "ood", "compartment_counts"}}``.
     """
     import numpy as np
 
@@ -338,7 +467,9 @@ def _predict_nodes(classifiers, result):
         "cell_type": np.full(n, None, object),
         "cell_type_probability": np.full(n, np.nan, np.float32),
         "ood_score": np.full(n, np.nan, np.float32),
+        "ood": np.full(n, None, object),
     }
+    segment_calls: dict[int, dict] = {}
     # Rows of each segment, in their order in the table.
     from segscope.analysis.arrays import group_rows
 
@@ -356,9 +487,18 @@ def _predict_nodes(classifiers, result):
             columns["cell_type"][rows] = call.name
             columns["cell_type_probability"][rows] = call.probability
             columns["ood_score"][rows] = call.ood_score
+            columns["ood"][rows] = bool(call.ood_flagged)
+        segment_codes = codes[rows]
+        segment_calls[int(result.segment_ids[rows[0]])] = {
+            "cell_type": None if call is None else call.name,
+            "probabilities": {} if call is None else dict(call.probabilities),
+            "ood_score": np.nan if call is None else float(call.ood_score),
+            "ood": False if call is None else bool(call.ood_flagged),
+            "compartment_counts": np.bincount(segment_codes, minlength=len(COMPARTMENTS) + 1)[: len(COMPARTMENTS)],
+        }
         yield Progress(done, len(groups), "segments", f"segment {int(result.segment_ids[rows[0]])}")
     columns["compartment"] = names[codes]
-    return columns
+    return columns, segment_calls
 
 
 def _write_embeddings_parquet(
@@ -371,12 +511,15 @@ def _write_embeddings_parquet(
     dataset: dict | None = None,
     spacing_nm: float | None = None,
     precision: str | None = None,
+    centres: dict | None = None,
 ) -> None:
     """Write the embeddings table as Parquet, one row per node.
 
     Columns: segment_id, node_id, x_nm, y_nm, z_nm, e0..e{D-1} (float32), then
     with ``predictions`` compartment, compartment_probability, cell_type,
-    cell_type_probability, ood_score; zstd-compressed, provenance in the schema metadata
+    cell_type_probability, ood_score, ood (the segment's flag; null when not predicted);
+    ``centres`` (how centres were thinned, where skeletons came from) goes into the
+    provenance; zstd-compressed, provenance in the schema metadata
     (``segscope_provenance``: encoder and classifier sha256, the precision the encoder
     ran in, the dataset it came from).
     """
@@ -403,6 +546,7 @@ def _write_embeddings_parquet(
         columns["cell_type"] = pa.array(predictions["cell_type"], pa.string()).dictionary_encode()
         columns["cell_type_probability"] = pa.array(predictions["cell_type_probability"], pa.float32())
         columns["ood_score"] = pa.array(predictions["ood_score"], pa.float32())
+        columns["ood"] = pa.array(predictions["ood"], pa.bool_())
     provenance: dict[str, Any] = {
         "model": str(encoder_path),
         "model_sha256": model_sha256(encoder_path),
@@ -412,6 +556,8 @@ def _write_embeddings_parquet(
         "segments": len(set(result.segment_ids.tolist())),
         "spacing_nm": spacing_nm,
     }
+    if centres is not None:
+        provenance["centres"] = centres
     if dataset is not None:
         provenance["dataset"] = {key: dataset.get(key) for key in DATASET_KEYS}
     if classifiers is not None:
@@ -486,6 +632,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from segscope.analysis.encoder import build_encoder, open_encoder
     from segscope.analysis.evaluation import EvaluationConfig, evaluate
+    from segscope.analysis.provenance import model_sha256
     from segscope.analysis.training import CellSplit
 
     dataset = _open_dataset_arg(args.dataset)
@@ -522,6 +669,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 "classes": list(classifier.class_names),
                 "ood_threshold": classifier.ood_threshold,
                 "encoder": str(encoder_path.name),
+                "encoder_sha256": model_sha256(encoder_path),
             }
         (folder / "classifiers.json").write_text(json.dumps(manifest, indent=1))
     summary = {
@@ -593,18 +741,49 @@ def build_parser() -> argparse.ArgumentParser:
     embed = sub.add_parser("embed", help="SegCLR embeddings of segments' nodes (Parquet or CSV ZIP)")
     embed.add_argument("--image", required=True, metavar="URL")
     embed.add_argument("--segmentation", required=True, metavar="URL")
-    embed.add_argument(
+    which = embed.add_mutually_exclusive_group(required=True)
+    which.add_argument(
         "--segments",
-        required=True,
         type=_parse_segments,
         metavar="ID[,ID...]|all",
-        help="segment ids, or 'all': every segment of the dataset's segments table (or of the skeleton folder)",
+        help="segment ids, or 'all': every segment present in the segmentation (a chunked scan; "
+        "see --bbox, --min-voxels)",
+    )
+    which.add_argument(
+        "--segments-file", metavar="FILE", help="text file of segment ids (one or more a line, '#' comments)"
+    )
+    embed.add_argument(
+        "--bbox",
+        metavar="X0,Y0,Z0,X1,Y1,Z1[nm]",
+        help="only this box of the segmentation: voxels, or nm with an 'nm' suffix "
+        "(where --segments all scans and where a listed segment is looked for)",
+    )
+    embed.add_argument(
+        "--min-voxels", type=int, default=1, metavar="N", help="with --segments all: skip segments with fewer voxels"
     )
     embed.add_argument(
         "--skeletons",
-        metavar="DIR",
-        help="precomputed skeletons (default: the segmentation's own; "
-        "segments without one get centres sampled from their mask)",
+        metavar="PATH",
+        help="skeletons: a precomputed skeleton folder, a folder of ID.swc files (nm) or a CSV/Parquet "
+        "node table (segment_id,node_id,x_nm,y_nm,z_nm[,parent]); default: the segmentation's own. "
+        "Segments without one are skeletonised (kimimaro) and cached in the user cache",
+    )
+    embed.add_argument(
+        "--skeleton-box-vox",
+        type=int,
+        default=512,
+        metavar="N",
+        help="largest box edge (voxels per axis) a segment is skeletonised in; larger segments are "
+        "skeletonised inside it only (default 512)",
+    )
+    embed.add_argument(
+        "--no-skeleton-cache", action="store_true", help="neither read nor write the skeletons SegScope makes"
+    )
+    embed.add_argument(
+        "--voxel-size-nm",
+        type=_parse_xyz_nm,
+        metavar="X,Y,Z",
+        help="voxel size (nm) of volumes whose metadata has no units (plain zarr)",
     )
     embed.add_argument(
         "--checkpoint", metavar="PATH", help="encoder (.keras or SegCLR checkpoint; default: demo model)"
@@ -623,7 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         metavar="PATH",
-        help="*.parquet (one row per node, nm) or a CSV ZIP store folder (nm coordinates)",
+        help="*.parquet (one row per node, nm) or a CSV ZIP store folder (nm coordinates); "
+        "a segment table NAME.segments.parquet is written beside it",
     )
     embed.add_argument("--force", action="store_true", help="replace existing output")
     embed.set_defaults(handler=_cmd_embed)

@@ -49,7 +49,10 @@ class DataSource:
     """What the app shows and embeds: an image, a segmentation and optional skeletons.
 
     Use :meth:`open`. Volumes are :class:`segscope.analysis.volume.Volume` objects (``[x, y, z]``);
-    skeletons come from an unsharded precomputed skeleton folder, positions in nm.
+    skeletons come from a :class:`segscope.analysis.skeleton_sources.SkeletonSource`
+    (precomputed folder, SWC folder or node table), positions in nm. A segment without one is
+    skeletonised on demand (:meth:`skeleton_job`) inside a box of at most
+    ``skeleton_box_vox`` voxels per axis and cached in the user cache.
     """
 
     def __init__(
@@ -59,28 +62,51 @@ class DataSource:
         segmentation,
         image_url: str,
         segmentation_url: str,
-        skeletons_dir: Path | None,
-        skeleton_info: dict | None,
+        skeletons,
         neuroglancer_skeletons: str | None,
+        *,
+        skeleton_box_vox: int | None = None,
     ):
+        from segscope.analysis.skeleton_sources import SegmentSkeletons
+
         self.name = name
         self.image = image
         self.segmentation = segmentation
         self.image_url = image_url
         self.segmentation_url = segmentation_url
-        self.skeletons_dir = skeletons_dir
-        self.skeleton_info = skeleton_info
+        #: The user's skeletons (a SkeletonSource), or None.
+        self.skeletons = skeletons
         #: Extra skeleton source for neuroglancer when the segmentation's info names none.
         self.neuroglancer_skeletons = neuroglancer_skeletons
+        self.segment_skeletons = SegmentSkeletons(segmentation, skeletons, max_box_vox=skeleton_box_vox)
+
+    @property
+    def skeletons_dir(self) -> Path | None:
+        """The folder or file the user's skeletons come from, or None."""
+        return None if self.skeletons is None else Path(self.skeletons.location)
+
+    @property
+    def skeleton_info(self) -> dict | None:
+        """The precomputed skeleton ``info`` of the user's skeletons, when they are precomputed."""
+        return getattr(self.skeletons, "info", None)
 
     @classmethod
     def open(
-        cls, image_url: str, segmentation_url: str, skeletons_url: str | None = None, *, name: str | None = None
+        cls,
+        image_url: str,
+        segmentation_url: str,
+        skeletons_url: str | None = None,
+        *,
+        name: str | None = None,
+        skeleton_box_vox: int | None = None,
     ) -> DataSource:
         """Open and check the sources (reads metadata only).
 
         Skeletons default to the folder the segmentation's ``info`` names (``"skeletons"``)
-        when it is local and present; without skeletons, centres are sampled from masks.
+        when it is local and present; ``skeletons_url`` may also name a folder of
+        ``ID.swc`` files or a CSV/Parquet node table. Segments without a skeleton are
+        skeletonised when clicked, in a box of at most ``skeleton_box_vox`` voxels per axis
+        (default :data:`segscope.analysis.skeletonise.DEFAULT_MAX_BOX_VOX`).
 
         Raises
         ------
@@ -88,7 +114,7 @@ class DataSource:
             Missing or unreadable volumes, mismatched voxel sizes or shapes, an image that
             is not uint8, unreadable or remote skeletons.
         """
-        from segscope.analysis.skeletons import read_skeleton_info
+        from segscope.analysis.skeleton_sources import open_skeleton_source
         from segscope.analysis.volume import open_volume
 
         volumes = []
@@ -107,35 +133,39 @@ class DataSource:
                 f"image and segmentation voxel sizes differ: {image.voxel_size_nm.tolist()} vs "
                 f"{segmentation.voxel_size_nm.tolist()} nm"
             )
-        skeletons_dir = None
-        neuroglancer_skeletons = None
+        skeletons_location: str | None = None
         seg_dir = local_folder(segmentation_url)
         named = named_skeleton_folder(seg_dir) if seg_dir is not None else None
         if skeletons_url is not None:
-            skeletons_dir = local_folder(skeletons_url)
-            if skeletons_dir is None:
-                raise SourceError(f"skeletons must be a local folder for now, got {skeletons_url!r}")
-            if named is None or named.resolve() != skeletons_dir.resolve():
-                # Neuroglancer finds the info's own skeletons; others need a second source.
-                neuroglancer_skeletons = str(skeletons_dir)
+            if local_folder(skeletons_url) is None:
+                raise SourceError(f"skeletons must be a local folder or file for now, got {skeletons_url!r}")
+            skeletons_location = skeletons_url
         elif named is not None and named.is_dir():
-            skeletons_dir = named
-        info = None
-        if skeletons_dir is not None:
+            skeletons_location = str(named)
+        skeletons = None
+        neuroglancer_skeletons = None
+        if skeletons_location is not None:
             try:
-                info = read_skeleton_info(skeletons_dir)
+                skeletons = open_skeleton_source(skeletons_location)
             except (OSError, ValueError) as exc:
-                raise SourceError(f"cannot read skeletons at {skeletons_dir}: {exc}") from exc
-        return cls(
-            name or Path(str(segmentation_url).rstrip("/")).parent.name or "data",
-            image,
-            segmentation,
-            str(image_url),
-            str(segmentation_url),
-            skeletons_dir,
-            info,
-            neuroglancer_skeletons,
-        )
+                raise SourceError(f"cannot read skeletons at {skeletons_location}: {exc}") from exc
+            folder = skeletons.precomputed_folder
+            if folder is not None and (named is None or named.resolve() != folder.resolve()):
+                # Neuroglancer finds the info's own skeletons; others need a second source.
+                neuroglancer_skeletons = str(folder)
+        try:
+            return cls(
+                name or Path(str(segmentation_url).rstrip("/")).parent.name or "data",
+                image,
+                segmentation,
+                str(image_url),
+                str(segmentation_url),
+                skeletons,
+                neuroglancer_skeletons,
+                skeleton_box_vox=skeleton_box_vox,
+            )
+        except ValueError as exc:
+            raise SourceError(str(exc)) from exc
 
     @classmethod
     def open_dataset_folder(cls, path: str | os.PathLike) -> DataSource:
@@ -165,8 +195,7 @@ class DataSource:
     @property
     def has_ground_truth(self) -> bool:
         """Whether the skeletons carry per-node compartment labels."""
-        attributes = (self.skeleton_info or {}).get("vertex_attributes", [])
-        return any(a.get("id") == "compartment" for a in attributes)
+        return self.skeletons is not None and self.skeletons.has_compartments
 
     def summary(self) -> DatasetSummary:
         return DatasetSummary(
@@ -180,16 +209,23 @@ class DataSource:
         )
 
     def skeleton(self, segment_id: int):
-        """The segment's :class:`segscope.analysis.skeletons.Skeleton`, or None without one."""
-        from segscope.analysis.skeletons import read_precomputed_skeleton
+        """The segment's :class:`segscope.analysis.skeletons.Skeleton` (given or cached), or None.
 
-        if self.skeletons_dir is None:
-            return None
-        try:
-            return read_precomputed_skeleton(self.skeletons_dir, segment_id, self.skeleton_info)
-        except KeyError:
-            log.info("segment %d has no skeleton in %s", segment_id, self.skeletons_dir)
-            return None
+        Never skeletonises (that is :meth:`skeleton_job`, which a click runs).
+        """
+        if self.skeletons is not None:
+            skeleton = self.skeletons.get(segment_id)
+            if skeleton is not None:
+                return skeleton
+        cache = self.segment_skeletons.cache
+        return None if cache is None else cache.get(segment_id)
+
+    def skeleton_job(self, segment_id: int, click_nm=None):
+        """Generator: the segment's skeleton, made with kimimaro around ``click_nm`` when no source has one.
+
+        Returns a :class:`segscope.analysis.skeleton_sources.SegmentSkeleton`.
+        """
+        return self.segment_skeletons.resolve(segment_id, click_nm=click_nm)
 
     @property
     def centre_nm(self) -> np.ndarray:
@@ -360,7 +396,7 @@ def embed_segment_job(
     nodes and embeddings are used in one batch and only the classifiers run. Returns the
     number of centres embedded.
     """
-    from segscope.analysis.centres import SEGCLR_SPACING_NM, order_by_distance, segment_centres
+    from segscope.analysis.centres import SEGCLR_SPACING_NM, order_by_distance, skeleton_centres
 
     skeleton = source.skeleton(segment_id)
     note = ""
@@ -409,11 +445,15 @@ def embed_segment_job(
         )
         return total
 
-    centres = segment_centres(
-        source.segmentation,
+    if skeleton is None:
+        found = yield from source.skeleton_job(segment_id, click_nm)
+        skeleton = found.skeleton
+        if found.note:
+            note = f"{note}; {found.note}" if note else found.note
+    centres = skeleton_centres(
         segment_id,
-        skeleton_nodes_nm=None if skeleton is None else skeleton.nodes_nm,
-        skeleton_edges=None if skeleton is None else skeleton.edges,
+        skeleton.nodes_nm,
+        skeleton.edges,
         click_nm=click_nm,
         spacing_nm=SEGCLR_SPACING_NM if spacing_nm is None else spacing_nm,
     )
@@ -430,7 +470,7 @@ def embed_segment_job(
             int(segment_id),
             centres.node_ids,
             centres.positions_nm,
-            0 if skeleton is None else skeleton.n_nodes,
+            skeleton.n_nodes,
             truth,
             note=note,
         ),

@@ -1,11 +1,11 @@
-"""Cutout centres: skeleton thinning, mask sampling, nearest-first order."""
+"""Cutout centres: skeleton thinning (along paths, or by distance without edges), nearest-first order."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from segscope.analysis.centres import mask_centres, order_by_distance, segment_centres, thin_skeleton
+from segscope.analysis.centres import order_by_distance, segment_centres, thin_points, thin_skeleton
 from segscope.analysis.volume import SegmentNotFoundError, open_volume, write_volume
 
 
@@ -41,20 +41,32 @@ def test_order_by_distance_is_nearest_first():
     assert order_by_distance(points, (2, 0, 0)).tolist() == [2, 0, 3, 1]
 
 
-def test_mask_centres_lie_inside_and_form_a_tree(tmp_path):
+def test_a_segment_without_skeleton_is_skeletonised_and_its_centres_lie_inside(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGSCOPE_CACHE_DIR", str(tmp_path / "cache"))
     seg = np.zeros((60, 40, 30), np.uint64)
     seg[5:55, 18:22, 13:17] = 42  # a 1.6 um long rod along x
     seg[30:34, 22:38, 13:17] = 42  # with a side branch along y
     write_volume(tmp_path / "seg", seg, (32, 32, 40), segmentation=True)
     volume = open_volume(tmp_path / "seg")
-    nodes, edges = mask_centres(volume, 42, spacing_nm=300.0)
-    voxels = volume.nm_to_voxel(nodes)
+    click = (50 * 32.0, 20 * 32.0, 15 * 40.0)
+    centres = segment_centres(volume, 42, spacing_nm=300.0, click_nm=click)
+    voxels = volume.nm_to_voxel(centres.positions_nm)
     assert np.all(seg[tuple(voxels.T)] == 42)
-    assert len(edges) == len(nodes) - 1 >= 5
+    assert len(centres) >= 5 and centres.thinned_by == "path"
+    assert np.linalg.norm(centres.positions_nm[0] - click) < 400  # nearest the click first
     with pytest.raises(SegmentNotFoundError, match="segment 7 has no voxels"):
-        mask_centres(volume, 7)
-    centres = segment_centres(volume, 42, spacing_nm=300.0, click_nm=nodes[-1])
-    assert np.allclose(centres.positions_nm[0], nodes[-1])
+        segment_centres(volume, 7)
+
+
+def test_a_skeleton_without_edges_is_thinned_by_distance_not_left_whole():
+    # 61 loose nodes 100 nm apart (an SWC or table without parents): not 61 centres.
+    nodes, _ = line_skeleton(61, 100.0)
+    kept = thin_skeleton(nodes, np.zeros((0, 2), np.int64), 1500.0)
+    assert kept.tolist() == thin_points(nodes, 1500.0).tolist() == [0, 15, 30, 45, 60]
+    from segscope.analysis.centres import skeleton_centres
+
+    assert skeleton_centres(1, nodes, None).thinned_by == "distance"
+    assert skeleton_centres(1, nodes[:1], None).node_ids.tolist() == [0]
 
 
 def test_segment_centres_from_skeleton_are_ordered_from_click(tmp_path):
@@ -81,15 +93,13 @@ def test_contract_skeleton_joins_kept_nodes_to_their_nearest_kept_ancestor():
         contract_skeleton(8, edges, keep=[9])
 
 
-def test_a_declared_giant_volume_is_refused_not_allocated():
-    """1e9^3 voxels: numpy's int64 product wrapped past the size guard and the process aborted."""
-    from types import SimpleNamespace
+def test_a_giant_skeleton_box_limit_is_refused_not_allocated(tmp_path):
+    """1e9 voxels a side: the limit is checked as an exact integer before anything is read."""
+    from segscope.analysis.progress import drive
+    from segscope.analysis.skeletonise import skeletonise_segment
 
-    from segscope.analysis.centres import mask_centres
-
-    giant = SimpleNamespace(origin_vox=np.zeros(3, np.int64), shape=(10**9, 10**9, 10**9), dtype=np.uint64)
-    assert int(np.prod(np.asarray(giant.shape, np.int64))) < 512**3  # what the old guard saw
-    with pytest.raises(ValueError, match="too large"):
-        mask_centres(giant, 5, 1500.0)
-    with pytest.raises(ValueError, match="too large"):
-        mask_centres(giant, 5, 1500.0, box_vox=((0, 0, 0), (10**9, 10**9, 10**9)))
+    seg = np.ones((8, 8, 8), np.uint64)
+    write_volume(tmp_path / "seg", seg, (32, 32, 40), segmentation=True)
+    volume = open_volume(tmp_path / "seg")
+    with pytest.raises(ValueError, match="would need"):
+        drive(skeletonise_segment(volume, 1, (4, 4, 4), max_box_vox=10**9))
