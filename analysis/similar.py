@@ -242,6 +242,13 @@ def segment_embeddings(data: EmbeddingSet, radius_nm: float | None = None) -> tu
 # -- the vector index --------------------------------------------------------------------------
 
 
+def _faiss() -> Any:
+    """The faiss module (imported on first use; its type stubs lack the search parameters)."""
+    import faiss
+
+    return faiss
+
+
 def _as_vectors(values: Any, dim: int | None = None, what: str = "vectors") -> np.ndarray:
     array = np.ascontiguousarray(values, dtype=np.float32)
     if array.ndim == 1:
@@ -275,15 +282,14 @@ class VectorIndex:
         ef_construction: int = HNSW_EF_CONSTRUCTION,
         ef_search: int = HNSW_EF_SEARCH,
     ) -> None:
-        import faiss
-
+        faiss = _faiss()
         if kind not in ("flat", "hnsw"):
             raise ValueError(f"index kind must be 'flat' or 'hnsw', got {kind!r}")
         self.dim = int(dim)
         self.kind = kind
         self.ef_search = int(ef_search)
         if kind == "hnsw":
-            self._index = faiss.IndexHNSWFlat(self.dim, int(m))
+            self._index: Any = faiss.IndexHNSWFlat(self.dim, int(m))
             self._index.hnsw.efConstruction = int(ef_construction)
             self._index.hnsw.efSearch = self.ef_search
         else:
@@ -325,8 +331,7 @@ class VectorIndex:
         ids : int64 ``[q, k]``
             Their ids; -1 where none.
         """
-        import faiss
-
+        faiss = _faiss()
         array = _as_vectors(queries, self.dim, "queries")
         k = int(k)
         if k < 1:
@@ -630,6 +635,7 @@ def clustered_embeddings(
     nodes_per_segment: int = 16,
     intrinsic_dim: int = 8,
     noise: float = 0.05,
+    walk_step: float | None = None,
     seed: int = 0,
 ) -> EmbeddingSet:
     """Random clustered node embeddings grouped into segments, for tests and benchmarks.
@@ -640,6 +646,11 @@ def clustered_embeddings(
     Gaussians would make every point almost equidistant from every other. Segments are
     runs of ``nodes_per_segment`` nodes of one cluster (about 16 in SegCLR's releases).
     Segment ``s`` (ids from 1) belongs to cluster ``(s - 1) % n_clusters``. No positions.
+
+    With ``walk_step`` None the nodes are independent draws of their cluster. With a step,
+    each segment is a random walk in its cluster's subspace (a random start, then steps of
+    std ``walk_step`` per latent axis), as SegCLR's consecutive nodes are: cutouts 4 um wide
+    centred 1.5 um apart along a neurite overlap, so neighbouring nodes embed alike.
     """
     rng = np.random.default_rng(seed)
     n_segments = max(1, math.ceil(n_nodes / nodes_per_segment))
@@ -648,9 +659,17 @@ def clustered_embeddings(
     segment_ids = np.repeat(np.arange(1, n_segments + 1, dtype=np.uint64), nodes_per_segment)[:n_nodes]
     cluster = ((segment_ids - 1) % n_clusters).astype(np.int64)
     embeddings = rng.normal(0.0, noise, (n_nodes, dim)).astype(np.float32)
+    latent = rng.normal(0.0, 1.0, (n_nodes, intrinsic_dim)).astype(np.float32)
+    if walk_step is not None:
+        # Row i of a segment: its first node's draw plus the sum of i steps.
+        first = np.flatnonzero(np.r_[True, segment_ids[1:] != segment_ids[:-1]])
+        steps = rng.normal(0.0, float(walk_step), (n_nodes, intrinsic_dim)).astype(np.float32)
+        steps[first] = 0.0
+        walked = np.cumsum(steps, axis=0)
+        start_of = np.repeat(first, np.diff(np.r_[first, n_nodes]))
+        latent = latent[start_of] + walked - walked[start_of]
     for c, rows in group_rows(cluster):
-        latent = rng.normal(0.0, 1.0, (len(rows), intrinsic_dim)).astype(np.float32)
-        embeddings[rows] += centres[c] + latent @ bases[c]
+        embeddings[rows] += centres[c] + latent[rows] @ bases[c]
     node_ids = np.arange(n_nodes, dtype=np.int64) % nodes_per_segment
     return EmbeddingSet(segment_ids, node_ids, embeddings, None, source=f"clustered_embeddings(seed={seed})")
 

@@ -138,6 +138,9 @@ class SessionService:
         self._post: Post = post or (lambda fn: fn())
         self.runner = JobRunner(post=post)
         self.io_runner = JobRunner(post=post, name="segscope-session-io")
+        #: Interactive analyses (find similar): a third worker, so a query never waits
+        #: behind an embedding or an export.
+        self.analysis_runner = JobRunner(post=post, name="segscope-analysis")
         #: The compute child (TensorFlow), started by load_model or load_classifiers.
         self.engine: ComputeProcess | None = None
         #: What the encoder computes in (``"auto"``, ``"float32"``, ``"bfloat16"``...), kept
@@ -751,6 +754,7 @@ class SessionService:
         if self.engine is not None:
             self.engine.stop()
             self.engine = None
+        self.analysis_runner.shutdown(wait=True, timeout=5.0)
         self.io_runner.shutdown(wait=True, timeout=30.0)
         if self.autosave is not None:
             self.autosave.finish()

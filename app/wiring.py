@@ -10,6 +10,8 @@ here is the model to the 3-D view (the Neuroglancer bridge) and to the plot dock
   (origin ``"3d"``, never sent back). The bridge calls back on neuroglancer's server
   thread, so the change is posted to the thread that owns the model;
 * labels -> the plot's label bar and the 3-D "manual labels" layer (through the dock);
+* Find similar -> plot and 3-D: an answer selects its segments in both; shift + right click
+  in 3-D asks (:func:`link_find_similar`);
 * the session -> the plot view: restored plot settings (tool, view range); the plot view ->
   the session: its tool and view range, saved with the session.
 
@@ -31,6 +33,7 @@ from segscope.app.plot_controller import PLOT_ORIGIN, VIEW_3D_ORIGIN, PlotContro
 from segscope.app.session import Session
 
 if TYPE_CHECKING:
+    from segscope.app.find_similar import FindSimilar
     from segscope.app.neuroglancer_bridge import NeuroglancerBridge
     from segscope.app.views.embedding_plot import EmbeddingPlotDock
 
@@ -120,3 +123,42 @@ def link_plot_dock(
 
     plot.viewChanged.connect(keep_view)
     keep_view(plot.view_settings())
+
+
+def link_find_similar(finder: FindSimilar, viewer: Any = None, post: Post | None = None) -> Callable[[], None]:
+    """Show Find similar answers in the plot and in 3-D, and let shift + right click in 3-D ask.
+
+    An answer selects the query segment(s) and the top-k segments in the plot (origin
+    :data:`~segscope.app.find_similar.SIMILAR_ORIGIN`) and in the segmentation layer.
+    ``viewer`` is the Neuroglancer bridge (None headless); its find-similar action runs on
+    neuroglancer's server thread and is ``post``-ed to the thread that owns the session.
+    Returns a function that undoes the links.
+    """
+    from segscope.app.find_similar import SIMILAR_ORIGIN, bind_find_similar_action
+
+    def on_results(result) -> None:
+        segments = [*result.query_segments, *result.segment_ids]
+        finder.plot.select_segments(segments, SIMILAR_ORIGIN)
+        if viewer is not None:
+            viewer.highlight_segments(segments)
+
+    undo = [connect(finder.events.results, on_results)]
+    if viewer is not None and post is not None:
+
+        def on_request(segment_id: int | None) -> None:
+            if segment_id is None:
+                post(lambda: finder.events.error.emit("Find similar: no segment under the cursor."))
+            else:
+
+                def find() -> None:
+                    finder.find([segment_id])
+
+                post(find)
+
+        undo.append(bind_find_similar_action(viewer, on_request))
+
+    def unlink() -> None:
+        for u in undo:
+            u()
+
+    return unlink

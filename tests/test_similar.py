@@ -244,3 +244,127 @@ def test_cli_missing_store_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1].startswith("segscope similar: error:") and "not found" in err.splitlines()[-1]
     assert "Traceback" not in err
+
+
+# -- the app's Qt-free finder over the plot's points ---------------------------------------------
+
+
+class FakeViewer:
+    """What link_find_similar asks of the 3-D view (the real bridge's methods of those names)."""
+
+    def __init__(self):
+        self.highlighted = []
+
+    def highlight_segments(self, segment_ids):
+        self.highlighted.append(list(segment_ids))
+
+
+@pytest.fixture
+def finder():
+    from segscope.app.events import connect
+    from segscope.app.find_similar import FindSimilar
+    from segscope.app.jobs import JobRunner
+    from segscope.app.plot_controller import PlotController
+
+    runner = JobRunner(name="test-similar")
+    finder = FindSimilar(PlotController(), runner, k=5)
+    finder.answers, finder.errors = [], []
+    connect(finder.events.results, finder.answers.append)
+    connect(finder.events.error, finder.errors.append)
+    yield finder
+    finder.shutdown()
+    runner.shutdown()
+
+
+def plot_points(plot, data: EmbeddingSet, rows=slice(None)) -> None:
+    n = len(data.segment_ids[rows])
+    plot.add_points(data.segment_ids[rows], data.node_ids[rows], np.zeros((n, 3)), data.embeddings[rows])
+
+
+def answer(finder):
+    assert finder.wait_idle(30)
+    assert not finder.errors, finder.errors
+    return finder.answers[-1]
+
+
+@pytest.mark.parametrize("level", ["segment", "node"])
+def test_finder_answers_from_the_plot_and_follows_streaming_segments(finder, level):
+    data = clustered_embeddings(3_200, 64, n_clusters=N_CLUSTERS, nodes_per_segment=16, seed=9)
+    plot_points(finder.plot, data, slice(0, 1_600))  # segments 1..100
+    finder.level = level
+    assert finder.find([7])
+    first = answer(finder)
+    assert first.query_segments == (7,) and first.level == level and first.n_segments == 100
+    assert 7 not in first.segment_ids and {cluster_of(s) for s in first.segment_ids[:4]} == {cluster_of(7)}
+    # Segments 101..200 stream in (a batch at a time, as embedding does): indexed without a rebuild.
+    for start in range(1_600, 3_200, 400):
+        plot_points(finder.plot, data, slice(start, start + 400))
+    assert finder.wait_idle(30)
+    assert len(finder._indexes.node) == finder.plot.n_points == 3_200
+    finder.find([7])
+    second = answer(finder)
+    assert second.n_segments == 200 and len(second.results) == 5
+    assert {cluster_of(s) for s in second.segment_ids} == {cluster_of(7)}
+    assert any(s > 100 for s in second.segment_ids)
+
+
+def test_finder_segment_means_follow_new_nodes_of_a_segment(finder):
+    data = clustered_embeddings(320, 16, n_clusters=4, nodes_per_segment=16, seed=10)
+    plot_points(finder.plot, data)
+    finder.find([1])
+    assert 2 not in answer(finder).segment_ids[:3]
+    # Segment 2 (another cluster) gets 784 more nodes on segment 1's mean: its mean moves next to it.
+    mean_1 = data.embeddings[data.segment_ids == 1].mean(axis=0)
+    finder.plot.add_points(2, np.arange(100, 884), np.zeros((784, 3)), np.tile(mean_1, (784, 1)))
+    finder.find([1])
+    assert answer(finder).results[0].segment_id == 2
+    assert answer(finder).results[0].n_nodes == 800
+
+
+def test_finder_queries_a_plot_selection_without_its_segments(finder):
+    data = clustered_embeddings(1_600, 64, n_clusters=N_CLUSTERS, nodes_per_segment=16, seed=11)
+    plot_points(finder.plot, data)
+    rows = finder.plot.segment_rows([3, 23])[:20]  # nodes of two segments of one cluster
+    assert finder.find_like_rows(rows, level="node")
+    result = answer(finder)
+    assert result.query_segments == (3, 23) and "20 selected nodes of 2 segments" in result.description
+    assert not {3, 23} & set(result.segment_ids)
+    assert {cluster_of(s) for s in result.segment_ids[:3]} == {cluster_of(3)}
+
+
+def test_finder_says_why_it_cannot_answer(finder):
+    assert not finder.find([42])  # nothing plotted
+    assert "segment 42 has no embeddings yet" in finder.errors[-1]
+    assert not finder.find_like_rows([])
+    assert "select points" in finder.errors[-1]
+    assert not finder.find([])
+
+
+def test_finder_drops_the_index_when_the_plot_is_cleared(finder):
+    data = clustered_embeddings(800, 64, n_clusters=5, nodes_per_segment=16, seed=12)
+    plot_points(finder.plot, data)
+    finder.find([1])
+    answer(finder)
+    finder.plot.clear()  # other data opened
+    other = clustered_embeddings(320, 64, n_clusters=5, nodes_per_segment=16, seed=13)
+    shifted = EmbeddingSet(other.segment_ids + 1_000, other.node_ids, other.embeddings)
+    plot_points(finder.plot, shifted)
+    finder.find([1_001])
+    result = answer(finder)
+    assert result.n_segments == 20 and all(s > 1_000 for s in result.segment_ids)
+
+
+def test_link_find_similar_selects_the_answer_in_the_plot_and_in_3d(finder):
+    from segscope.app.find_similar import SIMILAR_ORIGIN
+    from segscope.app.wiring import link_find_similar
+
+    viewer = FakeViewer()
+    unlink = link_find_similar(finder, viewer)
+    data = clustered_embeddings(800, 64, n_clusters=5, nodes_per_segment=16, seed=14)
+    plot_points(finder.plot, data)
+    finder.find([2])
+    result = answer(finder)
+    wanted = {2, *result.segment_ids}
+    assert finder.plot.selected_segments == wanted and finder.plot.selection_origin == SIMILAR_ORIGIN
+    assert viewer.highlighted[-1] == [2, *result.segment_ids]
+    unlink()

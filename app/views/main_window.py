@@ -294,6 +294,7 @@ class MainWindow(QMainWindow):
         self.invoker = invoker
         self._closed = False
         self.plot_dock = None  # the embedding plot (attach_plot)
+        self.similar_dock = None  # Find similar's ranked list (attach_plot)
         #: Whether the plot's projection backend (its UMAP process) ends with this window.
         self.owns_projection_backend = False
         self.export_dialog = None
@@ -420,6 +421,9 @@ class MainWindow(QMainWindow):
             Qt.Orientation.Vertical,
         )
         self.resizeDocks([self.segment_dock], [560], Qt.Orientation.Horizontal)
+        from segscope.app.views.similar_panel import add_find_similar
+
+        self.similar_dock = add_find_similar(self)
         return self.plot_dock
 
     def watch_umap_compile(self, interval_ms: int = 1000) -> None:
@@ -562,6 +566,8 @@ class MainWindow(QMainWindow):
                 "Double-click a segment: select it and embed its nodes\n"
                 "Esc: cancel the embedding job\n"
                 "Ctrl+R: embed the selected segment again\n"
+                "Shift+right-click a segment in 3-D, or Ctrl+F: find similar segments (right-click a plot\n"
+                "  selection or the segment panel too); click a listed segment to select it\n"
                 "Rect / Lasso in the plot: select nodes and their segments (shown in 3-D)\n"
                 "Hover a plot point: its segment, node, predictions and manual label\n"
                 "Click a legend entry in the plot: hide or show that class's points\n"
@@ -733,6 +739,8 @@ class MainWindow(QMainWindow):
             self._compile_timer.stop()
         for runner in self.extra_runners:
             runner.shutdown(wait=False)
+        if self.similar_dock is not None:
+            self.similar_dock.shutdown()
         if self.plot_dock is not None:
             self.plot_dock.shutdown()
             if self.owns_projection_backend:
