@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml scripts/install_system_deps.sh
 	bash scripts/install_system_deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,docs]'
+	$(BIN)/python -m pip install --quiet -e '.[test,docs,beam]'
 	touch $(STAMP)
 
 run: setup
@@ -45,7 +45,8 @@ MYPY_MODULES = segscope.analysis \
 	segscope.app.events segscope.app.wiring segscope.app.plot_controller segscope.app.jobs \
 	segscope.app.child_process segscope.app.compute_process segscope.app.projection_process \
 	segscope.app.controller segscope.app.session_file segscope.app.session_export \
-	segscope.app.neuroglancer_bridge segscope.app.viewer_sync segscope.app.cli segscope.app.main
+	segscope.app.neuroglancer_bridge segscope.app.viewer_sync segscope.app.cli segscope.app.main \
+	segscope.app.cli_pipeline
 
 lint: setup
 	$(BIN)/ruff check .
