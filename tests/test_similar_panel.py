@@ -15,10 +15,17 @@ pytestmark = pytest.mark.qt
 pytest.importorskip("pytestqt")
 
 N_CLUSTERS = 10
+#: Segment ids as large as real ones (MICrONS ids exceed 2^63): Qt's C ints must not wrap them.
+BASE = 2**62
+
+
+def seg(number: int) -> int:
+    """The id of the ``number``-th clustered segment (1-based)."""
+    return BASE + number
 
 
 def cluster_of(segment_id: int) -> int:
-    return (int(segment_id) - 1) % N_CLUSTERS
+    return (int(segment_id) - BASE - 1) % N_CLUSTERS
 
 
 class Bridge:
@@ -99,7 +106,7 @@ def plot_segments(window, n_nodes: int = 1_600, seed: int = 0):
 
     data = clustered_embeddings(n_nodes, 64, n_clusters=N_CLUSTERS, nodes_per_segment=16, seed=seed)
     xyz = np.random.default_rng(seed).uniform(0, 10_000, (n_nodes, 3))
-    window.session.plot.add_points(data.segment_ids, data.node_ids, xyz, data.embeddings)
+    window.session.plot.add_points(data.segment_ids + np.uint64(BASE), data.node_ids, xyz, data.embeddings)
     return data
 
 
@@ -120,20 +127,20 @@ def test_shift_right_click_in_3d_lists_selects_and_rows_select_one(window, qtbot
     assert viewer.config_state.state.input_event_bindings.data_view[FIND_SIMILAR_EVENT] == FIND_SIMILAR_ACTION
     # Neuroglancer's server thread delivers the action; the finder runs on the Qt thread.
     viewer.actions.invoke(
-        FIND_SIMILAR_ACTION, {"selectedValues": {SEGMENTATION_LAYER: {"value": "13"}}, "mousePosition": None}
+        FIND_SIMILAR_ACTION, {"selectedValues": {SEGMENTATION_LAYER: {"value": str(seg(13))}}, "mousePosition": None}
     )
     table = wait_for_rows(qtbot, window, 20)
     panel = window.similar_dock.panel
     listed = [panel.segment_at(row) for row in range(table.rowCount())]
-    assert 13 not in listed and {cluster_of(s) for s in listed[:9]} == {cluster_of(13)}  # 9 cluster mates first
-    assert "Segments like segment 13" in panel.title.text() and "exact search" in panel.title.text()
+    assert seg(13) not in listed and {cluster_of(s) for s in listed[:9]} == {cluster_of(seg(13))}  # 9 mates first
+    assert f"Segments like segment {seg(13)}" in panel.title.text() and "exact search" in panel.title.text()
     assert [table.item(row, 0).text() for row in range(3)] == ["1", "2", "3"]
     distances = [float(table.item(row, 2).text()) for row in range(table.rowCount())]
     assert distances == sorted(distances)
     # The query and its 20 answers are selected in the plot and in 3-D.
     plot = window.session.plot
-    assert plot.selected_segments == {13, *listed} and plot.selection_origin == SIMILAR_ORIGIN
-    assert window.bridge.highlighted[-1] == [13, *listed]
+    assert plot.selected_segments == {seg(13), *listed} and plot.selection_origin == SIMILAR_ORIGIN
+    assert window.bridge.highlighted[-1] == [seg(13), *listed]
     assert window.similar_dock.isVisible()
 
     # A click on the third row selects that segment alone, in the plot and in 3-D, and moves there.
@@ -145,10 +152,10 @@ def test_shift_right_click_in_3d_lists_selects_and_rows_select_one(window, qtbot
     point, move = window.bridge.nodes[-1]
     assert move and point[0] == third
     # Its points are the plot's selection (drawn with the selection outline).
-    assert set(plot.segment_ids[plot.selected_rows].tolist()) == {third}
+    assert set(plot.segment_ids[plot.selected_rows].tolist()) == {third} and len(plot.selected_rows) == 16
     # Select all brings back the whole answer; a double click embeds the row's segment.
     qtbot.mouseClick(panel.select_all_button, Qt.MouseButton.LeftButton)
-    assert plot.selected_segments == {13, *listed}
+    assert plot.selected_segments == {seg(13), *listed}
     qtbot.mouseDClick(table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
     assert window.activated[-1] == third
 
@@ -159,17 +166,17 @@ def test_plot_selection_action_and_level_and_k(window, qtbot):
     panel = window.similar_dock.panel
     panel.level_box.setCurrentText("node")
     panel.k_box.setValue(5)
-    rows = plot.segment_rows([4, 14])[::2]  # a lasso over half the nodes of two cluster mates
+    rows = plot.segment_rows([seg(4), seg(14)])[::2]  # a lasso over half the nodes of two cluster mates
     plot.select_rows(rows, "plot")
     action = window.plot_dock.plot.find_similar_action
     assert action in window.plot_dock.plot.view_box.menu.actions()
     action.trigger()
     table = wait_for_rows(qtbot, window, 5)
     listed = [panel.segment_at(row) for row in range(5)]
-    assert not {4, 14} & set(listed) and {cluster_of(s) for s in listed} == {cluster_of(4)}
+    assert not {seg(4), seg(14)} & set(listed) and {cluster_of(s) for s in listed} == {cluster_of(seg(4))}
     assert not table.isColumnHidden(4)  # node level shows how many query nodes found each
     assert "16 selected nodes of 2 segments" in panel.title.text() and "node level" in panel.title.text()
-    assert plot.selected_segments == {4, 14, *listed}
+    assert plot.selected_segments == {seg(4), seg(14), *listed}
 
 
 def test_segment_menu_and_panel_ask_about_the_current_segment(window, qtbot):
@@ -180,10 +187,10 @@ def test_segment_menu_and_panel_ask_about_the_current_segment(window, qtbot):
     # No segment selected yet: the status bar says why nothing happens.
     action.trigger()
     assert "select a segment first" in window.statusBar().currentMessage()
-    window.session.state.select_segment(21)
+    window.session.state.select_segment(seg(21))
     action.trigger()
     wait_for_rows(qtbot, window, 20)
-    assert "Segments like segment 21" in window.similar_dock.panel.title.text()
+    assert f"Segments like segment {seg(21)}" in window.similar_dock.panel.title.text()
 
 
 def test_a_segment_without_embeddings_is_explained(window, qtbot):

@@ -58,8 +58,8 @@ class SimilarPanel(QWidget):
         "Select all": the query and all its answers again.
     """
 
-    segmentClicked = pyqtSignal(int)
-    segmentActivated = pyqtSignal(int)
+    segmentClicked = pyqtSignal(object)  # object: a C int would wrap uint64 ids
+    segmentActivated = pyqtSignal(object)
     selectAllRequested = pyqtSignal()
 
     def __init__(self, finder: FindSimilar, parent: QWidget | None = None):
@@ -99,8 +99,9 @@ class SimilarPanel(QWidget):
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        header = self.table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)  # the segment id column
         self.table.cellClicked.connect(lambda row, _column: self._emit_row(row, self.segmentClicked))
         self.table.cellDoubleClicked.connect(lambda row, _column: self._emit_row(row, self.segmentActivated))
         layout = QVBoxLayout(self)
