@@ -117,9 +117,9 @@ def decode_fragment(data: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 def mesh_labels(
     labels_xyz: np.ndarray,
-    voxel_size_nm: Sequence[float],
+    voxel_size_nm: Sequence[float] | np.ndarray,
     *,
-    offset_vox: Sequence[int] = (0, 0, 0),
+    offset_vox: Sequence[int] | np.ndarray = (0, 0, 0),
     segment_ids: Iterable[int] | None = None,
     reduction_factor: int = DEFAULT_REDUCTION_FACTOR,
     max_error_nm: float | None = None,
@@ -191,7 +191,7 @@ def _write_manifest(directory: Path, segment_id: int, fragments: Sequence[str]) 
     (directory / f"{segment_id}:0").write_text(json.dumps({"fragments": list(fragments)}))
 
 
-def _fragment_name(segment_id: int, block_lo: Sequence[int]) -> str:
+def _fragment_name(segment_id: int, block_lo: Sequence[int] | np.ndarray) -> str:
     return f"{segment_id}_" + "_".join(str(int(v)) for v in block_lo)
 
 
@@ -443,7 +443,7 @@ def _read_mask(segmentation, segment_id: int, lo: np.ndarray, hi: np.ndarray) ->
 def grow_segment_box(
     segmentation,
     segment_id: int,
-    centre_vox: Sequence[int],
+    centre_vox: Sequence[int] | np.ndarray,
     *,
     initial_box_vox: Sequence[int] = DEFAULT_INITIAL_BOX_VOX,
     max_box_vox: Sequence[int] = DEFAULT_MAX_BOX_VOX,
@@ -537,7 +537,7 @@ class SegmentMesh:
 def mesh_segment_around(
     segmentation,
     segment_id: int,
-    centre_nm: Sequence[float],
+    centre_nm: Sequence[float] | np.ndarray,
     *,
     initial_box_vox: Sequence[int] = DEFAULT_INITIAL_BOX_VOX,
     max_box_vox: Sequence[int] = DEFAULT_MAX_BOX_VOX,
@@ -604,7 +604,7 @@ def mesh_cache_dir(segmentation, root: str | os.PathLike | None = None) -> Path:
 def cached_segment_mesh(
     segmentation,
     segment_id: int,
-    centre_nm: Sequence[float],
+    centre_nm: Sequence[float] | np.ndarray,
     cache_dir: str | os.PathLike,
     **options,
 ) -> Generator[Progress, None, tuple[Path, SegmentMesh | None]]:

@@ -424,7 +424,7 @@ class NeuroglancerBridge:
         self._mesh_pending_centres: int | None = None  # selected without a click: mesh at a centre
         self._mesh_sources: set[str] = set()  # on-the-fly sources this bridge added
         #: Largest box (voxels, x, y, z) a segment is meshed in when its volume has no meshes.
-        self.mesh_max_box_vox: tuple[int, int, int] = tuple(int(v) for v in DEFAULT_MAX_BOX_VOX)
+        self.mesh_max_box_vox: tuple[int, ...] = tuple(int(v) for v in DEFAULT_MAX_BOX_VOX)
         self._unsubscribe: list[Callable[[], None]] = []
         self._state: SessionState | None = None
         self.writes = 0  # transactions actually committed (skipped no-op writes excluded)

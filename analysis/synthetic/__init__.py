@@ -299,8 +299,8 @@ def _write_meshes(out: Path) -> Generator[Progress, None, None]:
     """Surface meshes of every segment (zmesh, legacy precomputed), named in the segmentation's info.
 
     Blocks of 128 voxels (a fragment per segment and block): zmesh's simplification grows
-    faster than linearly with a mesh's size, so smaller blocks mesh faster (a 128^3 demo:
-    2.4 s in 64^3 blocks, 4.2 s in one block; ``benchmarks/bench_meshes.py``).
+    faster than linearly with a mesh's size, so smaller blocks mesh faster (the 256^3 demo:
+    82 s in 128^3 blocks, 156 s in one block; ``benchmarks/bench_meshes.py``).
     """
     from segscope.analysis.meshes import MESH_FOLDER, link_meshes, mesh_volume
     from segscope.analysis.volume import open_volume
