@@ -8,7 +8,7 @@ Usage::
 Prints, for each ``--sizes`` node count (64-d):
 
 1. build time of the HNSW index SegScope uses above 50,000 vectors (faiss
-   ``IndexHNSWFlat``, M 32, efConstruction 80) and of the exact index (``IndexFlatL2``);
+   ``IndexHNSWFlat``, M 32, efConstruction 200) and of the exact index (``IndexFlatL2``);
 2. per efSearch: median and 90th-percentile latency of ONE 10-nearest-neighbour query at
    a time (as a click asks), and recall@10 of HNSW against exact search over
    ``--queries`` held-out vectors (the exact answers come from one batched flat search);
