@@ -44,7 +44,7 @@ MYPY_MODULES = segscope.analysis \
 	segscope.app.session segscope.app.service segscope.app.state segscope.app.labels \
 	segscope.app.events segscope.app.wiring segscope.app.plot_controller segscope.app.jobs \
 	segscope.app.child_process segscope.app.compute_process segscope.app.projection_process \
-	segscope.app.controller segscope.app.session_file segscope.app.session_export \
+	segscope.app.controller segscope.app.session_file segscope.app.session_export segscope.app.find_similar \
 	segscope.app.neuroglancer_bridge segscope.app.viewer_sync segscope.app.cli segscope.app.main \
 	segscope.app.cli_pipeline
 
