@@ -97,7 +97,7 @@ def read_classifier_folder(folder: str | os.PathLike) -> ClassifierSummary:
         raise FileNotFoundError(f"{folder} has no {CLASSIFIER_MANIFEST} (which classifier is which)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ValueError(f"{manifest_path} is not readable JSON: {exc}") from exc
     if not isinstance(manifest, dict) or not any(task in manifest for task in CLASSIFIER_TASKS):
         raise ValueError(f"{manifest_path} names none of the tasks {', '.join(CLASSIFIER_TASKS)}")
@@ -149,12 +149,10 @@ def classifier_encoder_mismatch(summary: ClassifierSummary, encoder_path: str | 
     ``encoder_sha256`` is compared with the encoder's hash; a manifest without one cannot
     be checked (None, logged).
     """
-    from segscope.analysis.provenance import model_sha256
-
     if not summary.encoder_sha256:
         log.info("%s records no encoder_sha256: cannot check which encoder it was trained on", summary.folder)
         return None
-    actual = _cached_model_sha256(str(Path(encoder_path).resolve()), model_sha256)
+    actual = cached_model_sha256(encoder_path)
     if actual == summary.encoder_sha256:
         return None
     trained_on = f"{summary.encoder} " if summary.encoder else ""
@@ -168,15 +166,22 @@ def classifier_encoder_mismatch(summary: ClassifierSummary, encoder_path: str | 
 _MODEL_HASHES: dict[tuple[str, float, int], str] = {}
 
 
-def _cached_model_sha256(path: str, hasher) -> str:
-    """``hasher(path)`` remembered per path, modification time and size (models are large)."""
+def cached_model_sha256(encoder_path: str | os.PathLike) -> str:
+    """:func:`segscope.analysis.provenance.model_sha256`, remembered per path, modification time and size.
+
+    Encoders can be hundreds of MB: the app hashes one on its worker when loading it, so the
+    check on the Qt thread (:func:`classifier_encoder_mismatch`) finds the hash ready.
+    """
+    from segscope.analysis.provenance import model_sha256
+
+    path = str(Path(encoder_path).resolve())
     try:
         stat = os.stat(path)
         key = (path, stat.st_mtime, stat.st_size)
     except OSError:  # a checkpoint prefix, not a file
         key = (path, 0.0, -1)
     if key not in _MODEL_HASHES:
-        _MODEL_HASHES[key] = hasher(path)
+        _MODEL_HASHES[key] = model_sha256(path)
     return _MODEL_HASHES[key]
 
 

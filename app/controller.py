@@ -248,6 +248,12 @@ def load_encoder_job(
     rather than on the user's first click.
     """
     summary = yield from engine.load(path, warm_up_batches=(FIRST_BATCH,), precision=precision)
+    from segscope.analysis.artefacts import cached_model_sha256
+
+    try:
+        cached_model_sha256(path)  # here on the worker, for the classifier check on the Qt thread
+    except OSError as exc:
+        log.warning("cannot hash the encoder %s: %s", path, exc)
     return ModelSummary(
         name=summary["name"],
         source=str(path),

@@ -547,13 +547,23 @@ class SessionService:
                 if info is not None
             ]
             self.state.set_classifiers(summary, f"Classifiers: {' and '.join(tasks)} from {summary.folder}")
-            self.state.show_status(f"Classifiers ready: {' and '.join(tasks)}.{self._encoder_mismatch()}")
+            mismatch = self._encoder_mismatch()
+            if mismatch.startswith(" WARNING"):  # the hashes differ: say so where predictions show
+                self.state.set_classifiers(summary, mismatch.strip())
+                self.state.show_error(mismatch.strip())
+                return
+            self.state.show_status(f"Classifiers ready: {' and '.join(tasks)}.{mismatch}")
         elif update.event == "failed":
             self._load_failed("classifiers", update.error, self.state.set_classifiers)
 
     def _encoder_mismatch(self) -> str:
         """A warning when the classifiers were trained on another encoder's embeddings."""
         summary, model = self.state.classifiers, self.state.model
+        if summary is not None and summary.encoder_sha256 and model is not None and Path(model.source).exists():
+            from segscope.analysis.artefacts import classifier_encoder_mismatch
+
+            reason = classifier_encoder_mismatch(summary, model.source)
+            return "" if reason is None else f" WARNING: {reason[:1].upper()}{reason[1:]}."
         if summary is None or summary.encoder is None or model is None:
             return ""
         if Path(model.source).name == summary.encoder:

@@ -228,7 +228,8 @@ class SegmentPanel(QWidget):
         for name in COMPARTMENTS:
             self.predicted_labels[name].setText("—" if counts is None else str(counts[name]))
         note = "" if record is None else record.prediction_note
-        if not self.state.classifiers_loaded and self.state.classifiers_message:
-            note = self.state.classifiers_message
+        message = self.state.classifiers_message
+        if message and (not self.state.classifiers_loaded or message.startswith("WARNING")):
+            note = message
         self.prediction_note.setText(note)
         self.prediction_note.setVisible(bool(note))
