@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # Subcommands kept in their own modules; each defines ``register(subparsers)``, which adds
 # its parser(s) and sets ``handler``. Keeps this file from growing with every command.
-_COMMAND_MODULES: tuple[str, ...] = ("segscope.app.cli_similar", "segscope.app.cli_pipeline")
+_COMMAND_MODULES: tuple[str, ...] = ("segscope.app.cli_similar", "segscope.app.cli_pipeline", "segscope.app.cli_analysis")
 
 
 class CliError(Exception):
