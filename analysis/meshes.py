@@ -54,12 +54,9 @@ MESH_FOLDER = "mesh"
 DEFAULT_REDUCTION_FACTOR = 10
 #: Voxels (x, y, z) meshed at once by :func:`mesh_volume`: bounds memory for large volumes.
 DEFAULT_BLOCK_VOX = (256, 256, 256)
-#: First box (voxels, x, y, z) read around a click by :func:`mesh_segment_around`.
-DEFAULT_INITIAL_BOX_VOX = (128, 128, 64)
-#: Largest box (voxels) the box may grow to while the segment touches its faces.
-DEFAULT_MAX_BOX_VOX = (512, 512, 256)
-#: Voxels of a z slab read at a time when building a box's mask (bounds the uint64 read).
-_SLAB_VOXELS = 16 * 1024**2
+#: Largest box edge (voxels per axis) a segment is meshed in around a click: the same limit
+#: as skeletons made on demand (``segscope.analysis.skeletonise``), so one box serves both.
+DEFAULT_MAX_BOX_VOX = 512
 
 
 @dataclass(frozen=True)
@@ -427,34 +424,24 @@ class SegmentBox:
     truncated: bool
 
 
-def _read_mask(segmentation, segment_id: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """The segment's mask (bool ``[x, y, z]``) in ``[lo, hi)``, read in z slabs (bounded memory)."""
-    shape = hi - lo
-    mask = np.zeros(tuple(shape), dtype=bool)
-    slab = max(1, int(_SLAB_VOXELS // max(1, int(shape[0] * shape[1]))))
-    target = np.asarray(segment_id).astype(segmentation.dtype)
-    for z0 in range(int(lo[2]), int(hi[2]), slab):
-        z1 = min(int(hi[2]), z0 + slab)
-        block = segmentation.read([lo[0], lo[1], z0], [hi[0], hi[1], z1])
-        mask[:, :, z0 - lo[2] : z1 - lo[2]] = block == target
-    return mask
-
-
 def grow_segment_box(
     segmentation,
     segment_id: int,
     centre_vox: Sequence[int] | np.ndarray,
     *,
-    initial_box_vox: Sequence[int] = DEFAULT_INITIAL_BOX_VOX,
-    max_box_vox: Sequence[int] = DEFAULT_MAX_BOX_VOX,
+    initial_box_vox: Sequence[int] | None = None,
+    max_box_vox: int | Sequence[int] = DEFAULT_MAX_BOX_VOX,
 ) -> Generator[Progress, None, SegmentBox]:
     """Read a segment's mask in a box around ``centre_vox``, growing it while the segment touches its faces.
 
-    The box starts at ``initial_box_vox`` (x, y, z voxels) centred on ``centre_vox`` (absolute
-    voxel) and inside the volume; each side the segment touches (other than the volume's
-    own faces) doubles its reach, until no side is touched or the box would exceed
-    ``max_box_vox`` on that axis (then the result is marked ``truncated``). Yields progress
-    per growth step.
+    The box and its growth are those of skeletons made on demand
+    (:func:`segscope.analysis.skeletonise.skeletonise_segment`): it starts
+    ``START_HALF_WIDTH_NM`` (at least 16 voxels) either side of ``centre_vox`` (absolute
+    voxel), or ``initial_box_vox`` (x, y, z voxels) centred on it when given, clipped to
+    the volume; each side the segment touches (other than the volume's own faces) grows by
+    the box's edge, until no side is touched or the box reaches ``max_box_vox`` (voxels per
+    axis: one number or x, y, z) and the segment still touches it (``truncated``). Yields
+    progress per box read.
 
     Raises
     ------
@@ -463,50 +450,56 @@ def grow_segment_box(
     ValueError
         For a centre outside the volume or non-positive box sizes.
     """
+    from segscope.analysis.skeletonise import (
+        _MIN_HALF_VOX,
+        START_HALF_WIDTH_NM,
+        _grown_box,
+        _touched_faces,
+        read_segment_mask,
+    )
     from segscope.analysis.volume import SegmentNotFoundError
 
     segment_id = int(segment_id)
     origin = np.asarray(segmentation.origin_vox, dtype=np.int64)
     end = origin + np.asarray(segmentation.shape, dtype=np.int64)
     centre = np.asarray(centre_vox, dtype=np.int64).reshape(3)
-    initial = np.asarray(initial_box_vox, dtype=np.int64).reshape(3)
-    limit = np.maximum(np.asarray(max_box_vox, dtype=np.int64).reshape(3), initial)
-    if np.any(initial < 1):
-        raise ValueError(f"initial_box_vox must be positive, got {list(initial_box_vox)}")
+    limit = np.broadcast_to(np.asarray(max_box_vox, dtype=np.int64), (3,)).copy()
+    if np.any(limit < 1):
+        raise ValueError(f"the mesh box limit must be at least 1 voxel, got {max_box_vox}")
     if np.any(centre < origin) or np.any(centre >= end):
         raise ValueError(f"voxel {centre.tolist()} is outside the volume [{origin.tolist()}, {end.tolist()})")
-    lo = np.maximum(centre - initial // 2, origin)
-    hi = np.minimum(lo + initial, end)
-    step = 0
+    if initial_box_vox is None:
+        half = np.maximum(
+            np.ceil(START_HALF_WIDTH_NM / np.asarray(segmentation.voxel_size_nm)).astype(np.int64), _MIN_HALF_VOX
+        )
+        half = np.minimum(half, np.maximum(limit // 2, 1))
+        lo, hi = np.maximum(centre - half, origin), np.minimum(centre + half + 1, end)
+    else:
+        initial = np.minimum(np.asarray(initial_box_vox, dtype=np.int64).reshape(3), limit)
+        if np.any(initial < 1):
+            raise ValueError(f"initial_box_vox must be positive, got {list(initial_box_vox)}")
+        lo = np.maximum(centre - initial // 2, origin)
+        hi = np.minimum(lo + initial, end)
+    hi = np.minimum(hi, lo + limit)
+    reads = 0
     while True:
-        mask = _read_mask(segmentation, segment_id, lo, hi)
-        if step == 0 and not mask.any():
+        reads += 1
+        shape = (hi - lo).tolist()
+        yield Progress(reads, 0, "boxes", f"segment {segment_id}: reading {shape[0]}x{shape[1]}x{shape[2]} voxels")
+        mask = read_segment_mask(segmentation, segment_id, lo, hi)
+        if reads == 1 and not mask.any():
             raise SegmentNotFoundError(
                 f"segment {segment_id} has no voxel in the box {lo.tolist()}-{hi.tolist()} "
                 f"around voxel {centre.tolist()}"
             )
-        new_lo, new_hi, truncated = lo.copy(), hi.copy(), False
-        for axis in range(3):
-            extent = int(hi[axis] - lo[axis])
-            low_face = np.take(mask, 0, axis=axis).any() and lo[axis] > origin[axis]
-            high_face = np.take(mask, -1, axis=axis).any() and hi[axis] < end[axis]
-            room = int(limit[axis]) - extent
-            if (low_face or high_face) and room <= 0:
-                truncated = True
-                continue
-            grow = min(extent, room)  # double the reach, within the limit
-            grow_low = grow // 2 if high_face else grow
-            if low_face:
-                new_lo[axis] = max(int(origin[axis]), int(lo[axis]) - grow_low)
-            if high_face:
-                new_hi[axis] = min(int(end[axis]), int(hi[axis]) + grow - (grow_low if low_face else 0))
+        touched = _touched_faces(mask, lo, hi, origin, end)
+        if not touched:
+            return SegmentBox(lo, hi, mask, False)
+        new_lo, new_hi = _grown_box(lo, hi, touched, origin, end, limit)
         if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
-            return SegmentBox(lo, hi, mask, truncated)
-        step += 1
+            return SegmentBox(lo, hi, mask, True)
         lo, hi = new_lo, new_hi
         del mask
-        message = f"segment {segment_id} touches the box; reading {(hi - lo).tolist()} voxels"
-        yield Progress(step, 0, "box growths", message)
 
 
 @dataclass(frozen=True)
@@ -539,15 +532,15 @@ def mesh_segment_around(
     segment_id: int,
     centre_nm: Sequence[float] | np.ndarray,
     *,
-    initial_box_vox: Sequence[int] = DEFAULT_INITIAL_BOX_VOX,
-    max_box_vox: Sequence[int] = DEFAULT_MAX_BOX_VOX,
+    initial_box_vox: Sequence[int] | None = None,
+    max_box_vox: int | Sequence[int] = DEFAULT_MAX_BOX_VOX,
     reduction_factor: int = DEFAULT_REDUCTION_FACTOR,
     max_error_nm: float | None = None,
 ) -> Generator[Progress, None, SegmentMesh]:
     """Mesh one segment from a box around ``centre_nm`` (xyz nm) grown by :func:`grow_segment_box`.
 
     The mask is padded with background so the mesh is closed, also where the box cuts the
-    segment (``truncated``). Yields progress per box growth and before meshing.
+    segment (``truncated``). Yields progress per box read and before meshing.
     """
     start = time.perf_counter()
     voxel = np.asarray(segmentation.voxel_size_nm, dtype=np.float64)

@@ -56,7 +56,8 @@ The selected segment is drawn in 3-D as its surface mesh, semi-transparent
 ``info`` names meshes (``"mesh"``, as the demo's does) brings them itself. For one that
 does not, the bridge meshes the selected segment on its own mesher thread
 (:func:`segscope.analysis.meshes.cached_segment_mesh`: zmesh in a box around the click,
-grown while the segment touches its faces, up to :attr:`NeuroglancerBridge.mesh_max_box_vox`),
+grown while the segment touches its faces, up to the skeleton box limit,
+:attr:`NeuroglancerBridge.mesh_max_box_vox`),
 caches it in the user cache, serves the cache folder from the local file server and adds
 the segment's mesh folder as an extra source of the segmentation layer (replacing the
 previous segment's). ``events.mesh_status`` reports each result (:class:`MeshStatus`,
@@ -423,8 +424,9 @@ class NeuroglancerBridge:
         self._mesh_wanted: int | None = None  # the selected segment (latest request wins)
         self._mesh_pending_centres: int | None = None  # selected without a click: mesh at a centre
         self._mesh_sources: set[str] = set()  # on-the-fly sources this bridge added
-        #: Largest box (voxels, x, y, z) a segment is meshed in when its volume has no meshes.
-        self.mesh_max_box_vox: tuple[int, ...] = tuple(int(v) for v in DEFAULT_MAX_BOX_VOX)
+        #: Largest box edge (voxels: one number or x, y, z) a segment is meshed in when its
+        #: volume has no meshes; :meth:`show_source` takes the source's skeleton box limit.
+        self.mesh_max_box_vox: int | Sequence[int] = DEFAULT_MAX_BOX_VOX
         self._unsubscribe: list[Callable[[], None]] = []
         self._state: SessionState | None = None
         self.writes = 0  # transactions actually committed (skipped no-op writes excluded)
@@ -605,6 +607,10 @@ class NeuroglancerBridge:
         )
         self._writer.submit("dataset", lambda: self.show_dataset(sources, layout=layout))
         segmentation, url = source.segmentation, source.segmentation_url
+        # One limit for the boxes of skeletons and meshes made on demand (--skeleton-box-vox).
+        limit = getattr(getattr(source, "segment_skeletons", None), "max_box_vox", None)
+        if limit is not None:
+            self.mesh_max_box_vox = limit
         # Reading the info may wait on a remote store: on the mesher thread, before any mesh.
         self._mesher.submit("target", lambda: self._set_mesh_target(segmentation, url))
 

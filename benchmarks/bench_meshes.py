@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--segments", type=int, default=20, help="segments meshed on the fly")
-    parser.add_argument("--blocks", default="128,256", help="block edges (voxels) to compare")
+    parser.add_argument("--blocks", default="128,256", help='block edges (voxels) to compare; "" for none')
     parser.add_argument("--dataset", help="a dataset folder (default: the cached demo)")
     args = parser.parse_args()
 
@@ -38,7 +38,7 @@ def main() -> None:
     folder = Path(args.dataset) if args.dataset else demo_dataset()
     segmentation = open_volume(folder / "segmentation")
     print(f"segmentation {segmentation.shape} voxels at {segmentation.voxel_size_nm.tolist()} nm")
-    blocks = [int(b) for b in args.blocks.split(",")]
+    blocks = [int(b) for b in args.blocks.split(",") if b]  # --blocks "": on the fly only
     times: dict[int, list[float]] = {b: [] for b in blocks}
     for _round in range(args.rounds):
         for block in blocks:

@@ -161,7 +161,7 @@ def test_box_grows_while_the_segment_touches_its_faces(labelled_volume):
     seed = np.array([50, 31, 27]) + origin  # in the tube's middle
     reports = []
     box = drive(grow_segment_box(segmentation, 99, seed, initial_box_vox=(8, 8, 8)), reports.append)
-    assert reports and all(r.unit == "box growths" for r in reports)
+    assert len(reports) > 1 and all(r.unit == "boxes" for r in reports)
     assert not box.truncated
     # The grown box holds the whole tube.
     assert box.mask.sum() == (labels == 99).sum()
@@ -267,12 +267,12 @@ def voxel_of(folder, rank=0):
     return int(segment), (voxels[len(voxels) // 2] + 0.5) * segmentation.voxel_size_nm
 
 
-def open_in_bridge(folder, cache):
+def open_in_bridge(folder, cache, box=None):
     from segscope.app.controller import DataSource
     from segscope.app.neuroglancer_bridge import NeuroglancerBridge
     from segscope.app.state import SessionState
 
-    source = DataSource.open(str(folder / "image"), str(folder / "segmentation"))
+    source = DataSource.open(str(folder / "image"), str(folder / "segmentation"), skeleton_box_vox=box)
     bridge = NeuroglancerBridge(mesh_cache_root=cache)
     statuses = []
     bridge.events.mesh_status.connect(statuses.append)
@@ -358,3 +358,18 @@ def test_bridge_uses_the_volumes_own_meshes(demo96_dir, tmp_path):
 
 
 VOXEL_DEMO = np.array([32.0, 32.0, 40.0])
+
+
+def test_bridge_meshes_in_the_skeleton_box_limit(plain_copy, tmp_path):
+    """One limit (--skeleton-box-vox) for the boxes of skeletons and meshes made on demand."""
+    bridge, state, statuses = open_in_bridge(plain_copy, tmp_path / "cache", box=24)
+    try:
+        assert bridge.mesh_max_box_vox == 24
+        segment, click = voxel_of(plain_copy, 0)  # the largest segment: longer than 24 voxels
+        state.select_segment(segment, click)
+        wait_for(lambda: statuses)
+        assert statuses[0].truncated and statuses[0].source is not None
+        box = json.loads((tmp_path / "cache").glob(f"*/{segment}/segscope-mesh.json").__next__().read_text())["box_vox"]
+        assert max(hi - lo for lo, hi in zip(*box)) <= 24
+    finally:
+        bridge.close()
