@@ -228,6 +228,12 @@ class RandomFeatureGP(layers.Layer):
         self.ridge = float(ridge)
         self.seed = None if seed is None else int(seed)
         self.input_norm = layers.LayerNormalization(name="input_norm")
+        #: Whether a training-mode call folds its batch into the precision matrix. The
+        #: trainer turns this off and computes the precision once, after training, from the
+        #: restored network (:func:`accumulated_precision`): ``phi^T phi`` of a 2048-feature
+        #: layer is ~0.5 GFLOP a batch, most of an epoch's cost, and only the last epoch's
+        #: sum survives. Read when the train step is traced, so set it before training.
+        self.accumulate_in_training = True
 
     def build(self, input_shape):
         input_dim = input_shape[-1]
@@ -269,7 +275,7 @@ class RandomFeatureGP(layers.Layer):
 
     def call(self, inputs, training=False):
         features = self.random_features(inputs)
-        if training:
+        if training and self.accumulate_in_training:
             self._accumulate_precision(ops.stop_gradient(features))
         return self.logits(features)
 
@@ -288,6 +294,27 @@ class RandomFeatureGP(layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.units)
+
+
+def accumulated_precision(features: np.ndarray, batch_size: int, momentum: float) -> np.ndarray:
+    """The precision matrix ``[M, M]`` one epoch of :meth:`RandomFeatureGP._accumulate_precision` leaves.
+
+    ``features`` ``[N, M]`` are the random features of the epoch's examples in the order the
+    batches of ``batch_size`` see them. Starting from zero (the per-epoch reset), the
+    momentum recursion ``P <- m P + (1 - m) phi_b^T phi_b / B`` over batches ``b = 0..n-1``
+    sums to ``sum_b (1 - m) m^(n-1-b) phi_b^T phi_b / B``, computed here as one weighted
+    Gram matrix; ``m = -1`` is the plain sum ``phi^T phi``. float64 accumulation.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    count = features.shape[0]
+    if momentum == -1:
+        return features.T @ features
+    batch_index = np.arange(count) // batch_size
+    num_batches = int(batch_index[-1]) + 1 if count else 0
+    sizes = np.bincount(batch_index, minlength=num_batches).astype(np.float64)
+    row_weight = (1.0 - momentum) * momentum ** (num_batches - 1 - batch_index) / sizes[batch_index]
+    scaled = features * np.sqrt(row_weight)[:, None]
+    return scaled.T @ scaled
 
 
 class ResetPrecisionEachEpoch(keras.callbacks.Callback):
