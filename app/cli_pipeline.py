@@ -161,9 +161,13 @@ def _cmd_pipeline_embed(args: argparse.Namespace) -> int:
         num_shards=args.num_shards,
         bytewidth=args.bytewidth,
     )
-    ids, seeds = _run_with_progress(
-        "listing segments", list_segments(args.segmentation, segments, skeletons=job.skeletons)
-    )
+    listing = list_segments(args.segmentation, segments, skeletons=job.skeletons)
+    if segments == "all":  # may scan the segmentation: worth a progress bar
+        ids, seeds = _run_with_progress("listing segments", listing)
+    else:
+        from segscope.analysis.progress import drive
+
+        ids, seeds = drive(listing)
     tasks = plan_shards(ids, job.num_shards, job.bytewidth, seeds or None)
     prepare_output(job, force=args.force)
     todo, finished = split_finished(job.layout, tasks)

@@ -322,3 +322,19 @@ def test_a_failed_run_resumes_from_its_finished_waves(demo96_dir, tmp_path, caps
     clean = tmp_path / "clean"
     assert _pipeline(demo96_dir, clean, ids, "--format", "parquet") == 0
     _assert_same_rows(_read_table(clean / "parquet"), _read_table(out / "parquet"), atol=0)
+
+
+def test_bad_inputs_fail_in_one_line_before_any_runner_starts(demo96_dir, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    missing = tmp_path / "nowhere"
+    assert _pipeline(demo96_dir, tmp_path / "a", [1], "--checkpoint", str(missing)) == 2
+    assert str(missing) in capsys.readouterr().err
+    table = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"segment": [1, 2]}), table)
+    assert _pipeline(demo96_dir, tmp_path / "b", str(table)) == 2
+    err = capsys.readouterr().err
+    assert "no segment_id column" in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error" in line] == [line for line in err.splitlines() if line]
+    assert not (tmp_path / "b" / "done").exists()

@@ -6,9 +6,11 @@ Graph (stage names as the runners show them)::
                    the output folder, so a list of millions of segments is read in splits)
     Spread         Reshuffle: segments spread over workers
     Centres        skeleton (given, cached or kimimaro) -> centres
-    Cutouts        masked cutouts, chunks of up to one forward call, one read per chunk
-    Embed          RunInference: the encoder is loaded once per worker process and chunks
-                   of several segments are batched up to one forward call's cutouts
+    Chunks         a segment's centres in chunks of one forward call
+    Embed          RunInference: the encoder and volumes are loaded once per worker process;
+                   batches of chunks (several segments) are cut through TensorStore (one
+                   read shared by each chunk's centres) on the engine's reader thread while
+                   the model runs, as in-process embedding overlaps them
     GroupByShard   all embedded chunks of a shard
     WriteShards    classifiers, CSV ZIP shard, Parquet part, aggregated stores, marker
 
@@ -19,8 +21,9 @@ Runner: ``--runner`` and every other Beam pipeline option pass through. Without
 GitHub on first use; the default skips that so the local runner works offline.
 
 Metrics (namespace ``segscope``): counters ``segments``, ``nodes``, ``shards_written``,
-``empty_segments``; distributions ``centres_ms``, ``cutouts_ms``, ``inference_ms``,
-``write_ms`` (per element; summed they give each stage's time). RunInference adds its own
+``empty_segments``; distributions ``centres_ms`` (per segment), ``cutouts_ms`` (per chunk,
+on the reader thread, overlapping inference), ``inference_ms`` (per RunInference batch,
+cutting included), ``write_ms`` (per shard); summed they give each stage's time. RunInference adds its own
 (``RunInference`` namespace: ``inference_batch_latency_micro_secs``, ``load_model_latency_milli_secs``).
 """
 
@@ -53,6 +56,8 @@ TODO_NAME = "todo.txt"
 #: Cutouts per chunk and per model batch when the job does not set a batch size (CPU-sized:
 #: the demo encoder's default CPU batch; a GPU worker splits nothing, it runs the batch whole).
 DEFAULT_CHUNK = 16
+#: Chunks per RunInference batch: the engine cuts the next chunk while the model runs one.
+BATCH_CHUNKS = 8
 #: Shards per pipeline run (see :func:`run_embed`).
 DEFAULT_WAVE_SHARDS = 1000
 
@@ -85,57 +90,39 @@ class CentresFn(beam.DoFn):
         yield nodes
 
 
-class CutoutsFn(beam.DoFn):
-    """:class:`~segscope.analysis.pipeline.stages.SegmentNodes` -> chunks of masked cutouts."""
-
-    def __init__(self, job: EmbedJob, chunk_size: int):
-        self.job = job
-        self.chunk_size = chunk_size
-        self.timing = Metrics.distribution(NAMESPACE, "cutouts_ms")
-        self.cutouts = Metrics.counter(NAMESPACE, "cutouts")
-
-    def setup(self) -> None:
-        self.image, self.segmentation = stages.open_volumes(self.job)
-
-    def process(self, nodes):
-        chunks = stages.cutout_chunks(self.job, self.image, self.segmentation, nodes, self.chunk_size)
-        while True:
-            started = time.perf_counter()
-            chunk = next(chunks, None)
-            if chunk is None:
-                return
-            self.timing.update(_elapsed_ms(started))
-            self.cutouts.inc(len(chunk))
-            yield chunk
-
-
 class SegClrModelHandler(ModelHandler):
-    """RunInference's handle on the SegCLR encoder: loads it once per worker process.
+    """RunInference's handle on the SegCLR encoder and the volumes: loaded once per worker process.
 
-    Batches are lists of :class:`~segscope.analysis.pipeline.stages.CutoutChunk` weighing
-    up to ``max_cutouts`` cutouts in all; each is embedded by the in-process engine.
+    Batches are lists of :class:`~segscope.analysis.pipeline.stages.NodeChunk` weighing up
+    to ``max_cutouts`` centres in all. Each batch is cut (TensorStore, one shared read per
+    chunk) on the engine's reader thread while the model runs the previous forward call.
     """
 
     def __init__(self, job: EmbedJob, max_cutouts: int):
         super().__init__(min_batch_size=1, max_batch_size=max_cutouts, element_size_fn=lambda chunk: max(1, len(chunk)))
         self.job = job
         self.timing = Metrics.distribution(NAMESPACE, "inference_ms")
+        self.cut_timing = Metrics.distribution(NAMESPACE, "cutouts_ms")
         self.nodes = Metrics.counter(NAMESPACE, "nodes")
 
     def load_model(self):
-        encoder = stages.load_encoder(self.job)
-        log.info("worker %d loaded the encoder (%s)", os.getpid(), encoder.precision)
-        return encoder
+        embedder = stages.load_embedder(self.job)
+        log.info("worker %d loaded the encoder (%s)", os.getpid(), embedder.encoder.precision)
+        return embedder
 
     def run_inference(self, batch, model, inference_args=None):
         started = time.perf_counter()
-        out = stages.embed_chunks(model, batch, self.job.batch_size)
+        cut_seconds: list[float] = []
+        out = stages.embed_chunks(model, batch, self.job.batch_size, cut_seconds=cut_seconds)
+        # Metrics are per thread: recorded here, not on the reader thread that cut.
+        for seconds in cut_seconds:
+            self.cut_timing.update(round(seconds * 1000))
         self.timing.update(_elapsed_ms(started))
         self.nodes.inc(sum(len(c.node_ids) for c in out))
         return out
 
     def get_num_bytes(self, batch) -> int:
-        return sum(chunk.cutouts.nbytes for chunk in batch)
+        return sum(chunk.positions_nm.nbytes for chunk in batch)
 
     def get_metrics_namespace(self) -> str:
         return "RunInference"
@@ -202,8 +189,8 @@ def build_pipeline(pipeline: beam.Pipeline, job: EmbedJob, todo_path: str) -> be
         | "Parse" >> beam.Map(_parse_todo)
         | "Spread" >> beam.Reshuffle()
         | "Centres" >> beam.ParDo(CentresFn(job))
-        | "Cutouts" >> beam.ParDo(CutoutsFn(job, chunk))
-        | "Embed" >> RunInference(SegClrModelHandler(job, chunk))
+        | "Chunks" >> beam.FlatMap(stages.node_chunks, chunk)
+        | "Embed" >> RunInference(SegClrModelHandler(job, chunk * BATCH_CHUNKS))
         | "KeyByShard" >> beam.Map(lambda embedded: (embedded.shard, embedded))
         | "GroupByShard" >> beam.GroupByKey()
         | "WriteShards" >> beam.ParDo(WriteShardFn(job))

@@ -200,11 +200,9 @@ def make_job(
 
 
 def _check_classifiers(summary, encoder_path) -> None:
-    """Refuse classifiers trained on another encoder's embeddings, where the library can tell."""
-    try:
-        from segscope.analysis.artefacts import classifier_encoder_mismatch
-    except ImportError:  # older library: no encoder hash in the classifier manifest to compare
-        return
+    """Refuse classifiers whose manifest names another encoder's sha256 (as ``segscope embed`` does)."""
+    from segscope.analysis.artefacts import classifier_encoder_mismatch
+
     mismatch = classifier_encoder_mismatch(summary, encoder_path)
     if mismatch:
         raise ValueError(f"refusing the classifiers: {mismatch}")

@@ -41,11 +41,11 @@ class SegmentNodes:
 
 
 @dataclass
-class CutoutChunk:
-    """Masked cutouts of consecutive centres of one segment (output of the cutout stage).
+class NodeChunk:
+    """Consecutive centres of one segment, cut and embedded together (output of the chunk stage).
 
-    ``chunk`` numbers the chunks of a segment from 0; ``cutouts`` uint8 ``[b, x, y, z]``.
-    ``len()`` is the number of cutouts, the chunk's weight when batching for the model.
+    ``chunk`` numbers the chunks of a segment from 0; ``len()`` is the number of centres,
+    the chunk's weight when batching for the model.
     """
 
     shard: int
@@ -53,7 +53,6 @@ class CutoutChunk:
     chunk: int
     node_ids: np.ndarray
     positions_nm: np.ndarray
-    cutouts: np.ndarray
 
     def __len__(self) -> int:
         return len(self.node_ids)
@@ -61,7 +60,7 @@ class CutoutChunk:
 
 @dataclass
 class EmbeddedChunk:
-    """Embeddings of one :class:`CutoutChunk` (float32 ``[b, D]``), cutouts dropped."""
+    """Embeddings of one :class:`NodeChunk` (float32 ``[b, D]``)."""
 
     shard: int
     segment_id: int
@@ -139,64 +138,79 @@ def segment_nodes(
     return SegmentNodes(int(shard), int(segment_id), centres.node_ids, centres.positions_nm)
 
 
-def cutout_chunks(job: EmbedJob, image, segmentation, nodes: SegmentNodes, chunk_size: int) -> Iterator[CutoutChunk]:
-    """Masked cutouts of a segment's centres, ``chunk_size`` at a time (one shared read per chunk).
+def node_chunks(nodes: SegmentNodes, chunk_size: int) -> Iterator[NodeChunk]:
+    """A segment's centres, ``chunk_size`` at a time (each chunk is cut with one shared read).
 
     A segment without centres gives one empty chunk, so its shard still hears of it.
     """
-    from segscope.analysis.volume import cut_masked
-
-    config = encoder_config(job)
-    size = tuple(int(v) for v in config.input_size_vox)
-    downsample = config.downsample_from(image.voxel_size_nm)
     n = len(nodes.node_ids)
     if n == 0:
-        yield CutoutChunk(
-            nodes.shard, nodes.segment_id, 0, nodes.node_ids, nodes.positions_nm, np.zeros((0, *size), np.uint8)
-        )
+        yield NodeChunk(nodes.shard, nodes.segment_id, 0, nodes.node_ids, nodes.positions_nm)
         return
     for chunk, start in enumerate(range(0, n, chunk_size)):
         pick = slice(start, start + chunk_size)
-        cutouts = cut_masked(
-            image, segmentation, nodes.segment_id, nodes.positions_nm[pick], size, downsample=downsample
-        )
-        yield CutoutChunk(nodes.shard, nodes.segment_id, chunk, nodes.node_ids[pick], nodes.positions_nm[pick], cutouts)
+        yield NodeChunk(nodes.shard, nodes.segment_id, chunk, nodes.node_ids[pick], nodes.positions_nm[pick])
 
 
-def embed_chunks(encoder, chunks: Sequence[CutoutChunk], batch_size: int | None = None) -> list[EmbeddedChunk]:
-    """Embed a batch of chunks (of any segments) with the in-process engine.
+@dataclass
+class Embedder:
+    """What a worker loads once: the encoder and the volumes it cuts from."""
 
-    The chunks' cutouts go through :func:`segscope.analysis.inference.stream_embeddings` as
-    one batch; it splits them into forward calls of ``batch_size`` (default: sized for the
-    device) and halves that on out-of-memory errors.
+    encoder: Any
+    image: Any
+    segmentation: Any
+
+
+def load_embedder(job: EmbedJob) -> Embedder:
+    """The job's encoder (see :func:`load_encoder`) and volumes."""
+    image, segmentation = open_volumes(job)
+    return Embedder(load_encoder(job), image, segmentation)
+
+
+def embed_chunks(
+    embedder: Embedder, chunks: Sequence[NodeChunk], batch_size: int | None = None, *, cut_seconds: list | None = None
+) -> list[EmbeddedChunk]:
+    """Cut and embed a batch of chunks (of any segments) with the in-process engine.
+
+    :func:`segscope.analysis.inference.stream_embeddings` runs the forward calls
+    (``batch_size`` cutouts each, default sized for the device, halved on out-of-memory
+    errors) while its reader thread cuts the next chunks with
+    :func:`segscope.analysis.volume.cut_masked`, as ``segscope embed`` overlaps reading and
+    compute. ``cut_seconds``, when given, receives the reader's time per chunk.
     """
     from segscope.analysis.inference import stream_embeddings
     from segscope.analysis.progress import drive
+    from segscope.analysis.volume import cut_masked
 
+    config = embedder.encoder.encoder_config
+    size = tuple(int(v) for v in config.input_size_vox)
+    downsample = config.downsample_from(embedder.image.voxel_size_nm)
     sizes = [len(c) for c in chunks]
-    total = int(sum(sizes))
-    if total:
-        cutouts = np.concatenate([c.cutouts for c in chunks if len(c)])
-        embeddings = drive(
-            stream_embeddings(encoder, [(np.arange(total), cutouts)], total, batch_size=batch_size, prefetch=1)
-        )
-    else:
-        embeddings = np.zeros((0, encoder.embedding_dim), np.float32)
-    out = []
-    start = 0
-    for chunk, size in zip(chunks, sizes):
-        out.append(
-            EmbeddedChunk(
-                chunk.shard,
+    starts = np.cumsum([0, *sizes])
+    total = int(starts[-1])
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for chunk, start in zip(chunks, starts):
+            if not len(chunk):
+                continue
+            began = time.perf_counter()
+            cutouts = cut_masked(
+                embedder.image,
+                embedder.segmentation,
                 chunk.segment_id,
-                chunk.chunk,
-                chunk.node_ids,
                 chunk.positions_nm,
-                embeddings[start : start + size],
+                size,
+                downsample=downsample,
             )
-        )
-        start += size
-    return out
+            if cut_seconds is not None:
+                cut_seconds.append(time.perf_counter() - began)
+            yield np.arange(start, start + len(chunk)), cutouts
+
+    embeddings = drive(stream_embeddings(embedder.encoder, batches(), total, batch_size=batch_size, prefetch=2))
+    return [
+        EmbeddedChunk(c.shard, c.segment_id, c.chunk, c.node_ids, c.positions_nm, embeddings[start : start + n])
+        for c, start, n in zip(chunks, starts, sizes)
+    ]
 
 
 @dataclass
