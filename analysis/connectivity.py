@@ -180,7 +180,7 @@ class ConnectivityMatrix:
         from segscope.analysis.export.atomic import atomic_file
 
         rows = self.rows(how)
-        with atomic_file(path, force=force) as tmp, open(tmp, "w", newline="") as handle:
+        with atomic_file(Path(path), force=force) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["pre_type", "post_type"])
             writer.writeheader()
             writer.writerows(rows)

@@ -225,7 +225,7 @@ def write_synapse_annotations(
 
     return (
         yield from write_point_annotations(
-            path,
+            Path(path),
             synapses.xyz_nm,
             relationships={"pre_segment": synapses.pre, "post_segment": synapses.post},
             force=force,

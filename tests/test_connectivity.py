@@ -113,3 +113,37 @@ def test_with_labels_keeps_sorted_ids():
     types = SegmentTypes(np.array([5, 2], np.uint64), np.array(["a", "b"], dtype=object))
     out = types.with_labels({9: "c", 2: ""})
     assert out.segment_id.tolist() == [2, 5, 9] and out.cell_type.tolist() == ["b", "a", "c"]
+
+
+@pytest.mark.qt
+def test_dock_click_selects_the_cells_segments_and_exports(qtbot, demo96_dir, tmp_path):
+    """The heat map's cell under a real mouse click emits that type pair's segments."""
+    from PyQt6.QtCore import QPointF, Qt
+
+    from segscope.app.views.connectivity_dock import ConnectivityPanel, demo_tables
+
+    panel = ConnectivityPanel()
+    qtbot.addWidget(panel)
+    panel.resize(500, 400)
+    panel.show()
+    qtbot.waitExposed(panel)
+    tables = demo_tables(str(demo96_dir / "segmentation"))
+    assert tables == (demo96_dir / "synapses.parquet", demo96_dir / "segments.parquet")
+    assert panel.load(*tables)
+    types = panel.matrix.types
+    row, column = types.index("excitatory"), types.index("inhibitory")
+    assert panel.values()[row, column] == panel.matrix.synapses[row, column] > 0
+    view = panel.plot.getPlotItem().vb
+    scene_point = view.mapViewToScene(QPointF(column + 0.5, row + 0.5))
+    widget_point = panel.plot.mapFromScene(scene_point)
+    with qtbot.waitSignal(panel.segmentsRequested, timeout=2000) as blocker:
+        qtbot.mouseClick(panel.plot.viewport(), Qt.MouseButton.LeftButton, pos=widget_point)
+    pre, post = panel.matrix.pair_segments[("excitatory", "inhibitory")]
+    assert set(blocker.args[0]) == set(pre.tolist()) | set(post.tolist())
+    panel.norm_box.setCurrentText("row")
+    assert np.allclose(panel.values().sum(axis=1)[[row, column]], 1.0)
+    out = panel.export_csv(tmp_path / "m.csv")
+    assert "normalised_row" in out.read_text().splitlines()[0]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert not panel.load(bad, tables[1]) and "lacks column" in panel.status.text()

@@ -424,6 +424,9 @@ class MainWindow(QMainWindow):
         from segscope.app.views.similar_panel import add_find_similar
 
         self.similar_dock = add_find_similar(self)
+        from segscope.app.views.connectivity_dock import add_connectivity
+
+        self.connectivity_dock = add_connectivity(self)
         return self.plot_dock
 
     def watch_umap_compile(self, interval_ms: int = 1000) -> None:
