@@ -63,6 +63,7 @@ __all__ = [
     "format_member",
     "parse_member",
     "shard_for_segment",
+    "write_new_store",
 ]
 
 
@@ -450,11 +451,17 @@ class _RemoteShardReader(_ShardReader):
         self.token = None
 
     def _read(self, byte_range: slice | None) -> bytes:
+        from segscope.analysis.volume import VolumeError, _wait
+
         try:
             if byte_range is None:
-                result = self._kv.read(self._key).result()
+                future = self._kv.read(self._key)
             else:
-                result = self._kv.read(self._key, byte_range=byte_range).result()
+                future = self._kv.read(self._key, byte_range=byte_range)
+            # A silent server would otherwise be retried for minutes (SEGSCOPE_REMOTE_TIMEOUT_S).
+            result = _wait(future, self.where, f"reading {self.where}")
+        except VolumeError as exc:
+            raise TimeoutError(str(exc)) from None
         except ValueError as exc:
             if "OUT_OF_RANGE" in str(exc):
                 raise
@@ -905,7 +912,11 @@ class CsvZipStore:
             if self._kvstore is None:
                 import tensorstore as ts  # only remote stores need it
 
-                self._kvstore = ts.KvStore.open(self.url).result()
+                from segscope.analysis.volume import _wait, check_reachable
+
+                url = str(self.url)
+                check_reachable(url, url)  # a refused or unknown host: one line now, not minutes of retries
+                self._kvstore = _wait(ts.KvStore.open(url), url, f"opening {url}")
             return self._kvstore
 
     def _open_reader(self, shard: int) -> _ShardReader | None:
@@ -1240,6 +1251,34 @@ class _RegionReader(_ShardReader):
         return self._data[lo:hi]
 
 
+def write_new_store(
+    folder: str | os.PathLike,
+    segments: Mapping[int, tuple[Any, Any, Any]] | Iterable[tuple[int, Any, Any, Any]],
+    *,
+    force: bool = False,
+    **store_options: Any,
+) -> CsvZipStore:
+    """Write a complete CSV ZIP store at ``folder`` all at once: whole or not at all.
+
+    The shards are written into a hidden sibling folder that is renamed into place when all
+    are done (:func:`segscope.analysis.export.atomic.atomic_folder`), so a killed run never
+    leaves a store that looks complete but lacks segments; the next write removes what a
+    killed one left. An existing ``folder`` is refused (FileExistsError naming ``--force``)
+    unless ``force``, which replaces it as a whole. ``store_options`` go to
+    :class:`CsvZipStore` (``coordinates``, ``num_shards``, ...). Returns the store.
+    """
+    from segscope.analysis.export.atomic import atomic_folder
+
+    target = Path(folder)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target} is a file, not a CSV ZIP store folder")
+    if target.is_dir() and not force and not any(target.iterdir()):
+        force = True  # an empty folder made for the output holds nothing to lose
+    with atomic_folder(target, force=force) as work:
+        CsvZipStore(work, **store_options).write_many(segments)
+    return CsvZipStore(target, **store_options)
+
+
 def _member_text(segment_id: int, node_ids: Any, xyz: Any, embeddings: Any) -> bytes:
     try:
         return format_member(node_ids, xyz, embeddings)
@@ -1250,7 +1289,7 @@ def _member_text(segment_id: int, node_ids: Any, xyz: Any, embeddings: Any) -> b
 def _exists_message(segment_ids: list[int], store: CsvZipStore) -> str:
     shown = ", ".join(str(s) for s in sorted(segment_ids)[:5])
     more = f" and {len(segment_ids) - 5} more" if len(segment_ids) > 5 else ""
-    return f"segment(s) {shown}{more} already stored in {store.location}; pass overwrite=True to replace them"
+    return f"segment(s) {shown}{more} already stored in {store.location}; use --force (overwrite=True) to replace them"
 
 
 def _fsync_directory(path: Path) -> None:

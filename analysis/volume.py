@@ -12,6 +12,7 @@ with a Neuroglancer-style format prefix (``precomputed://``, ``zarr://``, ``zarr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -120,21 +121,76 @@ def remote_timeout_s() -> float:
     return value if value > 0 else REMOTE_TIMEOUT_S
 
 
-def _wait(future, kvstore: dict | str, what: str):
+def _wait(future, kvstore: dict | str, what: str, timeout_s: float | None = None):
     """``future.result()``, with :func:`remote_timeout_s` as the deadline for a remote store.
 
     TensorStore retries a refused or silent server with back-off for minutes; a user should
     read one line instead (local files get no deadline: a large local read may be slow).
+    ``timeout_s`` overrides the deadline (a large chunk read gets more). A future that misses
+    its deadline is cancelled, so TensorStore stops retrying it.
     """
     if _is_local(kvstore):
         return future.result()
-    timeout = remote_timeout_s()
+    timeout = remote_timeout_s() if timeout_s is None else timeout_s
     try:
         return future.result(timeout=timeout)
     except TimeoutError:
+        with contextlib.suppress(Exception):
+            future.cancel()
         raise VolumeError(
             f"{what}: no answer within {timeout:g} s (is the server up? set SEGSCOPE_REMOTE_TIMEOUT_S to wait longer)"
         ) from None
+
+
+# Hosts that answered a connection in this process; probed once each.
+_reachable_hosts: set[tuple[str, int]] = set()
+_REMOTE_ENDPOINTS = {"gs": ("storage.googleapis.com", 443), "s3": ("s3.amazonaws.com", 443)}
+
+
+def remote_endpoint(kvstore: dict | str) -> tuple[str, int] | None:
+    """The ``(host, port)`` a remote kvstore spec reads from, or None for local files."""
+    if _is_local(kvstore):
+        return None
+    url = kvstore["base_url"] if isinstance(kvstore, dict) else kvstore
+    parsed = urlparse(str(url))
+    scheme = parsed.scheme.lower()
+    if scheme in _REMOTE_ENDPOINTS:
+        return _REMOTE_ENDPOINTS[scheme]
+    if parsed.hostname is None:
+        return None
+    try:
+        port = parsed.port
+    except ValueError:
+        raise VolumeError(f"bad port in {url!r}") from None
+    return parsed.hostname, port or (443 if scheme == "https" else 80)
+
+
+def check_reachable(kvstore: dict | str, url: str) -> None:
+    """Fail fast when a remote store's host cannot be resolved or refuses connections.
+
+    TensorStore retries a refused connection (and, for gs:// without network, its credential
+    lookup) for minutes; one TCP connect with a short deadline answers in at most a few
+    seconds. A host that accepts is remembered for the process. Raises VolumeError.
+    """
+    import socket
+
+    endpoint = remote_endpoint(kvstore)
+    if endpoint is None or endpoint in _reachable_hosts:
+        return
+    host, port = endpoint
+    deadline = min(5.0, remote_timeout_s())
+    try:
+        with socket.create_connection((host, port), timeout=deadline):
+            pass
+    except socket.gaierror as exc:
+        raise VolumeError(f"cannot reach {url!r}: host {host} not found ({exc.strerror}; no network?)") from None
+    except TimeoutError:
+        raise VolumeError(
+            f"cannot reach {url!r}: {host}:{port} did not accept a connection within {deadline:g} s"
+        ) from None
+    except OSError as exc:
+        raise VolumeError(f"cannot reach {url!r}: {host}:{port}: {exc.strerror or exc}") from None
+    _reachable_hosts.add(endpoint)
 
 
 def _is_local(kvstore: dict | str) -> TypeGuard[dict]:
@@ -149,6 +205,7 @@ def _read_key(kvstore: dict | str, key: str) -> bytes | None:
     import tensorstore as ts
 
     where = kvstore.get("base_url", kvstore) if isinstance(kvstore, dict) else kvstore
+    check_reachable(kvstore, where)
     store = _wait(ts.KvStore.open(kvstore, context=_context()), kvstore, f"opening {where}")
     result = _wait(store.read(key), kvstore, f"reading {where}{key}")
     return bytes(result.value) if result.state == "value" else None
@@ -253,7 +310,23 @@ class Volume:
 
     def _read_inside(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Read a box that lies entirely inside the volume (absolute voxels)."""
-        return self._store[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].read().result()
+        future = self._store[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].read()
+        return _wait(
+            future, self._kvstore, f"reading {self.url} voxels {lo.tolist()}..{hi.tolist()}", self._deadline(lo, hi)
+        )
+
+    @property
+    def _kvstore(self) -> dict | str:
+        # What _wait needs to tell local from remote reads (a chunk read gets a deadline).
+        spec = getattr(self, "_kvstore_cache", None)
+        if spec is None:
+            spec = self._kvstore_cache = kvstore_spec(_split_prefix(self.url)[1])
+        return spec
+
+    def _deadline(self, lo: np.ndarray, hi: np.ndarray) -> float:
+        # The metadata deadline plus the box's bytes at 1 MB/s, a floor no working link is under.
+        size = int(np.prod((hi - lo).astype(object))) * self.dtype.itemsize
+        return remote_timeout_s() + size / 1e6
 
     def in_memory(self) -> Volume:
         """A copy of this volume held in RAM (same metadata), for fast random access in training."""
@@ -358,6 +431,7 @@ def open_volume(
     spec: dict = {"driver": driver, "kvstore": kvstore, "open": True}
     if driver == "neuroglancer_precomputed":
         spec["scale_index"] = _precomputed_scale_index(kvstore, resolution_nm, url)
+    check_reachable(kvstore, url)
     try:
         store = _wait(ts.open(spec, read=True, context=_context()), kvstore, f"opening volume {url!r}")
     except VolumeError:
@@ -377,6 +451,9 @@ def open_volume(
             raise VolumeError(
                 f"voxel size {list(voxel_size_nm)} nm given for {url!r}, but its metadata says {voxel.tolist()} nm"
             )
+    if voxel.shape != (3,) or not np.all(np.isfinite(voxel)) or np.any(voxel <= 0) or np.any(voxel > 1e9):
+        # -1, 0 or 1e308 nm would give negative, empty or infinite physical bounds downstream.
+        raise VolumeError(f"voxel size of {url!r} must be three positive numbers up to 1e9 nm, got {voxel.tolist()}")
     info = VolumeInfo(
         url=url,
         driver=driver,

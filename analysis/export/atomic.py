@@ -2,6 +2,10 @@
 
 A reader never sees a half-written file or folder, an interrupted export leaves the previous
 result untouched, and nothing existing is replaced unless the caller passes ``force=True``.
+
+Temporary siblings are named ``.NAME.<pid>.<random>.tmp`` (and an old folder being replaced
+``.NAME.<pid>.<random>.old``); the next write of ``NAME`` removes those a killed process left
+behind (its pid no longer running), so a ``kill -9`` costs disk space only until the next run.
 """
 
 from __future__ import annotations
@@ -22,15 +26,17 @@ def check_writable(path: str | Path, force: bool) -> Path:
     """Return ``path`` as a Path; FileExistsError if it exists and ``force`` is False."""
     path = Path(path)
     if (path.exists() or path.is_symlink()) and not force:
-        raise FileExistsError(f"{path} already exists; pass force=True (--force) to replace it")
+        raise FileExistsError(f"{path} already exists; use --force (force=True) to replace it")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"parent folder of {path} does not exist")
     return path
 
 
 def _temp_sibling(path: Path, *, directory: bool) -> Path:
-    # Same folder as the target, so the final rename stays on one file system (atomic).
-    prefix = f".{path.name}."
+    # Same folder as the target, so the final rename stays on one file system (atomic). The
+    # pid in the name tells a later run whether the writer is still alive.
+    remove_leftovers(path)
+    prefix = f".{path.name}.{os.getpid()}."
     if directory:
         return Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
@@ -66,6 +72,72 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# A leftover without a pid in its name (written before names carried one) is removed once it
+# is this old: no export takes an hour between creating its temporary folder and renaming it.
+_LEGACY_LEFTOVER_AGE_S = 3600.0
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Remove the temporary siblings of ``path`` that a killed writer left behind.
+
+    Those are ``.NAME.<pid>.*.tmp`` and ``.NAME.<pid>.*.old`` whose process is no longer
+    running (another live writer's are kept), and pid-less ones from older versions once
+    an hour old. Returns what was removed.
+    """
+    import time
+
+    path = Path(path)
+    removed: list[Path] = []
+    try:
+        candidates = list(path.parent.glob(f".{_glob_escape(path.name)}.*"))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        rest = candidate.name[len(path.name) + 2 :]
+        if not rest.endswith((".tmp", ".old")):
+            continue
+        pid_text = rest.split(".", 1)[0]
+        if pid_text.isdigit() and "." in rest[len(pid_text) + 1 :]:
+            stale = not _pid_running(int(pid_text))
+        else:
+            try:
+                stale = time.time() - candidate.lstat().st_mtime > _LEGACY_LEFTOVER_AGE_S
+            except OSError:
+                continue
+        if stale:
+            _remove(candidate)
+            removed.append(candidate)
+            log.info("removed %s, left by an interrupted write", candidate)
+    return removed
+
+
+def _glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def _pid_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return _not_zombie(pid)
+
+
+def _not_zombie(pid: int) -> bool:
+    # A killed child that its parent has not reaped yet still answers kill(pid, 0).
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _remove(path: Path) -> None:
@@ -110,7 +182,7 @@ def atomic_folder(path: str | Path, *, force: bool = False) -> Iterator[Path]:
         yield temporary
         _set_default_permissions(temporary, directory=True)
         if target.exists() or target.is_symlink():
-            trash = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+            trash = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.old")
             os.rename(target, trash)
             os.rename(temporary, target)
             _remove(trash)
