@@ -16,13 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from segscope.analysis import __version__
+from segscope.app import cli_args
 
 log = logging.getLogger(__name__)
 
 
 # Subcommands kept in their own modules; each defines ``register(subparsers)``, which adds
 # its parser(s) and sets ``handler``. Keeps this file from growing with every command.
-_COMMAND_MODULES: tuple[str, ...] = ("segscope.app.cli_similar", "segscope.app.cli_pipeline", "segscope.app.cli_analysis")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "segscope.app.cli_similar",
+    "segscope.app.cli_pipeline",
+    "segscope.app.cli_analysis",
+    "segscope.app.cli_classify",
+)
 
 
 class CliError(Exception):
@@ -84,18 +90,23 @@ def _run_with_progress(desc: str, generator):
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     import time
 
+    from segscope.analysis.export.atomic import atomic_folder
     from segscope.analysis.synthetic import generate_dataset
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        if not args.force:
-            raise CliError(f"{out} exists and is not empty; pass --force to replace it")
-        import shutil
-
-        shutil.rmtree(out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"{out} is a file, not a folder")
+    non_empty = out.is_dir() and any(out.iterdir())
+    if non_empty and not args.force:
+        raise CliError(f"{out} exists and is not empty; pass --force to replace it")
+    if not out.parent.is_dir():
+        out.parent.mkdir(parents=True)
     start = time.perf_counter()
-    path = _run_with_progress("demo-data", generate_dataset(out, seed=args.seed, size_vox=args.size))
-    print(f"wrote demo dataset to {path} in {time.perf_counter() - start:.1f} s")
+    # Built in a hidden sibling and renamed into place: a full disk or a kill leaves no
+    # partial dataset (and an existing one untouched); the next run removes the leftovers.
+    with atomic_folder(out, force=out.exists()) as work:
+        _run_with_progress("demo-data", generate_dataset(work, seed=args.seed, size_vox=args.size))
+    print(f"wrote demo dataset to {out} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -210,16 +221,6 @@ def _dataset_of(segmentation_dir: Path | None) -> dict | None:
     return dict(meta, path=str(meta_path.parent))
 
 
-def _parse_xyz_nm(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected X,Y,Z in nm, got {text!r}") from None
-    if len(values) != 3 or not all(v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected three positive numbers X,Y,Z (nm), got {text!r}")
-    return values  # type: ignore[return-value]
-
-
 def _all_segment_ids(segmentation, box_vox, min_voxels: int):
     """Every segment of the segmentation (in ``box_vox``, with at least ``min_voxels``): a chunked scan.
 
@@ -274,6 +275,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     parquet = out.suffix == ".parquet"
+    _check_output_first(out, folder=not parquet, force=args.force)  # before any compute
     if out.exists() and parquet and not args.force:
         raise CliError(f"{out} exists; pass --force to replace it")
     table_path = _segment_table_path(out)
@@ -351,16 +353,14 @@ def _cmd_embed(args: argparse.Namespace) -> int:
             centres=centres_record,
         )
     else:
-        from segscope.analysis.csvzip import CsvZipStore
-
-        store = CsvZipStore(out, coordinates="nm")
         from segscope.analysis.arrays import group_rows
+        from segscope.analysis.csvzip import write_new_store
 
         rows = {
             segment_id: (result.node_ids[pick], result.xyz_nm[pick], result.embeddings[pick])
             for segment_id, pick in group_rows(result.segment_ids)
         }
-        store.write_many(rows, overwrite=args.force)
+        write_new_store(out, rows, coordinates="nm", force=args.force)  # whole or not at all
     _write_segment_table(
         table_path,
         np.array(segment_ids, dtype=np.uint64),
@@ -373,6 +373,22 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     )
     print(f"wrote {len(result)} node embeddings of {len(segment_ids)} segments to {out}, segment table {table_path}")
     return 0
+
+
+def _check_output_first(out: Path, *, folder: bool, force: bool) -> None:
+    """Refuse an output that cannot be written, before any data is read or computed.
+
+    ``folder``: the output is a folder (a CSV ZIP store), else a file. Checks that its parent
+    exists and is writable, that it is not a file where a folder goes (or the reverse), and
+    that an existing non-empty store is only replaced with ``--force``.
+    """
+    problem = cli_args.output_problem(out, kind="dir" if folder else "file")
+    if problem:
+        raise CliError(problem)
+    if not out.parent.is_dir():
+        raise CliError(f"output folder {out.parent} does not exist")
+    if folder and out.is_dir() and any(out.iterdir()) and not force:
+        raise CliError(f"{out} exists and is not empty; pass --force to replace it")
 
 
 def _segment_table_path(out: Path) -> Path:
@@ -590,8 +606,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.nodes or args.segments:
         if not (args.nodes and args.segments):
             raise CliError("--nodes and --segments go together")
-        nodes, provenance = read_node_table(args.nodes)
-        segments, _ = read_segment_table(args.segments)
+        nodes, provenance = _read_table(read_node_table, args.nodes)
+        segments, _ = _read_table(read_segment_table, args.segments)
         provenance = provenance or Provenance(dataset=str(args.nodes))
         voxel = args.voxel_size
         if voxel is None:
@@ -627,6 +643,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_table(reader, path: str):
+    """``reader(path)``, with a table of the wrong column types as one line naming the file."""
+    try:
+        return reader(path)
+    except TypeError as exc:  # the table models say "x must be numeric, got dtype object"
+        raise CliError(f"{path}: {exc}") from None
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -635,12 +659,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from segscope.analysis.provenance import model_sha256
     from segscope.analysis.training import CellSplit
 
-    dataset = _open_dataset_arg(args.dataset)
+    dataset = _open_dataset_arg(args.dataset) if args.dataset else None
     run = Path(args.run)
     split_path = run / "split.json"
     if not split_path.is_file():
         raise CliError(f"{split_path} not found: evaluate needs the training run's cell split")
-    split = CellSplit.load(split_path)
+    try:
+        split = CellSplit.load(split_path)
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CliError(f"{split_path} is not a valid cell split ({type(exc).__name__}: {exc})") from None
+    if dataset is None:
+        dataset = _open_dataset_arg(None)  # after the cheap checks: the demo may be generated here
     encoder_path = Path(args.encoder) if args.encoder else run / "encoder.keras"
     encoder = open_encoder(encoder_path, precision=args.precision)
     # The random baseline runs in the same precision, so the two differ only in training.
@@ -700,8 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = sub.add_parser("demo-data", help="write a synthetic demo dataset with ground truth")
-    demo.add_argument("--out", required=True, help="output folder")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--out", required=True, type=cli_args.output_path(kind="dir"), help="output folder")
+    demo.add_argument("--seed", type=cli_args.seed, default=0, help="random seed (default 0)")
     demo.add_argument(
         "--size", type=_parse_size, default=(256, 256, 256), help="volume size in voxels, N or X,Y,Z (default 256)"
     )
@@ -710,25 +739,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="self-supervised SegCLR training on a dataset's training cells")
     train.add_argument("--dataset", help="SegScope dataset folder (default: the built-in demo)")
-    train.add_argument("--out", required=True, help="run folder (checkpoints, split, final encoder)")
+    train.add_argument(
+        "--out",
+        required=True,
+        type=cli_args.output_path(kind="dir"),
+        help="run folder (checkpoints, split, final encoder)",
+    )
     train.add_argument("--encoder", choices=("lite", "full"), default="lite", help="architecture (default lite)")
-    train.add_argument("--steps", type=int, default=3000)
-    train.add_argument("--batch-pairs", type=int, default=32, help="positive pairs per step (2x cutouts)")
-    train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate")
-    train.add_argument("--warmup-steps", type=int, default=100)
+    train.add_argument("--steps", type=cli_args.positive_int, default=3000)
+    train.add_argument(
+        "--batch-pairs", type=cli_args.integer(1, 65_536), default=32, help="positive pairs per step (2x cutouts)"
+    )
+    train.add_argument("--learning-rate", type=cli_args.positive_float(10.0), default=1e-3, help="peak learning rate")
+    train.add_argument("--warmup-steps", type=cli_args.non_negative_int, default=100)
     train.add_argument(
         "--max-pair-distance-nm",
-        type=float,
+        type=cli_args.positive_float(),
         default=3000.0,
         help="largest straight-line distance between the nodes of a pair (nm)",
     )
-    train.add_argument("--eval-fraction", type=float, default=0.25, help="cells of each type kept for evaluation")
+    train.add_argument(
+        "--eval-fraction",
+        type=cli_args.fraction(allow_zero=False),
+        default=0.25,
+        help="cells of each type kept for evaluation",
+    )
     train.add_argument(
         "--holdout-type", action="append", default=[], help="cell type kept out of training entirely (repeatable)"
     )
-    train.add_argument("--checkpoint-every", type=int, default=100)
-    train.add_argument("--stop-at-step", type=int, default=None, help="stop early (resumable) at this step")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=cli_args.positive_int, default=100)
+    train.add_argument(
+        "--stop-at-step", type=cli_args.positive_int, default=None, help="stop early (resumable) at this step"
+    )
+    train.add_argument("--seed", type=cli_args.seed, default=0)
     train.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     train.set_defaults(handler=_cmd_train)
 
@@ -759,7 +802,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(where --segments all scans and where a listed segment is looked for)",
     )
     embed.add_argument(
-        "--min-voxels", type=int, default=1, metavar="N", help="with --segments all: skip segments with fewer voxels"
+        "--min-voxels",
+        type=cli_args.positive_int,
+        default=1,
+        metavar="N",
+        help="with --segments all: skip segments with fewer voxels",
     )
     embed.add_argument(
         "--skeletons",
@@ -770,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument(
         "--skeleton-box-vox",
-        type=int,
+        type=cli_args.integer(16, 16_384),
         default=512,
         metavar="N",
         help="largest box edge (voxels per axis) a segment is skeletonised in; larger segments are "
@@ -781,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument(
         "--voxel-size-nm",
-        type=_parse_xyz_nm,
+        type=cli_args.voxel_size_nm,
         metavar="X,Y,Z",
         help="voxel size (nm) of volumes whose metadata has no units (plain zarr)",
     )
@@ -795,12 +842,15 @@ def build_parser() -> argparse.ArgumentParser:
         "assets/classifiers): add each node's predicted compartment and its segment's cell type "
         "and OOD score (Parquet output only)",
     )
-    embed.add_argument("--spacing-nm", type=float, default=1500.0, help="centre spacing along the skeleton (nm)")
-    embed.add_argument("--batch-size", type=int, default=None)
+    embed.add_argument(
+        "--spacing-nm", type=cli_args.positive_float(), default=1500.0, help="centre spacing along the skeleton (nm)"
+    )
+    embed.add_argument("--batch-size", type=cli_args.integer(1, 65_536), default=None)
     add_precision_argument(embed)
     embed.add_argument(
         "--out",
         required=True,
+        type=cli_args.output_path(),
         metavar="PATH",
         help="*.parquet (one row per node, nm) or a CSV ZIP store folder (nm coordinates); "
         "a segment table NAME.segments.parquet is written beside it",
@@ -809,11 +859,11 @@ def build_parser() -> argparse.ArgumentParser:
     embed.set_defaults(handler=_cmd_embed)
 
     export = sub.add_parser("export", help="Neuroglancer layers, tables and SWC for annotated nodes and segments")
-    export.add_argument("--out", required=True, help="bundle folder")
+    export.add_argument("--out", required=True, type=cli_args.output_path(kind="dir"), help="bundle folder")
     export.add_argument("--dataset", help="export a SegScope dataset's ground truth (default: the demo)")
     export.add_argument("--nodes", help="node table (Parquet/CSV written by SegScope)")
     export.add_argument("--segments", help="segment table (Parquet/CSV written by SegScope)")
-    export.add_argument("--voxel-size", type=lambda t: tuple(float(v) for v in t.split(",")), metavar="X,Y,Z")
+    export.add_argument("--voxel-size", type=cli_args.voxel_size_nm, metavar="X,Y,Z")
     export.add_argument("--image-url", help="image source for the state JSON")
     export.add_argument("--segmentation-url", help="segmentation source for the state JSON")
     export.add_argument("--serve-url", help="URL the bundle folder will be served at (for the state JSON)")
@@ -824,23 +874,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run", required=True, help="training run folder (its split.json, encoder.keras)")
     evaluate.add_argument("--encoder", help="encoder to evaluate (default: RUN/encoder.keras)")
     evaluate.add_argument("--dataset", help="dataset folder (default: the demo)")
-    evaluate.add_argument("--out", required=True, help="folder for metrics.json and plots")
-    evaluate.add_argument("--label-counts", type=int, nargs="+", default=[8, 32, 128, 512, 2048])
-    evaluate.add_argument("--repeats", type=int, default=3)
+    evaluate.add_argument(
+        "--out", required=True, type=cli_args.output_path(kind="dir"), help="folder for metrics.json and plots"
+    )
+    evaluate.add_argument("--label-counts", type=cli_args.positive_int, nargs="+", default=[8, 32, 128, 512, 2048])
+    evaluate.add_argument("--repeats", type=cli_args.integer(1, 1000), default=3)
     evaluate.add_argument(
         "--compartment-radius-nm",
-        type=float,
+        type=cli_args.positive_float(allow_zero=True),
         default=0.0,
         help="aggregation radius of the subcompartment classifier's inputs (0: node embeddings)",
     )
     evaluate.add_argument(
         "--cell-type-radius-nm",
-        type=float,
+        type=cli_args.positive_float(allow_zero=True),
         default=10_000.0,
         help="aggregation radius of the cell-type classifier's inputs",
     )
     evaluate.add_argument("--save-classifiers", metavar="DIR", help="also save the trained classifiers here")
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--seed", type=cli_args.seed, default=0)
     add_precision_argument(evaluate)
     evaluate.set_defaults(handler=_cmd_evaluate)
 
@@ -884,10 +936,82 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CliError, ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    except Exception as exc:  # the one error boundary of every command
+        message = expected_failure_message(exc)
+        if message is None:
+            if args.verbose:
+                raise
+            print(
+                f"segscope {args.command}: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+                "(a bug in SegScope; run with -v for the traceback)",
+                file=sys.stderr,
+            )
+            return 1
+        if args.verbose > 1:
+            log.debug("expected failure", exc_info=exc)
         print(f"segscope {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def expected_failure_message(exc: BaseException) -> str | None:
+    """One line for a failure a user can cause and fix (bad input, files, network), else None.
+
+    The classes: :class:`CliError`; ``OSError`` (missing, unreadable or read-only paths, a
+    full disk, timeouts), with the path it names; ``ValueError`` (every SegScope reader's own
+    error class derives from it: corrupt or mismatched data, a bad model, a remote volume
+    that did not answer); ``KeyError`` (an unknown segment id); ``RecursionError`` (a file
+    nested too deeply to read); ``MemoryError`` (a file declaring sizes too large to hold);
+    zip-format errors. Anything else is a bug: the caller shows a traceback (``-v``).
+    """
+    import zipfile
+
+    if isinstance(exc, CliError):
+        return _one_line(str(exc))
+    if isinstance(exc, OSError):
+        return _one_line(_os_error_message(exc))
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply to read (a JSON file or model with thousands of nested levels?)"
+    if isinstance(exc, MemoryError):
+        detail = f": {exc}" if str(exc) else ""
+        return _one_line(f"not enough memory{detail} (an input declaring a size too large to hold?)")
+    if isinstance(exc, KeyError):
+        return _one_line(str(exc.args[0]) if exc.args else "missing key")
+    if isinstance(exc, (ValueError, zipfile.BadZipFile, zipfile.LargeZipFile)):
+        return _one_line(_without_pickle_wording(str(exc)) or type(exc).__name__)
+    return None
+
+
+def _os_error_message(exc: OSError) -> str:
+    import errno
+
+    hints = {
+        errno.ENOSPC: "no space left on the device (disk full)",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EDQUOT: "disk quota exceeded",
+    }
+    what = hints.get(exc.errno or -1) or exc.strerror or str(exc) or type(exc).__name__
+    if isinstance(exc, TimeoutError) and not exc.strerror:
+        what = str(exc) or "timed out"
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    if names:
+        return f"{' -> '.join(names)}: {what}"
+    return str(exc) if exc.strerror is None and str(exc) else what
+
+
+def _without_pickle_wording(text: str) -> str:
+    # numpy's np.load says "allow_pickle=False" for any file that is not an .npy/.npz; that
+    # is a hint for programmers, not something a user can act on.
+    if "Object arrays cannot be loaded" in text:
+        return "a NumPy file holding pickled Python objects, which SegScope never loads"
+    if "allow_pickle" in text:
+        return "not a NumPy .npy/.npz file (unreadable or corrupt)"
+    return text
 
 
 if __name__ == "__main__":

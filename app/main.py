@@ -53,6 +53,8 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> argparse.Argument
 
 def add_open_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the data options of ``segscope open`` to ``parser`` and return it."""
+    from segscope.app import cli_args
+
     parser.add_argument(
         "--image", metavar="URL", help="EM image volume: path, file://, gs:// or http(s):// (precomputed, zarr, n5)"
     )
@@ -77,14 +79,14 @@ def add_open_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument(
         "--embeddings-shards",
         metavar="N",
-        type=int,
+        type=cli_args.positive_int,
         default=10_000,
         help="number of shards of the store (10000 for H01 and MICrONS v117/v343, 50000 for newer MICrONS exports)",
     )
     parser.add_argument(
         "--embeddings-bytewidth",
         metavar="B",
-        type=int,
+        type=cli_args.positive_int,
         default=64,
         help="byte width of the store's shard function (64, or 8 for newer MICrONS exports)",
     )

@@ -529,6 +529,8 @@ class SessionDocument:
             data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
             raise SessionFileError(source, None, f"not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise SessionFileError(source, None, "JSON nested too deeply to read") from None
         return cls.from_dict(data, source)
 
 
@@ -629,7 +631,13 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         if isinstance(exc, SessionFileError):
             raise
+        if "Object arrays cannot be loaded" in str(exc):
+            raise SessionFileError(path, None, "holds pickled Python objects, which SegScope never loads") from exc
+        if "allow_pickle" in str(exc):  # numpy's wording for any file that is not .npy/.npz
+            raise SessionFileError(path, None, "not a records archive (.npz)") from exc
         raise SessionFileError(path, None, f"corrupt or truncated records file ({type(exc).__name__}: {exc})") from exc
+    except MemoryError:
+        raise SessionFileError(path, None, "declares arrays too large to hold in memory") from None
 
 
 def _records_from_arrays(arrays: dict[str, np.ndarray], source: Path) -> list[SegmentRecord]:
@@ -697,6 +705,8 @@ def _records_from_arrays(arrays: dict[str, np.ndarray], source: Path) -> list[Se
             probabilities = json.loads(str(text))
         except ValueError as exc:
             raise SessionFileError(source, "cell_type_probabilities", f"record {i}: not JSON ({exc})") from exc
+        except RecursionError:
+            raise SessionFileError(source, "cell_type_probabilities", f"record {i}: nested too deeply") from None
         if probabilities is not None and not isinstance(probabilities, dict):
             raise SessionFileError(source, "cell_type_probabilities", f"record {i}: expected an object or null")
         kwargs[i]["cell_type_probabilities"] = probabilities

@@ -240,7 +240,7 @@ def test_records_file_with_pickled_objects_is_refused_not_unpickled(tmp_path):
     arrays["cell_type"] = np.array([{"payload": "a pickled object"}], dtype=object)
     with open(path, "wb") as file:
         np.savez(file, **arrays)
-    with pytest.raises(SessionFileError, match=r"r\.npz.*allow_pickle=False"):
+    with pytest.raises(SessionFileError, match=r"r\.npz.*pickled Python objects"):
         load_records(path)
 
 

@@ -200,13 +200,51 @@ def read_encoder_config(path: str | os.PathLike) -> EncoderConfig:
         raise FileNotFoundError(f"no encoder file {path}")
     try:
         with zipfile.ZipFile(path) as archive:
-            saved = json.loads(archive.read("config.json"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not a Keras .keras model file: {exc}") from exc
-    config = saved.get("config", {})
-    if "encoder_config" not in config:
+            info = archive.getinfo("config.json")
+            if info.file_size > _MAX_CONFIG_BYTES:
+                raise ValueError(f"config.json declares {info.file_size} bytes (more than {_MAX_CONFIG_BYTES})")
+            saved = json.loads(archive.read(info))
+    except (zipfile.BadZipFile, KeyError, ValueError, RecursionError, EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ValueError(f"{path} is not a Keras .keras model file: {reason}") from None
+    config = saved.get("config", {}) if isinstance(saved, dict) else None
+    if not isinstance(config, dict) or "encoder_config" not in config:
         raise ValueError(f"{path} holds a Keras model but not a SegScope encoder")
-    return EncoderConfig.from_dict(config["encoder_config"])
+    foreign = _foreign_callable(saved)
+    if foreign:
+        raise ValueError(f"{path} names {foreign}, which is not part of a SegScope encoder; refusing to load it")
+    try:
+        return EncoderConfig.from_dict(config["encoder_config"])
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+#: The largest config.json a .keras encoder may carry (a SegScope encoder's is a few kB).
+_MAX_CONFIG_BYTES = 16 * 2**20
+#: Python modules a saved encoder's config may name (Keras layers, SegScope's own classes).
+_ALLOWED_MODULES = ("keras", "segscope", "analysis")  # "analysis": saved from a source checkout
+
+
+def _foreign_callable(config: object) -> str | None:
+    """The first ``module.name`` a Keras config names outside Keras and SegScope, or None.
+
+    Keras's safe mode refuses lambdas, but a config can still name any importable function
+    (``os.system``), which Keras then rejects with a TypeError deep inside deserialisation;
+    this says so up front and in words. Iterative, so deep nesting cannot overflow the stack.
+    """
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            module = item.get("module")
+            if isinstance(module, str) and module and module.split(".")[0] not in _ALLOWED_MODULES:
+                return f"{module}.{item.get('class_name') or item.get('config') or '?'}"
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
 
 
 def load_encoder(path: str | os.PathLike, *, precision: str = "auto") -> SegClrEncoder:
@@ -220,7 +258,10 @@ def load_encoder(path: str | os.PathLike, *, precision: str = "auto") -> SegClrE
 
     from .model import SegClrEncoder
 
-    model = keras.saving.load_model(Path(path), compile=False, safe_mode=True)
+    try:
+        model = keras.saving.load_model(Path(path), compile=False, safe_mode=True)
+    except Exception as exc:  # Keras reports a damaged file as any of a dozen classes
+        raise ValueError(f"{path}: cannot load the encoder (damaged or not written by SegScope): {exc}") from exc
     if not isinstance(model, SegClrEncoder):
         raise ValueError(f"{path} does not hold a SegScope encoder")
     return model.with_precision(resolved)

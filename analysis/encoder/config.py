@@ -7,6 +7,9 @@ voxel size or its FLOP count without paying for a framework import.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +17,11 @@ from typing import Any
 
 #: Version of the config schema written into saved SegScope models.
 CONFIG_FORMAT_VERSION = 1
+
+#: Largest cutout edge (voxels) a config may ask for: 4x SegCLR's 129, one cutout 512 MiB as uint8.
+MAX_INPUT_SIZE_VOX = 512
+#: Largest layer width (filters or dense units) a config may ask for.
+MAX_WIDTH = 8192
 
 _AXIS_ORDERS = ("xyz", "xzy", "yxz", "yzx", "zxy", "zyx")
 
@@ -38,6 +46,20 @@ def normalise_precision(precision: str | None) -> str:
     if name not in PRECISION_POLICIES:
         raise ValueError(f"precision must be one of {sorted(PRECISION_POLICIES)}, got {precision!r}")
     return name
+
+
+def _int_tuple(name: str, values: Any) -> tuple[int, ...]:
+    """``values`` as a tuple of ints; ValueError naming the field for anything else."""
+    try:
+        items = tuple(values)
+        if any(isinstance(v, bool) or not isinstance(v, (numbers.Real, str)) for v in items):
+            raise TypeError
+        result = tuple(int(v) for v in items)
+        if any(not isinstance(v, (str, numbers.Integral)) and v != r for v, r in zip(items, result)):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"invalid EncoderConfig: {name} must be a list of integers, got {values!r}") from None
+    return result
 
 
 def _same_out(size: int, stride: int) -> int:
@@ -119,16 +141,66 @@ class EncoderConfig:
             "bottleneck_widths",
             "projection_widths",
         ):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-        object.__setattr__(self, "voxel_size_nm", tuple(float(v) for v in self.voxel_size_nm))
+            object.__setattr__(self, name, _int_tuple(name, getattr(self, name)))
+        try:
+            object.__setattr__(self, "voxel_size_nm", tuple(float(v) for v in self.voxel_size_nm))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"invalid EncoderConfig: voxel_size_nm must be 3 numbers, got {self.voxel_size_nm!r}"
+            ) from None
+        for name in ("stem_filters", "stem_kernel", "stem_stride", "format_version"):
+            value = getattr(self, name)
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                object.__setattr__(self, name, operator.index(value))  # numpy ints too
+            except TypeError:
+                raise ValueError(f"invalid EncoderConfig: {name} must be an integer, got {value!r}") from None
+        for name in ("bn_momentum", "bn_epsilon"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"invalid EncoderConfig: {name} must be a finite number, got {value!r}")
+        if not isinstance(self.stem_pool, bool):
+            raise ValueError(f"invalid EncoderConfig: stem_pool must be true or false, got {self.stem_pool!r}")
+        for name in (
+            "model_version",
+            "name",
+            "axis_order",
+            "input_dtype",
+            "backbone_scope",
+            "bottleneck_scope",
+            "projection_scope",
+        ):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"invalid EncoderConfig: {name} must be a string, got {getattr(self, name)!r}")
         self._validate()
 
     def _validate(self) -> None:
         problems = []
         if len(self.input_size_vox) != 3 or min(self.input_size_vox) < 1:
             problems.append(f"input_size_vox must be 3 positive ints, got {self.input_size_vox}")
-        if len(self.voxel_size_nm) != 3 or min(self.voxel_size_nm) <= 0:
-            problems.append(f"voxel_size_nm must be 3 positive numbers, got {self.voxel_size_nm}")
+        elif max(self.input_size_vox) > MAX_INPUT_SIZE_VOX:
+            # A config read from a file is checked before any tensor is built: 10^6 voxels a
+            # side would otherwise go on to allocate petabytes.
+            problems.append(f"input_size_vox must be at most {MAX_INPUT_SIZE_VOX} a side, got {self.input_size_vox}")
+        if (
+            len(self.voxel_size_nm) != 3
+            or not all(math.isfinite(v) for v in self.voxel_size_nm)
+            or min(self.voxel_size_nm) <= 0
+            or max(self.voxel_size_nm) > 1e6
+        ):
+            problems.append(f"voxel_size_nm must be 3 positive numbers up to 1e6, got {self.voxel_size_nm}")
+        widths = self.stage_filters + self.bottleneck_widths + self.projection_widths + (self.stem_filters,)
+        if widths and max(widths) > MAX_WIDTH:
+            problems.append(f"filters and widths must be at most {MAX_WIDTH}, got {max(widths)}")
+        if len(self.stage_filters) > 8:
+            problems.append(f"at most 8 residual stages, got {len(self.stage_filters)}")
+        if self.stem_kernel > 31 or max((*self.stage_strides, self.stem_stride), default=1) > 16:
+            problems.append("stem_kernel must be at most 31 and strides at most 16")
+        if not (0 <= self.bn_momentum < 1) or not (0 < self.bn_epsilon < 1):
+            problems.append(
+                f"bn_momentum in [0, 1) and bn_epsilon in (0, 1), got {self.bn_momentum}, {self.bn_epsilon}"
+            )
         if self.axis_order not in _AXIS_ORDERS:
             problems.append(f"axis_order must be one of {_AXIS_ORDERS}, got {self.axis_order!r}")
         if self.input_dtype not in ("uint8", "float32"):
@@ -212,11 +284,18 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EncoderConfig:
         """Inverse of :meth:`to_dict`; rejects unknown keys and newer format versions."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"an encoder config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(key) for key in set(data) - known)
         if unknown:
             raise ValueError(f"unknown EncoderConfig fields {unknown}")
-        version = int(data.get("format_version", CONFIG_FORMAT_VERSION))
+        try:
+            version = int(data.get("format_version", CONFIG_FORMAT_VERSION))
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(
+                f"encoder config format_version must be an integer, got {data.get('format_version')!r}"
+            ) from None
         if version > CONFIG_FORMAT_VERSION:
             raise ValueError(
                 f"encoder config format {version} is newer than this SegScope understands "
