@@ -523,9 +523,9 @@ class NeuroglancerBridge:
         served = self._bundle_servers.get(key)
         if served is not None and served[0] == stamp:
             return served[1].url
-        from neuroglancer.static_file_server import StaticFileServer
+        from segscope.app.file_server import LocalFileServer  # Host and Origin checked, CORS for the viewer only
 
-        server = StaticFileServer(static_dir=key, bind_address=self._bind_address, daemon=True)
+        server = LocalFileServer(static_dir=key, bind_address=self._bind_address, daemon=True)
         self._bundle_servers[key] = (stamp, server)
         if served is not None:
             _stop_server(served[1])
@@ -536,9 +536,9 @@ class NeuroglancerBridge:
         key = str(path)
         server = self._file_servers.get(key)
         if server is None:
-            from neuroglancer.static_file_server import StaticFileServer
+            from segscope.app.file_server import LocalFileServer
 
-            server = StaticFileServer(static_dir=key, bind_address=self._bind_address, daemon=True)
+            server = LocalFileServer(static_dir=key, bind_address=self._bind_address, daemon=True)
             self._file_servers[key] = server
             log.debug("serving %s at %s", path, server.url)
         return server.url

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -144,7 +145,12 @@ def test_local_folders_are_served_on_localhost(bridge, tmp_path):
 
     with urllib.request.urlopen(url[len("precomputed://") :] + "/info", timeout=5) as reply:
         assert reply.read() == b"{}"
-        assert reply.headers["Access-Control-Allow-Origin"] == "*"
+        assert "Access-Control-Allow-Origin" not in reply.headers  # never "*" (segscope.app.file_server)
+    page = urlparse(bridge.viewer.get_viewer_url())
+    origin = f"{page.scheme}://{page.netloc}"
+    request = urllib.request.Request(url[len("precomputed://") :] + "/info", headers={"Origin": origin})
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        assert reply.headers["Access-Control-Allow-Origin"] == origin
     with pytest.raises(FileNotFoundError):
         bridge.source_url(str(tmp_path / "missing"), "neuroglancer_precomputed")
     with pytest.raises(ValueError, match="cannot display"):
