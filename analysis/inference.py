@@ -585,6 +585,7 @@ def stream_node_embeddings(
     batch_size: int | None = None,
     cancel: threading.Event | Callable[[], bool] | None = None,
     device: str = "auto",
+    cut_workers: int | None = None,
 ) -> Generator[Progress, None, NodeEmbeddings]:
     """Embed the nodes of many segments, batching cutouts across segments.
 
@@ -596,6 +597,8 @@ def stream_node_embeddings(
     ----------
     segments
         ``(segment_id, node_ids int [n], centres_nm float [n, 3])`` per segment.
+    cut_workers
+        Threads cutting batches at once (default: the CPU count, at most 4).
 
     Returns
     -------
@@ -624,31 +627,41 @@ def stream_node_embeddings(
     total = len(node_col)
 
     size = tuple(int(v) for v in config.input_size_vox)
+    cut_workers = max(1, int(cut_workers or min(4, os.cpu_count() or 1)))
+
+    def cut(start: int) -> tuple[np.ndarray, np.ndarray]:
+        # One forward call's cutouts. Rows are grouped by segment, so a batch is a few runs
+        # of one segment each; nearby centres of a run share reads.
+        stop = min(start + compute_batch, total)
+        cutouts = np.empty((stop - start, *size), dtype=np.uint8)
+        run_start = start
+        while run_start < stop:
+            segment_id = seg_col[run_start]
+            run_stop = run_start + 1
+            while run_stop < stop and seg_col[run_stop] == segment_id:
+                run_stop += 1
+            cutouts[run_start - start : run_stop - start] = cut_masked(
+                image, segmentation, int(segment_id), xyz[run_start:run_stop], size, downsample=downsample
+            )
+            run_start = run_stop
+        return np.arange(start, stop), cutouts
 
     def batches():
-        # Cut one forward call's cutouts at a time (the reader thread stays `prefetch` calls
-        # ahead), so memory does not grow with the number of centres. Rows are grouped by
-        # segment, so each batch is a few runs of one segment; nearby centres of a run
-        # share reads.
-        for start in range(0, total, compute_batch):
-            stop = min(start + compute_batch, total)
-            cutouts = np.empty((stop - start, *size), dtype=np.uint8)
-            run_start = start
-            while run_start < stop:
-                segment_id = seg_col[run_start]
-                run_stop = run_start + 1
-                while run_stop < stop and seg_col[run_stop] == segment_id:
-                    run_stop += 1
-                cutouts[run_start - start : run_stop - start] = cut_masked(
-                    image,
-                    segmentation,
-                    int(segment_id),
-                    xyz[run_start:run_stop],
-                    size,
-                    downsample=downsample,
-                )
-                run_start = run_stop
-            yield np.arange(start, stop), cutouts
+        # Batches are cut as the model needs them (the reader thread stays `prefetch` calls
+        # ahead, plus one batch per cutting worker), so memory does not grow with the
+        # number of centres. Several workers cut at once: reading and masking, not the
+        # model, limited a single cutting thread on small segments (50 % of 2 cores).
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=cut_workers, thread_name_prefix="segscope-cut") as pool:
+            pending: deque = deque()
+            for start in range(0, total, compute_batch):
+                pending.append(pool.submit(cut, start))
+                if len(pending) >= cut_workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     embeddings = yield from stream_embeddings(
         encoder,

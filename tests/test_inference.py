@@ -251,3 +251,40 @@ def test_segment_stream_rejects_incompatible_voxel_size(encoder, volumes):
     odd = build_encoder(SMALL.with_updates(voxel_size_nm=(48.0, 64.0, 80.0)))
     with pytest.raises(ValueError, match="integer multiple"):
         _run(stream_segment_embeddings(odd, image, segmentation, 7, np.array([[768.0, 640.0, 800.0]])))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_node_stream_cuts_per_batch_across_segments_in_order(encoder, volumes, monkeypatch, workers):
+    """Segments 7 and 1 interleaved in batches of 3: the rows come back in the given order,
+    equal to one-shot embeddings, and no more cutouts are cut than the batches in flight."""
+    from segscope.analysis import volume as volume_module
+    from segscope.analysis.inference import stream_node_embeddings
+    from segscope.analysis.volume import cut_masked
+
+    image, segmentation = volumes
+    tube = np.array([[24, 20, z] for z in (3, 10, 18, 25, 31)], dtype=float) * (32, 32, 40)
+    corner = np.array([[4, 40, 5], [6, 42, 30]], dtype=float) * (32, 32, 40)
+    segments = [(7, np.arange(3), tube[:3]), (1, np.arange(2), corner), (7, np.arange(3, 5), tube[3:])]
+    expected = np.concatenate(
+        [
+            encoder.embed(cut_masked(image, segmentation, s, c, SMALL.input_size_vox, downsample=(2, 2, 2)))
+            for s, _, c in segments
+        ]
+    )
+    cut_sizes = []
+    original = volume_module.cut_masked
+
+    def counting(*args, **kwargs):
+        out = original(*args, **kwargs)
+        cut_sizes.append(len(out))
+        return out
+
+    monkeypatch.setattr(volume_module, "cut_masked", counting)
+    result, reports = _run(
+        stream_node_embeddings(encoder, image, segmentation, segments, batch_size=3, cut_workers=workers)
+    )
+    np.testing.assert_allclose(result.embeddings, expected, rtol=1e-5, atol=1e-5)
+    assert result.segment_ids.tolist() == [7, 7, 7, 1, 1, 7, 7]
+    assert result.node_ids.tolist() == [0, 1, 2, 0, 1, 3, 4]
+    assert [r.done for r in reports] == [3, 6, 7]
+    assert max(cut_sizes) <= 3 and sum(cut_sizes) == 7  # cut batch by batch, each centre once
