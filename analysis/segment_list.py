@@ -199,7 +199,7 @@ def enumerate_segments(
     lo, hi = _clip_box(volume, box_vox)
     total = _count_blocks(volume, lo, hi)
     counts: dict[int, int] = {}
-    seeds: dict[int, tuple[int, int, int]] = {}
+    seeds: dict[int, tuple[int, ...]] = {}
     meter = RateMeter()
     skipped = 0
     for done, (block_lo, block_hi) in enumerate(iter_blocks(volume, lo, hi), start=1):

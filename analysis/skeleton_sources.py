@@ -321,7 +321,11 @@ class SegmentSkeletons:
         self.segmentation = segmentation
         self.given = given
         self.max_box_vox = DEFAULT_MAX_BOX_VOX if max_box_vox is None else max_box_vox
-        self.cache = None if cache_root is False else SkeletonCache(segmentation, cache_root or None)
+        self.cache = (
+            None
+            if cache_root is False
+            else SkeletonCache(segmentation, None if cache_root is None or cache_root is True else cache_root)
+        )
 
     def resolve(
         self,
