@@ -188,3 +188,22 @@ def test_killed_embed_leaves_a_whole_csv_zip_store_or_none(demo96_dir, tmp_path)
     subprocess.run(argv(), cwd=REPO, check=True, capture_output=True, timeout=600)
     assert _files(out) == complete and _leftovers(out) == []
     print("embed kill outcomes:", outcomes)
+
+
+def test_a_failed_encoder_save_leaves_the_previous_file(tmp_path, monkeypatch):
+    from segscope.analysis.encoder import SEGCLR_LITE, build_encoder, read_encoder_config, save_encoder
+
+    encoder = build_encoder(SEGCLR_LITE, seed=0)
+    path = save_encoder(encoder, tmp_path / "encoder.keras")
+    before = path.read_bytes()
+    assert read_encoder_config(path) == SEGCLR_LITE and _leftovers(path) == []
+    float32 = type(encoder.with_precision("float32"))
+
+    def killed_mid_write(self, target, *args, **kwargs):
+        Path(target).write_bytes(b"PK\x03\x04 half a zip")
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(float32, "save", killed_mid_write)
+    with pytest.raises(OSError, match="No space left"):
+        save_encoder(encoder, path)
+    assert path.read_bytes() == before and _leftovers(path) == []

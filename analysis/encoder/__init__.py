@@ -189,7 +189,12 @@ def save_encoder(encoder: SegClrEncoder, path: str | os.PathLike) -> Path:
     if path.suffix != ".keras":
         raise ValueError(f"encoder files end in .keras, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    encoder.with_precision("float32").save(path)
+    from segscope.analysis.export.atomic import staged_in_sibling
+
+    # Keras writes the zip in place; a kill part-way would leave an encoder.keras that looks
+    # finished. Saved in a hidden sibling folder and renamed over the target when complete.
+    with staged_in_sibling(path) as staged:
+        encoder.with_precision("float32").save(staged)
     return path
 
 

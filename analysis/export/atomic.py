@@ -169,6 +169,26 @@ def atomic_file(path: str | Path, *, force: bool = False) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def staged_in_sibling(path: str | Path) -> Iterator[Path]:
+    """Yield ``FOLDER/NAME`` inside a hidden temporary sibling folder; on success it replaces ``path``.
+
+    For writers that insist on the final file name (Keras wants ``*.keras``): the file keeps
+    its name while it is written aside. Replaces an existing file; leftovers of a killed
+    writer are removed as for :func:`atomic_file`.
+    """
+    target = Path(path)
+    work = _temp_sibling(target, directory=True)
+    staged = work / target.name
+    try:
+        yield staged
+        _set_default_permissions(staged, directory=False)
+        fsync_file(staged)
+        os.replace(staged, target)
+    finally:
+        _remove(work)
+
+
+@contextlib.contextmanager
 def atomic_folder(path: str | Path, *, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder to fill; on success it takes the place of ``path``.
 
