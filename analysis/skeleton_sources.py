@@ -227,6 +227,8 @@ def _read_node_table(path: Path) -> dict[str, np.ndarray]:
             raise ValueError(f"a skeleton node table must be .csv or .parquet, got {path}")
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"cannot read the node table {path}: {exc}") from exc
+    if len(set(table.column_names)) != len(table.column_names):
+        raise ValueError(f"{path}: repeated column names in {table.column_names}")
     columns = {}
     for name in table.column_names:
         column = table.column(name)
@@ -321,6 +323,8 @@ class SegmentSkeletons:
         self.segmentation = segmentation
         self.given = given
         self.max_box_vox = DEFAULT_MAX_BOX_VOX if max_box_vox is None else max_box_vox
+        if np.any(np.asarray(self.max_box_vox) < 1):
+            raise ValueError(f"the skeleton box limit must be at least 1 voxel, got {self.max_box_vox}")
         self.cache = (
             None
             if cache_root is False

@@ -61,8 +61,16 @@ def add_open_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--segmentation", metavar="URL", help="segmentation volume (same forms as --image)")
     parser.add_argument(
         "--skeletons",
-        metavar="DIR",
-        help="precomputed skeleton folder (default: the one the segmentation's info names)",
+        metavar="PATH",
+        help="precomputed skeleton folder, folder of ID.swc files (nm) or CSV/Parquet node table "
+        "(default: the folder the segmentation's info names; other segments are skeletonised when clicked)",
+    )
+    parser.add_argument(
+        "--skeleton-box-vox",
+        type=int,
+        default=None,
+        metavar="N",
+        help="largest box edge (voxels per axis) a clicked segment is skeletonised in (default 512)",
     )
     parser.add_argument(
         "--embeddings",
@@ -347,7 +355,12 @@ def plan_launch(args: argparse.Namespace, *, defer_demo: bool = False) -> Launch
     background, note = None, ""
     try:
         if image:
-            source = DataSource.open(image, str(segmentation), getattr(args, "skeletons", None))
+            source = DataSource.open(
+                image,
+                str(segmentation),
+                getattr(args, "skeletons", None),
+                skeleton_box_vox=getattr(args, "skeleton_box_vox", None),
+            )
             # A SegScope dataset folder (the demo's, reopened from a session) keeps its context.
             folder = Path(str(segmentation)).parent if "://" not in str(segmentation) else None
         else:

@@ -148,6 +148,8 @@ def test_a_segment_beyond_the_box_limit_is_skeletonised_inside_it_and_not_cached
     span = np.ptp(found.skeleton.nodes_nm[:, 0]) / 16
     assert 30 < span <= 64
     assert skeletons.cache.get(5) is None
+    with pytest.raises(ValueError, match="at least 1 voxel"):
+        SegmentSkeletons(volume, max_box_vox=0)
 
 
 def test_a_given_skeleton_wins_over_skeletonising(tmp_path):
