@@ -272,3 +272,56 @@ def test_encoder_file_naming_a_foreign_callable_or_damaged_is_one_value_error(tm
     truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"cut\.keras"):
         read_encoder_config(truncated)
+
+
+# -- skeletons: SWC folders and node tables -------------------------------------------------
+
+SWC_TEXT = """# a three-node skeleton (nm)
+1 1 100.0 200.0 300.0 50.0 -1
+2 3 150.0 200.0 300.0 20.0 1
+3 3 200.0 250.0 300.0 20.0 2
+"""
+SWC_FIELDS = st.one_of(
+    st.sampled_from(["nan", "inf", "-inf", "1e308", "-1", "0", "2", "9" * 30, "x", ""]),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-(2**70), 2**70).map(str),
+)
+
+
+@FUZZ
+@given(edits=EDITS, replacements=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 6), SWC_FIELDS), max_size=3))
+def test_swc_skeletons_read_or_raise_a_value_error(tmp_path_factory, edits, replacements):
+    from segscope.analysis.skeleton_sources import open_skeleton_source
+
+    folder = tmp_path_factory.mktemp("swc")
+    rows = [line.split() for line in SWC_TEXT.splitlines()[1:]]
+    for row, column, value in replacements:
+        rows[row][column] = value
+    text = SWC_TEXT.splitlines()[0] + "\n" + "\n".join(" ".join(r) for r in rows) + "\n"
+    data = _mutate(text.encode(), edits) if edits[0][0] != "flip" or edits[0][2] % 2 else text.encode()
+    (folder / "7.swc").write_bytes(data)
+    try:
+        skeleton = open_skeleton_source(folder).get(7)
+    except ValueError:
+        return
+    if skeleton is not None:
+        assert np.all(np.isfinite(skeleton.nodes_nm))
+        assert skeleton.edges.size == 0 or skeleton.edges.max() < len(skeleton.nodes_nm)
+
+
+@FUZZ
+@given(edits=EDITS)
+def test_node_tables_read_or_raise_a_value_error(tmp_path_factory, edits):
+    from segscope.analysis.skeleton_sources import open_skeleton_source
+
+    folder = tmp_path_factory.mktemp("nodes")
+    text = "segment_id,node_id,x_nm,y_nm,z_nm,parent\n7,0,1,2,3,-1\n7,1,4,5,6,0\n8,0,7,8,9,-1\n"
+    (folder / "nodes.csv").write_bytes(_mutate(text.encode(), edits))
+    try:
+        source = open_skeleton_source(folder / "nodes.csv")
+        skeletons = [source.get(s) for s in (7, 8)]
+    except ValueError:
+        return
+    for skeleton in skeletons:
+        if skeleton is not None:
+            assert np.all(np.isfinite(skeleton.nodes_nm))

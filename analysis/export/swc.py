@@ -224,4 +224,10 @@ def read_swc(path: str | Path) -> np.ndarray:
             rows.append([float(f) for f in fields])
         except ValueError:
             raise ValueError(f"{path}:{number}: non-numeric field in {line!r}") from None
+        values = rows[-1]
+        # nan/inf positions or non-integer sample numbers would pass silently downstream.
+        if not all(np.isfinite(values)) or any(
+            v != int(v) or abs(v) >= 2**53 for v in (values[0], values[1], values[6])
+        ):
+            raise ValueError(f"{path}:{number}: expected integer sample, type and parent and finite x, y, z, radius")
     return np.array(rows, dtype=np.float64).reshape(-1, 7)
