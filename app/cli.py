@@ -293,8 +293,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         if mismatch:
             raise CliError(f"refusing --classifiers: {mismatch}")
     voxel = args.voxel_size_nm
-    image = open_volume(args.image, voxel_size_nm=voxel)
-    segmentation = open_volume(args.segmentation, voxel_size_nm=voxel)
+    try:
+        image = open_volume(args.image, voxel_size_nm=voxel)
+        segmentation = open_volume(args.segmentation, voxel_size_nm=voxel)
+    except ValueError as exc:
+        hint = " (give it with --voxel-size-nm X,Y,Z)" if "voxel size" in str(exc) and voxel is None else ""
+        raise CliError(f"{exc}{hint}") from exc
     segmentation_dir = _local_dir(args.segmentation)
     skeleton_location = args.skeletons
     if skeleton_location is None and segmentation_dir is not None:

@@ -194,3 +194,22 @@ def test_classifiers_whose_encoder_hash_differs_are_refused_by_embed_and_flagged
         assert "other.keras" in state.last_error
     finally:
         controller.shutdown()
+
+
+def test_a_zarr_without_units_needs_a_voxel_size(tmp_path, capsys):
+    import tensorstore as ts
+
+    from segscope.app.cli import main
+
+    for name, dtype in (("image", "|u1"), ("segmentation", "<u8")):
+        spec = {"shape": [32, 32, 32], "chunks": [32, 32, 32], "dtype": dtype}
+        ts.open(
+            {"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / name)}, "metadata": spec},
+            create=True,
+        ).result()
+    argv = ["embed", "--image", str(tmp_path / "image"), "--segmentation", str(tmp_path / "segmentation")]
+    assert main([*argv, "--segments", "all", "--out", str(tmp_path / "e.parquet")]) == 2
+    assert "--voxel-size-nm X,Y,Z" in capsys.readouterr().err.strip().splitlines()[-1]
+    # With it, the (empty) volume is scanned: the next problem is that it holds no segment.
+    assert main([*argv, "--voxel-size-nm", "32,32,40", "--segments", "all", "--out", str(tmp_path / "e.parquet")]) == 2
+    assert "no segment with at least 1 voxels" in capsys.readouterr().err.strip().splitlines()[-1]
