@@ -165,6 +165,13 @@ def remote_endpoint(kvstore: dict | str) -> tuple[str, int] | None:
     return parsed.hostname, port or (443 if scheme == "https" else 80)
 
 
+def _indirect_route() -> bool:
+    # Behind a proxy, or with a custom GCS/S3 endpoint, a direct connect says nothing about
+    # what TensorStore will reach; the read deadlines still apply.
+    names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "TENSORSTORE_GCS_HTTP_URL", "AWS_ENDPOINT_URL")
+    return any(os.environ.get(name) or os.environ.get(name.lower()) for name in names)
+
+
 def check_reachable(kvstore: dict | str, url: str) -> None:
     """Fail fast when a remote store's host cannot be resolved or refuses connections.
 
@@ -175,7 +182,7 @@ def check_reachable(kvstore: dict | str, url: str) -> None:
     import socket
 
     endpoint = remote_endpoint(kvstore)
-    if endpoint is None or endpoint in _reachable_hosts:
+    if endpoint is None or endpoint in _reachable_hosts or _indirect_route():
         return
     host, port = endpoint
     deadline = min(5.0, remote_timeout_s())

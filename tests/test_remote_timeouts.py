@@ -21,9 +21,25 @@ from segscope.app.cli import main
 DEADLINE_S = 2.0
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "TENSORSTORE_GCS_HTTP_URL", "AWS_ENDPOINT_URL")
+
+
 @pytest.fixture(autouse=True)
 def _short_deadline(monkeypatch):
     monkeypatch.setenv("SEGSCOPE_REMOTE_TIMEOUT_S", str(DEADLINE_S))
+    for name in PROXY_VARIABLES:  # the fast connect probe is skipped behind a proxy
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+def test_the_connect_probe_steps_aside_behind_a_proxy(monkeypatch, closed_port):
+    from segscope.analysis.volume import VolumeError, check_reachable, kvstore_spec
+
+    spec = kvstore_spec(f"{closed_port}/vol")
+    with pytest.raises(VolumeError, match="cannot reach"):
+        check_reachable(spec, closed_port)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    check_reachable(spec, closed_port)  # TensorStore goes through the proxy: no direct verdict
 
 
 @pytest.fixture
