@@ -925,17 +925,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # never written (all background) is how precomputed volumes say "empty", not a problem.
         logging.getLogger("tornado.access").setLevel(logging.ERROR)
     handler = getattr(args, "handler", None)
-    if getattr(args, "command", None) in ("embed", "train", "evaluate"):
-        # Before the progress bar: TensorFlow's start-up lines stay off the terminal (-v shows them).
-        from segscope.app.compute_process import import_tensorflow_quietly
-
-        import_tensorflow_quietly()
     if handler is None:
         # No command: the desktop app on the built-in demo.
         from segscope.app.main import add_open_arguments, run_app
 
         return run_app(add_open_arguments(argparse.ArgumentParser()).parse_args([]))
     try:
+        if args.command in ("embed", "train", "evaluate"):
+            if args.command == "embed":
+                # An output that cannot be written is refused before TensorFlow's 10-30 s start.
+                out = Path(args.out)
+                _check_output_first(out, folder=out.suffix != ".parquet", force=args.force)
+            # Before the progress bar: TensorFlow's start-up lines stay off the terminal (-v shows them).
+            from segscope.app.compute_process import import_tensorflow_quietly
+
+            import_tensorflow_quietly()
         return handler(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
