@@ -226,7 +226,7 @@ def add_connectivity(window) -> QDockWidget:
     panel.segmentsRequested.connect(select)
     dataset = window.session.state.dataset
     tables = None if dataset is None else demo_tables(dataset.segmentation_url)
-    if tables is not None:
-        panel.load(*tables)
+    if tables is not None and panel.load(*tables):
+        panel.status.setText(panel.status.text() + " Types: the demo's ground truth; Types… loads predictions.")
     dock.panel = panel  # type: ignore[attr-defined]
     return dock
