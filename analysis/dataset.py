@@ -25,6 +25,8 @@ Layout (``DIR`` is the dataset folder)::
     DIR/edges.parquet       segment_id uint64, node_a int64, node_b int64 (node ids)
     DIR/segments.parquet    segment_id uint64, cell_id int64, cell_type string,
                             n_voxels int64, n_nodes int64
+    DIR/synapses.parquet    optional (the demo has one): pre_segment, post_segment uint64,
+                            x_nm, y_nm, z_nm float64 (``segscope.analysis.synapses``)
 
 The paths in ``dataset.json`` are relative to ``DIR``. Arrays are ``[x, y, z]``; positions
 are nm, ``nm = voxel_index * voxel_size_nm`` (a node at ``p`` nm lies in voxel

@@ -6,6 +6,9 @@ fragments of four cell types (excitatory and inhibitory neurons, astrocytes, mic
 see ``_morphology`` for how they differ), together with a skeleton per segment (nodes in
 nm, a subcompartment per node) and a cell type per segment. ``generate_dataset`` writes
 it as a dataset folder (``segscope.analysis.dataset``); ``demo_dataset`` caches the default one.
+The folder also gets a ground-truth circuit (``_circuit``): ``synapses.parquet`` and a
+``synapses/`` annotation layer placed at contact sites by type rules, with a planted motif,
+and per-cell functional properties as extra columns of ``segments.parquet``.
 
 The same seed and size give identical bytes. Every labelled node lies in a voxel of its
 own segment. Cytoplasm brightness is random per cell, never per type: labels have to be
