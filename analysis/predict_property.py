@@ -15,6 +15,7 @@ import os
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,11 +67,19 @@ def read_property(path: str | os.PathLike, column: str) -> tuple[np.ndarray, np.
     return ids[keep], values[keep]
 
 
+def _mean_cos_error(estimator, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean cosine of the angle between predicted and true (cos, sin) rows (a scorer)."""
+    predicted = estimator.predict(x)
+    error = np.arctan2(predicted[:, 1], predicted[:, 0]) - np.arctan2(y[:, 1], y[:, 0])
+    return float(np.mean(np.cos(error)))
+
+
 @dataclass(frozen=True)
 class PropertyScore:
     """Cross-validated score of a property predictor and its shuffled-label baseline.
 
-    ``metric`` is ``"r2"`` or ``"balanced_accuracy"``; ``score`` the mean over folds;
+    ``metric`` is ``"r2"``, ``"mean_cos_error"`` (circular targets) or
+    ``"balanced_accuracy"``; ``score`` the mean over folds;
     ``baseline_mean`` / ``baseline_std`` over ``n_shuffles`` shuffles; ``p_value`` the
     fraction of shuffles scoring at least ``score`` (with the +1 correction).
     """
@@ -97,11 +106,15 @@ def predict_property(
     folds: int = 5,
     n_shuffles: int = 20,
     seed: int = 0,
+    period: float | None = None,
 ) -> Generator[Progress, None, PropertyScore]:
     """Fit and score a cross-validated predictor of ``values`` from ``features`` (generator).
 
     ``segment_ids`` uint64 ``[S]`` rows of ``features`` ``[S, D]``; ``property_ids`` /
-    ``values`` ``[P]`` the targets. Only segments in both are used.
+    ``values`` ``[P]`` the targets. Only segments in both are used. ``period`` (numeric
+    targets, e.g. 180 for an orientation in degrees): the target is an angle; ridge fits
+    its (cos, sin) and the score is the mean cosine of the angular error (1: exact, 0:
+    chance), so 179 and 1 degrees count as 2 apart.
     """
     from sklearn.linear_model import LogisticRegression, RidgeCV
     from sklearn.model_selection import KFold, StratifiedKFold, cross_val_score
@@ -119,7 +132,16 @@ def predict_property(
     raw = [v for _, v in pick]
     numeric = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in raw)
     rng = np.random.default_rng(seed)
-    if numeric:
+    scoring: Any = None
+    if numeric and period is not None:
+        if not period > 0:
+            raise ValueError(f"period must be positive, got {period!r}")
+        phase = 2 * np.pi * np.asarray(raw, dtype=np.float64) / float(period)
+        y = np.stack([np.cos(phase), np.sin(phase)], axis=1)
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+        splitter = KFold(folds, shuffle=True, random_state=seed)
+        task, metric, scoring = "circular regression", "mean_cos_error", _mean_cos_error
+    elif numeric:
         y = np.asarray(raw, dtype=np.float64)
         model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
         splitter = KFold(folds, shuffle=True, random_state=seed)
@@ -142,11 +164,12 @@ def predict_property(
         splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
         task, metric = "classification", "balanced_accuracy"
     total = 1 + n_shuffles
-    fold_scores = cross_val_score(model, x, y, cv=splitter, scoring=metric)
+    scoring = scoring or metric
+    fold_scores = cross_val_score(model, x, y, cv=splitter, scoring=scoring)
     yield Progress(1, total, "fits", f"{metric} {fold_scores.mean():.3f}")
     baseline = []
     for k in range(n_shuffles):
-        baseline.append(float(cross_val_score(model, x, rng.permutation(y), cv=splitter, scoring=metric).mean()))
+        baseline.append(float(cross_val_score(model, x, rng.permutation(y), cv=splitter, scoring=scoring).mean()))
         yield Progress(2 + k, total, "fits", "shuffled-label baseline")
     base = np.asarray(baseline)
     score = float(fold_scores.mean())

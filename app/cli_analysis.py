@@ -124,6 +124,7 @@ def _cmd_predict_property(args: argparse.Namespace) -> int:
             folds=args.folds,
             n_shuffles=args.shuffles,
             seed=args.seed,
+            period=args.period,
         ),
     )
     print(f"{args.column}: {result.task} on {result.n_segments} segments' mean embeddings, {result.folds}-fold CV")
@@ -173,6 +174,9 @@ def register(subparsers) -> None:
     predict.add_argument("--embeddings", required=True, help="embeddings .parquet (segscope embed)")
     predict.add_argument("--table", required=True, help="segment table (.parquet/.csv) with segment_id and the column")
     predict.add_argument("--column", required=True, help="numbers: ridge (R^2); text: logistic (balanced accuracy)")
+    predict.add_argument(
+        "--period", type=float, help="the column is an angle with this period (180 for orientations in degrees)"
+    )
     predict.add_argument("--folds", type=int, default=5)
     predict.add_argument("--shuffles", type=int, default=20, help="shuffled-label baseline repeats")
     predict.add_argument("--seed", type=int, default=0)
