@@ -147,3 +147,44 @@ def test_dock_click_selects_the_cells_segments_and_exports(qtbot, demo96_dir, tm
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
     assert not panel.load(bad, tables[1]) and "lacks column" in panel.status.text()
+
+
+@pytest.mark.slow
+def test_connectivity_from_real_predictions(demo96_dir, tmp_path):
+    """segscope embed --classifiers on demo96, then types from its table (OOD from the provenance's threshold).
+
+    The demo classifiers' calls are too noisy to recover the rules (see docs/circuits.md);
+    what must hold: every synapse is counted once, OOD segments form their own row, and
+    where both partners' predicted types are right the counts match the ground-truth ones.
+    """
+    import subprocess
+    import sys
+
+    from segscope.analysis.artefacts import find_demo_classifiers
+
+    classifiers = find_demo_classifiers()
+    if classifiers is None:
+        pytest.skip("no demo classifiers shipped")
+    embeddings = tmp_path / "emb.parquet"
+    subprocess.run(
+        [sys.executable, "-m", "segscope.app.cli", "embed", "--image", str(demo96_dir / "image"),
+         "--segmentation", str(demo96_dir / "segmentation"), "--segments", "all",
+         "--classifiers", str(classifiers), "--out", str(embeddings)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    synapses = read_synapse_table(demo96_dir / "synapses.parquet")
+    predicted = read_segment_types(embeddings)
+    truth = read_segment_types(demo96_dir / "segments.parquet")
+    matrix = connectivity_matrix(synapses, predicted, CELL_TYPES)
+    assert matrix.synapses.sum() == len(synapses)
+    pred, true = predicted.as_dict(), truth.as_dict()
+    flagged = {s for s, t in pred.items() if t == OOD_TYPE}
+    touched = set(synapses.pre.tolist()) | set(synapses.post.tolist())
+    if flagged & touched:
+        assert OOD_TYPE in matrix.types
+    pairs = zip(synapses.pre.tolist(), synapses.post.tolist())
+    agree = np.array([pred.get(a) == true[a] and pred.get(b) == true[b] for a, b in pairs])
+    print(f"{agree.mean():.0%} of {len(agree)} synapses have both partners' types predicted right")
+    kept = SynapseTable(synapses.pre[agree], synapses.post[agree], synapses.xyz_nm[agree])
+    on_agreed = connectivity_matrix(kept, predicted, CELL_TYPES)
+    assert np.array_equal(on_agreed.synapses[:4, :4], connectivity_matrix(kept, truth, CELL_TYPES).synapses[:4, :4])
