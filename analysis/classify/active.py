@@ -1,0 +1,100 @@
+"""Active learning: which unlabelled embeddings to label next.
+
+The SNGP classifier knows where it is unsure: its predictive variance grows away from
+the training data and its Dempster-Shafer uncertainty is high there and on class
+boundaries. Ranking by uncertainty alone picks clumps (a segment's neighbouring nodes are
+near-copies, so they are all uncertain together), so :func:`suggest_next` takes the most
+uncertain candidates in turn and skips any whose embedding lies within ``min_distance``
+of one already picked, and any in a segment that already gave ``per_segment`` picks
+(farthest-point diversity over the most uncertain pool).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def uncertainty_scores(classifier, embeddings) -> np.ndarray:
+    """Uncertainty ``[N]`` (float64) of each embedding: the classifier's Dempster-Shafer score.
+
+    That score (``K / (K + sum exp(adjusted logits))``) already folds in the GP
+    variance through the mean-field adjusted logits.
+    """
+    return np.asarray(classifier.predict(embeddings).uncertainty, dtype=np.float64)
+
+
+def suggest_next(
+    embeddings,
+    uncertainty,
+    *,
+    count: int = 10,
+    labelled=None,
+    segment_ids=None,
+    per_segment: int = 1,
+    pool_factor: int = 20,
+    min_distance: float | None = None,
+) -> np.ndarray:
+    """Indices of up to ``count`` embeddings to label next, most useful first.
+
+    Parameters
+    ----------
+    embeddings : array-like ``[N, D]``
+        The candidates' embeddings (as the classifier sees them).
+    uncertainty : array-like ``[N]``
+        Higher: more worth labelling (:func:`uncertainty_scores`).
+    count : int
+    labelled : array-like of bool ``[N]``, optional
+        Already labelled: never suggested.
+    segment_ids : array-like ``[N]``, optional
+        With ``per_segment``: at most that many picks per segment (0: no limit).
+    pool_factor : int
+        Only the ``count * pool_factor`` most uncertain candidates are considered.
+    min_distance : float, optional
+        Euclidean distance (embedding units) below which a candidate counts as a
+        near-duplicate of a pick. Default: the median distance of the pool's points to
+        the pool's mean, times 0.25.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 ``[<= count]``. When diversity rules leave fewer than ``count``, the rest
+        are filled by uncertainty alone.
+    """
+    data = np.asarray(embeddings, dtype=np.float32)
+    scores = np.asarray(uncertainty, dtype=np.float64)
+    if data.ndim != 2 or scores.shape != (data.shape[0],):
+        raise ValueError(f"embeddings [N, D] and uncertainty [N] expected, got {data.shape} and {scores.shape}")
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}")
+    candidates = np.arange(data.shape[0])
+    if labelled is not None:
+        candidates = candidates[~np.asarray(labelled, dtype=bool)]
+    if candidates.size == 0:
+        return np.zeros(0, np.int64)
+    order = candidates[np.argsort(-scores[candidates], kind="stable")]
+    pool = order[: max(count * pool_factor, count)]
+    if min_distance is None:
+        spread = np.linalg.norm(data[pool] - data[pool].mean(axis=0), axis=1)
+        min_distance = 0.25 * float(np.median(spread))
+    segments = None if segment_ids is None else np.asarray(segment_ids)
+    picks: list[int] = []
+    taken_per_segment: dict[int, int] = {}
+    for index in pool:
+        if len(picks) == count:
+            break
+        if segments is not None and per_segment > 0 and taken_per_segment.get(int(segments[index]), 0) >= per_segment:
+            continue
+        if picks and np.min(np.linalg.norm(data[picks] - data[index], axis=1)) < min_distance:
+            continue
+        picks.append(int(index))
+        if segments is not None:
+            taken_per_segment[int(segments[index])] = taken_per_segment.get(int(segments[index]), 0) + 1
+    if len(picks) < count:
+        chosen = set(picks)
+        for index in order:
+            if len(picks) == count:
+                break
+            if int(index) not in chosen:
+                picks.append(int(index))
+                chosen.add(int(index))
+    return np.asarray(picks, dtype=np.int64)

@@ -1,0 +1,148 @@
+"""Classifiers from the user's labels: examples, grouped cross-validation, the CLI, active learning."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from segscope.analysis.classify.active import suggest_next
+from segscope.analysis.classify.user_labels import (
+    cross_validate,
+    grouped_folds,
+    labelled_examples,
+    labels_from_table,
+    score_predictions,
+)
+from segscope.analysis.progress import drive
+
+REPO = Path(__file__).resolve().parents[1]
+CONTEXT = REPO / "assets" / "demo_context.parquet"
+TINY = {"config": "BERT_SMALL_SNGP_v1", "max_epochs": 30, "patience": 5, "learning_rate": 1e-2}
+
+
+def test_node_label_overrides_segment_label_and_unknown_labels_are_skipped():
+    segments = np.array([5, 5, 5, 7, 7], np.uint64)
+    nodes = np.array([0, 1, 2, 0, 1])
+    emb = np.arange(10, dtype=np.float32).reshape(5, 2)
+    examples = labelled_examples(
+        segments,
+        nodes,
+        emb,
+        [5, 5, 7, 99],
+        [np.nan, 2, 1, np.nan],
+        ["spiny thing", "other", "smooth", "ghost"],
+    )
+    assert examples.rows.tolist() == [0, 1, 2, 4]
+    assert examples.labels.tolist() == ["spiny thing", "spiny thing", "other", "smooth"]
+    assert examples.class_names == ("other", "smooth", "spiny thing")
+    with pytest.raises(ValueError, match="none of the 1 labels"):
+        labelled_examples(segments, nodes, emb, [99], None, ["x"])
+
+
+def test_radius_aggregation_stays_within_a_segment():
+    segments = np.array([1, 1, 2], np.uint64)
+    xyz = np.zeros((3, 3))  # all at one place: only the segment boundary separates them
+    emb = np.array([[0.0], [2.0], [100.0]], np.float32)
+    examples = labelled_examples(segments, [0, 1, 0], emb, [1, 2], None, ["a", "b"], xyz_nm=xyz, radius_nm=500)
+    assert examples.embeddings[:, 0].tolist() == [1.0, 1.0, 100.0]
+
+
+def test_grouped_folds_keep_segments_whole():
+    groups = np.repeat(np.arange(10), np.arange(1, 11))
+    folds = grouped_folds(groups, 3, seed=1)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(groups.size))
+    owners = [set(groups[f].tolist()) for f in folds]
+    assert all(not (a & b) for i, a in enumerate(owners) for b in owners[i + 1 :])
+    with pytest.raises(ValueError, match="at least 2 segments"):
+        grouped_folds(np.zeros(5), 3)
+
+
+def test_score_counts_unknown_predictions_as_misses():
+    score = score_predictions(["a", "a", "b", "b"], ["a", "z", "b", "b"])
+    assert score.recall == {"a": 0.5, "b": 1.0}
+    assert score.balanced_accuracy == 0.75
+    assert score.confusion.tolist() == [[1, 0, 1], [0, 2, 0]]
+
+
+def test_cross_validation_separates_separable_segments():
+    rng = np.random.default_rng(0)
+    segments = np.repeat(np.arange(1, 13), 15).astype(np.uint64)
+    kinds = np.where(segments % 2 == 0, "left", "right")
+    emb = rng.normal(size=(segments.size, 8)).astype(np.float32)
+    emb[:, 0] += np.where(kinds == "left", -4.0, 4.0)
+    examples = labelled_examples(segments, np.arange(segments.size), emb, segments, None, kinds)
+    score = drive(cross_validate(examples, folds=3, **TINY))
+    assert score.balanced_accuracy > 0.9
+    assert score.n_segments == 12
+
+
+def test_suggest_next_prefers_uncertain_and_spreads_picks():
+    rng = np.random.default_rng(0)
+    # A tight clump of very uncertain near-duplicates and a spread of fairly uncertain points.
+    clump = rng.normal(scale=0.01, size=(20, 4))
+    spread = rng.normal(scale=3.0, size=(20, 4))
+    emb = np.vstack([clump, spread])
+    uncertainty = np.r_[np.full(20, 0.9), np.linspace(0.8, 0.5, 20)]
+    picks = suggest_next(emb, uncertainty, count=5)
+    assert picks[0] < 20  # the most uncertain comes first
+    assert np.sum(picks < 20) == 1  # but only one of the clump
+    labelled = np.zeros(40, bool)
+    labelled[picks] = True
+    again = suggest_next(emb, uncertainty, count=5, labelled=labelled)
+    assert not set(again.tolist()) & set(picks.tolist())
+    segments = np.repeat([1, 2], 20)
+    assert len(set(segments[suggest_next(emb, uncertainty, count=2, segment_ids=segments)].tolist())) == 2
+
+
+def _write_labels(path: Path, rows) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["segment_id", "node_id", "label"])
+        writer.writerows(rows)
+
+
+def test_label_table_errors_are_clear(tmp_path):
+    bad = tmp_path / "l.csv"
+    bad.write_text("segment,label\n1,a\n")
+    with pytest.raises(ValueError, match="no 'segment_id' column"):
+        labels_from_table(bad)
+    with pytest.raises(FileNotFoundError):
+        labels_from_table(tmp_path / "none.csv")
+
+
+@pytest.mark.slow
+def test_cli_train_writes_a_folder_the_readers_accept(tmp_path, capsys):
+    from segscope.analysis.artefacts import read_classifier_folder
+    from segscope.analysis.classify import load_classifier
+    from segscope.analysis.provenance import read_provenance
+    from segscope.app.cli import main
+
+    table = pq.read_table(CONTEXT, columns=["segment_id", "node_id", "cell_type"]).to_pylist()
+    rng = np.random.default_rng(0)
+    segment_type = {r["segment_id"]: r["cell_type"] for r in table}
+    picked = rng.choice(sorted(segment_type), 40, replace=False)
+    # Free-text names: the classifier's classes follow them.
+    _write_labels(tmp_path / "labels.csv", [[s, "", f"my {segment_type[s]}"] for s in picked])
+    out = tmp_path / "clf"
+    argv = ["classify", "train", "--embeddings", str(CONTEXT), "--labels", str(tmp_path / "labels.csv")]
+    argv += ["--target", "cell_type", "--out", str(out), "--folds", "2", "--config", "BERT_SMALL_SNGP_v1"]
+    assert main([*argv, "--max-epochs", "5"]) == 0
+    assert "balanced accuracy" in capsys.readouterr().out
+    summary = read_classifier_folder(out)
+    names = {f"my {segment_type[s]}" for s in picked}
+    assert set(summary.cell_type.class_names) == names
+    assert summary.cell_type.radius_nm == 10_000.0
+    assert summary.encoder_sha256 == read_provenance(CONTEXT)["model_sha256"]
+    manifest = json.loads((out / "classifiers.json").read_text())
+    assert 0.0 <= manifest["cell_type"]["cross_validation"]["balanced_accuracy"] <= 1.0
+    assert load_classifier(out / "cell_type.npz").num_features == 64
+
+    _write_labels(tmp_path / "bad.csv", [[picked[0], "", "spiny"], [picked[1], "", "axon"]])
+    argv = ["classify", "evaluate", "--embeddings", str(CONTEXT), "--labels", str(tmp_path / "bad.csv")]
+    assert main([*argv, "--target", "compartment"]) == 2
+    assert "compartment labels must be among" in capsys.readouterr().err
