@@ -46,7 +46,8 @@ MYPY_MODULES = segscope.analysis \
 	segscope.app.child_process segscope.app.compute_process segscope.app.projection_process \
 	segscope.app.controller segscope.app.session_file segscope.app.session_export segscope.app.find_similar \
 	segscope.app.neuroglancer_bridge segscope.app.viewer_sync segscope.app.cli segscope.app.main \
-	segscope.app.cli_pipeline segscope.app.cli_analysis segscope.app.cli_args segscope.app.file_server
+	segscope.app.cli_pipeline segscope.app.cli_analysis segscope.app.cli_args segscope.app.file_server \
+	segscope.app.cli_classify
 
 lint: setup
 	$(BIN)/ruff check .

@@ -113,6 +113,10 @@ def test_label_table_errors_are_clear(tmp_path):
         labels_from_table(bad)
     with pytest.raises(FileNotFoundError):
         labels_from_table(tmp_path / "none.csv")
+    export = tmp_path / "nodes.csv"  # the app's export bundle names the column manual_label
+    export.write_text("segment_id,node_id,manual_label\n7,3,axon\n7,4,\n")
+    segments, nodes, names = labels_from_table(export)
+    assert segments.tolist() == [7, 7] and nodes.tolist() == [3.0, 4.0] and names.tolist() == ["axon", ""]
 
 
 @pytest.mark.slow

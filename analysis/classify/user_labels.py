@@ -149,11 +149,11 @@ def labelled_examples(
     missing = 0
     # Segment labels first, so a node's own label overrides its segment's.
     for segment, name in zip(label_segments[label_nodes < 0], names[label_nodes < 0]):
-        rows = rows_of_segment.get(int(segment))
-        if rows is None:
+        segment_rows = rows_of_segment.get(int(segment))
+        if segment_rows is None:
             missing += 1
             continue
-        chosen.update(dict.fromkeys(rows, str(name)))
+        chosen.update(dict.fromkeys(segment_rows, str(name)))
     for segment, node, name in zip(
         label_segments[label_nodes >= 0], label_nodes[label_nodes >= 0], names[label_nodes >= 0]
     ):
@@ -375,12 +375,12 @@ def write_classifier_folder(
             manifest = json.loads(manifest_path.read_text())
         except ValueError as exc:
             raise ValueError(f"{manifest_path} exists but is not JSON: {exc}") from exc
-        for other, entry in manifest.items():
-            if other != task and isinstance(entry, dict) and entry.get("encoder_sha256") and encoder_sha256:
-                if entry["encoder_sha256"] != encoder_sha256:
+        for other, existing in manifest.items():
+            if other != task and isinstance(existing, dict) and existing.get("encoder_sha256") and encoder_sha256:
+                if existing["encoder_sha256"] != encoder_sha256:
                     raise ValueError(
                         f"{manifest_path}: its {other} classifier was trained on another encoder "
-                        f"({entry['encoder_sha256'][:12]}...); write to another folder"
+                        f"({existing['encoder_sha256'][:12]}...); write to another folder"
                     )
     classifier.save(folder / f"{task}.npz")
     entry: dict[str, Any] = {
@@ -403,6 +403,9 @@ def write_classifier_folder(
 
 def labels_from_table(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Read a label table (CSV or Parquet): ``segment_id``, optional ``node_id``, ``label``.
+
+    ``manual_label`` stands for ``label`` (the app's export bundle ``nodes`` table); rows
+    with an empty label are ignored later.
 
     Returns segment ids (uint64 ``[L]``), node ids (float ``[L]`` with NaN for segment
     labels, or None without the column) and names (str ``[L]``).
@@ -438,6 +441,9 @@ def labels_from_table(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray |
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not a readable label table: {exc}") from exc
     columns = {str(k).strip(): v for k, v in columns.items()}
+    if "label" not in columns and "manual_label" in columns:
+        # The app's export bundle (nodes.parquet / nodes.csv) names the column manual_label.
+        columns["label"] = columns["manual_label"]
     for required in ("segment_id", "label"):
         if required not in columns:
             raise ValueError(f"{path} has no {required!r} column (columns: {', '.join(columns) or 'none'})")
@@ -459,7 +465,7 @@ def labels_from_table(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray |
     return segments, nodes, names
 
 
-def summarize_labels(names: Sequence[str]) -> str:
+def summarize_labels(names: Sequence[str] | np.ndarray) -> str:
     """``"axon 12, dendrite 30"``: counts of each label."""
     unique, counts = np.unique(np.asarray(names, dtype=str), return_counts=True)
     return ", ".join(f"{n} {c}" for n, c in zip(unique, counts))
