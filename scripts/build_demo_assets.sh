@@ -38,3 +38,5 @@ fi
 "$SEGSCOPE" embed --image "$RUN/demo/image" --segmentation "$RUN/demo/segmentation" --segments all \
     --checkpoint assets/demo_encoder.keras --classifiers assets/classifiers \
     --out assets/demo_context.parquet --force
+# embed also writes a per-segment table beside its output; the app does not read it.
+rm -f assets/demo_context.segments.parquet
