@@ -466,10 +466,7 @@ def _predict_nodes(classifiers, result):
     (object, the segment's out-of-distribution flag or None), and the per-segment calls
     ``{segment id: {"cell_type", "probabilities", "ood_score", "ood", "compartment_counts"}}``.
     """
-    import numpy as np
-
-    from segscope.analysis import COMPARTMENTS
-    from segscope.analysis.classify.segments import load_segment_predictor, predict_segment
+    from segscope.analysis.classify.segments import load_segment_predictor, predict_node_rows
     from segscope.analysis.progress import Progress
 
     entries = [
@@ -479,46 +476,7 @@ def _predict_nodes(classifiers, result):
     ]
     yield Progress(0, 0, "segments", "loading classifiers")  # total 0: unknown
     predictor, _ = load_segment_predictor(entries)
-    n = len(result)
-    names = np.array([*COMPARTMENTS, None], dtype=object)
-    codes = np.full(n, len(COMPARTMENTS), np.intp)  # "None" until predicted
-    columns = {
-        "compartment_probability": np.full(n, np.nan, np.float32),
-        "cell_type": np.full(n, None, object),
-        "cell_type_probability": np.full(n, np.nan, np.float32),
-        "ood_score": np.full(n, np.nan, np.float32),
-        "ood": np.full(n, None, object),
-    }
-    segment_calls: dict[int, dict] = {}
-    # Rows of each segment, in their order in the table.
-    from segscope.analysis.arrays import group_rows
-
-    groups = [rows for _, rows in group_rows(result.segment_ids)]
-    for done, rows in enumerate(groups, 1):
-        predictions = predict_segment(predictor, result.xyz_nm[rows], result.embeddings[rows])
-        if predictions.note:
-            raise ValueError(f"segment {int(result.segment_ids[rows[0]])}: {predictions.note}")
-        calls = predictions.compartments
-        if calls is not None:
-            codes[rows[calls.indices]] = calls.codes
-            columns["compartment_probability"][rows[calls.indices]] = calls.probability
-        call = predictions.cell_type
-        if call is not None:
-            columns["cell_type"][rows] = call.name
-            columns["cell_type_probability"][rows] = call.probability
-            columns["ood_score"][rows] = call.ood_score
-            columns["ood"][rows] = bool(call.ood_flagged)
-        segment_codes = codes[rows]
-        segment_calls[int(result.segment_ids[rows[0]])] = {
-            "cell_type": None if call is None else call.name,
-            "probabilities": {} if call is None else dict(call.probabilities),
-            "ood_score": np.nan if call is None else float(call.ood_score),
-            "ood": False if call is None else bool(call.ood_flagged),
-            "compartment_counts": np.bincount(segment_codes, minlength=len(COMPARTMENTS) + 1)[: len(COMPARTMENTS)],
-        }
-        yield Progress(done, len(groups), "segments", f"segment {int(result.segment_ids[rows[0]])}")
-    columns["compartment"] = names[codes]
-    return columns, segment_calls
+    return (yield from predict_node_rows(predictor, result.segment_ids, result.xyz_nm, result.embeddings))
 
 
 def _write_embeddings_parquet(
@@ -543,30 +501,12 @@ def _write_embeddings_parquet(
     (``segscope_provenance``: encoder and classifier sha256, the precision the encoder
     ran in, the dataset it came from).
     """
-    import json
-
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from segscope.analysis.export.atomic import atomic_file
-    from segscope.analysis.provenance import DATASET_KEYS, PROVENANCE_KEY, classifier_hashes, model_sha256
+    from segscope.analysis.export.tables import embeddings_arrow_table
+    from segscope.analysis.provenance import DATASET_KEYS, classifier_hashes, model_sha256
 
-    columns = {
-        "segment_id": pa.array(result.segment_ids, pa.uint64()),
-        "node_id": pa.array(result.node_ids, pa.int64()),
-        "x_nm": result.xyz_nm[:, 0],
-        "y_nm": result.xyz_nm[:, 1],
-        "z_nm": result.xyz_nm[:, 2],
-    }
-    for d in range(result.embeddings.shape[1]):
-        columns[f"e{d}"] = pa.array(result.embeddings[:, d], pa.float32())
-    if predictions is not None:
-        columns["compartment"] = pa.array(predictions["compartment"], pa.string()).dictionary_encode()
-        columns["compartment_probability"] = pa.array(predictions["compartment_probability"], pa.float32())
-        columns["cell_type"] = pa.array(predictions["cell_type"], pa.string()).dictionary_encode()
-        columns["cell_type_probability"] = pa.array(predictions["cell_type_probability"], pa.float32())
-        columns["ood_score"] = pa.array(predictions["ood_score"], pa.float32())
-        columns["ood"] = pa.array(predictions["ood"], pa.bool_())
     provenance: dict[str, Any] = {
         "model": str(encoder_path),
         "model_sha256": model_sha256(encoder_path),
@@ -590,7 +530,9 @@ def _write_embeddings_parquet(
                     "radius_nm": info.radius_nm,
                     "ood_threshold": info.ood_threshold,
                 }
-    table = pa.table(columns).replace_schema_metadata({PROVENANCE_KEY: json.dumps(provenance)})
+    table = embeddings_arrow_table(
+        result.segment_ids, result.node_ids, result.xyz_nm, result.embeddings, predictions, provenance
+    )
     with atomic_file(path, force=True) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 

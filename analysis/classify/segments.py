@@ -277,3 +277,77 @@ def predict_safely(predictor: SegmentPredictor, indices, embeddings) -> Predicti
     except Exception as exc:  # any classifier bug must not lose the embeddings
         log.exception("prediction failed")
         return Predictions(None, None, f"prediction failed: {type(exc).__name__}: {exc}")
+
+
+def predict_node_rows(predictor: SegmentPredictor, segment_ids: np.ndarray, xyz_nm: np.ndarray, embeddings: np.ndarray):
+    """Label every row of a node embeddings table, one segment at a time, as the app does.
+
+    Each segment's rows go through :func:`predict_segment`. ``segscope embed`` and the Beam
+    pipeline both write these columns. Yields a Progress per segment.
+
+    Parameters
+    ----------
+    predictor
+        The loaded classifiers (:func:`load_segment_predictor`).
+    segment_ids
+        uint64 ``[N]`` segment of each row (rows of a segment need not be contiguous).
+    xyz_nm
+        float ``[N, 3]`` node positions (nm, xyz).
+    embeddings
+        float32 ``[N, D]``.
+
+    Returns
+    -------
+    columns : dict
+        One entry per row: ``compartment`` (object, name or None), ``compartment_probability``,
+        ``cell_type`` (object, name or None), ``cell_type_probability``, ``ood_score``
+        (float32, NaN when not predicted), ``ood`` (object, the segment's flag or None).
+    segment_calls : dict
+        ``{segment id: {"cell_type", "probabilities", "ood_score", "ood",
+        "compartment_counts"}}`` (counts: int ``[len(COMPARTMENTS)]``).
+
+    Raises
+    ------
+    ValueError
+        A classifier could not label a segment (its note names why).
+    """
+    from segscope.analysis import COMPARTMENTS
+    from segscope.analysis.arrays import group_rows
+    from segscope.analysis.progress import Progress
+
+    n = len(segment_ids)
+    names = np.array([*COMPARTMENTS, None], dtype=object)
+    codes = np.full(n, len(COMPARTMENTS), np.intp)  # None until predicted
+    columns: dict[str, np.ndarray] = {
+        "compartment_probability": np.full(n, np.nan, np.float32),
+        "cell_type": np.full(n, None, object),
+        "cell_type_probability": np.full(n, np.nan, np.float32),
+        "ood_score": np.full(n, np.nan, np.float32),
+        "ood": np.full(n, None, object),
+    }
+    segment_calls: dict[int, dict[str, Any]] = {}
+    groups = list(group_rows(np.asarray(segment_ids)))
+    for done, (segment_id, rows) in enumerate(groups, 1):
+        predictions = predict_segment(predictor, xyz_nm[rows], embeddings[rows])
+        if predictions.note:
+            raise ValueError(f"segment {int(segment_id)}: {predictions.note}")
+        calls = predictions.compartments
+        if calls is not None:
+            codes[rows[calls.indices]] = calls.codes
+            columns["compartment_probability"][rows[calls.indices]] = calls.probability
+        call = predictions.cell_type
+        if call is not None:
+            columns["cell_type"][rows] = call.name
+            columns["cell_type_probability"][rows] = call.probability
+            columns["ood_score"][rows] = call.ood_score
+            columns["ood"][rows] = bool(call.ood_flagged)
+        segment_calls[int(segment_id)] = {
+            "cell_type": None if call is None else call.name,
+            "probabilities": {} if call is None else dict(call.probabilities),
+            "ood_score": np.nan if call is None else float(call.ood_score),
+            "ood": False if call is None else bool(call.ood_flagged),
+            "compartment_counts": np.bincount(codes[rows], minlength=len(COMPARTMENTS) + 1)[: len(COMPARTMENTS)],
+        }
+        yield Progress(done, len(groups), "segments", f"segment {int(segment_id)}")
+    columns["compartment"] = names[codes]
+    return columns, segment_calls

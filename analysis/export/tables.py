@@ -363,3 +363,56 @@ def read_segment_table(
     CSV keeps no class order: pass ``cell_type_names`` or get the ``p_*`` column order.
     """
     return segment_table_from_arrow(read_table(path), cell_type_names), read_provenance(path)
+
+
+def embeddings_arrow_table(
+    segment_ids: np.ndarray,
+    node_ids: np.ndarray,
+    xyz_nm: np.ndarray,
+    embeddings: np.ndarray,
+    predictions: dict[str, np.ndarray] | None,
+    provenance: dict,
+):
+    """The pyarrow Table of ``segscope embed``'s Parquet output (also the Beam pipeline's).
+
+    Parameters
+    ----------
+    segment_ids, node_ids
+        ``[N]`` segment (uint64) and node (int64) of each row.
+    xyz_nm
+        float ``[N, 3]`` node positions (nm, xyz).
+    embeddings
+        float32 ``[N, D]``.
+    predictions
+        Columns of :func:`segscope.analysis.classify.segments.predict_node_rows`, or None.
+    provenance
+        Stored as JSON under :data:`segscope.analysis.provenance.PROVENANCE_KEY`.
+
+    Returns
+    -------
+    pyarrow.Table
+        Columns segment_id, node_id, x_nm, y_nm, z_nm, e0..e{D-1} (float32), then with
+        predictions compartment, compartment_probability, cell_type, cell_type_probability,
+        ood_score, ood (the segment's flag; null where not predicted).
+    """
+    import pyarrow as pa
+
+    from segscope.analysis.provenance import PROVENANCE_KEY
+
+    columns = {
+        "segment_id": pa.array(segment_ids, pa.uint64()),
+        "node_id": pa.array(node_ids, pa.int64()),
+        "x_nm": xyz_nm[:, 0],
+        "y_nm": xyz_nm[:, 1],
+        "z_nm": xyz_nm[:, 2],
+    }
+    for d in range(embeddings.shape[1]):
+        columns[f"e{d}"] = pa.array(embeddings[:, d], pa.float32())
+    if predictions is not None:
+        columns["compartment"] = pa.array(predictions["compartment"], pa.string()).dictionary_encode()
+        columns["compartment_probability"] = pa.array(predictions["compartment_probability"], pa.float32())
+        columns["cell_type"] = pa.array(predictions["cell_type"], pa.string()).dictionary_encode()
+        columns["cell_type_probability"] = pa.array(predictions["cell_type_probability"], pa.float32())
+        columns["ood_score"] = pa.array(predictions["ood_score"], pa.float32())
+        columns["ood"] = pa.array(predictions["ood"], pa.bool_())
+    return pa.table(columns).replace_schema_metadata({PROVENANCE_KEY: json.dumps(provenance)})

@@ -13,7 +13,6 @@ Positions are nm, x, y, z.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -287,75 +286,27 @@ def assemble_shard(shard: int, chunks: Iterable[EmbeddedChunk]) -> ShardRows:
 def predict_rows(predictor, rows: ShardRows) -> dict[str, np.ndarray]:
     """Classifier columns for every row, as ``segscope embed --classifiers`` writes them.
 
-    Each segment's nodes go through :func:`segscope.analysis.classify.segments.predict_segment`.
-    Returns ``compartment`` (object: name or None), ``compartment_probability``,
-    ``cell_type`` (object), ``cell_type_probability``, ``ood_score`` (float32, NaN where
-    not predicted), ``ood`` (object: the segment's out-of-distribution flag, None where not
-    predicted).
+    See :func:`segscope.analysis.classify.segments.predict_node_rows`.
 
     Raises
     ------
     ValueError
         A classifier could not label a segment (its note names why).
     """
-    from segscope.analysis import COMPARTMENTS
-    from segscope.analysis.classify.segments import predict_segment
+    from segscope.analysis.classify.segments import predict_node_rows
+    from segscope.analysis.progress import drive
 
-    n = len(rows.segment_ids)
-    names = np.array([*COMPARTMENTS, None], dtype=object)
-    codes = np.full(n, len(COMPARTMENTS), np.intp)  # None until predicted
-    columns = {
-        "compartment_probability": np.full(n, np.nan, np.float32),
-        "cell_type": np.full(n, None, object),
-        "cell_type_probability": np.full(n, np.nan, np.float32),
-        "ood_score": np.full(n, np.nan, np.float32),
-        "ood": np.full(n, None, object),
-    }
-    for segment_id, picked in rows.groups():
-        predictions = predict_segment(predictor, rows.xyz_nm[picked], rows.embeddings[picked])
-        if predictions.note:
-            raise ValueError(f"segment {segment_id}: {predictions.note}")
-        calls = predictions.compartments
-        if calls is not None:
-            codes[picked[calls.indices]] = calls.codes
-            columns["compartment_probability"][picked[calls.indices]] = calls.probability
-        call = predictions.cell_type
-        if call is not None:
-            columns["cell_type"][picked] = call.name
-            columns["cell_type_probability"][picked] = call.probability
-            columns["ood_score"][picked] = call.ood_score
-            columns["ood"][picked] = bool(call.ood_flagged)
-    columns["compartment"] = names[codes]
+    columns, _ = drive(predict_node_rows(predictor, rows.segment_ids, rows.xyz_nm, rows.embeddings))
     return columns
 
 
 def node_table(rows: ShardRows, predictions: dict[str, np.ndarray] | None, provenance: dict[str, Any]):
-    """A pyarrow Table with ``segscope embed``'s Parquet columns and provenance metadata.
+    """``segscope embed``'s Parquet table (see ``embeddings_arrow_table`` in export.tables)."""
+    from segscope.analysis.export.tables import embeddings_arrow_table
 
-    Columns: segment_id, node_id, x_nm, y_nm, z_nm, e0..e{D-1}, then with predictions
-    compartment, compartment_probability, cell_type, cell_type_probability, ood_score, ood.
-    """
-    import pyarrow as pa
-
-    from segscope.analysis.provenance import PROVENANCE_KEY
-
-    columns: dict[str, Any] = {
-        "segment_id": pa.array(rows.segment_ids, pa.uint64()),
-        "node_id": pa.array(rows.node_ids, pa.int64()),
-        "x_nm": rows.xyz_nm[:, 0],
-        "y_nm": rows.xyz_nm[:, 1],
-        "z_nm": rows.xyz_nm[:, 2],
-    }
-    for d in range(rows.embeddings.shape[1]):
-        columns[f"e{d}"] = pa.array(rows.embeddings[:, d], pa.float32())
-    if predictions is not None:
-        columns["compartment"] = pa.array(predictions["compartment"], pa.string()).dictionary_encode()
-        columns["compartment_probability"] = pa.array(predictions["compartment_probability"], pa.float32())
-        columns["cell_type"] = pa.array(predictions["cell_type"], pa.string()).dictionary_encode()
-        columns["cell_type_probability"] = pa.array(predictions["cell_type_probability"], pa.float32())
-        columns["ood_score"] = pa.array(predictions["ood_score"], pa.float32())
-        columns["ood"] = pa.array(predictions["ood"], pa.bool_())
-    return pa.table(columns).replace_schema_metadata({PROVENANCE_KEY: json.dumps(provenance)})
+    return embeddings_arrow_table(
+        rows.segment_ids, rows.node_ids, rows.xyz_nm, rows.embeddings, predictions, provenance
+    )
 
 
 def write_shard(job: EmbedJob, rows: ShardRows, predictor=None, *, precision: str = "") -> ShardMarker:
