@@ -25,14 +25,11 @@ from PyQt6.QtWebEngineCore import QWebEnginePage
 from PyQt6.QtWebEngineWidgets import QWebEngineView
 from PyQt6.QtWidgets import (
     QDialog,
-    QDialogButtonBox,
     QDockWidget,
     QFileDialog,
-    QFormLayout,
     QFrame,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QMainWindow,
     QMessageBox,
     QProgressBar,
@@ -50,6 +47,13 @@ from segscope.app.session import Session
 from segscope.app.session_file import JSON_SUFFIX
 from segscope.app.state import JobStatus, ModelSummary, SessionState
 from segscope.app.views.invoker import MainThreadInvoker
+from segscope.app.views.open_dialog import (
+    OpenDialog,
+    OpenRequest,
+    dropped_folders,
+    remember,
+    sources_from_folder,
+)
 from segscope.app.views.segment_panel import SegmentPanel
 
 log = logging.getLogger(__name__)
@@ -240,33 +244,6 @@ class ErrorBanner(QFrame):
         return self.label.text() if self.isVisible() else ""
 
 
-class OpenDialog(QDialog):
-    """Asks for image, segmentation and (optional) skeleton sources."""
-
-    def __init__(self, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.setWindowTitle("Open data")
-        form = QFormLayout(self)
-        self.image_edit = QLineEdit()
-        self.segmentation_edit = QLineEdit()
-        self.skeletons_edit = QLineEdit()
-        for edit in (self.image_edit, self.segmentation_edit, self.skeletons_edit):
-            edit.setPlaceholderText("path, file://, gs:// or https:// (precomputed, zarr, n5)")
-            edit.setMinimumWidth(420)
-        self.skeletons_edit.setPlaceholderText("optional: a local precomputed skeleton folder")
-        form.addRow("Image:", self.image_edit)
-        form.addRow("Segmentation:", self.segmentation_edit)
-        form.addRow("Skeletons:", self.skeletons_edit)
-        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Open | QDialogButtonBox.StandardButton.Cancel)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        form.addRow(buttons)
-
-    def values(self) -> tuple[str, str, str | None]:
-        skeletons = self.skeletons_edit.text().strip()
-        return self.image_edit.text().strip(), self.segmentation_edit.text().strip(), skeletons or None
-
-
 class MainWindow(QMainWindow):
     """The SegScope window.
 
@@ -313,6 +290,12 @@ class MainWindow(QMainWindow):
         self.web_view.setPage(self.page)
         self.web_view.loadFinished.connect(self._on_page_loaded)
         self.web_view.setUrl(QUrl(bridge.url))
+        # Folders dropped on the view go to the window (Open), not to a page navigation.
+        self.web_view.setAcceptDrops(False)
+        self.setAcceptDrops(True)
+        #: How many times the view's render process died and the view reloaded itself.
+        self.render_restarts = 0
+        self.page.renderProcessTerminated.connect(self._on_render_process_terminated)
         self.banner = ErrorBanner()
         state = session.state
         self.job_bar = JobBar(state, self.cancel_job)
@@ -470,6 +453,25 @@ class MainWindow(QMainWindow):
             self.banner.hide()
         self._update_undo_actions()
 
+    # -- render process faults ------------------------------------------------------------------
+
+    def _on_render_process_terminated(self, status, exit_code: int) -> None:
+        """Reload the 3-D view after its render process died; the bridge keeps the state."""
+        if self._closed:
+            return
+        if status == QWebEnginePage.RenderProcessTerminationStatus.NormalTerminationStatus:
+            return
+        self.render_restarts += 1
+        reason = getattr(status, "name", str(status)).replace("TerminationStatus", "").lower()
+        message = (
+            f"The 3-D view's render process ended ({reason}, exit code {exit_code}); the view was "
+            "reloaded with its layers, selection and camera kept."
+        )
+        log.warning("%s (restart %d)", message, self.render_restarts)
+        self.banner.show_error(message)
+        # Deferred: reloading from inside the termination signal is not safe in Qt WebEngine.
+        QTimer.singleShot(0, lambda: None if self._closed else self.web_view.setUrl(QUrl(self.bridge.url)))
+
     # -- WebGL ------------------------------------------------------------------------------------
 
     def _on_page_loaded(self, ok: bool) -> None:
@@ -625,15 +627,69 @@ class MainWindow(QMainWindow):
         if not self.service.cancel():
             self.statusBar().showMessage("No embedding job to cancel.")
 
-    def _open_dialog(self) -> None:
-        dialog = OpenDialog(self)
+    def _open_dialog(self, initial: OpenRequest | None = None) -> None:
+        dialog = OpenDialog(self, initial=initial)
         if dialog.exec() != QDialog.DialogCode.Accepted:
             return
-        image, segmentation, skeletons = dialog.values()
-        if not image or not segmentation:
+        self.open_request(dialog.request())
+
+    def open_request(self, request: OpenRequest) -> None:
+        """Open what the Open dialog asked for, through the service (as ``segscope open`` does).
+
+        The data opens on the worker; an encoder and classifiers given load after it (their
+        jobs queue on the model lane). Bad models are reported on the error banner.
+        """
+        from segscope.analysis.artefacts import check_checkpoint, read_classifier_folder
+        from segscope.app.session_file import PrecomputedRef
+
+        if not request.image or not request.segmentation:
             self.state.show_error("Open: both an image and a segmentation are needed.")
             return
-        self.service.open_sources(image, segmentation, skeletons)
+        precomputed = PrecomputedRef(location=request.embeddings) if request.embeddings else None
+        model_path = None
+        classifiers = None
+        try:
+            if request.checkpoint:
+                model_path = check_checkpoint(request.checkpoint)
+            if request.classifiers:
+                classifiers = read_classifier_folder(Path(request.classifiers))
+        except (OSError, ValueError) as exc:
+            self.state.show_error(f"Open: {exc}")
+            return
+
+        def load_models() -> None:
+            if model_path is not None:
+                self.service.load_model(model_path)
+            if classifiers is not None:
+                self.service.load_classifiers(classifiers)
+
+        self.service.open_sources(
+            request.image, request.segmentation, request.skeletons or None, precomputed=precomputed, then=load_models
+        )
+
+    # -- drag and drop of a folder --------------------------------------------------------------
+
+    def dragEnterEvent(self, event) -> None:
+        if dropped_folders(event):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        """A dropped dataset folder opens the Open dialog filled from it (the user confirms)."""
+        found: dict[str, str] = {}
+        for folder in dropped_folders(event):
+            found.update(sources_from_folder(folder))
+        event.acceptProposedAction()
+        if not found:
+            self.state.show_error("Drop: not a SegScope dataset, precomputed or zarr folder.")
+            return
+        request = OpenRequest(**found)
+        if request.image and request.segmentation:  # a whole dataset: open it at once
+            remember(request)
+            self.open_request(request)
+            return
+        # A lone volume: the dialog asks for the rest. Opened after the drop returns, since a
+        # modal dialog inside the drop handler would block the drag source.
+        QTimer.singleShot(0, lambda: self._open_dialog(request))
 
     # -- manual labels -------------------------------------------------------------------------------
 
