@@ -998,6 +998,7 @@ class ProjectionScheduler:
         self._alignment = Similarity.identity()  # model coordinates -> plot coordinates
         self._model_generation = 0
         self._fitting = False
+        self._fit_retried = False  # a fit lost to a dead projection child was retried once
         self._placing = False
         self._pending: list[np.ndarray] = []
         self.warm_up_result: dict[str, float] | None = None
@@ -1126,9 +1127,22 @@ class ProjectionScheduler:
             return
         if update.event != "finished":
             if update.event == "failed":
+                from segscope.app.child_process import ChildProcessFailure
+
                 log.warning("UMAP fit failed: %s", update.error)
-                self._set_status(f"{self.layout_label} · UMAP failed: {update.error}")
+                if isinstance(update.error, ChildProcessFailure) and not self._fit_retried:
+                    # The projection child died or hung: the next request starts a new one, so
+                    # fit again once at once rather than leave the plot on PCA until more points.
+                    self._fit_retried = True
+                    self._set_status(f"{self.layout_label} · UMAP process lost ({update.error}); fitting again")
+                    self.request_fit(force=True)
+                    return
+                self._set_status(
+                    f"{self.layout_label} · UMAP failed: {update.error}. "
+                    "A new fit starts when more segments are embedded."
+                )
             return
+        self._fit_retried = False
         model: UmapModel = update.result
         controller = self.controller
         fitted = np.arange(model.n_points)

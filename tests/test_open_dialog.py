@@ -181,3 +181,32 @@ def test_checkpoint_and_classifiers_from_the_dialog_load_after_the_data(qtbot, w
     )
     qtbot.waitUntil(lambda: window.state.model is not None and window.state.classifiers is not None, timeout=240_000)
     assert window.session.model_path == ASSETS / "demo_encoder.keras"
+
+
+def test_a_parquet_embeddings_table_from_the_dialog_is_plotted_as_context(qtbot, qapp, demo96_dir):
+    import pyarrow.parquet as pq
+
+    from segscope.app.main import build_window
+    from segscope.app.views.open_dialog import OpenDialog, OpenRequest
+
+    table = ASSETS / "demo_context.parquet"
+    request = OpenRequest(
+        image=str(demo96_dir / "image"), segmentation=str(demo96_dir / "segmentation"), embeddings=str(table)
+    )
+    dialog = OpenDialog(initial=request)
+    qtbot.addWidget(dialog)
+    assert dialog.validate()  # a .parquet file is accepted where a store folder is
+    window = build_window(
+        None,
+        None,
+        # No UMAP: the context points stay on PCA (its numba compile would load a core for minutes).
+        plot_options={"start_warm_up": False, "scheduler_options": {"min_points": 10**9, "warm_up": False}},
+    )
+    try:
+        window.open_request(request)
+        plot = window.session.plot
+        qtbot.waitUntil(lambda: plot.n_points > 0, timeout=60_000)
+        assert window.session.source is not None and window.session.precomputed is None
+        assert plot.n_points == pq.ParquetFile(table).metadata.num_rows
+    finally:
+        window.dispose()

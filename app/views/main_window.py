@@ -136,6 +136,10 @@ def webgl_help(detail: str) -> str:
     )
 
 
+#: Reloads of the 3-D view after its render process died, before the window stops trying.
+MAX_RENDER_RESTARTS = 3
+
+
 class NeuroglancerPage(QWebEnginePage):
     """The web page of the 3-D view: its console goes to debug logging, WebGL failures to a callback.
 
@@ -463,10 +467,17 @@ class MainWindow(QMainWindow):
             return
         self.render_restarts += 1
         reason = getattr(status, "name", str(status)).replace("TerminationStatus", "").lower()
-        message = (
-            f"The 3-D view's render process ended ({reason}, exit code {exit_code}); the view was "
-            "reloaded with its layers, selection and camera kept."
-        )
+        ended = f"The 3-D view's render process ended ({reason}, exit code {exit_code})"
+        if self.render_restarts > MAX_RENDER_RESTARTS:
+            # A renderer that dies on every load (a GPU driver fault) would reload forever.
+            message = (
+                f"{ended}, {self.render_restarts} times now; it is not reloaded again. Save the session "
+                "(File > Save session) and restart SegScope; if it keeps dying, see README: Known constraints."
+            )
+            log.warning("%s", message)
+            self.banner.show_error(message)
+            return
+        message = f"{ended}; the view was reloaded with its layers, selection and camera kept."
         log.warning("%s (restart %d)", message, self.render_restarts)
         self.banner.show_error(message)
         # Deferred: reloading from inside the termination signal is not safe in Qt WebEngine.
@@ -645,7 +656,11 @@ class MainWindow(QMainWindow):
         if not request.image or not request.segmentation:
             self.state.show_error("Open: both an image and a segmentation are needed.")
             return
-        precomputed = PrecomputedRef(location=request.embeddings) if request.embeddings else None
+        # A Parquet (segscope embed's node table) is plotted as context; anything else is a
+        # CSV ZIP store whose segments are then read instead of computed.
+        table = request.embeddings if request.embeddings.lower().endswith(".parquet") else ""
+        store = request.embeddings if request.embeddings and not table else ""
+        precomputed = PrecomputedRef(location=store) if store else None
         model_path = None
         classifiers = None
         try:
@@ -662,10 +677,35 @@ class MainWindow(QMainWindow):
                 self.service.load_model(model_path)
             if classifiers is not None:
                 self.service.load_classifiers(classifiers)
+            if table:
+                self.add_context_table(Path(table))
 
         self.service.open_sources(
             request.image, request.segmentation, request.skeletons or None, precomputed=precomputed, then=load_models
         )
+
+    def add_context_table(self, path: Path) -> None:
+        """Read a ``segscope embed`` Parquet on the worker and plot it as context embeddings."""
+        from segscope.analysis.progress import Progress
+        from segscope.analysis.projection import read_embedding_table
+        from segscope.app.service import OPEN_LANE
+
+        if self.plot_dock is None:
+            self.state.show_error(f"Embeddings {path.name} not shown: this window has no embedding plot.")
+            return
+
+        def make():
+            yield Progress(0, 1, "steps", f"reading {path.name}")
+            return read_embedding_table(path)
+
+        def on_update(update) -> None:
+            if update.event == "finished" and self.plot_dock is not None and not self._closed:
+                rows = self.plot_dock.plot.add_background(update.result)
+                self.state.show_status(f"Plotted {len(rows)} context embeddings from {path.name}.")
+            elif update.event == "failed":
+                self.state.show_error(f"Could not read the embeddings {path}: {update.error}")
+
+        self.service.runner.submit(f"reading {path.name}", make, on_update, kind=OPEN_LANE)
 
     # -- drag and drop of a folder --------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from PyQt6.QtWidgets import (
     QDialogButtonBox,
     QFileDialog,
     QGridLayout,
+    QHBoxLayout,
     QLabel,
     QLineEdit,
     QPushButton,
@@ -55,11 +56,17 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "image": ("Image", "dir", ""),
     "segmentation": ("Segmentation", "dir", ""),
     "skeletons": ("Skeletons", "any", "Skeleton tables (*.csv *.parquet *.swc);;All files (*)"),
-    "checkpoint": ("Checkpoint", "any", "Encoder (*.keras);;All files (*)"),
+    "checkpoint": ("Checkpoint", "any", "Encoders (*.keras *.index);;All files (*)"),
     "classifiers": ("Classifiers folder", "dir", ""),
-    "embeddings": ("Embeddings (CSV ZIP store)", "dir", ""),
+    "embeddings": ("Embeddings", "any", "Embedding tables (*.parquet);;All files (*)"),
 }
 REQUIRED = ("image", "segmentation")
+PLACEHOLDERS = {
+    "skeletons": ": precomputed folder, folder of ID.swc, CSV/Parquet node table",
+    "checkpoint": ": SegScope .keras encoder or SegCLR TensorFlow checkpoint (empty: keep the loaded one)",
+    "classifiers": ": folder with classifiers.json (empty: keep the loaded ones)",
+    "embeddings": ": SegCLR CSV ZIP store (folder or URL) or embed Parquet",
+}
 
 
 def _is_remote(value: str) -> bool:
@@ -170,16 +177,25 @@ class OpenDialog(QDialog):
         self.edits: dict[str, QLineEdit] = {}
         self.errors: dict[str, QLabel] = {}
         row = 1
-        for name, (label, _picker, _filter) in FIELDS.items():
+        for name, (label, picker, _filter) in FIELDS.items():
             edit = QLineEdit()
             edit.setMinimumWidth(420)
             edit.setPlaceholderText(
                 "path, file://, gs:// or https:// (precomputed, zarr, n5)"
                 if name in REQUIRED
-                else "optional" + (": precomputed folder, folder of ID.swc, CSV/Parquet" if name == "skeletons" else "")
+                else "optional" + PLACEHOLDERS.get(name, "")
             )
-            browse = QPushButton("Browse…")
-            browse.clicked.connect(lambda _checked=False, n=name: self._browse(n))
+            # "any": a file or a folder (Qt's pickers choose one kind), so one button for each.
+            kinds = ("file", "dir") if picker == "any" else (picker,)
+            browse = QWidget()
+            browse_row = QHBoxLayout(browse)
+            browse_row.setContentsMargins(0, 0, 0, 0)
+            for kind in kinds:
+                text = "Browse…" if len(kinds) == 1 else "Folder…" if kind == "dir" else "File…"
+                button = QPushButton(text)
+                button.setToolTip(f"Choose the {label.lower()} {'folder' if kind == 'dir' else 'file'}")
+                button.clicked.connect(lambda _checked=False, n=name, k=kind: self._browse(n, k))
+                browse_row.addWidget(button)
             error = QLabel("")
             error.setStyleSheet("color: #c62828")
             error.setVisible(False)
@@ -238,19 +254,21 @@ class OpenDialog(QDialog):
                     message = "required"
             elif not _is_remote(value):
                 path = _local(value)
-                if not path.exists():
-                    message = f"not found: {path}"
-                elif name in ("classifiers", "embeddings") and not path.is_dir():
-                    message = "expected a folder"
-                elif name == "classifiers" and not (path / "classifiers.json").is_file():
-                    message = "no classifiers.json in this folder"
-                elif name == "checkpoint":
+                if name == "checkpoint":  # a SegCLR checkpoint prefix is no file: its own check
                     from segscope.analysis.artefacts import check_checkpoint
 
                     try:
                         check_checkpoint(str(path))
                     except (OSError, ValueError) as exc:
                         message = str(exc)
+                elif not path.exists():
+                    message = f"not found: {path}"
+                elif name == "classifiers" and not path.is_dir():
+                    message = "expected a folder"
+                elif name == "embeddings" and not (path.is_dir() or path.suffix.lower() == ".parquet"):
+                    message = "expected a CSV ZIP store folder or a .parquet file"
+                elif name == "classifiers" and not (path / "classifiers.json").is_file():
+                    message = "no classifiers.json in this folder"
             elif name in ("classifiers", "checkpoint"):
                 message = "must be a local path"
             self._set_error(name, message)
@@ -273,16 +291,15 @@ class OpenDialog(QDialog):
         if 1 <= index <= len(self.recent):
             self.set_request(self.recent[index - 1])
 
-    def _browse(self, name: str) -> None:
-        label, picker, file_filter = FIELDS[name]
+    def _browse(self, name: str, kind: str) -> None:
+        """Pick a ``kind`` ("file" or "dir") for field ``name``."""
+        label, _picker, file_filter = FIELDS[name]
         start = self.edits[name].text().strip()
         start = str(_local(start).parent) if start and not _is_remote(start) else ""
-        if picker == "dir":
+        if kind == "dir":
             chosen = QFileDialog.getExistingDirectory(self, label, start)
         else:
             chosen, _ = QFileDialog.getOpenFileName(self, label, start, file_filter)
-            if not chosen and name == "skeletons":
-                chosen = QFileDialog.getExistingDirectory(self, label, start)
         if chosen:
             self.edits[name].setText(os.fspath(chosen))
             self._set_error(name, "")
