@@ -35,6 +35,7 @@ import sys
 import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,6 +123,47 @@ class Predict:
 
     positions_nm: np.ndarray
     embeddings: np.ndarray
+
+
+@dataclass(frozen=True)
+class TrainClassifier:
+    """Train a ``task`` classifier on labelled embedded nodes and write it into ``out_folder``.
+
+    Node arrays (``[N]`` uint64 ``segment_ids`` / int64 ``node_ids``, float64 ``[N, 3]`` xyz
+    ``positions_nm``, float32 ``[N, D]`` ``embeddings``) are every embedded node of the
+    session (radius aggregation uses unlabelled neighbours too); ``labels`` ``[N]`` str is
+    each node's effective manual label (``""``: unlabelled). ``base_folder``: the current
+    classifiers folder, copied first so the other task is kept; ``current_path`` its
+    ``task`` classifier (.npz), scored on the same labels.
+    """
+
+    task: str
+    out_folder: str
+    segment_ids: np.ndarray
+    node_ids: np.ndarray
+    positions_nm: np.ndarray
+    embeddings: np.ndarray
+    labels: np.ndarray
+    radius_nm: float
+    base_folder: str | None = None
+    current_path: str | None = None
+    current_radius_nm: float | None = None
+    encoder: str | None = None
+    encoder_sha256: str | None = None
+    folds: int = 5
+    max_epochs: int | None = None
+
+
+@dataclass(frozen=True)
+class SuggestNext:
+    """Rank unlabelled nodes (``labelled`` bool ``[N]``) by the loaded ``task`` classifier's uncertainty."""
+
+    task: str
+    segment_ids: np.ndarray
+    positions_nm: np.ndarray
+    embeddings: np.ndarray
+    labelled: np.ndarray
+    count: int = 20
 
 
 @dataclass(frozen=True)
@@ -231,6 +273,10 @@ class _ComputeChild:  # pragma: no cover - runs in the child process
             if self.predictor is None:
                 return None
             return predict_segment(self.predictor, payload.positions_nm, payload.embeddings)
+        if isinstance(payload, TrainClassifier):
+            return train_in_child(payload, context)
+        if isinstance(payload, SuggestNext):
+            return self.suggest(payload)
         raise ValueError(f"unknown request {type(payload).__name__}")
 
     def load(self, path: str, warm_up_batches: Sequence[int], precision: str = "auto") -> dict:
@@ -262,6 +308,24 @@ class _ComputeChild:  # pragma: no cover - runs in the child process
             }
             for task, c in loaded.items()
         }
+
+    def suggest(self, request: SuggestNext) -> np.ndarray:
+        """Indices (int64) of the nodes to label next, most useful first."""
+        from segscope.analysis.classify.active import suggest_next, uncertainty_scores
+        from segscope.analysis.classify.user_labels import aggregate_by_segment
+
+        predictor = self.predictor
+        classifier = None if predictor is None else getattr(predictor, request.task)
+        if predictor is None or classifier is None:
+            raise ValueError(f"no {request.task.replace('_', '-')} classifier is loaded; train or load one first")
+        radius = float(getattr(predictor, f"{request.task}_radius_nm"))
+        features = np.asarray(request.embeddings, dtype=np.float32)
+        if radius > 0:
+            features = aggregate_by_segment(request.segment_ids, request.positions_nm, features, radius)
+        uncertainty = uncertainty_scores(classifier, features)
+        return suggest_next(
+            features, uncertainty, count=request.count, labelled=request.labelled, segment_ids=request.segment_ids
+        )
 
     def volume(self, url: str):
         from segscope.analysis.volume import open_volume
@@ -318,6 +382,90 @@ class _ComputeChild:  # pragma: no cover - runs in the child process
                 raise JobCancelledError(f"cancelled after {done} cutouts") from exc
             raise
         return done
+
+
+def train_in_child(request: TrainClassifier, context) -> dict:  # pragma: no cover - runs in the child
+    """Grouped cross-validation, training and the new classifiers folder; the report as a dict.
+
+    Returns ``{"folder", "task", "radius_nm", "classes", "n_examples", "n_segments",
+    "score" (Score.to_dict of the grouped CV), "current" (the current classifier's score
+    on the same labels, or None), "epochs"}``. Progress payloads are
+    :class:`~segscope.analysis.progress.Progress`; a cancel stops between epochs.
+    """
+    import shutil
+
+    from segscope.analysis.classify import load_classifier, train_classifier
+    from segscope.analysis.classify.user_labels import (
+        cross_validate,
+        labelled_examples,
+        score_classifier,
+        write_classifier_folder,
+    )
+
+    labelled = np.flatnonzero(np.asarray(request.labels, dtype=str) != "")
+
+    def examples_at(radius_nm: float):
+        return labelled_examples(
+            request.segment_ids,
+            request.node_ids,
+            request.embeddings,
+            np.asarray(request.segment_ids)[labelled],
+            np.asarray(request.node_ids)[labelled],
+            np.asarray(request.labels, dtype=str)[labelled],
+            xyz_nm=request.positions_nm,
+            radius_nm=radius_nm,
+        )
+
+    def drive(generator):
+        while True:
+            if context.cancelled():
+                generator.close()
+                raise JobCancelledError("training cancelled")
+            try:
+                step = next(generator)
+            except StopIteration as stop:
+                return stop.value
+            context.progress(step)
+
+    examples = examples_at(request.radius_nm)
+    current = None
+    if request.current_path:
+        radius = request.current_radius_nm
+        same = radius is None or float(radius) == float(request.radius_nm)
+        scored = score_classifier(
+            load_classifier(request.current_path), examples if same else examples_at(float(radius))
+        )
+        current = None if scored is None else scored.to_dict()
+    options: dict = {} if request.max_epochs is None else {"max_epochs": int(request.max_epochs)}
+    score = drive(cross_validate(examples, folds=request.folds, **options))
+    classifier = drive(
+        train_classifier(examples.embeddings, examples.labels, class_names=examples.class_names, **options)
+    )
+    out = Path(request.out_folder)
+    if out.exists():
+        shutil.rmtree(out)
+    if request.base_folder and Path(request.base_folder).is_dir():
+        shutil.copytree(request.base_folder, out)
+    write_classifier_folder(
+        out,
+        request.task,
+        classifier,
+        radius_nm=examples.radius_nm,
+        encoder=request.encoder,
+        encoder_sha256=request.encoder_sha256,
+        evaluation=score.to_dict(),
+    )
+    return {
+        "folder": str(out),
+        "task": request.task,
+        "radius_nm": float(examples.radius_nm),
+        "classes": list(examples.class_names),
+        "n_examples": len(examples),
+        "n_segments": int(np.unique(examples.segment_ids).size),
+        "score": score.to_dict(),
+        "current": current,
+        "epochs": int(classifier.training_info.get("epochs_run", 0)),
+    }
 
 
 # -- the parent ----------------------------------------------------------------------------
@@ -483,6 +631,38 @@ class ComputeProcess:
             if not finished:
                 # Closed early (the job runner cancels between batches): tell the child to
                 # stop; what it still sends goes to a call nobody reads.
+                self._runner.cancel(call)
+
+    def train_classifier(
+        self, request: TrainClassifier, *, cancel: Callable[[], bool] | None = None
+    ) -> Generator[Progress, None, dict]:
+        """Run :class:`TrainClassifier` in the child; yields its progress, returns its report."""
+        return (yield from self._streamed(request, cancel))
+
+    def suggest_next(self, request: SuggestNext) -> np.ndarray:
+        """Indices of :class:`SuggestNext`'s nodes to label next (blocks; call from a worker)."""
+        return np.asarray(self._runner.request(request).result(), dtype=np.int64)
+
+    def _streamed(self, request, cancel: Callable[[], bool] | None) -> Generator[Progress, None, Any]:
+        updates: queue.Queue = queue.Queue()
+        call = self._runner.request(request, on_progress=updates.put)
+        call.add_done_callback(lambda _: updates.put(_DONE))
+        cancelled = finished = False
+        try:
+            while True:
+                try:
+                    step = updates.get(timeout=_POLL_S)
+                except queue.Empty:
+                    if not cancelled and cancel is not None and cancel():
+                        self._runner.cancel(call)
+                        cancelled = True
+                    continue
+                if step is _DONE:
+                    finished = True
+                    return call.result()
+                yield step
+        finally:
+            if not finished:
                 self._runner.cancel(call)
 
     def stop(self, timeout: float = 5.0) -> None:

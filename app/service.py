@@ -36,11 +36,14 @@ store uses the store's nodes and embeddings instead of computing (only the class
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import numpy as np
 
 from segscope.analysis.artefacts import ClassifierSummary, read_classifier_folder
 from segscope.analysis.progress import Progress
@@ -68,6 +71,15 @@ OPEN_LANE = "open"
 #: Session I/O lanes on the I/O worker: an export or autosave never delays embedding.
 EXPORT_LANE = "export"
 SESSION_LANE = "session"
+#: Classifier training and active-learning ranking (the compute child runs one request at a time).
+TRAIN_LANE = "train"
+#: Labelled embedded nodes each class needs before *Train classifier* runs, and labelled
+#: segments in all: cross-validation keeps a segment's nodes in one fold, so one segment
+#: cannot be both trained on and scored.
+MIN_NODES_PER_CLASS = 5
+MIN_LABELLED_SEGMENTS = 2
+#: Default aggregation radius (nm) by task, as the shipped classifiers and segscope classify.
+TRAIN_RADIUS_NM = {"compartment": 2500.0, "cell_type": 10_000.0}
 AUTOSAVE_LANE = "autosave"
 
 RecoveryChoice = Literal["restore", "discard", "later"]
@@ -153,6 +165,14 @@ class SessionService:
         self._model_job: Job | None = None
         self._classifier_job: Job | None = None
         self._embed_job: Job | None = None
+        self._train_job: Job | None = None
+        #: The report of the last finished training (see train_in_child), until the next one.
+        self.last_training: dict | None = None
+        #: Classifiers replaced by accepted trainings, newest last (None: there were none).
+        self.previous_classifiers: list[ClassifierSummary | None] = []
+        #: Nodes *Suggest next* proposes, as (segment id, node id), most useful first.
+        self.suggestions: list[tuple[int, int]] = []
+        self.suggestion_index = -1
         self._click_times: dict[int, float] = {}
         self._closed = False
 
@@ -751,6 +771,313 @@ class SessionService:
         if segment.ood_flagged:
             text += f", OUT OF DISTRIBUTION (uncertainty {segment.ood_score:.2f})"
         return text + "."
+
+    # -- training classifiers from the session's labels ----------------------------------------
+
+    def embedded_nodes(self) -> dict[str, np.ndarray]:
+        """Every embedded node of the session and its effective manual label.
+
+        ``segment_ids`` uint64 ``[N]``, ``node_ids`` int64 ``[N]``, ``positions_nm`` float64
+        ``[N, 3]`` xyz nm, ``embeddings`` float32 ``[N, D]``, ``labels`` str ``[N]`` (``""``
+        unlabelled).
+        """
+        parts: list[tuple] = []
+        for record in self.state.records.values():
+            if record.embedded is None or record.node_ids is None or record.positions_nm is None:
+                continue
+            if record.embeddings is None or not record.embedded.any():
+                continue
+            rows = np.flatnonzero(record.embedded)
+            parts.append(
+                (
+                    np.full(rows.size, record.segment_id, np.uint64),
+                    record.node_ids[rows].astype(np.int64),
+                    record.positions_nm[rows].astype(np.float64),
+                    record.embeddings[rows].astype(np.float32),
+                )
+            )
+        if not parts:
+            raise ValueError("no segment is embedded yet: click segments to embed them, then label their nodes")
+        if len({p[3].shape[1] for p in parts}) > 1:
+            raise ValueError("the embedded segments have embeddings of different widths (two encoders); re-embed")
+        segments, nodes, positions, embeddings = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        labels = np.asarray(self.session.labels.effective_node_labels(segments, nodes), dtype=str)
+        return {
+            "segment_ids": segments,
+            "node_ids": nodes,
+            "positions_nm": positions,
+            "embeddings": embeddings,
+            "labels": labels,
+        }
+
+    def training_request(self, task: str | None = None, *, max_epochs: int | None = None, folds: int = 5):
+        """The :class:`~segscope.app.compute_process.TrainClassifier` the session's labels make.
+
+        ``task`` None: ``"compartment"`` when every label names a compartment, else
+        ``"cell_type"``.
+
+        Raises
+        ------
+        ValueError
+            Too few labels (the message says how many each class needs and has).
+        """
+        from segscope.analysis import COMPARTMENTS
+        from segscope.analysis.paths import user_cache_dir
+        from segscope.app.compute_process import TrainClassifier
+
+        nodes = self.embedded_nodes()
+        labels = nodes["labels"]
+        labelled = labels != ""
+        names, counts = np.unique(labels[labelled], return_counts=True)
+        if task is None:
+            task = "compartment" if names.size and set(names.tolist()) <= set(COMPARTMENTS) else "cell_type"
+        if task == "compartment":
+            unknown = sorted(set(names.tolist()) - set(COMPARTMENTS))
+            if unknown:
+                raise ValueError(
+                    f"compartment labels must be among {', '.join(COMPARTMENTS)}; got {', '.join(unknown)}"
+                )
+        have = ", ".join(f"{n} {c}" for n, c in zip(names.tolist(), counts.tolist())) or "none"
+        n_segments = np.unique(nodes["segment_ids"][labelled]).size
+        if names.size < 2 or counts.min() < MIN_NODES_PER_CLASS or n_segments < MIN_LABELLED_SEGMENTS:
+            raise ValueError(
+                f"Too few labels to train: each class needs at least {MIN_NODES_PER_CLASS} labelled embedded "
+                f"nodes, at least 2 classes, from at least {MIN_LABELLED_SEGMENTS} segments "
+                f"(labelled embedded nodes now: {have}; {n_segments} segments)"
+            )
+        current = self.state.classifiers
+        info = None if current is None else getattr(current, task)
+        model = self.state.model
+        folder = user_cache_dir() / "trained-classifiers" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{task}"
+        return TrainClassifier(
+            task=task,
+            out_folder=str(folder),
+            segment_ids=nodes["segment_ids"],
+            node_ids=nodes["node_ids"],
+            positions_nm=nodes["positions_nm"],
+            embeddings=nodes["embeddings"],
+            labels=labels,
+            radius_nm=TRAIN_RADIUS_NM[task],
+            base_folder=None if current is None else current.folder,
+            current_path=None if info is None else info.path,
+            current_radius_nm=None if info is None else info.radius_nm,
+            encoder=None if model is None else Path(model.source).name,
+            folds=folds,
+            max_epochs=max_epochs,
+        )
+
+    def train_classifier(
+        self,
+        on_report: Callable[[dict], Any] | None = None,
+        *,
+        task: str | None = None,
+        max_epochs: int | None = None,
+        folds: int = 5,
+    ) -> Job | None:
+        """Train a classifier on the session's labels in the compute child (progress, cancel).
+
+        The job runs grouped cross-validation, trains on every label and writes a new
+        classifiers folder under the user cache (the current folder's other task copied
+        in). ``on_report`` gets the report (see
+        :func:`~segscope.app.compute_process.train_in_child`) on the owning thread; nothing
+        is loaded until :meth:`accept_trained`. None (and an error shown) when the labels
+        are too few.
+        """
+        try:
+            request = self.training_request(task, max_epochs=max_epochs, folds=folds)
+        except ValueError as exc:
+            self.state.show_error(str(exc))
+            return None
+        engine = self._ensure_engine()
+        model = self.state.model
+        holder: dict[str, Job] = {}
+
+        def make():
+            from dataclasses import replace
+
+            from segscope.analysis.provenance import model_sha256
+
+            train_request = request
+            if model is not None and Path(model.source).is_file():
+                train_request = replace(request, encoder_sha256=model_sha256(model.source))
+            return engine.train_classifier(train_request, cancel=lambda: holder["job"].cancel_requested)
+
+        def on_update(update: JobUpdate) -> None:
+            job = update.job
+            if update.event == "progress" and update.progress is not None:
+                step = update.progress
+                self.state.update_job(
+                    job.id, state="cancelling" if job.cancel_requested else "running", message=step.message
+                )
+            elif update.event == "finished":
+                report = update.result
+                self.last_training = report
+                self.state.update_job(job.id, state="finished", message="trained")
+                score = report["score"]["balanced_accuracy"]
+                self.state.show_status(
+                    f"Trained a {report['task'].replace('_', '-')} classifier on {report['n_examples']} examples: "
+                    f"grouped cross-validated balanced accuracy {score:.3f}. Accept or keep the current one."
+                )
+                if on_report is not None:
+                    on_report(report)
+            elif update.event == "cancelled":
+                self.state.update_job(job.id, state="cancelled", message="training cancelled")
+                self.state.show_status("Training cancelled; the classifiers are unchanged.")
+            elif update.event == "failed":
+                self.state.update_job(job.id, state="failed", message=str(update.error))
+                self.state.show_error(f"Training failed: {update.error}")
+
+        job = self.runner.submit("training classifier", make, on_update, kind=TRAIN_LANE, supersede=True)
+        holder["job"] = job
+        self._train_job = job
+        self.state.set_job(JobStatus(job.id, "training classifier", "queued", message="training"))
+        return job
+
+    def cancel_training(self) -> bool:
+        """Ask the running training to stop; False when none runs."""
+        if self._train_job is None or self._train_job.done:
+            return False
+        self._train_job.cancel()
+        return True
+
+    def accept_trained(self, report: dict) -> None:
+        """Load the trained folder (keeping the current classifiers for :meth:`revert_classifier`)."""
+        summary = read_classifier_folder(report["folder"])
+        self.previous_classifiers.append(self.state.classifiers)
+        self.load_classifiers(summary)
+        self.repredict()
+
+    def revert_classifier(self) -> bool:
+        """Load the classifiers the last accepted training replaced; False when there are none."""
+        if not self.previous_classifiers:
+            return False
+        previous = self.previous_classifiers.pop()
+        self.load_classifiers(previous, "Reverted: no classifiers were loaded before the training.")
+        if previous is not None:
+            self.repredict()
+        return True
+
+    def repredict(self) -> Job:
+        """Predict every embedded node and segment again with the loaded classifiers.
+
+        Queued behind the classifier load on the same worker; the new predictions go
+        into the records, the plot and (for the selected segment) the 3-D view.
+        """
+        engine = self._ensure_engine()
+        records = [
+            r
+            for r in self.state.records.values()
+            if r.embedded is not None and r.embedded.any() and r.positions_nm is not None and r.embeddings is not None
+        ]
+
+        def make():
+            results = []
+            for index, record in enumerate(records):
+                assert record.embedded is not None and record.positions_nm is not None
+                assert record.embeddings is not None
+                rows = np.flatnonzero(record.embedded)
+                predictions = engine.predict(record.positions_nm[rows], record.embeddings[rows])
+                results.append((record, rows, predictions))
+                yield Progress(index + 1, len(records), "segments", f"segment {record.segment_id}")
+            return results
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "finished":
+                for record, rows, predictions in update.result:
+                    self._apply_predictions(record, rows, predictions)
+                self.session.replay_into_plot([record for record, _, _ in update.result])
+                self.state.show_status(f"Predictions refreshed for {len(update.result)} segments.")
+            elif update.event == "failed":
+                self.state.show_error(f"Predicting again failed: {update.error}")
+
+        return self.runner.submit("predicting again", make, on_update, kind=MODEL_LANE, supersede=False)
+
+    def _apply_predictions(self, record: SegmentRecord, rows: np.ndarray, predictions) -> None:
+        n = record.n_centres
+        calls = None if predictions is None else predictions.compartments
+        cell = None if predictions is None else predictions.cell_type
+        record.predicted = None if calls is None else np.full(n, 255, np.uint8)
+        record.predicted_probability = None if calls is None else np.full(n, np.nan, np.float32)
+        record.predicted_uncertainty = None if calls is None else np.full(n, np.nan, np.float32)
+        if calls is not None:
+            at = rows[np.asarray(calls.indices, dtype=np.int64)]
+            record.predicted[at] = calls.codes
+            record.predicted_probability[at] = calls.probability
+            record.predicted_uncertainty[at] = calls.uncertainty
+        record.cell_type = None if cell is None else cell.name
+        record.cell_type_probability = None if cell is None else min(max(cell.probability, 0.0), 1.0)
+        record.cell_type_probabilities = None if cell is None else cell.probabilities
+        record.ood_score = None if cell is None else cell.ood_score
+        record.ood_flagged = None if cell is None else cell.ood_flagged
+        record.ood_threshold = None if cell is None else cell.threshold
+        record.prediction_note = "" if predictions is None else predictions.note
+        if self.state.segment is record:
+            # The 3-D view and the info panel follow the selected segment's events.
+            self.state.set_predictions(record.segment_id, note=record.prediction_note)
+            self.state.announce_batch(record.segment_id, rows)
+
+    # -- active learning -----------------------------------------------------------------------
+
+    def suggest_next(self, on_ready: Callable[[list[tuple[int, int]]], Any] | None = None, *, count: int = 20):
+        """Rank unlabelled embedded nodes by the loaded classifier's uncertainty (in the child).
+
+        Uses the compartment classifier when one is loaded, else the cell-type one. The
+        ranking lands in :attr:`suggestions`; the first is selected (:meth:`next_suggestion`).
+        """
+        from segscope.app.compute_process import SuggestNext
+
+        summary = self.state.classifiers
+        if summary is None or (summary.compartment is None and summary.cell_type is None):
+            self.state.show_error("Suggest next needs a loaded classifier: train or load one first.")
+            return None
+        try:
+            nodes = self.embedded_nodes()
+        except ValueError as exc:
+            self.state.show_error(str(exc))
+            return None
+        task = "compartment" if summary.compartment is not None else "cell_type"
+        request = SuggestNext(
+            task, nodes["segment_ids"], nodes["positions_nm"], nodes["embeddings"], nodes["labels"] != "", count
+        )
+        engine = self._ensure_engine()
+
+        def make():
+            yield Progress(0, 1, "steps", "ranking by uncertainty")
+            return engine.suggest_next(request)
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "finished":
+                picks = update.result
+                self.suggestions = [(int(nodes["segment_ids"][i]), int(nodes["node_ids"][i])) for i in picks]
+                self.suggestion_index = -1
+                if not self.suggestions:
+                    self.state.show_status("Nothing to suggest: every embedded node is labelled.")
+                else:
+                    self.next_suggestion()
+                if on_ready is not None:
+                    on_ready(self.suggestions)
+            elif update.event == "failed":
+                self.state.show_error(f"Suggest next failed: {update.error}")
+
+        return self.runner.submit("suggesting nodes", make, on_update, kind=TRAIN_LANE, supersede=True)
+
+    def next_suggestion(self) -> tuple[int, int] | None:
+        """Select the next suggested node in the plot (and so in 3-D); None at the end."""
+        plot = self.session.plot
+        while self.suggestion_index + 1 < len(self.suggestions):
+            self.suggestion_index += 1
+            segment_id, node_id = self.suggestions[self.suggestion_index]
+            row = int(plot.rows_of(segment_id, [node_id])[0])
+            if row < 0:
+                continue
+            plot.select_rows([row], "plot")
+            self.state.show_status(
+                f"Suggestion {self.suggestion_index + 1} of {len(self.suggestions)}: node {node_id} of "
+                f"segment {segment_id} (most uncertain first); label it, then Suggest next again."
+            )
+            return segment_id, node_id
+        self.state.show_status("No more suggestions: run Suggest next again after labelling.")
+        return None
 
     def shutdown(self) -> None:
         """Stop the workers and the compute process (idempotent).

@@ -570,6 +570,13 @@ class MainWindow(QMainWindow):
         self.reembed_action = self._action(
             segment_menu, "&Embed selected segment again", "Ctrl+R", self.service.reembed
         )
+        segment_menu.addSeparator()
+        self.train_action = self._action(segment_menu, "&Train classifier…", "Ctrl+T", self.train_classifier)
+        self.revert_classifier_action = self._action(segment_menu, "Re&vert classifier", [], self.revert_classifier)
+        self.suggest_action = self._action(segment_menu, "Su&ggest next", "Ctrl+G", lambda: self.service.suggest_next())
+        self.next_suggestion_action = self._action(
+            segment_menu, "&Next suggestion", "Ctrl+Shift+G", lambda: self.service.next_suggestion()
+        )
 
         help_menu = self.menuBar().addMenu("&Help")
         self._action(help_menu, "&Keyboard shortcuts", keys.HelpContents, self._show_shortcuts)
@@ -635,8 +642,27 @@ class MainWindow(QMainWindow):
         self.service.handle_click(event.segment_id, event.position_nm)
 
     def cancel_job(self) -> None:
-        if not self.service.cancel():
+        if not self.service.cancel() and not self.service.cancel_training():
             self.statusBar().showMessage("No embedding job to cancel.")
+
+    def train_classifier(self) -> None:
+        """Train on the session's labels in the compute child; the result dialog follows."""
+        self.service.train_classifier(self.show_training_report)
+
+    def show_training_report(self, report: dict) -> None:
+        """The new classifier's cross-validation next to the current one's; Accept swaps them."""
+        from segscope.app.views.train_dialog import TrainResultDialog
+
+        self.train_dialog = TrainResultDialog(report, self)
+        self.train_dialog.accepted.connect(lambda: self.service.accept_trained(report))
+        self.train_dialog.rejected.connect(
+            lambda: self.statusBar().showMessage("Kept the current classifier; the trained one is discarded.")
+        )
+        self.train_dialog.open()
+
+    def revert_classifier(self) -> None:
+        if not self.service.revert_classifier():
+            self.statusBar().showMessage("No accepted training to revert.")
 
     def _open_dialog(self, initial: OpenRequest | None = None) -> None:
         dialog = OpenDialog(self, initial=initial)
