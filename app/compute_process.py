@@ -430,10 +430,9 @@ def train_in_child(request: TrainClassifier, context) -> dict:  # pragma: no cov
     examples = examples_at(request.radius_nm)
     current = None
     if request.current_path:
-        radius = request.current_radius_nm
-        same = radius is None or float(radius) == float(request.radius_nm)
+        radius = request.radius_nm if request.current_radius_nm is None else float(request.current_radius_nm)
         scored = score_classifier(
-            load_classifier(request.current_path), examples if same else examples_at(float(radius))
+            load_classifier(request.current_path), examples if radius == request.radius_nm else examples_at(radius)
         )
         current = None if scored is None else scored.to_dict()
     options: dict = {} if request.max_epochs is None else {"max_epochs": int(request.max_epochs)}

@@ -996,14 +996,19 @@ class SessionService:
         n = record.n_centres
         calls = None if predictions is None else predictions.compartments
         cell = None if predictions is None else predictions.cell_type
-        record.predicted = None if calls is None else np.full(n, 255, np.uint8)
-        record.predicted_probability = None if calls is None else np.full(n, np.nan, np.float32)
-        record.predicted_uncertainty = None if calls is None else np.full(n, np.nan, np.float32)
+        record.predicted = record.predicted_probability = record.predicted_uncertainty = None
         if calls is not None:
+            # Rows never embedded stay "not predicted" (255, NaN), as during embedding.
             at = rows[np.asarray(calls.indices, dtype=np.int64)]
-            record.predicted[at] = calls.codes
-            record.predicted_probability[at] = calls.probability
-            record.predicted_uncertainty[at] = calls.uncertainty
+            predicted = np.full(n, 255, np.uint8)
+            probability = np.full(n, np.nan, np.float32)
+            uncertainty = np.full(n, np.nan, np.float32)
+            predicted[at], probability[at], uncertainty[at] = calls.codes, calls.probability, calls.uncertainty
+            record.predicted, record.predicted_probability, record.predicted_uncertainty = (
+                predicted,
+                probability,
+                uncertainty,
+            )
         record.cell_type = None if cell is None else cell.name
         record.cell_type_probability = None if cell is None else min(max(cell.probability, 0.0), 1.0)
         record.cell_type_probabilities = None if cell is None else cell.probabilities
