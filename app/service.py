@@ -73,6 +73,7 @@ EXPORT_LANE = "export"
 SESSION_LANE = "session"
 #: Classifier training and active-learning ranking (the compute child runs one request at a time).
 TRAIN_LANE = "train"
+SUGGEST_LANE = "suggest"
 #: Labelled embedded nodes each class needs before *Train classifier* runs, and labelled
 #: segments in all: cross-validation keeps a segment's nodes in one fold, so one segment
 #: cannot be both trained on and scored.
@@ -907,7 +908,13 @@ class SessionService:
             if update.event == "progress" and update.progress is not None:
                 step = update.progress
                 self.state.update_job(
-                    job.id, state="cancelling" if job.cancel_requested else "running", message=step.message
+                    job.id,
+                    state="cancelling" if job.cancel_requested else "running",
+                    done=step.done,
+                    total=step.total,
+                    unit=step.unit,
+                    rate=step.rate,
+                    message=step.message,
                 )
             elif update.event == "finished":
                 report = update.result
@@ -953,8 +960,17 @@ class SessionService:
             return False
         previous = self.previous_classifiers.pop()
         self.load_classifiers(previous, "Reverted: no classifiers were loaded before the training.")
-        if previous is not None:
-            self.repredict()
+        if previous is None:
+            # The child still holds the trained classifiers: unload them there too.
+            engine = self._ensure_engine()
+            self.runner.submit(
+                "unloading classifiers",
+                lambda: engine.load_classifiers([]),
+                lambda _: None,
+                kind=MODEL_LANE,
+                supersede=False,
+            )
+        self.repredict()
         return True
 
     def repredict(self) -> Job:
@@ -1064,7 +1080,7 @@ class SessionService:
             elif update.event == "failed":
                 self.state.show_error(f"Suggest next failed: {update.error}")
 
-        return self.runner.submit("suggesting nodes", make, on_update, kind=TRAIN_LANE, supersede=True)
+        return self.runner.submit("suggesting nodes", make, on_update, kind=SUGGEST_LANE, supersede=True)
 
     def next_suggestion(self) -> tuple[int, int] | None:
         """Select the next suggested node in the plot (and so in 3-D); None at the end."""

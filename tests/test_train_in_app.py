@@ -177,3 +177,49 @@ def test_the_dialog_shows_both_scores_recall_and_confusion(qtbot):
     dialog.open()
     dialog.keep_button.click()
     assert dialog.result() == QDialog.DialogCode.Rejected.value
+
+
+@pytest.mark.slow
+def test_training_without_classifiers_then_revert_unloads_them(demo96_dir, tmp_path, monkeypatch):
+    model = find_demo_model()
+    if model is None:
+        pytest.skip("the demo model is not in assets/")
+    monkeypatch.setenv("SEGSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    loop = EventLoop()
+    session, service, errors = _service(loop)
+    state = session.state
+    try:
+        service.open_sources(str(demo96_dir / "image"), str(demo96_dir / "segmentation"))
+        service.load_model(model)
+        loop.run_until(lambda: state.model is not None or errors)
+        segments = _segments_by_type(demo96_dir, 3)
+        for segment_id, click_nm, group in segments:
+            service.handle_click(segment_id, click_nm)
+            loop.run_until(lambda: (state.job is not None and state.job.state == "finished") or errors)
+            session.labels.assign_segments(group, [segment_id])
+        assert not errors and all(r.cell_type is None for r in state.records.values())
+        service.suggest_next()
+        assert errors and "needs a loaded classifier" in errors[-1]
+        errors.clear()
+
+        reports: list[dict] = []
+        service.train_classifier(reports.append, max_epochs=10, folds=2)
+        loop.run_until(lambda: reports or errors, timeout_s=600)
+        assert not errors, errors
+        assert reports[0]["current"] is None
+        manifest = read_classifier_folder(reports[0]["folder"])
+        assert manifest.compartment is None and manifest.cell_type is not None
+
+        service.accept_trained(reports[0])
+        loop.run_until(lambda: "refreshed" in state.status_message or errors)
+        assert not errors, errors
+        assert all(r.cell_type in ("excitatory", "other") for r in state.records.values())
+
+        assert service.revert_classifier()
+        state.show_status("")
+        loop.run_until(lambda: "refreshed" in state.status_message or errors)
+        assert not errors, errors
+        assert state.classifiers is None
+        assert all(r.cell_type is None and r.predicted is None for r in state.records.values())
+    finally:
+        service.shutdown()
