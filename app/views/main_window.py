@@ -333,6 +333,8 @@ class MainWindow(QMainWindow):
         self.labels.subscribe(lambda change: self._update_undo_actions())
         # Clicks arrive on neuroglancer's server thread: handled on this one.
         connect(bridge.events.clicked, lambda event: invoker.post(lambda: self._on_click(event)))
+        # Emitted on the mesher thread: show it from the Qt thread.
+        connect(bridge.events.mesh_status, lambda status: invoker.post(lambda: self._show_mesh_status(status)))
         self._show_model(state.model)
         self._show_classifiers(state.classifiers)
 
@@ -637,6 +639,18 @@ class MainWindow(QMainWindow):
             self.classifier_label.setToolTip(summary.folder)
 
     # -- user actions ------------------------------------------------------------------------------
+
+    def _show_mesh_status(self, status) -> None:
+        """Say how a segment meshed on the fly went (:class:`segscope.app.neuroglancer_bridge.MeshStatus`)."""
+        if status.error:
+            message = f"No mesh for segment {status.segment_id}: {status.error}"
+        elif status.cached:
+            message = f"Mesh of segment {status.segment_id} from the cache."
+        else:
+            message = f"Meshed segment {status.segment_id} in {status.seconds:.1f} s."
+        if status.truncated:
+            message += " It goes on beyond the box limit: the mesh shows the part inside (--skeleton-box-vox)."
+        self.statusBar().showMessage(message, 8000)
 
     def _on_click(self, event: ClickEvent) -> None:
         self.service.handle_click(event.segment_id, event.position_nm)
