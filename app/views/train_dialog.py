@@ -72,6 +72,7 @@ class TrainResultDialog(QDialog):
             self.recall_table.setItem(row, 0, QTableWidgetItem(f"{score['recall'][name]:.3f}"))
             value = None if current is None else current["recall"].get(name)
             self.recall_table.setItem(row, 1, QTableWidgetItem("—" if value is None else f"{value:.3f}"))
+        self.recall_table.resizeColumnsToContents()
         layout.addWidget(self.recall_table)
 
         layout.addWidget(QLabel("Confusion of the new classifier (rows: label, columns: prediction):"))
@@ -83,6 +84,7 @@ class TrainResultDialog(QDialog):
         for row, values in enumerate(confusion):
             for column, value in enumerate(values):
                 self.confusion_table.setItem(row, column, QTableWidgetItem(str(int(value))))
+        self.confusion_table.resizeColumnsToContents()
         layout.addWidget(self.confusion_table)
 
         buttons = QDialogButtonBox(self)
