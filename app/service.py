@@ -652,7 +652,7 @@ class SessionService:
         self.state.set_job(
             JobStatus(
                 job.id,
-                name,
+                f"Embedding {name}",
                 "queued",
                 unit="cutouts",
                 message="waiting for the model and classifiers to load" if waiting else "",
@@ -937,7 +937,7 @@ class SessionService:
         job = self.runner.submit("training classifier", make, on_update, kind=TRAIN_LANE, supersede=True)
         holder["job"] = job
         self._train_job = job
-        self.state.set_job(JobStatus(job.id, "training classifier", "queued", message="training"))
+        self.state.set_job(JobStatus(job.id, "Training classifier", "queued", message="training"))
         return job
 
     def cancel_training(self) -> bool:

@@ -274,6 +274,7 @@ class JobStatus:
     """
 
     job_id: int
+    #: What the job does, as the bar starts its line ("Embedding segment 123").
     name: str
     state: str
     done: int = 0

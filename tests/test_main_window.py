@@ -485,7 +485,6 @@ def test_undo_and_redo_answer_their_real_keys(qtbot, monkeypatch, platform_redo)
     bound twice, which Qt then ignores) fails here. Offscreen Qt's Redo binding starts with
     Ctrl+Y; Linux desktops' starts with Ctrl+Shift+Z (where the bug showed): both are tried.
     """
-    from psygnal import Signal, SignalGroup
     from PyQt6.QtGui import QKeySequence
 
     if platform_redo is not None:
@@ -503,23 +502,9 @@ def test_undo_and_redo_answer_their_real_keys(qtbot, monkeypatch, platform_redo)
     from segscope.app.views.invoker import MainThreadInvoker
     from segscope.app.views.main_window import MainWindow
 
-    class BridgeEvents(SignalGroup):
-        clicked = Signal(object)
-
-    class Bridge:
-        """Only what the window asks of the Neuroglancer bridge without a plot."""
-
-        url = "about:blank"
-
-        def __init__(self):
-            self.events = BridgeEvents()
-
-        def close(self):
-            pass
-
     session = Session()
     invoker = MainThreadInvoker()
-    window = MainWindow(session, SessionService(session, post=invoker.post), Bridge(), invoker)
+    window = MainWindow(session, SessionService(session, post=invoker.post), _bridge_without_page(), invoker)
     try:
         _press_undo_and_redo(qtbot, window)
     finally:
@@ -550,3 +535,52 @@ def _press_undo_and_redo(qtbot, window) -> None:
     assert labels.n_labelled_nodes == 2
     keys = [key.toString() for key in window.redo_action.shortcuts()]
     assert "Ctrl+Y" in keys and "Ctrl+Shift+Z" in keys and len(keys) == len(set(keys))
+
+
+def _bridge_without_page():
+    """Only what the window asks of the Neuroglancer bridge without a plot."""
+    from psygnal import Signal, SignalGroup
+
+    class BridgeEvents(SignalGroup):
+        clicked = Signal(object)
+        mesh_status = Signal(object)
+
+    class Bridge:
+        url = "about:blank"
+
+        def __init__(self):
+            self.events = BridgeEvents()
+
+        def close(self):
+            pass
+
+    return Bridge()
+
+
+@pytest.mark.qt
+def test_status_bar_reports_meshing_done_on_the_mesher_thread(qtbot):
+    """The bridge's mesh_status arrives on its mesher thread; the status bar says what happened."""
+    import threading
+
+    from segscope.app.neuroglancer_bridge import MeshStatus
+    from segscope.app.service import SessionService
+    from segscope.app.session import Session
+    from segscope.app.views.invoker import MainThreadInvoker
+    from segscope.app.views.main_window import MainWindow
+
+    session = Session()
+    invoker = MainThreadInvoker()
+    bridge = _bridge_without_page()
+    window = MainWindow(session, SessionService(session, post=invoker.post), bridge, invoker)
+    try:
+        for status, expected in [
+            (MeshStatus(911283778341, "precomputed://x", seconds=3.84), "Meshed segment 911283778341 in 3.8 s."),
+            (MeshStatus(5, None, error="segment 5 has no voxels near the click"), "No mesh for segment 5: segment 5"),
+            (MeshStatus(6, "precomputed://y", truncated=True), "beyond the box limit"),
+        ]:
+            thread = threading.Thread(target=bridge.events.mesh_status.emit, args=(status,))
+            thread.start()
+            thread.join()
+            qtbot.waitUntil(lambda expected=expected: expected in window.statusBar().currentMessage(), timeout=5000)
+    finally:
+        window.dispose()

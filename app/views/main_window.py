@@ -194,7 +194,7 @@ class JobBar(QWidget):
             self.rate_label.setText("")
             self.cancel_button.setEnabled(False)
             return
-        text = f"Embedding {job.name}: {job.state}"
+        text = f"{job.name}: {job.state}"
         if job.message:
             text += f" ({job.message})"
         self.name_label.setText(text)
