@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from segscope.analysis.progress import Progress
+from segscope.analysis.skeletonise import grow_segment_box
 
 log = logging.getLogger(__name__)
 
@@ -401,105 +402,6 @@ def mesh_volume(
 # --------------------------------------------------------------------------------------
 # One segment around a point, in a growing box
 # --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SegmentBox:
-    """The box read around a point and the segment's mask in it.
-
-    Attributes
-    ----------
-    lo_vox, hi_vox : numpy.ndarray
-        int64 ``[3]`` absolute voxel corners (xyz) of the box ``[lo, hi)``.
-    mask : numpy.ndarray
-        bool ``[x, y, z]`` (shape ``hi - lo``): voxels of the segment.
-    truncated : bool
-        The segment still touches a face of the box that is not the volume's own, but the
-        box reached its size limit: the segment goes on outside it.
-    """
-
-    lo_vox: np.ndarray
-    hi_vox: np.ndarray
-    mask: np.ndarray
-    truncated: bool
-
-
-def grow_segment_box(
-    segmentation,
-    segment_id: int,
-    centre_vox: Sequence[int] | np.ndarray,
-    *,
-    initial_box_vox: Sequence[int] | None = None,
-    max_box_vox: int | Sequence[int] = DEFAULT_MAX_BOX_VOX,
-) -> Generator[Progress, None, SegmentBox]:
-    """Read a segment's mask in a box around ``centre_vox``, growing it while the segment touches its faces.
-
-    The box and its growth are those of skeletons made on demand
-    (:func:`segscope.analysis.skeletonise.skeletonise_segment`): it starts
-    ``START_HALF_WIDTH_NM`` (at least 16 voxels) either side of ``centre_vox`` (absolute
-    voxel), or ``initial_box_vox`` (x, y, z voxels) centred on it when given, clipped to
-    the volume; each side the segment touches (other than the volume's own faces) grows by
-    the box's edge, until no side is touched or the box reaches ``max_box_vox`` (voxels per
-    axis: one number or x, y, z) and the segment still touches it (``truncated``). Yields
-    progress per box read.
-
-    Raises
-    ------
-    segscope.analysis.volume.SegmentNotFoundError
-        The segment has no voxel in the first box.
-    ValueError
-        For a centre outside the volume or non-positive box sizes.
-    """
-    from segscope.analysis.skeletonise import (
-        _MIN_HALF_VOX,
-        START_HALF_WIDTH_NM,
-        _grown_box,
-        _touched_faces,
-        read_segment_mask,
-    )
-    from segscope.analysis.volume import SegmentNotFoundError
-
-    segment_id = int(segment_id)
-    origin = np.asarray(segmentation.origin_vox, dtype=np.int64)
-    end = origin + np.asarray(segmentation.shape, dtype=np.int64)
-    centre = np.asarray(centre_vox, dtype=np.int64).reshape(3)
-    limit = np.broadcast_to(np.asarray(max_box_vox, dtype=np.int64), (3,)).copy()
-    if np.any(limit < 1):
-        raise ValueError(f"the mesh box limit must be at least 1 voxel, got {max_box_vox}")
-    if np.any(centre < origin) or np.any(centre >= end):
-        raise ValueError(f"voxel {centre.tolist()} is outside the volume [{origin.tolist()}, {end.tolist()})")
-    if initial_box_vox is None:
-        half = np.maximum(
-            np.ceil(START_HALF_WIDTH_NM / np.asarray(segmentation.voxel_size_nm)).astype(np.int64), _MIN_HALF_VOX
-        )
-        half = np.minimum(half, np.maximum(limit // 2, 1))
-        lo, hi = np.maximum(centre - half, origin), np.minimum(centre + half + 1, end)
-    else:
-        initial = np.minimum(np.asarray(initial_box_vox, dtype=np.int64).reshape(3), limit)
-        if np.any(initial < 1):
-            raise ValueError(f"initial_box_vox must be positive, got {list(initial_box_vox)}")
-        lo = np.maximum(centre - initial // 2, origin)
-        hi = np.minimum(lo + initial, end)
-    hi = np.minimum(hi, lo + limit)
-    reads = 0
-    while True:
-        reads += 1
-        shape = (hi - lo).tolist()
-        yield Progress(reads, 0, "boxes", f"segment {segment_id}: reading {shape[0]}x{shape[1]}x{shape[2]} voxels")
-        mask = read_segment_mask(segmentation, segment_id, lo, hi)
-        if reads == 1 and not mask.any():
-            raise SegmentNotFoundError(
-                f"segment {segment_id} has no voxel in the box {lo.tolist()}-{hi.tolist()} "
-                f"around voxel {centre.tolist()}"
-            )
-        touched = _touched_faces(mask, lo, hi, origin, end)
-        if not touched:
-            return SegmentBox(lo, hi, mask, False)
-        new_lo, new_hi = _grown_box(lo, hi, touched, origin, end, limit)
-        if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
-            return SegmentBox(lo, hi, mask, True)
-        lo, hi = new_lo, new_hi
-        del mask
 
 
 @dataclass(frozen=True)

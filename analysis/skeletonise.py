@@ -172,6 +172,100 @@ def mask_skeleton(mask: np.ndarray, origin_vox, voxel_size_nm, segment_id: int) 
     )
 
 
+@dataclass(frozen=True)
+class SegmentBox:
+    """The box read around a point and the segment's mask in it.
+
+    Attributes
+    ----------
+    lo_vox, hi_vox : numpy.ndarray
+        int64 ``[3]`` absolute voxel corners (xyz) of the box ``[lo, hi)``.
+    mask : numpy.ndarray
+        bool ``[x, y, z]`` (shape ``hi - lo``): voxels of the segment.
+    truncated : bool
+        The segment still touches a face of the box that is not the volume's own, but the
+        box reached its size limit: the segment goes on outside it.
+    reads : int
+        How many boxes were read.
+    """
+
+    lo_vox: np.ndarray
+    hi_vox: np.ndarray
+    mask: np.ndarray
+    truncated: bool
+    reads: int = 1
+
+
+def grow_segment_box(
+    segmentation,
+    segment_id: int,
+    centre_vox: Sequence[int] | np.ndarray,
+    *,
+    initial_box_vox: Sequence[int] | None = None,
+    max_box_vox: int | Sequence[int] = DEFAULT_MAX_BOX_VOX,
+    start_half_width_nm: float = START_HALF_WIDTH_NM,
+) -> Generator[Progress, None, SegmentBox]:
+    """Read a segment's mask in a box around ``centre_vox``, growing it while the segment touches its faces.
+
+    One growth rule for skeletons (:func:`skeletonise_segment`) and meshes made on demand
+    (``segscope.analysis.meshes``): the box starts ``start_half_width_nm`` (at least 16
+    voxels) either side of ``centre_vox`` (absolute voxel), or ``initial_box_vox`` (x, y, z
+    voxels) centred on it when given, clipped to the volume; each side the segment touches
+    (other than the volume's own faces) grows by the box's edge, until no side is touched
+    or the box reaches ``max_box_vox`` (voxels per axis: one number or x, y, z) and the
+    segment still touches it (``truncated``). Yields
+    progress per box read.
+
+    Raises
+    ------
+    segscope.analysis.volume.SegmentNotFoundError
+        The segment has no voxel in the first box.
+    ValueError
+        For a centre outside the volume or non-positive box sizes.
+    """
+    segment_id = int(segment_id)
+    origin = np.asarray(segmentation.origin_vox, dtype=np.int64)
+    end = origin + np.asarray(segmentation.shape, dtype=np.int64)
+    centre = np.asarray(centre_vox, dtype=np.int64).reshape(3)
+    limit = np.broadcast_to(np.asarray(max_box_vox, dtype=np.int64), (3,)).copy()
+    if np.any(limit < 1):
+        raise ValueError(f"the box limit must be at least 1 voxel, got {max_box_vox}")
+    if np.any(centre < origin) or np.any(centre >= end):
+        raise ValueError(f"voxel {centre.tolist()} is outside the volume [{origin.tolist()}, {end.tolist()})")
+    if initial_box_vox is None:
+        half = np.maximum(
+            np.ceil(start_half_width_nm / np.asarray(segmentation.voxel_size_nm)).astype(np.int64), _MIN_HALF_VOX
+        )
+        half = np.minimum(half, np.maximum(limit // 2, 1))
+        lo, hi = np.maximum(centre - half, origin), np.minimum(centre + half + 1, end)
+    else:
+        initial = np.minimum(np.asarray(initial_box_vox, dtype=np.int64).reshape(3), limit)
+        if np.any(initial < 1):
+            raise ValueError(f"initial_box_vox must be positive, got {list(initial_box_vox)}")
+        lo = np.maximum(centre - initial // 2, origin)
+        hi = np.minimum(lo + initial, end)
+    hi = np.minimum(hi, lo + limit)
+    reads = 0
+    while True:
+        reads += 1
+        shape = (hi - lo).tolist()
+        yield Progress(reads, 0, "boxes", f"segment {segment_id}: reading {shape[0]}x{shape[1]}x{shape[2]} voxels")
+        mask = read_segment_mask(segmentation, segment_id, lo, hi)
+        if reads == 1 and not mask.any():
+            raise SegmentNotFoundError(
+                f"segment {segment_id} has no voxels in {segmentation.url!r} between voxels "
+                f"{lo.tolist()} and {hi.tolist()} (around {centre.tolist()})"
+            )
+        touched = _touched_faces(mask, lo, hi, origin, end)
+        if not touched:
+            return SegmentBox(lo, hi, mask, False, reads)
+        new_lo, new_hi = _grown_box(lo, hi, touched, origin, end, limit)
+        if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
+            return SegmentBox(lo, hi, mask, True, reads)
+        lo, hi = new_lo, new_hi
+        del mask
+
+
 def skeletonise_segment(
     segmentation: Volume,
     segment_id: int,
@@ -220,36 +314,12 @@ def skeletonise_segment(
             f"a skeleton box limit of {'x'.join(str(int(v)) for v in max_edge)} voxels would need "
             f"more than {_MAX_BOX_VOXELS // 1024**3} GiB for the mask alone; give at most 2048 per axis"
         )
-    vol_lo = np.asarray(segmentation.origin_vox, dtype=np.int64)
-    vol_hi = vol_lo + np.asarray(segmentation.shape, dtype=np.int64)
     if not bool(segmentation.contains_voxel(seed)):
         raise ValueError(f"seed voxel {seed.tolist()} lies outside {segmentation.url!r}")
-    half = np.maximum(np.ceil(start_half_width_nm / segmentation.voxel_size_nm).astype(np.int64), _MIN_HALF_VOX)
-    half = np.minimum(half, np.maximum(max_edge // 2, 1))
-    lo = np.maximum(seed - half, vol_lo)
-    hi = np.minimum(seed + half + 1, vol_hi)
-    hi = np.minimum(hi, lo + max_edge)
-    reads = 0
-    while True:
-        reads += 1
-        shape = (hi - lo).tolist()
-        yield Progress(reads, 0, "boxes", f"segment {segment_id}: reading {shape[0]}x{shape[1]}x{shape[2]} voxels")
-        mask = read_segment_mask(segmentation, segment_id, lo, hi)
-        if reads == 1 and not mask.any():
-            raise SegmentNotFoundError(
-                f"segment {segment_id} has no voxels in {segmentation.url!r} between voxels "
-                f"{lo.tolist()} and {hi.tolist()} (around {seed.tolist()})"
-            )
-        touched = _touched_faces(mask, lo, hi, vol_lo, vol_hi)
-        if not touched:
-            truncated = False
-            break
-        new_lo, new_hi = _grown_box(lo, hi, touched, vol_lo, vol_hi, max_edge)
-        if np.array_equal(new_lo, lo) and np.array_equal(new_hi, hi):
-            truncated = True
-            break
-        lo, hi = new_lo, new_hi
-        del mask
+    box = yield from grow_segment_box(
+        segmentation, segment_id, seed, max_box_vox=max_box_vox, start_half_width_nm=start_half_width_nm
+    )
+    lo, hi, mask, truncated = box.lo_vox, box.hi_vox, box.mask, box.truncated
     count = int(mask.sum())
     if truncated:
         log.warning(
@@ -259,7 +329,7 @@ def skeletonise_segment(
             lo.tolist(),
             hi.tolist(),
         )
-    yield Progress(reads, 0, "boxes", f"segment {segment_id}: skeletonising {count} voxels")
+    yield Progress(box.reads, 0, "boxes", f"segment {segment_id}: skeletonising {count} voxels")
     skeleton = mask_skeleton(mask, lo, segmentation.voxel_size_nm, segment_id)
     return SkeletoniseResult(skeleton, lo, hi, count, truncated)
 
