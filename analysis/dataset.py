@@ -338,3 +338,23 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
         if not (path / meta[key]).is_dir():
             raise DatasetError(f"dataset {path}: its {key} folder {meta[key]!r} is missing")
     return Dataset(path, meta)
+
+
+def dataset_beside(segmentation_url: str) -> dict | None:
+    """``dataset.json`` (plus ``"path"``) of the SegScope dataset whose segmentation this is, or None."""
+    from segscope.analysis.artefacts import local_folder
+
+    folder = local_folder(segmentation_url)
+    if folder is None or not folder.is_dir():
+        return None
+    meta_path = folder.resolve().parent / "dataset.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(meta, dict)
+        or (meta_path.parent / str(meta.get("segmentation", ""))).resolve() != folder.resolve()
+    ):
+        return None
+    return dict(meta, path=str(meta_path.parent))

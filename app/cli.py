@@ -202,25 +202,6 @@ def _local_dir(url: str) -> Path | None:
     return path if path is not None and path.is_dir() else None
 
 
-def _dataset_of(segmentation_dir: Path | None) -> dict | None:
-    """``dataset.json`` (plus ``"path"``) of the SegScope dataset whose segmentation this is."""
-    import json
-
-    if segmentation_dir is None:
-        return None
-    meta_path = segmentation_dir.resolve().parent / "dataset.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return None
-    if (
-        not isinstance(meta, dict)
-        or (meta_path.parent / str(meta.get("segmentation", ""))).resolve() != segmentation_dir.resolve()
-    ):
-        return None
-    return dict(meta, path=str(meta_path.parent))
-
-
 def _all_segment_ids(segmentation, box_vox, min_voxels: int):
     """Every segment of the segmentation (in ``box_vox``, with at least ``min_voxels``): a chunked scan.
 
@@ -267,6 +248,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from segscope.analysis.artefacts import named_skeleton_folder
+    from segscope.analysis.dataset import dataset_beside
     from segscope.analysis.encoder import open_encoder
     from segscope.analysis.inference import stream_node_embeddings
     from segscope.analysis.segment_list import parse_bbox, read_segment_ids_file
@@ -308,7 +290,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     skeletons = SegmentSkeletons(
         segmentation, given, max_box_vox=args.skeleton_box_vox, cache_root=False if args.no_skeleton_cache else None
     )
-    dataset = _dataset_of(segmentation_dir)
+    dataset = dataset_beside(args.segmentation)
     box = None if args.bbox is None else parse_bbox(args.bbox, segmentation.voxel_size_nm)
     listed = None
     if args.segments_file:

@@ -6,36 +6,16 @@ so a wrong path fails in a second instead of on a cluster.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
+from segscope.analysis.dataset import dataset_beside
 from segscope.analysis.pipeline.job import EmbedJob
 from segscope.analysis.progress import Progress
 
 log = logging.getLogger(__name__)
-
-
-def dataset_beside(segmentation_url: str) -> dict[str, Any] | None:
-    """``dataset.json`` (plus ``"path"``) of the SegScope dataset whose segmentation this is, or None."""
-    from segscope.analysis.artefacts import local_folder
-
-    folder = local_folder(segmentation_url)
-    if folder is None or not folder.is_dir():
-        return None
-    meta_path = folder.resolve().parent / "dataset.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return None
-    if (
-        not isinstance(meta, dict)
-        or (meta_path.parent / str(meta.get("segmentation", ""))).resolve() != folder.resolve()
-    ):
-        return None
-    return dict(meta, path=str(meta_path.parent))
 
 
 def default_skeletons(segmentation_url: str) -> str | None:
