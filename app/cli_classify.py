@@ -10,29 +10,11 @@ import json
 import sys
 from pathlib import Path
 
+from segscope.app.cli_args import positive_float, positive_int
+
 #: Aggregation radius (nm) of each target when --radius-nm is not given: those of the
 #: shipped demo classifiers (assets/classifiers/classifiers.json).
 DEFAULT_RADIUS_NM = {"compartment": 2500.0, "cell_type": 10_000.0}
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -46,14 +28,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, choices=("compartment", "cell_type"), help="what the labels name")
     parser.add_argument(
         "--radius-nm",
-        type=_non_negative,
+        type=positive_float(allow_zero=True),
         default=None,
         help="aggregate node embeddings within this radius in their segment first "
         "(default: compartment 2500, cell_type 10000; 0 = raw node embeddings)",
     )
     parser.add_argument("--config", default="BERT_SNGP_v1", help="classifier architecture (default BERT_SNGP_v1)")
-    parser.add_argument("--folds", type=_positive, default=5, help="cross-validation folds, grouped by segment")
-    parser.add_argument("--max-epochs", type=_positive, default=None, help="training epoch cap (default 200)")
+    parser.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds, grouped by segment")
+    parser.add_argument("--max-epochs", type=positive_int, default=None, help="training epoch cap (default 200)")
     parser.add_argument("--seed", type=int, default=0)
 
 

@@ -10,38 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from segscope.app.cli_args import integer, positive_int, voxel_size_nm
+
 #: Columns of the ranked table (``--out`` and the terminal).
 COLUMNS = ("rank", "segment_id", "distance", "n_nodes", "hits")
 
-
-def _segment_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"segment id must be an integer, got {text!r}") from None
-    if not 0 < value < 2**64:
-        raise argparse.ArgumentTypeError(f"segment id must be in 1..2^64-1, got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _voxel_size(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"voxel size must be X,Y,Z nm, got {text!r}") from None
-    if len(values) != 3 or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"voxel size must be three positive numbers X,Y,Z (nm), got {text!r}")
-    return values  # type: ignore[return-value]
+segment_id = integer(1, 2**64 - 1)
 
 
 def register(subparsers) -> None:
@@ -60,8 +34,8 @@ def register(subparsers) -> None:
         metavar="STORE",
         help="segscope embed's *.parquet, or a SegCLR CSV ZIP store (folder or URL)",
     )
-    parser.add_argument("--segment", required=True, type=_segment_id, metavar="ID", help="the query segment")
-    parser.add_argument("-k", type=_positive, default=20, help="how many segments to return (default 20)")
+    parser.add_argument("--segment", required=True, type=segment_id, metavar="ID", help="the query segment")
+    parser.add_argument("-k", type=positive_int, default=20, help="how many segments to return (default 20)")
     parser.add_argument(
         "--level",
         choices=("segment", "node"),
@@ -75,12 +49,12 @@ def register(subparsers) -> None:
         help="segment level: average the nodes' radius aggregates (SegCLR's 10000 or 25000) instead of the nodes",
     )
     parser.add_argument("--index", choices=("auto", "flat", "hnsw"), default="auto", help="index kind (default auto)")
-    parser.add_argument("--shards", type=_positive, default=10_000, help="CSV ZIP: number of shards (default 10000)")
-    parser.add_argument("--bytewidth", type=_positive, default=64, help="CSV ZIP: shard function bytewidth")
+    parser.add_argument("--shards", type=positive_int, default=10_000, help="CSV ZIP: number of shards (default 10000)")
+    parser.add_argument("--bytewidth", type=positive_int, default=64, help="CSV ZIP: shard function bytewidth")
     parser.add_argument(
         "--coordinates", choices=("nm", "voxels"), default="nm", help="CSV ZIP: what x, y, z hold (default nm)"
     )
-    parser.add_argument("--voxel-size", type=_voxel_size, metavar="X,Y,Z", help="CSV ZIP in voxels: voxel size (nm)")
+    parser.add_argument("--voxel-size", type=voxel_size_nm, metavar="X,Y,Z", help="CSV ZIP in voxels: voxel size (nm)")
     parser.add_argument("--out", metavar="TABLE.csv", help="also write the ranked table as CSV")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     parser.set_defaults(handler=run_similar)
