@@ -210,3 +210,23 @@ def test_a_parquet_embeddings_table_from_the_dialog_is_plotted_as_context(qtbot,
         assert plot.n_points == pq.ParquetFile(table).metadata.num_rows
     finally:
         window.dispose()
+
+
+def test_file_open_from_the_menu_shows_the_dialog(qtbot, window):
+    """The menu's File > Open (QAction.triggered passes checked=False) opens the dialog."""
+    from PyQt6.QtCore import QTimer
+    from PyQt6.QtWidgets import QApplication
+
+    from segscope.app.views.open_dialog import OpenDialog
+
+    shown = []
+
+    def close_it():
+        dialog = QApplication.activeModalWidget()
+        shown.append(dialog)
+        if dialog is not None:
+            dialog.reject()
+
+    QTimer.singleShot(500, close_it)
+    window.open_action.trigger()  # modal: returns once close_it rejected it
+    assert len(shown) == 1 and isinstance(shown[0], OpenDialog)

@@ -534,7 +534,9 @@ class MainWindow(QMainWindow):
         """
         action = QAction(text, self)
         action.setShortcuts([QKeySequence(s) for s in (shortcuts if isinstance(shortcuts, list) else [shortcuts])])
-        action.triggered.connect(slot)
+        # triggered(bool checked): drop the flag, or a slot with an optional first
+        # parameter (File > Open's ``initial``) receives False in its place.
+        action.triggered.connect(lambda _checked=False: slot())
         action.setShortcutContext(Qt.ShortcutContext.WindowShortcut)
         menu.addAction(action)
         self.addAction(action)
