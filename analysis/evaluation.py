@@ -15,10 +15,11 @@ The protocol (``segscope evaluate``):
 4. Scores on the *evaluation* cells (never seen by the encoder or the classifiers):
    subcompartment accuracy and macro-F1 (nodes of known-type cells); cell-type accuracy
    per segment (mean of its nodes' probabilities) on known types; out-of-distribution
-   AUROC of the segment's mean Dempster-Shafer uncertainty, held-out types (positive)
-   against known types; and a label-efficiency curve: subcompartment accuracy against the
-   number of labelled training nodes, repeated class-guaranteed subsamples, for the
-   encoder and the baseline.
+   AUROC of the segment's mean OOD score (the classifier's: Mahalanobis distance to the
+   training classes, see ``classify/density.py``), held-out types (positive) against
+   known types, with the AUROC of SegCLR's Dempster-Shafer uncertainty beside it; and a
+   label-efficiency curve: subcompartment accuracy against the number of labelled
+   training nodes, repeated class-guaranteed subsamples, for the encoder and the baseline.
 
 Positions are nm; embeddings are ``[N, D]`` float32 rows, one per centre.
 """
@@ -117,15 +118,15 @@ def _fit(embeddings, labels, class_names, config_name, seed, max_epochs=1000):
     )
 
 
-def segment_scores(segment_ids: np.ndarray, probabilities: np.ndarray, uncertainty: np.ndarray):
-    """Per segment: mean class probabilities ``[S, K]`` and mean uncertainty ``[S]``.
+def segment_scores(segment_ids: np.ndarray, probabilities: np.ndarray, score: np.ndarray):
+    """Per segment: mean class probabilities ``[S, K]`` and mean of a node score ``[S]``.
 
-    Returns ``(ids [S], probabilities [S, K], uncertainty [S])``, ids sorted.
+    Returns ``(ids [S], probabilities [S, K], score [S])``, ids sorted.
     """
     ids, inverse = np.unique(segment_ids, return_inverse=True)
     counts = np.bincount(inverse).astype(np.float64)
     probs = np.stack([np.bincount(inverse, weights=probabilities[:, k]) for k in range(probabilities.shape[1])], 1)
-    return ids, probs / counts[:, None], np.bincount(inverse, weights=uncertainty) / counts
+    return ids, probs / counts[:, None], np.bincount(inverse, weights=score) / counts
 
 
 def _compartment_task(centres: CentreTable, embeddings: np.ndarray, known: np.ndarray, config: EvaluationConfig):
@@ -157,7 +158,7 @@ def _cell_type_task(centres: CentreTable, aggregated: np.ndarray, known_types: l
     classifier = _fit(aggregated[train], codes[train], known_types, config.cell_type_classifier, config.seed)
     test = centres.is_eval
     prediction = classifier.predict(aggregated[test])
-    ids, probs, unc = segment_scores(centres.segment_ids[test], prediction.probabilities, prediction.uncertainty)
+    ids, probs, unc = segment_scores(centres.segment_ids[test], prediction.probabilities, prediction.ood_score)
     seg_type = {int(s): t for s, t in zip(centres.segment_ids[test], centres.cell_type[test])}
     types = np.array([seg_type[int(s)] for s in ids])
     known_seg = np.isin(types, known_types)
@@ -173,12 +174,15 @@ def _cell_type_task(centres: CentreTable, aggregated: np.ndarray, known_types: l
         "node_accuracy": accuracy(codes[test][node_known], prediction.labels[node_known]),
         "confusion": confusion_matrix(truth, predicted, num_classes=len(known_types)).tolist(),
         "ood_threshold": classifier.ood_threshold,
+        "ood_score": classifier.ood_score_kind,
     }
     if (~known_seg).any() and known_seg.any():
         result["ood_auroc"] = auroc(unc, ~known_seg)
+        _, _, ds = segment_scores(centres.segment_ids[test], prediction.probabilities, prediction.uncertainty)
+        result["ood_auroc_dempster_shafer"] = auroc(ds, ~known_seg)
         result["ood_flagged_held_out"] = float(np.mean(unc[~known_seg] > classifier.ood_threshold))
         result["ood_flagged_known"] = float(np.mean(unc[known_seg] > classifier.ood_threshold))
-    result["_segment_uncertainty"] = (unc, ~known_seg)
+    result["_segment_ood_score"] = (unc, ~known_seg)
     return classifier, result
 
 
@@ -306,7 +310,7 @@ def evaluate(
 
     _plot(out, metrics, curves)
     for name in encoders:
-        metrics[name]["cell_type"].pop("_segment_uncertainty", None)
+        metrics[name]["cell_type"].pop("_segment_ood_score", None)
     metrics["seconds"] = time.perf_counter() - started
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     metrics["_classifiers"] = classifiers
@@ -320,7 +324,7 @@ def _row_order(centres: CentreTable, nodes) -> np.ndarray:
 
 
 def _plot(out: Path, metrics: dict, curves: dict) -> None:
-    """Label-efficiency curve, confusion matrices and OOD uncertainty histogram as PNGs."""
+    """Label-efficiency curve, confusion matrices and OOD score histogram as PNGs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,14 +370,19 @@ def _plot(out: Path, metrics: dict, curves: dict) -> None:
     fig.savefig(out / "confusion.png")
     plt.close(fig)
 
-    unc, held_out = trained["cell_type"]["_segment_uncertainty"]
+    unc, held_out = trained["cell_type"]["_segment_ood_score"]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    bins = np.linspace(0, 1, 31).tolist()
+    top = 1.0 if trained["cell_type"]["ood_score"] == "dempster_shafer" else float(np.max(unc, initial=1.0)) * 1.02
+    bins = np.linspace(0, top, 31).tolist()
     ax.hist(unc[~held_out], bins=bins, alpha=0.6, label="known types", density=True)
     if held_out.any():
         ax.hist(unc[held_out], bins=bins, alpha=0.6, label="held-out type(s)", density=True)
     ax.axvline(trained["cell_type"]["ood_threshold"], color="k", ls="--", label="OOD threshold")
-    ax.set_xlabel("segment mean Dempster-Shafer uncertainty")
+    ax.set_xlabel(
+        "segment mean Dempster-Shafer uncertainty"
+        if trained["cell_type"]["ood_score"] == "dempster_shafer"
+        else "segment mean Mahalanobis distance to the training classes"
+    )
     ax.set_ylabel("density")
     title = "Out-of-distribution score on held-out cells"
     if "ood_auroc" in trained["cell_type"]:

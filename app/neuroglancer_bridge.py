@@ -1490,8 +1490,7 @@ def ood_flag(record: SegmentRecord) -> tuple[str, dict] | None:
         "pointA": [float(v) for v in lo],
         "pointB": [float(v) for v in hi],
         "description": (
-            f"segment {record.segment_id} is out of distribution: cell-type uncertainty "
-            f"{record.ood_score:.2f}{threshold}"
+            f"segment {record.segment_id} is out of distribution: cell-type OOD score {record.ood_score:.2f}{threshold}"
         ),
         "props": [OOD_COLOUR],
     }

@@ -770,7 +770,7 @@ class SessionService:
             return ""
         text = f" Cell type {segment.cell_type} (p = {segment.cell_type_probability:.2f})"
         if segment.ood_flagged:
-            text += f", OUT OF DISTRIBUTION (uncertainty {segment.ood_score:.2f})"
+            text += f", OUT OF DISTRIBUTION (OOD score {segment.ood_score:.2f})"
         return text + "."
 
     # -- training classifiers from the session's labels ----------------------------------------

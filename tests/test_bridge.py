@@ -184,7 +184,7 @@ def test_ood_segment_gets_a_named_flag_layer_with_a_box_and_loses_it_when_in_dis
     assert box["type"] == "axis_aligned_bounding_box"
     np.testing.assert_allclose(box["pointA"], [-900.0, -800.0, -700.0])
     np.testing.assert_allclose(box["pointB"], [1400.0, 1500.0, 1600.0])
-    assert "uncertainty 0.48 > threshold 0.20" in box["description"]
+    assert "OOD score 0.48 > threshold 0.20" in box["description"]
     assert bridge.viewer.state.layers[SEGMENTATION_LAYER].segment_colors[np.uint64(12)] == OOD_COLOUR
 
     # A new score for the same segment changes the box, not the layer list; the same score
@@ -192,7 +192,7 @@ def test_ood_segment_gets_a_named_flag_layer_with_a_box_and_loses_it_when_in_dis
     state.set_predictions(12, ood_score=0.55, ood_flagged=True, ood_threshold=0.2)
     assert bridge.flush()
     assert _flag_layers(bridge) == ["OUT OF DISTRIBUTION: segment 12"]
-    assert "uncertainty 0.55" in annotations(bridge, "OUT OF DISTRIBUTION: segment 12")[0]["description"]
+    assert "OOD score 0.55" in annotations(bridge, "OUT OF DISTRIBUTION: segment 12")[0]["description"]
     writes = bridge.writes
     state.set_predictions(12, ood_score=0.5501, ood_flagged=True, ood_threshold=0.2)
     assert bridge.flush()

@@ -157,17 +157,51 @@ def test_ood_threshold_is_configurable(trained, toy_data):
     classifier, _ = trained
     _, (test_x, _) = toy_data
     original = classifier.ood_threshold
+    assert classifier.ood_score_kind == "mahalanobis"
     try:
         prediction = classifier.predict(test_x)
-        np.testing.assert_array_equal(prediction.ood, prediction.uncertainty > original)
+        np.testing.assert_array_equal(prediction.ood, prediction.ood_score > original)
         classifier.ood_threshold = 0.0
         assert classifier.predict(test_x).ood.all()
-        classifier.ood_threshold = 1.0
+        classifier.ood_threshold = 1e6
         assert not classifier.predict(test_x).ood.any()
-        with pytest.raises(ValueError, match="threshold"):
-            classifier.ood_threshold = 1.5
+        for bad in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="threshold"):
+                classifier.ood_threshold = bad
     finally:
         classifier.ood_threshold = original
+
+
+def test_mahalanobis_ood_score_is_the_distance_to_the_nearest_class(trained, toy_data):
+    classifier, _ = trained
+    _, (test_x, _) = toy_data
+    density = classifier.density
+    z = (test_x - classifier.standardization_mean) / classifier.standardization_std
+    brute = np.sqrt(np.min([np.einsum("nd,de,ne->n", z - m, density.precision, z - m) for m in density.means], axis=0))
+    prediction = classifier.predict(test_x)
+    np.testing.assert_allclose(prediction.ood_score, brute, rtol=1e-6)
+    # Three classes, one mean each, fitted to the standardised training part only.
+    assert density.means.shape == (3, NUM_FEATURES)
+    # The threshold is the 95th percentile of the validation part's distances, so most
+    # held-out in-distribution points stay under it.
+    assert 0.8 < (prediction.ood_score <= classifier.ood_threshold).mean() <= 1.0
+
+
+def test_dempster_shafer_ood_score_stays_available(toy_data):
+    (train_x, train_y), (test_x, _) = toy_data
+    classifier = drive(
+        train_classifier(
+            train_x, train_y, config=TINY_SNGP, max_epochs=5, learning_rate=1e-2, seed=3, ood_score="dempster_shafer"
+        )
+    )
+    assert classifier.density is None and classifier.ood_score_kind == "dempster_shafer"
+    prediction = classifier.predict(test_x)
+    np.testing.assert_array_equal(prediction.ood_score, prediction.uncertainty)
+    np.testing.assert_array_equal(prediction.ood, prediction.uncertainty > classifier.ood_threshold)
+    with pytest.raises(ValueError, match="threshold"):
+        classifier.ood_threshold = 1.5
+    with pytest.raises(ValueError, match="ood_score must be one of"):
+        drive(train_classifier(train_x, train_y, config=TINY_SNGP, ood_score="entropy"))
 
 
 def test_predict_changes_no_weight(trained, toy_data):
@@ -402,8 +436,9 @@ def test_save_load_reproduces_predictions_exactly(trained, toy_data, tmp_path):
     path = classifier.save(tmp_path / "sub" / "toy.npz")
     loaded = load_classifier(path)
     before, after = classifier.predict(probe), loaded.predict(probe)
-    for name in ("probabilities", "labels", "logits", "variance", "uncertainty", "ood"):
+    for name in ("probabilities", "labels", "logits", "variance", "uncertainty", "ood", "ood_score"):
         np.testing.assert_array_equal(getattr(before, name), getattr(after, name), err_msg=name)
+    assert loaded.ood_score_kind == "mahalanobis"
     assert loaded.class_names == CLASS_NAMES
     assert loaded.ood_threshold == classifier.ood_threshold
     assert loaded.config == TINY_SNGP
@@ -458,6 +493,38 @@ def test_load_errors(tmp_path, trained):
     assert zipfile.is_zipfile(good)
 
 
+def test_density_term_on_load(tmp_path, trained, toy_data):
+    """A version-1 file (no density) scores OOD by uncertainty; a damaged density is named."""
+    classifier, _ = trained
+    _, (test_x, _) = toy_data
+    good = classifier.save(tmp_path / "good.npz")
+    with np.load(good) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    metadata = json.loads(str(arrays["metadata_json"]))
+
+    def write(name, meta, **changes):
+        out = {k: v for k, v in arrays.items() if k not in changes}
+        out.update({k: v for k, v in changes.items() if v is not None})
+        out["metadata_json"] = np.array(json.dumps(meta))
+        np.savez(tmp_path / name, **out)
+        return tmp_path / name
+
+    old = dict(metadata, format_version=1, ood_threshold=0.4)
+    del old["ood_score"]
+    legacy = load_classifier(write("v1.npz", old, density_means=None, density_precision=None))
+    assert legacy.ood_score_kind == "dempster_shafer"
+    prediction = legacy.predict(test_x)
+    np.testing.assert_array_equal(prediction.ood, prediction.uncertainty > 0.4)
+    with pytest.raises(ClassifierFileError, match="density_means"):
+        load_classifier(write("no_arrays.npz", metadata, density_means=None))
+    with pytest.raises(ClassifierFileError, match="NaN or infinite"):
+        load_classifier(write("nan.npz", metadata, density_means=np.full_like(arrays["density_means"], np.nan)))
+    with pytest.raises(ClassifierFileError, match="density"):
+        load_classifier(write("wide.npz", metadata, density_means=np.zeros((3, 7))))
+    with pytest.raises(ClassifierFileError, match="unknown OOD score"):
+        load_classifier(write("kind.npz", dict(metadata, ood_score="entropy")))
+
+
 # --- input errors --------------------------------------------------------------------------
 
 
@@ -491,7 +558,9 @@ def test_train_rejects_bad_input():
     with pytest.raises(ValueError, match="NaN or infinite"):
         drive(train_classifier(bad, y, config=TINY_SNGP))
     with pytest.raises(ValueError, match="threshold"):
-        drive(train_classifier(x, y, config=TINY_SNGP, ood_threshold=2.0))
+        drive(train_classifier(x, y, config=TINY_SNGP, ood_threshold=-2.0))
+    with pytest.raises(ValueError, match="threshold"):
+        drive(train_classifier(x, y, config=TINY_SNGP, ood_threshold=2.0, ood_score="dempster_shafer"))
     with pytest.raises(ValueError, match="validation data"):
         drive(train_classifier(x, y, config=TINY_SNGP, validation_data=(np.zeros((5, 3)), np.zeros(5, int))))
 

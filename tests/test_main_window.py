@@ -248,7 +248,7 @@ def test_double_click_selects_streams_predicts_and_flags_ood(qtbot, window, demo
     assert segment.cell_type in ("pyramidal", "interneuron")
     assert f"{segment.cell_type} (p = {segment.cell_type_probability:.2f})" in window.panel.cell_type_label.text()
     assert segment.ood_flagged and segment.ood_score > segment.ood_threshold
-    assert window.panel.ood_label.text().startswith("YES, out of distribution (uncertainty")
+    assert window.panel.ood_label.text().startswith("YES, out of distribution (score")
     # In 3-D: every centre coloured by its predicted compartment, the segment magenta, and
     # a flag layer named in the layer bar.
     assert window.bridge.flush()
@@ -321,7 +321,7 @@ def test_precomputed_embeddings_are_used_when_the_store_has_the_segment(qtbot, w
     assert len(node_batches) == 1 and node_batches[0].embedding_source == "precomputed"
     assert segment.cell_type == "pyramidal" and segment.cell_type_probability > 0.9
     assert segment.ood_flagged is False
-    assert window.panel.ood_label.text().startswith("no (uncertainty")
+    assert window.panel.ood_label.text().startswith("no (score")
     assert (segment.predicted < 4).all()
     assert window.bridge.flush()
     viewer_state = window.bridge.viewer.state
@@ -473,7 +473,7 @@ def test_panel_is_honest_about_missing_classifiers(qtbot):
         5, cell_type="basket", cell_type_probability=0.75, ood_score=0.1, ood_flagged=False, ood_threshold=0.3, note=""
     )
     assert panel.cell_type_label.text().endswith("basket (p = 0.75)")
-    assert panel.ood_label.text() == "no (uncertainty 0.10 vs threshold 0.30)"
+    assert panel.ood_label.text() == "no (score 0.10 vs threshold 0.30)"
     assert not panel.prediction_note.isVisible() or panel.prediction_note.text() == ""
 
 

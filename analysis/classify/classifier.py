@@ -13,6 +13,10 @@ Differences from SegCLR's ``classification/model_handler.py``, on purpose:
   of the shuffled data, so a rare class can be missing from validation).
 * Probabilities are the softmax of the mean-field adjusted logits (SegCLR's
   ``predict_data`` returned the unadjusted softmax); the predicted label is the same.
+* Out-of-distribution scores of newly trained classifiers are the Mahalanobis distance to
+  the training classes (:mod:`.density`); the Dempster-Shafer uncertainty is still
+  computed and returned. Files without a density (format 1, or trained with
+  ``ood_score="dempster_shafer"``) score OOD by the uncertainty, as SegCLR does.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 
 from ..progress import Progress, RateMeter
 from .configs import ClassifierConfig, get_classifier_config
+from .density import ClassDensity
 from .uncertainty import (
     MEAN_FIELD_LAMBDA,
     class_probabilities,
@@ -46,7 +51,9 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "segscope-classifier"
-FORMAT_VERSION = 1
+#: 2 added the optional density term (``density_means``, ``density_precision`` and the
+#: ``ood_score`` metadata key); version 1 files load unchanged.
+FORMAT_VERSION = 2
 _METADATA_KEY = "metadata_json"
 DEFAULT_OOD_QUANTILE = 0.95
 #: Training defaults. SegCLR's 1000 epochs with patience 20 on the raw validation loss
@@ -80,8 +87,12 @@ class Prediction:
     uncertainty : numpy.ndarray
         float64 ``[N]`` in (0, 1): Dempster-Shafer uncertainty of the adjusted logits.
     ood : numpy.ndarray
-        bool ``[N]``: ``uncertainty > threshold`` (flagged out of distribution).
+        bool ``[N]``: ``ood_score > threshold`` (flagged out of distribution).
     class_names : tuple of str
+    ood_score : numpy.ndarray
+        float64 ``[N]``: what the OOD threshold applies to, the classifier's
+        ``ood_score_kind``: Mahalanobis distance to the training classes (standardised
+        units) or, for classifiers without a density, ``uncertainty`` (the default).
     """
 
     probabilities: np.ndarray
@@ -91,6 +102,11 @@ class Prediction:
     uncertainty: np.ndarray
     ood: np.ndarray
     class_names: tuple[str, ...] = field(default=())
+    ood_score: np.ndarray = None  # type: ignore[assignment]  # set in __post_init__
+
+    def __post_init__(self) -> None:
+        if self.ood_score is None:  # a classifier without a density scores by uncertainty
+            object.__setattr__(self, "ood_score", np.asarray(self.uncertainty, dtype=np.float64))
 
     def __len__(self) -> int:
         return int(self.labels.size)
@@ -101,10 +117,16 @@ class Prediction:
         return np.asarray(self.class_names, dtype=str)[self.labels]
 
 
-def _check_threshold(threshold: float) -> float:
+#: The kinds of OOD score a classifier can have (see :attr:`Classifier.ood_score_kind`).
+OOD_SCORE_KINDS = ("mahalanobis", "dempster_shafer")
+
+
+def _check_threshold(threshold: float, kind: str = "dempster_shafer") -> float:
     threshold = float(threshold)
-    if not 0.0 <= threshold <= 1.0:
+    if kind == "dempster_shafer" and not 0.0 <= threshold <= 1.0:
         raise ValueError(f"OOD threshold must be in [0, 1] (Dempster-Shafer uncertainty), got {threshold}")
+    if kind == "mahalanobis" and not (math.isfinite(threshold) and threshold >= 0.0):
+        raise ValueError(f"OOD threshold must be a finite distance >= 0 (Mahalanobis), got {threshold}")
     return threshold
 
 
@@ -119,8 +141,11 @@ class Classifier:
         The Keras network (its ``call`` returns logits).
     class_names : tuple of str
     ood_threshold : float
-        Dempster-Shafer uncertainty above which :meth:`predict` flags out of distribution.
-        Settable; saved with the classifier.
+        OOD score (see ``ood_score_kind``) above which :meth:`predict` flags out of
+        distribution. Settable; saved with the classifier.
+    density : ClassDensity or None
+        The training classes' Gaussians in standardised units; when present the OOD score
+        is the Mahalanobis distance to them, otherwise the Dempster-Shafer uncertainty.
     training_info : dict
         What training recorded (history, epochs, seed, data sizes); JSON-able.
     """
@@ -133,12 +158,16 @@ class Classifier:
         ood_threshold: float,
         mean_field_lambda: float = MEAN_FIELD_LAMBDA,
         training_info: dict[str, Any] | None = None,
+        density: ClassDensity | None = None,
     ):
         self.model = model
         self.class_names = tuple(str(name) for name in class_names)
         if len(self.class_names) != model.num_classes:
             raise ValueError(f"{len(self.class_names)} class names for a model with {model.num_classes} classes")
-        self._ood_threshold = _check_threshold(ood_threshold)
+        if density is not None and density.num_features != model.num_features:
+            raise ValueError(f"a {density.num_features}-d density for a {model.num_features}-d classifier")
+        self.density = density
+        self._ood_threshold = _check_threshold(ood_threshold, self.ood_score_kind)
         self.mean_field_lambda = float(mean_field_lambda)
         self.training_info = dict(training_info or {})
         self._covariance: np.ndarray | None = None
@@ -162,7 +191,19 @@ class Classifier:
 
     @ood_threshold.setter
     def ood_threshold(self, value: float) -> None:
-        self._ood_threshold = _check_threshold(value)
+        self._ood_threshold = _check_threshold(value, self.ood_score_kind)
+
+    @property
+    def ood_score_kind(self) -> str:
+        """``"mahalanobis"`` with a density, else ``"dempster_shafer"`` (SegCLR's)."""
+        return "dempster_shafer" if self.density is None else "mahalanobis"
+
+    def ood_scores(self, embeddings: np.ndarray, uncertainty: np.ndarray) -> np.ndarray:
+        """The OOD score ``[N]`` float64 of raw embeddings ``[N, D]`` whose uncertainty is known."""
+        if self.density is None:
+            return np.asarray(uncertainty, dtype=np.float64)
+        standardised = (embeddings - self.standardization_mean) / self.standardization_std
+        return self.density.distance(standardised)
 
     @property
     def standardization_mean(self) -> np.ndarray:
@@ -218,14 +259,16 @@ class Classifier:
             variance = np.zeros(0, np.float32)
         adjusted = mean_field_logits(logits, variance, self.mean_field_lambda)
         uncertainty = dempster_shafer(adjusted)
+        ood_score = self.ood_scores(data, uncertainty)
         return Prediction(
             probabilities=class_probabilities(adjusted),
             labels=np.argmax(logits, axis=1).astype(np.int64),
             logits=logits,
             variance=variance,
             uncertainty=uncertainty,
-            ood=uncertainty > self.ood_threshold,
+            ood=ood_score > self.ood_threshold,
             class_names=self.class_names,
+            ood_score=ood_score,
         )
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -253,11 +296,15 @@ class Classifier:
             "class_names": list(self.class_names),
             "num_features": self.num_features,
             "ood_threshold": self.ood_threshold,
+            "ood_score": self.ood_score_kind,
             "mean_field_lambda": self.mean_field_lambda,
             "training_info": self.training_info,
             "weight_paths": weight_paths,
             "keras_version": keras.__version__,
         }
+        if self.density is not None:
+            arrays["density_means"] = self.density.means
+            arrays["density_precision"] = self.density.precision
         arrays[_METADATA_KEY] = np.array(json.dumps(metadata))
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
@@ -304,6 +351,8 @@ def _read_classifier_file(path, *, with_weights: bool):
             if with_weights:
                 count = len(metadata["weight_paths"])
                 weights = [archive[f"weight_{i:04d}"] for i in range(count)]
+                if metadata.get("ood_score", "dempster_shafer") == "mahalanobis":
+                    weights.append((archive["density_means"], archive["density_precision"]))
     except ClassifierFileError:
         raise
     except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
@@ -343,8 +392,20 @@ def load_classifier(path: str | os.PathLike) -> Classifier:
         weight_paths = list(metadata["weight_paths"])
         ood_threshold = float(metadata["ood_threshold"])
         mean_field_lambda = float(metadata["mean_field_lambda"])
+        ood_score_kind = str(metadata.get("ood_score", "dempster_shafer"))
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ClassifierFileError(f"{path}: incomplete classifier metadata: {exc}") from exc
+    if ood_score_kind not in OOD_SCORE_KINDS:
+        raise ClassifierFileError(f"{path}: unknown OOD score {ood_score_kind!r} (known: {', '.join(OOD_SCORE_KINDS)})")
+    density = None
+    if ood_score_kind == "mahalanobis":
+        means, precision = weights.pop()
+        try:
+            density = ClassDensity(np.asarray(means, np.float64), np.asarray(precision, np.float64))
+        except (ValueError, TypeError) as exc:
+            raise ClassifierFileError(f"{path}: invalid density term: {exc}") from None
+        if density.num_features != num_features:
+            raise ClassifierFileError(f"{path}: a {density.num_features}-d density for {num_features}-d embeddings")
     if math.isnan(ood_threshold) or not math.isfinite(mean_field_lambda) or not 0 < num_features <= 1 << 20:
         raise ClassifierFileError(
             f"{path}: invalid classifier metadata (ood_threshold {ood_threshold}, "
@@ -370,13 +431,17 @@ def load_classifier(path: str | os.PathLike) -> Classifier:
             # NaN or inf weights would turn every prediction into NaN without a word.
             raise ClassifierFileError(f"{path}: weight {variable.path} holds NaN, infinite or non-numeric values")
         variable.assign(value)
-    return Classifier(
-        model,
-        class_names,
-        ood_threshold=ood_threshold,
-        mean_field_lambda=mean_field_lambda,
-        training_info=metadata.get("training_info"),
-    )
+    try:
+        return Classifier(
+            model,
+            class_names,
+            ood_threshold=ood_threshold,
+            mean_field_lambda=mean_field_lambda,
+            training_info=metadata.get("training_info"),
+            density=density,
+        )
+    except ValueError as exc:
+        raise ClassifierFileError(f"{path}: {exc}") from None
 
 
 def _as_embeddings(embeddings, what: str) -> np.ndarray:
@@ -519,6 +584,7 @@ def train_classifier(
     seed: int = 0,
     ood_threshold: float | None = None,
     ood_quantile: float = DEFAULT_OOD_QUANTILE,
+    ood_score: str = "mahalanobis",
 ) -> Generator[Progress, None, Classifier]:
     """Fit a classifier on embeddings; a generator yielding one Progress per epoch.
 
@@ -557,8 +623,12 @@ def train_classifier(
         Seeds Keras' global RNG (initial weights), the split, the shuffling and the GP
         random features: the same inputs and seed give the same classifier.
     ood_threshold : float, optional
-        Dempster-Shafer threshold for OOD flags. Default: the ``ood_quantile`` quantile of
-        the validation uncertainties (so about 5 % of in-distribution data is flagged).
+        Threshold of the OOD score for OOD flags. Default: the ``ood_quantile`` quantile of
+        the validation scores (so about 5 % of in-distribution data is flagged).
+    ood_score : {"mahalanobis", "dempster_shafer"}
+        What scores novelty: the Mahalanobis distance to the training classes (a density
+        fitted to the training part, :mod:`.density`) or SegCLR's Dempster-Shafer
+        uncertainty alone.
 
     Yields
     ------
@@ -599,8 +669,10 @@ def train_classifier(
     batch_size = config.batch_size if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if ood_score not in OOD_SCORE_KINDS:
+        raise ValueError(f"ood_score must be one of {', '.join(OOD_SCORE_KINDS)}, got {ood_score!r}")
     if ood_threshold is not None:
-        ood_threshold = _check_threshold(ood_threshold)
+        ood_threshold = _check_threshold(ood_threshold, ood_score)
     if not 0.0 < ood_quantile < 1.0:
         raise ValueError(f"ood_quantile must be in (0, 1), got {ood_quantile}")
 
@@ -731,10 +803,12 @@ def train_classifier(
         "stopped_early": epoch + 1 < max_epochs,
         "history": history,
     }
-    classifier = Classifier(model, class_names, ood_threshold=0.5, training_info=training_info)
+    density = None
+    if ood_score == "mahalanobis":
+        density = ClassDensity.fit((train_x - mean) / std, train_y)
+    classifier = Classifier(model, class_names, ood_threshold=0.5, training_info=training_info, density=density)
     if ood_threshold is None:
-        uncertainty = classifier.predict(val_x).uncertainty
-        ood_threshold = float(np.quantile(uncertainty, ood_quantile))
+        ood_threshold = float(np.quantile(classifier.predict(val_x).ood_score, ood_quantile))
         training_info["ood_threshold_quantile"] = ood_quantile
     classifier.ood_threshold = ood_threshold
     return classifier

@@ -49,8 +49,10 @@ class CellTypeCall:
     """A segment's cell type from the radius-aggregated embeddings of its nodes so far.
 
     ``probability`` is the winning class's mean probability over the nodes,
-    ``probabilities`` every class's; ``ood_score`` the nodes' mean Dempster-Shafer
-    uncertainty and ``ood_flagged`` whether it exceeds the classifier's ``threshold``.
+    ``probabilities`` every class's; ``ood_score`` the nodes' mean OOD score (the
+    classifier's ``ood_score_kind``: Mahalanobis distance to the training classes, or
+    Dempster-Shafer uncertainty for classifiers without a density) and ``ood_flagged``
+    whether it exceeds the classifier's ``threshold``.
     """
 
     name: str
@@ -206,7 +208,7 @@ class SegmentPredictor:
             prediction = self.cell_type.predict(features)
             mean = prediction.probabilities.mean(axis=0)
             best = int(np.argmax(mean))
-            score = float(prediction.uncertainty.mean())
+            score = float(prediction.ood_score.mean())
             threshold = float(self.cell_type.ood_threshold)
             cell_type = CellTypeCall(
                 name=str(self.cell_type.class_names[best]),

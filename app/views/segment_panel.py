@@ -213,7 +213,7 @@ class SegmentPanel(QWidget):
         else:
             threshold = "" if record.ood_threshold is None else f" vs threshold {record.ood_threshold:.2f}"
             flag = "YES, out of distribution" if record.ood_flagged else "no"
-            self.ood_label.setText(f"{flag} (uncertainty {record.ood_score:.2f}{threshold})")
+            self.ood_label.setText(f"{flag} (score {record.ood_score:.2f}{threshold})")
             self.ood_label.setStyleSheet(f"color: {OOD_COLOUR}; font-weight: bold" if record.ood_flagged else "")
         counts = None if record is None else record.compartment_counts("predicted")
         if counts is not None:
