@@ -141,6 +141,44 @@ def read_classifier_folder(folder: str | os.PathLike) -> ClassifierSummary:
     )
 
 
+def copy_classifier_folder(summary: ClassifierSummary, destination: str | os.PathLike, *, force: bool = False) -> Path:
+    """Copy the classifiers ``summary`` describes (manifest and ``.npz`` files) to ``destination``.
+
+    What a user exports after training in the app, for ``segscope embed --classifiers``
+    or a colleague's ``segscope open --classifiers``. The copy is all or nothing (a
+    temporary sibling renamed into place) and is read back before it counts.
+
+    Raises
+    ------
+    FileExistsError
+        ``destination`` exists and ``force`` is False.
+    FileNotFoundError, ValueError
+        The source folder changed since it was loaded (a file missing or unreadable).
+    """
+    import shutil
+
+    from segscope.analysis.export.atomic import atomic_folder
+
+    source = Path(summary.folder)
+    manifest = source / CLASSIFIER_MANIFEST
+    files = [manifest] + [Path(info.path) for info in (summary.compartment, summary.cell_type) if info is not None]
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is gone: the loaded classifiers cannot be copied")
+    import json
+
+    entries = json.loads(manifest.read_text())
+    with atomic_folder(destination, force=force) as staging:
+        for task, info in (("compartment", summary.compartment), ("cell_type", summary.cell_type)):
+            if info is not None:
+                # The manifest may name a file in a subfolder; the copy keeps them side by side.
+                shutil.copy2(info.path, staging / Path(info.path).name)
+                entries[task]["file"] = Path(info.path).name
+        (staging / CLASSIFIER_MANIFEST).write_text(json.dumps(entries, indent=1))
+        read_classifier_folder(staging)
+    return Path(destination)
+
+
 def classifier_encoder_mismatch(summary: ClassifierSummary, encoder_path: str | os.PathLike) -> str | None:
     """Why ``summary``'s classifiers do not fit the encoder at ``encoder_path``, or None when they do.
 

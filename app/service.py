@@ -954,6 +954,27 @@ class SessionService:
         self.load_classifiers(summary)
         self.repredict()
 
+    def export_classifiers(self, destination: str | os.PathLike, *, force: bool = False) -> Path | None:
+        """Copy the loaded classifiers (a trained and accepted one included) to ``destination``.
+
+        The folder is what ``segscope embed --classifiers`` and ``segscope open
+        --classifiers`` read. None, with the reason shown as an error, when no classifiers
+        are loaded or the copy fails (the destination exists, a file is gone, disk full).
+        """
+        from segscope.analysis.artefacts import copy_classifier_folder
+
+        summary = self.state.classifiers
+        if summary is None:
+            self.state.show_error("No classifiers are loaded: nothing to export.")
+            return None
+        try:
+            folder = copy_classifier_folder(summary, destination, force=force)
+        except (OSError, ValueError) as exc:
+            self.state.show_error(f"Exporting classifiers failed: {exc}")
+            return None
+        self.state.show_status(f"Classifiers exported to {folder}")
+        return folder
+
     def revert_classifier(self) -> bool:
         """Load the classifiers the last accepted training replaced; False when there are none."""
         if not self.previous_classifiers:

@@ -146,6 +146,19 @@ def test_cli_train_writes_a_folder_the_readers_accept(tmp_path, capsys):
     assert 0.0 <= manifest["cell_type"]["cross_validation"]["balanced_accuracy"] <= 1.0
     assert load_classifier(out / "cell_type.npz").num_features == 64
 
+    # The app's Export classifiers: a whole copy or nothing, never over an existing folder.
+    from segscope.analysis.artefacts import copy_classifier_folder
+
+    copied = copy_classifier_folder(summary, tmp_path / "copy")
+    assert read_classifier_folder(copied).cell_type.class_names == summary.cell_type.class_names
+    assert (copied / "cell_type.npz").read_bytes() == (out / "cell_type.npz").read_bytes()
+    with pytest.raises(FileExistsError):
+        copy_classifier_folder(summary, copied)
+    (out / "cell_type.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"cell_type\.npz is gone"):
+        copy_classifier_folder(summary, tmp_path / "copy2")
+    assert not (tmp_path / "copy2").exists()
+
     _write_labels(tmp_path / "bad.csv", [[picked[0], "", "spiny"], [picked[1], "", "axon"]])
     argv = ["classify", "evaluate", "--embeddings", str(CONTEXT), "--labels", str(tmp_path / "bad.csv")]
     assert main([*argv, "--target", "compartment"]) == 2

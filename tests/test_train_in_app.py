@@ -102,6 +102,14 @@ def test_train_accept_revert_and_suggest_with_the_compute_child(demo96_dir, tmp_
         point_rows = session.plot.rows_of(segments[0][0], state.records[segments[0][0]].node_ids)
         assert (point_rows >= 0).all()
 
+        # Export what was accepted: a folder embed --classifiers and open --classifiers read.
+        exported = service.export_classifiers(tmp_path / "exported")
+        assert exported is not None and not errors
+        assert read_classifier_folder(exported).cell_type.class_names == ("excitatory", "other")
+        assert service.export_classifiers(tmp_path / "exported") is None
+        assert errors and "exists" in errors[-1]
+        errors.clear()
+
         # Suggest next: every node is labelled, so nothing is suggested; unlabel one segment.
         session.labels.assign_segments(None, [segments[1][0]])
         suggested: list = []

@@ -577,6 +577,9 @@ class MainWindow(QMainWindow):
         segment_menu.addSeparator()
         self.train_action = self._action(segment_menu, "&Train classifier…", "Ctrl+T", self.train_classifier)
         self.revert_classifier_action = self._action(segment_menu, "Re&vert classifier", [], self.revert_classifier)
+        self.export_classifiers_action = self._action(
+            segment_menu, "E&xport classifiers…", [], self._export_classifiers_dialog
+        )
         self.suggest_action = self._action(segment_menu, "Su&ggest next", "Ctrl+G", lambda: self.service.suggest_next())
         self.next_suggestion_action = self._action(
             segment_menu, "&Next suggestion", "Ctrl+Shift+G", lambda: self.service.next_suggestion()
@@ -675,6 +678,25 @@ class MainWindow(QMainWindow):
             lambda: self.statusBar().showMessage("Kept the current classifier; the trained one is discarded.")
         )
         self.train_dialog.open()
+
+    def _export_classifiers_dialog(self) -> None:
+        if self.state.classifiers is None:
+            self.state.show_error("No classifiers are loaded: nothing to export.")
+            return
+        chosen = QFileDialog.getExistingDirectory(
+            self, "Export classifiers to a folder (an empty one, or a new folder is made inside)"
+        )
+        if not chosen:
+            return
+        folder = Path(chosen)
+        if not any(folder.iterdir()):
+            self.service.export_classifiers(folder, force=True)
+            return
+        target, number = folder / "segscope-classifiers", 1
+        while target.exists():
+            number += 1
+            target = folder / f"segscope-classifiers-{number}"
+        self.service.export_classifiers(target)
 
     def revert_classifier(self) -> None:
         if not self.service.revert_classifier():
