@@ -17,6 +17,8 @@ if [ "${1:-}" != "--context-only" ]; then
 mkdir -p assets/classifiers
 cp "$RUN/encoder.keras" assets/demo_encoder.keras
 cp "$RUN/classifiers/"* assets/classifiers/
+# The manifest names the encoder file evaluate read; in assets/ it is demo_encoder.keras.
+sed -i 's/"encoder": "encoder.keras"/"encoder": "demo_encoder.keras"/' assets/classifiers/classifiers.json
 mkdir -p assets/evaluation
 cp "$RUN/eval/"*.png "$RUN/eval/metrics.json" "$RUN/split.json" assets/evaluation/
 "$(dirname "$SEGSCOPE")/python" - "$RUN/history.json" <<'PY'
