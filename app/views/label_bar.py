@@ -119,7 +119,7 @@ class LabelBar(QWidget):
         changed = self._assign(lambda: self.labels.assign_nodes(name, segments, nodes))
         if changed is not None:
             self.report(
-                f'Labelled {len(nodes)} nodes "{name}" (Ctrl+Z undoes).'
+                f'Labelled {len(nodes)} node{"s" if len(nodes) != 1 else ""} "{name}" (Ctrl+Z undoes).'
                 if changed
                 else f'Those {len(nodes)} nodes already carry "{name}".'
             )
@@ -134,7 +134,7 @@ class LabelBar(QWidget):
         changed = self._assign(lambda: self.labels.assign_segments(name, segments))
         if changed is not None:
             self.report(
-                f'Labelled {len(segments)} segments "{name}" (Ctrl+Z undoes).'
+                f'Labelled {len(segments)} segment{"s" if len(segments) != 1 else ""} "{name}" (Ctrl+Z undoes).'
                 if changed
                 else f'Those {len(segments)} segments already carry "{name}".'
             )
