@@ -908,6 +908,7 @@ class EmbeddingPlotDock(QDockWidget):
         self.plot = EmbeddingPlotWidget(**plot_kwargs)
         self.label_bar = None
         self._labels_unsubscribe: list = []
+        self._label_layer_timer: QTimer | None = None
         self._body = QWidget()
         self._layout = QVBoxLayout(self._body)
         self._layout.setContentsMargins(0, 0, 0, 0)
@@ -975,6 +976,12 @@ class EmbeddingPlotDock(QDockWidget):
         for unsubscribe in self._labels_unsubscribe:
             unsubscribe()
         self._labels_unsubscribe = []
+        if self._label_layer_timer is not None:
+            # A pending label-layer write would call into a 3-D view that is closing (a
+            # segfault seen when a Qt test ended within the timer's delay of a label).
+            self._label_layer_timer.stop()
+            self._label_layer_timer.timeout.disconnect()
+            self._label_layer_timer = None
         if self.label_bar is not None:
             self.label_bar.shutdown()
         self.plot.shutdown()
