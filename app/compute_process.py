@@ -156,7 +156,11 @@ class TrainClassifier:
 
 @dataclass(frozen=True)
 class SuggestNext:
-    """Rank unlabelled nodes (``labelled`` bool ``[N]``) by the loaded ``task`` classifier's uncertainty."""
+    """Rank unlabelled nodes (``labelled`` bool ``[N]``) by the loaded ``task`` classifier's uncertainty.
+
+    ``label_names`` (str ``[N]``, ``""`` unlabelled) lets the ranking favour the classes
+    with the fewest labels (see :mod:`segscope.analysis.classify.active`).
+    """
 
     task: str
     segment_ids: np.ndarray
@@ -164,6 +168,7 @@ class SuggestNext:
     embeddings: np.ndarray
     labelled: np.ndarray
     count: int = 20
+    label_names: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -251,9 +256,13 @@ def _child_main(conn) -> None:  # pragma: no cover - runs in the child process
         imported.wait()
         return child.handle(payload, context)
 
-    # One lane (the default): TensorFlow work runs in order, and the reading thread stays
-    # free to answer pings and take cancels while a batch runs.
-    serve(conn, handle)
+    # TensorFlow work runs in order on one lane, and the reading thread stays free to
+    # answer pings and take cancels while a batch runs. Training a classifier has a lane
+    # of its own: it shares nothing with the encoder or the loaded classifiers (it writes
+    # a new folder), and on the embedding lane a click made during a minute of training
+    # waited for all of it. The two threads share the cores, so both run slower, but a
+    # click is embedded at once.
+    serve(conn, handle, lane_of=lambda payload: "train" if isinstance(payload, TrainClassifier) else "worker")
 
 
 class _ComputeChild:  # pragma: no cover - runs in the child process
@@ -311,7 +320,9 @@ class _ComputeChild:  # pragma: no cover - runs in the child process
 
     def suggest(self, request: SuggestNext) -> np.ndarray:
         """Indices (int64) of the nodes to label next, most useful first."""
-        from segscope.analysis.classify.active import suggest_next, uncertainty_scores
+        from collections import Counter
+
+        from segscope.analysis.classify.active import suggest_next
         from segscope.analysis.classify.user_labels import aggregate_by_segment
 
         predictor = self.predictor
@@ -322,9 +333,18 @@ class _ComputeChild:  # pragma: no cover - runs in the child process
         features = np.asarray(request.embeddings, dtype=np.float32)
         if radius > 0:
             features = aggregate_by_segment(request.segment_ids, request.positions_nm, features, radius)
-        uncertainty = uncertainty_scores(classifier, features)
+        prediction = classifier.predict(features)
+        counts = None
+        if request.label_names is not None:
+            counts = Counter(str(name) for name in request.label_names if name)
         return suggest_next(
-            features, uncertainty, count=request.count, labelled=request.labelled, segment_ids=request.segment_ids
+            features,
+            prediction.uncertainty,
+            count=request.count,
+            labelled=request.labelled,
+            segment_ids=request.segment_ids,
+            predicted=prediction.label_names,
+            label_counts=counts,
         )
 
     def volume(self, url: str):

@@ -73,6 +73,8 @@ EXPORT_LANE = "export"
 SESSION_LANE = "session"
 #: Classifier training and active-learning ranking (the compute child runs one request at a time).
 TRAIN_LANE = "train"
+#: Training folders kept in the user cache (older ones are deleted when training starts).
+KEEP_TRAINED_FOLDERS = 10
 SUGGEST_LANE = "suggest"
 #: Labelled embedded nodes each class needs before *Train classifier* runs, and labelled
 #: segments in all: cross-validation keeps a segment's nodes in one fold, so one segment
@@ -849,7 +851,9 @@ class SessionService:
         current = self.state.classifiers
         info = None if current is None else getattr(current, task)
         model = self.state.model
-        folder = user_cache_dir() / "trained-classifiers" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{task}"
+        trained_root = user_cache_dir() / "trained-classifiers"
+        self._prune_trained(trained_root)
+        folder = trained_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{task}"
         return TrainClassifier(
             task=task,
             out_folder=str(folder),
@@ -866,6 +870,25 @@ class SessionService:
             folds=folds,
             max_epochs=max_epochs,
         )
+
+    def _prune_trained(self, root: Path, keep: int = KEEP_TRAINED_FOLDERS) -> None:
+        """Delete all but the ``keep`` newest training folders under ``root``.
+
+        Folders in use (loaded, or on the Revert stack) are kept whatever their age; a
+        folder another SegScope process is using may go, which is why ``keep`` is generous
+        and users keep classifiers with *Export classifiers*.
+        """
+        import shutil
+
+        if not root.is_dir():
+            return
+        in_use = {
+            str(Path(summary.folder)) for summary in [self.state.classifiers, *self.previous_classifiers] if summary
+        }
+        folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+        for folder in folders[keep:]:
+            if str(folder) not in in_use:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def train_classifier(
         self,
@@ -1079,7 +1102,13 @@ class SessionService:
             return None
         task = "compartment" if summary.compartment is not None else "cell_type"
         request = SuggestNext(
-            task, nodes["segment_ids"], nodes["positions_nm"], nodes["embeddings"], nodes["labels"] != "", count
+            task,
+            nodes["segment_ids"],
+            nodes["positions_nm"],
+            nodes["embeddings"],
+            nodes["labels"] != "",
+            count,
+            label_names=nodes["labels"],
         )
         engine = self._ensure_engine()
 
@@ -1115,7 +1144,8 @@ class SessionService:
             plot.select_rows([row], "plot")
             self.state.show_status(
                 f"Suggestion {self.suggestion_index + 1} of {len(self.suggestions)}: node {node_id} of "
-                f"segment {segment_id} (most uncertain first); label it, then Suggest next again."
+                f"segment {segment_id} (most uncertain first, least-labelled class first); label it, then "
+                "Suggest next again."
             )
             return segment_id, node_id
         self.state.show_status("No more suggestions: run Suggest next again after labelling.")

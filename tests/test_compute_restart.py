@@ -85,3 +85,50 @@ def test_a_killed_compute_child_restarts_with_its_model_and_the_next_job_succeed
     finally:
         engine.stop()
     assert not engine.alive
+
+
+def test_a_click_is_embedded_while_a_classifier_trains(demo96_dir, tmp_path):
+    """Training has a lane of its own in the child: an embedding request made while a long
+    training runs comes back before the training does (it used to queue behind it)."""
+    import threading
+
+    from segscope.app.compute_process import TrainClassifier
+
+    engine = ComputeProcess()
+    try:
+        drive(load_encoder_job(ASSETS / "demo_encoder.keras", engine))
+        source = DataSource.open_dataset_folder(demo96_dir)
+        segment_id, click = _largest_segment(demo96_dir)
+        # 20,000 noisy two-class examples: several seconds per fold, far longer than a click.
+        rng = np.random.default_rng(0)
+        n = 20_000
+        labels = np.where(rng.random(n) < 0.5, "a", "b")
+        embeddings = (rng.normal(size=(n, 64)) + 0.3 * (labels == "a")[:, None]).astype(np.float32)
+        request = TrainClassifier(
+            task="cell_type",
+            out_folder=str(tmp_path / "trained"),
+            segment_ids=np.arange(n, dtype=np.uint64) // 50,
+            node_ids=np.arange(n, dtype=np.int64),
+            positions_nm=rng.uniform(0, 1e6, (n, 3)),
+            embeddings=embeddings,
+            labels=labels,
+            radius_nm=0.0,
+            folds=2,
+        )
+        order: list[str] = []
+        started = threading.Event()
+
+        def train() -> None:
+            drive(engine.train_classifier(request), lambda _: started.set())
+            order.append("trained")
+
+        trainer = threading.Thread(target=train, daemon=True)
+        trainer.start()
+        assert started.wait(300)  # the first epoch is done: training is under way
+        count = drive(embed_segment_job(source, engine, segment_id, click))
+        order.append("embedded")
+        assert count > 0
+        trainer.join(600)
+        assert order == ["embedded", "trained"]
+    finally:
+        engine.stop()

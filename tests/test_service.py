@@ -201,3 +201,29 @@ def test_export_writes_the_labels_of_context_points(tmp_path):
         assert segments.manual_label.tolist() == ["", "glia!"]
     finally:
         service.shutdown()
+
+
+def test_old_training_folders_are_pruned_but_folders_in_use_are_kept(tmp_path):
+    import os
+
+    from segscope.analysis.artefacts import ClassifierSummary
+    from segscope.app.service import KEEP_TRAINED_FOLDERS
+
+    loop = EventLoop()
+    session, service, _errors = _service(loop)
+    try:
+        root = tmp_path / "trained-classifiers"
+        folders = []
+        for age in range(KEEP_TRAINED_FOLDERS + 4):
+            folder = root / f"run-{age:02d}"
+            folder.mkdir(parents=True)
+            os.utime(folder, (1e9 - age * 60, 1e9 - age * 60))  # run-00 newest
+            folders.append(folder)
+        session.state.set_classifiers(ClassifierSummary(folder=str(folders[-1])))  # the oldest, loaded
+        service.previous_classifiers.append(ClassifierSummary(folder=str(folders[-2])))  # on the Revert stack
+        service._prune_trained(root)
+        left = sorted(p.name for p in root.iterdir())
+        expected = [f.name for f in folders[:KEEP_TRAINED_FOLDERS]] + [folders[-2].name, folders[-1].name]
+        assert left == sorted(expected)
+    finally:
+        service.shutdown()
