@@ -99,6 +99,24 @@ def test_suggest_next_prefers_uncertain_and_spreads_picks():
     assert len(set(segments[suggest_next(emb, uncertainty, count=2, segment_ids=segments)].tolist())) == 2
 
 
+def test_suggest_next_takes_the_least_labelled_class_first():
+    rng = np.random.default_rng(1)
+    emb = rng.normal(scale=3.0, size=(60, 4))
+    # 50 "axon" candidates, all more uncertain than the 10 "glia" ones.
+    predicted = np.array(["axon"] * 50 + ["glia"] * 10)
+    uncertainty = np.r_[np.linspace(0.9, 0.6, 50), np.linspace(0.5, 0.3, 10)]
+    plain = suggest_next(emb, uncertainty, count=4)
+    assert (predicted[plain] == "axon").all()
+    balanced = suggest_next(emb, uncertainty, count=4, predicted=predicted, label_counts={"axon": 12, "glia": 1})
+    assert predicted[balanced].tolist() == ["glia", "axon", "glia", "axon"]
+    assert balanced[1] == plain[0]  # within a class, uncertainty still ranks
+    # With the other class exhausted, the rest come from the one left.
+    labelled = np.zeros(60, bool)
+    labelled[50:] = True
+    only = suggest_next(emb, uncertainty, count=3, labelled=labelled, predicted=predicted)
+    assert (predicted[only] == "axon").all() and len(only) == 3
+
+
 def _write_labels(path: Path, rows) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
