@@ -168,7 +168,7 @@ def copy_classifier_folder(summary: ClassifierSummary, destination: str | os.Pat
     import json
 
     entries = json.loads(manifest.read_text())
-    with atomic_folder(destination, force=force) as staging:
+    with atomic_folder(Path(destination), force=force) as staging:
         for task, info in (("compartment", summary.compartment), ("cell_type", summary.cell_type)):
             if info is not None:
                 # The manifest may name a file in a subfolder; the copy keeps them side by side.

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python benchmarks/bench_label_efficiency.py [--counts 10 30 100 300] [--rounds 2]
-                                                [--radius-nm 2500] [--pool-cells 0.5]
+    python benchmarks/bench_label_efficiency.py [--counts 10 30 100 300] [--rounds 6]
+                                                [--batch 10] [--radius-nm 2500] [--pool-cells 0.5]
 
 Data: the demo's context embeddings (``assets/demo_context.parquet``, 4,535 nodes of
 1,036 segments) with each node's ground-truth compartment from the cached full demo
@@ -14,25 +14,29 @@ classifier's 2500 nm). Cells are split: the labelling pool is the nodes of
 for N = 300, so the "one cell" of the issue is a set of cells here), the test set every
 node of the other cells.
 
-Per round and N: *random* labels N pool nodes drawn at random; *active* starts from the
-first 10 of that random order, trains, and adds the pool nodes ranked first by
-:func:`segscope.analysis.classify.active.suggest_next` (SNGP uncertainty, diversity, at
-most 2 per segment) until it holds N, retraining at each N. Both train BERT_SMALL_SNGP_v1
-with the training defaults and report balanced accuracy (mean per-class recall) on the
-test cells. Prints a table of medians over rounds.
+Per round and N: *random* labels N pool nodes drawn at random. The active strategies start
+from the first 10 of that random order and, as a user of *Suggest next* does, label the
+``--batch`` pool nodes ranked first and retrain, until they hold N:
+*uncertainty* ranks by SNGP uncertainty with diversity and at most 2 picks per segment
+(:func:`segscope.analysis.classify.active.suggest_next`); *balanced* (what the app does)
+takes the same ranking per predicted class, least-labelled class first. All train
+BERT_SMALL_SNGP_v1 with the training defaults and report balanced accuracy (mean
+per-class recall) on the test cells. Prints each round (rounds are paired: the same split
+and start for every strategy) and medians, and how many rounds each strategy beat random.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from segscope.analysis.classify import train_classifier
-from segscope.analysis.classify.active import suggest_next, uncertainty_scores
+from segscope.analysis.classify.active import suggest_next
 from segscope.analysis.classify.user_labels import aggregate_by_segment, score_predictions
 from segscope.analysis.progress import drive
 from segscope.analysis.projection import read_embedding_table
@@ -65,12 +69,14 @@ def fit(x, y, seed):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counts", type=int, nargs="+", default=[10, 30, 100, 300])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=10, help="labels between retrainings")
     parser.add_argument("--radius-nm", type=float, default=2500.0)
     parser.add_argument("--pool-cells", type=float, default=0.5)
     args = parser.parse_args()
 
     x, y, cells, segments = load(args.radius_nm)
+    strategies = ("random", "uncertainty", "balanced")
     results: dict[tuple[str, int], list[float]] = {}
     for round_index in range(args.rounds):
         rng = np.random.default_rng(round_index)
@@ -89,37 +95,46 @@ def main() -> None:
             return score_predictions(y[test], predicted).balanced_accuracy, classifier
 
         for count in args.counts:
-            value, _ = score(order[:count])
-            results.setdefault(("random", count), []).append(value)
-            print(f"  random N={count}: {value:.3f}", flush=True)
-        chosen = list(order[: min(args.counts)])
-        classifier = None
-        for count in sorted(args.counts):
-            if len(chosen) < count and classifier is not None:
-                labelled = np.zeros(x.shape[0], bool)
-                labelled[chosen] = True
-                labelled[~in_pool] = True  # only pool nodes may be asked for
-                extra = suggest_next(
-                    x,
-                    uncertainty_scores(classifier, x),
-                    count=count - len(chosen),
-                    labelled=labelled,
-                    segment_ids=segments,
-                    per_segment=2,
-                )
-                chosen.extend(extra.tolist())
+            results.setdefault(("random", count), []).append(score(order[:count])[0])
+        for strategy in strategies[1:]:
+            chosen = list(order[: min(args.counts)])
             value, classifier = score(np.asarray(chosen))
-            results.setdefault(("active", count), []).append(value)
-            print(f"  active N={count}: {value:.3f}", flush=True)
+            for count in sorted(args.counts):
+                while len(chosen) < count and classifier is not None:
+                    labelled = np.zeros(x.shape[0], bool)
+                    labelled[chosen] = True
+                    labelled[~in_pool] = True  # only pool nodes may be asked for
+                    prediction = classifier.predict(x)
+                    extra = suggest_next(
+                        x,
+                        prediction.uncertainty,
+                        count=min(args.batch, count - len(chosen)),
+                        labelled=labelled,
+                        segment_ids=segments,
+                        per_segment=2,
+                        predicted=prediction.label_names if strategy == "balanced" else None,
+                        label_counts=Counter(y[chosen].tolist()),
+                    )
+                    if not len(extra):
+                        break
+                    chosen.extend(extra.tolist())
+                    value, classifier = score(np.asarray(chosen))
+                results.setdefault((strategy, count), []).append(value)
+        for strategy in strategies:
+            row = "  ".join(f"N={n}: {results[(strategy, n)][-1]:.3f}" for n in args.counts)
+            print(f"  {strategy:<11} {row}", flush=True)
     print(
         f"\nbalanced accuracy on the test cells, median of {args.rounds} rounds "
-        f"({CONFIG}, radius {args.radius_nm:g} nm)"
+        f"({CONFIG}, radius {args.radius_nm:g} nm, retrained every {args.batch} labels)"
     )
-    print("N      random  active")
+    print("N      " + "  ".join(f"{s:<11}" for s in strategies) + "  rounds beating random (uncertainty, balanced)")
     for count in sorted(args.counts):
-        random_value = statistics.median(results[("random", count)])
-        active_value = statistics.median(results[("active", count)])
-        print(f"{count:<6} {random_value:.3f}   {active_value:.3f}")
+        medians = "  ".join(f"{statistics.median(results[(s, count)]):<11.3f}" for s in strategies)
+        wins = [
+            sum(a > r for a, r in zip(results[(s, count)], results[("random", count)], strict=True))
+            for s in strategies[1:]
+        ]
+        print(f"{count:<6} {medians}  {wins[0]}/{args.rounds}, {wins[1]}/{args.rounds}")
 
 
 if __name__ == "__main__":
