@@ -155,6 +155,7 @@ def copy_classifier_folder(summary: ClassifierSummary, destination: str | os.Pat
     FileNotFoundError, ValueError
         The source folder changed since it was loaded (a file missing or unreadable).
     """
+    import json
     import shutil
 
     from segscope.analysis.export.atomic import atomic_folder
@@ -165,8 +166,6 @@ def copy_classifier_folder(summary: ClassifierSummary, destination: str | os.Pat
     for path in files:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is gone: the loaded classifiers cannot be copied")
-    import json
-
     entries = json.loads(manifest.read_text())
     with atomic_folder(Path(destination), force=force) as staging:
         for task, info in (("compartment", summary.compartment), ("cell_type", summary.cell_type)):
