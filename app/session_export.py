@@ -191,9 +191,10 @@ def _node_arrays(record: SegmentRecord, rows: np.ndarray) -> dict[str, np.ndarra
         # columns stay NaN (unknown), not 0.
         if record.predicted_probability is not None:
             probability[np.flatnonzero(known), codes[known]] = record.predicted_probability[rows][known]
-        # The compartment classifier's Dempster-Shafer uncertainty is the node's OOD score.
-        if record.predicted_uncertainty is not None:
-            ood[known] = record.predicted_uncertainty[rows][known]
+    # A node's OOD score is its segment's (the cell-type classifier's, over the segment's
+    # nodes), as in `segscope embed`'s node table and the plot's OOD colouring.
+    if record.ood_score is not None:
+        ood[:] = record.ood_score
     if record.node_ids is None or record.positions_nm is None:
         raise ValueError(f"segment {record.segment_id} has no centres")  # callers pass embedded records
     return {

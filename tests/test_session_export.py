@@ -160,8 +160,9 @@ def test_session_tables_hold_embedded_nodes_predictions_and_labels(session, labe
     np.testing.assert_allclose(nodes.compartment_probability[:2, AXON], [0.9, 0.8], rtol=1e-6)
     assert np.isnan(nodes.compartment_probability[:2, DENDRITE]).all()  # not known, not 0
     assert np.isnan(nodes.compartment_probability[2:]).all()
-    np.testing.assert_allclose(nodes.ood_score[:2], [0.1, 0.2], rtol=1e-6)
-    assert np.isnan(nodes.ood_score[2:]).all()
+    # A node's OOD score is its segment's, as in embed's node table and the plot.
+    np.testing.assert_allclose(nodes.ood_score[:3], 0.55, rtol=1e-6)
+    assert np.isnan(nodes.ood_score[3:]).all()  # segment 22 has no cell-type call
     assert nodes.manual_label.tolist() == ["", "bouton", "", "chandelier?", "spine"]
 
     assert segments.segment_id.tolist() == [11, 22]
