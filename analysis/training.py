@@ -58,6 +58,10 @@ class TrainingConfig:
     warmup_steps: int = 50
     temperature: float = 0.1
     max_pair_distance_nm: float = 3000.0
+    #: How segments are drawn for pairs: "nodes" (by node count, so every node is equally
+    #: likely an anchor; small fragments are rarely seen) or "sqrt_nodes" (by the square
+    #: root of it, which shows the encoder short fragments about 10x as often).
+    segment_weighting: str = "nodes"
     centre_shift_nm: float = 150.0
     gray_jitter: bool = True
     flip_axes: bool = True
@@ -148,9 +152,12 @@ class PairSampler:
         float ``[N, 3]`` node positions (nm).
     max_distance_nm
         Largest straight-line distance between the two nodes of a pair.
+    weighting
+        ``"nodes"``: segments drawn with probability proportional to their node count;
+        ``"sqrt_nodes"``: to its square root.
     """
 
-    def __init__(self, segment_ids: np.ndarray, nodes_nm: np.ndarray, max_distance_nm: float):
+    def __init__(self, segment_ids: np.ndarray, nodes_nm: np.ndarray, max_distance_nm: float, weighting: str = "nodes"):
         from scipy.spatial import cKDTree
 
         segment_ids = np.asarray(segment_ids, dtype=np.uint64)
@@ -165,13 +172,17 @@ class PairSampler:
             tree = cKDTree(pts)
             self.positions.append(pts)
             self.neighbours.append([np.asarray(n, dtype=np.int64) for n in tree.query_ball_point(pts, max_distance_nm)])
+        if weighting not in ("nodes", "sqrt_nodes"):
+            raise ValueError(f"weighting must be 'nodes' or 'sqrt_nodes', got {weighting!r}")
         self.weights = np.array([len(p) for p in self.positions], dtype=np.float64)
+        if weighting == "sqrt_nodes":
+            self.weights = np.sqrt(self.weights)
         self.weights /= self.weights.sum()
 
     def sample(self, n_pairs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Draw ``n_pairs`` pairs from distinct segments (fewer if there are fewer segments).
 
-        Segments are drawn with probability proportional to their node count, the anchor
+        Segments are drawn with probability proportional to their weight, the anchor
         uniformly among the segment's nodes and the partner uniformly among the anchor's
         neighbours within the distance (the anchor itself only when it has none).
 
@@ -408,7 +419,7 @@ def train_contrastive(
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = out / "checkpoint"
     encoder_config = config.encoder_config()
-    sampler = PairSampler(segment_ids, nodes_nm, config.max_pair_distance_nm)
+    sampler = PairSampler(segment_ids, nodes_nm, config.max_pair_distance_nm, config.segment_weighting)
     if len(sampler.segments) < 2:
         raise ValueError("contrastive training needs at least two training segments")
 

@@ -149,6 +149,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         warmup_steps=min(args.warmup_steps, args.steps),
         max_pair_distance_nm=args.max_pair_distance_nm,
+        segment_weighting=args.segment_weighting,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
@@ -685,6 +686,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=cli_args.positive_float(),
         default=3000.0,
         help="largest straight-line distance between the nodes of a pair (nm)",
+    )
+    train.add_argument(
+        "--segment-weighting",
+        choices=("nodes", "sqrt_nodes"),
+        default="nodes",
+        help="draw pair segments by node count (default) or its square root (short fragments more often)",
     )
     train.add_argument(
         "--eval-fraction",

@@ -59,6 +59,23 @@ def test_pairs_come_from_one_segment_within_distance_and_distinct_segments():
     assert len(sampler.sample(50, rng)[0]) == 10
 
 
+def test_sqrt_weighting_draws_short_fragments_more_often():
+    # One 100-node segment and 20 one-node fragments: by node count a fragment is drawn
+    # 20/120 of the time, by its square root 20/30.
+    segs = np.r_[np.zeros(100, np.uint64), np.arange(1, 21, dtype=np.uint64)]
+    nodes = np.random.default_rng(0).uniform(0, 5_000, size=(120, 3))
+    shares = {}
+    for weighting in ("nodes", "sqrt_nodes"):
+        sampler = PairSampler(segs, nodes, max_distance_nm=3000.0, weighting=weighting)
+        rng = np.random.default_rng(1)
+        drawn = np.concatenate([sampler.sample(1, rng)[0] for _ in range(3000)])
+        shares[weighting] = float(np.mean(drawn != 0))
+    assert abs(shares["nodes"] - 20 / 120) < 0.03
+    assert abs(shares["sqrt_nodes"] - 20 / 30) < 0.03
+    with pytest.raises(ValueError, match="weighting"):
+        PairSampler(segs, nodes, max_distance_nm=3000.0, weighting="uniform")
+
+
 def test_augmentation_keeps_the_mask_and_changes_gray_values():
     rng = np.random.default_rng(2)
     em = rng.integers(50, 200, size=(4, 9, 9, 9), dtype=np.uint8)
