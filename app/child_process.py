@@ -385,6 +385,12 @@ class _Child:
         # exiting child, the one that lost the reap saw ECHILD, took the dead child for alive
         # and logged "did not stop in 5 s" (then signalled a reaped pid) at random quits.
         self.reap_lock = threading.Lock()
+        # Closes the pipe once. Connection.close is not thread-safe: the reader and shutdown
+        # both closing it could close its file descriptor twice, and the second close hit
+        # whatever reused the number meanwhile (the next child's pipe: "Bad file
+        # descriptor" or a reader reading a closed handle in the Qt and child tests).
+        self.close_lock = threading.Lock()
+        self.reader: threading.Thread | None = None
         self.pending: dict[int, _Pending] = {}
         self.ready = False  # sent Ready
         self.closed = False  # no new requests: it exited, hung or is being stopped
@@ -394,6 +400,14 @@ class _Child:
         # (time.monotonic); the watchdog measures silence from here.
         self.heard = time.monotonic()
         self.pinged = 0.0
+
+    def close_pipe(self) -> None:
+        """Close the parent's end of the pipe (once, whichever thread comes first)."""
+        with self.close_lock:
+            try:
+                self.conn.close()  # a no-op once closed: the handle is then None
+            except OSError:
+                pass
 
 
 _live_runners: weakref.WeakSet[ChildProcessRunner] = weakref.WeakSet()
@@ -535,7 +549,10 @@ class ChildProcessRunner:
         child_conn.close()  # so the parent's recv sees EOF when the child dies
         child = _Child(process, parent_conn, next(self._incarnations), len(self._init))
         self._child = child
-        threading.Thread(target=self._read, args=(child,), name=f"segscope-{self.name}-reader", daemon=True).start()
+        child.reader = threading.Thread(
+            target=self._read, args=(child,), name=f"segscope-{self.name}-reader", daemon=True
+        )
+        child.reader.start()
         if self.hang_timeout_s is not None:
             threading.Thread(
                 target=self._watch, args=(child,), name=f"segscope-{self.name}-watchdog", daemon=True
@@ -590,10 +607,17 @@ class ChildProcessRunner:
                     child.process.kill()
                     child.process.join(2.0)
         self._fail_pending(child, self._error(f"the {self.name} process was shut down"))
-        try:
-            child.conn.close()
-        except OSError:
-            pass
+        # The child is gone, so its reader sees the pipe's end at once and closes it; closing
+        # it here while the reader is still in recv would pull the handle from under it.
+        if child.reader is not None and child.reader is not threading.current_thread():
+            child.reader.join(2.0)
+        # Under the send lock as the reader does: a send still in progress on another thread
+        # must not find its handle gone. The child is joined, so a send cannot be stuck.
+        if child.send_lock.acquire(timeout=2.0):
+            try:
+                child.close_pipe()
+            finally:
+                child.send_lock.release()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -726,9 +750,7 @@ class ChildProcessRunner:
         self._fail_pending(child, error)
         if child.send_lock.acquire(timeout=1.0):
             try:
-                child.conn.close()
-            except OSError:
-                pass
+                child.close_pipe()
             finally:
                 child.send_lock.release()
 

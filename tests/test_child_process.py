@@ -349,3 +349,32 @@ def test_shutdown_never_takes_the_exited_child_for_a_running_one(caplog):
         warned += "did not stop" in caplog.text
         assert not runner.alive
     assert warned == 0
+
+
+def test_the_pipe_is_closed_once_when_two_threads_close_it():
+    """The reader and shutdown both closed the parent's pipe end; Connection.close is not
+    thread-safe, so both could close its descriptor, and the second close hit whatever had
+    reused the number meanwhile (the next child's pipe). close_pipe closes it once."""
+    import multiprocessing
+    import threading
+    import time
+
+    from segscope.app.child_process import _Child
+
+    parent, other = multiprocessing.Pipe()
+    child = _Child(process=None, conn=parent, incarnation=1, restored=0)
+    real_close, closes = parent._close, []
+
+    def slow_close(*args):
+        closes.append(1)
+        time.sleep(0.05)  # both threads are past Connection.close's "handle is not None"
+        real_close(*args)
+
+    parent._close = slow_close
+    threads = [threading.Thread(target=child.close_pipe) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(closes) == 1 and parent.closed
+    other.close()
