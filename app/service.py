@@ -1144,8 +1144,8 @@ class SessionService:
             plot.select_rows([row], "plot")
             self.state.show_status(
                 f"Suggestion {self.suggestion_index + 1} of {len(self.suggestions)}: node {node_id} of "
-                f"segment {segment_id} (most uncertain first, least-labelled class first); label it, then "
-                "Suggest next again."
+                f"segment {segment_id}; label it, then Suggest next again (the first suggestions cover the "
+                "data, later ones are the most uncertain of the least-labelled classes)."
             )
             return segment_id, node_id
         self.state.show_status("No more suggestions: run Suggest next again after labelling.")

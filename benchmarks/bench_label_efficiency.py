@@ -19,7 +19,8 @@ from the first 10 of that random order and, as a user of *Suggest next* does, la
 ``--batch`` pool nodes ranked first and retrain, until they hold N:
 *uncertainty* ranks by SNGP uncertainty with diversity and at most 2 picks per segment
 (:func:`segscope.analysis.classify.active.suggest_next`); *balanced* (what the app does)
-takes the same ranking per predicted class, least-labelled class first. All train
+takes the same ranking per predicted class, least-labelled class first, after a first
+batch of cluster-typical picks while fewer nodes than one batch are labelled. All train
 BERT_SMALL_SNGP_v1 with the training defaults and report balanced accuracy (mean
 per-class recall) on the test cells. Prints each round (rounds are paired: the same split
 and start for every strategy) and medians, and how many rounds each strategy beat random.

@@ -113,8 +113,31 @@ def test_suggest_next_takes_the_least_labelled_class_first():
     # With the other class exhausted, the rest come from the one left.
     labelled = np.zeros(60, bool)
     labelled[50:] = True
-    only = suggest_next(emb, uncertainty, count=3, labelled=labelled, predicted=predicted)
+    only = suggest_next(emb, uncertainty, count=3, labelled=labelled, predicted=predicted, label_counts={"glia": 10})
     assert (predicted[only] == "axon").all() and len(only) == 3
+
+
+def test_the_first_suggestions_cover_the_data_before_uncertainty_can():
+    # Three kinds of node, 60 / 25 / 5 of them, far apart; the most uncertain are all of
+    # the big kind, and only 2 labels exist (fewer than one batch of 3).
+    rng = np.random.default_rng(2)
+    centres = np.array([[0.0, 0, 0, 0], [20, 0, 0, 0], [0, 20, 0, 0]])
+    kind = np.repeat([0, 1, 2], [60, 25, 5])
+    emb = centres[kind] + rng.normal(scale=1.0, size=(90, 4))
+    uncertainty = np.where(kind == 0, 0.9, 0.1)
+    predicted = np.where(kind == 0, "axon", "glia")
+    picks = suggest_next(emb, uncertainty, count=3, predicted=predicted, label_counts={"axon": 2})
+    assert sorted(kind[picks].tolist()) == [0, 1, 2]  # one of each kind, the rare one included
+    assert kind[picks[0]] == 0  # largest cluster first
+    # Each pick is the member nearest its kind's middle, not an outlier.
+    for pick in picks:
+        members = emb[kind == kind[pick]]
+        assert np.linalg.norm(emb[pick] - members.mean(axis=0)) < np.median(
+            np.linalg.norm(members - members.mean(axis=0), axis=1)
+        )
+    # Once a batch's worth is labelled, the class-balanced uncertainty ranking takes over.
+    later = suggest_next(emb, uncertainty, count=3, predicted=predicted, label_counts={"axon": 2, "glia": 1})
+    assert kind[later[0]] != 0  # glia, the least-labelled predicted class, first
 
 
 def _write_labels(path: Path, rows) -> None:

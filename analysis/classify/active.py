@@ -13,8 +13,12 @@ most uncertain nodes are mostly of the common class, so a user labels axon after
 the rare classes stay unlearnt. Given the classifier's predicted class of every candidate,
 :func:`suggest_next` therefore takes the picks class by class in turn, the class with the
 fewest labels first (class-balanced uncertainty sampling, as in Aggarwal et al. 2020,
-"Active learning for imbalanced datasets"). ``benchmarks/bench_label_efficiency.py``
-compares both with random picks.
+"Active learning for imbalanced datasets"). Before the user has labelled as many nodes as
+one batch of suggestions, the classifier knows one or two classes and its uncertainty
+cannot point at the others, so the first batch covers the data instead: the most central
+candidate of each of ``count`` k-means clusters (:func:`typical_picks`; "typical" picks
+win at low budgets, Hacohen et al. 2022). ``benchmarks/bench_label_efficiency.py``
+compares these with random picks.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ def suggest_next(
     predicted : array-like ``[N]``, optional
         The classifier's predicted class (name or code) of each candidate. Given, the
         picks alternate between predicted classes, least-labelled class first, each
-        class's own picks ranked as above.
+        class's own picks ranked as above; while ``label_counts`` sum to fewer than
+        ``count``, the picks are :func:`typical_picks` instead.
     label_counts : dict, optional
         Labels already given per class (with ``predicted``); classes missing count 0.
 
@@ -76,6 +81,8 @@ def suggest_next(
         int64 ``[<= count]``. When diversity rules leave fewer than ``count``, the rest
         are filled by uncertainty alone.
     """
+    if predicted is not None and sum((label_counts or {}).values()) < count:
+        return typical_picks(embeddings, count, labelled=labelled)
     if predicted is not None:
         return _class_balanced(
             embeddings,
@@ -145,4 +152,33 @@ def _class_balanced(embeddings, uncertainty, predicted, label_counts: dict, *, c
             if len(picks) < count and len(queues[c]):
                 picks.append(int(queues[c][0]))
                 queues[c] = queues[c][1:]
+    return np.asarray(picks, dtype=np.int64)
+
+
+def typical_picks(embeddings, count: int, *, labelled=None, seed: int = 0, max_points: int = 20_000) -> np.ndarray:
+    """The candidate nearest the centre of each of ``count`` k-means clusters of the candidates.
+
+    Covers the data's main kinds before any classifier knows them. Parameters as
+    :func:`suggest_next`; ``max_points`` candidates at most are clustered (a seeded
+    random subset of larger sets). Returns int64 indices ``[<= count]``, largest cluster
+    first.
+    """
+    from sklearn.cluster import KMeans
+
+    data = np.asarray(embeddings, dtype=np.float32)
+    candidates = np.arange(data.shape[0])
+    if labelled is not None:
+        candidates = candidates[~np.asarray(labelled, dtype=bool)]
+    if candidates.size <= count:
+        return candidates.astype(np.int64)
+    if candidates.size > max_points:
+        candidates = np.sort(np.random.default_rng(seed).choice(candidates, max_points, replace=False))
+    clusters = KMeans(n_clusters=count, n_init=1, random_state=seed).fit(data[candidates])
+    sizes = np.bincount(clusters.labels_, minlength=count)
+    picks = []
+    for cluster in np.argsort(-sizes, kind="stable"):
+        members = candidates[clusters.labels_ == cluster]
+        if members.size:
+            distance = np.linalg.norm(data[members] - clusters.cluster_centers_[cluster], axis=1)
+            picks.append(int(members[np.argmin(distance)]))
     return np.asarray(picks, dtype=np.int64)
