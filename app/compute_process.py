@@ -618,26 +618,16 @@ class ComputeProcess:
         child's error.
         """
         centres = np.asarray(centres_nm, dtype=np.float64).reshape(-1, 3)
-        # Batches arrive on the runner's reader thread; this generator hands them on in
-        # order, on the caller's thread, and ends with the call.
-        updates: queue.Queue = queue.Queue()
-        call = self._runner.request(
-            Embed(image_url, segmentation_url, int(segment_id), centres, int(first_batch)), on_progress=updates.put
-        )
-        call.add_done_callback(lambda _: updates.put(_DONE))
-        cancelled = finished = False
+        # Batches arrive on the runner's reader thread; _streamed hands them on in order, on
+        # the caller's thread, and tells the child to stop when this generator is closed
+        # early (the job runner cancels between batches).
+        stream = self._streamed(Embed(image_url, segmentation_url, int(segment_id), centres, int(first_batch)), cancel)
         try:
             while True:
                 try:
-                    batch = updates.get(timeout=_POLL_S)
-                except queue.Empty:
-                    if not cancelled and cancel is not None and cancel():
-                        self._runner.cancel(call)
-                        cancelled = True
-                    continue
-                if batch is _DONE:
-                    finished = True
-                    return int(call.result())
+                    batch = next(stream)
+                except StopIteration as stop:
+                    return int(stop.value)
                 yield Progress(
                     batch.done,
                     batch.total,
@@ -647,10 +637,7 @@ class ComputeProcess:
                     payload=PredictedBatch(np.asarray(batch.indices), np.asarray(batch.embeddings), batch.predictions),
                 )
         finally:
-            if not finished:
-                # Closed early (the job runner cancels between batches): tell the child to
-                # stop; what it still sends goes to a call nobody reads.
-                self._runner.cancel(call)
+            stream.close()
 
     def train_classifier(
         self, request: TrainClassifier, *, cancel: Callable[[], bool] | None = None
@@ -662,7 +649,12 @@ class ComputeProcess:
         """Indices of :class:`SuggestNext`'s nodes to label next (blocks; call from a worker)."""
         return np.asarray(self._runner.request(request).result(), dtype=np.int64)
 
-    def _streamed(self, request, cancel: Callable[[], bool] | None) -> Generator[Progress, None, Any]:
+    def _streamed(self, request, cancel: Callable[[], bool] | None) -> Generator[Any, None, Any]:
+        """Send ``request``; yield the child's progress payloads in order, return its result.
+
+        Polls ``cancel`` while waiting and tells the child to stop when it says so, or when
+        this generator is closed before the result.
+        """
         updates: queue.Queue = queue.Queue()
         call = self._runner.request(request, on_progress=updates.put)
         call.add_done_callback(lambda _: updates.put(_DONE))

@@ -693,16 +693,7 @@ class SessionService:
                     self.state.show_status(f"Segment {payload.segment_id}: {payload.note}.")
             elif payload is not None and segment_id is not None:
                 self._store_batch(segment_id, payload)
-            state = "cancelling" if job.cancel_requested else "running"
-            self.state.update_job(
-                job.id,
-                state=state,
-                done=report.done,
-                total=report.total,
-                unit=report.unit,
-                rate=report.rate,
-                message=report.message,
-            )
+            self._show_progress(job, report)
         elif update.event == "finished":
             elapsed = time.perf_counter() - self._click_times.pop(job.id, time.perf_counter())
             total = segment.n_centres if segment is not None else 0
@@ -871,6 +862,18 @@ class SessionService:
             max_epochs=max_epochs,
         )
 
+    def _show_progress(self, job: Job, report: Progress) -> None:
+        """A job's progress report in the job bar (cancelling once a cancel was asked for)."""
+        self.state.update_job(
+            job.id,
+            state="cancelling" if job.cancel_requested else "running",
+            done=report.done,
+            total=report.total,
+            unit=report.unit,
+            rate=report.rate,
+            message=report.message,
+        )
+
     def _prune_trained(self, root: Path, keep: int = KEEP_TRAINED_FOLDERS) -> None:
         """Delete all but the ``keep`` newest training folders under ``root``.
 
@@ -929,16 +932,7 @@ class SessionService:
         def on_update(update: JobUpdate) -> None:
             job = update.job
             if update.event == "progress" and update.progress is not None:
-                step = update.progress
-                self.state.update_job(
-                    job.id,
-                    state="cancelling" if job.cancel_requested else "running",
-                    done=step.done,
-                    total=step.total,
-                    unit=step.unit,
-                    rate=step.rate,
-                    message=step.message,
-                )
+                self._show_progress(job, update.progress)
             elif update.event == "finished":
                 report = update.result
                 self.last_training = report
