@@ -1138,8 +1138,7 @@ class SessionService:
             plot.select_rows([row], "plot")
             self.state.show_status(
                 f"Suggestion {self.suggestion_index + 1} of {len(self.suggestions)}: node {node_id} of "
-                f"segment {segment_id}; label it, then Suggest next again (the first suggestions cover the "
-                "data, later ones are the most uncertain of the least-labelled classes)."
+                f"segment {segment_id}; label it, then Suggest next again."
             )
             return segment_id, node_id
         self.state.show_status("No more suggestions: run Suggest next again after labelling.")
