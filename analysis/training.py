@@ -62,6 +62,12 @@ class TrainingConfig:
     #: likely an anchor; small fragments are rarely seen) or "sqrt_nodes" (by the square
     #: root of it, which shows the encoder short fragments about 10x as often).
     segment_weighting: str = "nodes"
+    #: Share of pairs whose second view is cut by an axis-aligned plane between
+    #: ``truncate_min_nm`` and ``truncate_max_nm`` from its centre, as the volume's faces cut
+    #: fragments, so a truncated piece learns to embed near its uncut neighbour.
+    truncate_fraction: float = 0.0
+    truncate_min_nm: float = 100.0
+    truncate_max_nm: float = 1200.0
     centre_shift_nm: float = 150.0
     gray_jitter: bool = True
     flip_axes: bool = True
@@ -237,6 +243,34 @@ def augment_cutouts(em: np.ndarray, mask: np.ndarray, rng: np.random.Generator, 
     return out
 
 
+def truncate_masks(
+    mask: np.ndarray, rows: np.ndarray, voxel_size_nm: Sequence[float], min_nm: float, max_nm: float, rng
+) -> None:
+    """Cut each listed mask by a random axis-aligned plane near its centre, in place.
+
+    The plane is perpendicular to a random axis, on a random side of the cutout's centre
+    voxel, ``U(min_nm, max_nm)`` away from it; the mask beyond it is cleared, which is how a
+    volume face (where the EM reads 0) cuts a fragment.
+
+    Parameters
+    ----------
+    mask : bool ``[B, x, y, z]``.
+    rows : int ``[k]`` indices into ``mask``.
+    voxel_size_nm : ``(x, y, z)`` size of one cutout voxel (nm).
+    """
+    size = np.asarray(mask.shape[1:])
+    for row in rows:
+        axis = int(rng.integers(3))
+        offset = max(round(rng.uniform(min_nm, max_nm) / float(voxel_size_nm[axis])), 1)
+        centre = int(size[axis]) // 2
+        index: list[Any] = [slice(None)] * 3
+        if rng.random() < 0.5:
+            index[axis] = slice(centre + offset, None)
+        else:
+            index[axis] = slice(0, max(centre - offset + 1, 0))
+        mask[(int(row), *index)] = False
+
+
 def make_batch(
     image: Volume,
     segmentation: Volume,
@@ -265,6 +299,10 @@ def make_batch(
         pair_em, pair_mask = cut_em_and_mask(image, segmentation, int(seg), centres, size, downsample=factor)
         em[[row, n + row]] = pair_em
         mask[[row, n + row]] = pair_mask
+    if config.truncate_fraction > 0:
+        cut = n + np.flatnonzero(rng.random(n) < config.truncate_fraction)
+        voxel_nm = np.asarray(segmentation.voxel_size_nm, dtype=np.float64) * np.asarray(factor)
+        truncate_masks(mask, cut, voxel_nm, config.truncate_min_nm, config.truncate_max_nm, rng)
     return augment_cutouts(em, mask, rng, config), segment_ids
 
 

@@ -150,6 +150,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         warmup_steps=min(args.warmup_steps, args.steps),
         max_pair_distance_nm=args.max_pair_distance_nm,
         segment_weighting=args.segment_weighting,
+        truncate_fraction=args.truncate_fraction,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
@@ -692,6 +693,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("nodes", "sqrt_nodes"),
         default="nodes",
         help="draw pair segments by node count (default) or its square root (short fragments more often)",
+    )
+    train.add_argument(
+        "--truncate-fraction",
+        type=cli_args.fraction(allow_one=True),
+        default=0.0,
+        help="share of pairs whose second view is cut by a plane 0.1-1.2 um from its centre, as volume faces cut "
+        "fragments (default 0)",
     )
     train.add_argument(
         "--eval-fraction",

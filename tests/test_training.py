@@ -15,6 +15,7 @@ from segscope.analysis.training import (
     learning_rate_at,
     nt_xent_per_anchor,
     split_cells,
+    truncate_masks,
 )
 
 
@@ -89,6 +90,30 @@ def test_augmentation_keeps_the_mask_and_changes_gray_values():
     # Flips/permutations move voxels but never create or destroy masked-in voxels.
     flipped = augment_cutouts(em, mask, rng, TrainingConfig(gray_jitter=False))
     assert [int((f > 0).sum()) for f in flipped] == [int((np.where(m, e, 0) > 0).sum()) for e, m in zip(em, mask)]
+
+
+def test_truncation_clears_one_side_of_a_plane_near_the_centre():
+    rng = np.random.default_rng(4)
+    mask = np.ones((200, 41, 41, 41), bool)
+    rows = np.arange(0, 200, 2)
+    voxel_nm = (64.0, 64.0, 80.0)
+    truncate_masks(mask, rows, voxel_nm, 100.0, 1200.0, rng)
+    assert mask[1::2].all(), "rows not listed stay whole"
+    axes_seen = set()
+    for row in rows:
+        kept = mask[row]
+        assert kept[20, 20, 20], "the centre voxel (the skeleton node) is never cut"
+        cleared = np.argwhere(~kept)
+        # Exactly one axis is cut: the cleared voxels span the full range of the other two.
+        spans = [len(np.unique(cleared[:, a])) for a in range(3)]
+        axis = int(np.argmin(spans))
+        axes_seen.add(axis)
+        assert sorted(spans)[1:] == [41, 41]
+        edge = cleared[:, axis]
+        distance_vox = edge.min() - 20 if edge.min() > 20 else 20 - edge.max()
+        assert 100.0 / voxel_nm[axis] - 1 <= distance_vox <= 1200.0 / voxel_nm[axis] + 1
+        assert kept.sum() == 41 * 41 * (41 - spans[axis])
+    assert axes_seen == {0, 1, 2}
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
