@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from segscope.analysis.export.atomic import atomic_file, atomic_folder
 from segscope.analysis.progress import Progress
 from segscope.analysis.volume import Volume, cut_em_and_mask
 
@@ -326,32 +327,19 @@ def _save_checkpoint(
     directory: Path, encoder, optimizer, step: int, losses: list[float], config: TrainingConfig
 ) -> None:
     """Write weights, optimiser state and history aside, then swap the folder in."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    encoder.save_weights(tmp / "encoder.weights.h5")
-    np.savez(tmp / "optimizer.npz", *[np.asarray(v) for v in optimizer.variables])
-    (tmp / "state.json").write_text(
-        json.dumps(
-            {
-                "format_version": CHECKPOINT_FORMAT_VERSION,
-                "step": step,
-                "losses": losses,
-                "config": asdict(config),
-            }
+    with atomic_folder(directory, force=True) as tmp:
+        encoder.save_weights(tmp / "encoder.weights.h5")
+        np.savez(tmp / "optimizer.npz", *[np.asarray(v) for v in optimizer.variables])
+        (tmp / "state.json").write_text(
+            json.dumps(
+                {
+                    "format_version": CHECKPOINT_FORMAT_VERSION,
+                    "step": step,
+                    "losses": losses,
+                    "config": asdict(config),
+                }
+            )
         )
-    )
-    old = directory.with_name(directory.name + ".old")
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old.exists():
-        import shutil
-
-        shutil.rmtree(old)
 
 
 def _load_checkpoint(directory: Path, encoder, optimizer, config: TrainingConfig) -> tuple[int, list[float]]:
@@ -514,7 +502,8 @@ def train_contrastive(
             payload={"loss": loss, "learning_rate": learning_rate_at(step, config)},
         )
 
-    (out / "history.json").write_text(json.dumps({"loss": losses, "config": asdict(config)}))
+    with atomic_file(out / "history.json", force=True) as tmp_history:
+        tmp_history.write_text(json.dumps({"loss": losses, "config": asdict(config)}))
     encoder_path = None
     if len(losses) >= config.steps:
         inference = build_encoder(encoder_config, include_projection=False)

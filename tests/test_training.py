@@ -172,3 +172,29 @@ def test_tiny_training_run_learns_and_resumes(small_demo, tmp_path):
     assert encoder.encoder_config == tiny
     held = set(CellSplit.load(tmp_path / "split.json").eval_cells)
     assert held == set(split.eval_cells)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path):
+    import json
+
+    from segscope.analysis.training import _save_checkpoint
+
+    class Weights:
+        fail = False
+
+        def save_weights(self, path):
+            if self.fail:
+                raise OSError("disk full")
+            path.write_bytes(b"w")
+
+    class Optimizer:
+        def __init__(self):
+            self.variables = [np.zeros(2)]
+
+    encoder, directory = Weights(), tmp_path / "checkpoint"
+    _save_checkpoint(directory, encoder, Optimizer(), 50, [1.0], TrainingConfig())
+    encoder.fail = True
+    with pytest.raises(OSError, match="disk full"):
+        _save_checkpoint(directory, encoder, Optimizer(), 100, [1.0, 0.5], TrainingConfig())
+    assert json.loads((directory / "state.json").read_text())["step"] == 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"], "no half-written folder is left"
