@@ -146,8 +146,7 @@ def _encoder_of(path: str) -> tuple[str | None, str | None]:
 
 
 def _train(args) -> int:
-    from segscope.analysis.classify import train_classifier
-    from segscope.analysis.classify.user_labels import write_classifier_folder
+    from segscope.analysis.classify.user_labels import train_on_examples, write_classifier_folder
     from segscope.app.cli import CliError, _run_with_progress
 
     _, examples = _examples(args)
@@ -157,21 +156,14 @@ def _train(args) -> int:
             f"warning: {args.embeddings} records no encoder sha256; the classifiers will not be checked against one",
             file=sys.stderr,
         )
-    evaluation = None
+    evaluation = score = None
     if not args.no_cv:
         score = _cross_validate(args, examples)
         print(score.format())
         evaluation = score.to_dict()
     try:
         classifier = _run_with_progress(
-            "training",
-            train_classifier(
-                examples.embeddings,
-                examples.labels,
-                class_names=examples.class_names,
-                seed=args.seed,
-                **_train_options(args),
-            ),
+            "training", train_on_examples(examples, score, seed=args.seed, **_train_options(args))
         )
         manifest = write_classifier_folder(
             args.out,
@@ -187,6 +179,7 @@ def _train(args) -> int:
     info = classifier.training_info
     print(
         f"wrote {manifest.parent / (args.target + '.npz')} ({', '.join(classifier.class_names)}; "
-        f"{info['epochs_run']} epochs, best {info['best_epoch']})"
+        f"{info['epochs_run']} epochs, best {info['best_epoch']}; OOD threshold {classifier.ood_threshold:.4g} "
+        f"from the {info['ood_threshold_from']})"
     )
     return 0

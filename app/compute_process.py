@@ -409,16 +409,17 @@ def train_in_child(request: TrainClassifier, context) -> dict:  # pragma: no cov
 
     Returns ``{"folder", "task", "radius_nm", "classes", "n_examples", "n_segments",
     "score" (Score.to_dict of the grouped CV), "current" (the current classifier's score
-    on the same labels, or None), "epochs"}``. Progress payloads are
+    on the same labels, or None), "epochs", "ood_threshold", "ood_threshold_from"}``. Progress payloads are
     :class:`~segscope.analysis.progress.Progress`; a cancel stops between epochs.
     """
     import shutil
 
-    from segscope.analysis.classify import load_classifier, train_classifier
+    from segscope.analysis.classify import load_classifier
     from segscope.analysis.classify.user_labels import (
         cross_validate,
         labelled_examples,
         score_classifier,
+        train_on_examples,
         write_classifier_folder,
     )
 
@@ -457,9 +458,7 @@ def train_in_child(request: TrainClassifier, context) -> dict:  # pragma: no cov
         current = None if scored is None else scored.to_dict()
     options: dict = {} if request.max_epochs is None else {"max_epochs": int(request.max_epochs)}
     score = drive(cross_validate(examples, folds=request.folds, **options))
-    classifier = drive(
-        train_classifier(examples.embeddings, examples.labels, class_names=examples.class_names, **options)
-    )
+    classifier = drive(train_on_examples(examples, score, **options))
     out = Path(request.out_folder)
     if out.exists():
         shutil.rmtree(out)
@@ -484,6 +483,8 @@ def train_in_child(request: TrainClassifier, context) -> dict:  # pragma: no cov
         "score": score.to_dict(),
         "current": current,
         "epochs": int(classifier.training_info.get("epochs_run", 0)),
+        "ood_threshold": float(classifier.ood_threshold),
+        "ood_threshold_from": classifier.training_info.get("ood_threshold_from"),
     }
 
 

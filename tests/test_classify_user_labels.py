@@ -16,7 +16,9 @@ from segscope.analysis.classify.user_labels import (
     grouped_folds,
     labelled_examples,
     labels_from_table,
+    robust_quantile,
     score_predictions,
+    train_on_examples,
 )
 from segscope.analysis.progress import drive
 
@@ -79,6 +81,40 @@ def test_cross_validation_separates_separable_segments():
     score = drive(cross_validate(examples, folds=3, **TINY))
     assert score.balanced_accuracy > 0.9
     assert score.n_segments == 12
+
+
+def test_robust_quantile_is_not_set_by_one_unusual_value():
+    rng = np.random.default_rng(0)
+    sample = np.exp(rng.normal(2.0, 0.3, size=4000))
+    assert robust_quantile(sample, 0.95) == pytest.approx(np.quantile(sample, 0.95), rel=0.05)
+    few = [5.0, 5.5, 6.2, 7.4, 8.1, 10.8, 12.5]
+    assert robust_quantile([*few, 70.0], 0.95) < 20.0 < np.quantile([*few, 70.0], 0.95)
+    assert robust_quantile([3.0, 3.0, 3.0, 9.0], 0.95) == pytest.approx(9.0), "no spread: the largest"
+
+
+def test_the_ood_threshold_comes_from_held_out_segments():
+    # Few segments, each a tight clump around its own point of its class's cloud: as real
+    # fragments, nodes of one segment resemble each other more than other segments.
+    rng = np.random.default_rng(3)
+    segments = np.repeat(np.arange(1, 9), 12).astype(np.uint64)
+    kinds = np.where(segments % 2 == 0, "glia", "neuron")
+    centres = rng.normal(scale=1.0, size=(9, 8)) + np.where(np.arange(9) % 2 == 0, -3.0, 3.0)[:, None]
+    emb = (centres[segments.astype(int)] + rng.normal(scale=0.2, size=(segments.size, 8))).astype(np.float32)
+    examples = labelled_examples(segments, np.arange(segments.size), emb, segments, None, kinds)
+    score = drive(cross_validate(examples, folds=4, **TINY))
+    assert score.held_out_ood_threshold is not None
+    assert score.to_dict()["held_out_ood_threshold"] == score.held_out_ood_threshold
+    held_out = drive(train_on_examples(examples, score, **TINY))
+    split = drive(train_on_examples(examples, None, **TINY))
+    assert held_out.ood_threshold == pytest.approx(score.held_out_ood_threshold)
+    assert held_out.training_info["ood_threshold_from"].startswith("held-out segments")
+    assert split.training_info["ood_threshold_from"] == "validation split"
+    # Validation nodes share segments with training nodes: their threshold is tighter.
+    assert held_out.ood_threshold > split.ood_threshold
+    per_segment = [held_out.predict(emb[segments == s]).ood_score.mean() for s in np.unique(segments)]
+    assert max(per_segment) <= held_out.ood_threshold, "no labelled segment is flagged"
+    novel = (rng.normal(size=(12, 8)) + 12.0).astype(np.float32)
+    assert held_out.predict(novel).ood.all()
 
 
 def test_suggest_next_prefers_uncertain_and_spreads_picks():

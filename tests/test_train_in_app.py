@@ -85,6 +85,9 @@ def test_train_accept_revert_and_suggest_with_the_compute_child(demo96_dir, tmp_
         # The shipped classifier never says "other": its recall there is 0.
         assert current is not None and current["recall"]["other"] == 0.0
         assert np.asarray(score["confusion"]).sum() == report["n_examples"]
+        # Six labelled segments: the OOD threshold comes from the held-out ones.
+        assert report["ood_threshold"] == pytest.approx(score["held_out_ood_threshold"])
+        assert report["ood_threshold_from"].startswith("held-out segments")
         manifest = read_classifier_folder(report["folder"])
         assert manifest.compartment is not None and manifest.cell_type is not None  # compartments kept
         assert state.classifiers.folder == shipped_folder  # nothing swapped before Accept
@@ -157,6 +160,8 @@ _REPORT = {
         "n_segments": 6,
     },
     "epochs": 12,
+    "ood_threshold": 17.63,
+    "ood_threshold_from": "held-out segments (grouped cross-validation)",
 }
 
 
@@ -170,6 +175,7 @@ def test_the_dialog_shows_both_scores_recall_and_confusion(qtbot):
     qtbot.addWidget(dialog)
     text = dialog.summary.text()
     assert "0.833" in text and "0.500" in text and "30 labelled nodes of 6 segments" in text
+    assert "OOD score of 17.63 (threshold from the held-out segments" in text
     assert dialog.recall_table.item(1, 0).text() == "0.733" and dialog.recall_table.item(1, 1).text() == "0.000"
     assert dialog.confusion_table.columnCount() == 3
     assert [dialog.confusion_table.item(1, c).text() for c in range(3)] == ["4", "11", "0"]

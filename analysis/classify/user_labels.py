@@ -14,6 +14,7 @@ near-copies of each other and a node-level split would score memory, not general
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Folds of the grouped cross-validation (fewer when there are fewer labelled segments).
 DEFAULT_FOLDS = 5
+#: Held-out segments the cross-validation needs before their OOD scores set the threshold.
+MIN_HELD_OUT_SEGMENTS = 3
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,10 @@ class Score:
     balanced_accuracy : float
         Mean recall over the classes.
     n_examples, n_segments : int
+    held_out_ood_threshold : float or None
+        From :func:`cross_validate`: the ``ood_quantile`` of the mean OOD scores of the
+        held-out segments whose class the fold's classifier knew, estimated robustly
+        (:func:`robust_quantile`; None with fewer than :data:`MIN_HELD_OUT_SEGMENTS`).
     """
 
     class_names: tuple[str, ...]
@@ -227,6 +234,7 @@ class Score:
     balanced_accuracy: float
     n_examples: int
     n_segments: int
+    held_out_ood_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -236,6 +244,7 @@ class Score:
             "balanced_accuracy": self.balanced_accuracy,
             "n_examples": self.n_examples,
             "n_segments": self.n_segments,
+            "held_out_ood_threshold": self.held_out_ood_threshold,
         }
 
     def format(self) -> str:
@@ -292,6 +301,7 @@ def cross_validate(
     *,
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
+    ood_quantile: float = 0.95,
     **train_options: Any,
 ) -> Generator[Progress, None, Score]:
     """Grouped (by segment) k-fold estimate of a classifier trained on ``examples``.
@@ -301,6 +311,14 @@ def cross_validate(
     predictions give one :class:`Score`. A fold whose training part holds a single class
     predicts that class. Yields one Progress per fold (unit ``"folds"``), the epoch
     messages of the fold in training passed on.
+
+    The held-out segments' mean OOD scores (the statistic a segment is flagged by) also
+    give :attr:`Score.held_out_ood_threshold`: how far *unseen segments of known classes*
+    lie, which is what an OOD threshold must let pass. (A random validation split shares
+    segments with training, so its scores are smaller and a threshold from them flags
+    known segments, even training ones, when few are labelled. Node scores weigh large
+    segments most, so one unusual big segment can set the node quantile; and the
+    empirical quantile of a few segments is their largest, hence :func:`robust_quantile`.)
     """
     from ..progress import RateMeter
     from .classifier import train_classifier
@@ -312,6 +330,7 @@ def cross_validate(
         raise ValueError(f"the labels hold one class only ({class_names[0]}); label at least two")
     test_sets = grouped_folds(examples.segment_ids, folds, seed)
     predicted = np.empty(len(examples), dtype=object)
+    held_out_means: list[float] = []
     meter = RateMeter()
     for index, test in enumerate(test_sets):
         train = np.setdiff1d(np.arange(len(examples)), test)
@@ -329,11 +348,59 @@ def cross_validate(
                     classifier = stop.value
                     break
                 yield Progress(index, len(test_sets), "folds", f"fold {index + 1}/{len(test_sets)}: {step.message}")
-            predicted[test] = classifier.predict(examples.embeddings[test]).label_names
+            prediction = classifier.predict(examples.embeddings[test])
+            predicted[test] = prediction.label_names
+            # An example of a class this fold never saw is out of distribution for it.
+            known = np.isin(examples.labels[test], train_labels)
+            scores, owners = np.asarray(prediction.ood_score)[known], examples.segment_ids[test][known]
+            held_out_means += [float(scores[owners == owner].mean()) for owner in np.unique(owners)]
         yield Progress(
             index + 1, len(test_sets), "folds", f"fold {index + 1}/{len(test_sets)} done", meter.rate(index + 1)
         )
-    return score_predictions(examples.labels, predicted.astype(str), examples.segment_ids)
+    score = score_predictions(examples.labels, predicted.astype(str), examples.segment_ids)
+    if len(held_out_means) >= MIN_HELD_OUT_SEGMENTS:
+        threshold = robust_quantile(held_out_means, ood_quantile)
+        score = dataclasses.replace(score, held_out_ood_threshold=threshold)
+    return score
+
+
+def robust_quantile(values, q: float) -> float:
+    """The ``q`` quantile of positive ``values`` taken as log-normal, from their median and MAD.
+
+    With a few values the empirical upper quantile is the largest one, so one unusual
+    value sets it; the median and the median absolute deviation (scaled by 1.4826 to a
+    normal's standard deviation) of the logarithms are not moved by it. Falls back to the
+    largest value when the MAD is 0 (all but one alike).
+    """
+    from statistics import NormalDist
+
+    logs = np.log(np.maximum(np.asarray(values, dtype=np.float64), 1e-12))
+    centre = float(np.median(logs))
+    spread = 1.4826 * float(np.median(np.abs(logs - centre)))
+    if spread <= 0.0:
+        return float(np.exp(logs.max()))
+    return float(np.exp(centre + NormalDist().inv_cdf(q) * spread))
+
+
+def train_on_examples(
+    examples: LabelledExamples, score: Score | None = None, **train_options: Any
+) -> Generator[Progress, None, Any]:
+    """Train the classifier to keep from all of ``examples``.
+
+    Its OOD threshold is ``score.held_out_ood_threshold`` when the cross-validation gave one
+    (see :func:`cross_validate`), else the validation quantile of
+    :func:`~segscope.analysis.classify.train_classifier`; ``training_info`` records which.
+    """
+    from .classifier import train_classifier
+
+    threshold = None if score is None else score.held_out_ood_threshold
+    classifier = yield from train_classifier(
+        examples.embeddings, examples.labels, class_names=examples.class_names, ood_threshold=threshold, **train_options
+    )
+    classifier.training_info["ood_threshold_from"] = (
+        "held-out segments (grouped cross-validation)" if threshold is not None else "validation split"
+    )
+    return classifier
 
 
 def write_classifier_folder(

@@ -42,6 +42,11 @@ def summary_text(report: dict[str, Any]) -> str:
         f"Current classifier on the same labels: {_format_score(current)}"
         + ("" if current is not None else " (none loaded, or it takes other embeddings)"),
     ]
+    if report.get("ood_threshold") is not None:
+        lines.append(
+            f"Flagged out of distribution above an OOD score of {report['ood_threshold']:.4g} "
+            f"(threshold from the {report.get('ood_threshold_from') or 'validation split'})."
+        )
     if current is not None:
         lines.append(
             "The current classifier is scored on labels it was not trained on, the new one by cross-validation: "
