@@ -161,7 +161,7 @@ _REPORT = {
     },
     "epochs": 12,
     "ood_threshold": 17.63,
-    "ood_threshold_from": "held-out segments (grouped cross-validation)",
+    "ood_threshold_from": "held-out segments of the grouped cross-validation",
 }
 
 

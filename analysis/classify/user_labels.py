@@ -398,7 +398,7 @@ def train_on_examples(
         examples.embeddings, examples.labels, class_names=examples.class_names, ood_threshold=threshold, **train_options
     )
     classifier.training_info["ood_threshold_from"] = (
-        "held-out segments (grouped cross-validation)" if threshold is not None else "validation split"
+        "held-out segments of the grouped cross-validation" if threshold is not None else "validation split"
     )
     return classifier
 
