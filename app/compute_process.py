@@ -115,6 +115,8 @@ class Embed:
     segment_id: int
     centres_nm: np.ndarray
     first_batch: int
+    #: Cutouts per forward call after the first; None: the engine's default for the device.
+    batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -374,7 +376,7 @@ class _ComputeChild:  # pragma: no cover - runs in the child process
             first = min(max(1, request.first_batch), total)
             # A small first call puts the nearest node on screen quickly; the rest run at
             # the engine's efficient batch size.
-            for start, stop, batch_size in ((0, first, first), (first, total, None)):
+            for start, stop, batch_size in ((0, first, first), (first, total, request.batch_size)):
                 if stop <= start:
                     continue
                 part = stream_segment_embeddings(
@@ -609,8 +611,13 @@ class ComputeProcess:
         *,
         cancel: Callable[[], bool] | None = None,
         first_batch: int = 2,
+        batch_size: int | None = None,
     ) -> Generator[Progress, None, int]:
         """Embed cutouts around ``centres_nm`` (``[N, 3]`` xyz nm) of one segment.
+
+        The first ``first_batch`` cutouts go in one small forward call (the nearest node on
+        screen quickly), the rest ``batch_size`` at a time (None: the engine's default for the
+        device; smaller calls use less GPU memory and let a cancel stop sooner).
 
         Yields a Progress per forward call whose payload is a :class:`PredictedBatch`
         (indices into ``centres_nm``, with predictions when classifiers are loaded);
@@ -622,7 +629,17 @@ class ComputeProcess:
         # Batches arrive on the runner's reader thread; _streamed hands them on in order, on
         # the caller's thread, and tells the child to stop when this generator is closed
         # early (the job runner cancels between batches).
-        stream = self._streamed(Embed(image_url, segmentation_url, int(segment_id), centres, int(first_batch)), cancel)
+        stream = self._streamed(
+            Embed(
+                image_url,
+                segmentation_url,
+                int(segment_id),
+                centres,
+                int(first_batch),
+                None if batch_size is None else int(batch_size),
+            ),
+            cancel,
+        )
         try:
             while True:
                 try:

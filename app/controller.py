@@ -238,16 +238,18 @@ class DataSource:
 
 
 def load_encoder_job(
-    path: Path, engine, *, trained: bool = True, precision: str = "auto"
+    path: Path, engine, *, trained: bool = True, precision: str = "auto", batch_size: int | None = None
 ) -> Generator[Progress, None, ModelSummary]:
     """Load an encoder into ``engine`` (a :class:`segscope.app.compute_process.ComputeProcess`).
 
     ``precision`` is ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``; the
     summary says which one the engine resolved it to. The engine also runs the model once
     on blank cutouts of the batch sizes a click uses, so TensorFlow traces its graphs now
-    rather than on the user's first click.
+    rather than on the user's first click (``batch_size``: the one :func:`embed_segment_job`
+    is given, None: the engine's default, which it always traces).
     """
-    summary = yield from engine.load(path, warm_up_batches=(FIRST_BATCH,), precision=precision)
+    warm_up = (FIRST_BATCH,) if batch_size is None else (FIRST_BATCH, int(batch_size))
+    summary = yield from engine.load(path, warm_up_batches=warm_up, precision=precision)
     from segscope.analysis.artefacts import cached_model_sha256
 
     try:
@@ -388,6 +390,7 @@ def embed_segment_job(
     *,
     cancel: Callable[[], bool] | None = None,
     first_batch: int = FIRST_BATCH,
+    batch_size: int | None = None,
     spacing_nm: float | None = None,
     precomputed: PrecomputedEmbeddings | None = None,
 ) -> Generator[Progress, None, int]:
@@ -398,7 +401,8 @@ def embed_segment_job(
     order, predictions when classifiers are loaded). ``engine`` is a
     :class:`segscope.app.compute_process.ComputeProcess` (None: stop after the centres unless the
     embeddings are precomputed). ``spacing_nm`` is the distance between centres along the
-    skeleton (default SegCLR's 1500 nm). When ``precomputed`` holds the segment, its
+    skeleton (default SegCLR's 1500 nm). ``first_batch`` cutouts go in the first forward call,
+    the rest ``batch_size`` per call (None: the engine's default). When ``precomputed`` holds the segment, its
     nodes and embeddings are used in one batch and only the classifiers run. Returns the
     number of centres embedded.
     """
@@ -491,6 +495,7 @@ def embed_segment_job(
             centres.positions_nm,
             cancel=cancel,
             first_batch=first_batch,
+            batch_size=batch_size,
         )
     )
 

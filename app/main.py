@@ -111,6 +111,14 @@ def add_open_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "segments, labels and plot; other options override its data",
     )
     parser.add_argument(
+        "--batch-size",
+        metavar="N",
+        type=cli_args.integer(1, 65_536),
+        default=None,
+        help="cutouts per forward call after a click's first (default: the engine's for the device); "
+        "lower it when the GPU runs out of memory",
+    )
+    parser.add_argument(
         "--classifiers",
         metavar="DIR",
         help="folder of trained classifiers with a classifiers.json (segscope evaluate "
@@ -138,6 +146,8 @@ class LaunchPlan:
     demo_pending: bool = False
     #: What the encoder computes in (``--precision``; ``"auto"`` is resolved by the compute child).
     precision: str = "auto"
+    #: Cutouts per forward call (``--batch-size``; None: the engine's default).
+    batch_size: int | None = None
 
 
 #: Stages of the demo generation as the job bar counts them: synthesize's 5 stages, then
@@ -317,6 +327,7 @@ def plan_launch(args: argparse.Namespace, *, defer_demo: bool = False) -> Launch
         raise LaunchError("--skeletons needs --image and --segmentation")
 
     precision = getattr(args, "precision", None) or "auto"
+    batch_size = getattr(args, "batch_size", None)
     checkpoint = getattr(args, "checkpoint", None)
     model_path: Path | None
     if checkpoint:
@@ -367,7 +378,17 @@ def plan_launch(args: argparse.Namespace, *, defer_demo: bool = False) -> Launch
             folder = _cached_demo_folder()
             if folder is None and defer_demo:
                 return LaunchPlan(
-                    None, model_path, True, classifiers, precomputed, None, "", session, True, precision=precision
+                    None,
+                    model_path,
+                    True,
+                    classifiers,
+                    precomputed,
+                    None,
+                    "",
+                    session,
+                    True,
+                    precision=precision,
+                    batch_size=batch_size,
                 )
             folder = folder or _demo_folder()
             source = DataSource.open_dataset_folder(folder)
@@ -381,7 +402,16 @@ def plan_launch(args: argparse.Namespace, *, defer_demo: bool = False) -> Launch
     except (SourceError, OSError, ValueError) as exc:
         raise LaunchError(str(exc)) from None
     return LaunchPlan(
-        source, model_path, True, classifiers, precomputed, background, note, session, precision=precision
+        source,
+        model_path,
+        True,
+        classifiers,
+        precomputed,
+        background,
+        note,
+        session,
+        precision=precision,
+        batch_size=batch_size,
     )
 
 
@@ -531,6 +561,7 @@ def build_window(
     model_trained: bool = True,
     precision: str = "auto",
     spacing_nm: float | None = None,
+    batch_size: int | None = None,
     classifiers: ClassifierSummary | None = None,
     precomputed: PrecomputedEmbeddings | None = None,
     background: Path | None = None,
@@ -548,7 +579,8 @@ def build_window(
     ``projection_backend`` says otherwise. ``background`` is a context embedding table for
     the plot (the demo's); ``plot=False`` leaves the plot out; ``plot_options`` go to
     :meth:`~segscope.app.views.main_window.MainWindow.attach_plot` (``start_warm_up``...).
-    ``source`` None opens no data yet (the demo being generated, :func:`prepare_demo`).
+    ``batch_size`` is cutouts per forward call after a click's first (None: the engine's
+    default). ``source`` None opens no data yet (the demo being generated, :func:`prepare_demo`).
     """
     from segscope.app.neuroglancer_bridge import NeuroglancerBridge
     from segscope.app.service import SessionService
@@ -559,7 +591,7 @@ def build_window(
     invoker = MainThreadInvoker()
     bridge = NeuroglancerBridge()
     bridge.attach(session.state)
-    service = SessionService(session, post=invoker.post, viewer=bridge, spacing_nm=spacing_nm)
+    service = SessionService(session, post=invoker.post, viewer=bridge, spacing_nm=spacing_nm, batch_size=batch_size)
     window = MainWindow(session, service, bridge, invoker)
     invoker.setParent(window)
     if source is not None:
@@ -611,6 +643,7 @@ def run_app(args: argparse.Namespace) -> int:
         plan.model_path,
         model_trained=plan.model_trained,
         precision=plan.precision,
+        batch_size=plan.batch_size,
         classifiers=plan.classifiers,
         precomputed=plan.precomputed,
         background=plan.background,

@@ -137,6 +137,9 @@ class SessionService:
         The 3-D view (:class:`Viewer`), or None headless.
     spacing_nm
         Distance between embedding centres along a skeleton (nm); SegCLR's 1500 when None.
+    batch_size
+        Cutouts per forward call after a click's first (None: the engine's default for the
+        device). Smaller calls fit a small GPU and let a cancel stop sooner.
     """
 
     def __init__(
@@ -146,10 +149,12 @@ class SessionService:
         post: Post | None = None,
         viewer: Viewer | None = None,
         spacing_nm: float | None = None,
+        batch_size: int | None = None,
     ):
         self.session = session
         self.viewer = viewer
         self.spacing_nm = spacing_nm
+        self.batch_size = batch_size
         self._post: Post = post or (lambda fn: fn())
         self.runner = JobRunner(post=post)
         self.io_runner = JobRunner(post=post, name="segscope-session-io")
@@ -533,7 +538,7 @@ class SessionService:
         engine = self._ensure_engine()
         self._model_job = self.runner.submit(
             f"loading model {path.name}",
-            lambda: load_encoder_job(path, engine, trained=trained, precision=precision),
+            lambda: load_encoder_job(path, engine, trained=trained, precision=precision, batch_size=self.batch_size),
             self._on_model_update,
             kind=MODEL_LANE,
             supersede=False,
@@ -643,6 +648,7 @@ class SessionService:
                 click,
                 cancel=lambda: job.cancel_requested,
                 spacing_nm=self.spacing_nm,
+                batch_size=self.batch_size,
                 precomputed=precomputed,
             )
 

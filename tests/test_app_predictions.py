@@ -196,7 +196,9 @@ class FakeEngine:
         self.predicted.append((positions_nm, embeddings))
         return Predictions(None, None, "fake")
 
-    def embed(self, image_url, segmentation_url, segment_id, centres_nm, *, cancel=None, first_batch=2):
+    def embed(
+        self, image_url, segmentation_url, segment_id, centres_nm, *, cancel=None, first_batch=2, batch_size=None
+    ):
         self.embedded.append(segment_id)
         yield from ()
         return 0

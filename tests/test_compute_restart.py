@@ -15,6 +15,7 @@ from segscope.analysis.artefacts import read_classifier_folder
 from segscope.analysis.progress import drive
 from segscope.app.compute_process import ComputeProcess, ComputeProcessError, JobCancelledError, PredictedBatch
 from segscope.app.controller import (
+    FIRST_BATCH,
     DataSource,
     SegmentCentres,
     embed_segment_job,
@@ -61,12 +62,17 @@ def test_a_killed_compute_child_restarts_with_its_model_and_the_next_job_succeed
         assert str(info.value) == "the compute process died (exit code -9); it restarts on the next request"
         assert events[0] == str(info.value)
 
-        # The next click: a new child, the model and classifiers loaded again first.
+        # The next click: a new child, the model and classifiers loaded again first; the
+        # user's batch size reaches the child (the first call stays small).
         reports = []
-        count = drive(embed_segment_job(source, engine, segment_id, click, spacing_nm=300.0), reports.append)
+        count = drive(
+            embed_segment_job(source, engine, segment_id, click, spacing_nm=300.0, batch_size=4), reports.append
+        )
         assert count == len(centres.node_ids)
         batches = [report.payload for report in reports[1:]]
         assert all(isinstance(batch, PredictedBatch) for batch in batches)
+        sizes = [len(batch.indices) for batch in batches]
+        assert sizes[0] == FIRST_BATCH and set(sizes[1:-1]) == {4} and 1 <= sizes[-1] <= 4
         indices = np.sort(np.concatenate([batch.indices for batch in batches]))
         np.testing.assert_array_equal(indices, np.arange(count))
         assert all(np.isfinite(batch.embeddings).all() for batch in batches)

@@ -20,6 +20,15 @@ def test_a_dataset_folder_is_checked_for_context_and_a_mismatch_says_why(demo96_
     assert plan.background is None and "size_vox" in plan.background_note
 
 
+def test_the_batch_size_reaches_the_plan_and_a_bad_one_is_refused(demo96_dir, capsys):
+    folders = ("--image", str(demo96_dir / "image"), "--segmentation", str(demo96_dir / "segmentation"))
+    assert plan_launch(parse(*folders)).batch_size is None  # the engine's default
+    assert plan_launch(parse(*folders, "--batch-size", "4")).batch_size == 4
+    with pytest.raises(SystemExit):
+        parse(*folders, "--batch-size", "0")
+    assert "--batch-size" in capsys.readouterr().err
+
+
 def test_a_saved_session_names_the_data_and_the_command_line_wins(demo96_dir, tmp_path):
     from segscope.app.session_file import DatasetRef, SessionDocument, save_session
 

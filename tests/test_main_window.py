@@ -107,12 +107,15 @@ def window(demo_dir, random_model, classifiers_dir, store_dir, qapp):
     from segscope.app.controller import DataSource, PrecomputedEmbeddings
     from segscope.app.main import build_window
 
-    # Dense centres (300 nm apart) so a segment has enough batches to cancel mid-job.
+    # Dense centres (300 nm apart) in small forward calls, so a segment has enough batches
+    # to cancel mid-job: with the engine's default (about 30 on this machine class) all but
+    # the first two went in one call, and a cancel delayed by a loaded machine came after it.
     win = build_window(
         DataSource.open_dataset_folder(demo_dir),
         random_model,
         model_trained=False,
         spacing_nm=300.0,
+        batch_size=3,
         classifiers=read_classifier_folder(classifiers_dir),
         precomputed=PrecomputedEmbeddings.open(store_dir, coordinates="nm"),
         # No UMAP here (tests/test_linked_views.py and test_projection_process.py
