@@ -88,6 +88,24 @@ AUTOSAVE_LANE = "autosave"
 RecoveryChoice = Literal["restore", "discard", "later"]
 
 
+def prune_trained_folders(root: Path, in_use: set[str], keep: int = KEEP_TRAINED_FOLDERS) -> None:
+    """Delete all but the ``keep`` newest training folders under ``root``.
+
+    Folders in ``in_use`` (paths of the loaded classifiers and the Revert stack) are kept
+    whatever their age; a folder another SegScope process is using may go, which is why
+    ``keep`` is generous and users keep classifiers with *Export classifiers*. Runs on a
+    worker (it deletes files).
+    """
+    import shutil
+
+    if not root.is_dir():
+        return
+    folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for folder in folders[keep:]:
+        if str(folder) not in in_use:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class Viewer(Protocol):
     """What the service needs of the 3-D view (the Neuroglancer bridge); None headless."""
 
@@ -849,7 +867,6 @@ class SessionService:
         info = None if current is None else getattr(current, task)
         model = self.state.model
         trained_root = user_cache_dir() / "trained-classifiers"
-        self._prune_trained(trained_root)
         folder = trained_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{task}"
         return TrainClassifier(
             task=task,
@@ -880,24 +897,11 @@ class SessionService:
             message=report.message,
         )
 
-    def _prune_trained(self, root: Path, keep: int = KEEP_TRAINED_FOLDERS) -> None:
-        """Delete all but the ``keep`` newest training folders under ``root``.
-
-        Folders in use (loaded, or on the Revert stack) are kept whatever their age; a
-        folder another SegScope process is using may go, which is why ``keep`` is generous
-        and users keep classifiers with *Export classifiers*.
-        """
-        import shutil
-
-        if not root.is_dir():
-            return
-        in_use = {
+    def classifier_folders_in_use(self) -> set[str]:
+        """Paths of the loaded classifiers and of those on the Revert stack."""
+        return {
             str(Path(summary.folder)) for summary in [self.state.classifiers, *self.previous_classifiers] if summary
         }
-        folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
-        for folder in folders[keep:]:
-            if str(folder) not in in_use:
-                shutil.rmtree(folder, ignore_errors=True)
 
     def train_classifier(
         self,
@@ -924,12 +928,14 @@ class SessionService:
         engine = self._ensure_engine()
         model = self.state.model
         holder: dict[str, Job] = {}
+        in_use = self.classifier_folders_in_use()  # read here, on the thread that owns the state
 
         def make():
             from dataclasses import replace
 
             from segscope.analysis.provenance import model_sha256
 
+            prune_trained_folders(Path(request.out_folder).parent, in_use)
             train_request = request
             if model is not None and Path(model.source).is_file():
                 train_request = replace(request, encoder_sha256=model_sha256(model.source))
@@ -977,12 +983,20 @@ class SessionService:
         self.load_classifiers(summary)
         self.repredict()
 
-    def export_classifiers(self, destination: str | os.PathLike, *, force: bool = False) -> Path | None:
+    def export_classifiers(
+        self,
+        destination: str | os.PathLike,
+        *,
+        force: bool = False,
+        on_done: Callable[[Path], Any] | None = None,
+    ) -> Job | None:
         """Copy the loaded classifiers (a trained and accepted one included) to ``destination``.
 
+        The copy runs on the I/O worker (a slow or network disk never freezes the window).
         The folder is what ``segscope embed --classifiers`` and ``segscope open
-        --classifiers`` read. None, with the reason shown as an error, when no classifiers
-        are loaded or the copy fails (the destination exists, a file is gone, disk full).
+        --classifiers`` read; ``on_done`` gets it on the owning thread. None when no
+        classifiers are loaded; a failed copy (the destination exists, a file is gone, disk
+        full) fails the job and shows the reason as an error.
         """
         from segscope.analysis.artefacts import copy_classifier_folder
 
@@ -990,13 +1004,23 @@ class SessionService:
         if summary is None:
             self.state.show_error("No classifiers are loaded: nothing to export.")
             return None
-        try:
-            folder = copy_classifier_folder(summary, destination, force=force)
-        except (OSError, ValueError) as exc:
-            self.state.show_error(f"Exporting classifiers failed: {exc}")
-            return None
-        self.state.show_status(f"Classifiers exported to {folder}")
-        return folder
+
+        def make():
+            yield Progress(0, 1, "folders", f"exporting classifiers to {destination}")
+            return copy_classifier_folder(summary, destination, force=force)
+
+        def on_update(update: JobUpdate) -> None:
+            if update.event == "finished":
+                self.state.show_status(f"Classifiers exported to {update.result}")
+                if on_done is not None:
+                    on_done(update.result)
+            elif update.event == "failed":
+                self.state.show_error(f"Exporting classifiers failed: {update.error}")
+
+        self.state.show_status(f"Exporting classifiers to {destination}…")
+        return self.io_runner.submit(
+            f"exporting classifiers to {destination}", make, on_update, kind=EXPORT_LANE, supersede=False
+        )
 
     def revert_classifier(self) -> bool:
         """Load the classifiers the last accepted training replaced; False when there are none."""

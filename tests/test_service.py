@@ -207,7 +207,7 @@ def test_old_training_folders_are_pruned_but_folders_in_use_are_kept(tmp_path):
     import os
 
     from segscope.analysis.artefacts import ClassifierSummary
-    from segscope.app.service import KEEP_TRAINED_FOLDERS
+    from segscope.app.service import KEEP_TRAINED_FOLDERS, prune_trained_folders
 
     loop = EventLoop()
     session, service, _errors = _service(loop)
@@ -221,7 +221,7 @@ def test_old_training_folders_are_pruned_but_folders_in_use_are_kept(tmp_path):
             folders.append(folder)
         session.state.set_classifiers(ClassifierSummary(folder=str(folders[-1])))  # the oldest, loaded
         service.previous_classifiers.append(ClassifierSummary(folder=str(folders[-2])))  # on the Revert stack
-        service._prune_trained(root)
+        prune_trained_folders(root, service.classifier_folders_in_use())
         left = sorted(p.name for p in root.iterdir())
         expected = [f.name for f in folders[:KEEP_TRAINED_FOLDERS]] + [folders[-2].name, folders[-1].name]
         assert left == sorted(expected)

@@ -106,11 +106,14 @@ def test_train_accept_revert_and_suggest_with_the_compute_child(demo96_dir, tmp_
         assert (point_rows >= 0).all()
 
         # Export what was accepted: a folder embed --classifiers and open --classifiers read.
-        exported = service.export_classifiers(tmp_path / "exported")
-        assert exported is not None and not errors
-        assert read_classifier_folder(exported).cell_type.class_names == ("excitatory", "other")
-        assert service.export_classifiers(tmp_path / "exported") is None
-        assert errors and "exists" in errors[-1]
+        exported: list = []
+        assert service.export_classifiers(tmp_path / "exported", on_done=exported.append) is not None
+        loop.run_until(lambda: exported or errors)
+        assert exported == [tmp_path / "exported"] and not errors
+        assert read_classifier_folder(exported[0]).cell_type.class_names == ("excitatory", "other")
+        service.export_classifiers(tmp_path / "exported", on_done=exported.append)  # it exists now
+        loop.run_until(lambda: errors)
+        assert "exists" in errors[-1] and len(exported) == 1
         errors.clear()
 
         # Suggest next: every node is labelled, so nothing is suggested; unlabel one segment.
