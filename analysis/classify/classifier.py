@@ -533,13 +533,15 @@ def validation_loss(
 
     The same quantity as Keras' ``val_loss`` (``sum_over_batch_size`` reduction plus
     regularisation losses), computed directly: a Keras ``evaluate`` per epoch costs far
-    more than this forward pass on small validation sets.
+    more than this forward pass on small validation sets. The forward pass is Keras'
+    compiled ``predict_on_batch``: an eager call cost 10-30 ms per epoch on 10 rows, most
+    of a small label set's epoch, against about 1 ms.
     """
     from scipy.special import logsumexp
 
     total = 0.0
     for start in range(0, codes.size, batch_size):
-        logits = np.asarray(model(embeddings[start : start + batch_size], training=False), dtype=np.float64)
+        logits = np.asarray(model.predict_on_batch(embeddings[start : start + batch_size]), dtype=np.float64)
         picked = logits[np.arange(logits.shape[0]), codes[start : start + batch_size]]
         total += float(np.sum(weights[start : start + batch_size] * (logsumexp(logits, axis=1) - picked)))
     penalty = sum(float(np.asarray(loss)) for loss in model.losses)
