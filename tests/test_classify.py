@@ -96,6 +96,24 @@ def trained(toy_data):
 # --- training and prediction ---------------------------------------------------------------
 
 
+def test_a_few_separable_labels_stop_early_on_the_absolute_floor():
+    """A user's label set: 100 examples of two well-separated kinds. The validation loss
+    keeps falling by a few % per epoch, so only the absolute floor stops it before the cap."""
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(0, 1, (76, 16)), rng.normal(3, 1, (24, 16))].astype(np.float32)
+    y = np.array(["glia"] * 76 + ["neuron"] * 24)
+    runs = {
+        delta: drive(train_classifier(x, y, config="BERT_SMALL_SNGP_v1", max_epochs=120, min_delta=delta, seed=0))
+        for delta in (0.0, 0.01)
+    }
+    assert not runs[0.0].training_info["stopped_early"]  # the relative rule alone: the cap
+    info = runs[0.01].training_info
+    assert info["stopped_early"] and info["epochs_run"] < 100 and info["min_delta"] == 0.01
+    assert (runs[0.01].predict(x).label_names == y).all()  # nothing lost by stopping
+    with pytest.raises(ValueError, match="min_delta"):
+        drive(train_classifier(x, y, min_delta=-1.0))
+
+
 def test_learns_a_separable_problem(trained, toy_data):
     classifier, reports = trained
     _, (test_x, test_y) = toy_data

@@ -60,10 +60,14 @@ DEFAULT_OOD_QUANTILE = 0.95
 #: rarely stopped: once the loss is small it keeps creeping down by fractions of a percent
 #: (8k examples, 4 classes: best epoch 34, 37, 44... each a 0.1-1 % gain) and one fold ran
 #: over 8 minutes. An epoch counts as better only when it lowers the best validation loss
-#: by ``min_improvement`` of itself; 200 epochs bound the worst case.
+#: by ``min_improvement`` of itself and by ``min_delta`` nats; 200 epochs bound the worst
+#: case. The absolute floor is for a user's few separable labels: their validation loss
+#: falls about 2 % per epoch towards zero (the logits grow, the predictions do not change),
+#: so a relative rule alone never stopped them before the cap.
 DEFAULT_MAX_EPOCHS = 200
 DEFAULT_PATIENCE = 10
 DEFAULT_MIN_IMPROVEMENT = 0.01
+DEFAULT_MIN_DELTA = 0.01
 
 
 class ClassifierFileError(ValueError):
@@ -580,6 +584,7 @@ def train_classifier(
     max_epochs: int = DEFAULT_MAX_EPOCHS,
     patience: int = DEFAULT_PATIENCE,
     min_improvement: float = DEFAULT_MIN_IMPROVEMENT,
+    min_delta: float = DEFAULT_MIN_DELTA,
     learning_rate: float = 1e-3,
     batch_size: int | None = None,
     balance_classes: bool = True,
@@ -616,6 +621,9 @@ def train_classifier(
     min_improvement : float
         Relative decrease of the best validation loss an epoch must reach to count as an
         improvement (0: any decrease, Keras' ``min_delta=0``).
+    min_delta : float
+        Absolute decrease (nats of mean cross-entropy) it must also reach (Keras'
+        ``min_delta``); 0 and ``min_improvement=0`` give SegCLR's rule.
     learning_rate : float
     batch_size : int, optional
         Default: the config's batch size.
@@ -666,6 +674,8 @@ def train_classifier(
         raise ValueError("max_epochs and patience must be positive")
     if not 0.0 <= min_improvement < 1.0:
         raise ValueError(f"min_improvement must be in [0, 1), got {min_improvement}")
+    if not (math.isfinite(min_delta) and min_delta >= 0.0):
+        raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta}")
     if learning_rate <= 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate}")
     batch_size = config.batch_size if batch_size is None else int(batch_size)
@@ -756,7 +766,8 @@ def train_classifier(
         history["accuracy"].append(float(logs["accuracy"]))
         if val_loss < best_val_loss:
             # Keep the best weights on any decrease, but only a real one resets patience.
-            if val_loss < best_val_loss * (1.0 - min_improvement) or not math.isfinite(best_val_loss):
+            needed = max(best_val_loss * min_improvement, min_delta)
+            if best_val_loss - val_loss > needed or not math.isfinite(best_val_loss):
                 waited = 0
             else:
                 waited += 1
@@ -802,6 +813,7 @@ def train_classifier(
         "balance_classes": balance_classes,
         "patience": patience,
         "min_improvement": min_improvement,
+        "min_delta": min_delta,
         "stopped_early": epoch + 1 < max_epochs,
         "history": history,
     }
