@@ -13,6 +13,7 @@ with a Neuroglancer-style format prefix (``precomputed://``, ``zarr://``, ``zarr
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -268,15 +269,65 @@ class VolumeInfo:
         return np.stack([self.origin_vox, self.origin_vox + self.shape]) * self.voxel_size_nm
 
 
+@dataclass(frozen=True)
+class PrecomputedChunkFiles:
+    """The chunk files of a local, unsharded precomputed scale: one file per chunk.
+
+    TensorStore's ``storage_statistics`` cannot answer for such volumes (it fails on a
+    doubled key path, or reports stored chunks as missing when the path is relative), so
+    which chunks exist is read from the file names, the precomputed format's
+    ``{key}/{x0}-{x1}_{y0}-{y1}_{z0}-{z1}`` (absolute voxels, the upper bounds clipped to
+    the volume).
+
+    Attributes
+    ----------
+    folder : Path
+        The scale's folder.
+    offset_vox, size_vox, chunk_vox : numpy.ndarray
+        int64 ``[3]`` xyz: the scale's ``voxel_offset``, ``size`` and chunk size (voxels).
+    """
+
+    folder: Path
+    offset_vox: np.ndarray
+    size_vox: np.ndarray
+    chunk_vox: np.ndarray
+
+    @classmethod
+    def of_scale(cls, root: Path, scale: dict) -> PrecomputedChunkFiles | None:
+        """For one ``scales`` entry of the info file under ``root``; None when sharded."""
+        if scale.get("sharding"):
+            return None
+        return cls(
+            root / scale["key"],
+            np.asarray(scale.get("voxel_offset", [0, 0, 0]), dtype=np.int64),
+            np.asarray(scale["size"], dtype=np.int64),
+            np.asarray(scale["chunk_sizes"][0], dtype=np.int64),
+        )
+
+    def any_stored(self, lo_vox: np.ndarray, hi_vox: np.ndarray) -> bool:
+        """Whether a chunk file exists for any chunk meeting ``[lo, hi)`` (absolute voxels, within the volume)."""
+        first = (np.asarray(lo_vox) - self.offset_vox) // self.chunk_vox
+        last = (np.asarray(hi_vox) - 1 - self.offset_vox) // self.chunk_vox
+        end = self.offset_vox + self.size_vox
+        for index in itertools.product(*(range(a, b + 1) for a, b in zip(first.tolist(), last.tolist()))):
+            lo = self.offset_vox + np.asarray(index, dtype=np.int64) * self.chunk_vox
+            hi = np.minimum(lo + self.chunk_vox, end)
+            name = "_".join(f"{a}-{b}" for a, b in zip(lo.tolist(), hi.tolist()))
+            if (self.folder / name).is_file():
+                return True
+        return False
+
+
 class Volume:
     """A 3-D image or segmentation opened through TensorStore, indexed ``[x, y, z]``.
 
     Use :func:`open_volume` to make one.
     """
 
-    def __init__(self, store, info: VolumeInfo):
+    def __init__(self, store, info: VolumeInfo, chunk_files: PrecomputedChunkFiles | None = None):
         self._store = store
         self.info = info
+        self._chunk_files = chunk_files
 
     # Convenience accessors; all xyz order.
     url = property(lambda self: self.info.url)
@@ -373,6 +424,8 @@ class Volume:
         hi = np.minimum(np.asarray(hi_vox, dtype=np.int64), self.info.origin_vox + self.info.shape)
         if np.any(hi <= lo):
             return False
+        if self._chunk_files is not None:
+            return self._chunk_files.any_stored(lo, hi)
         if self._store is None:
             return None
         try:
@@ -436,8 +489,10 @@ def open_volume(
     if driver is None:
         driver = _detect_driver(url, kvstore)
     spec: dict = {"driver": driver, "kvstore": kvstore, "open": True}
+    chunk_files = None
     if driver == "neuroglancer_precomputed":
         spec["scale_index"] = _precomputed_scale_index(kvstore, resolution_nm, url)
+        chunk_files = _local_chunk_files(kvstore, spec["scale_index"])
     check_reachable(kvstore, url)
     try:
         store = _wait(ts.open(spec, read=True, context=_context()), kvstore, f"opening volume {url!r}")
@@ -470,7 +525,19 @@ def open_volume(
         voxel_size_nm=voxel,
     )
     log.debug("opened %r", info)
-    return Volume(store, info)
+    return Volume(store, info, chunk_files)
+
+
+def _local_chunk_files(kvstore: dict | str, scale_index: int) -> PrecomputedChunkFiles | None:
+    """The chunk files of a local, unsharded precomputed scale (None otherwise or when unreadable)."""
+    if not _is_local(kvstore):
+        return None
+    try:
+        root = Path(kvstore["path"])
+        scale = json.loads((root / "info").read_bytes())["scales"][scale_index]
+        return PrecomputedChunkFiles.of_scale(root, scale)
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None  # open_volume reports a broken info file itself
 
 
 def _to_xyz(store, axes: str | None, url: str):

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_own_data.py [--centres 10000] [--skip-rss] [--work DIR]
+    python benchmarks/bench_own_data.py [--centres 10000] [--skip-rss] [--work DIR] [--listing-only]
 
 Builds (once, in ``--work``) a pair of precomputed volumes SegScope did not make: an image
 and a segmentation each *declared* 2048 x 2048 x 2048 voxels (8.6 G voxels, 32 x 32 x 40 nm)
@@ -16,6 +16,13 @@ holding only a 160^3 synthetic demo block at an offset, no skeletons, no tables.
 2. ``peak RSS``: a child process embeds ``--centres`` centres (the demo block's segments'
    centres, repeated) with :func:`stream_node_embeddings` and prints its peak RSS
    (``ru_maxrss``), wall time, and CPU utilisation ((user + sys) / wall / cores).
+
+3. ``list segments``: every segment in a 512^3 box around the block (what ``embed
+   --segments all --bbox`` scans; 3 rounds) and in the whole volume (``--segments all``;
+   2 rounds), paired: the chunk files' names telling which
+   chunks exist (what SegScope does for local unsharded precomputed volumes), against
+   reading every block (what it did before: TensorStore cannot say for precomputed).
+   ``--listing-only`` runs just this part.
 
 Prints figures only; no assertions.
 """
@@ -178,10 +185,41 @@ def rss_child(image_path: str, seg_path: str, n_centres: int, cache: str) -> Non
     )
 
 
+def list_segments(segmentation, box_edge: int | None, rounds: int) -> None:
+    """Time listing the segments of a box around the block (None: the whole volume), with and without the probe."""
+    from segscope.analysis.progress import drive
+    from segscope.analysis.segment_list import enumerate_segments
+
+    box = None
+    if box_edge is not None:
+        lo = np.asarray(OFFSET) - (box_edge - BLOCK) // 2
+        box = (lo, lo + box_edge)
+    probe = segmentation._chunk_files
+    seconds: dict[str, list[float]] = {"chunk files": [], "read every block": []}
+    found: dict[str, list[int]] = {}
+    for _ in range(rounds):
+        for variant in seconds:
+            segmentation._chunk_files = probe if variant == "chunk files" else None
+            start = time.perf_counter()
+            listed = drive(enumerate_segments(segmentation, box_vox=box))
+            seconds[variant].append(time.perf_counter() - start)
+            found[variant] = listed.ids.tolist()
+    segmentation._chunk_files = probe
+    same = found["chunk files"] == found["read every block"]
+    where = "the whole declared volume" if box_edge is None else f"a {box_edge}^3 box"
+    print(f"list segments in {where} ({len(found['chunk files'])} segments, same ids both ways: {same})")
+    for variant, values in seconds.items():
+        runs = ", ".join(f"{v:.2f}" for v in values)
+        print(f"  {variant:17s} median {statistics.median(values):6.2f} s  (runs: {runs})")
+    ratios = [b / a for a, b in zip(seconds["chunk files"], seconds["read every block"])]
+    print(f"  read every block / chunk files, paired: median {statistics.median(ratios):.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--centres", type=int, default=10_000)
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--listing-only", action="store_true", help="only time listing the segments of a box")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "segscope-bench-own-data")
     parser.add_argument("--rss-child", nargs=3, metavar=("IMAGE", "SEG", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -197,6 +235,10 @@ def main() -> None:
     image_path, seg_path = build(args.work)
     image, segmentation = open_volume(image_path), open_volume(seg_path)
     print(f"volume: declared {'x'.join(map(str, segmentation.shape))} voxels, a {BLOCK}^3 block at {OFFSET}")
+    list_segments(segmentation, 512, rounds=3)
+    list_segments(segmentation, None, rounds=2)
+    if args.listing_only:
+        return
     cache = args.work / "skeleton-cache"
     segment_id, seed, _ = segment_near_100_nodes(segmentation, cache)
     encoder = open_encoder(find_demo_model())

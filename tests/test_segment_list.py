@@ -101,3 +101,33 @@ def test_segment_ids_file(tmp_path):
     path.write_text("# none\n")
     with pytest.raises(ValueError, match="lists no segment ids"):
         read_segment_ids_file(path)
+
+
+def test_unstored_chunks_of_a_local_precomputed_volume_are_skipped(tmp_path, monkeypatch):
+    """TensorStore cannot say which precomputed chunks exist; the chunk file names can."""
+    from segscope.analysis.volume import write_volume
+
+    seg = np.zeros((200, 130, 70), np.uint64)  # 4 x 3 x 2 chunks of 64, the last ones clipped
+    seg[150:160, 100:110, 66:70] = 12  # in the corner chunk, whose file name is clipped
+    write_volume(tmp_path / "p", seg, (8, 8, 40), segmentation=True, voxel_offset=(10, 20, 30))
+    volume = open_volume(tmp_path / "p")
+    lo = np.array([10, 20, 30])
+    assert volume.is_stored(lo, lo + 64) is False
+    end = lo + np.array([200, 130, 70])
+    assert volume.is_stored(lo + np.array([128, 64, 64]), end) is True
+    assert volume.is_stored(lo + np.array([100, 0, 0]), end) is True  # a box over many chunks
+
+    reads = []
+    original = volume.read
+    monkeypatch.setattr(volume, "read", lambda a, b: reads.append(1) or original(a, b))
+    import segscope.analysis.segment_list as segment_list
+
+    monkeypatch.setattr(segment_list, "_BLOCK_VOXELS", 64**3)  # one chunk per block
+    import segscope.analysis.segment_list as segment_list
+
+    monkeypatch.setattr(segment_list, "_BLOCK_VOXELS", 64**3)  # one chunk per block
+    reports = []
+    found = drive(enumerate_segments(volume), reports.append)
+    assert found.ids.tolist() == [12] and found.voxel_counts.tolist() == [400]
+    assert reports[-1].total == 24 and len(reads) == 1  # only the block with the stored chunk was read
+    assert drive(find_segment_voxel(volume, 12)).tolist() == [160, 120, 96]
